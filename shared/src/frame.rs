@@ -1,0 +1,433 @@
+//! Framing: every connection (worker ↔ coordinator, coordinator ↔ peer)
+//! carries length-prefixed MessagePack frames.
+//!
+//! ```text
+//! +----------------+---------+---------------------------+
+//! | length: u32 BE | version | MessagePack body          |
+//! |  (of the rest) |  u8     | (rmp-serde, named fields) |
+//! +----------------+---------+---------------------------+
+//! ```
+//! The length is checked against the maximum before any buffer grows, so a
+//! hostile length costs nothing. Any decode error is returned to the caller,
+//! which closes that one connection; nothing here panics on any input.
+//!
+//! The first frame each way is the handshake ([`Hello`] → [`HelloReply`]);
+//! see [`client_handshake`] and [`server_handshake`].
+
+use crate::ids::NodeId;
+use crate::wire::{ErrorCode, ErrorReply, Hello, HelloReply, PeerRole, PROTOCOL_VERSION};
+use bytes::{Buf, BufMut, BytesMut};
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use std::io;
+use std::marker::PhantomData;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
+
+/// Default largest frame: fits a Raft snapshot chunk or a batch of entries.
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+/// How long a server waits for the peer's [`Hello`].
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed.
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    /// A frame announced more bytes than the limit; refused before reading it.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: u64,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame of another protocol version.
+    #[error("frame has protocol version {got}, this build speaks {PROTOCOL_VERSION}; run the same flotilla version on both sides")]
+    Version {
+        /// The version byte received.
+        got: u8,
+    },
+    /// A zero-length frame (not even a version byte).
+    #[error("empty frame")]
+    Empty,
+    /// The body is not a valid message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame ({0} bytes buffered)")]
+    Truncated(usize),
+    /// Encoding a message failed (a bug: every message type serializes).
+    #[error("cannot encode message: {0}")]
+    Encode(String),
+}
+
+/// Codec of typed frames: decodes `In`, encodes `Out`.
+#[derive(Debug)]
+pub struct FrameCodec<In, Out> {
+    inner: LengthDelimitedCodec,
+    max: usize,
+    /// The inner codec has consumed a frame's length and awaits its body.
+    in_body: bool,
+    _types: PhantomData<fn(Out) -> In>,
+}
+
+impl<In, Out> FrameCodec<In, Out> {
+    /// A codec refusing frames longer than `max` bytes.
+    pub fn new(max: usize) -> Self {
+        let inner = LengthDelimitedCodec::builder()
+            .length_field_type::<u32>()
+            .max_frame_length(max)
+            .new_codec();
+        Self { inner, max, in_body: false, _types: PhantomData }
+    }
+
+    /// The same framing state with other message types (after the handshake).
+    pub fn retype<In2, Out2>(self) -> FrameCodec<In2, Out2> {
+        FrameCodec { inner: self.inner, max: self.max, in_body: self.in_body, _types: PhantomData }
+    }
+}
+
+impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
+    type Item = In;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        // Check the announced length ourselves first, for an error that says
+        // how big the frame claimed to be; nothing has been allocated yet.
+        let head_available = !self.in_body && src.len() >= 4;
+        if head_available {
+            let len = u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]]));
+            if len > self.max as u64 {
+                return Err(FrameError::TooLarge { len, max: self.max });
+            }
+        }
+        let Some(mut frame) = self.inner.decode(src)? else {
+            // the inner codec consumes the length as soon as it is there
+            self.in_body |= head_available;
+            return Ok(None);
+        };
+        self.in_body = false;
+        if frame.is_empty() {
+            return Err(FrameError::Empty);
+        }
+        let version = frame.get_u8();
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::Version { got: version });
+        }
+        rmp_serde::from_slice(&frame)
+            .map(Some)
+            .map_err(|e| FrameError::Malformed(e.to_string()))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<In>, FrameError> {
+        match self.decode(buf)? {
+            Some(frame) => Ok(Some(frame)),
+            None if buf.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated(buf.len())),
+        }
+    }
+}
+
+impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
+    type Error = FrameError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let mut body = BytesMut::new().writer();
+        body.get_mut().put_u8(PROTOCOL_VERSION);
+        rmp_serde::encode::write_named(&mut body, &item).map_err(|e| FrameError::Encode(e.to_string()))?;
+        let body = body.into_inner().freeze();
+        if body.len() > self.max {
+            return Err(FrameError::TooLarge { len: body.len() as u64, max: self.max });
+        }
+        self.inner.encode(body, dst)?;
+        Ok(())
+    }
+}
+
+/// A framed connection decoding `In` and encoding `Out`.
+pub type Connection<T, In, Out> = Framed<T, FrameCodec<In, Out>>;
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Framing or I/O failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The other side refused us.
+    #[error("refused by the server: {}", .0.message)]
+    Refused(ErrorReply),
+    /// We refused the other side (the reply was sent before closing).
+    #[error("refused the client: {}", .0.message)]
+    Rejected(ErrorReply),
+    /// The peer closed before completing the handshake.
+    #[error("connection closed during the handshake")]
+    Closed,
+    /// The peer sent nothing in time.
+    #[error("no hello within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Client side: sends `Hello`, awaits `Welcome`, returns the connection
+/// retyped for messages and the server's node id.
+pub async fn client_handshake<T, In, Out>(
+    io: T,
+    role: PeerRole,
+    token: Option<String>,
+    max_frame: usize,
+) -> Result<(Connection<T, In, Out>, NodeId), HandshakeError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Framed::new(io, FrameCodec::<HelloReply, Hello>::new(max_frame));
+    conn.send(Hello { version: PROTOCOL_VERSION, role, token }).await?;
+    let node = match conn.next().await {
+        None => return Err(HandshakeError::Closed),
+        Some(reply) => match reply? {
+            HelloReply::Welcome { node } => node,
+            HelloReply::Refused(reply) => return Err(HandshakeError::Refused(reply)),
+        },
+    };
+    Ok((conn.map_codec(FrameCodec::retype), node))
+}
+
+/// Compares secrets in time independent of where they differ.
+fn token_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Server side: reads the client's `Hello` (within [`HELLO_TIMEOUT`]),
+/// checks version and token, answers, and returns the connection retyped for
+/// messages with the client's hello. A refusal is sent to the client before
+/// the error is returned (the caller then drops the connection).
+pub async fn server_handshake<T, In, Out>(
+    io: T,
+    node: NodeId,
+    token: Option<&str>,
+    max_frame: usize,
+) -> Result<(Connection<T, In, Out>, Hello), HandshakeError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Framed::new(io, FrameCodec::<Hello, HelloReply>::new(max_frame));
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.next()).await {
+        Err(_) => return Err(HandshakeError::Timeout(HELLO_TIMEOUT)),
+        Ok(None) => return Err(HandshakeError::Closed),
+        Ok(Some(hello)) => hello?,
+    };
+    let refusal = if hello.version != PROTOCOL_VERSION {
+        Some(ErrorReply {
+            code: ErrorCode::VersionMismatch,
+            message: format!(
+                "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION}); run matching flotilla versions",
+                hello.version
+            ),
+        })
+    } else {
+        match (token, hello.token.as_deref()) {
+            (Some(want), Some(got)) if token_eq(want, got) => None,
+            (Some(_), _) => Some(ErrorReply {
+                code: ErrorCode::Unauthorized,
+                message: "missing or wrong token; pass the cluster's token with --token-file".into(),
+            }),
+            (None, _) => None,
+        }
+    };
+    if let Some(reply) = refusal {
+        // best effort: the peer may already be gone
+        let _ = conn.send(HelloReply::Refused(reply.clone())).await;
+        return Err(HandshakeError::Rejected(reply));
+    }
+    conn.send(HelloReply::Welcome { node }).await?;
+    Ok((conn.map_codec(FrameCodec::retype), hello))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::*;
+    use crate::wire::*;
+
+    type Codec = FrameCodec<WorkerMessage, WorkerMessage>;
+
+    fn heartbeat() -> WorkerMessage {
+        WorkerMessage::Heartbeat { generation: Generation(2), step: Step(1234), status: WorkerStatus::Running }
+    }
+
+    fn encoded(msg: WorkerMessage) -> BytesMut {
+        let mut buf = BytesMut::new();
+        Codec::new(DEFAULT_MAX_FRAME).encode(msg, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn round_trip_every_worker_message() {
+        let manifest = crate::shard::ShardManifest {
+            rank: Rank(1),
+            file: "rank-00001.safetensors".into(),
+            bytes: 10,
+            checksum: crate::checksum::Checksum(3),
+            tensors: vec![],
+        };
+        let msgs = vec![
+            WorkerMessage::Register {
+                job: JobName::new("demo").unwrap(),
+                rank: Rank(1),
+                incarnation: Incarnation(99),
+                http_addr: Some("127.0.0.1:9300".into()),
+                generation: None,
+                step: Step(0),
+            },
+            heartbeat(),
+            WorkerMessage::ShardSaved { generation: Generation(1), checkpoint: CheckpointId(7), manifest },
+            WorkerMessage::RestoreFailed {
+                generation: Generation(3),
+                checkpoint: Some(CheckpointId(7)),
+                kind: RestoreFailureKind::DeviceMemory,
+                message: "rank 2 on GPU 0: restore needs 12.4 GiB, 3.1 GiB free".into(),
+            },
+            WorkerMessage::Finished { generation: Generation(3), step: Step(2000), digest: "ab".into() },
+        ];
+        let mut codec = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        for m in &msgs {
+            codec.encode(m.clone(), &mut buf).unwrap();
+        }
+        for m in msgs {
+            assert_eq!(codec.decode(&mut buf).unwrap(), Some(m));
+        }
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let full = encoded(heartbeat());
+        let mut codec = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        for (i, byte) in full.iter().enumerate() {
+            buf.put_u8(*byte);
+            let got = codec.decode(&mut buf).unwrap();
+            assert_eq!(got.is_some(), i == full.len() - 1);
+        }
+    }
+
+    #[test]
+    fn truncated_stream_is_an_error_not_a_hang() {
+        let full = encoded(heartbeat());
+        let mut buf = BytesMut::from(&full[..full.len() - 2]);
+        let err = Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::Truncated(_)), "{err}");
+        let mut empty = BytesMut::new();
+        assert!(Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut empty).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_refused_before_allocating() {
+        let mut buf = BytesMut::with_capacity(16);
+        buf.put_u32(u32::MAX);
+        buf.put_u8(PROTOCOL_VERSION);
+        let err = Codec::new(1024).decode(&mut buf).unwrap_err();
+        assert_eq!(err.to_string(), "frame of 4294967295 bytes exceeds the limit of 1024 bytes");
+        assert!(buf.capacity() < 1024, "buffer grew to {}", buf.capacity());
+        // and the sender refuses to produce one
+        let big = WorkerMessage::TrainerFailed { generation: Generation(1), reason: "x".repeat(2000) };
+        let err = Codec::new(1024).encode(big, &mut BytesMut::new()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }), "{err}");
+    }
+
+    #[test]
+    fn malformed_bodies_are_errors() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0, 0, 0, 0], "empty frame"),
+            (vec![0, 0, 0, 1, 9], "protocol version 9"),
+            (vec![0, 0, 0, 4, PROTOCOL_VERSION, 0xc1, 0xff, 0x00], "malformed frame"),
+            (vec![0, 0, 0, 1, PROTOCOL_VERSION], "malformed frame"),
+            // a valid msgpack string that is not a message
+            (vec![0, 0, 0, 3, PROTOCOL_VERSION, 0xa1, b'x'], "malformed frame"),
+        ];
+        for (bytes, want) in cases {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let err = Codec::new(DEFAULT_MAX_FRAME).decode(&mut buf).unwrap_err();
+            assert!(err.to_string().contains(want), "{bytes:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // xorshift, fixed seed: reproducible without a dependency
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bytes.push(x as u8);
+            }
+            if bytes.len() >= 5 {
+                let body = (bytes.len() - 4) as u32;
+                bytes[0..4].copy_from_slice(&body.to_be_bytes());
+                bytes[4] = PROTOCOL_VERSION;
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            let _ = Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut buf);
+        }
+    }
+
+    #[tokio::test]
+    async fn handshake_accepts_right_token_and_refuses_wrong_one() {
+        let (client, server) = tokio::io::duplex(4096);
+        let srv = tokio::spawn(async move {
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(3), Some("s3cret"), 4096).await
+        });
+        let (mut conn, node) = client_handshake::<_, CoordinatorMessage, WorkerMessage>(
+            client,
+            PeerRole::Worker,
+            Some("s3cret".into()),
+            4096,
+        )
+        .await
+        .unwrap();
+        assert_eq!(node, NodeId(3));
+        let (mut sconn, hello) = srv.await.unwrap().unwrap();
+        assert_eq!(hello.role, PeerRole::Worker);
+        conn.send(heartbeat()).await.unwrap();
+        assert_eq!(sconn.next().await.unwrap().unwrap(), heartbeat());
+
+        for token in [Some("wrong".to_string()), None] {
+            let (client, server) = tokio::io::duplex(4096);
+            let srv = tokio::spawn(async move {
+                server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(3), Some("s3cret"), 4096).await
+            });
+            let err = client_handshake::<_, CoordinatorMessage, WorkerMessage>(client, PeerRole::Worker, token, 4096)
+                .await
+                .unwrap_err();
+            match err {
+                HandshakeError::Refused(r) => {
+                    assert_eq!(r.code, ErrorCode::Unauthorized);
+                    assert!(r.message.contains("--token-file"));
+                }
+                other => panic!("unexpected {other}"),
+            }
+            assert!(matches!(srv.await.unwrap(), Err(HandshakeError::Rejected(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn server_survives_garbage_hello() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let srv = tokio::spawn(async move {
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(1), None, 4096).await
+        });
+        client.write_all(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xde, 0xad]).await.unwrap();
+        let err = srv.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("malformed frame"), "{err}");
+    }
+}

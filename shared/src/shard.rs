@@ -1,0 +1,709 @@
+//! The shard format: one safetensors file per rank per checkpoint.
+//!
+//! ```text
+//! [u64 LE n][n bytes JSON header, space-padded to 8][tensor data, packed in header order]
+//!            {"__metadata__": {job, checkpoint, rank, step, generation, ...},
+//!             "model/layer_0/attn/wq": {"dtype":"F32","shape":[d,d],"data_offsets":[b,e]}, ...}
+//! ```
+//! The header is built and parsed by the `safetensors` crate's own
+//! `Metadata`, so any safetensors reader accepts the file. Checksums
+//! (CRC-32C per tensor and of the whole file) are computed while writing, in
+//! one pass, and returned as a [`ShardManifest`]; they live in the checkpoint's
+//! manifest (and the Raft ledger), not in the file, so a corrupted file cannot
+//! vouch for itself.
+
+use crate::checksum::Checksum;
+use crate::durable;
+use crate::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use safetensors::tensor::{Metadata, TensorInfo};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::Path;
+
+pub use safetensors::Dtype;
+
+/// The largest header we read (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Size of each `write(2)` of tensor data: big enough to stream, small enough
+/// that the checksum of a chunk is computed while it is still in cache.
+const WRITE_CHUNK: usize = 8 << 20;
+/// Value of the `format` metadata key.
+pub const FORMAT: &str = "flotilla-shard/1";
+
+/// A variable as a model declares it: scoped name, dtype and shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariableSpec {
+    /// Scoped path, e.g. `model/layer_3/mlp/w_in`.
+    pub name: String,
+    /// Element type (safetensors' names: `F32`, `I64`, ...).
+    pub dtype: Dtype,
+    /// Dimensions; `[]` is a scalar.
+    pub shape: Vec<usize>,
+}
+
+impl VariableSpec {
+    /// A variable spec.
+    pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
+        Self { name: name.into(), dtype, shape }
+    }
+
+    /// Number of elements (1 for a scalar).
+    pub fn elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of data this variable occupies in a shard.
+    pub fn byte_len(&self) -> usize {
+        self.elements() * self.dtype.bitsize() / 8
+    }
+}
+
+/// The identity of a shard, stored in the header's `__metadata__`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMeta {
+    /// Job the shard belongs to.
+    pub job: JobName,
+    /// Checkpoint it is part of.
+    pub checkpoint: CheckpointId,
+    /// Rank that wrote it.
+    pub rank: Rank,
+    /// Training step of the saved state.
+    pub step: Step,
+    /// Generation in which it was written.
+    pub generation: Generation,
+}
+
+impl ShardMeta {
+    fn to_map(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("job".to_string(), self.job.to_string()),
+            ("checkpoint".to_string(), self.checkpoint.to_string()),
+            ("rank".to_string(), self.rank.to_string()),
+            ("step".to_string(), self.step.to_string()),
+            ("generation".to_string(), self.generation.to_string()),
+        ])
+    }
+
+    fn from_map(map: Option<&HashMap<String, String>>) -> Result<Self, String> {
+        let map = map.ok_or("the header has no __metadata__")?;
+        let get = |key: &str| map.get(key).ok_or_else(|| format!("__metadata__ has no `{key}`"));
+        let num = |key: &str| -> Result<u64, String> {
+            get(key)?
+                .parse()
+                .map_err(|_| format!("__metadata__ `{key}` is not a number"))
+        };
+        Ok(Self {
+            job: JobName::new(get("job")?.as_str()).map_err(|e| e.to_string())?,
+            checkpoint: CheckpointId(num("checkpoint")?),
+            rank: Rank(u32::try_from(num("rank")?).map_err(|_| "__metadata__ `rank` is too large")?),
+            step: Step(num("step")?),
+            generation: Generation(num("generation")?),
+        })
+    }
+}
+
+/// One variable of a written shard, with its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorRecord {
+    /// Scoped name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Byte length of its data.
+    pub bytes: u64,
+    /// CRC-32C of its data.
+    pub checksum: Checksum,
+}
+
+/// What a rank reports after its shard is durable; the coordinator keeps it
+/// in the ledger and writes it into MANIFEST.json.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardManifest {
+    /// Rank that wrote the shard.
+    pub rank: Rank,
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// Size of the whole file.
+    pub bytes: u64,
+    /// CRC-32C of the whole file.
+    pub checksum: Checksum,
+    /// Every variable, in file order.
+    pub tensors: Vec<TensorRecord>,
+}
+
+impl ShardManifest {
+    /// The variables of the shard (what a model must declare to load it).
+    pub fn variables(&self) -> Vec<VariableSpec> {
+        self.tensors
+            .iter()
+            .map(|t| VariableSpec::new(t.name.clone(), t.dtype, t.shape.clone()))
+            .collect()
+    }
+}
+
+/// Every way a shard's variables differ from what a model expects, so one
+/// error lists all of them (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModelMismatch {
+    /// Variables the model expects and the shard lacks.
+    pub missing: Vec<String>,
+    /// Variables in the shard the model does not have.
+    pub unexpected: Vec<String>,
+    /// `(name, shard's dtype, model's dtype)`.
+    pub dtype: Vec<(String, Dtype, Dtype)>,
+    /// `(name, shard's shape, model's shape)`.
+    pub shape: Vec<(String, Vec<usize>, Vec<usize>)>,
+}
+
+impl ModelMismatch {
+    /// Compares a shard's variables with a model's. `Ok` when they match
+    /// exactly (order does not matter).
+    pub fn check(shard: &[VariableSpec], model: &[VariableSpec]) -> Result<(), ModelMismatch> {
+        let in_shard: HashMap<&str, &VariableSpec> = shard.iter().map(|v| (v.name.as_str(), v)).collect();
+        let in_model: HashSet<&str> = model.iter().map(|v| v.name.as_str()).collect();
+        let mut m = ModelMismatch::default();
+        for want in model {
+            match in_shard.get(want.name.as_str()) {
+                None => m.missing.push(want.name.clone()),
+                Some(have) => {
+                    if have.dtype != want.dtype {
+                        m.dtype.push((want.name.clone(), have.dtype, want.dtype));
+                    }
+                    if have.shape != want.shape {
+                        m.shape.push((want.name.clone(), have.shape.clone(), want.shape.clone()));
+                    }
+                }
+            }
+        }
+        m.unexpected = shard
+            .iter()
+            .filter(|v| !in_model.contains(v.name.as_str()))
+            .map(|v| v.name.clone())
+            .collect();
+        if m == ModelMismatch::default() {
+            Ok(())
+        } else {
+            Err(m)
+        }
+    }
+}
+
+impl fmt::Display for ModelMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            parts.push(format!("missing {}", self.missing.join(", ")));
+        }
+        if !self.unexpected.is_empty() {
+            parts.push(format!("unexpected {}", self.unexpected.join(", ")));
+        }
+        for (name, have, want) in &self.dtype {
+            parts.push(format!("{name} has dtype {have}, model expects {want}"));
+        }
+        for (name, have, want) in &self.shape {
+            parts.push(format!("{name} has shape {have:?}, model expects {want:?}"));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// What went wrong with a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardErrorKind {
+    /// The file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done (`read`, `write`, ...).
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The bytes are not a valid safetensors file.
+    #[error("not a valid safetensors file: {0}")]
+    Malformed(String),
+    /// The file is shorter (or longer) than its header or manifest says.
+    #[error("shard is truncated or overwritten: {len} bytes on disk, {expected} expected")]
+    Truncated {
+        /// Size found.
+        len: u64,
+        /// Size the header or manifest promises.
+        expected: u64,
+    },
+    /// A tensor's data does not match its recorded checksum.
+    #[error("checksum mismatch in {0}")]
+    ChecksumMismatch(String),
+    /// Every tensor matches but the whole file does not: the header changed.
+    #[error("checksum mismatch in the header (the whole-file checksum differs while every tensor matches)")]
+    HeaderChecksumMismatch,
+    /// The header and the manifest describe different variables or identity.
+    #[error("header disagrees with the manifest: {0}")]
+    ManifestDisagrees(String),
+    /// The shard's variables differ from the model's.
+    #[error("{0}")]
+    ModelMismatch(ModelMismatch),
+    /// The caller's data does not fit the declared variables (writer side).
+    #[error("invalid shard contents: {0}")]
+    Invalid(String),
+}
+
+/// A shard error with the shard it concerns (`checkpoint 7 rank 2`, or a path).
+#[derive(Debug)]
+pub struct ShardError {
+    /// Which shard.
+    pub shard: String,
+    /// What went wrong.
+    pub kind: ShardErrorKind,
+}
+
+impl fmt::Display for ShardError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ShardErrorKind::ModelMismatch(m) => write!(f, "{} does not match the model: {m}", self.shard),
+            kind => write!(f, "{}: {kind}", self.shard),
+        }
+    }
+}
+
+impl std::error::Error for ShardError {}
+
+impl ShardError {
+    fn new(shard: &str, kind: ShardErrorKind) -> Self {
+        Self { shard: shard.to_string(), kind }
+    }
+
+    /// True when the stored bytes are damaged (so the checkpoint must be
+    /// marked corrupt and the job falls back to an earlier one), as opposed
+    /// to an I/O failure or a model that does not fit.
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self.kind,
+            ShardErrorKind::Malformed(_)
+                | ShardErrorKind::Truncated { .. }
+                | ShardErrorKind::ChecksumMismatch(_)
+                | ShardErrorKind::HeaderChecksumMismatch
+                | ShardErrorKind::ManifestDisagrees(_)
+        )
+    }
+}
+
+fn io_err<'a>(shard: &str, op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShardError + 'a {
+    let shard = shard.to_string();
+    move |source| ShardError {
+        shard,
+        kind: ShardErrorKind::Io { op, path: path.display().to_string(), source },
+    }
+}
+
+/// Builds the `[u64 n][header]` prefix for `vars` laid out back to back.
+fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, String> {
+    let mut seen = HashSet::new();
+    let mut offset = 0usize;
+    let mut tensors = Vec::with_capacity(vars.len());
+    for v in vars {
+        if !seen.insert(v.name.as_str()) {
+            return Err(format!("variable {} is declared twice", v.name));
+        }
+        if v.name == "__metadata__" {
+            return Err("a variable cannot be named __metadata__".into());
+        }
+        let end = offset + v.byte_len();
+        tensors.push((
+            v.name.clone(),
+            TensorInfo { dtype: v.dtype, shape: v.shape.clone(), data_offsets: (offset, end) },
+        ));
+        offset = end;
+    }
+    let metadata = Metadata::new(Some(meta.to_map()), tensors).map_err(|e| e.to_string())?;
+    let mut json = serde_json::to_vec(&metadata).map_err(|e| e.to_string())?;
+    // pad so tensor data starts 8-byte aligned, as the reference writer does
+    let padded = (8 + json.len()).next_multiple_of(8) - 8;
+    json.resize(padded, b' ');
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Writes a shard durably at `path` (temp → write → fsync → rename → fsync
+/// dir). `data` holds the variables' bytes back to back, in `vars` order.
+/// Returns the manifest with per-tensor and whole-file checksums, computed in
+/// the same pass as the write.
+pub fn write_shard(
+    path: &Path,
+    meta: &ShardMeta,
+    vars: &[VariableSpec],
+    data: &[u8],
+) -> Result<ShardManifest, ShardError> {
+    let label = format!("checkpoint {} rank {}", meta.checkpoint, meta.rank);
+    let expected: usize = vars.iter().map(VariableSpec::byte_len).sum();
+    if expected != data.len() {
+        return Err(ShardError::new(
+            &label,
+            ShardErrorKind::Invalid(format!(
+                "the variables need {expected} bytes of data, {} were given",
+                data.len()
+            )),
+        ));
+    }
+    let header = encode_header(meta, vars).map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
+
+    let (records, file_checksum) = durable::write_atomic(path, |file| {
+        file.write_all(&header)?;
+        let mut whole = Checksum::of(&header);
+        let mut records = Vec::with_capacity(vars.len());
+        let mut rest = data;
+        for v in vars {
+            let (tensor, tail) = rest.split_at(v.byte_len());
+            rest = tail;
+            let mut crc = Checksum::default();
+            for chunk in tensor.chunks(WRITE_CHUNK) {
+                crc = crc.append(chunk);
+                file.write_all(chunk)?;
+            }
+            whole = whole.combine(crc, tensor.len());
+            records.push(TensorRecord {
+                name: v.name.clone(),
+                dtype: v.dtype,
+                shape: v.shape.clone(),
+                bytes: tensor.len() as u64,
+                checksum: crc,
+            });
+        }
+        Ok((records, whole))
+    })
+    .map_err(io_err(&label, "write", path))?;
+
+    Ok(ShardManifest {
+        rank: meta.rank,
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        bytes: (header.len() + data.len()) as u64,
+        checksum: file_checksum,
+        tensors: records,
+    })
+}
+
+/// A parsed shard header: identity, variables and where their data lies.
+#[derive(Debug, Clone)]
+pub struct ShardHeader {
+    /// Identity from `__metadata__`.
+    pub meta: ShardMeta,
+    /// Variables in file order, with their byte range relative to the data start.
+    pub tensors: Vec<(VariableSpec, Range<usize>)>,
+    /// Bytes before the data: the 8-byte length plus the JSON header.
+    pub header_len: usize,
+    /// Total file size the header implies.
+    pub file_len: u64,
+}
+
+impl ShardHeader {
+    /// The variables, in file order.
+    pub fn variables(&self) -> Vec<VariableSpec> {
+        self.tensors.iter().map(|(v, _)| v.clone()).collect()
+    }
+
+    /// Parses a header from the file's first bytes (`prefix` must hold at
+    /// least the 8-byte length and the JSON), given the file's actual size.
+    fn parse(prefix: &[u8], actual_len: u64) -> Result<Self, ShardErrorKind> {
+        let malformed = |m: String| ShardErrorKind::Malformed(m);
+        let n = u64::from_le_bytes(
+            prefix
+                .get(..8)
+                .ok_or_else(|| ShardErrorKind::Truncated { len: actual_len, expected: 8 })?
+                .try_into()
+                .expect("8 bytes"),
+        );
+        if n > MAX_HEADER_BYTES {
+            return Err(malformed(format!("header length {n} exceeds {MAX_HEADER_BYTES}")));
+        }
+        let header_len = 8 + n as usize;
+        let json = prefix
+            .get(8..header_len)
+            .ok_or(ShardErrorKind::Truncated { len: actual_len, expected: header_len as u64 })?;
+        let metadata: Metadata = serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
+        let file_len = (header_len + metadata.data_len()) as u64;
+        if file_len != actual_len {
+            return Err(ShardErrorKind::Truncated { len: actual_len, expected: file_len });
+        }
+        let meta = ShardMeta::from_map(metadata.metadata().as_ref()).map_err(malformed)?;
+        let mut tensors: Vec<_> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| {
+                (
+                    VariableSpec::new(name, info.dtype, info.shape.clone()),
+                    info.data_offsets.0..info.data_offsets.1,
+                )
+            })
+            .collect();
+        tensors.sort_by_key(|(_, r)| r.start);
+        Ok(Self { meta, tensors, header_len, file_len })
+    }
+}
+
+/// Reads only the header of the shard at `path` (no tensor data), checking
+/// that the file is as long as the header says. `label` names the shard in
+/// errors (e.g. `checkpoint 7 rank 2`).
+pub fn read_header(path: &Path, label: &str) -> Result<ShardHeader, ShardError> {
+    let mut file = File::open(path).map_err(io_err(label, "open", path))?;
+    let actual = file.metadata().map_err(io_err(label, "stat", path))?.len();
+    let mut len = [0u8; 8];
+    let mut prefix = Vec::new();
+    if actual >= 8 {
+        file.read_exact(&mut len).map_err(io_err(label, "read", path))?;
+        prefix.extend_from_slice(&len);
+        let n = u64::from_le_bytes(len).min(MAX_HEADER_BYTES + 1).min(actual - 8);
+        prefix.resize(8 + n as usize, 0);
+        file.read_exact(&mut prefix[8..]).map_err(io_err(label, "read", path))?;
+    }
+    ShardHeader::parse(&prefix, actual).map_err(|kind| ShardError::new(label, kind))
+}
+
+/// A whole shard in memory, checksums verified.
+#[derive(Debug)]
+pub struct Shard {
+    /// The parsed header.
+    pub header: ShardHeader,
+    bytes: Vec<u8>,
+}
+
+impl Shard {
+    /// Reads the shard at `path` and verifies it against `manifest`: size,
+    /// variables, every tensor's checksum (a mismatch names the tensor) and
+    /// the whole-file checksum.
+    pub fn read_verified(path: &Path, label: &str, manifest: &ShardManifest) -> Result<Self, ShardError> {
+        let bytes = std::fs::read(path).map_err(io_err(label, "read", path))?;
+        Self::verify(bytes, manifest).map_err(|kind| ShardError::new(label, kind))
+    }
+
+    fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {
+        if bytes.len() as u64 != manifest.bytes {
+            return Err(ShardErrorKind::Truncated { len: bytes.len() as u64, expected: manifest.bytes });
+        }
+        let header = ShardHeader::parse(&bytes, bytes.len() as u64)?;
+        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
+            header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
+        if header.tensors.len() != manifest.tensors.len() {
+            return Err(ShardErrorKind::ManifestDisagrees(format!(
+                "the header has {} variables, the manifest {}",
+                header.tensors.len(),
+                manifest.tensors.len()
+            )));
+        }
+        let data = &bytes[header.header_len..];
+        let mut whole = Checksum::of(&bytes[..header.header_len]);
+        // walk in file order so the whole-file checksum can be combined
+        let mut records: Vec<&TensorRecord> = manifest.tensors.iter().collect();
+        records.sort_by_key(|r| by_name.get(r.name.as_str()).map(|t| t.1.start));
+        for record in records {
+            let Some((spec, range)) = by_name.get(record.name.as_str()) else {
+                return Err(ShardErrorKind::ManifestDisagrees(format!("{} is not in the header", record.name)));
+            };
+            if spec.dtype != record.dtype || spec.shape != record.shape {
+                return Err(ShardErrorKind::ManifestDisagrees(format!(
+                    "{} is {} {:?} in the header, {} {:?} in the manifest",
+                    record.name, spec.dtype, spec.shape, record.dtype, record.shape
+                )));
+            }
+            let crc = Checksum::of(&data[range.clone()]);
+            if crc != record.checksum {
+                return Err(ShardErrorKind::ChecksumMismatch(record.name.clone()));
+            }
+            whole = whole.combine(crc, range.len());
+        }
+        if whole != manifest.checksum {
+            return Err(ShardErrorKind::HeaderChecksumMismatch);
+        }
+        Ok(Self { header, bytes })
+    }
+
+    /// The data of variable `name`, if the shard has it.
+    pub fn tensor(&self, name: &str) -> Option<&[u8]> {
+        self.header
+            .tensors
+            .iter()
+            .find(|(v, _)| v.name == name)
+            .map(|(_, r)| &self.bytes[self.header.header_len + r.start..self.header.header_len + r.end])
+    }
+
+    /// All variables with their data, in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&VariableSpec, &[u8])> {
+        let data = &self.bytes[self.header.header_len..];
+        self.header.tensors.iter().map(move |(v, r)| (v, &data[r.clone()]))
+    }
+
+    /// Size of the file.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the shard is empty (never true for a valid shard: it has a header).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> ShardMeta {
+        ShardMeta {
+            job: JobName::new("demo").unwrap(),
+            checkpoint: CheckpointId(7),
+            rank: Rank(2),
+            step: Step(700),
+            generation: Generation(1),
+        }
+    }
+
+    fn sample() -> (Vec<VariableSpec>, Vec<u8>) {
+        let vars = vec![
+            VariableSpec::new("optimizer/step", Dtype::I64, vec![]),
+            VariableSpec::new("model/layer_0/attn/wq", Dtype::F32, vec![4, 8]),
+            VariableSpec::new("model/layer_0/mlp/w_in", Dtype::F32, vec![8, 3]),
+        ];
+        let mut data = 700i64.to_le_bytes().to_vec();
+        data.extend((0..(32 + 24)).flat_map(|i| (i as f32 * 0.5).to_le_bytes()));
+        (vars, data)
+    }
+
+    fn written() -> (tempfile::TempDir, std::path::PathBuf, ShardManifest, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rank-00002.safetensors");
+        let (vars, data) = sample();
+        let manifest = write_shard(&path, &meta(), &vars, &data).unwrap();
+        (dir, path, manifest, data)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (_dir, path, manifest, data) = written();
+        assert_eq!(manifest.file, "rank-00002.safetensors");
+        assert_eq!(manifest.bytes, std::fs::metadata(&path).unwrap().len());
+        assert_eq!(manifest.checksum, Checksum::of(&std::fs::read(&path).unwrap()));
+        assert_eq!(manifest.tensors[1].checksum, Checksum::of(&data[8..8 + 128]));
+
+        let header = read_header(&path, "t").unwrap();
+        assert_eq!(header.meta, meta());
+        assert_eq!(header.variables(), sample().0);
+        assert_eq!(header.header_len % 8, 0);
+
+        let shard = Shard::read_verified(&path, "t", &manifest).unwrap();
+        assert_eq!(shard.tensor("optimizer/step").unwrap(), 700i64.to_le_bytes());
+        assert_eq!(shard.tensor("model/layer_0/mlp/w_in").unwrap(), &data[8 + 128..]);
+        let all: Vec<u8> = shard.tensors().flat_map(|(_, d)| d.to_vec()).collect();
+        assert_eq!(all, data);
+    }
+
+    #[test]
+    fn safetensors_crate_reads_it() {
+        let (_dir, path, _, data) = written();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("model/layer_0/attn/wq").unwrap();
+        assert_eq!(t.dtype(), Dtype::F32);
+        assert_eq!(t.shape(), &[4, 8]);
+        assert_eq!(t.data(), &data[8..8 + 128]);
+    }
+
+    #[test]
+    fn flipped_data_byte_is_named() {
+        let (_dir, path, manifest, _) = written();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 5; // inside model/layer_0/mlp/w_in
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &manifest).unwrap_err();
+        assert_eq!(err.to_string(), "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in");
+        assert!(err.is_corruption());
+    }
+
+    #[test]
+    fn flipped_header_byte_is_detected() {
+        let (_dir, path, manifest, _) = written();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // turn a padding space or a metadata digit into something else while
+        // keeping valid JSON: change "700" (step) into "701"
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let at = text.find("\"700\"").unwrap() + 3;
+        bytes[at] = b'1';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "c", &manifest).unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch), "{err}");
+        // and a header broken beyond JSON
+        bytes[9] = b'#';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "c", &manifest).unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::Malformed(_)), "{err}");
+        assert!(err.is_corruption());
+    }
+
+    #[test]
+    fn truncated_shard_is_refused() {
+        let (_dir, path, manifest, _) = written();
+        let full = std::fs::read(&path).unwrap();
+        for cut in [full.len() - 1, full.len() / 2, 20, 3, 0] {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &manifest).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("truncated or overwritten: {cut} bytes on disk, {} expected", full.len())),
+                "{err}"
+            );
+            let err = read_header(&path, "checkpoint 7 rank 2").unwrap_err();
+            assert!(matches!(err.kind, ShardErrorKind::Truncated { .. }), "{cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn writer_refuses_wrong_data_length_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let (mut vars, data) = sample();
+        let err = write_shard(&path, &meta(), &vars, &data[1..]).unwrap_err();
+        assert!(err.to_string().contains("need 232 bytes of data, 231 were given"), "{err}");
+        vars[2].name = vars[1].name.clone();
+        vars[2].shape = vec![4, 8];
+        vars.push(VariableSpec::new("x", Dtype::F32, vec![0]));
+        let err = write_shard(&path, &meta(), &vars, &[0; 8 + 256]).unwrap_err();
+        assert!(err.to_string().contains("declared twice"), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn model_mismatch_lists_every_difference() {
+        let shard = vec![
+            VariableSpec::new("model/layer_0/attn/wq", Dtype::F32, vec![512, 512]),
+            VariableSpec::new("model/layer_9/x", Dtype::F32, vec![1]),
+            VariableSpec::new("optimizer/step", Dtype::I32, vec![]),
+        ];
+        let model = vec![
+            VariableSpec::new("model/layer_0/attn/wq", Dtype::F32, vec![512, 1024]),
+            VariableSpec::new("model/layer_3/mlp/w_in", Dtype::F32, vec![4]),
+            VariableSpec::new("optimizer/step", Dtype::I64, vec![]),
+        ];
+        let m = ModelMismatch::check(&shard, &model).unwrap_err();
+        assert_eq!(
+            m.to_string(),
+            "missing model/layer_3/mlp/w_in; unexpected model/layer_9/x; \
+             optimizer/step has dtype I32, model expects I64; \
+             model/layer_0/attn/wq has shape [512, 512], model expects [512, 1024]"
+        );
+        let err = ShardError::new("checkpoint 7 rank 2", ShardErrorKind::ModelMismatch(m));
+        assert!(err.to_string().starts_with("checkpoint 7 rank 2 does not match the model: missing"));
+        assert!(!err.is_corruption());
+        assert_eq!(ModelMismatch::check(&model, &model), Ok(()));
+    }
+}

@@ -1,0 +1,275 @@
+//! The wire protocol: every message exchanged between workers, coordinators
+//! and coordinator peers. Frames are defined in [`crate::frame`].
+//!
+//! ```text
+//! worker                         leader coordinator
+//!   | Hello{version, token}  ->    |
+//!   |                   <- Welcome |
+//!   | Register{job, rank, inc} ->  |
+//!   |    <- Registered{generation} |   (or NotLeader{leader})
+//!   | Heartbeat{gen, step} ...  -> |
+//!   |  <- Checkpoint{gen, C, S}    |   two-phase checkpoint, commit in Raft
+//!   | ShardSaved{gen, C, manifest}->
+//!   |  <- Restore{gen+1, from C}   |   whole-job restore
+//!   | Restored / RestoreFailed  -> |
+//!   |  <- Resume{gen+1, step}      |
+//! ```
+//! Every message after registration carries the sender's generation; the
+//! receiver refuses anything from an older one (fencing).
+
+use crate::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
+use crate::shard::ShardManifest;
+use crate::spec::JobSpec;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Version of this protocol; carried in every frame and in [`Hello`].
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Who opens a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRole {
+    /// A worker agent.
+    Worker,
+    /// A coordinator replica (Raft traffic).
+    Coordinator {
+        /// The sender's Raft id.
+        node: NodeId,
+    },
+}
+
+/// The first frame on every connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's [`PROTOCOL_VERSION`].
+    pub version: u8,
+    /// Who is speaking.
+    pub role: PeerRole,
+    /// The cluster's shared token, where it has one.
+    pub token: Option<String>,
+}
+
+/// The answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// Accepted; the connection carries messages from now on.
+    Welcome {
+        /// The accepting replica's id.
+        node: NodeId,
+    },
+    /// Refused; the connection is closed after this frame.
+    Refused(ErrorReply),
+}
+
+/// A refusal, with a machine-readable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// What kind of refusal.
+    pub code: ErrorCode,
+    /// What is wrong and what to do (SPEC §10).
+    pub message: String,
+}
+
+/// Kinds of refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Missing or wrong token.
+    Unauthorized,
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// The message is from an older generation (or incarnation).
+    Fenced,
+    /// The job is not known to the ledger.
+    UnknownJob,
+    /// The message is not valid here (wrong rank, out of order, ...).
+    InvalidRequest,
+    /// The receiver failed; retry later.
+    Unavailable,
+}
+
+/// What a worker is doing, as reported in heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerStatus {
+    /// Registered, waiting for the job to start or resume.
+    Waiting,
+    /// Training.
+    Running,
+    /// Holding at a checkpoint step until the snapshot is taken.
+    Checkpointing,
+    /// Validating and loading a shard.
+    Restoring,
+    /// Reached `total_steps`.
+    Finished,
+}
+
+/// Why a rank could not restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreFailureKind {
+    /// The shard is damaged (checksum, truncation, bad header): the
+    /// checkpoint is corrupt and the job falls back to an earlier one.
+    Corrupt,
+    /// The shard's variables differ from the model's: the job is blocked.
+    ModelMismatch,
+    /// The device lacks the free memory the shard needs: the job is blocked.
+    DeviceMemory,
+    /// Reading failed for another reason (I/O): retried.
+    Io,
+}
+
+/// Worker → coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    /// First message after [`Hello`]: who this worker is.
+    Register {
+        /// Job it belongs to.
+        job: JobName,
+        /// Its rank.
+        rank: Rank,
+        /// Fresh per process start; a new one means the previous died.
+        incarnation: Incarnation,
+        /// Its HTTP address, for status and metrics links.
+        http_addr: Option<String>,
+        /// The generation it last ran in, if any (for re-registration after
+        /// a coordinator failover).
+        generation: Option<Generation>,
+        /// Its last completed step in that generation.
+        step: Step,
+    },
+    /// Periodic liveness and progress.
+    Heartbeat {
+        /// The generation it runs in.
+        generation: Generation,
+        /// Steps completed.
+        step: Step,
+        /// What it is doing.
+        status: WorkerStatus,
+    },
+    /// Its shard of a checkpoint is durable.
+    ShardSaved {
+        /// Generation it was written in.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// Checksums and variables of the shard.
+        manifest: ShardManifest,
+    },
+    /// Its shard could not be written.
+    ShardFailed {
+        /// Generation.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Its state is loaded and it is ready to train from `step`.
+    Restored {
+        /// The new generation.
+        generation: Generation,
+        /// The step it restored to.
+        step: Step,
+    },
+    /// It could not restore; it keeps its previous state untouched.
+    RestoreFailed {
+        /// The generation of the restore directive.
+        generation: Generation,
+        /// The checkpoint it tried.
+        checkpoint: Option<CheckpointId>,
+        /// Why, for the ledger's decision.
+        kind: RestoreFailureKind,
+        /// For people (SPEC §10).
+        message: String,
+    },
+    /// The trainer process exited or crashed.
+    TrainerFailed {
+        /// Generation.
+        generation: Generation,
+        /// What happened.
+        reason: String,
+    },
+    /// It reached `total_steps`.
+    Finished {
+        /// Generation.
+        generation: Generation,
+        /// Final step.
+        step: Step,
+        /// Hex digest of its final variables.
+        digest: String,
+    },
+}
+
+/// Where to restore from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestorePoint {
+    /// The committed checkpoint.
+    pub checkpoint: CheckpointId,
+    /// Its step.
+    pub step: Step,
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// This rank's shard manifest from the ledger (the checksums to verify).
+    pub shard: ShardManifest,
+}
+
+/// Coordinator → worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    /// Registration accepted.
+    Registered {
+        /// The job's spec.
+        spec: JobSpec,
+        /// The job's current generation.
+        generation: Generation,
+    },
+    /// This replica is not the leader; try `leader` (an api address) if known.
+    NotLeader {
+        /// The leader's api address.
+        leader: Option<String>,
+    },
+    /// Take a checkpoint at `step`: train up to it, snapshot, write the shard.
+    Checkpoint {
+        /// Current generation.
+        generation: Generation,
+        /// Checkpoint id.
+        checkpoint: CheckpointId,
+        /// The step to snapshot at.
+        step: Step,
+        /// The checkpoint directory to write into.
+        dir: PathBuf,
+    },
+    /// Give up on a checkpoint (its files are garbage).
+    AbortCheckpoint {
+        /// Current generation.
+        generation: Generation,
+        /// Checkpoint id.
+        checkpoint: CheckpointId,
+    },
+    /// Stop training and restore into `generation` (`from: None` = step 0).
+    Restore {
+        /// The new generation.
+        generation: Generation,
+        /// The checkpoint to load, or none for a fresh start.
+        from: Option<RestorePoint>,
+    },
+    /// Every rank restored: train from `step` in `generation`.
+    Resume {
+        /// Generation.
+        generation: Generation,
+        /// Step to train from.
+        step: Step,
+    },
+    /// The job ended (succeeded or failed): the worker exits.
+    Stop {
+        /// Why, for the log.
+        reason: String,
+    },
+    /// A refused message; fenced workers get `ErrorCode::Fenced`.
+    Error(ErrorReply),
+}
+
+/// Coordinator ↔ coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// Raft messages for the receiver, each raft-rs protobuf bytes, batched.
+    Raft(Vec<serde_bytes::ByteBuf>),
+}
