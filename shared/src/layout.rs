@@ -52,7 +52,9 @@ pub struct JobDir {
 impl JobDir {
     /// `<root>/<job>`.
     pub fn new(root: &Path, job: &JobName) -> Self {
-        Self { dir: root.join(job.as_str()) }
+        Self {
+            dir: root.join(job.as_str()),
+        }
     }
 
     /// A job directory given directly (e.g. by `flotilla inspect`).
@@ -88,7 +90,10 @@ impl JobDir {
                 .trim()
                 .parse()
                 .map(|n| Some(CheckpointId(n)))
-                .map_err(|_| LayoutError::Invalid { path, why: format!("{:?} is not a checkpoint id", text.trim()) }),
+                .map_err(|_| LayoutError::Invalid {
+                    path,
+                    why: format!("{:?} is not a checkpoint id", text.trim()),
+                }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(LayoutError::Io { path, source }),
         }
@@ -97,7 +102,8 @@ impl JobDir {
     /// Durably points LATEST at `id`.
     pub fn write_latest(&self, id: CheckpointId) -> Result<(), LayoutError> {
         let path = self.latest_path();
-        durable::write_atomic(&path, |f| writeln!(f, "{}", id.0)).map_err(|source| LayoutError::Io { path, source })
+        durable::write_atomic(&path, |f| writeln!(f, "{}", id.0))
+            .map_err(|source| LayoutError::Io { path, source })
     }
 
     /// Every `ckpt-*` directory present, sorted by id (committed or not).
@@ -105,12 +111,24 @@ impl JobDir {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(LayoutError::Io { path: self.dir.clone(), source }),
+            Err(source) => {
+                return Err(LayoutError::Io {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
         };
         let mut out = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| LayoutError::Io { path: self.dir.clone(), source })?;
-            if let Some(id) = entry.file_name().to_str().and_then(parse_checkpoint_dir_name) {
+            let entry = entry.map_err(|source| LayoutError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(parse_checkpoint_dir_name)
+            {
                 out.push((id, entry.path()));
             }
         }
@@ -149,7 +167,9 @@ impl Manifest {
 
     /// Milliseconds since the epoch, now.
     pub fn now_unix_ms() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
     }
 
     /// Total bytes of all shards.
@@ -177,10 +197,18 @@ impl Manifest {
     /// Reads and validates `<dir>/MANIFEST.json`.
     pub fn read(checkpoint_dir: &Path) -> Result<Self, LayoutError> {
         let path = checkpoint_dir.join(MANIFEST_FILE);
-        let text = std::fs::read(&path).map_err(|source| LayoutError::Io { path: path.clone(), source })?;
-        let manifest: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| LayoutError::Invalid { path: path.clone(), why: e.to_string() })?;
-        manifest.validate().map_err(|why| LayoutError::Invalid { path, why })?;
+        let text = std::fs::read(&path).map_err(|source| LayoutError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_json::from_slice(&text).map_err(|e| LayoutError::Invalid {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        manifest
+            .validate()
+            .map_err(|why| LayoutError::Invalid { path, why })?;
         Ok(manifest)
     }
 
@@ -188,7 +216,8 @@ impl Manifest {
     pub fn write(&self, checkpoint_dir: &Path) -> Result<(), LayoutError> {
         let path = checkpoint_dir.join(MANIFEST_FILE);
         let json = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
-        durable::write_atomic(&path, |f| f.write_all(&json)).map_err(|source| LayoutError::Io { path, source })
+        durable::write_atomic(&path, |f| f.write_all(&json))
+            .map_err(|source| LayoutError::Io { path, source })
     }
 }
 
@@ -221,8 +250,14 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(checkpoint_dir_name(CheckpointId(7)), "ckpt-00000007");
-        assert_eq!(parse_checkpoint_dir_name("ckpt-00000007"), Some(CheckpointId(7)));
-        assert_eq!(parse_checkpoint_dir_name("ckpt-123456789"), Some(CheckpointId(123_456_789)));
+        assert_eq!(
+            parse_checkpoint_dir_name("ckpt-00000007"),
+            Some(CheckpointId(7))
+        );
+        assert_eq!(
+            parse_checkpoint_dir_name("ckpt-123456789"),
+            Some(CheckpointId(123_456_789))
+        );
         assert_eq!(parse_checkpoint_dir_name("ckpt-7"), None);
         assert_eq!(parse_checkpoint_dir_name(".ckpt-00000007.tmp"), None);
         assert_eq!(shard_file_name(Rank(2)), "rank-00002.safetensors");
@@ -243,10 +278,19 @@ mod tests {
         durable::create_dir_all_durable(&job.checkpoint_dir(CheckpointId(3))).unwrap();
         job.write_latest(CheckpointId(12)).unwrap();
         assert_eq!(job.read_latest().unwrap(), Some(CheckpointId(12)));
-        let ids: Vec<_> = job.list_checkpoint_dirs().unwrap().into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<_> = job
+            .list_checkpoint_dirs()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         assert_eq!(ids, vec![CheckpointId(3), CheckpointId(12)]);
         std::fs::write(job.latest_path(), "x").unwrap();
-        assert!(job.read_latest().unwrap_err().to_string().contains("not a checkpoint id"));
+        assert!(job
+            .read_latest()
+            .unwrap_err()
+            .to_string()
+            .contains("not a checkpoint id"));
     }
 
     #[test]
@@ -275,6 +319,9 @@ mod tests {
         assert_eq!(m.bytes(), 20);
         m.ranks.swap(0, 1);
         m.write(dir.path()).unwrap();
-        assert!(Manifest::read(dir.path()).unwrap_err().to_string().contains("entry 0 is for rank 1"));
+        assert!(Manifest::read(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("entry 0 is for rank 1"));
     }
 }

@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod durable;
 pub mod frame;
 pub mod ids;
+pub mod inspect;
 pub mod layout;
 pub mod shard;
 pub mod spec;

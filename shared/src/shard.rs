@@ -48,7 +48,11 @@ pub struct VariableSpec {
 impl VariableSpec {
     /// A variable spec.
     pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
-        Self { name: name.into(), dtype, shape }
+        Self {
+            name: name.into(),
+            dtype,
+            shape,
+        }
     }
 
     /// Number of elements (1 for a scalar).
@@ -91,7 +95,10 @@ impl ShardMeta {
 
     fn from_map(map: Option<&HashMap<String, String>>) -> Result<Self, String> {
         let map = map.ok_or("the header has no __metadata__")?;
-        let get = |key: &str| map.get(key).ok_or_else(|| format!("__metadata__ has no `{key}`"));
+        let get = |key: &str| {
+            map.get(key)
+                .ok_or_else(|| format!("__metadata__ has no `{key}`"))
+        };
         let num = |key: &str| -> Result<u64, String> {
             get(key)?
                 .parse()
@@ -100,7 +107,9 @@ impl ShardMeta {
         Ok(Self {
             job: JobName::new(get("job")?.as_str()).map_err(|e| e.to_string())?,
             checkpoint: CheckpointId(num("checkpoint")?),
-            rank: Rank(u32::try_from(num("rank")?).map_err(|_| "__metadata__ `rank` is too large")?),
+            rank: Rank(
+                u32::try_from(num("rank")?).map_err(|_| "__metadata__ `rank` is too large")?,
+            ),
             step: Step(num("step")?),
             generation: Generation(num("generation")?),
         })
@@ -166,7 +175,8 @@ impl ModelMismatch {
     /// Compares a shard's variables with a model's. `Ok` when they match
     /// exactly (order does not matter).
     pub fn check(shard: &[VariableSpec], model: &[VariableSpec]) -> Result<(), ModelMismatch> {
-        let in_shard: HashMap<&str, &VariableSpec> = shard.iter().map(|v| (v.name.as_str(), v)).collect();
+        let in_shard: HashMap<&str, &VariableSpec> =
+            shard.iter().map(|v| (v.name.as_str(), v)).collect();
         let in_model: HashSet<&str> = model.iter().map(|v| v.name.as_str()).collect();
         let mut m = ModelMismatch::default();
         for want in model {
@@ -177,7 +187,8 @@ impl ModelMismatch {
                         m.dtype.push((want.name.clone(), have.dtype, want.dtype));
                     }
                     if have.shape != want.shape {
-                        m.shape.push((want.name.clone(), have.shape.clone(), want.shape.clone()));
+                        m.shape
+                            .push((want.name.clone(), have.shape.clone(), want.shape.clone()));
                     }
                 }
             }
@@ -267,7 +278,9 @@ pub struct ShardError {
 impl fmt::Display for ShardError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            ShardErrorKind::ModelMismatch(m) => write!(f, "{} does not match the model: {m}", self.shard),
+            ShardErrorKind::ModelMismatch(m) => {
+                write!(f, "{} does not match the model: {m}", self.shard)
+            }
             kind => write!(f, "{}: {kind}", self.shard),
         }
     }
@@ -277,7 +290,10 @@ impl std::error::Error for ShardError {}
 
 impl ShardError {
     fn new(shard: &str, kind: ShardErrorKind) -> Self {
-        Self { shard: shard.to_string(), kind }
+        Self {
+            shard: shard.to_string(),
+            kind,
+        }
     }
 
     /// True when the stored bytes are damaged (so the checkpoint must be
@@ -295,11 +311,19 @@ impl ShardError {
     }
 }
 
-fn io_err<'a>(shard: &str, op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShardError + 'a {
+fn io_err<'a>(
+    shard: &str,
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> ShardError + 'a {
     let shard = shard.to_string();
     move |source| ShardError {
         shard,
-        kind: ShardErrorKind::Io { op, path: path.display().to_string(), source },
+        kind: ShardErrorKind::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        },
     }
 }
 
@@ -318,7 +342,11 @@ fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, Str
         let end = offset + v.byte_len();
         tensors.push((
             v.name.clone(),
-            TensorInfo { dtype: v.dtype, shape: v.shape.clone(), data_offsets: (offset, end) },
+            TensorInfo {
+                dtype: v.dtype,
+                shape: v.shape.clone(),
+                data_offsets: (offset, end),
+            },
         ));
         offset = end;
     }
@@ -354,10 +382,12 @@ pub fn write_shard(
             )),
         ));
     }
-    let header = encode_header(meta, vars).map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
+    let header = encode_header(meta, vars)
+        .map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
 
     let (records, file_checksum) = durable::write_atomic(path, |file| {
         file.write_all(&header)?;
+        let mut offset = header.len() as u64;
         let mut whole = Checksum::of(&header);
         let mut records = Vec::with_capacity(vars.len());
         let mut rest = data;
@@ -368,6 +398,9 @@ pub fn write_shard(
             for chunk in tensor.chunks(WRITE_CHUNK) {
                 crc = crc.append(chunk);
                 file.write_all(chunk)?;
+                // let the disk start on this chunk while we copy the next
+                durable::start_writeback(file, offset, chunk.len() as u64);
+                offset += chunk.len() as u64;
             }
             whole = whole.combine(crc, tensor.len());
             records.push(TensorRecord {
@@ -420,21 +453,31 @@ impl ShardHeader {
         let n = u64::from_le_bytes(
             prefix
                 .get(..8)
-                .ok_or_else(|| ShardErrorKind::Truncated { len: actual_len, expected: 8 })?
+                .ok_or(ShardErrorKind::Truncated {
+                    len: actual_len,
+                    expected: 8,
+                })?
                 .try_into()
                 .expect("8 bytes"),
         );
         if n > MAX_HEADER_BYTES {
-            return Err(malformed(format!("header length {n} exceeds {MAX_HEADER_BYTES}")));
+            return Err(malformed(format!(
+                "header length {n} exceeds {MAX_HEADER_BYTES}"
+            )));
         }
         let header_len = 8 + n as usize;
-        let json = prefix
-            .get(8..header_len)
-            .ok_or(ShardErrorKind::Truncated { len: actual_len, expected: header_len as u64 })?;
-        let metadata: Metadata = serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
+        let json = prefix.get(8..header_len).ok_or(ShardErrorKind::Truncated {
+            len: actual_len,
+            expected: header_len as u64,
+        })?;
+        let metadata: Metadata =
+            serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
         let file_len = (header_len + metadata.data_len()) as u64;
         if file_len != actual_len {
-            return Err(ShardErrorKind::Truncated { len: actual_len, expected: file_len });
+            return Err(ShardErrorKind::Truncated {
+                len: actual_len,
+                expected: file_len,
+            });
         }
         let meta = ShardMeta::from_map(metadata.metadata().as_ref()).map_err(malformed)?;
         let mut tensors: Vec<_> = metadata
@@ -448,7 +491,12 @@ impl ShardHeader {
             })
             .collect();
         tensors.sort_by_key(|(_, r)| r.start);
-        Ok(Self { meta, tensors, header_len, file_len })
+        Ok(Self {
+            meta,
+            tensors,
+            header_len,
+            file_len,
+        })
     }
 }
 
@@ -461,11 +509,15 @@ pub fn read_header(path: &Path, label: &str) -> Result<ShardHeader, ShardError> 
     let mut len = [0u8; 8];
     let mut prefix = Vec::new();
     if actual >= 8 {
-        file.read_exact(&mut len).map_err(io_err(label, "read", path))?;
+        file.read_exact(&mut len)
+            .map_err(io_err(label, "read", path))?;
         prefix.extend_from_slice(&len);
-        let n = u64::from_le_bytes(len).min(MAX_HEADER_BYTES + 1).min(actual - 8);
+        let n = u64::from_le_bytes(len)
+            .min(MAX_HEADER_BYTES + 1)
+            .min(actual - 8);
         prefix.resize(8 + n as usize, 0);
-        file.read_exact(&mut prefix[8..]).map_err(io_err(label, "read", path))?;
+        file.read_exact(&mut prefix[8..])
+            .map_err(io_err(label, "read", path))?;
     }
     ShardHeader::parse(&prefix, actual).map_err(|kind| ShardError::new(label, kind))
 }
@@ -482,18 +534,28 @@ impl Shard {
     /// Reads the shard at `path` and verifies it against `manifest`: size,
     /// variables, every tensor's checksum (a mismatch names the tensor) and
     /// the whole-file checksum.
-    pub fn read_verified(path: &Path, label: &str, manifest: &ShardManifest) -> Result<Self, ShardError> {
+    pub fn read_verified(
+        path: &Path,
+        label: &str,
+        manifest: &ShardManifest,
+    ) -> Result<Self, ShardError> {
         let bytes = std::fs::read(path).map_err(io_err(label, "read", path))?;
         Self::verify(bytes, manifest).map_err(|kind| ShardError::new(label, kind))
     }
 
     fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {
         if bytes.len() as u64 != manifest.bytes {
-            return Err(ShardErrorKind::Truncated { len: bytes.len() as u64, expected: manifest.bytes });
+            return Err(ShardErrorKind::Truncated {
+                len: bytes.len() as u64,
+                expected: manifest.bytes,
+            });
         }
         let header = ShardHeader::parse(&bytes, bytes.len() as u64)?;
-        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
-            header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
+        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> = header
+            .tensors
+            .iter()
+            .map(|t| (t.0.name.as_str(), t))
+            .collect();
         if header.tensors.len() != manifest.tensors.len() {
             return Err(ShardErrorKind::ManifestDisagrees(format!(
                 "the header has {} variables, the manifest {}",
@@ -508,7 +570,10 @@ impl Shard {
         records.sort_by_key(|r| by_name.get(r.name.as_str()).map(|t| t.1.start));
         for record in records {
             let Some((spec, range)) = by_name.get(record.name.as_str()) else {
-                return Err(ShardErrorKind::ManifestDisagrees(format!("{} is not in the header", record.name)));
+                return Err(ShardErrorKind::ManifestDisagrees(format!(
+                    "{} is not in the header",
+                    record.name
+                )));
             };
             if spec.dtype != record.dtype || spec.shape != record.shape {
                 return Err(ShardErrorKind::ManifestDisagrees(format!(
@@ -534,13 +599,18 @@ impl Shard {
             .tensors
             .iter()
             .find(|(v, _)| v.name == name)
-            .map(|(_, r)| &self.bytes[self.header.header_len + r.start..self.header.header_len + r.end])
+            .map(|(_, r)| {
+                &self.bytes[self.header.header_len + r.start..self.header.header_len + r.end]
+            })
     }
 
     /// All variables with their data, in file order.
     pub fn tensors(&self) -> impl Iterator<Item = (&VariableSpec, &[u8])> {
         let data = &self.bytes[self.header.header_len..];
-        self.header.tensors.iter().map(move |(v, r)| (v, &data[r.clone()]))
+        self.header
+            .tensors
+            .iter()
+            .map(move |(v, r)| (v, &data[r.clone()]))
     }
 
     /// Size of the file.
@@ -579,7 +649,12 @@ mod tests {
         (vars, data)
     }
 
-    fn written() -> (tempfile::TempDir, std::path::PathBuf, ShardManifest, Vec<u8>) {
+    fn written() -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        ShardManifest,
+        Vec<u8>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rank-00002.safetensors");
         let (vars, data) = sample();
@@ -592,8 +667,14 @@ mod tests {
         let (_dir, path, manifest, data) = written();
         assert_eq!(manifest.file, "rank-00002.safetensors");
         assert_eq!(manifest.bytes, std::fs::metadata(&path).unwrap().len());
-        assert_eq!(manifest.checksum, Checksum::of(&std::fs::read(&path).unwrap()));
-        assert_eq!(manifest.tensors[1].checksum, Checksum::of(&data[8..8 + 128]));
+        assert_eq!(
+            manifest.checksum,
+            Checksum::of(&std::fs::read(&path).unwrap())
+        );
+        assert_eq!(
+            manifest.tensors[1].checksum,
+            Checksum::of(&data[8..8 + 128])
+        );
 
         let header = read_header(&path, "t").unwrap();
         assert_eq!(header.meta, meta());
@@ -601,8 +682,14 @@ mod tests {
         assert_eq!(header.header_len % 8, 0);
 
         let shard = Shard::read_verified(&path, "t", &manifest).unwrap();
-        assert_eq!(shard.tensor("optimizer/step").unwrap(), 700i64.to_le_bytes());
-        assert_eq!(shard.tensor("model/layer_0/mlp/w_in").unwrap(), &data[8 + 128..]);
+        assert_eq!(
+            shard.tensor("optimizer/step").unwrap(),
+            700i64.to_le_bytes()
+        );
+        assert_eq!(
+            shard.tensor("model/layer_0/mlp/w_in").unwrap(),
+            &data[8 + 128..]
+        );
         let all: Vec<u8> = shard.tensors().flat_map(|(_, d)| d.to_vec()).collect();
         assert_eq!(all, data);
     }
@@ -626,7 +713,10 @@ mod tests {
         bytes[last] ^= 0x01;
         std::fs::write(&path, &bytes).unwrap();
         let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &manifest).unwrap_err();
-        assert_eq!(err.to_string(), "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in");
+        assert_eq!(
+            err.to_string(),
+            "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in"
+        );
         assert!(err.is_corruption());
     }
 
@@ -641,7 +731,10 @@ mod tests {
         bytes[at] = b'1';
         std::fs::write(&path, &bytes).unwrap();
         let err = Shard::read_verified(&path, "c", &manifest).unwrap_err();
-        assert!(matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch), "{err}");
+        assert!(
+            matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch),
+            "{err}"
+        );
         // and a header broken beyond JSON
         bytes[9] = b'#';
         std::fs::write(&path, &bytes).unwrap();
@@ -658,12 +751,17 @@ mod tests {
             std::fs::write(&path, &full[..cut]).unwrap();
             let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &manifest).unwrap_err();
             assert!(
-                err.to_string()
-                    .contains(&format!("truncated or overwritten: {cut} bytes on disk, {} expected", full.len())),
+                err.to_string().contains(&format!(
+                    "truncated or overwritten: {cut} bytes on disk, {} expected",
+                    full.len()
+                )),
                 "{err}"
             );
             let err = read_header(&path, "checkpoint 7 rank 2").unwrap_err();
-            assert!(matches!(err.kind, ShardErrorKind::Truncated { .. }), "{cut}: {err}");
+            assert!(
+                matches!(err.kind, ShardErrorKind::Truncated { .. }),
+                "{cut}: {err}"
+            );
         }
     }
 
@@ -673,7 +771,11 @@ mod tests {
         let path = dir.path().join("x.safetensors");
         let (mut vars, data) = sample();
         let err = write_shard(&path, &meta(), &vars, &data[1..]).unwrap_err();
-        assert!(err.to_string().contains("need 232 bytes of data, 231 were given"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("need 232 bytes of data, 231 were given"),
+            "{err}"
+        );
         vars[2].name = vars[1].name.clone();
         vars[2].shape = vec![4, 8];
         vars.push(VariableSpec::new("x", Dtype::F32, vec![0]));
@@ -702,7 +804,9 @@ mod tests {
              model/layer_0/attn/wq has shape [512, 512], model expects [512, 1024]"
         );
         let err = ShardError::new("checkpoint 7 rank 2", ShardErrorKind::ModelMismatch(m));
-        assert!(err.to_string().starts_with("checkpoint 7 rank 2 does not match the model: missing"));
+        assert!(err
+            .to_string()
+            .starts_with("checkpoint 7 rank 2 does not match the model: missing"));
         assert!(!err.is_corruption());
         assert_eq!(ModelMismatch::check(&model, &model), Ok(()));
     }

@@ -229,7 +229,12 @@ impl JobSpec {
         if let Some(n) = c.every_seconds {
             check(n >= 1, "checkpoint.every_seconds", n, "must be at least 1")?;
         }
-        check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
+        check(
+            c.keep_last >= 1,
+            "checkpoint.keep_last",
+            c.keep_last,
+            "must be at least 1",
+        )?;
         check(
             c.root.is_absolute(),
             "checkpoint.root",
@@ -251,7 +256,8 @@ impl JobSpec {
             "must be between 10 and 600000",
         )?;
         check(
-            f.heartbeat_timeout_ms >= 2 * f.heartbeat_interval_ms && f.heartbeat_timeout_ms <= 3_600_000,
+            f.heartbeat_timeout_ms >= 2 * f.heartbeat_interval_ms
+                && f.heartbeat_timeout_ms <= 3_600_000,
             "failure.heartbeat_timeout_ms",
             f.heartbeat_timeout_ms,
             format!(
@@ -261,7 +267,12 @@ impl JobSpec {
         )?;
 
         if let Some(t) = &self.trainer {
-            check(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be at least 1")?;
+            check(
+                t.total_steps >= 1,
+                "trainer.total_steps",
+                t.total_steps,
+                "must be at least 1",
+            )?;
             check(
                 (1..=1024).contains(&t.layers),
                 "trainer.layers",
@@ -326,7 +337,10 @@ seed = 42
         assert_eq!(spec.name.as_str(), "demo");
         assert_eq!(spec.world_size, 4);
         assert_eq!(spec.checkpoint.every_steps, Some(100));
-        assert_eq!(spec.trainer.as_ref().unwrap().params_per_rank_bytes, 64 << 20);
+        assert_eq!(
+            spec.trainer.as_ref().unwrap().params_per_rank_bytes,
+            64 << 20
+        );
         assert_eq!(JobSpec::from_toml(&spec.to_toml()).unwrap(), spec);
     }
 
@@ -365,16 +379,48 @@ seed = 42
     fn out_of_range_values_are_named() {
         let cases = [
             ("world_size = 4", "world_size = 0", "`world_size` = 0"),
-            ("keep_last = 3", "keep_last = 0", "`checkpoint.keep_last` = 0"),
-            ("every_steps = 100", "every_steps = 0", "`checkpoint.every_steps` = 0"),
-            ("timeout_seconds = 120", "timeout_seconds = 0", "`checkpoint.timeout_seconds` = 0"),
+            (
+                "keep_last = 3",
+                "keep_last = 0",
+                "`checkpoint.keep_last` = 0",
+            ),
+            (
+                "every_steps = 100",
+                "every_steps = 0",
+                "`checkpoint.every_steps` = 0",
+            ),
+            (
+                "timeout_seconds = 120",
+                "timeout_seconds = 0",
+                "`checkpoint.timeout_seconds` = 0",
+            ),
             ("\"/data/checkpoints\"", "\"data\"", "`checkpoint.root`"),
-            ("heartbeat_interval_ms = 500", "heartbeat_interval_ms = 1", "`failure.heartbeat_interval_ms` = 1"),
-            ("heartbeat_timeout_ms = 3000", "heartbeat_timeout_ms = 600", "`failure.heartbeat_timeout_ms` = 600"),
-            ("total_steps = 2000", "total_steps = 0", "`trainer.total_steps` = 0"),
+            (
+                "heartbeat_interval_ms = 500",
+                "heartbeat_interval_ms = 1",
+                "`failure.heartbeat_interval_ms` = 1",
+            ),
+            (
+                "heartbeat_timeout_ms = 3000",
+                "heartbeat_timeout_ms = 600",
+                "`failure.heartbeat_timeout_ms` = 600",
+            ),
+            (
+                "total_steps = 2000",
+                "total_steps = 0",
+                "`trainer.total_steps` = 0",
+            ),
             ("layers = 8", "layers = 0", "`trainer.layers` = 0"),
-            ("params_per_rank_bytes = 67108864", "params_per_rank_bytes = 100", "`trainer.params_per_rank_bytes` = 100"),
-            ("step_time_ms = 5", "step_time_ms = 100000", "`trainer.step_time_ms` = 100000"),
+            (
+                "params_per_rank_bytes = 67108864",
+                "params_per_rank_bytes = 100",
+                "`trainer.params_per_rank_bytes` = 100",
+            ),
+            (
+                "step_time_ms = 5",
+                "step_time_ms = 100000",
+                "`trainer.step_time_ms` = 100000",
+            ),
         ];
         for (from, to, want) in cases {
             let e = refused(&FULL.replace(from, to));
@@ -385,9 +431,15 @@ seed = 42
     #[test]
     fn wrong_types_and_bad_names_are_refused() {
         let e = refused(&FULL.replace("world_size = 4", "world_size = \"four\""));
-        assert!(e.contains("world_size") || e.contains("invalid type"), "{e}");
+        assert!(
+            e.contains("world_size") || e.contains("invalid type"),
+            "{e}"
+        );
         let e = refused(&FULL.replace("world_size = 4", "world_size = -1"));
-        assert!(e.contains("world_size") || e.contains("invalid value"), "{e}");
+        assert!(
+            e.contains("world_size") || e.contains("invalid value"),
+            "{e}"
+        );
         let e = refused(&FULL.replace("\"demo\"", "\"Demo_1\""));
         assert!(e.contains("invalid job name"), "{e}");
         let e = refused("name = ");

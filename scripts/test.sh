@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what the tests need beyond the Rust toolchain, then runs every
+# check CI runs: formatting, clippy (warnings are errors) and all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "--- installing test dependencies (Python safetensors + numpy: the interop test's reference reader)"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore safetensors numpy
+
+echo "--- cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "--- cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "--- cargo test"
+cargo test --workspace --locked

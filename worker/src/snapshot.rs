@@ -1,0 +1,313 @@
+//! The snapshot pipeline: a checkpoint stalls training only for a memory
+//! copy; the write and fsync happen on a background thread.
+//!
+//! ```text
+//! training thread                      writer thread
+//!   take buffer  ── waits only if the previous write is still in flight
+//!   trainer.snapshot_into(buf)   ◄── the whole stall
+//!   jobs.send(buf) ───────────────────► write_shard(temp → fsync → rename → fsync dir)
+//!   (training continues)                on_done(outcome)
+//!                    buffer returned ◄┘
+//! ```
+//! One reusable host buffer per rank, allocated and touched once, means at
+//! most one write in flight and natural back-pressure: a checkpoint that
+//! arrives before the last write ended waits for it (and says so).
+
+use crate::trainer::Trainer;
+use flotilla_shared::durable;
+use flotilla_shared::shard::{write_shard, ShardError, ShardManifest, ShardMeta, VariableSpec};
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Where and as what a snapshot is written.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// Final path of the shard file (its directory is created if needed).
+    pub path: PathBuf,
+    /// Identity recorded in the header.
+    pub meta: ShardMeta,
+}
+
+/// The result of one background write.
+#[derive(Debug)]
+pub struct WriteOutcome {
+    /// The shard's identity.
+    pub meta: ShardMeta,
+    /// The manifest (checksums) or why the write failed.
+    pub result: Result<ShardManifest, ShardError>,
+    /// Time from the start of the write to the directory fsync.
+    pub write_time: Duration,
+}
+
+/// How long one snapshot held up training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stall {
+    /// Waiting for the previous write to release the buffer (back-pressure).
+    pub wait: Duration,
+    /// Copying the variables into the buffer.
+    pub copy: Duration,
+}
+
+impl Stall {
+    /// The whole stall.
+    pub fn total(&self) -> Duration {
+        self.wait + self.copy
+    }
+}
+
+/// Why a snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The trainer's variables changed size since the pipeline was built.
+    #[error("the trainer's snapshot is {got} bytes, the pipeline was built for {want}")]
+    SizeChanged {
+        /// Bytes now.
+        got: usize,
+        /// Bytes at construction.
+        want: usize,
+    },
+    /// The writer thread is gone (it panicked or the pipeline is shutting down).
+    #[error("the shard writer thread has stopped")]
+    WriterGone,
+}
+
+type Job = (WriteRequest, Vec<u8>);
+
+/// A per-rank snapshot pipeline with one reusable buffer.
+pub struct Snapshotter {
+    bytes: usize,
+    /// The buffer while no write is in flight.
+    idle: Option<Vec<u8>>,
+    /// Where the writer returns the buffer after a write.
+    returned: Receiver<Vec<u8>>,
+    jobs: Option<SyncSender<Job>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl Snapshotter {
+    /// Builds the pipeline for `vars` (a trainer's variables, fixed for its
+    /// life). `on_done` is called on the writer thread after each write,
+    /// before the buffer is released.
+    pub fn new(
+        vars: Vec<VariableSpec>,
+        mut on_done: impl FnMut(WriteOutcome) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
+        // Touch every page now, so no checkpoint pays for page faults.
+        let buffer = vec![1u8; bytes];
+        let (returned_tx, returned) = sync_channel(1);
+        let (jobs, job_rx) = sync_channel::<Job>(1);
+        let writer = std::thread::Builder::new()
+            .name("flotilla-shard-writer".into())
+            .spawn(move || {
+                for (req, buf) in job_rx {
+                    let start = Instant::now();
+                    let result = req
+                        .path
+                        .parent()
+                        .map_or(Ok(()), durable::create_dir_all_durable)
+                        .map_err(|source| ShardError {
+                            shard: format!(
+                                "checkpoint {} rank {}",
+                                req.meta.checkpoint, req.meta.rank
+                            ),
+                            kind: flotilla_shared::shard::ShardErrorKind::Io {
+                                op: "create directory for",
+                                path: req.path.display().to_string(),
+                                source,
+                            },
+                        })
+                        .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf));
+                    on_done(WriteOutcome {
+                        meta: req.meta,
+                        result,
+                        write_time: start.elapsed(),
+                    });
+                    if returned_tx.send(buf).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            bytes,
+            idle: Some(buffer),
+            returned,
+            jobs: Some(jobs),
+            writer: Some(writer),
+        })
+    }
+
+    /// Size of the snapshot buffer.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes a snapshot of `trainer` and hands it to the writer. Blocks only
+    /// while the previous write still holds the buffer.
+    pub fn snapshot(
+        &mut self,
+        trainer: &dyn Trainer,
+        req: WriteRequest,
+    ) -> Result<Stall, SnapshotError> {
+        let got = trainer.snapshot_bytes();
+        if got != self.bytes {
+            return Err(SnapshotError::SizeChanged {
+                got,
+                want: self.bytes,
+            });
+        }
+        let start = Instant::now();
+        let mut buf = self.take_buffer()?;
+        let copying = Instant::now();
+        trainer.snapshot_into(&mut buf);
+        let stall = Stall {
+            wait: copying - start,
+            copy: copying.elapsed(),
+        };
+        let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
+        jobs.send((req, buf))
+            .map_err(|_| SnapshotError::WriterGone)?;
+        Ok(stall)
+    }
+
+    /// Waits until no write is in flight (every `on_done` has run).
+    pub fn wait_idle(&mut self) -> Result<(), SnapshotError> {
+        self.take_buffer().map(|buf| self.idle = Some(buf))
+    }
+
+    /// The buffer, waiting for the writer to return it if a write is in flight.
+    fn take_buffer(&mut self) -> Result<Vec<u8>, SnapshotError> {
+        match self.idle.take() {
+            Some(buf) => Ok(buf),
+            None => self.returned.recv().map_err(|_| SnapshotError::WriterGone),
+        }
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        // closing the job channel ends the writer after its current write
+        drop(self.jobs.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::BuiltinTrainer;
+    use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank};
+    use flotilla_shared::shard::Shard;
+    use flotilla_shared::spec::TrainerSpec;
+    use std::sync::mpsc::channel;
+
+    fn meta(c: u64, step: u64) -> ShardMeta {
+        ShardMeta {
+            job: JobName::new("t").unwrap(),
+            checkpoint: CheckpointId(c),
+            rank: Rank(0),
+            step: flotilla_shared::ids::Step(step),
+            generation: Generation(1),
+        }
+    }
+
+    #[test]
+    fn training_continues_while_writes_complete_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TrainerSpec {
+            params_per_rank_bytes: 1 << 20,
+            layers: 2,
+            ..TrainerSpec::default()
+        };
+        let mut trainer = BuiltinTrainer::new(&spec, Rank(0));
+        let (tx, rx) = channel();
+        let mut snap =
+            Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        let mut digests = Vec::new();
+        for c in 1..=3u64 {
+            trainer.step();
+            digests.push(trainer.digest());
+            let path = dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
+            snap.snapshot(
+                &trainer,
+                WriteRequest {
+                    path,
+                    meta: meta(c, trainer.current_step().0),
+                },
+            )
+            .unwrap();
+            // mutate right away: the shard must hold the state at snapshot time
+            trainer.step();
+        }
+        snap.wait_idle().unwrap();
+        let outcomes: Vec<WriteOutcome> = rx.try_iter().collect();
+        assert_eq!(outcomes.len(), 3);
+        for (i, o) in outcomes.into_iter().enumerate() {
+            assert_eq!(o.meta.checkpoint, CheckpointId(i as u64 + 1));
+            let manifest = o.result.unwrap();
+            let path = dir
+                .path()
+                .join(format!("ckpt-{}/rank-00000.safetensors", i + 1));
+            let shard = Shard::read_verified(&path, "t", &manifest).unwrap();
+            let mut fresh = BuiltinTrainer::new(&spec, Rank(0));
+            fresh.load(&shard).unwrap();
+            assert_eq!(fresh.digest(), digests[i]);
+        }
+    }
+
+    #[test]
+    fn write_failure_is_reported_not_swallowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"x").unwrap();
+        let spec = TrainerSpec {
+            params_per_rank_bytes: 64 << 10,
+            layers: 1,
+            ..TrainerSpec::default()
+        };
+        let trainer = BuiltinTrainer::new(&spec, Rank(0));
+        let (tx, rx) = channel();
+        let mut snap =
+            Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        // a path below a regular file cannot be created
+        let path = blocker.join("ckpt-1/rank-00000.safetensors");
+        snap.snapshot(
+            &trainer,
+            WriteRequest {
+                path,
+                meta: meta(1, 0),
+            },
+        )
+        .unwrap();
+        snap.wait_idle().unwrap();
+        let err = rx.recv().unwrap().result.unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("checkpoint 1 rank 0: create directory for"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn size_change_is_refused() {
+        let spec = TrainerSpec {
+            params_per_rank_bytes: 64 << 10,
+            layers: 1,
+            ..TrainerSpec::default()
+        };
+        let trainer = BuiltinTrainer::new(&spec, Rank(0));
+        let mut snap = Snapshotter::new(trainer.variables()[..2].to_vec(), |_| {}).unwrap();
+        let req = WriteRequest {
+            path: "/nonexistent/x".into(),
+            meta: meta(1, 0),
+        };
+        assert!(matches!(
+            snap.snapshot(&trainer, req),
+            Err(SnapshotError::SizeChanged { .. })
+        ));
+    }
+}
