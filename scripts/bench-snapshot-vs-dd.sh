@@ -25,7 +25,7 @@ run_dd() {
 }
 
 run_flotilla() {
-  "$bin" bench snapshot --bytes "$bytes" --runs 1 --dir "$dir" --json
+  "$bin" bench snapshot --bytes "$bytes" --runs 1 --warmup 1 --dir "$dir" --json
 }
 
 results=$(mktemp)

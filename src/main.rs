@@ -51,9 +51,16 @@ struct SnapshotArgs {
     /// Interleaved runs; figures are medians.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Unrecorded runs first (a process's first large write also faults in fresh memory).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
     /// Drop the page cache before each read (needs root).
     #[arg(long)]
     cold: bool,
+    /// Keep the CPU trainer stepping while shards are written (on a small
+    /// machine this measures CPU and memory-bandwidth contention as well).
+    #[arg(long)]
+    train_during_write: bool,
     /// Print machine-readable JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -154,7 +161,9 @@ fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {
         bytes: args.bytes,
         dir: args.dir.clone(),
         runs: args.runs,
+        warmup: args.warmup,
         cold_read: args.cold,
+        train_during_write: args.train_during_write,
     })
     .with_context(|| format!("bench snapshot in {}", args.dir.display()))?;
     if args.json {
@@ -168,8 +177,8 @@ fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {
 fn print_snapshot_table(r: &SnapshotBenchReport) {
     let mb = r.bytes as f64 / 1e6;
     println!(
-        "bench snapshot: one {} byte shard, {} interleaved runs, medians",
-        r.bytes, r.runs
+        "bench snapshot: one {} byte shard, {} interleaved runs after {} warm-up, medians",
+        r.bytes, r.runs, r.warmup
     );
     println!("{:<34} {:>10} {:>10}", "", "seconds", "MB/s");
     let row = |name: &str, secs: f64| println!("{name:<34} {secs:>10.3} {:>10.0}", mb / secs);
@@ -189,7 +198,13 @@ fn print_snapshot_table(r: &SnapshotBenchReport) {
         mb / r.read_verify_mb_per_s,
     );
     println!(
-        "shard write vs baseline: {:.2}x   stall vs write: {:.3}x",
-        r.write_vs_baseline, r.stall_vs_write
+        "shard write vs baseline: {:.2}x   stall vs write: {:.3}x   training during writes: {}",
+        r.write_vs_baseline,
+        r.stall_vs_write,
+        if r.train_during_write {
+            "yes"
+        } else {
+            "no (--train-during-write)"
+        }
     );
 }

@@ -539,8 +539,38 @@ impl Shard {
         label: &str,
         manifest: &ShardManifest,
     ) -> Result<Self, ShardError> {
-        let bytes = std::fs::read(path).map_err(io_err(label, "read", path))?;
-        Self::verify(bytes, manifest).map_err(|kind| ShardError::new(label, kind))
+        Self::read_verified_into(path, label, manifest, Vec::new())
+    }
+
+    /// [`Shard::read_verified`] into a caller's buffer, whose capacity is
+    /// reused: a worker reads into memory it already touched (its snapshot
+    /// buffer) instead of faulting in a fresh allocation the size of the
+    /// shard. [`Shard::into_buffer`] gives the buffer back.
+    pub fn read_verified_into(
+        path: &Path,
+        label: &str,
+        manifest: &ShardManifest,
+        mut buf: Vec<u8>,
+    ) -> Result<Self, ShardError> {
+        let mut file = File::open(path).map_err(io_err(label, "open", path))?;
+        let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
+        if len != manifest.bytes {
+            let kind = ShardErrorKind::Truncated {
+                len,
+                expected: manifest.bytes,
+            };
+            return Err(ShardError::new(label, kind));
+        }
+        buf.clear();
+        buf.reserve_exact(len as usize);
+        file.read_to_end(&mut buf)
+            .map_err(io_err(label, "read", path))?;
+        Self::verify(buf, manifest).map_err(|kind| ShardError::new(label, kind))
+    }
+
+    /// The buffer holding the file, for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.bytes
     }
 
     fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {

@@ -38,6 +38,47 @@ pub trait Trainer: Send {
     fn digest(&self) -> String;
 }
 
+/// Copies each `(dst, src)` pair using every core: one thread moves about
+/// 11 GB/s here, two about 20, and this copy is the whole training stall of
+/// a checkpoint.
+pub fn copy_parallel(pairs: Vec<(&mut [u8], &[u8])>) {
+    const PIECE: usize = 16 << 20;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let total: usize = pairs.iter().map(|(_, s)| s.len()).sum();
+    let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
+    for (dst, src) in pairs {
+        pieces.extend(dst.chunks_mut(PIECE).zip(src.chunks(PIECE)));
+    }
+    if threads == 1 || total < 2 * PIECE {
+        for (dst, src) in pieces {
+            dst.copy_from_slice(src);
+        }
+        return;
+    }
+    // contiguous runs of pieces per thread, so each streams its own range
+    let per_thread = pieces.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut groups = Vec::new();
+        while !pieces.is_empty() {
+            let rest = pieces.split_off(per_thread.min(pieces.len()));
+            groups.push(std::mem::replace(&mut pieces, rest));
+        }
+        let mine = groups.pop().unwrap_or_default();
+        for group in groups {
+            scope.spawn(move || {
+                for (dst, src) in group {
+                    dst.copy_from_slice(src);
+                }
+            });
+        }
+        for (dst, src) in mine {
+            dst.copy_from_slice(src);
+        }
+    });
+}
+
 /// One weight variable and where its elements live in the flat arrays.
 #[derive(Debug, Clone)]
 struct Slot {
@@ -200,11 +241,13 @@ impl Trainer for BuiltinTrainer {
         );
         let (head, mut rest) = out.split_at_mut(8);
         head.copy_from_slice(&(self.step as i64).to_le_bytes());
+        let mut pairs = Vec::with_capacity(3);
         for region in self.regions() {
             let (dst, tail) = rest.split_at_mut(region.len());
-            dst.copy_from_slice(region);
+            pairs.push((dst, region));
             rest = tail;
         }
+        copy_parallel(pairs);
     }
 
     fn load(&mut self, shard: &Shard) -> Result<(), ModelMismatch> {
@@ -270,6 +313,21 @@ mod tests {
         let path = dir.join("rank-00003.safetensors");
         let manifest = write_shard(&path, &meta, t.variables(), &buf).unwrap();
         Shard::read_verified(&path, "t", &manifest).unwrap()
+    }
+
+    #[test]
+    fn parallel_copy_copies_everything() {
+        let src: Vec<u8> = (0..(80u32 << 20) / 4)
+            .flat_map(|i| i.to_le_bytes())
+            .collect();
+        let (a, b) = src.split_at(3 + (50 << 20));
+        let mut dst = vec![0u8; src.len()];
+        let (da, db) = dst.split_at_mut(a.len());
+        copy_parallel(vec![(da, a), (db, b)]);
+        assert!(dst == src);
+        let mut small = [0u8; 3];
+        copy_parallel(vec![(&mut small[..], &[1, 2, 3][..])]);
+        assert_eq!(small, [1, 2, 3]);
     }
 
     #[test]
