@@ -1,1 +1,3 @@
-//! x
+//! The Flotilla coordinator: the replicated job ledger ([`state`]).
+
+pub mod state;

@@ -1,0 +1,1352 @@
+//! The replicated state machine: the job ledger.
+//!
+//! Pure and deterministic: [`State::apply`] takes a [`Command`] (time arrives
+//! inside commands) and returns what happened, or why the command was
+//! refused. No I/O, no clock, no randomness, so every replica that applies
+//! the same log reaches the same state, and every rule is unit-tested here.
+//!
+//! Checkpoint ledger, per job:
+//! ```text
+//!   Begin ──► Pending ──Commit──► Committed ──MarkCorrupt──► Corrupt
+//!                │                    │                        │
+//!                └──Abort──► Aborted  └──(retention)/Delete──► Deleted ◄──Delete
+//! ```
+//! Rules kept: a committed checkpoint is never un-committed (only marked
+//! corrupt or retired); a commit needs one shard per rank of the checkpoint's
+//! own generation; the generation never decreases; a job in a terminal
+//! state (`succeeded`, `failed`) changes no more.
+
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use flotilla_shared::shard::ShardManifest;
+use flotilla_shared::spec::JobSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A job's lifecycle state (SPEC §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Submitted; waiting for every rank to register.
+    Waiting,
+    /// Training.
+    Running,
+    /// A whole-job restore is in progress.
+    Restoring,
+    /// A restore cannot proceed (`error` says why); retried when a worker re-registers.
+    Blocked,
+    /// Every rank reached `total_steps`.
+    Succeeded,
+    /// Gave up (e.g. more than `max_restarts` restores).
+    Failed,
+}
+
+impl JobState {
+    /// `succeeded` or `failed`: nothing changes afterwards.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+
+    /// The name used in status JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Running => "running",
+            JobState::Restoring => "restoring",
+            JobState::Blocked => "blocked",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+/// A checkpoint's state in the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointState {
+    /// Begun; shards are being written.
+    Pending,
+    /// Every shard durable and the commit applied: restorable.
+    Committed,
+    /// Given up before commit; its files are garbage.
+    Aborted,
+    /// Was committed, then found damaged on restore; never used again.
+    Corrupt,
+    /// Retired (retention) or collected; its files are deleted.
+    Deleted,
+}
+
+impl CheckpointState {
+    /// The name used in status JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointState::Pending => "pending",
+            CheckpointState::Committed => "committed",
+            CheckpointState::Aborted => "aborted",
+            CheckpointState::Corrupt => "corrupt",
+            CheckpointState::Deleted => "deleted",
+        }
+    }
+}
+
+/// One checkpoint of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Its id.
+    pub id: CheckpointId,
+    /// The step every rank snapshots at.
+    pub step: Step,
+    /// The generation it belongs to.
+    pub generation: Generation,
+    /// Where it is in the ledger.
+    pub state: CheckpointState,
+    /// When it was begun (ms since the epoch, from the command).
+    pub begun_ms: u64,
+    /// When it was committed or aborted.
+    pub ended_ms: Option<u64>,
+    /// The shards, one per rank, once committed.
+    pub shards: Vec<ShardManifest>,
+    /// Why it was aborted or marked corrupt.
+    pub reason: Option<String>,
+}
+
+impl Checkpoint {
+    /// Total bytes of its shards (0 until committed).
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// Why a whole-job restore happened (a metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestoreReason {
+    /// A worker stopped heartbeating.
+    HeartbeatTimeout,
+    /// A worker's connection closed and it did not come back in the grace period.
+    Disconnected,
+    /// A worker re-registered with a new incarnation (its process restarted).
+    WorkerRestarted,
+    /// A worker reported that its trainer crashed.
+    TrainerFailed,
+    /// The checkpoint being restored was corrupt; falling back.
+    CorruptCheckpoint,
+    /// A blocked restore retried.
+    Retry,
+    /// An operator asked for it.
+    Operator,
+}
+
+impl RestoreReason {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreReason::HeartbeatTimeout => "heartbeat_timeout",
+            RestoreReason::Disconnected => "disconnected",
+            RestoreReason::WorkerRestarted => "worker_restarted",
+            RestoreReason::TrainerFailed => "trainer_failed",
+            RestoreReason::CorruptCheckpoint => "corrupt_checkpoint",
+            RestoreReason::Retry => "retry",
+            RestoreReason::Operator => "operator",
+        }
+    }
+}
+
+/// A job in the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The spec as submitted.
+    pub spec: JobSpec,
+    /// Lifecycle state.
+    pub state: JobState,
+    /// 1 at submission, +1 per whole-job restore.
+    pub generation: Generation,
+    /// Whole-job restores so far.
+    pub restores: u32,
+    /// The checkpoint the current generation started from (`None`: step 0).
+    pub restored_from: Option<CheckpointId>,
+    /// Every checkpoint not yet forgotten, by id.
+    pub checkpoints: BTreeMap<CheckpointId, Checkpoint>,
+    /// The next checkpoint id to hand out.
+    pub next_checkpoint: CheckpointId,
+    /// Why the job is blocked or failed.
+    pub error: Option<String>,
+    /// Digest of all ranks' final variables, once succeeded.
+    pub final_digest: Option<String>,
+    /// Submission time (ms since the epoch).
+    pub submitted_ms: u64,
+}
+
+impl Job {
+    /// The latest committed checkpoint (highest step, then highest id).
+    pub fn latest_committed(&self) -> Option<&Checkpoint> {
+        self.checkpoints
+            .values()
+            .filter(|c| c.state == CheckpointState::Committed)
+            .max_by_key(|c| (c.step, c.id))
+    }
+
+    /// The committed checkpoint to fall back to when `bad` is unusable.
+    pub fn committed_before(&self, bad: CheckpointId) -> Option<&Checkpoint> {
+        self.checkpoints
+            .values()
+            .filter(|c| c.state == CheckpointState::Committed && c.id != bad)
+            .max_by_key(|c| (c.step, c.id))
+    }
+
+    /// The pending checkpoint, if one is in flight.
+    pub fn pending(&self) -> Option<&Checkpoint> {
+        self.checkpoints
+            .values()
+            .find(|c| c.state == CheckpointState::Pending)
+    }
+}
+
+/// A change to the ledger, replicated through Raft.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Add a job (idempotent for an identical spec).
+    SubmitJob {
+        /// The validated spec.
+        spec: JobSpec,
+        /// Submission time.
+        now_ms: u64,
+    },
+    /// Every rank registered: start (or resume) training.
+    StartJob {
+        /// Job.
+        job: JobName,
+        /// The generation the caller saw.
+        generation: Generation,
+    },
+    /// Start checkpoint `id` at `step`.
+    BeginCheckpoint {
+        /// Job.
+        job: JobName,
+        /// Must be the job's next id.
+        id: CheckpointId,
+        /// Must be ahead of the latest committed step.
+        step: Step,
+        /// Must be the job's current generation.
+        generation: Generation,
+        /// Time.
+        now_ms: u64,
+    },
+    /// Every shard is durable: commit.
+    CommitCheckpoint {
+        /// Job.
+        job: JobName,
+        /// The pending checkpoint.
+        id: CheckpointId,
+        /// One manifest per rank.
+        shards: Vec<ShardManifest>,
+        /// Time.
+        now_ms: u64,
+    },
+    /// Give up on a pending checkpoint.
+    AbortCheckpoint {
+        /// Job.
+        job: JobName,
+        /// The pending checkpoint.
+        id: CheckpointId,
+        /// Why (timeout, rank failure, generation change).
+        reason: String,
+        /// Time.
+        now_ms: u64,
+    },
+    /// A committed checkpoint's files are damaged.
+    MarkCorrupt {
+        /// Job.
+        job: JobName,
+        /// The checkpoint.
+        id: CheckpointId,
+        /// What is damaged.
+        reason: String,
+    },
+    /// Forget an aborted, corrupt or superseded checkpoint (files collected after).
+    DeleteCheckpoint {
+        /// Job.
+        job: JobName,
+        /// The checkpoint.
+        id: CheckpointId,
+    },
+    /// Whole-job restore into `generation` (= current + 1) from `from`.
+    Restore {
+        /// Job.
+        job: JobName,
+        /// Must be current + 1.
+        generation: Generation,
+        /// A committed checkpoint, or `None` for step 0.
+        from: Option<CheckpointId>,
+        /// Why.
+        reason: RestoreReason,
+        /// Time.
+        now_ms: u64,
+    },
+    /// Every rank restored: train again.
+    ResumeJob {
+        /// Job.
+        job: JobName,
+        /// The restore's generation.
+        generation: Generation,
+    },
+    /// A restore cannot proceed; `error` says why.
+    BlockJob {
+        /// Job.
+        job: JobName,
+        /// The restore's generation.
+        generation: Generation,
+        /// Why, for the operator (SPEC §10).
+        error: String,
+    },
+    /// Give up on the job.
+    FailJob {
+        /// Job.
+        job: JobName,
+        /// Why.
+        error: String,
+    },
+    /// Every rank reached `total_steps`.
+    FinishJob {
+        /// Job.
+        job: JobName,
+        /// The generation that finished.
+        generation: Generation,
+        /// Digest of all ranks' final variables.
+        digest: String,
+    },
+}
+
+/// What an applied command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// A job was added.
+    JobSubmitted {
+        /// Job.
+        job: JobName,
+    },
+    /// The same spec was already there: nothing changed.
+    JobAlreadySubmitted {
+        /// Job.
+        job: JobName,
+    },
+    /// The job's state changed.
+    JobState {
+        /// Job.
+        job: JobName,
+        /// New state.
+        state: JobState,
+    },
+    /// A checkpoint began.
+    CheckpointBegun {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+        /// Step.
+        step: Step,
+    },
+    /// A checkpoint was committed (write MANIFEST.json and LATEST now).
+    CheckpointCommitted {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+        /// Step.
+        step: Step,
+        /// Time from begin to commit.
+        duration_ms: u64,
+    },
+    /// A checkpoint was aborted (its files are garbage).
+    CheckpointAborted {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+        /// Why.
+        reason: String,
+    },
+    /// A committed checkpoint was marked corrupt.
+    CheckpointCorrupt {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+    },
+    /// A checkpoint was retired or collected: delete its files.
+    CheckpointDeleted {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+    },
+    /// A whole-job restore started.
+    Restoring {
+        /// Job.
+        job: JobName,
+        /// The new generation.
+        generation: Generation,
+        /// From where.
+        from: Option<CheckpointId>,
+        /// Why.
+        reason: RestoreReason,
+    },
+}
+
+/// Why a command was refused. The message names the thing and the way out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// What kind of refusal (for HTTP status codes).
+    pub kind: RefusalKind,
+    /// For people.
+    pub message: String,
+}
+
+/// Kinds of refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalKind {
+    /// The job or checkpoint does not exist.
+    NotFound,
+    /// It exists but conflicts (different spec, wrong state).
+    Conflict,
+    /// From an older (or a future) generation.
+    Fenced,
+    /// The command itself is malformed (e.g. shards missing).
+    Invalid,
+}
+
+fn refuse<T>(kind: RefusalKind, message: impl fmt::Display) -> Result<T, Refusal> {
+    Err(Refusal {
+        kind,
+        message: message.to_string(),
+    })
+}
+
+/// The result of applying one command.
+pub type Outcome = Result<Vec<Event>, Refusal>;
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Every job, by name.
+    pub jobs: BTreeMap<JobName, Job>,
+}
+
+impl State {
+    /// Applies one command.
+    pub fn apply(&mut self, cmd: Command) -> Outcome {
+        match cmd {
+            Command::SubmitJob { spec, now_ms } => self.submit(spec, now_ms),
+            Command::StartJob { job, generation } => {
+                let j = self.live_job(&job, generation)?;
+                if j.state != JobState::Waiting {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!("job {job} is {}, not waiting", j.state.as_str()),
+                    );
+                }
+                Ok(set_state(j, &job, JobState::Running, None))
+            }
+            Command::BeginCheckpoint {
+                job,
+                id,
+                step,
+                generation,
+                now_ms,
+            } => {
+                let j = self.live_job(&job, generation)?;
+                if j.state != JobState::Running {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "job {job} is {}; checkpoints are taken only while it runs",
+                            j.state.as_str()
+                        ),
+                    );
+                }
+                if let Some(p) = j.pending() {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "job {job} already has checkpoint {} in flight; wait for it",
+                            p.id
+                        ),
+                    );
+                }
+                if id != j.next_checkpoint {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "checkpoint {id} of job {job} is not the next id ({})",
+                            j.next_checkpoint
+                        ),
+                    );
+                }
+                if let Some(latest) = j.latest_committed() {
+                    if step <= latest.step {
+                        return refuse(
+                            RefusalKind::Invalid,
+                            format!(
+                                "checkpoint step {step} of job {job} is not after the latest committed step {}",
+                                latest.step
+                            ),
+                        );
+                    }
+                }
+                j.next_checkpoint = CheckpointId(id.0 + 1);
+                j.checkpoints.insert(
+                    id,
+                    Checkpoint {
+                        id,
+                        step,
+                        generation,
+                        state: CheckpointState::Pending,
+                        begun_ms: now_ms,
+                        ended_ms: None,
+                        shards: Vec::new(),
+                        reason: None,
+                    },
+                );
+                Ok(vec![Event::CheckpointBegun { job, id, step }])
+            }
+            Command::CommitCheckpoint {
+                job,
+                id,
+                shards,
+                now_ms,
+            } => self.commit(job, id, shards, now_ms),
+            Command::AbortCheckpoint {
+                job,
+                id,
+                reason,
+                now_ms,
+            } => {
+                let j = self.job_mut(&job)?;
+                let c = checkpoint_mut(j, &job, id)?;
+                if c.state != CheckpointState::Pending {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "checkpoint {id} of job {job} is {}; only a pending one can be aborted",
+                            c.state.as_str()
+                        ),
+                    );
+                }
+                c.state = CheckpointState::Aborted;
+                c.ended_ms = Some(now_ms);
+                c.reason = Some(reason.clone());
+                Ok(vec![Event::CheckpointAborted { job, id, reason }])
+            }
+            Command::MarkCorrupt { job, id, reason } => {
+                let j = self.job_mut(&job)?;
+                let c = checkpoint_mut(j, &job, id)?;
+                match c.state {
+                    CheckpointState::Corrupt => Ok(vec![]),
+                    CheckpointState::Committed => {
+                        c.state = CheckpointState::Corrupt;
+                        c.reason = Some(reason);
+                        Ok(vec![Event::CheckpointCorrupt { job, id }])
+                    }
+                    other => refuse(
+                        RefusalKind::Conflict,
+                        format!("checkpoint {id} of job {job} is {}; only a committed one can be marked corrupt", other.as_str()),
+                    ),
+                }
+            }
+            Command::DeleteCheckpoint { job, id } => {
+                let j = self.job_mut(&job)?;
+                let latest = j.latest_committed().map(|c| c.id);
+                let c = checkpoint_mut(j, &job, id)?;
+                match c.state {
+                    CheckpointState::Deleted => Ok(vec![]),
+                    CheckpointState::Pending => refuse(
+                        RefusalKind::Conflict,
+                        format!("checkpoint {id} of job {job} is pending; abort it first"),
+                    ),
+                    CheckpointState::Committed if latest == Some(id) => refuse(
+                        RefusalKind::Conflict,
+                        format!("checkpoint {id} is the latest committed checkpoint of job {job}; it is never deleted"),
+                    ),
+                    _ => {
+                        c.state = CheckpointState::Deleted;
+                        Ok(vec![Event::CheckpointDeleted { job, id }])
+                    }
+                }
+            }
+            Command::Restore {
+                job,
+                generation,
+                from,
+                reason,
+                now_ms,
+            } => self.restore(job, generation, from, reason, now_ms),
+            Command::ResumeJob { job, generation } => {
+                let j = self.live_job(&job, generation)?;
+                if j.state != JobState::Restoring && j.state != JobState::Blocked {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!("job {job} is {}, not restoring", j.state.as_str()),
+                    );
+                }
+                Ok(set_state(j, &job, JobState::Running, None))
+            }
+            Command::BlockJob {
+                job,
+                generation,
+                error,
+            } => {
+                let j = self.live_job(&job, generation)?;
+                if j.state != JobState::Restoring && j.state != JobState::Blocked {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!("job {job} is {}, not restoring", j.state.as_str()),
+                    );
+                }
+                Ok(set_state(j, &job, JobState::Blocked, Some(error)))
+            }
+            Command::FailJob { job, error } => {
+                let j = self.job_mut(&job)?;
+                if j.state.is_terminal() {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!("job {job} already {}", j.state.as_str()),
+                    );
+                }
+                let mut events = abort_pending(j, &job, "job failed", None);
+                events.extend(set_state(j, &job, JobState::Failed, Some(error)));
+                Ok(events)
+            }
+            Command::FinishJob {
+                job,
+                generation,
+                digest,
+            } => {
+                let j = self.live_job(&job, generation)?;
+                if j.state != JobState::Running {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!("job {job} is {}, not running", j.state.as_str()),
+                    );
+                }
+                j.final_digest = Some(digest);
+                let mut events = abort_pending(j, &job, "job finished", None);
+                events.extend(set_state(j, &job, JobState::Succeeded, None));
+                Ok(events)
+            }
+        }
+    }
+
+    fn submit(&mut self, spec: JobSpec, now_ms: u64) -> Outcome {
+        if let Err(e) = spec.validate() {
+            return refuse(RefusalKind::Invalid, e);
+        }
+        let name = spec.name.clone();
+        if let Some(existing) = self.jobs.get(&name) {
+            if existing.spec == spec {
+                return Ok(vec![Event::JobAlreadySubmitted { job: name }]);
+            }
+            return refuse(
+                RefusalKind::Conflict,
+                format!(
+                    "job {name} already exists with a different spec; submit it under a new name"
+                ),
+            );
+        }
+        self.jobs.insert(
+            name.clone(),
+            Job {
+                spec,
+                state: JobState::Waiting,
+                generation: Generation(1),
+                restores: 0,
+                restored_from: None,
+                checkpoints: BTreeMap::new(),
+                next_checkpoint: CheckpointId(1),
+                error: None,
+                final_digest: None,
+                submitted_ms: now_ms,
+            },
+        );
+        Ok(vec![Event::JobSubmitted { job: name }])
+    }
+
+    fn commit(
+        &mut self,
+        job: JobName,
+        id: CheckpointId,
+        mut shards: Vec<ShardManifest>,
+        now_ms: u64,
+    ) -> Outcome {
+        let j = self.job_mut(&job)?;
+        let world = j.spec.world_size;
+        let (keep_last, job_generation) = (j.spec.checkpoint.keep_last as usize, j.generation);
+        let c = checkpoint_mut(j, &job, id)?;
+        if c.state != CheckpointState::Pending {
+            return refuse(
+                RefusalKind::Conflict,
+                format!(
+                    "checkpoint {id} of job {job} is {}; only a pending one can be committed",
+                    c.state.as_str()
+                ),
+            );
+        }
+        if c.generation != job_generation {
+            return refuse(
+                RefusalKind::Fenced,
+                format!("checkpoint {id} of job {job} belongs to generation {}, the job is in {job_generation}", c.generation),
+            );
+        }
+        shards.sort_by_key(|s| s.rank);
+        let ranks: Vec<Rank> = shards.iter().map(|s| s.rank).collect();
+        let want: Vec<Rank> = (0..world).map(Rank).collect();
+        if ranks != want {
+            let missing: Vec<String> = want
+                .iter()
+                .filter(|r| !ranks.contains(r))
+                .map(|r| r.to_string())
+                .collect();
+            return refuse(
+                RefusalKind::Invalid,
+                format!(
+                    "checkpoint {id} of job {job} needs exactly one shard per rank 0..{world}; missing ranks [{}], got {} shards",
+                    missing.join(", "),
+                    shards.len()
+                ),
+            );
+        }
+        c.state = CheckpointState::Committed;
+        c.ended_ms = Some(now_ms);
+        c.shards = shards;
+        let step = c.step;
+        let duration_ms = now_ms.saturating_sub(c.begun_ms);
+        let mut events = vec![Event::CheckpointCommitted {
+            job: job.clone(),
+            id,
+            step,
+            duration_ms,
+        }];
+
+        // retention: keep the newest `keep_last` committed, retire the rest
+        // (ledger first; the leader deletes the files on the event)
+        let mut committed: Vec<(Step, CheckpointId)> = j
+            .checkpoints
+            .values()
+            .filter(|c| c.state == CheckpointState::Committed)
+            .map(|c| (c.step, c.id))
+            .collect();
+        committed.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, old) in committed.into_iter().skip(keep_last) {
+            if let Some(c) = j.checkpoints.get_mut(&old) {
+                c.state = CheckpointState::Deleted;
+                events.push(Event::CheckpointDeleted {
+                    job: job.clone(),
+                    id: old,
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    fn restore(
+        &mut self,
+        job: JobName,
+        generation: Generation,
+        from: Option<CheckpointId>,
+        reason: RestoreReason,
+        now_ms: u64,
+    ) -> Outcome {
+        let j = self.job_mut(&job)?;
+        if j.state.is_terminal() {
+            return refuse(
+                RefusalKind::Conflict,
+                format!("job {job} is {}; it is not restored", j.state.as_str()),
+            );
+        }
+        let next = Generation(j.generation.0 + 1);
+        if generation != next {
+            return refuse(
+                RefusalKind::Fenced,
+                format!("restore of job {job} into generation {generation}: the job is in {}, so the next is {next}", j.generation),
+            );
+        }
+        if let Some(id) = from {
+            let c = checkpoint_mut(j, &job, id)?;
+            if c.state != CheckpointState::Committed {
+                return refuse(
+                    RefusalKind::Conflict,
+                    format!("checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from", c.state.as_str()),
+                );
+            }
+        }
+        let mut events = abort_pending(j, &job, "generation changed by a restore", Some(now_ms));
+        j.generation = generation;
+        j.restores += 1;
+        j.restored_from = from;
+        if j.restores > j.spec.failure.max_restarts {
+            let error = format!(
+                "job {job} failed: {} restores exceed failure.max_restarts = {}; fix the cause, then submit it again",
+                j.restores, j.spec.failure.max_restarts
+            );
+            events.extend(set_state(j, &job, JobState::Failed, Some(error)));
+            return Ok(events);
+        }
+        events.push(Event::Restoring {
+            job: job.clone(),
+            generation,
+            from,
+            reason,
+        });
+        events.extend(set_state(j, &job, JobState::Restoring, None));
+        Ok(events)
+    }
+
+    fn job_mut(&mut self, job: &JobName) -> Result<&mut Job, Refusal> {
+        match self.jobs.get_mut(job) {
+            Some(j) => Ok(j),
+            None => refuse(
+                RefusalKind::NotFound,
+                format!("no job named {job}; submit it first (flotilla submit)"),
+            ),
+        }
+    }
+
+    /// The job, checked to be non-terminal and in `generation`.
+    fn live_job(&mut self, job: &JobName, generation: Generation) -> Result<&mut Job, Refusal> {
+        let j = self.job_mut(job)?;
+        if j.state.is_terminal() {
+            return refuse(
+                RefusalKind::Conflict,
+                format!("job {job} already {}", j.state.as_str()),
+            );
+        }
+        if j.generation != generation {
+            return refuse(
+                RefusalKind::Fenced,
+                format!(
+                    "job {job} is in generation {}, the command is for generation {generation}",
+                    j.generation
+                ),
+            );
+        }
+        Ok(j)
+    }
+}
+
+fn checkpoint_mut<'a>(
+    j: &'a mut Job,
+    job: &JobName,
+    id: CheckpointId,
+) -> Result<&'a mut Checkpoint, Refusal> {
+    match j.checkpoints.get_mut(&id) {
+        Some(c) => Ok(c),
+        None => refuse(
+            RefusalKind::NotFound,
+            format!("job {job} has no checkpoint {id}; list them with flotilla checkpoints"),
+        ),
+    }
+}
+
+fn set_state(j: &mut Job, job: &JobName, state: JobState, error: Option<String>) -> Vec<Event> {
+    j.error = error;
+    if j.state == state {
+        return vec![];
+    }
+    j.state = state;
+    vec![Event::JobState {
+        job: job.clone(),
+        state,
+    }]
+}
+
+fn abort_pending(j: &mut Job, job: &JobName, reason: &str, now_ms: Option<u64>) -> Vec<Event> {
+    let mut events = Vec::new();
+    for c in j
+        .checkpoints
+        .values_mut()
+        .filter(|c| c.state == CheckpointState::Pending)
+    {
+        c.state = CheckpointState::Aborted;
+        c.ended_ms = now_ms.or(c.ended_ms);
+        c.reason = Some(reason.to_string());
+        events.push(Event::CheckpointAborted {
+            job: job.clone(),
+            id: c.id,
+            reason: reason.to_string(),
+        });
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_shared::checksum::Checksum;
+
+    fn spec(name: &str, world: u32, keep_last: u32, max_restarts: u32) -> JobSpec {
+        JobSpec::from_toml(&format!(
+            "name = \"{name}\"\nworld_size = {world}\n[checkpoint]\nevery_steps = 10\nkeep_last = {keep_last}\nroot = \"/ckpt\"\n[failure]\nmax_restarts = {max_restarts}\n"
+        ))
+        .unwrap()
+    }
+
+    fn name(s: &str) -> JobName {
+        JobName::new(s).unwrap()
+    }
+
+    fn shard(rank: u32) -> ShardManifest {
+        ShardManifest {
+            rank: Rank(rank),
+            file: format!("rank-{rank:05}.safetensors"),
+            bytes: 100,
+            checksum: Checksum(rank),
+            tensors: vec![],
+        }
+    }
+
+    fn shards(world: u32) -> Vec<ShardManifest> {
+        (0..world).rev().map(shard).collect()
+    }
+
+    /// A running job "a" with world size 2 in generation 1.
+    fn running(keep_last: u32, max_restarts: u32) -> State {
+        let mut s = State::default();
+        s.apply(Command::SubmitJob {
+            spec: spec("a", 2, keep_last, max_restarts),
+            now_ms: 1,
+        })
+        .unwrap();
+        s.apply(Command::StartJob {
+            job: name("a"),
+            generation: Generation(1),
+        })
+        .unwrap();
+        s
+    }
+
+    fn begin(s: &mut State, id: u64, step: u64, generation: u64) -> Outcome {
+        s.apply(Command::BeginCheckpoint {
+            job: name("a"),
+            id: CheckpointId(id),
+            step: Step(step),
+            generation: Generation(generation),
+            now_ms: 1000 * id,
+        })
+    }
+
+    fn commit(s: &mut State, id: u64, shards: Vec<ShardManifest>) -> Outcome {
+        s.apply(Command::CommitCheckpoint {
+            job: name("a"),
+            id: CheckpointId(id),
+            shards,
+            now_ms: 1000 * id + 250,
+        })
+    }
+
+    fn restore(s: &mut State, generation: u64, from: Option<u64>) -> Outcome {
+        s.apply(Command::Restore {
+            job: name("a"),
+            generation: Generation(generation),
+            from: from.map(CheckpointId),
+            reason: RestoreReason::WorkerRestarted,
+            now_ms: 99,
+        })
+    }
+
+    fn job(s: &State) -> &Job {
+        &s.jobs[&name("a")]
+    }
+
+    fn kind(o: Outcome) -> RefusalKind {
+        o.unwrap_err().kind
+    }
+
+    #[test]
+    fn submit_is_idempotent_and_refuses_a_different_spec() {
+        let mut s = State::default();
+        assert_eq!(
+            s.apply(Command::SubmitJob {
+                spec: spec("a", 2, 3, 10),
+                now_ms: 5
+            }),
+            Ok(vec![Event::JobSubmitted { job: name("a") }])
+        );
+        assert_eq!(job(&s).generation, Generation(1));
+        assert_eq!(job(&s).state, JobState::Waiting);
+        assert_eq!(
+            s.apply(Command::SubmitJob {
+                spec: spec("a", 2, 3, 10),
+                now_ms: 6
+            }),
+            Ok(vec![Event::JobAlreadySubmitted { job: name("a") }])
+        );
+        let err = s
+            .apply(Command::SubmitJob {
+                spec: spec("a", 4, 3, 10),
+                now_ms: 7,
+            })
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::Conflict);
+        assert!(err.message.contains("different spec"), "{err}");
+        assert_eq!(job(&s).submitted_ms, 5);
+        let mut bad = spec("b", 2, 3, 10);
+        bad.world_size = 0;
+        assert_eq!(
+            kind(s.apply(Command::SubmitJob {
+                spec: bad,
+                now_ms: 1
+            })),
+            RefusalKind::Invalid
+        );
+    }
+
+    #[test]
+    fn unknown_job_is_not_found() {
+        let mut s = State::default();
+        let err = s
+            .apply(Command::StartJob {
+                job: name("x"),
+                generation: Generation(1),
+            })
+            .unwrap_err();
+        assert_eq!(err.kind, RefusalKind::NotFound);
+        assert!(err.message.contains("no job named x"));
+    }
+
+    #[test]
+    fn checkpoint_commit_and_its_refusals() {
+        let mut s = running(3, 10);
+        // not the next id, then fine
+        assert_eq!(kind(begin(&mut s, 2, 10, 1)), RefusalKind::Conflict);
+        assert_eq!(
+            begin(&mut s, 1, 10, 1),
+            Ok(vec![Event::CheckpointBegun {
+                job: name("a"),
+                id: CheckpointId(1),
+                step: Step(10)
+            }])
+        );
+        // one in flight at a time
+        assert_eq!(kind(begin(&mut s, 2, 20, 1)), RefusalKind::Conflict);
+        // commit of an unknown checkpoint
+        assert_eq!(kind(commit(&mut s, 9, shards(2))), RefusalKind::NotFound);
+        // a shard missing
+        let err = commit(&mut s, 1, vec![shard(1)]).unwrap_err();
+        assert_eq!(err.kind, RefusalKind::Invalid);
+        assert!(err.message.contains("missing ranks [0]"), "{err}");
+        // a rank twice
+        assert_eq!(
+            kind(commit(&mut s, 1, vec![shard(1), shard(1)])),
+            RefusalKind::Invalid
+        );
+        assert_eq!(
+            job(&s).checkpoints[&CheckpointId(1)].state,
+            CheckpointState::Pending
+        );
+        assert_eq!(
+            commit(&mut s, 1, shards(2)),
+            Ok(vec![Event::CheckpointCommitted {
+                job: name("a"),
+                id: CheckpointId(1),
+                step: Step(10),
+                duration_ms: 250
+            }])
+        );
+        let c = &job(&s).checkpoints[&CheckpointId(1)];
+        assert_eq!(c.state, CheckpointState::Committed);
+        assert_eq!(
+            c.shards.iter().map(|s| s.rank).collect::<Vec<_>>(),
+            vec![Rank(0), Rank(1)]
+        );
+        assert_eq!(c.bytes(), 200);
+        assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
+        // a committed checkpoint is never un-committed
+        assert_eq!(kind(commit(&mut s, 1, shards(2))), RefusalKind::Conflict);
+        let abort = Command::AbortCheckpoint {
+            job: name("a"),
+            id: CheckpointId(1),
+            reason: "x".into(),
+            now_ms: 0,
+        };
+        assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
+        assert_eq!(
+            kind(s.apply(Command::DeleteCheckpoint {
+                job: name("a"),
+                id: CheckpointId(1)
+            })),
+            RefusalKind::Conflict
+        );
+        assert_eq!(
+            job(&s).checkpoints[&CheckpointId(1)].state,
+            CheckpointState::Committed
+        );
+        // the next step must be ahead of the committed one
+        assert_eq!(kind(begin(&mut s, 2, 10, 1)), RefusalKind::Invalid);
+        // wrong generation is fenced
+        assert_eq!(kind(begin(&mut s, 2, 20, 2)), RefusalKind::Fenced);
+    }
+
+    #[test]
+    fn aborted_checkpoint_cannot_be_committed() {
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        let abort = Command::AbortCheckpoint {
+            job: name("a"),
+            id: CheckpointId(1),
+            reason: "timeout".into(),
+            now_ms: 7,
+        };
+        assert_eq!(
+            s.apply(abort.clone()),
+            Ok(vec![Event::CheckpointAborted {
+                job: name("a"),
+                id: CheckpointId(1),
+                reason: "timeout".into()
+            }])
+        );
+        assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
+        let err = commit(&mut s, 1, shards(2)).unwrap_err();
+        assert!(err.message.contains("is aborted"), "{err}");
+        assert!(job(&s).latest_committed().is_none());
+        // an aborted checkpoint can be collected
+        assert_eq!(
+            s.apply(Command::DeleteCheckpoint {
+                job: name("a"),
+                id: CheckpointId(1)
+            }),
+            Ok(vec![Event::CheckpointDeleted {
+                job: name("a"),
+                id: CheckpointId(1)
+            }])
+        );
+        // and the id is not reused
+        assert_eq!(kind(begin(&mut s, 1, 20, 1)), RefusalKind::Conflict);
+        begin(&mut s, 2, 20, 1).unwrap();
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_committed() {
+        let mut s = running(2, 10);
+        for id in 1..=2 {
+            begin(&mut s, id, 10 * id, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        begin(&mut s, 3, 30, 1).unwrap();
+        let events = commit(&mut s, 3, shards(2)).unwrap();
+        assert_eq!(
+            events[1],
+            Event::CheckpointDeleted {
+                job: name("a"),
+                id: CheckpointId(1)
+            }
+        );
+        assert_eq!(events.len(), 2);
+        let states: Vec<_> = job(&s).checkpoints.values().map(|c| c.state).collect();
+        assert_eq!(
+            states,
+            vec![
+                CheckpointState::Deleted,
+                CheckpointState::Committed,
+                CheckpointState::Committed
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupt_checkpoint_falls_back_to_the_previous() {
+        let mut s = running(3, 10);
+        for id in 1..=2 {
+            begin(&mut s, id, 10 * id, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        let mark = Command::MarkCorrupt {
+            job: name("a"),
+            id: CheckpointId(2),
+            reason: "checksum".into(),
+        };
+        assert_eq!(
+            s.apply(mark.clone()),
+            Ok(vec![Event::CheckpointCorrupt {
+                job: name("a"),
+                id: CheckpointId(2)
+            }])
+        );
+        assert_eq!(s.apply(mark), Ok(vec![]));
+        assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
+        assert_eq!(job(&s).committed_before(CheckpointId(1)), None);
+        // restore from the corrupt one is refused, from the previous is fine
+        assert_eq!(kind(restore(&mut s, 2, Some(2))), RefusalKind::Conflict);
+        restore(&mut s, 2, Some(1)).unwrap();
+        assert_eq!(job(&s).restored_from, Some(CheckpointId(1)));
+        // a pending checkpoint cannot be marked corrupt
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        let mark = Command::MarkCorrupt {
+            job: name("a"),
+            id: CheckpointId(1),
+            reason: "x".into(),
+        };
+        assert_eq!(kind(s.apply(mark)), RefusalKind::Conflict);
+    }
+
+    #[test]
+    fn restore_moves_the_generation_by_one_and_aborts_pending() {
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        commit(&mut s, 1, shards(2)).unwrap();
+        begin(&mut s, 2, 20, 1).unwrap();
+        // generation must be exactly G+1: never back, never skipping
+        assert_eq!(kind(restore(&mut s, 1, Some(1))), RefusalKind::Fenced);
+        assert_eq!(kind(restore(&mut s, 3, Some(1))), RefusalKind::Fenced);
+        assert_eq!(kind(restore(&mut s, 2, Some(9))), RefusalKind::NotFound);
+        assert_eq!(
+            restore(&mut s, 2, Some(1)),
+            Ok(vec![
+                Event::CheckpointAborted {
+                    job: name("a"),
+                    id: CheckpointId(2),
+                    reason: "generation changed by a restore".into()
+                },
+                Event::Restoring {
+                    job: name("a"),
+                    generation: Generation(2),
+                    from: Some(CheckpointId(1)),
+                    reason: RestoreReason::WorkerRestarted
+                },
+                Event::JobState {
+                    job: name("a"),
+                    state: JobState::Restoring
+                },
+            ])
+        );
+        assert_eq!(job(&s).generation, Generation(2));
+        assert_eq!(job(&s).restores, 1);
+        // the old generation's shards cannot commit anything now
+        assert_eq!(kind(commit(&mut s, 2, shards(2))), RefusalKind::Conflict);
+        // and old-generation commands are fenced
+        assert_eq!(
+            kind(s.apply(Command::ResumeJob {
+                job: name("a"),
+                generation: Generation(1)
+            })),
+            RefusalKind::Fenced
+        );
+        // blocked, then resumed
+        let block = Command::BlockJob {
+            job: name("a"),
+            generation: Generation(2),
+            error: "rank 1: needs 2 GiB".into(),
+        };
+        s.apply(block).unwrap();
+        assert_eq!(job(&s).state, JobState::Blocked);
+        assert_eq!(job(&s).error.as_deref(), Some("rank 1: needs 2 GiB"));
+        s.apply(Command::ResumeJob {
+            job: name("a"),
+            generation: Generation(2),
+        })
+        .unwrap();
+        assert_eq!(job(&s).state, JobState::Running);
+        assert_eq!(job(&s).error, None);
+    }
+
+    #[test]
+    fn too_many_restores_fail_the_job() {
+        let mut s = running(3, 1);
+        restore(&mut s, 2, None).unwrap();
+        assert_eq!(job(&s).state, JobState::Restoring);
+        let events = restore(&mut s, 3, None).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::JobState {
+                job: name("a"),
+                state: JobState::Failed
+            }]
+        );
+        assert!(job(&s)
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("exceed failure.max_restarts = 1"));
+        // terminal: nothing moves any more
+        assert_eq!(kind(restore(&mut s, 4, None)), RefusalKind::Conflict);
+        assert_eq!(kind(begin(&mut s, 1, 10, 3)), RefusalKind::Conflict);
+    }
+
+    #[test]
+    fn finish_records_the_digest_and_is_terminal() {
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        let finish = Command::FinishJob {
+            job: name("a"),
+            generation: Generation(1),
+            digest: "ab12".into(),
+        };
+        let events = s.apply(finish.clone()).unwrap();
+        assert_eq!(
+            events.last(),
+            Some(&Event::JobState {
+                job: name("a"),
+                state: JobState::Succeeded
+            })
+        );
+        assert_eq!(job(&s).final_digest.as_deref(), Some("ab12"));
+        assert_eq!(
+            job(&s).checkpoints[&CheckpointId(1)].state,
+            CheckpointState::Aborted
+        );
+        assert_eq!(kind(s.apply(finish)), RefusalKind::Conflict);
+        let fail = Command::FailJob {
+            job: name("a"),
+            error: "x".into(),
+        };
+        assert_eq!(kind(s.apply(fail)), RefusalKind::Conflict);
+    }
+
+    #[test]
+    fn replicas_applying_the_same_log_agree_and_snapshots_round_trip() {
+        let log = vec![
+            Command::SubmitJob {
+                spec: spec("a", 2, 2, 10),
+                now_ms: 1,
+            },
+            Command::StartJob {
+                job: name("a"),
+                generation: Generation(1),
+            },
+            Command::BeginCheckpoint {
+                job: name("a"),
+                id: CheckpointId(1),
+                step: Step(10),
+                generation: Generation(1),
+                now_ms: 2,
+            },
+            Command::CommitCheckpoint {
+                job: name("a"),
+                id: CheckpointId(1),
+                shards: shards(2),
+                now_ms: 3,
+            },
+            // a refused command changes nothing, on every replica alike
+            Command::CommitCheckpoint {
+                job: name("a"),
+                id: CheckpointId(1),
+                shards: shards(2),
+                now_ms: 4,
+            },
+            Command::Restore {
+                job: name("a"),
+                generation: Generation(2),
+                from: Some(CheckpointId(1)),
+                reason: RestoreReason::HeartbeatTimeout,
+                now_ms: 5,
+            },
+        ];
+        let (mut a, mut b) = (State::default(), State::default());
+        let outcomes_a: Vec<Outcome> = log.iter().cloned().map(|c| a.apply(c)).collect();
+        let outcomes_b: Vec<Outcome> = log.into_iter().map(|c| b.apply(c)).collect();
+        assert_eq!(a, b);
+        assert_eq!(outcomes_a, outcomes_b);
+        let bytes = rmp_serde::to_vec_named(&a).unwrap();
+        assert_eq!(rmp_serde::from_slice::<State>(&bytes).unwrap(), a);
+    }
+}
