@@ -3,7 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use flotilla_coordinator::client::Client;
+use flotilla_coordinator::server;
 use flotilla_shared::inspect::inspect;
+use flotilla_shared::spec::JobSpec;
 use flotilla_worker::bench::{snapshot_bench, SnapshotBenchOptions, SnapshotBenchReport};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,11 +21,81 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs one coordinator replica (a Raft member).
+    Coordinator(CoordinatorArgs),
+    /// Submits a job spec (replicated through Raft); idempotent for an identical spec.
+    Submit(SubmitArgs),
+    /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
+    Status(StatusArgs),
     /// Lists a checkpoint's variables per rank (offline); --verify re-checks every checksum.
     Inspect(InspectArgs),
     /// The performance harness.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// This replica's id (1..65535), or `auto` (StatefulSet ordinal + 1 from the hostname).
+    #[arg(long, env = "FLOTILLA_ID")]
+    id: String,
+    /// Every voter's Raft address, itself included: 1=HOST:PORT,2=HOST:PORT,...
+    /// A single entry (or none) is a one-node cluster.
+    #[arg(long, env = "FLOTILLA_PEERS", default_value = "")]
+    peers: String,
+    /// Where the HTTP API (status, admin, metrics) listens.
+    #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:9201")]
+    http_addr: String,
+    /// The URL others use to reach this HTTP API (default: http://<--http-addr>).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_HTTP")]
+    advertise_http: Option<String>,
+    /// Raft log, hard state and snapshots; keep it across restarts.
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: PathBuf,
+    /// File holding the cluster's shared token (peers, workers and admin calls must present it).
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// A job spec to submit at start-up (idempotent).
+    #[arg(long, env = "FLOTILLA_JOB")]
+    job: Option<PathBuf>,
+    /// Applied log entries between state-machine snapshots (log compaction).
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
+    snapshot_threshold: u64,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The coordinators' HTTP addresses; the leader is found automatically.
+    #[arg(
+        long,
+        env = "FLOTILLA_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9201"
+    )]
+    endpoints: Vec<String>,
+    /// File holding the cluster's token.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    /// The job spec (TOML, SPEC §2).
+    spec: PathBuf,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Only this job.
+    #[arg(long)]
+    job: Option<String>,
+    /// Print the JSON of GET /v1/status.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Args)]
@@ -73,6 +146,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -85,9 +159,166 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Coordinator(args) => run_coordinator(args),
+        Command::Submit(args) => block_on(run_submit(args)),
+        Command::Status(args) => block_on(run_status(args)),
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
     }
+}
+
+fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
+fn read_token(path: Option<&PathBuf>) -> Result<Option<String>> {
+    path.map(|p| {
+        let token = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read --token-file {}", p.display()))?;
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            bail!(
+                "--token-file {} is empty; put the cluster's token in it",
+                p.display()
+            );
+        }
+        Ok(token)
+    })
+    .transpose()
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let id = server::resolve_id(&args.id, &hostname()).map_err(anyhow::Error::msg)?;
+    let mut peers = server::parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
+    if peers.is_empty() {
+        // a one-node cluster: its Raft address is never dialled
+        peers.push((id, "127.0.0.1:0".to_string()));
+    }
+    let job = args
+        .job
+        .as_ref()
+        .map(|p| -> Result<JobSpec> {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --job {}", p.display()))?;
+            JobSpec::from_toml(&text).with_context(|| format!("--job {}", p.display()))
+        })
+        .transpose()?;
+    let opts = server::CoordinatorOptions {
+        id,
+        peers,
+        advertise_http: args
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", args.http_addr)),
+        http_addr: args.http_addr,
+        data_dir: args.data_dir,
+        token: read_token(args.token_file.as_ref())?,
+        job,
+        snapshot_threshold: args.snapshot_threshold,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("can install a SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            on_signal.cancel();
+        });
+        server::run(opts, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })
+}
+
+fn client(args: &ClientArgs) -> Result<Client> {
+    Ok(Client::new(
+        args.endpoints.clone(),
+        read_token(args.token_file.as_ref())?,
+    ))
+}
+
+async fn run_submit(args: SubmitArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read {}", args.spec.display()))?;
+    // refuse a bad spec here, with the file's name, before the network
+    JobSpec::from_toml(&text).with_context(|| args.spec.display().to_string())?;
+    let reply = client(&args.client)?.submit(&text).await?;
+    if reply.created {
+        println!("submitted job {}", reply.job);
+    } else {
+        println!(
+            "job {} was already submitted with this spec; nothing changed",
+            reply.job
+        );
+    }
+    Ok(())
+}
+
+async fn run_status(args: StatusArgs) -> Result<()> {
+    let status = client(&args.client)?.status(args.job.as_deref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let leader = match (status.leader_id, &status.leader_url) {
+        (Some(id), Some(url)) => format!("node {id} ({url})"),
+        (Some(id), None) => format!("node {id}"),
+        (None, _) => "none (election in progress)".to_string(),
+    };
+    println!(
+        "coordinator node {} ({:?}), term {}, leader {leader}, commit index {}",
+        status.node_id, status.role, status.term, status.commit_index
+    );
+    if status.jobs.is_empty() {
+        println!("no jobs; submit one with flotilla submit JOB.toml");
+    }
+    for job in &status.jobs {
+        let latest = job
+            .latest_committed
+            .map(|c| format!("checkpoint {} at step {}", c.id, c.step));
+        println!(
+            "job {}: {}, generation {}, step {}, {} ranks, {} restores, latest committed: {}",
+            job.name,
+            job.state,
+            job.generation,
+            job.step,
+            job.world_size,
+            job.restores,
+            latest.as_deref().unwrap_or("none")
+        );
+        if let Some(e) = &job.error {
+            println!("  error: {e}");
+        }
+        if let Some(d) = &job.final_digest {
+            println!("  final digest: {d}");
+        }
+        for w in &job.workers {
+            println!("  rank {}: {}, step {}", w.rank, w.state, w.step);
+        }
+    }
+    Ok(())
 }
 
 fn run_inspect(args: InspectArgs) -> Result<()> {

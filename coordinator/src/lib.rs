@@ -1,3 +1,15 @@
-//! The Flotilla coordinator: the replicated job ledger ([`state`]).
+//! The Flotilla coordinator: the replicated job ledger ([`state`]), its Raft
+//! node ([`node`]) on a durable log ([`storage`]) with a TCP peer transport
+//! ([`transport`]), the HTTP API ([`http`], [`api`]) and its client
+//! ([`client`]), assembled by [`server`].
 
+pub mod api;
+pub mod client;
+pub mod http;
+mod log;
+pub mod metrics;
+pub mod node;
+pub mod server;
 pub mod state;
+pub mod storage;
+pub mod transport;

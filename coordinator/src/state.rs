@@ -16,7 +16,7 @@
 //! own generation; the generation never decreases; a job in a terminal
 //! state (`succeeded`, `failed`) changes no more.
 
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::spec::JobSpec;
 use serde::{Deserialize, Serialize};
@@ -202,9 +202,25 @@ impl Job {
     }
 }
 
+/// How to reach a coordinator replica, as it announced itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its HTTP base URL (status, admin API, metrics).
+    pub http_url: String,
+    /// Its worker API address, if it serves workers.
+    pub api_addr: Option<String>,
+}
+
 /// A change to the ledger, replicated through Raft.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// A replica says how to reach it (so followers can point at the leader).
+    Announce {
+        /// The replica.
+        node: NodeId,
+        /// Its addresses.
+        info: NodeInfo,
+    },
     /// Add a job (idempotent for an identical spec).
     SubmitJob {
         /// The validated spec.
@@ -431,12 +447,18 @@ pub type Outcome = Result<Vec<Event>, Refusal>;
 pub struct State {
     /// Every job, by name.
     pub jobs: BTreeMap<JobName, Job>,
+    /// Every replica that announced itself.
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
 }
 
 impl State {
     /// Applies one command.
     pub fn apply(&mut self, cmd: Command) -> Outcome {
         match cmd {
+            Command::Announce { node, info } => {
+                self.nodes.insert(node, info);
+                Ok(vec![])
+            }
             Command::SubmitJob { spec, now_ms } => self.submit(spec, now_ms),
             Command::StartJob { job, generation } => {
                 let j = self.live_job(&job, generation)?;
@@ -1346,6 +1368,7 @@ mod tests {
         let outcomes_b: Vec<Outcome> = log.into_iter().map(|c| b.apply(c)).collect();
         assert_eq!(a, b);
         assert_eq!(outcomes_a, outcomes_b);
+        assert_eq!(a.nodes[&NodeId(2)].http_url, "http://127.0.0.1:9202");
         let bytes = rmp_serde::to_vec_named(&a).unwrap();
         assert_eq!(rmp_serde::from_slice::<State>(&bytes).unwrap(), a);
     }

@@ -213,7 +213,7 @@ where
 }
 
 /// Compares secrets in time independent of where they differ.
-fn token_eq(a: &str, b: &str) -> bool {
+pub fn token_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

@@ -1,0 +1,195 @@
+//! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
+
+use crate::node::{NodeStatus, Role};
+use crate::state::{CheckpointState, Job, State};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The answering replica.
+    pub node_id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader_id: Option<NodeId>,
+    /// The leader's HTTP URL, once the leader announced it.
+    pub leader_url: Option<String>,
+    /// Highest committed log index.
+    pub commit_index: u64,
+    /// Highest applied log index.
+    pub applied_index: u64,
+    /// Index of its latest snapshot.
+    pub snapshot_index: u64,
+    /// Every replica that announced itself.
+    pub nodes: Vec<NodeView>,
+    /// Jobs (all, or the one asked for).
+    pub jobs: Vec<JobStatus>,
+}
+
+/// A replica's addresses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its id.
+    pub id: NodeId,
+    /// Its HTTP URL.
+    pub http_url: String,
+    /// Its worker API address.
+    pub api_addr: Option<String>,
+}
+
+/// One job in the status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Name.
+    pub name: JobName,
+    /// `waiting`, `running`, `restoring`, `blocked`, `succeeded`, `failed`.
+    pub state: String,
+    /// Current generation.
+    pub generation: Generation,
+    /// Ranks.
+    pub world_size: u32,
+    /// The slowest rank's step in this generation.
+    pub step: Step,
+    /// Whole-job restores so far.
+    pub restores: u32,
+    /// The latest committed checkpoint.
+    pub latest_committed: Option<CheckpointRef>,
+    /// Checkpoints not deleted, oldest first.
+    pub checkpoints: Vec<CheckpointView>,
+    /// Each rank as last reported in this generation.
+    pub workers: Vec<WorkerView>,
+    /// Hex digest of the final variables, once succeeded.
+    pub final_digest: Option<String>,
+    /// Why the job is blocked or failed.
+    pub error: Option<String>,
+}
+
+/// A checkpoint's id and step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRef {
+    /// Id.
+    pub id: CheckpointId,
+    /// Step.
+    pub step: Step,
+}
+
+/// One checkpoint in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointView {
+    /// Id.
+    pub id: CheckpointId,
+    /// Step.
+    pub step: Step,
+    /// Generation it was taken in.
+    pub generation: Generation,
+    /// `pending`, `committed`, `aborted`, `corrupt`.
+    pub state: String,
+    /// Bytes of all shards.
+    pub bytes: u64,
+    /// When it began (ms since the epoch).
+    pub begun_ms: u64,
+}
+
+/// One rank in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerView {
+    /// Rank.
+    pub rank: Rank,
+    /// What it is doing.
+    pub state: String,
+    /// Its last reported step.
+    pub step: Step,
+}
+
+/// `POST /v1/jobs` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitReply {
+    /// The job.
+    pub job: JobName,
+    /// False when an identical spec was already there.
+    pub created: bool,
+}
+
+/// Every error answer: `{"error": "...", "leader": "http://..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What is wrong and what to do.
+    pub error: String,
+    /// Where to send mutations (on 421).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+impl JobStatus {
+    /// The ledger's view of a job. Workers and their steps are the
+    /// supervisor's soft state: the caller fills them in where it has them.
+    pub fn from_job(job: &Job) -> Self {
+        Self {
+            name: job.spec.name.clone(),
+            state: job.state.as_str().to_string(),
+            generation: job.generation,
+            world_size: job.spec.world_size,
+            step: Step(0),
+            restores: job.restores,
+            latest_committed: job.latest_committed().map(|c| CheckpointRef {
+                id: c.id,
+                step: c.step,
+            }),
+            checkpoints: job
+                .checkpoints
+                .values()
+                .filter(|c| c.state != CheckpointState::Deleted)
+                .map(|c| CheckpointView {
+                    id: c.id,
+                    step: c.step,
+                    generation: c.generation,
+                    state: c.state.as_str().to_string(),
+                    bytes: c.bytes(),
+                    begun_ms: c.begun_ms,
+                })
+                .collect(),
+            workers: Vec::new(),
+            final_digest: job.final_digest.clone(),
+            error: job.error.clone(),
+        }
+    }
+}
+
+impl ClusterStatus {
+    /// Builds the status from a node's status and its applied state.
+    pub fn build(node: &NodeStatus, state: &State, job: Option<&JobName>) -> Self {
+        let leader_url = node
+            .leader_id
+            .and_then(|l| state.nodes.get(&l))
+            .map(|n| n.http_url.clone());
+        Self {
+            node_id: node.id,
+            role: node.role,
+            term: node.term,
+            leader_id: node.leader_id,
+            leader_url,
+            commit_index: node.commit_index,
+            applied_index: node.applied_index,
+            snapshot_index: node.snapshot_index,
+            nodes: state
+                .nodes
+                .iter()
+                .map(|(id, n)| NodeView {
+                    id: *id,
+                    http_url: n.http_url.clone(),
+                    api_addr: n.api_addr.clone(),
+                })
+                .collect(),
+            jobs: state
+                .jobs
+                .values()
+                .filter(|j| job.is_none_or(|name| &j.spec.name == name))
+                .map(JobStatus::from_job)
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The CLI's client of the HTTP API: finds a reachable replica, follows the
+//! leader (421 + URL), and retries while an election is in progress.
+
+use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
+use reqwest::StatusCode;
+use std::time::{Duration, Instant};
+
+/// What went wrong talking to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No endpoint answered.
+    #[error("cannot reach any coordinator at {endpoints}: {last}; is the cluster running? check --endpoints")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The last error.
+        last: String,
+    },
+    /// The cluster answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// No leader emerged in time.
+    #[error("no coordinator leader within {0:?}: {1}; does a majority of replicas run?")]
+    NoLeader(Duration, String),
+}
+
+/// A client of a coordinator cluster.
+pub struct Client {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    token: Option<String>,
+    /// How long mutations keep retrying through elections.
+    pub patience: Duration,
+}
+
+impl Client {
+    /// A client for `endpoints` (base URLs like `http://127.0.0.1:9201`).
+    pub fn new(endpoints: Vec<String>, token: Option<String>) -> Self {
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| e.trim_end_matches('/').to_string())
+            .collect();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("an HTTP client without TLS always builds");
+        Self {
+            http,
+            endpoints,
+            token,
+            patience: Duration::from_secs(20),
+        }
+    }
+
+    fn unreachable(&self, last: String) -> ClientError {
+        ClientError::Unreachable {
+            endpoints: self.endpoints.join(","),
+            last,
+        }
+    }
+
+    /// The status from the first replica that answers, re-asked from the
+    /// leader when that one knows a different leader (so job progress is
+    /// the leader's view).
+    pub async fn status(&self, job: Option<&str>) -> Result<ClusterStatus, ClientError> {
+        let query = job.map(|j| format!("?job={j}")).unwrap_or_default();
+        let mut last = String::from("no endpoints given");
+        for base in &self.endpoints {
+            match self.get_status(base, &query).await {
+                Ok(status) => {
+                    if let Some(url) = status.leader_url.as_deref().filter(|u| *u != base.as_str())
+                    {
+                        if status.role != crate::node::Role::Leader {
+                            if let Ok(from_leader) = self.get_status(url, &query).await {
+                                return Ok(from_leader);
+                            }
+                        }
+                    }
+                    return Ok(status);
+                }
+                Err(ClientError::Refused(e)) => return Err(ClientError::Refused(e)),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(self.unreachable(last))
+    }
+
+    async fn get_status(&self, base: &str, query: &str) -> Result<ClusterStatus, ClientError> {
+        let resp = self
+            .http
+            .get(format!("{base}/v1/status{query}"))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                endpoints: base.to_string(),
+                last: e.to_string(),
+            })?;
+        if resp.status().is_success() {
+            resp.json()
+                .await
+                .map_err(|e| ClientError::Refused(format!("{base} sent an invalid status: {e}")))
+        } else {
+            Err(ClientError::Refused(error_text(resp).await))
+        }
+    }
+
+    /// Submits a job spec (TOML).
+    pub async fn submit(&self, toml: &str) -> Result<SubmitReply, ClientError> {
+        let resp = self.mutate("/v1/jobs", toml.to_string()).await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
+    /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
+    /// URL, retries 503 (no leader yet) until `patience` runs out.
+    async fn mutate(&self, path: &str, body: String) -> Result<reqwest::Response, ClientError> {
+        let deadline = Instant::now() + self.patience;
+        let mut targets: Vec<String> = self.endpoints.clone();
+        let mut last = String::from("no endpoints given");
+        let mut reached_any = false;
+        loop {
+            for base in std::mem::take(&mut targets) {
+                let mut req = self.http.post(format!("{base}{path}")).body(body.clone());
+                if let Some(token) = &self.token {
+                    req = req.bearer_auth(token);
+                }
+                let resp = match req.send().await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        last = format!("{base}: {e}");
+                        continue;
+                    }
+                };
+                reached_any = true;
+                match resp.status() {
+                    s if s.is_success() => return Ok(resp),
+                    StatusCode::MISDIRECTED_REQUEST => {
+                        let body: Option<ErrorBody> = resp.json().await.ok();
+                        last = body
+                            .as_ref()
+                            .map_or("not the leader".into(), |b| b.error.clone());
+                        if let Some(leader) = body.and_then(|b| b.leader) {
+                            targets.insert(0, leader);
+                        }
+                    }
+                    StatusCode::SERVICE_UNAVAILABLE => last = error_text(resp).await,
+                    _ => return Err(ClientError::Refused(error_text(resp).await)),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(if reached_any {
+                    ClientError::NoLeader(self.patience, last)
+                } else {
+                    self.unreachable(last)
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if targets.is_empty() {
+                targets = self.endpoints.clone();
+            }
+        }
+    }
+}
+
+async fn error_text(resp: reqwest::Response) -> String {
+    let code = resp.status();
+    match resp.json::<ErrorBody>().await {
+        Ok(body) => body.error,
+        Err(_) => format!("HTTP {code}"),
+    }
+}

@@ -1,0 +1,541 @@
+//! The Raft node: one tokio task owns the raft-rs `RawNode`.
+//!
+//! Each loop turn: tick on the timer, step peer messages, take proposals,
+//! then handle the `Ready` strictly in this order:
+//! ```text
+//!   send leader messages (safe before persisting: raft-rs separates them)
+//!   persist snapshot + entries + hard state, one fdatasync'ed batch
+//!   install a received snapshot into the state machine
+//!   apply committed entries → answer waiting proposals
+//!   send persisted messages (votes, append responses) — only now
+//!   advance → persist commit index → send → apply → advance_apply
+//! ```
+//! A storage error stops the node (the task returns it): a replica that
+//! cannot persist must not vote or acknowledge.
+//!
+//! Proposals carry a request id in the entry's context; the proposer learns
+//! the applied [`Outcome`] when the entry is applied, or that it was dropped
+//! (leadership lost) or timed out. Followers forward proposals to the leader
+//! (raft-rs does this), which is how a replica announces itself.
+
+use crate::metrics::Metrics;
+use crate::state::{Command, Outcome, State};
+use crate::storage::{LogStore, StoreError};
+use flotilla_shared::ids::NodeId;
+use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::{Config, RawNode, StateRole};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This replica's id.
+    pub id: NodeId,
+    /// Every voter, itself included.
+    pub voters: Vec<NodeId>,
+    /// Where the log lives.
+    pub data_dir: PathBuf,
+    /// Raft's logical clock.
+    pub tick: Duration,
+    /// Ticks without a leader before an election (randomized up to 2×).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries beyond the last snapshot before a new one is taken
+    /// and the log compacted.
+    pub snapshot_threshold: u64,
+    /// How long a proposal may wait to be applied.
+    pub proposal_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for `id` among `voters` storing into `data_dir`: a 50 ms
+    /// tick, heartbeats every 100 ms, elections after 0.6–1.2 s of silence.
+    pub fn new(id: NodeId, voters: Vec<NodeId>, data_dir: PathBuf) -> Self {
+        Self {
+            id,
+            voters,
+            data_dir,
+            tick: Duration::from_millis(50),
+            election_ticks: 12,
+            heartbeat_ticks: 2,
+            snapshot_threshold: 10_000,
+            proposal_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A replica's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Follows a leader (or waits for one).
+    Follower,
+    /// Campaigning (pre-vote or vote).
+    Candidate,
+    /// The leader.
+    Leader,
+}
+
+/// What a node publishes after every turn.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This replica.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader_id: Option<NodeId>,
+    /// Highest committed index.
+    pub commit_index: u64,
+    /// Highest applied index.
+    pub applied_index: u64,
+    /// Index of its latest snapshot.
+    pub snapshot_index: u64,
+    /// First index still in the log.
+    pub first_index: u64,
+    /// Last index in the log.
+    pub last_index: u64,
+}
+
+/// Why a proposal has no outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known right now (an election is in progress).
+    #[error("no leader is known yet (election in progress); retry shortly")]
+    NoLeader,
+    /// The proposal was dropped (leadership changed); it may or may not apply.
+    #[error("the proposal was dropped because leadership changed; retry on the new leader")]
+    Dropped,
+    /// It was not applied in time.
+    #[error("the proposal was not applied within {0:?}; the cluster may lack a quorum")]
+    Timeout(Duration),
+    /// The node has stopped.
+    #[error("the raft node has stopped: {0}")]
+    Stopped(String),
+}
+
+/// Sends raft messages to peers; must never block the Raft loop.
+pub trait Transport: Send + Sync + 'static {
+    /// Queues `msgs` for their recipients (`msg.to`), dropping what cannot be queued.
+    fn send(&self, msgs: Vec<Message>);
+}
+
+enum Input {
+    Propose {
+        cmd: Command,
+        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    },
+}
+
+/// The envelope in each entry's data.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    cmd: Command,
+}
+
+/// A handle to a running node: propose, read status and the applied state.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inputs: mpsc::Sender<Input>,
+    status: watch::Receiver<NodeStatus>,
+    state: Arc<RwLock<State>>,
+}
+
+impl NodeHandle {
+    /// Proposes `cmd` and waits until it is applied.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Propose { cmd, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped("input channel closed".into()))?;
+        rx.await
+            .map_err(|_| ProposeError::Stopped("node task ended".into()))?
+    }
+
+    /// The latest published status.
+    pub fn status(&self) -> NodeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that changes with the status.
+    pub fn watch_status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Reads the applied state machine. Never hold the guard across an await.
+    pub fn read_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Why the node task ended.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The log store failed: the node stops rather than risk acknowledging
+    /// what is not durable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// raft-rs refused the configuration or failed.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// The stored snapshot could not be decoded.
+    #[error("cannot decode the state-machine snapshot at index {index}: {why}")]
+    Snapshot {
+        /// Snapshot index.
+        index: u64,
+        /// Decoder message.
+        why: String,
+    },
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Outcome, ProposeError>>,
+    started: Instant,
+    /// Log index of the entry, when proposed as leader.
+    index: Option<u64>,
+}
+
+/// Starts a node: opens the log, rebuilds the state machine from the latest
+/// snapshot (the log replays the rest) and spawns the Raft task.
+pub fn start(
+    cfg: NodeConfig,
+    transport: Arc<dyn Transport>,
+    peer_rx: mpsc::Receiver<Message>,
+    metrics: Metrics,
+) -> Result<(NodeHandle, JoinHandle<Result<(), NodeError>>), NodeError> {
+    let voters: Vec<u64> = cfg.voters.iter().map(|n| n.0).collect();
+    let store = LogStore::open(&cfg.data_dir, &voters)?;
+    let snapshot_index = store.latest_snapshot().get_metadata().index;
+    let state = if snapshot_index > 0 {
+        decode_state(store.latest_snapshot())?
+    } else {
+        State::default()
+    };
+    let raft_cfg = Config {
+        id: cfg.id.0,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied: snapshot_index,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Config::default()
+    };
+    raft_cfg.validate()?;
+    let logger = crate::log::slog_to_tracing(cfg.id);
+    let mut raw = RawNode::new(&raft_cfg, store, &logger)?;
+    if voters == [cfg.id.0] && raw.raft.state != StateRole::Leader {
+        // a one-node cluster needs no election timeout
+        raw.campaign()?;
+    }
+    let state = Arc::new(RwLock::new(state));
+    let (inputs, input_rx) = mpsc::channel(1024);
+    let initial = status_of(&raw, snapshot_index);
+    let (status_tx, status) = watch::channel(initial);
+    let mut node = Node {
+        cfg,
+        raw,
+        state: state.clone(),
+        transport,
+        metrics,
+        pending: HashMap::new(),
+        next_request: 0,
+        applied: snapshot_index,
+        status_tx,
+    };
+    let task = tokio::spawn(async move { node.run(input_rx, peer_rx).await });
+    Ok((
+        NodeHandle {
+            inputs,
+            status,
+            state,
+        },
+        task,
+    ))
+}
+
+fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
+    rmp_serde::from_slice(&snap.data).map_err(|e| NodeError::Snapshot {
+        index: snap.get_metadata().index,
+        why: e.to_string(),
+    })
+}
+
+fn status_of(raw: &RawNode<LogStore>, applied: u64) -> NodeStatus {
+    let r = &raw.raft;
+    let store = raw.store();
+    NodeStatus {
+        id: NodeId(r.id),
+        role: match r.state {
+            StateRole::Leader => Role::Leader,
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate | StateRole::PreCandidate => Role::Candidate,
+        },
+        term: r.term,
+        leader_id: (r.leader_id != raft::INVALID_ID).then_some(NodeId(r.leader_id)),
+        commit_index: r.raft_log.committed,
+        applied_index: applied,
+        snapshot_index: store.latest_snapshot().get_metadata().index,
+        first_index: raft::Storage::first_index(store).unwrap_or(0),
+        last_index: r.raft_log.last_index(),
+    }
+}
+
+struct Node {
+    cfg: NodeConfig,
+    raw: RawNode<LogStore>,
+    state: Arc<RwLock<State>>,
+    transport: Arc<dyn Transport>,
+    metrics: Metrics,
+    pending: HashMap<u64, Pending>,
+    next_request: u64,
+    applied: u64,
+    status_tx: watch::Sender<NodeStatus>,
+}
+
+impl Node {
+    async fn run(
+        &mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut peer_rx: mpsc::Receiver<Message>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(self.cfg.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.raw.tick();
+                    self.expire_proposals();
+                }
+                input = inputs.recv() => match input {
+                    Some(Input::Propose { cmd, reply }) => self.propose(cmd, reply),
+                    None => break Ok(()),
+                },
+                Some(msg) = peer_rx.recv() => {
+                    self.step(msg);
+                    // take whatever else already arrived, then handle one Ready
+                    while let Ok(msg) = peer_rx.try_recv() {
+                        self.step(msg);
+                    }
+                }
+            }
+            if let Err(e) = self.handle_ready() {
+                break Err(e);
+            }
+            self.publish();
+        };
+        if let Err(e) = &result {
+            tracing::error!(node = self.cfg.id.0, "raft node stopping: {e}");
+        }
+        for (_, p) in self.pending.drain() {
+            let _ = p
+                .reply
+                .send(Err(ProposeError::Stopped("the raft node stopped".into())));
+        }
+        result
+    }
+
+    fn step(&mut self, msg: Message) {
+        // errors here concern one message (e.g. from an unknown peer); log and go on
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(node = self.cfg.id.0, "raft step: {e}");
+        }
+    }
+
+    fn propose(&mut self, cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>>) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            self.metrics
+                .proposals
+                .with_label_values(&["no_leader"])
+                .inc();
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        self.next_request += 1;
+        // unique across replicas: node id in the top 16 bits
+        let request = (self.cfg.id.0 << 48) | self.next_request;
+        let data = rmp_serde::to_vec_named(&Envelope { cmd }).expect("commands always serialize");
+        match self.raw.propose(request.to_le_bytes().to_vec(), data) {
+            Ok(()) => {
+                let index = (self.raw.raft.state == StateRole::Leader)
+                    .then(|| self.raw.raft.raft_log.last_index());
+                self.pending.insert(
+                    request,
+                    Pending {
+                        reply,
+                        started: Instant::now(),
+                        index,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::debug!(node = self.cfg.id.0, "proposal dropped: {e}");
+                self.metrics.proposals.with_label_values(&["dropped"]).inc();
+                let _ = reply.send(Err(ProposeError::Dropped));
+            }
+        }
+    }
+
+    fn expire_proposals(&mut self) {
+        let timeout = self.cfg.proposal_timeout;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.started.elapsed() > timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                self.metrics.proposals.with_label_values(&["timeout"]).inc();
+                let _ = p.reply.send(Err(ProposeError::Timeout(timeout)));
+            }
+        }
+    }
+
+    fn handle_ready(&mut self) -> Result<(), NodeError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+        let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+        // persist before anything that depends on it leaves this node
+        self.raw
+            .mut_store()
+            .persist(snapshot.as_ref(), rd.entries(), rd.hs())?;
+        if let Some(snap) = snapshot {
+            let state = decode_state(&snap)?;
+            *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+            self.applied = snap.get_metadata().index;
+            self.metrics.snapshots_applied.inc();
+            tracing::info!(
+                node = self.cfg.id.0,
+                index = self.applied,
+                "installed a snapshot from the leader"
+            );
+        }
+        self.apply(rd.take_committed_entries());
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries());
+        self.raw.advance_apply();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for entry in entries {
+            self.applied = entry.index;
+            if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
+                // a new leader's empty entry; membership is static
+                continue;
+            }
+            let outcome = match rmp_serde::from_slice::<Envelope>(&entry.data) {
+                Ok(env) => state.apply(env.cmd),
+                Err(e) => {
+                    // identical bytes on every replica, so skipping keeps them in step
+                    tracing::error!(index = entry.index, "undecodable log entry skipped: {e}");
+                    continue;
+                }
+            };
+            let request = <[u8; 8]>::try_from(&entry.context[..])
+                .map(u64::from_le_bytes)
+                .ok();
+            if let Some(p) = request.and_then(|r| self.pending.remove(&r)) {
+                let label = if outcome.is_ok() {
+                    "applied"
+                } else {
+                    "refused"
+                };
+                self.metrics.proposals.with_label_values(&[label]).inc();
+                self.metrics
+                    .proposal_seconds
+                    .observe(p.started.elapsed().as_secs_f64());
+                let _ = p.reply.send(Ok(outcome));
+            }
+            // a proposal of ours at this index that was not this entry was overwritten
+            let lost: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.index.is_some_and(|i| i <= entry.index))
+                .map(|(r, _)| *r)
+                .collect();
+            for r in lost {
+                if let Some(p) = self.pending.remove(&r) {
+                    self.metrics.proposals.with_label_values(&["dropped"]).inc();
+                    let _ = p.reply.send(Err(ProposeError::Dropped));
+                }
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), NodeError> {
+        let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
+        if self.applied < snap_index + self.cfg.snapshot_threshold {
+            return Ok(());
+        }
+        let data = {
+            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+            rmp_serde::to_vec_named(&*state).expect("the state always serializes")
+        };
+        let index = self.applied;
+        self.raw.mut_store().compact(index, data)?;
+        self.metrics.snapshots_created.inc();
+        tracing::info!(
+            node = self.cfg.id.0,
+            index,
+            "took a snapshot and compacted the log"
+        );
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let status = status_of(&self.raw, self.applied);
+        if status.role != Role::Leader {
+            // proposals made as leader can no longer be tracked by index
+            let stale: Vec<u64> = self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.index.is_some())
+                .map(|(r, _)| *r)
+                .collect();
+            for r in stale {
+                if let Some(p) = self.pending.remove(&r) {
+                    let _ = p.reply.send(Err(ProposeError::Dropped));
+                }
+            }
+        }
+        self.metrics.observe_status(&status);
+        self.status_tx.send_if_modified(|old| {
+            if *old == status {
+                false
+            } else {
+                *old = status;
+                true
+            }
+        });
+    }
+}

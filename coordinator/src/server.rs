@@ -1,0 +1,303 @@
+//! One coordinator replica, assembled: Raft listener and peer transport,
+//! the Raft node, the HTTP API, self-announcement, and the optional job
+//! submitted at start-up.
+
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
+use crate::state::{Command, NodeInfo};
+use crate::transport::{self, PeerTransport};
+use flotilla_shared::ids::NodeId;
+use flotilla_shared::spec::JobSpec;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Everything `flotilla coordinator` is told.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// This replica.
+    pub id: NodeId,
+    /// Every voter's Raft address, itself included.
+    pub peers: Vec<(NodeId, String)>,
+    /// Where the HTTP API listens.
+    pub http_addr: String,
+    /// The URL other replicas and clients use for this one's HTTP API.
+    pub advertise_http: String,
+    /// Raft log and snapshots.
+    pub data_dir: PathBuf,
+    /// The cluster's shared token.
+    pub token: Option<String>,
+    /// A job to submit once a leader exists (idempotent).
+    pub job: Option<JobSpec>,
+    /// Applied entries between snapshots.
+    pub snapshot_threshold: u64,
+}
+
+/// Why the replica stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A flag is inconsistent.
+    #[error("{0}")]
+    Config(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The Raft node failed (e.g. the disk).
+    #[error(transparent)]
+    Node(#[from] node::NodeError),
+}
+
+/// Runs the replica until `shutdown` is cancelled or the node fails.
+pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let raft_addr = opts
+        .peers
+        .iter()
+        .find(|(id, _)| *id == opts.id)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| {
+            ServeError::Config(format!(
+                "--peers has no entry for --id {}; add {}=HOST:PORT",
+                opts.id, opts.id
+            ))
+        })?;
+    let bind = |addr: String| async move {
+        TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })
+    };
+    let http_listener = bind(opts.http_addr.clone()).await?;
+    let raft_listener = if opts.peers.len() > 1 {
+        Some(bind(raft_addr.clone()).await?)
+    } else {
+        None
+    };
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        ServeError::Config(format!(
+            "cannot create --data-dir {}: {e}",
+            opts.data_dir.display()
+        ))
+    })?;
+
+    let metrics = Metrics::new();
+    let transport = Arc::new(PeerTransport::start(
+        opts.id,
+        opts.peers.clone(),
+        opts.token.clone(),
+        shutdown.clone(),
+    ));
+    let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(8192);
+    if let Some(listener) = raft_listener {
+        tokio::spawn(transport::serve(
+            listener,
+            opts.id,
+            opts.token.clone(),
+            peer_tx,
+            shutdown.clone(),
+        ));
+    }
+    let mut cfg = NodeConfig::new(
+        opts.id,
+        opts.peers.iter().map(|(id, _)| *id).collect(),
+        opts.data_dir.clone(),
+    );
+    cfg.snapshot_threshold = opts.snapshot_threshold.max(1);
+    let (handle, mut node_task) = node::start(cfg, transport, peer_rx, metrics.clone())?;
+    tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
+
+    let http_state = HttpState {
+        node: handle.clone(),
+        token: opts.token.clone(),
+        metrics,
+    };
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+    let info = NodeInfo {
+        http_url: opts.advertise_http.clone(),
+        api_addr: None,
+    };
+    tokio::spawn(announce(handle.clone(), opts.id, info, shutdown.clone()));
+    if let Some(spec) = opts.job.clone() {
+        tokio::spawn(submit_at_start(handle.clone(), spec, shutdown.clone()));
+    }
+
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        r = &mut node_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Node(e)),
+            Err(e) => Err(ServeError::Config(format!("raft task panicked: {e}"))),
+        },
+    };
+    shutdown.cancel();
+    let _ = http_task.await;
+    result
+}
+
+/// Retries `cmd` through elections until it is applied (or refused) or
+/// `shutdown`; for the replica's own bookkeeping proposals.
+async fn propose_until_applied(
+    handle: &NodeHandle,
+    cmd: Command,
+    what: &str,
+    shutdown: &CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match handle.propose(cmd.clone()).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(refusal)) => {
+                tracing::error!("{what} refused: {refusal}");
+                return;
+            }
+            Err(ProposeError::Stopped(_)) => return,
+            Err(e) => tracing::debug!("{what}: {e}; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn announce(handle: NodeHandle, id: NodeId, info: NodeInfo, shutdown: CancellationToken) {
+    let mut status = handle.watch_status();
+    // keep the announcement true across restarts and address changes
+    loop {
+        let current = handle.read_state(|s| s.nodes.get(&id).cloned());
+        if current.as_ref() != Some(&info) && handle.status().leader_id.is_some() {
+            propose_until_applied(
+                &handle,
+                Command::Announce {
+                    node: id,
+                    info: info.clone(),
+                },
+                "announcing this replica",
+                &shutdown,
+            )
+            .await;
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: CancellationToken) {
+    let mut status = handle.watch_status();
+    while handle.status().leader_id.is_none() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
+    let name = spec.name.clone();
+    let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
+    propose_until_applied(
+        &handle,
+        Command::SubmitJob { spec, now_ms },
+        &format!("submitting job {name} (--job)"),
+        &shutdown,
+    )
+    .await;
+}
+
+/// Parses `--peers`: `1=host:port,2=host:port,...` (empty: no peers).
+pub fn parse_peers(text: &str) -> Result<Vec<(NodeId, String)>, String> {
+    let mut peers = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            format!("--peers entry {part:?} is not ID=HOST:PORT (e.g. 1=10.0.0.1:7101)")
+        })?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..1 << 16).contains(n))
+            .ok_or_else(|| {
+                format!("--peers entry {part:?}: the id must be a number from 1 to 65535")
+            })?;
+        if !addr.contains(':') {
+            return Err(format!(
+                "--peers entry {part:?}: the address needs a port (HOST:PORT)"
+            ));
+        }
+        if peers.iter().any(|(p, _)| *p == NodeId(id)) {
+            return Err(format!("--peers lists id {id} twice"));
+        }
+        peers.push((NodeId(id), addr.trim().to_string()));
+    }
+    Ok(peers)
+}
+
+/// Resolves `--id`: a number, or `auto` for a StatefulSet pod, whose
+/// hostname ends in `-<ordinal>`: the id is ordinal + 1.
+pub fn resolve_id(flag: &str, hostname: &str) -> Result<NodeId, String> {
+    if flag != "auto" {
+        return flag
+            .parse()
+            .ok()
+            .filter(|n| (1..1 << 16).contains(n))
+            .map(NodeId)
+            .ok_or_else(|| format!("--id {flag:?} must be a number from 1 to 65535, or auto"));
+    }
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .map(|ordinal| NodeId(ordinal + 1))
+        .ok_or_else(|| {
+            format!("--id auto needs a StatefulSet hostname ending in -<ordinal> (e.g. flotilla-coordinator-0), got {hostname:?}")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers() {
+        assert_eq!(
+            parse_peers("1=127.0.0.1:7101, 2=h:7102").unwrap(),
+            vec![
+                (NodeId(1), "127.0.0.1:7101".to_string()),
+                (NodeId(2), "h:7102".to_string())
+            ]
+        );
+        assert!(parse_peers("").unwrap().is_empty());
+        assert!(parse_peers("127.0.0.1:7101")
+            .unwrap_err()
+            .contains("ID=HOST:PORT"));
+        assert!(parse_peers("0=h:1")
+            .unwrap_err()
+            .contains("from 1 to 65535"));
+        assert!(parse_peers("1=h").unwrap_err().contains("needs a port"));
+        assert!(parse_peers("1=h:1,1=g:2").unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn ids() {
+        assert_eq!(resolve_id("3", "x").unwrap(), NodeId(3));
+        assert_eq!(
+            resolve_id("auto", "flotilla-coordinator-0").unwrap(),
+            NodeId(1)
+        );
+        assert_eq!(
+            resolve_id("auto", "flotilla-coordinator-2").unwrap(),
+            NodeId(3)
+        );
+        assert!(resolve_id("auto", "laptop")
+            .unwrap_err()
+            .contains("StatefulSet"));
+        assert!(resolve_id("0", "x").is_err());
+        assert!(resolve_id("one", "x").is_err());
+    }
+}
