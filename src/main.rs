@@ -66,12 +66,7 @@ struct CoordinatorArgs {
 #[derive(Args)]
 struct ClientArgs {
     /// The coordinators' HTTP addresses; the leader is found automatically.
-    #[arg(
-        long,
-        env = "FLOTILLA_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:9201"
-    )]
+    #[arg(long, env = "FLOTILLA_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:9201")]
     endpoints: Vec<String>,
     /// File holding the cluster's token.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
@@ -168,10 +163,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
 fn read_token(path: Option<&PathBuf>) -> Result<Option<String>> {
@@ -180,10 +172,7 @@ fn read_token(path: Option<&PathBuf>) -> Result<Option<String>> {
             .with_context(|| format!("cannot read --token-file {}", p.display()))?;
         let token = token.trim().to_string();
         if token.is_empty() {
-            bail!(
-                "--token-file {} is empty; put the cluster's token in it",
-                p.display()
-            );
+            bail!("--token-file {} is empty; put the cluster's token in it", p.display());
         }
         Ok(token)
     })
@@ -211,34 +200,28 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         .job
         .as_ref()
         .map(|p| -> Result<JobSpec> {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read --job {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("cannot read --job {}", p.display()))?;
             JobSpec::from_toml(&text).with_context(|| format!("--job {}", p.display()))
         })
         .transpose()?;
     let opts = server::CoordinatorOptions {
         id,
         peers,
-        advertise_http: args
-            .advertise_http
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", args.http_addr)),
+        advertise_http: args.advertise_http.clone().unwrap_or_else(|| format!("http://{}", args.http_addr)),
         http_addr: args.http_addr,
         data_dir: args.data_dir,
         token: read_token(args.token_file.as_ref())?,
         job,
         snapshot_threshold: args.snapshot_threshold,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let on_signal = shutdown.clone();
         tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("can install a SIGTERM handler");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("can install a SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -246,17 +229,12 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             tracing::info!("shutting down");
             on_signal.cancel();
         });
-        server::run(opts, shutdown)
-            .await
-            .map_err(anyhow::Error::from)
+        server::run(opts, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 
 fn client(args: &ClientArgs) -> Result<Client> {
-    Ok(Client::new(
-        args.endpoints.clone(),
-        read_token(args.token_file.as_ref())?,
-    ))
+    Ok(Client::new(args.endpoints.clone(), read_token(args.token_file.as_ref())?))
 }
 
 async fn run_submit(args: SubmitArgs) -> Result<()> {
@@ -268,10 +246,7 @@ async fn run_submit(args: SubmitArgs) -> Result<()> {
     if reply.created {
         println!("submitted job {}", reply.job);
     } else {
-        println!(
-            "job {} was already submitted with this spec; nothing changed",
-            reply.job
-        );
+        println!("job {} was already submitted with this spec; nothing changed", reply.job);
     }
     Ok(())
 }
@@ -295,9 +270,7 @@ async fn run_status(args: StatusArgs) -> Result<()> {
         println!("no jobs; submit one with flotilla submit JOB.toml");
     }
     for job in &status.jobs {
-        let latest = job
-            .latest_committed
-            .map(|c| format!("checkpoint {} at step {}", c.id, c.step));
+        let latest = job.latest_committed.map(|c| format!("checkpoint {} at step {}", c.id, c.step));
         println!(
             "job {}: {}, generation {}, step {}, {} ranks, {} restores, latest committed: {}",
             job.name,
@@ -340,10 +313,7 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
         ),
     }
     for (file, header) in &found.shards {
-        let entry = found
-            .manifest
-            .as_ref()
-            .and_then(|m| m.ranks.iter().find(|r| file.ends_with(&r.file)));
+        let entry = found.manifest.as_ref().and_then(|m| m.ranks.iter().find(|r| file.ends_with(&r.file)));
         println!(
             "rank {} {} step {} generation {} {} bytes{}",
             header.meta.rank,
@@ -351,16 +321,9 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
             header.meta.step,
             header.meta.generation,
             header.file_len,
-            entry
-                .map(|e| format!(" {}", e.checksum))
-                .unwrap_or_default()
+            entry.map(|e| format!(" {}", e.checksum)).unwrap_or_default()
         );
-        let width = header
-            .tensors
-            .iter()
-            .map(|(v, _)| v.name.len())
-            .max()
-            .unwrap_or(0);
+        let width = header.tensors.iter().map(|(v, _)| v.name.len()).max().unwrap_or(0);
         for (var, range) in &header.tensors {
             println!(
                 "  {:width$}  {:4}  {:16}  {}",
@@ -373,20 +336,14 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     }
     if args.verify {
         let n = found.verify()?;
-        println!(
-            "verified: {} shards, {n} variables, every checksum matches",
-            found.shards.len()
-        );
+        println!("verified: {} shards, {n} variables, every checksum matches", found.shards.len());
     }
     Ok(())
 }
 
 fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {
     if args.bytes < 1 << 20 {
-        bail!(
-            "--bytes {} is too small to measure; use at least 1048576",
-            args.bytes
-        );
+        bail!("--bytes {} is too small to measure; use at least 1048576", args.bytes);
     }
     let report = snapshot_bench(&SnapshotBenchOptions {
         bytes: args.bytes,
@@ -416,26 +373,15 @@ fn print_snapshot_table(r: &SnapshotBenchReport) {
     row("training stall (copy to buffer)", r.stall_seconds);
     row("plain memcpy of the same bytes", r.memcpy_seconds);
     row("shard write (checksums + fsync)", r.write_seconds);
+    row("baseline: write + fdatasync", mb / r.baseline_write_mb_per_s);
     row(
-        "baseline: write + fdatasync",
-        mb / r.baseline_write_mb_per_s,
-    );
-    row(
-        if r.cold_read {
-            "read + verify (cold cache)"
-        } else {
-            "read + verify (warm cache)"
-        },
+        if r.cold_read { "read + verify (cold cache)" } else { "read + verify (warm cache)" },
         mb / r.read_verify_mb_per_s,
     );
     println!(
         "shard write vs baseline: {:.2}x   stall vs write: {:.3}x   training during writes: {}",
         r.write_vs_baseline,
         r.stall_vs_write,
-        if r.train_during_write {
-            "yes"
-        } else {
-            "no (--train-during-write)"
-        }
+        if r.train_during_write { "yes" } else { "no (--train-during-write)" }
     );
 }

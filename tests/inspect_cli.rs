@@ -15,14 +15,8 @@ fn inspect_lists_the_latest_committed_checkpoint() {
     let out = flotilla(&["inspect", job.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stdout.starts_with("checkpoint 2 of job demo: step 20, generation 1, 2 ranks"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("rank 0 ") && stdout.contains("rank 1 "),
-        "{stdout}"
-    );
+    assert!(stdout.starts_with("checkpoint 2 of job demo: step 20, generation 1, 2 ranks"), "{stdout}");
+    assert!(stdout.contains("rank 0 ") && stdout.contains("rank 1 "), "{stdout}");
     assert!(stdout.contains("model/layer_1/mlp/w_out"), "{stdout}");
     assert!(stdout.contains("optimizer/step"), "{stdout}");
     assert!(!stdout.contains("verified"), "{stdout}");
@@ -30,10 +24,7 @@ fn inspect_lists_the_latest_committed_checkpoint() {
     let out = flotilla(&["inspect", "--verify", job.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stdout.contains("verified: 2 shards, 74 variables, every checksum matches"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("verified: 2 shards, 74 variables, every checksum matches"), "{stdout}");
 }
 
 #[test]
@@ -49,26 +40,18 @@ fn verify_names_the_corrupt_tensor_and_fails() {
     let last_tensor = &shards[1].tensors.last().unwrap().name;
 
     // listing still works (headers are intact); verification does not
-    assert!(flotilla(&["inspect", ckpt.to_str().unwrap()])
-        .status
-        .success());
+    assert!(flotilla(&["inspect", ckpt.to_str().unwrap()]).status.success());
     let out = flotilla(&["inspect", "--verify", ckpt.to_str().unwrap()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        stderr.trim(),
-        format!("error: checkpoint 4 rank 1: checksum mismatch in {last_tensor}")
-    );
+    assert_eq!(stderr.trim(), format!("error: checkpoint 4 rank 1: checksum mismatch in {last_tensor}"));
 
     // a truncated shard is refused already when listing
     std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
     let out = flotilla(&["inspect", ckpt.to_str().unwrap()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.contains("checkpoint 4 rank 1: shard is truncated or overwritten"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("checkpoint 4 rank 1: shard is truncated or overwritten"), "{stderr}");
 }
 
 #[test]
@@ -79,10 +62,7 @@ fn uncommitted_checkpoint_is_flagged_and_cannot_be_verified() {
     let out = flotilla(&["inspect", ckpt.to_str().unwrap()]);
     let (stdout, _) = text(&out);
     assert!(out.status.success());
-    assert!(
-        stdout.contains("NOT COMMITTED (no MANIFEST.json)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("NOT COMMITTED (no MANIFEST.json)"), "{stdout}");
 
     let out = flotilla(&["inspect", "--verify", ckpt.to_str().unwrap()]);
     let (_, stderr) = text(&out);
@@ -93,10 +73,7 @@ fn uncommitted_checkpoint_is_flagged_and_cannot_be_verified() {
     let out = flotilla(&["inspect", dir.path().join("demo").to_str().unwrap()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr.contains("has no LATEST") && stderr.contains("ckpt-00000009"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("has no LATEST") && stderr.contains("ckpt-00000009"), "{stderr}");
 }
 
 #[test]
@@ -124,16 +101,8 @@ fn bench_snapshot_json_has_the_spec_keys() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    for key in [
-        "stall_seconds",
-        "write_mb_per_s",
-        "read_verify_mb_per_s",
-        "baseline_write_mb_per_s",
-    ] {
-        assert!(
-            v[key].as_f64().is_some_and(|x| x > 0.0),
-            "{key} in {stdout}"
-        );
+    for key in ["stall_seconds", "write_mb_per_s", "read_verify_mb_per_s", "baseline_write_mb_per_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {stdout}");
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

@@ -11,9 +11,7 @@ fn python_safetensors_reads_a_flotilla_shard() {
     let dir = tempfile::tempdir().unwrap();
     let shards = common::write_checkpoint(dir.path(), "interop", 3, 1, false);
     let (_, data) = common::trained(0, 30);
-    let shard_path = dir
-        .path()
-        .join("interop/ckpt-00000003/rank-00000.safetensors");
+    let shard_path = dir.path().join("interop/ckpt-00000003/rank-00000.safetensors");
 
     let mut offset = 0;
     let tensors: Vec<_> = shards[0]
@@ -40,25 +38,12 @@ fn python_safetensors_reads_a_flotilla_shard() {
     std::fs::write(&bin_path, &data).unwrap();
 
     let python = std::env::var("FLOTILLA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/python/check_safetensors.py"
-    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/check_safetensors.py");
     let out = Command::new(&python)
-        .args([
-            script,
-            shard_path.to_str().unwrap(),
-            json_path.to_str().unwrap(),
-            bin_path.to_str().unwrap(),
-        ])
+        .args([script, shard_path.to_str().unwrap(), json_path.to_str().unwrap(), bin_path.to_str().unwrap()])
         .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {python}: {e}; install Python 3 (scripts/test.sh does)")
-        });
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}; install Python 3 (scripts/test.sh does)"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         out.status.success(),
         "python safetensors could not read the shard (missing module? `pip install safetensors numpy`, \

@@ -135,10 +135,7 @@ impl JobStatus {
             world_size: job.spec.world_size,
             step: Step(0),
             restores: job.restores,
-            latest_committed: job.latest_committed().map(|c| CheckpointRef {
-                id: c.id,
-                step: c.step,
-            }),
+            latest_committed: job.latest_committed().map(|c| CheckpointRef { id: c.id, step: c.step }),
             checkpoints: job
                 .checkpoints
                 .values()
@@ -162,10 +159,7 @@ impl JobStatus {
 impl ClusterStatus {
     /// Builds the status from a node's status and its applied state.
     pub fn build(node: &NodeStatus, state: &State, job: Option<&JobName>) -> Self {
-        let leader_url = node
-            .leader_id
-            .and_then(|l| state.nodes.get(&l))
-            .map(|n| n.http_url.clone());
+        let leader_url = node.leader_id.and_then(|l| state.nodes.get(&l)).map(|n| n.http_url.clone());
         Self {
             node_id: node.id,
             role: node.role,

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// No endpoint answered.
-    #[error("cannot reach any coordinator at {endpoints}: {last}; is the cluster running? check --endpoints")]
+    #[error(
+        "cannot reach any coordinator at {endpoints}: {last}; is the cluster running? check --endpoints"
+    )]
     Unreachable {
         /// The endpoints tried.
         endpoints: String,
@@ -36,28 +38,17 @@ pub struct Client {
 impl Client {
     /// A client for `endpoints` (base URLs like `http://127.0.0.1:9201`).
     pub fn new(endpoints: Vec<String>, token: Option<String>) -> Self {
-        let endpoints = endpoints
-            .into_iter()
-            .map(|e| e.trim_end_matches('/').to_string())
-            .collect();
+        let endpoints = endpoints.into_iter().map(|e| e.trim_end_matches('/').to_string()).collect();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(15))
             .build()
             .expect("an HTTP client without TLS always builds");
-        Self {
-            http,
-            endpoints,
-            token,
-            patience: Duration::from_secs(20),
-        }
+        Self { http, endpoints, token, patience: Duration::from_secs(20) }
     }
 
     fn unreachable(&self, last: String) -> ClientError {
-        ClientError::Unreachable {
-            endpoints: self.endpoints.join(","),
-            last,
-        }
+        ClientError::Unreachable { endpoints: self.endpoints.join(","), last }
     }
 
     /// The status from the first replica that answers, re-asked from the
@@ -69,8 +60,7 @@ impl Client {
         for base in &self.endpoints {
             match self.get_status(base, &query).await {
                 Ok(status) => {
-                    if let Some(url) = status.leader_url.as_deref().filter(|u| *u != base.as_str())
-                    {
+                    if let Some(url) = status.leader_url.as_deref().filter(|u| *u != base.as_str()) {
                         if status.role != crate::node::Role::Leader {
                             if let Ok(from_leader) = self.get_status(url, &query).await {
                                 return Ok(from_leader);
@@ -92,14 +82,9 @@ impl Client {
             .get(format!("{base}/v1/status{query}"))
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                endpoints: base.to_string(),
-                last: e.to_string(),
-            })?;
+            .map_err(|e| ClientError::Unreachable { endpoints: base.to_string(), last: e.to_string() })?;
         if resp.status().is_success() {
-            resp.json()
-                .await
-                .map_err(|e| ClientError::Refused(format!("{base} sent an invalid status: {e}")))
+            resp.json().await.map_err(|e| ClientError::Refused(format!("{base} sent an invalid status: {e}")))
         } else {
             Err(ClientError::Refused(error_text(resp).await))
         }
@@ -108,9 +93,7 @@ impl Client {
     /// Submits a job spec (TOML).
     pub async fn submit(&self, toml: &str) -> Result<SubmitReply, ClientError> {
         let resp = self.mutate("/v1/jobs", toml.to_string()).await?;
-        resp.json()
-            .await
-            .map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
     }
 
     /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
@@ -138,9 +121,7 @@ impl Client {
                     s if s.is_success() => return Ok(resp),
                     StatusCode::MISDIRECTED_REQUEST => {
                         let body: Option<ErrorBody> = resp.json().await.ok();
-                        last = body
-                            .as_ref()
-                            .map_or("not the leader".into(), |b| b.error.clone());
+                        last = body.as_ref().map_or("not the leader".into(), |b| b.error.clone());
                         if let Some(leader) = body.and_then(|b| b.leader) {
                             targets.insert(0, leader);
                         }

@@ -45,44 +45,22 @@ pub async fn serve(
     state: HttpState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
-    (
-        code,
-        Json(ErrorBody {
-            error: message.into(),
-            leader: None,
-        }),
-    )
-        .into_response()
+    (code, Json(ErrorBody { error: message.into(), leader: None })).into_response()
 }
 
 async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
     match s.node.status().leader_id {
-        Some(leader) => {
-            (StatusCode::OK, format!("ready: leader is node {leader}\n")).into_response()
-        }
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no leader known\n",
-        )
-            .into_response(),
+        Some(leader) => (StatusCode::OK, format!("ready: leader is node {leader}\n")).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not ready: no leader known\n").into_response(),
     }
 }
 
 async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
 }
 
 #[derive(Deserialize)]
@@ -96,9 +74,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let node = s.node.status();
-    let status = s
-        .node
-        .read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
+    let status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
     if let Some(name) = &job {
         if status.jobs.is_empty() {
             return error(
@@ -132,10 +108,8 @@ fn not_leader(s: &HttpState) -> Option<Response> {
     if node.role == Role::Leader {
         return None;
     }
-    let leader = node.leader_id.and_then(|l| {
-        s.node
-            .read_state(|st| st.nodes.get(&l).map(|n| n.http_url.clone()))
-    });
+    let leader =
+        node.leader_id.and_then(|l| s.node.read_state(|st| st.nodes.get(&l).map(|n| n.http_url.clone())));
     match (node.leader_id, leader) {
         (Some(id), url) => Some(
             (
@@ -181,14 +155,8 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
     match s.node.propose(Command::SubmitJob { spec, now_ms }).await {
         Ok(Ok(events)) => {
-            let created = events
-                .iter()
-                .any(|e| matches!(e, Event::JobSubmitted { .. }));
-            let code = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
+            let created = events.iter().any(|e| matches!(e, Event::JobSubmitted { .. }));
+            let code = if created { StatusCode::CREATED } else { StatusCode::OK };
             (code, Json(SubmitReply { job, created })).into_response()
         }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),

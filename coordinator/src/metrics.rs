@@ -2,8 +2,7 @@
 
 use crate::node::{NodeStatus, Role};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// Every coordinator metric, registered in [`Metrics::registry`].
@@ -37,42 +36,25 @@ impl Metrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("registered once");
+            registry.register(Box::new(g.clone())).expect("registered once");
             g
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("registered once");
+            registry.register(Box::new(c.clone())).expect("registered once");
             c
         };
         let term = gauge("flotilla_raft_term", "Current Raft term of this replica.");
-        let is_leader = gauge(
-            "flotilla_raft_is_leader",
-            "1 if this replica is the Raft leader, else 0.",
-        );
-        let commit_index = gauge(
-            "flotilla_raft_commit_index",
-            "Highest Raft log index known committed.",
-        );
-        let applied_index = gauge(
-            "flotilla_raft_applied_index",
-            "Highest Raft log index applied to the ledger.",
-        );
+        let is_leader = gauge("flotilla_raft_is_leader", "1 if this replica is the Raft leader, else 0.");
+        let commit_index = gauge("flotilla_raft_commit_index", "Highest Raft log index known committed.");
+        let applied_index =
+            gauge("flotilla_raft_applied_index", "Highest Raft log index applied to the ledger.");
         let proposals = IntCounterVec::new(
-            Opts::new(
-                "flotilla_raft_proposals_total",
-                "Proposals made on this replica, by outcome.",
-            ),
+            Opts::new("flotilla_raft_proposals_total", "Proposals made on this replica, by outcome."),
             &["outcome"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(proposals.clone()))
-            .expect("registered once");
+        registry.register(Box::new(proposals.clone())).expect("registered once");
         let proposal_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "flotilla_raft_proposal_duration_seconds",
@@ -81,9 +63,7 @@ impl Metrics {
             .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(proposal_seconds.clone()))
-            .expect("registered once");
+        registry.register(Box::new(proposal_seconds.clone())).expect("registered once");
         let snapshots_applied = counter(
             "flotilla_raft_snapshots_applied_total",
             "State-machine snapshots received from the leader and installed.",
@@ -116,9 +96,7 @@ impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding cannot fail");
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 }

@@ -130,10 +130,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 enum Input {
-    Propose {
-        cmd: Command,
-        reply: oneshot::Sender<Result<Outcome, ProposeError>>,
-    },
+    Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
 }
 
 /// The envelope in each entry's data.
@@ -158,8 +155,7 @@ impl NodeHandle {
             .send(Input::Propose { cmd, reply })
             .await
             .map_err(|_| ProposeError::Stopped("input channel closed".into()))?;
-        rx.await
-            .map_err(|_| ProposeError::Stopped("node task ended".into()))?
+        rx.await.map_err(|_| ProposeError::Stopped("node task ended".into()))?
     }
 
     /// The latest published status.
@@ -216,11 +212,7 @@ pub fn start(
     let voters: Vec<u64> = cfg.voters.iter().map(|n| n.0).collect();
     let store = LogStore::open(&cfg.data_dir, &voters)?;
     let snapshot_index = store.latest_snapshot().get_metadata().index;
-    let state = if snapshot_index > 0 {
-        decode_state(store.latest_snapshot())?
-    } else {
-        State::default()
-    };
+    let state = if snapshot_index > 0 { decode_state(store.latest_snapshot())? } else { State::default() };
     let raft_cfg = Config {
         id: cfg.id.0,
         election_tick: cfg.election_ticks,
@@ -255,21 +247,12 @@ pub fn start(
         status_tx,
     };
     let task = tokio::spawn(async move { node.run(input_rx, peer_rx).await });
-    Ok((
-        NodeHandle {
-            inputs,
-            status,
-            state,
-        },
-        task,
-    ))
+    Ok((NodeHandle { inputs, status, state }, task))
 }
 
 fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
-    rmp_serde::from_slice(&snap.data).map_err(|e| NodeError::Snapshot {
-        index: snap.get_metadata().index,
-        why: e.to_string(),
-    })
+    rmp_serde::from_slice(&snap.data)
+        .map_err(|e| NodeError::Snapshot { index: snap.get_metadata().index, why: e.to_string() })
 }
 
 fn status_of(raw: &RawNode<LogStore>, applied: u64) -> NodeStatus {
@@ -339,9 +322,7 @@ impl Node {
             tracing::error!(node = self.cfg.id.0, "raft node stopping: {e}");
         }
         for (_, p) in self.pending.drain() {
-            let _ = p
-                .reply
-                .send(Err(ProposeError::Stopped("the raft node stopped".into())));
+            let _ = p.reply.send(Err(ProposeError::Stopped("the raft node stopped".into())));
         }
         result
     }
@@ -355,10 +336,7 @@ impl Node {
 
     fn propose(&mut self, cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>>) {
         if self.raw.raft.leader_id == raft::INVALID_ID {
-            self.metrics
-                .proposals
-                .with_label_values(&["no_leader"])
-                .inc();
+            self.metrics.proposals.with_label_values(&["no_leader"]).inc();
             let _ = reply.send(Err(ProposeError::NoLeader));
             return;
         }
@@ -368,16 +346,9 @@ impl Node {
         let data = rmp_serde::to_vec_named(&Envelope { cmd }).expect("commands always serialize");
         match self.raw.propose(request.to_le_bytes().to_vec(), data) {
             Ok(()) => {
-                let index = (self.raw.raft.state == StateRole::Leader)
-                    .then(|| self.raw.raft.raft_log.last_index());
-                self.pending.insert(
-                    request,
-                    Pending {
-                        reply,
-                        started: Instant::now(),
-                        index,
-                    },
-                );
+                let index =
+                    (self.raw.raft.state == StateRole::Leader).then(|| self.raw.raft.raft_log.last_index());
+                self.pending.insert(request, Pending { reply, started: Instant::now(), index });
             }
             Err(e) => {
                 tracing::debug!(node = self.cfg.id.0, "proposal dropped: {e}");
@@ -389,12 +360,8 @@ impl Node {
 
     fn expire_proposals(&mut self) {
         let timeout = self.cfg.proposal_timeout;
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.started.elapsed() > timeout)
-            .map(|(id, _)| *id)
-            .collect();
+        let expired: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.started.elapsed() > timeout).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 self.metrics.proposals.with_label_values(&["timeout"]).inc();
@@ -413,9 +380,7 @@ impl Node {
         }
         let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
         // persist before anything that depends on it leaves this node
-        self.raw
-            .mut_store()
-            .persist(snapshot.as_ref(), rd.entries(), rd.hs())?;
+        self.raw.mut_store().persist(snapshot.as_ref(), rd.entries(), rd.hs())?;
         if let Some(snap) = snapshot {
             let state = decode_state(&snap)?;
             *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
@@ -461,19 +426,11 @@ impl Node {
                     continue;
                 }
             };
-            let request = <[u8; 8]>::try_from(&entry.context[..])
-                .map(u64::from_le_bytes)
-                .ok();
+            let request = <[u8; 8]>::try_from(&entry.context[..]).map(u64::from_le_bytes).ok();
             if let Some(p) = request.and_then(|r| self.pending.remove(&r)) {
-                let label = if outcome.is_ok() {
-                    "applied"
-                } else {
-                    "refused"
-                };
+                let label = if outcome.is_ok() { "applied" } else { "refused" };
                 self.metrics.proposals.with_label_values(&[label]).inc();
-                self.metrics
-                    .proposal_seconds
-                    .observe(p.started.elapsed().as_secs_f64());
+                self.metrics.proposal_seconds.observe(p.started.elapsed().as_secs_f64());
                 let _ = p.reply.send(Ok(outcome));
             }
             // a proposal of ours at this index that was not this entry was overwritten
@@ -504,11 +461,7 @@ impl Node {
         let index = self.applied;
         self.raw.mut_store().compact(index, data)?;
         self.metrics.snapshots_created.inc();
-        tracing::info!(
-            node = self.cfg.id.0,
-            index,
-            "took a snapshot and compacted the log"
-        );
+        tracing::info!(node = self.cfg.id.0, index, "took a snapshot and compacted the log");
         Ok(())
     }
 
@@ -516,12 +469,8 @@ impl Node {
         let status = status_of(&self.raw, self.applied);
         if status.role != Role::Leader {
             // proposals made as leader can no longer be tracked by index
-            let stale: Vec<u64> = self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.index.is_some())
-                .map(|(r, _)| *r)
-                .collect();
+            let stale: Vec<u64> =
+                self.pending.iter().filter(|(_, p)| p.index.is_some()).map(|(r, _)| *r).collect();
             for r in stale {
                 if let Some(p) = self.pending.remove(&r) {
                     let _ = p.reply.send(Err(ProposeError::Dropped));

@@ -57,71 +57,38 @@ pub enum ServeError {
 
 /// Runs the replica until `shutdown` is cancelled or the node fails.
 pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let raft_addr = opts
-        .peers
-        .iter()
-        .find(|(id, _)| *id == opts.id)
-        .map(|(_, a)| a.clone())
-        .ok_or_else(|| {
+    let raft_addr =
+        opts.peers.iter().find(|(id, _)| *id == opts.id).map(|(_, a)| a.clone()).ok_or_else(|| {
             ServeError::Config(format!(
                 "--peers has no entry for --id {}; add {}=HOST:PORT",
                 opts.id, opts.id
             ))
         })?;
     let bind = |addr: String| async move {
-        TcpListener::bind(&addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })
+        TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr, source })
     };
     let http_listener = bind(opts.http_addr.clone()).await?;
-    let raft_listener = if opts.peers.len() > 1 {
-        Some(bind(raft_addr.clone()).await?)
-    } else {
-        None
-    };
+    let raft_listener = if opts.peers.len() > 1 { Some(bind(raft_addr.clone()).await?) } else { None };
     std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-        ServeError::Config(format!(
-            "cannot create --data-dir {}: {e}",
-            opts.data_dir.display()
-        ))
+        ServeError::Config(format!("cannot create --data-dir {}: {e}", opts.data_dir.display()))
     })?;
 
     let metrics = Metrics::new();
-    let transport = Arc::new(PeerTransport::start(
-        opts.id,
-        opts.peers.clone(),
-        opts.token.clone(),
-        shutdown.clone(),
-    ));
+    let transport =
+        Arc::new(PeerTransport::start(opts.id, opts.peers.clone(), opts.token.clone(), shutdown.clone()));
     let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(8192);
     if let Some(listener) = raft_listener {
-        tokio::spawn(transport::serve(
-            listener,
-            opts.id,
-            opts.token.clone(),
-            peer_tx,
-            shutdown.clone(),
-        ));
+        tokio::spawn(transport::serve(listener, opts.id, opts.token.clone(), peer_tx, shutdown.clone()));
     }
-    let mut cfg = NodeConfig::new(
-        opts.id,
-        opts.peers.iter().map(|(id, _)| *id).collect(),
-        opts.data_dir.clone(),
-    );
+    let mut cfg =
+        NodeConfig::new(opts.id, opts.peers.iter().map(|(id, _)| *id).collect(), opts.data_dir.clone());
     cfg.snapshot_threshold = opts.snapshot_threshold.max(1);
     let (handle, mut node_task) = node::start(cfg, transport, peer_rx, metrics.clone())?;
     tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
 
-    let http_state = HttpState {
-        node: handle.clone(),
-        token: opts.token.clone(),
-        metrics,
-    };
+    let http_state = HttpState { node: handle.clone(), token: opts.token.clone(), metrics };
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
-    let info = NodeInfo {
-        http_url: opts.advertise_http.clone(),
-        api_addr: None,
-    };
+    let info = NodeInfo { http_url: opts.advertise_http.clone(), api_addr: None };
     tokio::spawn(announce(handle.clone(), opts.id, info, shutdown.clone()));
     if let Some(spec) = opts.job.clone() {
         tokio::spawn(submit_at_start(handle.clone(), spec, shutdown.clone()));
@@ -142,12 +109,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
 
 /// Retries `cmd` through elections until it is applied (or refused) or
 /// `shutdown`; for the replica's own bookkeeping proposals.
-async fn propose_until_applied(
-    handle: &NodeHandle,
-    cmd: Command,
-    what: &str,
-    shutdown: &CancellationToken,
-) {
+async fn propose_until_applied(handle: &NodeHandle, cmd: Command, what: &str, shutdown: &CancellationToken) {
     let mut delay = Duration::from_millis(100);
     loop {
         match handle.propose(cmd.clone()).await {
@@ -175,10 +137,7 @@ async fn announce(handle: NodeHandle, id: NodeId, info: NodeInfo, shutdown: Canc
         if current.as_ref() != Some(&info) && handle.status().leader_id.is_some() {
             propose_until_applied(
                 &handle,
-                Command::Announce {
-                    node: id,
-                    info: info.clone(),
-                },
+                Command::Announce { node: id, info: info.clone() },
                 "announcing this replica",
                 &shutdown,
             )
@@ -215,21 +174,17 @@ async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: Cancellati
 pub fn parse_peers(text: &str) -> Result<Vec<(NodeId, String)>, String> {
     let mut peers = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part.split_once('=').ok_or_else(|| {
-            format!("--peers entry {part:?} is not ID=HOST:PORT (e.g. 1=10.0.0.1:7101)")
-        })?;
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--peers entry {part:?} is not ID=HOST:PORT (e.g. 1=10.0.0.1:7101)"))?;
         let id: u64 = id
             .trim()
             .parse()
             .ok()
             .filter(|n| (1..1 << 16).contains(n))
-            .ok_or_else(|| {
-                format!("--peers entry {part:?}: the id must be a number from 1 to 65535")
-            })?;
+            .ok_or_else(|| format!("--peers entry {part:?}: the id must be a number from 1 to 65535"))?;
         if !addr.contains(':') {
-            return Err(format!(
-                "--peers entry {part:?}: the address needs a port (HOST:PORT)"
-            ));
+            return Err(format!("--peers entry {part:?}: the address needs a port (HOST:PORT)"));
         }
         if peers.iter().any(|(p, _)| *p == NodeId(id)) {
             return Err(format!("--peers lists id {id} twice"));
@@ -267,18 +222,11 @@ mod tests {
     fn peers() {
         assert_eq!(
             parse_peers("1=127.0.0.1:7101, 2=h:7102").unwrap(),
-            vec![
-                (NodeId(1), "127.0.0.1:7101".to_string()),
-                (NodeId(2), "h:7102".to_string())
-            ]
+            vec![(NodeId(1), "127.0.0.1:7101".to_string()), (NodeId(2), "h:7102".to_string())]
         );
         assert!(parse_peers("").unwrap().is_empty());
-        assert!(parse_peers("127.0.0.1:7101")
-            .unwrap_err()
-            .contains("ID=HOST:PORT"));
-        assert!(parse_peers("0=h:1")
-            .unwrap_err()
-            .contains("from 1 to 65535"));
+        assert!(parse_peers("127.0.0.1:7101").unwrap_err().contains("ID=HOST:PORT"));
+        assert!(parse_peers("0=h:1").unwrap_err().contains("from 1 to 65535"));
         assert!(parse_peers("1=h").unwrap_err().contains("needs a port"));
         assert!(parse_peers("1=h:1,1=g:2").unwrap_err().contains("twice"));
     }
@@ -286,17 +234,9 @@ mod tests {
     #[test]
     fn ids() {
         assert_eq!(resolve_id("3", "x").unwrap(), NodeId(3));
-        assert_eq!(
-            resolve_id("auto", "flotilla-coordinator-0").unwrap(),
-            NodeId(1)
-        );
-        assert_eq!(
-            resolve_id("auto", "flotilla-coordinator-2").unwrap(),
-            NodeId(3)
-        );
-        assert!(resolve_id("auto", "laptop")
-            .unwrap_err()
-            .contains("StatefulSet"));
+        assert_eq!(resolve_id("auto", "flotilla-coordinator-0").unwrap(), NodeId(1));
+        assert_eq!(resolve_id("auto", "flotilla-coordinator-2").unwrap(), NodeId(3));
+        assert!(resolve_id("auto", "laptop").unwrap_err().contains("StatefulSet"));
         assert!(resolve_id("0", "x").is_err());
         assert!(resolve_id("one", "x").is_err());
     }

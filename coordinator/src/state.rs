@@ -196,9 +196,7 @@ impl Job {
 
     /// The pending checkpoint, if one is in flight.
     pub fn pending(&self) -> Option<&Checkpoint> {
-        self.checkpoints
-            .values()
-            .find(|c| c.state == CheckpointState::Pending)
+        self.checkpoints.values().find(|c| c.state == CheckpointState::Pending)
     }
 }
 
@@ -433,10 +431,7 @@ pub enum RefusalKind {
 }
 
 fn refuse<T>(kind: RefusalKind, message: impl fmt::Display) -> Result<T, Refusal> {
-    Err(Refusal {
-        kind,
-        message: message.to_string(),
-    })
+    Err(Refusal { kind, message: message.to_string() })
 }
 
 /// The result of applying one command.
@@ -470,13 +465,7 @@ impl State {
                 }
                 Ok(set_state(j, &job, JobState::Running, None))
             }
-            Command::BeginCheckpoint {
-                job,
-                id,
-                step,
-                generation,
-                now_ms,
-            } => {
+            Command::BeginCheckpoint { job, id, step, generation, now_ms } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Running {
                     return refuse(
@@ -490,19 +479,13 @@ impl State {
                 if let Some(p) = j.pending() {
                     return refuse(
                         RefusalKind::Conflict,
-                        format!(
-                            "job {job} already has checkpoint {} in flight; wait for it",
-                            p.id
-                        ),
+                        format!("job {job} already has checkpoint {} in flight; wait for it", p.id),
                     );
                 }
                 if id != j.next_checkpoint {
                     return refuse(
                         RefusalKind::Conflict,
-                        format!(
-                            "checkpoint {id} of job {job} is not the next id ({})",
-                            j.next_checkpoint
-                        ),
+                        format!("checkpoint {id} of job {job} is not the next id ({})", j.next_checkpoint),
                     );
                 }
                 if let Some(latest) = j.latest_committed() {
@@ -532,18 +515,8 @@ impl State {
                 );
                 Ok(vec![Event::CheckpointBegun { job, id, step }])
             }
-            Command::CommitCheckpoint {
-                job,
-                id,
-                shards,
-                now_ms,
-            } => self.commit(job, id, shards, now_ms),
-            Command::AbortCheckpoint {
-                job,
-                id,
-                reason,
-                now_ms,
-            } => {
+            Command::CommitCheckpoint { job, id, shards, now_ms } => self.commit(job, id, shards, now_ms),
+            Command::AbortCheckpoint { job, id, reason, now_ms } => {
                 let j = self.job_mut(&job)?;
                 let c = checkpoint_mut(j, &job, id)?;
                 if c.state != CheckpointState::Pending {
@@ -572,7 +545,10 @@ impl State {
                     }
                     other => refuse(
                         RefusalKind::Conflict,
-                        format!("checkpoint {id} of job {job} is {}; only a committed one can be marked corrupt", other.as_str()),
+                        format!(
+                            "checkpoint {id} of job {job} is {}; only a committed one can be marked corrupt",
+                            other.as_str()
+                        ),
                     ),
                 }
             }
@@ -596,13 +572,9 @@ impl State {
                     }
                 }
             }
-            Command::Restore {
-                job,
-                generation,
-                from,
-                reason,
-                now_ms,
-            } => self.restore(job, generation, from, reason, now_ms),
+            Command::Restore { job, generation, from, reason, now_ms } => {
+                self.restore(job, generation, from, reason, now_ms)
+            }
             Command::ResumeJob { job, generation } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Restoring && j.state != JobState::Blocked {
@@ -613,11 +585,7 @@ impl State {
                 }
                 Ok(set_state(j, &job, JobState::Running, None))
             }
-            Command::BlockJob {
-                job,
-                generation,
-                error,
-            } => {
+            Command::BlockJob { job, generation, error } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Restoring && j.state != JobState::Blocked {
                     return refuse(
@@ -630,20 +598,13 @@ impl State {
             Command::FailJob { job, error } => {
                 let j = self.job_mut(&job)?;
                 if j.state.is_terminal() {
-                    return refuse(
-                        RefusalKind::Conflict,
-                        format!("job {job} already {}", j.state.as_str()),
-                    );
+                    return refuse(RefusalKind::Conflict, format!("job {job} already {}", j.state.as_str()));
                 }
                 let mut events = abort_pending(j, &job, "job failed", None);
                 events.extend(set_state(j, &job, JobState::Failed, Some(error)));
                 Ok(events)
             }
-            Command::FinishJob {
-                job,
-                generation,
-                digest,
-            } => {
+            Command::FinishJob { job, generation, digest } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Running {
                     return refuse(
@@ -670,9 +631,7 @@ impl State {
             }
             return refuse(
                 RefusalKind::Conflict,
-                format!(
-                    "job {name} already exists with a different spec; submit it under a new name"
-                ),
+                format!("job {name} already exists with a different spec; submit it under a new name"),
             );
         }
         self.jobs.insert(
@@ -716,18 +675,18 @@ impl State {
         if c.generation != job_generation {
             return refuse(
                 RefusalKind::Fenced,
-                format!("checkpoint {id} of job {job} belongs to generation {}, the job is in {job_generation}", c.generation),
+                format!(
+                    "checkpoint {id} of job {job} belongs to generation {}, the job is in {job_generation}",
+                    c.generation
+                ),
             );
         }
         shards.sort_by_key(|s| s.rank);
         let ranks: Vec<Rank> = shards.iter().map(|s| s.rank).collect();
         let want: Vec<Rank> = (0..world).map(Rank).collect();
         if ranks != want {
-            let missing: Vec<String> = want
-                .iter()
-                .filter(|r| !ranks.contains(r))
-                .map(|r| r.to_string())
-                .collect();
+            let missing: Vec<String> =
+                want.iter().filter(|r| !ranks.contains(r)).map(|r| r.to_string()).collect();
             return refuse(
                 RefusalKind::Invalid,
                 format!(
@@ -742,12 +701,7 @@ impl State {
         c.shards = shards;
         let step = c.step;
         let duration_ms = now_ms.saturating_sub(c.begun_ms);
-        let mut events = vec![Event::CheckpointCommitted {
-            job: job.clone(),
-            id,
-            step,
-            duration_ms,
-        }];
+        let mut events = vec![Event::CheckpointCommitted { job: job.clone(), id, step, duration_ms }];
 
         // retention: keep the newest `keep_last` committed, retire the rest
         // (ledger first; the leader deletes the files on the event)
@@ -761,10 +715,7 @@ impl State {
         for (_, old) in committed.into_iter().skip(keep_last) {
             if let Some(c) = j.checkpoints.get_mut(&old) {
                 c.state = CheckpointState::Deleted;
-                events.push(Event::CheckpointDeleted {
-                    job: job.clone(),
-                    id: old,
-                });
+                events.push(Event::CheckpointDeleted { job: job.clone(), id: old });
             }
         }
         Ok(events)
@@ -797,7 +748,10 @@ impl State {
             if c.state != CheckpointState::Committed {
                 return refuse(
                     RefusalKind::Conflict,
-                    format!("checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from", c.state.as_str()),
+                    format!(
+                        "checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from",
+                        c.state.as_str()
+                    ),
                 );
             }
         }
@@ -813,12 +767,7 @@ impl State {
             events.extend(set_state(j, &job, JobState::Failed, Some(error)));
             return Ok(events);
         }
-        events.push(Event::Restoring {
-            job: job.clone(),
-            generation,
-            from,
-            reason,
-        });
+        events.push(Event::Restoring { job: job.clone(), generation, from, reason });
         events.extend(set_state(j, &job, JobState::Restoring, None));
         Ok(events)
     }
@@ -837,10 +786,7 @@ impl State {
     fn live_job(&mut self, job: &JobName, generation: Generation) -> Result<&mut Job, Refusal> {
         let j = self.job_mut(job)?;
         if j.state.is_terminal() {
-            return refuse(
-                RefusalKind::Conflict,
-                format!("job {job} already {}", j.state.as_str()),
-            );
+            return refuse(RefusalKind::Conflict, format!("job {job} already {}", j.state.as_str()));
         }
         if j.generation != generation {
             return refuse(
@@ -875,27 +821,16 @@ fn set_state(j: &mut Job, job: &JobName, state: JobState, error: Option<String>)
         return vec![];
     }
     j.state = state;
-    vec![Event::JobState {
-        job: job.clone(),
-        state,
-    }]
+    vec![Event::JobState { job: job.clone(), state }]
 }
 
 fn abort_pending(j: &mut Job, job: &JobName, reason: &str, now_ms: Option<u64>) -> Vec<Event> {
     let mut events = Vec::new();
-    for c in j
-        .checkpoints
-        .values_mut()
-        .filter(|c| c.state == CheckpointState::Pending)
-    {
+    for c in j.checkpoints.values_mut().filter(|c| c.state == CheckpointState::Pending) {
         c.state = CheckpointState::Aborted;
         c.ended_ms = now_ms.or(c.ended_ms);
         c.reason = Some(reason.to_string());
-        events.push(Event::CheckpointAborted {
-            job: job.clone(),
-            id: c.id,
-            reason: reason.to_string(),
-        });
+        events.push(Event::CheckpointAborted { job: job.clone(), id: c.id, reason: reason.to_string() });
     }
     events
 }
@@ -933,16 +868,8 @@ mod tests {
     /// A running job "a" with world size 2 in generation 1.
     fn running(keep_last: u32, max_restarts: u32) -> State {
         let mut s = State::default();
-        s.apply(Command::SubmitJob {
-            spec: spec("a", 2, keep_last, max_restarts),
-            now_ms: 1,
-        })
-        .unwrap();
-        s.apply(Command::StartJob {
-            job: name("a"),
-            generation: Generation(1),
-        })
-        .unwrap();
+        s.apply(Command::SubmitJob { spec: spec("a", 2, keep_last, max_restarts), now_ms: 1 }).unwrap();
+        s.apply(Command::StartJob { job: name("a"), generation: Generation(1) }).unwrap();
         s
     }
 
@@ -987,50 +914,28 @@ mod tests {
     fn submit_is_idempotent_and_refuses_a_different_spec() {
         let mut s = State::default();
         assert_eq!(
-            s.apply(Command::SubmitJob {
-                spec: spec("a", 2, 3, 10),
-                now_ms: 5
-            }),
+            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 5 }),
             Ok(vec![Event::JobSubmitted { job: name("a") }])
         );
         assert_eq!(job(&s).generation, Generation(1));
         assert_eq!(job(&s).state, JobState::Waiting);
         assert_eq!(
-            s.apply(Command::SubmitJob {
-                spec: spec("a", 2, 3, 10),
-                now_ms: 6
-            }),
+            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 6 }),
             Ok(vec![Event::JobAlreadySubmitted { job: name("a") }])
         );
-        let err = s
-            .apply(Command::SubmitJob {
-                spec: spec("a", 4, 3, 10),
-                now_ms: 7,
-            })
-            .unwrap_err();
+        let err = s.apply(Command::SubmitJob { spec: spec("a", 4, 3, 10), now_ms: 7 }).unwrap_err();
         assert_eq!(err.kind, RefusalKind::Conflict);
         assert!(err.message.contains("different spec"), "{err}");
         assert_eq!(job(&s).submitted_ms, 5);
         let mut bad = spec("b", 2, 3, 10);
         bad.world_size = 0;
-        assert_eq!(
-            kind(s.apply(Command::SubmitJob {
-                spec: bad,
-                now_ms: 1
-            })),
-            RefusalKind::Invalid
-        );
+        assert_eq!(kind(s.apply(Command::SubmitJob { spec: bad, now_ms: 1 })), RefusalKind::Invalid);
     }
 
     #[test]
     fn unknown_job_is_not_found() {
         let mut s = State::default();
-        let err = s
-            .apply(Command::StartJob {
-                job: name("x"),
-                generation: Generation(1),
-            })
-            .unwrap_err();
+        let err = s.apply(Command::StartJob { job: name("x"), generation: Generation(1) }).unwrap_err();
         assert_eq!(err.kind, RefusalKind::NotFound);
         assert!(err.message.contains("no job named x"));
     }
@@ -1042,11 +947,7 @@ mod tests {
         assert_eq!(kind(begin(&mut s, 2, 10, 1)), RefusalKind::Conflict);
         assert_eq!(
             begin(&mut s, 1, 10, 1),
-            Ok(vec![Event::CheckpointBegun {
-                job: name("a"),
-                id: CheckpointId(1),
-                step: Step(10)
-            }])
+            Ok(vec![Event::CheckpointBegun { job: name("a"), id: CheckpointId(1), step: Step(10) }])
         );
         // one in flight at a time
         assert_eq!(kind(begin(&mut s, 2, 20, 1)), RefusalKind::Conflict);
@@ -1057,14 +958,8 @@ mod tests {
         assert_eq!(err.kind, RefusalKind::Invalid);
         assert!(err.message.contains("missing ranks [0]"), "{err}");
         // a rank twice
-        assert_eq!(
-            kind(commit(&mut s, 1, vec![shard(1), shard(1)])),
-            RefusalKind::Invalid
-        );
-        assert_eq!(
-            job(&s).checkpoints[&CheckpointId(1)].state,
-            CheckpointState::Pending
-        );
+        assert_eq!(kind(commit(&mut s, 1, vec![shard(1), shard(1)])), RefusalKind::Invalid);
+        assert_eq!(job(&s).checkpoints[&CheckpointId(1)].state, CheckpointState::Pending);
         assert_eq!(
             commit(&mut s, 1, shards(2)),
             Ok(vec![Event::CheckpointCommitted {
@@ -1076,32 +971,19 @@ mod tests {
         );
         let c = &job(&s).checkpoints[&CheckpointId(1)];
         assert_eq!(c.state, CheckpointState::Committed);
-        assert_eq!(
-            c.shards.iter().map(|s| s.rank).collect::<Vec<_>>(),
-            vec![Rank(0), Rank(1)]
-        );
+        assert_eq!(c.shards.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![Rank(0), Rank(1)]);
         assert_eq!(c.bytes(), 200);
         assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
         // a committed checkpoint is never un-committed
         assert_eq!(kind(commit(&mut s, 1, shards(2))), RefusalKind::Conflict);
-        let abort = Command::AbortCheckpoint {
-            job: name("a"),
-            id: CheckpointId(1),
-            reason: "x".into(),
-            now_ms: 0,
-        };
+        let abort =
+            Command::AbortCheckpoint { job: name("a"), id: CheckpointId(1), reason: "x".into(), now_ms: 0 };
         assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
         assert_eq!(
-            kind(s.apply(Command::DeleteCheckpoint {
-                job: name("a"),
-                id: CheckpointId(1)
-            })),
+            kind(s.apply(Command::DeleteCheckpoint { job: name("a"), id: CheckpointId(1) })),
             RefusalKind::Conflict
         );
-        assert_eq!(
-            job(&s).checkpoints[&CheckpointId(1)].state,
-            CheckpointState::Committed
-        );
+        assert_eq!(job(&s).checkpoints[&CheckpointId(1)].state, CheckpointState::Committed);
         // the next step must be ahead of the committed one
         assert_eq!(kind(begin(&mut s, 2, 10, 1)), RefusalKind::Invalid);
         // wrong generation is fenced
@@ -1132,14 +1014,8 @@ mod tests {
         assert!(job(&s).latest_committed().is_none());
         // an aborted checkpoint can be collected
         assert_eq!(
-            s.apply(Command::DeleteCheckpoint {
-                job: name("a"),
-                id: CheckpointId(1)
-            }),
-            Ok(vec![Event::CheckpointDeleted {
-                job: name("a"),
-                id: CheckpointId(1)
-            }])
+            s.apply(Command::DeleteCheckpoint { job: name("a"), id: CheckpointId(1) }),
+            Ok(vec![Event::CheckpointDeleted { job: name("a"), id: CheckpointId(1) }])
         );
         // and the id is not reused
         assert_eq!(kind(begin(&mut s, 1, 20, 1)), RefusalKind::Conflict);
@@ -1155,22 +1031,12 @@ mod tests {
         }
         begin(&mut s, 3, 30, 1).unwrap();
         let events = commit(&mut s, 3, shards(2)).unwrap();
-        assert_eq!(
-            events[1],
-            Event::CheckpointDeleted {
-                job: name("a"),
-                id: CheckpointId(1)
-            }
-        );
+        assert_eq!(events[1], Event::CheckpointDeleted { job: name("a"), id: CheckpointId(1) });
         assert_eq!(events.len(), 2);
         let states: Vec<_> = job(&s).checkpoints.values().map(|c| c.state).collect();
         assert_eq!(
             states,
-            vec![
-                CheckpointState::Deleted,
-                CheckpointState::Committed,
-                CheckpointState::Committed
-            ]
+            vec![CheckpointState::Deleted, CheckpointState::Committed, CheckpointState::Committed]
         );
     }
 
@@ -1181,17 +1047,10 @@ mod tests {
             begin(&mut s, id, 10 * id, 1).unwrap();
             commit(&mut s, id, shards(2)).unwrap();
         }
-        let mark = Command::MarkCorrupt {
-            job: name("a"),
-            id: CheckpointId(2),
-            reason: "checksum".into(),
-        };
+        let mark = Command::MarkCorrupt { job: name("a"), id: CheckpointId(2), reason: "checksum".into() };
         assert_eq!(
             s.apply(mark.clone()),
-            Ok(vec![Event::CheckpointCorrupt {
-                job: name("a"),
-                id: CheckpointId(2)
-            }])
+            Ok(vec![Event::CheckpointCorrupt { job: name("a"), id: CheckpointId(2) }])
         );
         assert_eq!(s.apply(mark), Ok(vec![]));
         assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
@@ -1203,11 +1062,7 @@ mod tests {
         // a pending checkpoint cannot be marked corrupt
         let mut s = running(3, 10);
         begin(&mut s, 1, 10, 1).unwrap();
-        let mark = Command::MarkCorrupt {
-            job: name("a"),
-            id: CheckpointId(1),
-            reason: "x".into(),
-        };
+        let mark = Command::MarkCorrupt { job: name("a"), id: CheckpointId(1), reason: "x".into() };
         assert_eq!(kind(s.apply(mark)), RefusalKind::Conflict);
     }
 
@@ -1235,10 +1090,7 @@ mod tests {
                     from: Some(CheckpointId(1)),
                     reason: RestoreReason::WorkerRestarted
                 },
-                Event::JobState {
-                    job: name("a"),
-                    state: JobState::Restoring
-                },
+                Event::JobState { job: name("a"), state: JobState::Restoring },
             ])
         );
         assert_eq!(job(&s).generation, Generation(2));
@@ -1247,10 +1099,7 @@ mod tests {
         assert_eq!(kind(commit(&mut s, 2, shards(2))), RefusalKind::Conflict);
         // and old-generation commands are fenced
         assert_eq!(
-            kind(s.apply(Command::ResumeJob {
-                job: name("a"),
-                generation: Generation(1)
-            })),
+            kind(s.apply(Command::ResumeJob { job: name("a"), generation: Generation(1) })),
             RefusalKind::Fenced
         );
         // blocked, then resumed
@@ -1262,11 +1111,7 @@ mod tests {
         s.apply(block).unwrap();
         assert_eq!(job(&s).state, JobState::Blocked);
         assert_eq!(job(&s).error.as_deref(), Some("rank 1: needs 2 GiB"));
-        s.apply(Command::ResumeJob {
-            job: name("a"),
-            generation: Generation(2),
-        })
-        .unwrap();
+        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
         assert_eq!(job(&s).state, JobState::Running);
         assert_eq!(job(&s).error, None);
     }
@@ -1277,18 +1122,8 @@ mod tests {
         restore(&mut s, 2, None).unwrap();
         assert_eq!(job(&s).state, JobState::Restoring);
         let events = restore(&mut s, 3, None).unwrap();
-        assert_eq!(
-            events,
-            vec![Event::JobState {
-                job: name("a"),
-                state: JobState::Failed
-            }]
-        );
-        assert!(job(&s)
-            .error
-            .as_ref()
-            .unwrap()
-            .contains("exceed failure.max_restarts = 1"));
+        assert_eq!(events, vec![Event::JobState { job: name("a"), state: JobState::Failed }]);
+        assert!(job(&s).error.as_ref().unwrap().contains("exceed failure.max_restarts = 1"));
         // terminal: nothing moves any more
         assert_eq!(kind(restore(&mut s, 4, None)), RefusalKind::Conflict);
         assert_eq!(kind(begin(&mut s, 1, 10, 3)), RefusalKind::Conflict);
@@ -1298,43 +1133,25 @@ mod tests {
     fn finish_records_the_digest_and_is_terminal() {
         let mut s = running(3, 10);
         begin(&mut s, 1, 10, 1).unwrap();
-        let finish = Command::FinishJob {
-            job: name("a"),
-            generation: Generation(1),
-            digest: "ab12".into(),
-        };
+        let finish = Command::FinishJob { job: name("a"), generation: Generation(1), digest: "ab12".into() };
         let events = s.apply(finish.clone()).unwrap();
-        assert_eq!(
-            events.last(),
-            Some(&Event::JobState {
-                job: name("a"),
-                state: JobState::Succeeded
-            })
-        );
+        assert_eq!(events.last(), Some(&Event::JobState { job: name("a"), state: JobState::Succeeded }));
         assert_eq!(job(&s).final_digest.as_deref(), Some("ab12"));
-        assert_eq!(
-            job(&s).checkpoints[&CheckpointId(1)].state,
-            CheckpointState::Aborted
-        );
+        assert_eq!(job(&s).checkpoints[&CheckpointId(1)].state, CheckpointState::Aborted);
         assert_eq!(kind(s.apply(finish)), RefusalKind::Conflict);
-        let fail = Command::FailJob {
-            job: name("a"),
-            error: "x".into(),
-        };
+        let fail = Command::FailJob { job: name("a"), error: "x".into() };
         assert_eq!(kind(s.apply(fail)), RefusalKind::Conflict);
     }
 
     #[test]
     fn replicas_applying_the_same_log_agree_and_snapshots_round_trip() {
         let log = vec![
-            Command::SubmitJob {
-                spec: spec("a", 2, 2, 10),
-                now_ms: 1,
+            Command::Announce {
+                node: NodeId(2),
+                info: NodeInfo { http_url: "http://127.0.0.1:9202".into(), api_addr: None },
             },
-            Command::StartJob {
-                job: name("a"),
-                generation: Generation(1),
-            },
+            Command::SubmitJob { spec: spec("a", 2, 2, 10), now_ms: 1 },
+            Command::StartJob { job: name("a"), generation: Generation(1) },
             Command::BeginCheckpoint {
                 job: name("a"),
                 id: CheckpointId(1),
@@ -1342,19 +1159,9 @@ mod tests {
                 generation: Generation(1),
                 now_ms: 2,
             },
-            Command::CommitCheckpoint {
-                job: name("a"),
-                id: CheckpointId(1),
-                shards: shards(2),
-                now_ms: 3,
-            },
+            Command::CommitCheckpoint { job: name("a"), id: CheckpointId(1), shards: shards(2), now_ms: 3 },
             // a refused command changes nothing, on every replica alike
-            Command::CommitCheckpoint {
-                job: name("a"),
-                id: CheckpointId(1),
-                shards: shards(2),
-                now_ms: 4,
-            },
+            Command::CommitCheckpoint { job: name("a"), id: CheckpointId(1), shards: shards(2), now_ms: 4 },
             Command::Restore {
                 job: name("a"),
                 generation: Generation(2),

@@ -66,50 +66,30 @@ impl LogStore {
             ..Config::default()
         };
         let engine = Engine::open(cfg)?;
-        let hard_state = engine
-            .get_message::<HardState>(GROUP, KEY_HARD_STATE)?
-            .unwrap_or_default();
+        let hard_state = engine.get_message::<HardState>(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
         let snapshot_meta = engine.get_message::<SnapshotMetadata>(GROUP, KEY_SNAPSHOT_META)?;
         let mut snapshot = Snapshot::default();
         if let Some(meta) = snapshot_meta {
             snapshot.set_metadata(meta);
-            snapshot.data = engine
-                .get(GROUP, KEY_SNAPSHOT_DATA)
-                .unwrap_or_default()
-                .into();
+            snapshot.data = engine.get(GROUP, KEY_SNAPSHOT_DATA).unwrap_or_default().into();
         }
         let mut store = match engine.get_message::<ConfState>(GROUP, KEY_CONF_STATE)? {
-            Some(conf_state) => Self {
-                engine,
-                hard_state,
-                conf_state,
-                snapshot,
-            },
+            Some(conf_state) => Self { engine, hard_state, conf_state, snapshot },
             None => {
                 let conf_state = ConfState::from((voters.to_vec(), vec![]));
-                let mut store = Self {
-                    engine,
-                    hard_state,
-                    conf_state: conf_state.clone(),
-                    snapshot,
-                };
+                let mut store = Self { engine, hard_state, conf_state: conf_state.clone(), snapshot };
                 let mut batch = LogBatch::default();
                 batch.put_message(GROUP, KEY_CONF_STATE.to_vec(), &conf_state)?;
                 store.write(&mut batch)?;
                 store
             }
         };
-        store
-            .snapshot
-            .mut_metadata()
-            .set_conf_state(store.conf_state.clone());
+        store.snapshot.mut_metadata().set_conf_state(store.conf_state.clone());
         Ok(store)
     }
 
     fn write(&mut self, batch: &mut LogBatch) -> Result<(), StoreError> {
-        fail::fail_point!("log_store::write::err", |_| Err(StoreError::Injected(
-            "log_store::write::err"
-        )));
+        fail::fail_point!("log_store::write::err", |_| Err(StoreError::Injected("log_store::write::err")));
         self.engine.write(batch, true)?;
         Ok(())
     }
@@ -134,9 +114,7 @@ impl LogStore {
         hard_state: Option<&HardState>,
     ) -> Result<(), StoreError> {
         let mut batch = LogBatch::default();
-        let mut next_hs = hard_state
-            .cloned()
-            .unwrap_or_else(|| self.hard_state.clone());
+        let mut next_hs = hard_state.cloned().unwrap_or_else(|| self.hard_state.clone());
         let mut next_snapshot = None;
         if let Some(snap) = snapshot.filter(|s| !s.is_empty()) {
             let meta = snap.get_metadata();
@@ -181,9 +159,7 @@ impl LogStore {
     /// and drops the log entries it covers.
     pub fn compact(&mut self, index: u64, data: Vec<u8>) -> Result<(), StoreError> {
         let term = raft::Storage::term(self, index).map_err(|e| {
-            StoreError::Engine(raft_engine::Error::InvalidArgument(format!(
-                "no term for index {index}: {e}"
-            )))
+            StoreError::Engine(raft_engine::Error::InvalidArgument(format!("no term for index {index}: {e}")))
         })?;
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = index;
@@ -202,15 +178,11 @@ impl LogStore {
     }
 
     fn first(&self) -> u64 {
-        self.engine
-            .first_index(GROUP)
-            .unwrap_or(self.snapshot.get_metadata().index + 1)
+        self.engine.first_index(GROUP).unwrap_or(self.snapshot.get_metadata().index + 1)
     }
 
     fn last(&self) -> u64 {
-        self.engine
-            .last_index(GROUP)
-            .unwrap_or(self.snapshot.get_metadata().index)
+        self.engine.last_index(GROUP).unwrap_or(self.snapshot.get_metadata().index)
     }
 }
 
@@ -224,10 +196,7 @@ fn storage_err(e: raft_engine::Error) -> raft::Error {
 
 impl raft::Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(
-            self.hard_state.clone(),
-            self.conf_state.clone(),
-        ))
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
     }
 
     fn entries(
@@ -246,10 +215,7 @@ impl raft::Storage for LogStore {
         if high > self.last() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let max_size = max_size
-            .into()
-            .filter(|&m| m != raft::NO_LIMIT)
-            .map(|m| m as usize);
+        let max_size = max_size.into().filter(|&m| m != raft::NO_LIMIT).map(|m| m as usize);
         let mut out = Vec::with_capacity((high - low) as usize);
         self.engine
             .fetch_entries_to::<EntryExt>(GROUP, low, high, max_size, &mut out)
@@ -271,11 +237,7 @@ impl raft::Storage for LogStore {
         if idx > self.last() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        match self
-            .engine
-            .get_entry::<EntryExt>(GROUP, idx)
-            .map_err(storage_err)?
-        {
+        match self.engine.get_entry::<EntryExt>(GROUP, idx).map_err(storage_err)? {
             Some(e) => Ok(e.term),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
@@ -293,9 +255,7 @@ impl raft::Storage for LogStore {
         let meta = self.snapshot.get_metadata();
         if meta.index == 0 || meta.index < request_index {
             // the node takes a fresh one at its next compaction check
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         Ok(self.snapshot.clone())
     }
@@ -317,21 +277,11 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        Entry {
-            index,
-            term,
-            data: format!("cmd-{index}").into_bytes().into(),
-            ..Default::default()
-        }
+        Entry { index, term, data: format!("cmd-{index}").into_bytes().into(), ..Default::default() }
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        HardState {
-            term,
-            vote,
-            commit,
-            ..Default::default()
-        }
+        HardState { term, vote, commit, ..Default::default() }
     }
 
     #[test]
@@ -341,10 +291,7 @@ mod tests {
         let state = store.initial_state().unwrap();
         assert_eq!(state.conf_state.voters, vec![1, 2, 3]);
         assert_eq!(state.hard_state, HardState::default());
-        assert_eq!(
-            (store.first_index().unwrap(), store.last_index().unwrap()),
-            (1, 0)
-        );
+        assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (1, 0));
         assert_eq!(store.term(0).unwrap(), 0);
     }
 
@@ -357,36 +304,22 @@ mod tests {
             store.persist(None, &entries, Some(&hs(2, 3, 0))).unwrap();
             store.set_commit(4).unwrap();
             // a conflicting suffix from a new leader replaces the tail
-            store
-                .persist(None, &[entry(4, 3)], Some(&hs(3, 1, 4)))
-                .unwrap();
+            store.persist(None, &[entry(4, 3)], Some(&hs(3, 1, 4))).unwrap();
         }
         let store = LogStore::open(dir.path(), &[9]).unwrap();
         let state = store.initial_state().unwrap();
         assert_eq!(state.hard_state, hs(3, 1, 4));
-        assert_eq!(
-            state.conf_state.voters,
-            vec![1, 2, 3],
-            "membership comes from the log, not the flags"
-        );
+        assert_eq!(state.conf_state.voters, vec![1, 2, 3], "membership comes from the log, not the flags");
         assert_eq!(store.last_index().unwrap(), 4);
         assert_eq!(store.term(4).unwrap(), 3);
-        let got = store
-            .entries(1, 5, None, GetEntriesContext::empty(false))
-            .unwrap();
+        let got = store.entries(1, 5, None, GetEntriesContext::empty(false)).unwrap();
         assert_eq!(
             got.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
             vec![(1, 2), (2, 2), (3, 2), (4, 3)]
         );
         assert_eq!(&got[0].data[..], b"cmd-1");
         // size limits still return at least one entry
-        assert_eq!(
-            store
-                .entries(1, 5, 1, GetEntriesContext::empty(false))
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(store.entries(1, 5, 1, GetEntriesContext::empty(false)).unwrap().len(), 1);
     }
 
     #[test]
@@ -398,9 +331,7 @@ mod tests {
             store.persist(None, &entries, Some(&hs(1, 1, 10))).unwrap();
             assert!(matches!(
                 store.snapshot(0, 2),
-                Err(raft::Error::Store(
-                    StorageError::SnapshotTemporarilyUnavailable
-                ))
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
             ));
             store.compact(7, b"state@7".to_vec()).unwrap();
         }
@@ -408,19 +339,13 @@ mod tests {
         assert_eq!(store.first_index().unwrap(), 8);
         assert_eq!(store.last_index().unwrap(), 10);
         assert_eq!(store.term(7).unwrap(), 1);
-        assert!(matches!(
-            store.term(6),
-            Err(raft::Error::Store(StorageError::Compacted))
-        ));
+        assert!(matches!(store.term(6), Err(raft::Error::Store(StorageError::Compacted))));
         assert!(matches!(
             store.entries(5, 9, None, GetEntriesContext::empty(false)),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
         let snap = store.snapshot(0, 2).unwrap();
-        assert_eq!(
-            (snap.get_metadata().index, &snap.data[..]),
-            (7, &b"state@7"[..])
-        );
+        assert_eq!((snap.get_metadata().index, &snap.data[..]), (7, &b"state@7"[..]));
         assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1]);
     }
 
@@ -428,22 +353,16 @@ mod tests {
     fn a_received_snapshot_replaces_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = LogStore::open(dir.path(), &[1, 2, 3]).unwrap();
-        store
-            .persist(None, &[entry(1, 1), entry(2, 1)], Some(&hs(1, 2, 1)))
-            .unwrap();
+        store.persist(None, &[entry(1, 1), entry(2, 1)], Some(&hs(1, 2, 1))).unwrap();
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 50;
         snap.mut_metadata().term = 4;
-        snap.mut_metadata()
-            .set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
+        snap.mut_metadata().set_conf_state(ConfState::from((vec![1, 2, 3], vec![])));
         snap.data = b"state@50".to_vec().into();
         store.persist(Some(&snap), &[], None).unwrap();
         drop(store);
         let mut store = LogStore::open(dir.path(), &[1, 2, 3]).unwrap();
-        assert_eq!(
-            (store.first_index().unwrap(), store.last_index().unwrap()),
-            (51, 50)
-        );
+        assert_eq!((store.first_index().unwrap(), store.last_index().unwrap()), (51, 50));
         assert_eq!(store.term(50).unwrap(), 4);
         assert_eq!(store.hard_state().commit, 50);
         assert_eq!(store.hard_state().term, 4);
@@ -455,12 +374,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip_and_garbage_is_an_error() {
-        let mut m = raft::eraftpb::Message {
-            from: 1,
-            to: 2,
-            term: 7,
-            ..Default::default()
-        };
+        let mut m = raft::eraftpb::Message { from: 1, to: 2, term: 7, ..Default::default() };
         m.set_entries(vec![entry(3, 7)].into());
         assert_eq!(decode_message(&encode_message(&m)).unwrap(), m);
         assert!(decode_message(&[0xff, 0xff, 0xff]).is_err());

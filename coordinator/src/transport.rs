@@ -49,14 +49,7 @@ impl PeerTransport {
         for (id, addr) in peers.into_iter().filter(|(id, _)| *id != me) {
             let (tx, rx) = mpsc::channel(QUEUE);
             queues.insert(id.0, tx);
-            tokio::spawn(peer_sender(
-                me,
-                id,
-                addr,
-                token.clone(),
-                rx,
-                shutdown.clone(),
-            ));
+            tokio::spawn(peer_sender(me, id, addr, token.clone(), rx, shutdown.clone()));
         }
         Self { queues }
     }
@@ -141,14 +134,9 @@ async fn connect(me: NodeId, addr: &str, token: Option<String>) -> Result<PeerCo
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let (conn, _) = client_handshake(
-        stream,
-        PeerRole::Coordinator { node: me },
-        token,
-        PEER_MAX_FRAME,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let (conn, _) = client_handshake(stream, PeerRole::Coordinator { node: me }, token, PEER_MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(conn)
 }
 
@@ -191,14 +179,10 @@ async fn serve_peer(
     inbox: mpsc::Sender<Message>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let (mut conn, hello) = server_handshake::<_, PeerMessage, PeerMessage>(
-        stream,
-        me,
-        token.as_deref(),
-        PEER_MAX_FRAME,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    let (mut conn, hello) =
+        server_handshake::<_, PeerMessage, PeerMessage>(stream, me, token.as_deref(), PEER_MAX_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
     let PeerRole::Coordinator { node: from } = hello.role else {
         return Err("a worker connected to the raft port; workers use --api-addr".into());
     };
@@ -215,10 +199,7 @@ async fn serve_peer(
             let msg = decode_message(&bytes)
                 .map_err(|e| format!("undecodable raft message from node {from}: {e}"))?;
             if msg.from != from.0 {
-                return Err(format!(
-                    "node {from} sent a message claiming to be from node {}",
-                    msg.from
-                ));
+                return Err(format!("node {from} sent a message claiming to be from node {}", msg.from));
             }
             if inbox.send(msg).await.is_err() {
                 return Ok(());

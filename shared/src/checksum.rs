@@ -40,15 +40,12 @@ impl fmt::Display for Checksum {
 impl std::str::FromStr for Checksum {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex = s
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| format!("checksum {s:?} does not start with {PREFIX:?}"))?;
+        let hex =
+            s.strip_prefix(PREFIX).ok_or_else(|| format!("checksum {s:?} does not start with {PREFIX:?}"))?;
         if hex.len() != 8 {
             return Err(format!("checksum {s:?} must have 8 hex digits"));
         }
-        u32::from_str_radix(hex, 16)
-            .map(Checksum)
-            .map_err(|_| format!("checksum {s:?} is not hexadecimal"))
+        u32::from_str_radix(hex, 16).map(Checksum).map_err(|_| format!("checksum {s:?} is not hexadecimal"))
     }
 }
 

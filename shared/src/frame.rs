@@ -77,26 +77,14 @@ pub struct FrameCodec<In, Out> {
 impl<In, Out> FrameCodec<In, Out> {
     /// A codec refusing frames longer than `max` bytes.
     pub fn new(max: usize) -> Self {
-        let inner = LengthDelimitedCodec::builder()
-            .length_field_type::<u32>()
-            .max_frame_length(max)
-            .new_codec();
-        Self {
-            inner,
-            max,
-            in_body: false,
-            _types: PhantomData,
-        }
+        let inner =
+            LengthDelimitedCodec::builder().length_field_type::<u32>().max_frame_length(max).new_codec();
+        Self { inner, max, in_body: false, _types: PhantomData }
     }
 
     /// The same framing state with other message types (after the handshake).
     pub fn retype<In2, Out2>(self) -> FrameCodec<In2, Out2> {
-        FrameCodec {
-            inner: self.inner,
-            max: self.max,
-            in_body: self.in_body,
-            _types: PhantomData,
-        }
+        FrameCodec { inner: self.inner, max: self.max, in_body: self.in_body, _types: PhantomData }
     }
 }
 
@@ -127,9 +115,7 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         if version != PROTOCOL_VERSION {
             return Err(FrameError::Version { got: version });
         }
-        rmp_serde::from_slice(&frame)
-            .map(Some)
-            .map_err(|e| FrameError::Malformed(e.to_string()))
+        rmp_serde::from_slice(&frame).map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<In>, FrameError> {
@@ -147,14 +133,10 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), FrameError> {
         let mut body = BytesMut::new().writer();
         body.get_mut().put_u8(PROTOCOL_VERSION);
-        rmp_serde::encode::write_named(&mut body, &item)
-            .map_err(|e| FrameError::Encode(e.to_string()))?;
+        rmp_serde::encode::write_named(&mut body, &item).map_err(|e| FrameError::Encode(e.to_string()))?;
         let body = body.into_inner().freeze();
         if body.len() > self.max {
-            return Err(FrameError::TooLarge {
-                len: body.len() as u64,
-                max: self.max,
-            });
+            return Err(FrameError::TooLarge { len: body.len() as u64, max: self.max });
         }
         self.inner.encode(body, dst)?;
         Ok(())
@@ -196,12 +178,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = Framed::new(io, FrameCodec::<HelloReply, Hello>::new(max_frame));
-    conn.send(Hello {
-        version: PROTOCOL_VERSION,
-        role,
-        token,
-    })
-    .await?;
+    conn.send(Hello { version: PROTOCOL_VERSION, role, token }).await?;
     let node = match conn.next().await {
         None => return Err(HandshakeError::Closed),
         Some(reply) => match reply? {
@@ -214,11 +191,7 @@ where
 
 /// Compares secrets in time independent of where they differ.
 pub fn token_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Server side: reads the client's `Hello` (within [`HELLO_TIMEOUT`]),
@@ -253,8 +226,7 @@ where
             (Some(want), Some(got)) if token_eq(want, got) => None,
             (Some(_), _) => Some(ErrorReply {
                 code: ErrorCode::Unauthorized,
-                message: "missing or wrong token; pass the cluster's token with --token-file"
-                    .into(),
+                message: "missing or wrong token; pass the cluster's token with --token-file".into(),
             }),
             (None, _) => None,
         }
@@ -309,22 +281,14 @@ mod tests {
                 step: Step(0),
             },
             heartbeat(),
-            WorkerMessage::ShardSaved {
-                generation: Generation(1),
-                checkpoint: CheckpointId(7),
-                manifest,
-            },
+            WorkerMessage::ShardSaved { generation: Generation(1), checkpoint: CheckpointId(7), manifest },
             WorkerMessage::RestoreFailed {
                 generation: Generation(3),
                 checkpoint: Some(CheckpointId(7)),
                 kind: RestoreFailureKind::DeviceMemory,
                 message: "rank 2 on GPU 0: restore needs 12.4 GiB, 3.1 GiB free".into(),
             },
-            WorkerMessage::Finished {
-                generation: Generation(3),
-                step: Step(2000),
-                digest: "ab".into(),
-            },
+            WorkerMessage::Finished { generation: Generation(3), step: Step(2000), digest: "ab".into() },
         ];
         let mut codec = Codec::new(DEFAULT_MAX_FRAME);
         let mut buf = BytesMut::new();
@@ -353,15 +317,10 @@ mod tests {
     fn truncated_stream_is_an_error_not_a_hang() {
         let full = encoded(heartbeat());
         let mut buf = BytesMut::from(&full[..full.len() - 2]);
-        let err = Codec::new(DEFAULT_MAX_FRAME)
-            .decode_eof(&mut buf)
-            .unwrap_err();
+        let err = Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut buf).unwrap_err();
         assert!(matches!(err, FrameError::Truncated(_)), "{err}");
         let mut empty = BytesMut::new();
-        assert!(Codec::new(DEFAULT_MAX_FRAME)
-            .decode_eof(&mut empty)
-            .unwrap()
-            .is_none());
+        assert!(Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut empty).unwrap().is_none());
     }
 
     #[test]
@@ -370,23 +329,12 @@ mod tests {
         buf.put_u32(u32::MAX);
         buf.put_u8(PROTOCOL_VERSION);
         let err = Codec::new(1024).decode(&mut buf).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "frame of 4294967295 bytes exceeds the limit of 1024 bytes"
-        );
+        assert_eq!(err.to_string(), "frame of 4294967295 bytes exceeds the limit of 1024 bytes");
         assert!(buf.capacity() < 1024, "buffer grew to {}", buf.capacity());
         // and the sender refuses to produce one
-        let big = WorkerMessage::TrainerFailed {
-            generation: Generation(1),
-            reason: "x".repeat(2000),
-        };
-        let err = Codec::new(1024)
-            .encode(big, &mut BytesMut::new())
-            .unwrap_err();
-        assert!(
-            matches!(err, FrameError::TooLarge { max: 1024, .. }),
-            "{err}"
-        );
+        let big = WorkerMessage::TrainerFailed { generation: Generation(1), reason: "x".repeat(2000) };
+        let err = Codec::new(1024).encode(big, &mut BytesMut::new()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }), "{err}");
     }
 
     #[test]
@@ -394,16 +342,10 @@ mod tests {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (vec![0, 0, 0, 0], "empty frame"),
             (vec![0, 0, 0, 1, 9], "protocol version 9"),
-            (
-                vec![0, 0, 0, 4, PROTOCOL_VERSION, 0xc1, 0xff, 0x00],
-                "malformed frame",
-            ),
+            (vec![0, 0, 0, 4, PROTOCOL_VERSION, 0xc1, 0xff, 0x00], "malformed frame"),
             (vec![0, 0, 0, 1, PROTOCOL_VERSION], "malformed frame"),
             // a valid msgpack string that is not a message
-            (
-                vec![0, 0, 0, 3, PROTOCOL_VERSION, 0xa1, b'x'],
-                "malformed frame",
-            ),
+            (vec![0, 0, 0, 3, PROTOCOL_VERSION, 0xa1, b'x'], "malformed frame"),
         ];
         for (bytes, want) in cases {
             let mut buf = BytesMut::from(&bytes[..]);
@@ -442,13 +384,8 @@ mod tests {
     async fn handshake_accepts_right_token_and_refuses_wrong_one() {
         let (client, server) = tokio::io::duplex(4096);
         let srv = tokio::spawn(async move {
-            server_handshake::<_, WorkerMessage, CoordinatorMessage>(
-                server,
-                NodeId(3),
-                Some("s3cret"),
-                4096,
-            )
-            .await
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(3), Some("s3cret"), 4096)
+                .await
         });
         let (mut conn, node) = client_handshake::<_, CoordinatorMessage, WorkerMessage>(
             client,
@@ -490,10 +427,7 @@ mod tests {
                 }
                 other => panic!("unexpected {other}"),
             }
-            assert!(matches!(
-                srv.await.unwrap(),
-                Err(HandshakeError::Rejected(_))
-            ));
+            assert!(matches!(srv.await.unwrap(), Err(HandshakeError::Rejected(_))));
         }
     }
 
@@ -502,13 +436,9 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, server) = tokio::io::duplex(4096);
         let srv = tokio::spawn(async move {
-            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(1), None, 4096)
-                .await
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(1), None, 4096).await
         });
-        client
-            .write_all(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xde, 0xad])
-            .await
-            .unwrap();
+        client.write_all(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xde, 0xad]).await.unwrap();
         let err = srv.await.unwrap().unwrap_err();
         assert!(err.to_string().contains("malformed frame"), "{err}");
     }

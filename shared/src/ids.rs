@@ -67,10 +67,7 @@ impl JobName {
             Some("it is empty")
         } else if name.len() > 63 {
             Some("it is longer than 63 characters")
-        } else if !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             Some("it has a character outside a-z, 0-9 and '-'")
         } else {
             None

@@ -49,17 +49,10 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let manifest = read_manifest_if_any(&dir)?;
         let header = read_header(path, &shard_label(manifest.as_ref(), path))?;
-        return Ok(Inspection {
-            dir,
-            manifest,
-            shards: vec![(path.to_path_buf(), header)],
-        });
+        return Ok(Inspection { dir, manifest, shards: vec![(path.to_path_buf(), header)] });
     }
     if !path.is_dir() {
-        return Err(InspectError::NotACheckpoint(format!(
-            "{} does not exist",
-            path.display()
-        )));
+        return Err(InspectError::NotACheckpoint(format!("{} does not exist", path.display())));
     }
     let job = JobDir::at(path);
     let dir = if job.latest_path().exists() {
@@ -67,20 +60,14 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
         job.checkpoint_dir(id)
     } else {
         let is_ckpt = path.join(MANIFEST_FILE).exists()
-            || path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(parse_checkpoint_dir_name)
-                .is_some();
+            || path.file_name().and_then(|n| n.to_str()).and_then(parse_checkpoint_dir_name).is_some();
         if !is_ckpt {
             let dirs = job.list_checkpoint_dirs()?;
             let hint = match dirs.last() {
                 Some((_, last)) => {
                     format!("; inspect one checkpoint directly, e.g. {}", last.display())
                 }
-                None => String::from(
-                    "; pass a job's checkpoint root (<root>/<job>) or a ckpt-* directory",
-                ),
+                None => String::from("; pass a job's checkpoint root (<root>/<job>) or a ckpt-* directory"),
             };
             return Err(InspectError::NotACheckpoint(format!(
                 "{} has no LATEST, so no checkpoint there was ever committed{hint}",
@@ -94,10 +81,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
         Some(m) => m.ranks.iter().map(|r| dir.join(&r.file)).collect(),
         None => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|source| LayoutError::Io {
-                    path: dir.clone(),
-                    source,
-                })?
+                .map_err(|source| LayoutError::Io { path: dir.clone(), source })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
                     p.file_name()
@@ -114,11 +98,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
         let header = read_header(&file, &shard_label(manifest.as_ref(), &file))?;
         shards.push((file, header));
     }
-    Ok(Inspection {
-        dir,
-        manifest,
-        shards,
-    })
+    Ok(Inspection { dir, manifest, shards })
 }
 
 fn read_manifest_if_any(dir: &Path) -> Result<Option<Manifest>, LayoutError> {
@@ -141,20 +121,10 @@ impl Inspection {
         })?;
         let mut variables = 0;
         for (file, _) in &self.shards {
-            let name = file
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default();
-            let entry = manifest
-                .ranks
-                .iter()
-                .find(|r| r.file == name)
-                .ok_or_else(|| {
-                    InspectError::NotACheckpoint(format!(
-                        "{} is not listed in {MANIFEST_FILE}",
-                        file.display()
-                    ))
-                })?;
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let entry = manifest.ranks.iter().find(|r| r.file == name).ok_or_else(|| {
+                InspectError::NotACheckpoint(format!("{} is not listed in {MANIFEST_FILE}", file.display()))
+            })?;
             let shard = Shard::read_verified(
                 file,
                 &format!("checkpoint {} rank {}", manifest.id, entry.rank),

@@ -52,9 +52,7 @@ pub struct JobDir {
 impl JobDir {
     /// `<root>/<job>`.
     pub fn new(root: &Path, job: &JobName) -> Self {
-        Self {
-            dir: root.join(job.as_str()),
-        }
+        Self { dir: root.join(job.as_str()) }
     }
 
     /// A job directory given directly (e.g. by `flotilla inspect`).
@@ -86,14 +84,9 @@ impl JobDir {
     pub fn read_latest(&self) -> Result<Option<CheckpointId>, LayoutError> {
         let path = self.latest_path();
         match std::fs::read_to_string(&path) {
-            Ok(text) => text
-                .trim()
-                .parse()
-                .map(|n| Some(CheckpointId(n)))
-                .map_err(|_| LayoutError::Invalid {
-                    path,
-                    why: format!("{:?} is not a checkpoint id", text.trim()),
-                }),
+            Ok(text) => text.trim().parse().map(|n| Some(CheckpointId(n))).map_err(|_| {
+                LayoutError::Invalid { path, why: format!("{:?} is not a checkpoint id", text.trim()) }
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(LayoutError::Io { path, source }),
         }
@@ -111,24 +104,12 @@ impl JobDir {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(LayoutError::Io {
-                    path: self.dir.clone(),
-                    source,
-                })
-            }
+            Err(source) => return Err(LayoutError::Io { path: self.dir.clone(), source }),
         };
         let mut out = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| LayoutError::Io {
-                path: self.dir.clone(),
-                source,
-            })?;
-            if let Some(id) = entry
-                .file_name()
-                .to_str()
-                .and_then(parse_checkpoint_dir_name)
-            {
+            let entry = entry.map_err(|source| LayoutError::Io { path: self.dir.clone(), source })?;
+            if let Some(id) = entry.file_name().to_str().and_then(parse_checkpoint_dir_name) {
                 out.push((id, entry.path()));
             }
         }
@@ -167,9 +148,7 @@ impl Manifest {
 
     /// Milliseconds since the epoch, now.
     pub fn now_unix_ms() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
     /// Total bytes of all shards.
@@ -180,11 +159,7 @@ impl Manifest {
     /// Checks internal consistency: one shard per rank, in order.
     pub fn validate(&self) -> Result<(), String> {
         if self.ranks.len() != self.world_size as usize {
-            return Err(format!(
-                "lists {} shards for world_size {}",
-                self.ranks.len(),
-                self.world_size
-            ));
+            return Err(format!("lists {} shards for world_size {}", self.ranks.len(), self.world_size));
         }
         for (i, shard) in self.ranks.iter().enumerate() {
             if shard.rank.0 as usize != i {
@@ -197,18 +172,10 @@ impl Manifest {
     /// Reads and validates `<dir>/MANIFEST.json`.
     pub fn read(checkpoint_dir: &Path) -> Result<Self, LayoutError> {
         let path = checkpoint_dir.join(MANIFEST_FILE);
-        let text = std::fs::read(&path).map_err(|source| LayoutError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let manifest: Manifest =
-            serde_json::from_slice(&text).map_err(|e| LayoutError::Invalid {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
-        manifest
-            .validate()
-            .map_err(|why| LayoutError::Invalid { path, why })?;
+        let text = std::fs::read(&path).map_err(|source| LayoutError::Io { path: path.clone(), source })?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| LayoutError::Invalid { path: path.clone(), why: e.to_string() })?;
+        manifest.validate().map_err(|why| LayoutError::Invalid { path, why })?;
         Ok(manifest)
     }
 
@@ -250,14 +217,8 @@ mod tests {
     #[test]
     fn names() {
         assert_eq!(checkpoint_dir_name(CheckpointId(7)), "ckpt-00000007");
-        assert_eq!(
-            parse_checkpoint_dir_name("ckpt-00000007"),
-            Some(CheckpointId(7))
-        );
-        assert_eq!(
-            parse_checkpoint_dir_name("ckpt-123456789"),
-            Some(CheckpointId(123_456_789))
-        );
+        assert_eq!(parse_checkpoint_dir_name("ckpt-00000007"), Some(CheckpointId(7)));
+        assert_eq!(parse_checkpoint_dir_name("ckpt-123456789"), Some(CheckpointId(123_456_789)));
         assert_eq!(parse_checkpoint_dir_name("ckpt-7"), None);
         assert_eq!(parse_checkpoint_dir_name(".ckpt-00000007.tmp"), None);
         assert_eq!(shard_file_name(Rank(2)), "rank-00002.safetensors");
@@ -278,19 +239,10 @@ mod tests {
         durable::create_dir_all_durable(&job.checkpoint_dir(CheckpointId(3))).unwrap();
         job.write_latest(CheckpointId(12)).unwrap();
         assert_eq!(job.read_latest().unwrap(), Some(CheckpointId(12)));
-        let ids: Vec<_> = job
-            .list_checkpoint_dirs()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids: Vec<_> = job.list_checkpoint_dirs().unwrap().into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, vec![CheckpointId(3), CheckpointId(12)]);
         std::fs::write(job.latest_path(), "x").unwrap();
-        assert!(job
-            .read_latest()
-            .unwrap_err()
-            .to_string()
-            .contains("not a checkpoint id"));
+        assert!(job.read_latest().unwrap_err().to_string().contains("not a checkpoint id"));
     }
 
     #[test]
@@ -319,9 +271,6 @@ mod tests {
         assert_eq!(m.bytes(), 20);
         m.ranks.swap(0, 1);
         m.write(dir.path()).unwrap();
-        assert!(Manifest::read(dir.path())
-            .unwrap_err()
-            .to_string()
-            .contains("entry 0 is for rank 1"));
+        assert!(Manifest::read(dir.path()).unwrap_err().to_string().contains("entry 0 is for rank 1"));
     }
 }

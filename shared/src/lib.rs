@@ -17,4 +17,6 @@ pub mod spec;
 pub mod wire;
 
 #[cfg(target_endian = "big")]
-compile_error!("flotilla writes safetensors (little-endian) by copying memory; big-endian hosts are not supported");
+compile_error!(
+    "flotilla writes safetensors (little-endian) by copying memory; big-endian hosts are not supported"
+);

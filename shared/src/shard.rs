@@ -48,11 +48,7 @@ pub struct VariableSpec {
 impl VariableSpec {
     /// A variable spec.
     pub fn new(name: impl Into<String>, dtype: Dtype, shape: Vec<usize>) -> Self {
-        Self {
-            name: name.into(),
-            dtype,
-            shape,
-        }
+        Self { name: name.into(), dtype, shape }
     }
 
     /// Number of elements (1 for a scalar).
@@ -95,21 +91,14 @@ impl ShardMeta {
 
     fn from_map(map: Option<&HashMap<String, String>>) -> Result<Self, String> {
         let map = map.ok_or("the header has no __metadata__")?;
-        let get = |key: &str| {
-            map.get(key)
-                .ok_or_else(|| format!("__metadata__ has no `{key}`"))
-        };
+        let get = |key: &str| map.get(key).ok_or_else(|| format!("__metadata__ has no `{key}`"));
         let num = |key: &str| -> Result<u64, String> {
-            get(key)?
-                .parse()
-                .map_err(|_| format!("__metadata__ `{key}` is not a number"))
+            get(key)?.parse().map_err(|_| format!("__metadata__ `{key}` is not a number"))
         };
         Ok(Self {
             job: JobName::new(get("job")?.as_str()).map_err(|e| e.to_string())?,
             checkpoint: CheckpointId(num("checkpoint")?),
-            rank: Rank(
-                u32::try_from(num("rank")?).map_err(|_| "__metadata__ `rank` is too large")?,
-            ),
+            rank: Rank(u32::try_from(num("rank")?).map_err(|_| "__metadata__ `rank` is too large")?),
             step: Step(num("step")?),
             generation: Generation(num("generation")?),
         })
@@ -150,10 +139,7 @@ pub struct ShardManifest {
 impl ShardManifest {
     /// The variables of the shard (what a model must declare to load it).
     pub fn variables(&self) -> Vec<VariableSpec> {
-        self.tensors
-            .iter()
-            .map(|t| VariableSpec::new(t.name.clone(), t.dtype, t.shape.clone()))
-            .collect()
+        self.tensors.iter().map(|t| VariableSpec::new(t.name.clone(), t.dtype, t.shape.clone())).collect()
     }
 }
 
@@ -175,8 +161,7 @@ impl ModelMismatch {
     /// Compares a shard's variables with a model's. `Ok` when they match
     /// exactly (order does not matter).
     pub fn check(shard: &[VariableSpec], model: &[VariableSpec]) -> Result<(), ModelMismatch> {
-        let in_shard: HashMap<&str, &VariableSpec> =
-            shard.iter().map(|v| (v.name.as_str(), v)).collect();
+        let in_shard: HashMap<&str, &VariableSpec> = shard.iter().map(|v| (v.name.as_str(), v)).collect();
         let in_model: HashSet<&str> = model.iter().map(|v| v.name.as_str()).collect();
         let mut m = ModelMismatch::default();
         for want in model {
@@ -187,17 +172,13 @@ impl ModelMismatch {
                         m.dtype.push((want.name.clone(), have.dtype, want.dtype));
                     }
                     if have.shape != want.shape {
-                        m.shape
-                            .push((want.name.clone(), have.shape.clone(), want.shape.clone()));
+                        m.shape.push((want.name.clone(), have.shape.clone(), want.shape.clone()));
                     }
                 }
             }
         }
-        m.unexpected = shard
-            .iter()
-            .filter(|v| !in_model.contains(v.name.as_str()))
-            .map(|v| v.name.clone())
-            .collect();
+        m.unexpected =
+            shard.iter().filter(|v| !in_model.contains(v.name.as_str())).map(|v| v.name.clone()).collect();
         if m == ModelMismatch::default() {
             Ok(())
         } else {
@@ -290,10 +271,7 @@ impl std::error::Error for ShardError {}
 
 impl ShardError {
     fn new(shard: &str, kind: ShardErrorKind) -> Self {
-        Self {
-            shard: shard.to_string(),
-            kind,
-        }
+        Self { shard: shard.to_string(), kind }
     }
 
     /// True when the stored bytes are damaged (so the checkpoint must be
@@ -311,19 +289,11 @@ impl ShardError {
     }
 }
 
-fn io_err<'a>(
-    shard: &str,
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> ShardError + 'a {
+fn io_err<'a>(shard: &str, op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ShardError + 'a {
     let shard = shard.to_string();
     move |source| ShardError {
         shard,
-        kind: ShardErrorKind::Io {
-            op,
-            path: path.display().to_string(),
-            source,
-        },
+        kind: ShardErrorKind::Io { op, path: path.display().to_string(), source },
     }
 }
 
@@ -342,11 +312,7 @@ fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, Str
         let end = offset + v.byte_len();
         tensors.push((
             v.name.clone(),
-            TensorInfo {
-                dtype: v.dtype,
-                shape: v.shape.clone(),
-                data_offsets: (offset, end),
-            },
+            TensorInfo { dtype: v.dtype, shape: v.shape.clone(), data_offsets: (offset, end) },
         ));
         offset = end;
     }
@@ -382,8 +348,8 @@ pub fn write_shard(
             )),
         ));
     }
-    let header = encode_header(meta, vars)
-        .map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
+    let header =
+        encode_header(meta, vars).map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
 
     let (records, file_checksum) = durable::write_atomic(path, |file| {
         file.write_all(&header)?;
@@ -417,10 +383,7 @@ pub fn write_shard(
 
     Ok(ShardManifest {
         rank: meta.rank,
-        file: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         bytes: (header.len() + data.len()) as u64,
         checksum: file_checksum,
         tensors: records,
@@ -453,31 +416,22 @@ impl ShardHeader {
         let n = u64::from_le_bytes(
             prefix
                 .get(..8)
-                .ok_or(ShardErrorKind::Truncated {
-                    len: actual_len,
-                    expected: 8,
-                })?
+                .ok_or(ShardErrorKind::Truncated { len: actual_len, expected: 8 })?
                 .try_into()
                 .expect("8 bytes"),
         );
         if n > MAX_HEADER_BYTES {
-            return Err(malformed(format!(
-                "header length {n} exceeds {MAX_HEADER_BYTES}"
-            )));
+            return Err(malformed(format!("header length {n} exceeds {MAX_HEADER_BYTES}")));
         }
         let header_len = 8 + n as usize;
-        let json = prefix.get(8..header_len).ok_or(ShardErrorKind::Truncated {
-            len: actual_len,
-            expected: header_len as u64,
-        })?;
+        let json = prefix
+            .get(8..header_len)
+            .ok_or(ShardErrorKind::Truncated { len: actual_len, expected: header_len as u64 })?;
         let metadata: Metadata =
             serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
         let file_len = (header_len + metadata.data_len()) as u64;
         if file_len != actual_len {
-            return Err(ShardErrorKind::Truncated {
-                len: actual_len,
-                expected: file_len,
-            });
+            return Err(ShardErrorKind::Truncated { len: actual_len, expected: file_len });
         }
         let meta = ShardMeta::from_map(metadata.metadata().as_ref()).map_err(malformed)?;
         let mut tensors: Vec<_> = metadata
@@ -491,12 +445,7 @@ impl ShardHeader {
             })
             .collect();
         tensors.sort_by_key(|(_, r)| r.start);
-        Ok(Self {
-            meta,
-            tensors,
-            header_len,
-            file_len,
-        })
+        Ok(Self { meta, tensors, header_len, file_len })
     }
 }
 
@@ -509,15 +458,11 @@ pub fn read_header(path: &Path, label: &str) -> Result<ShardHeader, ShardError> 
     let mut len = [0u8; 8];
     let mut prefix = Vec::new();
     if actual >= 8 {
-        file.read_exact(&mut len)
-            .map_err(io_err(label, "read", path))?;
+        file.read_exact(&mut len).map_err(io_err(label, "read", path))?;
         prefix.extend_from_slice(&len);
-        let n = u64::from_le_bytes(len)
-            .min(MAX_HEADER_BYTES + 1)
-            .min(actual - 8);
+        let n = u64::from_le_bytes(len).min(MAX_HEADER_BYTES + 1).min(actual - 8);
         prefix.resize(8 + n as usize, 0);
-        file.read_exact(&mut prefix[8..])
-            .map_err(io_err(label, "read", path))?;
+        file.read_exact(&mut prefix[8..]).map_err(io_err(label, "read", path))?;
     }
     ShardHeader::parse(&prefix, actual).map_err(|kind| ShardError::new(label, kind))
 }
@@ -534,11 +479,7 @@ impl Shard {
     /// Reads the shard at `path` and verifies it against `manifest`: size,
     /// variables, every tensor's checksum (a mismatch names the tensor) and
     /// the whole-file checksum.
-    pub fn read_verified(
-        path: &Path,
-        label: &str,
-        manifest: &ShardManifest,
-    ) -> Result<Self, ShardError> {
+    pub fn read_verified(path: &Path, label: &str, manifest: &ShardManifest) -> Result<Self, ShardError> {
         Self::read_verified_into(path, label, manifest, Vec::new())
     }
 
@@ -555,16 +496,12 @@ impl Shard {
         let mut file = File::open(path).map_err(io_err(label, "open", path))?;
         let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
         if len != manifest.bytes {
-            let kind = ShardErrorKind::Truncated {
-                len,
-                expected: manifest.bytes,
-            };
+            let kind = ShardErrorKind::Truncated { len, expected: manifest.bytes };
             return Err(ShardError::new(label, kind));
         }
         buf.clear();
         buf.reserve_exact(len as usize);
-        file.read_to_end(&mut buf)
-            .map_err(io_err(label, "read", path))?;
+        file.read_to_end(&mut buf).map_err(io_err(label, "read", path))?;
         Self::verify(buf, manifest).map_err(|kind| ShardError::new(label, kind))
     }
 
@@ -575,17 +512,11 @@ impl Shard {
 
     fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {
         if bytes.len() as u64 != manifest.bytes {
-            return Err(ShardErrorKind::Truncated {
-                len: bytes.len() as u64,
-                expected: manifest.bytes,
-            });
+            return Err(ShardErrorKind::Truncated { len: bytes.len() as u64, expected: manifest.bytes });
         }
         let header = ShardHeader::parse(&bytes, bytes.len() as u64)?;
-        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> = header
-            .tensors
-            .iter()
-            .map(|t| (t.0.name.as_str(), t))
-            .collect();
+        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
+            header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
         if header.tensors.len() != manifest.tensors.len() {
             return Err(ShardErrorKind::ManifestDisagrees(format!(
                 "the header has {} variables, the manifest {}",
@@ -629,18 +560,13 @@ impl Shard {
             .tensors
             .iter()
             .find(|(v, _)| v.name == name)
-            .map(|(_, r)| {
-                &self.bytes[self.header.header_len + r.start..self.header.header_len + r.end]
-            })
+            .map(|(_, r)| &self.bytes[self.header.header_len + r.start..self.header.header_len + r.end])
     }
 
     /// All variables with their data, in file order.
     pub fn tensors(&self) -> impl Iterator<Item = (&VariableSpec, &[u8])> {
         let data = &self.bytes[self.header.header_len..];
-        self.header
-            .tensors
-            .iter()
-            .map(move |(v, r)| (v, &data[r.clone()]))
+        self.header.tensors.iter().map(move |(v, r)| (v, &data[r.clone()]))
     }
 
     /// Size of the file.
@@ -679,12 +605,7 @@ mod tests {
         (vars, data)
     }
 
-    fn written() -> (
-        tempfile::TempDir,
-        std::path::PathBuf,
-        ShardManifest,
-        Vec<u8>,
-    ) {
+    fn written() -> (tempfile::TempDir, std::path::PathBuf, ShardManifest, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rank-00002.safetensors");
         let (vars, data) = sample();
@@ -697,14 +618,8 @@ mod tests {
         let (_dir, path, manifest, data) = written();
         assert_eq!(manifest.file, "rank-00002.safetensors");
         assert_eq!(manifest.bytes, std::fs::metadata(&path).unwrap().len());
-        assert_eq!(
-            manifest.checksum,
-            Checksum::of(&std::fs::read(&path).unwrap())
-        );
-        assert_eq!(
-            manifest.tensors[1].checksum,
-            Checksum::of(&data[8..8 + 128])
-        );
+        assert_eq!(manifest.checksum, Checksum::of(&std::fs::read(&path).unwrap()));
+        assert_eq!(manifest.tensors[1].checksum, Checksum::of(&data[8..8 + 128]));
 
         let header = read_header(&path, "t").unwrap();
         assert_eq!(header.meta, meta());
@@ -712,14 +627,8 @@ mod tests {
         assert_eq!(header.header_len % 8, 0);
 
         let shard = Shard::read_verified(&path, "t", &manifest).unwrap();
-        assert_eq!(
-            shard.tensor("optimizer/step").unwrap(),
-            700i64.to_le_bytes()
-        );
-        assert_eq!(
-            shard.tensor("model/layer_0/mlp/w_in").unwrap(),
-            &data[8 + 128..]
-        );
+        assert_eq!(shard.tensor("optimizer/step").unwrap(), 700i64.to_le_bytes());
+        assert_eq!(shard.tensor("model/layer_0/mlp/w_in").unwrap(), &data[8 + 128..]);
         let all: Vec<u8> = shard.tensors().flat_map(|(_, d)| d.to_vec()).collect();
         assert_eq!(all, data);
     }
@@ -743,10 +652,7 @@ mod tests {
         bytes[last] ^= 0x01;
         std::fs::write(&path, &bytes).unwrap();
         let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &manifest).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in"
-        );
+        assert_eq!(err.to_string(), "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in");
         assert!(err.is_corruption());
     }
 
@@ -761,10 +667,7 @@ mod tests {
         bytes[at] = b'1';
         std::fs::write(&path, &bytes).unwrap();
         let err = Shard::read_verified(&path, "c", &manifest).unwrap_err();
-        assert!(
-            matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch),
-            "{err}"
-        );
+        assert!(matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch), "{err}");
         // and a header broken beyond JSON
         bytes[9] = b'#';
         std::fs::write(&path, &bytes).unwrap();
@@ -788,10 +691,7 @@ mod tests {
                 "{err}"
             );
             let err = read_header(&path, "checkpoint 7 rank 2").unwrap_err();
-            assert!(
-                matches!(err.kind, ShardErrorKind::Truncated { .. }),
-                "{cut}: {err}"
-            );
+            assert!(matches!(err.kind, ShardErrorKind::Truncated { .. }), "{cut}: {err}");
         }
     }
 
@@ -801,11 +701,7 @@ mod tests {
         let path = dir.path().join("x.safetensors");
         let (mut vars, data) = sample();
         let err = write_shard(&path, &meta(), &vars, &data[1..]).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("need 232 bytes of data, 231 were given"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("need 232 bytes of data, 231 were given"), "{err}");
         vars[2].name = vars[1].name.clone();
         vars[2].shape = vec![4, 8];
         vars.push(VariableSpec::new("x", Dtype::F32, vec![0]));
@@ -834,9 +730,7 @@ mod tests {
              model/layer_0/attn/wq has shape [512, 512], model expects [512, 1024]"
         );
         let err = ShardError::new("checkpoint 7 rank 2", ShardErrorKind::ModelMismatch(m));
-        assert!(err
-            .to_string()
-            .starts_with("checkpoint 7 rank 2 does not match the model: missing"));
+        assert!(err.to_string().starts_with("checkpoint 7 rank 2 does not match the model: missing"));
         assert!(!err.is_corruption());
         assert_eq!(ModelMismatch::check(&model, &model), Ok(()));
     }

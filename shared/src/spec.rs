@@ -179,11 +179,7 @@ fn check(
     if ok {
         Ok(())
     } else {
-        Err(SpecError::OutOfRange {
-            key,
-            value: value.to_string(),
-            expected: expected.into(),
-        })
+        Err(SpecError::OutOfRange { key, value: value.to_string(), expected: expected.into() })
     }
 }
 
@@ -229,12 +225,7 @@ impl JobSpec {
         if let Some(n) = c.every_seconds {
             check(n >= 1, "checkpoint.every_seconds", n, "must be at least 1")?;
         }
-        check(
-            c.keep_last >= 1,
-            "checkpoint.keep_last",
-            c.keep_last,
-            "must be at least 1",
-        )?;
+        check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
         check(
             c.root.is_absolute(),
             "checkpoint.root",
@@ -256,8 +247,7 @@ impl JobSpec {
             "must be between 10 and 600000",
         )?;
         check(
-            f.heartbeat_timeout_ms >= 2 * f.heartbeat_interval_ms
-                && f.heartbeat_timeout_ms <= 3_600_000,
+            f.heartbeat_timeout_ms >= 2 * f.heartbeat_interval_ms && f.heartbeat_timeout_ms <= 3_600_000,
             "failure.heartbeat_timeout_ms",
             f.heartbeat_timeout_ms,
             format!(
@@ -267,18 +257,8 @@ impl JobSpec {
         )?;
 
         if let Some(t) = &self.trainer {
-            check(
-                t.total_steps >= 1,
-                "trainer.total_steps",
-                t.total_steps,
-                "must be at least 1",
-            )?;
-            check(
-                (1..=1024).contains(&t.layers),
-                "trainer.layers",
-                t.layers,
-                "must be between 1 and 1024",
-            )?;
+            check(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be at least 1")?;
+            check((1..=1024).contains(&t.layers), "trainer.layers", t.layers, "must be between 1 and 1024")?;
             let min = TRAINER_BYTES_PER_LAYER_UNIT * u64::from(t.layers);
             check(
                 (min..=1 << 40).contains(&t.params_per_rank_bytes),
@@ -288,12 +268,7 @@ impl JobSpec {
                     "must be between {min} ({TRAINER_BYTES_PER_LAYER_UNIT} × trainer.layers) and 1099511627776"
                 ),
             )?;
-            check(
-                t.step_time_ms <= 60_000,
-                "trainer.step_time_ms",
-                t.step_time_ms,
-                "must be at most 60000",
-            )?;
+            check(t.step_time_ms <= 60_000, "trainer.step_time_ms", t.step_time_ms, "must be at most 60000")?;
         }
         Ok(())
     }
@@ -337,10 +312,7 @@ seed = 42
         assert_eq!(spec.name.as_str(), "demo");
         assert_eq!(spec.world_size, 4);
         assert_eq!(spec.checkpoint.every_steps, Some(100));
-        assert_eq!(
-            spec.trainer.as_ref().unwrap().params_per_rank_bytes,
-            64 << 20
-        );
+        assert_eq!(spec.trainer.as_ref().unwrap().params_per_rank_bytes, 64 << 20);
         assert_eq!(JobSpec::from_toml(&spec.to_toml()).unwrap(), spec);
     }
 
@@ -379,21 +351,9 @@ seed = 42
     fn out_of_range_values_are_named() {
         let cases = [
             ("world_size = 4", "world_size = 0", "`world_size` = 0"),
-            (
-                "keep_last = 3",
-                "keep_last = 0",
-                "`checkpoint.keep_last` = 0",
-            ),
-            (
-                "every_steps = 100",
-                "every_steps = 0",
-                "`checkpoint.every_steps` = 0",
-            ),
-            (
-                "timeout_seconds = 120",
-                "timeout_seconds = 0",
-                "`checkpoint.timeout_seconds` = 0",
-            ),
+            ("keep_last = 3", "keep_last = 0", "`checkpoint.keep_last` = 0"),
+            ("every_steps = 100", "every_steps = 0", "`checkpoint.every_steps` = 0"),
+            ("timeout_seconds = 120", "timeout_seconds = 0", "`checkpoint.timeout_seconds` = 0"),
             ("\"/data/checkpoints\"", "\"data\"", "`checkpoint.root`"),
             (
                 "heartbeat_interval_ms = 500",
@@ -405,22 +365,14 @@ seed = 42
                 "heartbeat_timeout_ms = 600",
                 "`failure.heartbeat_timeout_ms` = 600",
             ),
-            (
-                "total_steps = 2000",
-                "total_steps = 0",
-                "`trainer.total_steps` = 0",
-            ),
+            ("total_steps = 2000", "total_steps = 0", "`trainer.total_steps` = 0"),
             ("layers = 8", "layers = 0", "`trainer.layers` = 0"),
             (
                 "params_per_rank_bytes = 67108864",
                 "params_per_rank_bytes = 100",
                 "`trainer.params_per_rank_bytes` = 100",
             ),
-            (
-                "step_time_ms = 5",
-                "step_time_ms = 100000",
-                "`trainer.step_time_ms` = 100000",
-            ),
+            ("step_time_ms = 5", "step_time_ms = 100000", "`trainer.step_time_ms` = 100000"),
         ];
         for (from, to, want) in cases {
             let e = refused(&FULL.replace(from, to));
@@ -431,15 +383,9 @@ seed = 42
     #[test]
     fn wrong_types_and_bad_names_are_refused() {
         let e = refused(&FULL.replace("world_size = 4", "world_size = \"four\""));
-        assert!(
-            e.contains("world_size") || e.contains("invalid type"),
-            "{e}"
-        );
+        assert!(e.contains("world_size") || e.contains("invalid type"), "{e}");
         let e = refused(&FULL.replace("world_size = 4", "world_size = -1"));
-        assert!(
-            e.contains("world_size") || e.contains("invalid value"),
-            "{e}"
-        );
+        assert!(e.contains("world_size") || e.contains("invalid value"), "{e}");
         let e = refused(&FULL.replace("\"demo\"", "\"Demo_1\""));
         assert!(e.contains("invalid job name"), "{e}");
         let e = refused("name = ");

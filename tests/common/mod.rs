@@ -13,12 +13,7 @@ use std::process::{Command, Output};
 
 /// A small trainer spec: a few hundred KiB per rank.
 pub fn small_spec() -> TrainerSpec {
-    TrainerSpec {
-        params_per_rank_bytes: 256 << 10,
-        layers: 2,
-        seed: 11,
-        ..TrainerSpec::default()
-    }
+    TrainerSpec { params_per_rank_bytes: 256 << 10, layers: 2, seed: 11, ..TrainerSpec::default() }
 }
 
 /// A trainer for `rank` advanced to `step`, and its snapshot bytes.
@@ -57,13 +52,7 @@ pub fn write_checkpoint(
             generation: Generation(1),
         };
         shards.push(
-            write_shard(
-                &dir.shard_path(CheckpointId(id), Rank(rank)),
-                &meta,
-                t.variables(),
-                &buf,
-            )
-            .unwrap(),
+            write_shard(&dir.shard_path(CheckpointId(id), Rank(rank)), &meta, t.variables(), &buf).unwrap(),
         );
     }
     if committed {
@@ -87,16 +76,10 @@ pub fn write_checkpoint(
 
 /// Runs the `flotilla` binary built for these tests.
 pub fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .output()
-        .expect("run flotilla")
+    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("run flotilla")
 }
 
 /// stdout and stderr as text.
 pub fn text(out: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }

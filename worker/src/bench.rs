@@ -140,26 +140,16 @@ fn drop_page_cache() -> io::Result<()> {
     if !status.success() {
         return Err(io::Error::other("sync failed"));
     }
-    fs::write("/proc/sys/vm/drop_caches", "3\n").map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot drop the page cache ({e}); --cold needs root"),
-        )
-    })
+    fs::write("/proc/sys/vm/drop_caches", "3\n")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot drop the page cache ({e}); --cold needs root")))
 }
 
 /// Runs the benchmark.
 pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchReport> {
     if opts.runs == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "--runs must be at least 1",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "--runs must be at least 1"));
     }
-    let spec = TrainerSpec {
-        params_per_rank_bytes: opts.bytes,
-        ..TrainerSpec::default()
-    };
+    let spec = TrainerSpec { params_per_rank_bytes: opts.bytes, ..TrainerSpec::default() };
     let mut trainer = BuiltinTrainer::new(&spec, Rank(0));
     fs::create_dir_all(&opts.dir)?;
     let job = JobName::new("bench").expect("valid name");
@@ -185,16 +175,10 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
             std::hint::black_box(&copy_dst);
             start.elapsed()
         };
-        let baseline_path = opts
-            .dir
-            .join(format!(".flotilla-bench-baseline-{}", std::process::id()));
+        let baseline_path = opts.dir.join(format!(".flotilla-bench-baseline-{}", std::process::id()));
         // the baseline writes exactly as many bytes as the shard file has;
         // before the first shard exists, use the data size (header is ~10 KiB)
-        let baseline_bytes = if file_bytes > 0 {
-            file_bytes
-        } else {
-            snap.bytes() as u64
-        };
+        let baseline_bytes = if file_bytes > 0 { file_bytes } else { snap.bytes() as u64 };
         let mut baseline = None;
         if run % 2 == 0 {
             baseline = Some(plain_write(&baseline_path, baseline_bytes)?);
@@ -210,15 +194,8 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
             step: trainer.current_step(),
             generation: Generation(1),
         };
-        let stall = snap
-            .snapshot(
-                &trainer,
-                WriteRequest {
-                    path: path.clone(),
-                    meta,
-                },
-            )
-            .map_err(io::Error::other)?;
+        let stall =
+            snap.snapshot(&trainer, WriteRequest { path: path.clone(), meta }).map_err(io::Error::other)?;
         let mut steps_during_write = 0;
         let outcome = if opts.train_during_write {
             // training goes on while the shard is written
@@ -229,14 +206,11 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
                         trainer.step();
                         steps_during_write += 1;
                     }
-                    Err(TryRecvError::Disconnected) => {
-                        return Err(io::Error::other("shard writer stopped"))
-                    }
+                    Err(TryRecvError::Disconnected) => return Err(io::Error::other("shard writer stopped")),
                 }
             }
         } else {
-            rx.recv()
-                .map_err(|_| io::Error::other("shard writer stopped"))?
+            rx.recv().map_err(|_| io::Error::other("shard writer stopped"))?
         };
         let manifest = outcome.result.map_err(io::Error::other)?;
         file_bytes = manifest.bytes;
@@ -245,13 +219,8 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
             drop_page_cache()?;
         }
         let start = Instant::now();
-        let shard = Shard::read_verified_into(
-            &path,
-            "bench shard",
-            &manifest,
-            std::mem::take(&mut read_buf),
-        )
-        .map_err(io::Error::other)?;
+        let shard = Shard::read_verified_into(&path, "bench shard", &manifest, std::mem::take(&mut read_buf))
+            .map_err(io::Error::other)?;
         let read_verify = start.elapsed();
         read_buf = shard.into_buffer();
         fs::remove_dir_all(job_dir.checkpoint_dir(id))?;
@@ -318,20 +287,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(report.samples.len(), 2);
-        assert!(report
-            .samples
-            .iter()
-            .all(|s| s.steps_during_write > 0 || s.write_seconds < 0.05));
-        assert!(
-            report.bytes > 900_000 && report.bytes <= (1 << 20) + 16_384,
-            "{}",
-            report.bytes
-        );
+        assert!(report.samples.iter().all(|s| s.steps_during_write > 0 || s.write_seconds < 0.05));
+        assert!(report.bytes > 900_000 && report.bytes <= (1 << 20) + 16_384, "{}", report.bytes);
         assert!(report.write_mb_per_s > 0.0 && report.baseline_write_mb_per_s > 0.0);
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "bench left files behind"
-        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0, "bench left files behind");
     }
 }

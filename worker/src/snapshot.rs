@@ -99,44 +99,29 @@ impl Snapshotter {
         let buffer = vec![1u8; bytes];
         let (returned_tx, returned) = sync_channel(1);
         let (jobs, job_rx) = sync_channel::<Job>(1);
-        let writer = std::thread::Builder::new()
-            .name("flotilla-shard-writer".into())
-            .spawn(move || {
-                for (req, buf) in job_rx {
-                    let start = Instant::now();
-                    let result = req
-                        .path
-                        .parent()
-                        .map_or(Ok(()), durable::create_dir_all_durable)
-                        .map_err(|source| ShardError {
-                            shard: format!(
-                                "checkpoint {} rank {}",
-                                req.meta.checkpoint, req.meta.rank
-                            ),
-                            kind: flotilla_shared::shard::ShardErrorKind::Io {
-                                op: "create directory for",
-                                path: req.path.display().to_string(),
-                                source,
-                            },
-                        })
-                        .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf));
-                    on_done(WriteOutcome {
-                        meta: req.meta,
-                        result,
-                        write_time: start.elapsed(),
-                    });
-                    if returned_tx.send(buf).is_err() {
-                        break;
-                    }
+        let writer = std::thread::Builder::new().name("flotilla-shard-writer".into()).spawn(move || {
+            for (req, buf) in job_rx {
+                let start = Instant::now();
+                let result = req
+                    .path
+                    .parent()
+                    .map_or(Ok(()), durable::create_dir_all_durable)
+                    .map_err(|source| ShardError {
+                        shard: format!("checkpoint {} rank {}", req.meta.checkpoint, req.meta.rank),
+                        kind: flotilla_shared::shard::ShardErrorKind::Io {
+                            op: "create directory for",
+                            path: req.path.display().to_string(),
+                            source,
+                        },
+                    })
+                    .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf));
+                on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
+                if returned_tx.send(buf).is_err() {
+                    break;
                 }
-            })?;
-        Ok(Self {
-            bytes,
-            idle: Some(buffer),
-            returned,
-            jobs: Some(jobs),
-            writer: Some(writer),
-        })
+            }
+        })?;
+        Ok(Self { bytes, idle: Some(buffer), returned, jobs: Some(jobs), writer: Some(writer) })
     }
 
     /// Size of the snapshot buffer.
@@ -146,29 +131,18 @@ impl Snapshotter {
 
     /// Takes a snapshot of `trainer` and hands it to the writer. Blocks only
     /// while the previous write still holds the buffer.
-    pub fn snapshot(
-        &mut self,
-        trainer: &dyn Trainer,
-        req: WriteRequest,
-    ) -> Result<Stall, SnapshotError> {
+    pub fn snapshot(&mut self, trainer: &dyn Trainer, req: WriteRequest) -> Result<Stall, SnapshotError> {
         let got = trainer.snapshot_bytes();
         if got != self.bytes {
-            return Err(SnapshotError::SizeChanged {
-                got,
-                want: self.bytes,
-            });
+            return Err(SnapshotError::SizeChanged { got, want: self.bytes });
         }
         let start = Instant::now();
         let mut buf = self.take_buffer()?;
         let copying = Instant::now();
         trainer.snapshot_into(&mut buf);
-        let stall = Stall {
-            wait: copying - start,
-            copy: copying.elapsed(),
-        };
+        let stall = Stall { wait: copying - start, copy: copying.elapsed() };
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
-        jobs.send((req, buf))
-            .map_err(|_| SnapshotError::WriterGone)?;
+        jobs.send((req, buf)).map_err(|_| SnapshotError::WriterGone)?;
         Ok(stall)
     }
 
@@ -218,28 +192,16 @@ mod tests {
     #[test]
     fn training_continues_while_writes_complete_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = TrainerSpec {
-            params_per_rank_bytes: 1 << 20,
-            layers: 2,
-            ..TrainerSpec::default()
-        };
+        let spec = TrainerSpec { params_per_rank_bytes: 1 << 20, layers: 2, ..TrainerSpec::default() };
         let mut trainer = BuiltinTrainer::new(&spec, Rank(0));
         let (tx, rx) = channel();
-        let mut snap =
-            Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
         let mut digests = Vec::new();
         for c in 1..=3u64 {
             trainer.step();
             digests.push(trainer.digest());
             let path = dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
-            snap.snapshot(
-                &trainer,
-                WriteRequest {
-                    path,
-                    meta: meta(c, trainer.current_step().0),
-                },
-            )
-            .unwrap();
+            snap.snapshot(&trainer, WriteRequest { path, meta: meta(c, trainer.current_step().0) }).unwrap();
             // mutate right away: the shard must hold the state at snapshot time
             trainer.step();
         }
@@ -249,9 +211,7 @@ mod tests {
         for (i, o) in outcomes.into_iter().enumerate() {
             assert_eq!(o.meta.checkpoint, CheckpointId(i as u64 + 1));
             let manifest = o.result.unwrap();
-            let path = dir
-                .path()
-                .join(format!("ckpt-{}/rank-00000.safetensors", i + 1));
+            let path = dir.path().join(format!("ckpt-{}/rank-00000.safetensors", i + 1));
             let shard = Shard::read_verified(&path, "t", &manifest).unwrap();
             let mut fresh = BuiltinTrainer::new(&spec, Rank(0));
             fresh.load(&shard).unwrap();
@@ -264,50 +224,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, b"x").unwrap();
-        let spec = TrainerSpec {
-            params_per_rank_bytes: 64 << 10,
-            layers: 1,
-            ..TrainerSpec::default()
-        };
+        let spec = TrainerSpec { params_per_rank_bytes: 64 << 10, layers: 1, ..TrainerSpec::default() };
         let trainer = BuiltinTrainer::new(&spec, Rank(0));
         let (tx, rx) = channel();
-        let mut snap =
-            Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
         // a path below a regular file cannot be created
         let path = blocker.join("ckpt-1/rank-00000.safetensors");
-        snap.snapshot(
-            &trainer,
-            WriteRequest {
-                path,
-                meta: meta(1, 0),
-            },
-        )
-        .unwrap();
+        snap.snapshot(&trainer, WriteRequest { path, meta: meta(1, 0) }).unwrap();
         snap.wait_idle().unwrap();
         let err = rx.recv().unwrap().result.unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("checkpoint 1 rank 0: create directory for"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("checkpoint 1 rank 0: create directory for"), "{err}");
     }
 
     #[test]
     fn size_change_is_refused() {
-        let spec = TrainerSpec {
-            params_per_rank_bytes: 64 << 10,
-            layers: 1,
-            ..TrainerSpec::default()
-        };
+        let spec = TrainerSpec { params_per_rank_bytes: 64 << 10, layers: 1, ..TrainerSpec::default() };
         let trainer = BuiltinTrainer::new(&spec, Rank(0));
         let mut snap = Snapshotter::new(trainer.variables()[..2].to_vec(), |_| {}).unwrap();
-        let req = WriteRequest {
-            path: "/nonexistent/x".into(),
-            meta: meta(1, 0),
-        };
-        assert!(matches!(
-            snap.snapshot(&trainer, req),
-            Err(SnapshotError::SizeChanged { .. })
-        ));
+        let req = WriteRequest { path: "/nonexistent/x".into(), meta: meta(1, 0) };
+        assert!(matches!(snap.snapshot(&trainer, req), Err(SnapshotError::SizeChanged { .. })));
     }
 }

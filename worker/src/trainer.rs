@@ -43,9 +43,7 @@ pub trait Trainer: Send {
 /// a checkpoint.
 pub fn copy_parallel(pairs: Vec<(&mut [u8], &[u8])>) {
     const PIECE: usize = 16 << 20;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
     let total: usize = pairs.iter().map(|(_, s)| s.len()).sum();
     let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
     for (dst, src) in pairs {
@@ -118,8 +116,7 @@ fn unit(h: u64) -> f32 {
 impl BuiltinTrainer {
     /// The hidden size `d` that fits `spec.params_per_rank_bytes`.
     pub fn hidden_size(spec: &TrainerSpec) -> usize {
-        let units =
-            spec.params_per_rank_bytes / (TRAINER_BYTES_PER_LAYER_UNIT * u64::from(spec.layers));
+        let units = spec.params_per_rank_bytes / (TRAINER_BYTES_PER_LAYER_UNIT * u64::from(spec.layers));
         (units as f64).sqrt().floor().max(1.0) as usize
     }
 
@@ -150,11 +147,7 @@ impl BuiltinTrainer {
         vars.extend(weights.iter().cloned());
         for slot in ["m", "v"] {
             vars.extend(weights.iter().map(|w| {
-                VariableSpec::new(
-                    format!("optimizer/{}/{slot}", w.name),
-                    Dtype::F32,
-                    w.shape.clone(),
-                )
+                VariableSpec::new(format!("optimizer/{}/{slot}", w.name), Dtype::F32, w.shape.clone())
             }));
         }
         vars
@@ -167,9 +160,7 @@ impl BuiltinTrainer {
         let mut slots = Vec::with_capacity(n_weights);
         let mut at = 0;
         for w in &vars[1..=n_weights] {
-            slots.push(Slot {
-                range: at..at + w.elements(),
-            });
+            slots.push(Slot { range: at..at + w.elements() });
             at += w.elements();
         }
         let mut weights = vec![0f32; at];
@@ -180,24 +171,11 @@ impl BuiltinTrainer {
                 *w = (unit(mix(var_seed.wrapping_add(j as u64))) - 0.5) * 0.1;
             }
         }
-        Self {
-            seed: spec.seed,
-            rank,
-            step: 0,
-            vars,
-            slots,
-            m: vec![0f32; at],
-            v: vec![0f32; at],
-            weights,
-        }
+        Self { seed: spec.seed, rank, step: 0, vars, slots, m: vec![0f32; at], v: vec![0f32; at], weights }
     }
 
     fn regions(&self) -> [&[u8]; 3] {
-        [
-            bytemuck::cast_slice(&self.weights),
-            bytemuck::cast_slice(&self.m),
-            bytemuck::cast_slice(&self.v),
-        ]
+        [bytemuck::cast_slice(&self.weights), bytemuck::cast_slice(&self.m), bytemuck::cast_slice(&self.v)]
     }
 }
 
@@ -219,10 +197,8 @@ impl Trainer for BuiltinTrainer {
             let c = 0.5 + unit(h);
             let b = (unit(mix(h)) - 0.5) * 0.02;
             let r = slot.range.clone();
-            for ((w, m), v) in self.weights[r.clone()]
-                .iter_mut()
-                .zip(&mut self.m[r.clone()])
-                .zip(&mut self.v[r])
+            for ((w, m), v) in
+                self.weights[r.clone()].iter_mut().zip(&mut self.m[r.clone()]).zip(&mut self.v[r])
             {
                 let g = *w * c + b;
                 *m = BETA1 * *m + (1.0 - BETA1) * g;
@@ -234,11 +210,7 @@ impl Trainer for BuiltinTrainer {
     }
 
     fn snapshot_into(&self, out: &mut [u8]) {
-        assert_eq!(
-            out.len(),
-            self.snapshot_bytes(),
-            "snapshot buffer has the wrong size"
-        );
+        assert_eq!(out.len(), self.snapshot_bytes(), "snapshot buffer has the wrong size");
         let (head, mut rest) = out.split_at_mut(8);
         head.copy_from_slice(&(self.step as i64).to_le_bytes());
         let mut pairs = Vec::with_capacity(3);
@@ -254,11 +226,7 @@ impl Trainer for BuiltinTrainer {
         ModelMismatch::check(&shard.header.variables(), &self.vars)?;
         let n = self.slots.len();
         for (spec, data) in shard.tensors() {
-            let index = self
-                .vars
-                .iter()
-                .position(|v| v.name == spec.name)
-                .expect("checked above");
+            let index = self.vars.iter().position(|v| v.name == spec.name).expect("checked above");
             if index == 0 {
                 let step = i64::from_le_bytes(data.try_into().expect("I64 scalar is 8 bytes"));
                 self.step = step.max(0) as u64;
@@ -292,12 +260,7 @@ mod tests {
     use flotilla_shared::shard::{write_shard, ShardMeta};
 
     fn spec() -> TrainerSpec {
-        TrainerSpec {
-            params_per_rank_bytes: 64 << 10,
-            layers: 2,
-            seed: 7,
-            ..TrainerSpec::default()
-        }
+        TrainerSpec { params_per_rank_bytes: 64 << 10, layers: 2, seed: 7, ..TrainerSpec::default() }
     }
 
     fn save(t: &BuiltinTrainer, dir: &std::path::Path) -> Shard {
@@ -317,9 +280,7 @@ mod tests {
 
     #[test]
     fn parallel_copy_copies_everything() {
-        let src: Vec<u8> = (0..(80u32 << 20) / 4)
-            .flat_map(|i| i.to_le_bytes())
-            .collect();
+        let src: Vec<u8> = (0..(80u32 << 20) / 4).flat_map(|i| i.to_le_bytes()).collect();
         let (a, b) = src.split_at(3 + (50 << 20));
         let mut dst = vec![0u8; src.len()];
         let (da, db) = dst.split_at_mut(a.len());
@@ -385,10 +346,7 @@ mod tests {
                 resumed.step();
             }
             assert_eq!(resumed.digest(), straight.digest(), "C={c} T={t}");
-            let (mut x, mut y) = (
-                vec![0u8; straight.snapshot_bytes()],
-                vec![0u8; straight.snapshot_bytes()],
-            );
+            let (mut x, mut y) = (vec![0u8; straight.snapshot_bytes()], vec![0u8; straight.snapshot_bytes()]);
             straight.snapshot_into(&mut x);
             resumed.snapshot_into(&mut y);
             assert!(x == y, "C={c} T={t}: states differ");
@@ -398,28 +356,14 @@ mod tests {
     #[test]
     fn load_refuses_another_model_and_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let small = BuiltinTrainer::new(
-            &TrainerSpec {
-                layers: 1,
-                ..spec()
-            },
-            Rank(3),
-        );
+        let small = BuiltinTrainer::new(&TrainerSpec { layers: 1, ..spec() }, Rank(3));
         let shard = save(&small, dir.path());
         let mut t = BuiltinTrainer::new(&spec(), Rank(3));
         t.step();
         let before = t.digest();
         let err = t.load(&shard).unwrap_err();
-        assert!(
-            err.missing.contains(&"model/layer_1/attn/wq".to_string()),
-            "{err}"
-        );
-        assert!(
-            err.shape
-                .iter()
-                .any(|(n, _, _)| n == "model/layer_0/attn/wq"),
-            "{err}"
-        );
+        assert!(err.missing.contains(&"model/layer_1/attn/wq".to_string()), "{err}");
+        assert!(err.shape.iter().any(|(n, _, _)| n == "model/layer_0/attn/wq"), "{err}");
         assert_eq!(t.digest(), before);
     }
 }
