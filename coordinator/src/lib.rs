@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod http;
+pub mod local;
 mod log;
 pub mod metrics;
 pub mod node;

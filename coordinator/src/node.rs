@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::state::{Command, Outcome, State};
 use crate::storage::{LogStore, StoreError};
 use flotilla_shared::ids::NodeId;
-use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{Config, RawNode, StateRole};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -327,7 +327,39 @@ impl Node {
         result
     }
 
-    fn step(&mut self, msg: Message) {
+    fn step(&mut self, mut msg: Message) {
+        match msg.get_msg_type() {
+            // A replica restarted on an empty data dir hears of a commit
+            // index beyond its log; it can only ever commit what it has.
+            MessageType::MsgHeartbeat => {
+                let last = self.raw.raft.raft_log.last_index();
+                if msg.commit > last {
+                    msg.commit = last;
+                }
+            }
+            // Leader: a rejection hinting at a log shorter than what the peer
+            // once acknowledged means the peer lost its log (wiped data dir).
+            // Forget the acknowledgment and probe again from its real end; a
+            // snapshot follows where the log is compacted. Lowering `matched`
+            // never moves the commit index back, it only stops counting the
+            // peer for entries it no longer has.
+            MessageType::MsgAppendResponse if msg.reject && self.raw.raft.state == StateRole::Leader => {
+                if let Some(pr) = self.raw.raft.mut_prs().get_mut(msg.from) {
+                    if msg.reject_hint < pr.matched {
+                        tracing::warn!(
+                            node = self.cfg.id.0,
+                            peer = msg.from,
+                            "peer lost its log (had {} entries, now {}); re-sending from its end",
+                            pr.matched,
+                            msg.reject_hint
+                        );
+                        pr.matched = msg.reject_hint;
+                        pr.become_probe();
+                    }
+                }
+            }
+            _ => {}
+        }
         // errors here concern one message (e.g. from an unknown peer); log and go on
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(node = self.cfg.id.0, "raft step: {e}");

@@ -83,3 +83,33 @@ pub fn flotilla(args: &[&str]) -> Output {
 pub fn text(out: &Output) -> (String, String) {
     (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// The `flotilla` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// A job spec with a checkpoint root under `root`.
+pub fn job_toml(name: &str, world_size: u32, root: &Path) -> String {
+    format!(
+        "name = \"{name}\"\nworld_size = {world_size}\n\n[checkpoint]\nevery_steps = 10\nroot = \"{}\"\n",
+        root.display()
+    )
+}
+
+/// Polls `probe` every 20 ms until it yields a value; panics with `what`
+/// and the last observation after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if std::time::Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}

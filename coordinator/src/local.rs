@@ -1,0 +1,220 @@
+//! A coordinator cluster of real `flotilla coordinator` processes on
+//! loopback, for end-to-end tests, `flotilla bench` and `flotilla demo`.
+//! Processes are killed (SIGKILL) when the cluster is dropped.
+
+use crate::api::ClusterStatus;
+use crate::node::Role;
+use flotilla_shared::ids::NodeId;
+use std::fs::{self, File};
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One replica of a [`LocalCluster`].
+pub struct LocalNode {
+    /// Its id.
+    pub id: NodeId,
+    /// Raft address.
+    pub raft_addr: String,
+    /// HTTP address.
+    pub http_addr: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    /// `http://<http_addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Whether its process is running (as far as this harness knows).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// Extra flags for every replica.
+#[derive(Debug, Clone, Default)]
+pub struct LocalOptions {
+    /// `--snapshot-threshold`.
+    pub snapshot_threshold: Option<u64>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--job`.
+    pub job: Option<PathBuf>,
+    /// `RUST_LOG` for the replicas.
+    pub log_filter: Option<String>,
+}
+
+/// A local cluster of coordinator processes.
+pub struct LocalCluster {
+    bin: PathBuf,
+    /// The replicas, by id - 1.
+    pub nodes: Vec<LocalNode>,
+    peers: String,
+    opts: LocalOptions,
+}
+
+/// A free loopback port (bound, then released; the caller binds it soon).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalCluster {
+    /// Starts `n` replicas of `bin` under `dir`.
+    pub fn start(bin: &Path, dir: &Path, n: usize, opts: LocalOptions) -> io::Result<Self> {
+        let mut nodes = Vec::with_capacity(n);
+        for i in 1..=n {
+            nodes.push(LocalNode {
+                id: NodeId(i as u64),
+                raft_addr: format!("127.0.0.1:{}", free_port()?),
+                http_addr: format!("127.0.0.1:{}", free_port()?),
+                data_dir: dir.join(format!("c{i}")),
+                log: dir.join(format!("c{i}.log")),
+                child: None,
+            });
+        }
+        let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.raft_addr)).collect::<Vec<_>>().join(",");
+        let mut cluster = Self { bin: bin.to_path_buf(), nodes, peers, opts };
+        for i in 1..=n {
+            cluster.spawn(NodeId(i as u64))?;
+        }
+        Ok(cluster)
+    }
+
+    fn node(&self, id: NodeId) -> &LocalNode {
+        &self.nodes[id.0 as usize - 1]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut LocalNode {
+        &mut self.nodes[id.0 as usize - 1]
+    }
+
+    /// Starts (or restarts) replica `id` on its data directory.
+    pub fn spawn(&mut self, id: NodeId) -> io::Result<()> {
+        let node = self.node(id);
+        let log = File::options().create(true).append(true).open(&node.log)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("coordinator")
+            .args(["--id", &id.to_string(), "--peers", &self.peers])
+            .args(["--http-addr", &node.http_addr])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .env("RUST_LOG", self.opts.log_filter.as_deref().unwrap_or("info"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(t) = self.opts.snapshot_threshold {
+            cmd.args(["--snapshot-threshold", &t.to_string()]);
+        }
+        if let Some(f) = &self.opts.token_file {
+            cmd.arg("--token-file").arg(f);
+        }
+        if let Some(f) = &self.opts.job {
+            cmd.arg("--job").arg(f);
+        }
+        let child = cmd.spawn()?;
+        self.node_mut(id).child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs replica `id` and reaps it.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Deletes replica `id`'s data directory (it must be stopped).
+    pub fn wipe(&mut self, id: NodeId) -> io::Result<()> {
+        assert!(!self.node(id).is_running(), "wipe a stopped replica only");
+        match fs::remove_dir_all(&self.node(id).data_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every replica's URL, comma-separated (for `--endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.nodes.iter().map(LocalNode::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The URL of replica `id`.
+    pub fn url(&self, id: NodeId) -> String {
+        self.node(id).url()
+    }
+
+    /// The status of replica `id`, if it answers.
+    pub async fn status(&self, id: NodeId) -> Option<ClusterStatus> {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/v1/status", self.url(id)))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        resp.json().await.ok()
+    }
+
+    /// Waits until every running replica agrees on one leader that has
+    /// announced itself; returns its id.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let mut leaders = Vec::new();
+            let mut agreed = true;
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                match self.status(node.id).await {
+                    Some(s) => {
+                        if s.role == Role::Leader {
+                            leaders.push(s.node_id);
+                        }
+                        agreed &= s.leader_id.is_some() && s.leader_url.is_some();
+                        last = format!("node {}: role {:?}, leader {:?}", s.node_id, s.role, s.leader_id);
+                    }
+                    None => {
+                        agreed = false;
+                        last = format!("node {} does not answer", node.id);
+                    }
+                }
+            }
+            if agreed && leaders.len() == 1 {
+                let leader = leaders[0];
+                let mut all_follow = true;
+                for node in self.nodes.iter().filter(|n| n.is_running()) {
+                    all_follow &= self.status(node.id).await.is_some_and(|s| s.leader_id == Some(leader));
+                }
+                if all_follow {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("no agreed leader within {timeout:?}; last: {last}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
