@@ -15,3 +15,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "--- cargo test"
 cargo test --workspace --locked
+
+echo "--- fault injection at the storage seam (failpoints feature)"
+cargo test -p flotilla-coordinator --locked --features failpoints --test failpoints

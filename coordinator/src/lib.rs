@@ -4,6 +4,7 @@
 //! ([`client`]), assembled by [`server`].
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod http;
 pub mod local;
