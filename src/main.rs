@@ -5,8 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::server;
+use flotilla_shared::ids::{JobName, Rank};
 use flotilla_shared::inspect::inspect;
 use flotilla_shared::spec::JobSpec;
+use flotilla_worker::agent::{self, WorkerOptions};
 use flotilla_worker::bench::{snapshot_bench, SnapshotBenchOptions, SnapshotBenchReport};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +25,8 @@ struct Cli {
 enum Command {
     /// Runs one coordinator replica (a Raft member).
     Coordinator(CoordinatorArgs),
+    /// Runs one worker agent for one rank of one job (the built-in trainer).
+    Worker(WorkerArgs),
     /// Submits a job spec (replicated through Raft); idempotent for an identical spec.
     Submit(SubmitArgs),
     /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
@@ -43,6 +47,12 @@ struct CoordinatorArgs {
     /// A single entry (or none) is a one-node cluster.
     #[arg(long, env = "FLOTILLA_PEERS", default_value = "")]
     peers: String,
+    /// Where the worker API listens (workers' --coordinators point here).
+    #[arg(long, env = "FLOTILLA_API_ADDR")]
+    api_addr: Option<String>,
+    /// The address workers use to reach this worker API (default: --api-addr).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_API")]
+    advertise_api: Option<String>,
     /// Where the HTTP API (status, admin, metrics) listens.
     #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:9201")]
     http_addr: String,
@@ -61,6 +71,31 @@ struct CoordinatorArgs {
     /// Applied log entries between state-machine snapshots (log compaction).
     #[arg(long, env = "FLOTILLA_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
     snapshot_threshold: u64,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The coordinators' worker API addresses (their --api-addr); the leader is found automatically.
+    #[arg(long, env = "FLOTILLA_COORDINATORS", value_delimiter = ',', required = true)]
+    coordinators: Vec<String>,
+    /// The job this worker belongs to.
+    #[arg(long, env = "FLOTILLA_JOB_NAME")]
+    job: String,
+    /// This worker's rank, or `auto` (JOB_COMPLETION_INDEX, or the StatefulSet ordinal of the hostname).
+    #[arg(long, env = "FLOTILLA_RANK")]
+    rank: String,
+    /// Where this worker's HTTP (status, metrics) listens.
+    #[arg(long, env = "FLOTILLA_WORKER_HTTP_ADDR")]
+    http_addr: Option<String>,
+    /// The GPU whose memory restores check (index or UUID).
+    #[arg(long, env = "FLOTILLA_GPU")]
+    gpu: Option<String>,
+    /// Refuse to start where NVML is not available.
+    #[arg(long)]
+    require_gpu: bool,
+    /// File holding the cluster's token.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -173,6 +208,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(args) => run_coordinator(args),
+        Command::Worker(args) => run_worker(args),
         Command::Submit(args) => block_on(run_submit(args)),
         Command::Status(args) => block_on(run_status(args)),
         Command::Inspect(args) => run_inspect(args),
@@ -229,6 +265,8 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         peers,
         advertise_http: args.advertise_http.clone().unwrap_or_else(|| format!("http://{}", args.http_addr)),
         http_addr: args.http_addr,
+        api_addr: args.api_addr,
+        advertise_api: args.advertise_api,
         data_dir: args.data_dir,
         token: read_token(args.token_file.as_ref())?,
         job,
@@ -249,6 +287,49 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             on_signal.cancel();
         });
         server::run(opts, shutdown).await.map_err(anyhow::Error::from)
+    })
+}
+
+fn resolve_rank(flag: &str) -> Result<Rank> {
+    if flag != "auto" {
+        return flag
+            .parse()
+            .map(Rank)
+            .map_err(|_| anyhow::anyhow!("--rank {flag:?} must be a number or auto"));
+    }
+    if let Ok(index) = std::env::var("JOB_COMPLETION_INDEX") {
+        return index
+            .parse()
+            .map(Rank)
+            .map_err(|_| anyhow::anyhow!("JOB_COMPLETION_INDEX={index:?} is not a number"));
+    }
+    let host = hostname();
+    host.rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .map(Rank)
+        .ok_or_else(|| anyhow::anyhow!("--rank auto needs JOB_COMPLETION_INDEX (Indexed Job) or a hostname ending in -<ordinal>, got {host:?}"))
+}
+
+fn run_worker(args: WorkerArgs) -> Result<()> {
+    let opts = WorkerOptions {
+        coordinators: args.coordinators,
+        job: JobName::new(args.job.as_str())?,
+        rank: resolve_rank(&args.rank)?,
+        http_addr: args.http_addr,
+        token: read_token(args.token_file.as_ref())?,
+        gpu: args.gpu,
+        require_gpu: args.require_gpu,
+        free_override: std::env::var(flotilla_worker::device::FREE_BYTES_OVERRIDE).ok(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        agent::run(opts, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 

@@ -5,15 +5,21 @@
 use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, ProposeError, Role};
+use crate::state::CheckpointState;
 use crate::state::{Command, Event, RefusalKind};
+use crate::supervisor::Observation;
+use crate::workers::{SupervisorHandle, WorkersView};
+use axum::extract::Path;
 use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shared::ids::JobName;
+use flotilla_shared::ids::{CheckpointId, Step};
 use flotilla_shared::spec::JobSpec;
 use serde::Deserialize;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +32,10 @@ pub struct HttpState {
     pub token: Option<String>,
     /// This process's metrics.
     pub metrics: Metrics,
+    /// The supervisor, for operator requests.
+    pub supervisor: SupervisorHandle,
+    /// The supervisor's view of the workers.
+    pub workers: WorkersView,
 }
 
 /// The router with every endpoint.
@@ -36,6 +46,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{job}/checkpoint", post(checkpoint))
+        .route("/v1/jobs/{job}/restore", post(restore))
         .with_state(state)
 }
 
@@ -74,7 +86,20 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let node = s.node.status();
-    let status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
+    let mut status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
+    for j in &mut status.jobs {
+        j.workers = s.workers.get(&j.name);
+        if j.state == "succeeded" {
+            j.step = s
+                .node
+                .read_state(|st| {
+                    st.jobs.get(&j.name).and_then(|x| x.spec.trainer.as_ref().map(|t| Step(t.total_steps)))
+                })
+                .unwrap_or(j.step);
+        } else if j.workers.len() == j.world_size as usize {
+            j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
+        }
+    }
     if let Some(name) = &job {
         if status.jobs.is_empty() {
             return error(
@@ -162,4 +187,134 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),
     }
+}
+
+fn job_name(job: &str) -> Result<JobName, Box<Response>> {
+    JobName::new(job).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.to_string())))
+}
+
+/// `POST /v1/jobs/{job}/checkpoint`: asks for a checkpoint now and waits
+/// until it is committed (200 `{"id", "step"}`) or aborted (409).
+async fn checkpoint(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let job = match job_name(&job) {
+        Ok(j) => j,
+        Err(r) => return *r,
+    };
+    if let Some(r) = not_leader(&s) {
+        return r;
+    }
+    let Some((first_id, timeout_s)) = s
+        .node
+        .read_state(|st| st.jobs.get(&job).map(|j| (j.next_checkpoint, j.spec.checkpoint.timeout_seconds)))
+    else {
+        return error(StatusCode::NOT_FOUND, format!("no job named {job}; submit it first"));
+    };
+    s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
+    let deadline = Instant::now() + Duration::from_secs(timeout_s + 30);
+    loop {
+        let outcome = s.node.read_state(|st| {
+            let j = st.jobs.get(&job)?;
+            if j.state.is_terminal() {
+                return Some(Err(format!("job {job} is {}", j.state.as_str())));
+            }
+            j.checkpoints.range(first_id..).find_map(|(id, c)| match c.state {
+                CheckpointState::Committed | CheckpointState::Deleted => Some(Ok((*id, c.step))),
+                CheckpointState::Aborted => Some(Err(format!(
+                    "checkpoint {id} was aborted: {}",
+                    c.reason.as_deref().unwrap_or("no reason recorded")
+                ))),
+                _ => None,
+            })
+        });
+        match outcome {
+            Some(Ok((id, step))) => return Json(serde_json::json!({"id": id, "step": step})).into_response(),
+            Some(Err(e)) => return error(StatusCode::CONFLICT, e),
+            None if Instant::now() > deadline => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("no checkpoint of job {job} committed in time; is every worker running?"),
+                )
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RestoreBody {
+    checkpoint: Option<CheckpointId>,
+}
+
+/// `POST /v1/jobs/{job}/restore`: an operator's whole-job restore, from the
+/// latest committed checkpoint or `{"checkpoint": ID}`.
+async fn restore(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+    body: String,
+) -> Response {
+    if let Some(r) = unauthorized(&s, &headers) {
+        return r;
+    }
+    let job = match job_name(&job) {
+        Ok(j) => j,
+        Err(r) => return *r,
+    };
+    let body: RestoreBody = if body.trim().is_empty() {
+        RestoreBody::default()
+    } else {
+        match serde_json::from_str(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("body must be {{\"checkpoint\": ID}} or empty: {e}"),
+                )
+            }
+        }
+    };
+    if let Some(r) = not_leader(&s) {
+        return r;
+    }
+    let check = s.node.read_state(|st| {
+        let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
+        if let Some(id) = body.checkpoint {
+            match j.checkpoints.get(&id).map(|c| c.state) {
+                Some(CheckpointState::Committed) => {}
+                Some(other) => {
+                    return Err((
+                        StatusCode::CONFLICT,
+                        format!(
+                            "checkpoint {id} of job {job} is {}; pick a committed one (flotilla checkpoints)",
+                            other.as_str()
+                        ),
+                    ))
+                }
+                None => return Err((StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}"))),
+            }
+        }
+        Ok(j.generation)
+    });
+    let generation = match check {
+        Ok(g) => g,
+        Err((code, msg)) => return error(code, msg),
+    };
+    s.supervisor.observe(Observation::RestoreRequested { job: job.clone(), from: body.checkpoint }).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(g) =
+            s.node.read_state(|st| st.jobs.get(&job).map(|j| j.generation)).filter(|g| *g > generation)
+        {
+            return Json(serde_json::json!({"job": job, "generation": g})).into_response();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    error(StatusCode::GATEWAY_TIMEOUT, format!("the restore of job {job} was not applied in time"))
 }

@@ -14,4 +14,6 @@ pub mod node;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod supervisor;
 pub mod transport;
+pub mod workers;

@@ -7,6 +7,7 @@ use crate::metrics::Metrics;
 use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
 use crate::state::{Command, NodeInfo};
 use crate::transport::{self, PeerTransport};
+use crate::workers;
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::spec::JobSpec;
 use std::path::PathBuf;
@@ -24,6 +25,10 @@ pub struct CoordinatorOptions {
     pub peers: Vec<(NodeId, String)>,
     /// Where the HTTP API listens.
     pub http_addr: String,
+    /// Where the worker API listens (none: this replica serves no workers).
+    pub api_addr: Option<String>,
+    /// The address workers use for this replica's worker API.
+    pub advertise_api: Option<String>,
     /// The URL other replicas and clients use for this one's HTTP API.
     pub advertise_http: String,
     /// Raft log and snapshots.
@@ -68,6 +73,10 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr, source })
     };
     let http_listener = bind(opts.http_addr.clone()).await?;
+    let api_listener = match &opts.api_addr {
+        Some(addr) => Some(bind(addr.clone()).await?),
+        None => None,
+    };
     let raft_listener = if opts.peers.len() > 1 { Some(bind(raft_addr.clone()).await?) } else { None };
     std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
         ServeError::Config(format!("cannot create --data-dir {}: {e}", opts.data_dir.display()))
@@ -86,9 +95,29 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     let (handle, mut node_task) = node::start(cfg, transport, peer_rx, metrics.clone())?;
     tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
 
-    let http_state = HttpState { node: handle.clone(), token: opts.token.clone(), metrics };
+    let (supervisor, workers_view, supervisor_tx) =
+        workers::start_supervisor(handle.clone(), shutdown.clone());
+    if let Some(listener) = api_listener {
+        tokio::spawn(workers::serve(
+            listener,
+            handle.clone(),
+            opts.token.clone(),
+            supervisor_tx,
+            shutdown.clone(),
+        ));
+    }
+    let http_state = HttpState {
+        node: handle.clone(),
+        token: opts.token.clone(),
+        metrics,
+        supervisor,
+        workers: workers_view,
+    };
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
-    let info = NodeInfo { http_url: opts.advertise_http.clone(), api_addr: None };
+    let info = NodeInfo {
+        http_url: opts.advertise_http.clone(),
+        api_addr: opts.advertise_api.clone().or_else(|| opts.api_addr.clone()),
+    };
     tokio::spawn(announce(handle.clone(), opts.id, info, shutdown.clone()));
     if let Some(spec) = opts.job.clone() {
         tokio::spawn(submit_at_start(handle.clone(), spec, shutdown.clone()));

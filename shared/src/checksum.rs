@@ -85,3 +85,28 @@ mod tests {
         assert!("crc32c:1a2b".parse::<Checksum>().is_err());
     }
 }
+
+/// The job's `final_digest`: XXH3-128 over every rank's digest in rank
+/// order, so it changes if any rank's final variables do.
+pub fn combine_digests<S: AsRef<str>>(rank_digests: &[S]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for d in rank_digests {
+        h.update(d.as_ref().as_bytes());
+        h.update(b"\n");
+    }
+    format!("{:032x}", h.digest128())
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::*;
+
+    #[test]
+    fn combined_digest_depends_on_every_rank_and_order() {
+        let a = combine_digests(&["aa", "bb"]);
+        assert_eq!(a.len(), 32);
+        assert_eq!(a, combine_digests(&["aa".to_string(), "bb".to_string()]));
+        assert_ne!(a, combine_digests(&["bb", "aa"]));
+        assert_ne!(a, combine_digests(&["aa", "bc"]));
+    }
+}

@@ -1,6 +1,12 @@
-//! The Flotilla worker: trainers, the snapshot pipeline and the benchmark
-//! harness of `flotilla bench snapshot`.
+//! The Flotilla worker: the agent that connects to the coordinator leader
+//! ([`agent`]), the trainer thread ([`runner`]) driving a [`trainer`], the
+//! snapshot pipeline ([`snapshot`]), device memory checks ([`device`]),
+//! metrics, and the `flotilla bench snapshot` harness ([`bench`]).
 
+pub mod agent;
 pub mod bench;
+pub mod device;
+pub mod metrics;
+pub mod runner;
 pub mod snapshot;
 pub mod trainer;

@@ -1,0 +1,346 @@
+//! The shell around the [`Supervisor`]: the worker API listener (one task
+//! per connection) and the supervisor task, which feeds observations to the
+//! pure core and carries out its actions: proposals (awaited one at a time,
+//! their events fed back), directives, and checkpoint files.
+//!
+//! Only the leader supervises: a worker that registers with a follower is
+//! told where the leader is; when leadership is lost, every worker
+//! connection is closed so the workers find the new leader.
+
+use crate::api::WorkerView;
+use crate::node::{NodeHandle, Role};
+use crate::supervisor::{Action, ConnId, Observation, Supervisor, SupervisorConfig};
+use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
+use flotilla_shared::ids::{JobName, Step};
+use flotilla_shared::layout::{JobDir, Manifest};
+use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
+use futures::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What the supervisor last knew of each job's workers, for `/v1/status`.
+#[derive(Clone, Default)]
+pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, Vec<WorkerView>>>>);
+
+impl WorkersView {
+    /// The workers of `job` in its current generation.
+    pub fn get(&self, job: &JobName) -> Vec<WorkerView> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(job).cloned().unwrap_or_default()
+    }
+}
+
+/// Input of the supervisor task.
+pub enum SupervisorInput {
+    /// A worker connection registered; directives for it go to `tx`.
+    Connected {
+        /// Connection.
+        conn: ConnId,
+        /// Its outbound queue.
+        tx: mpsc::Sender<CoordinatorMessageOrClose>,
+    },
+    /// Something happened.
+    Observe(Observation),
+}
+
+/// A directive, or the request to close the connection after the ones before it.
+pub type CoordinatorMessageOrClose = Option<CoordinatorMessage>;
+
+/// A handle to send observations (e.g. operator requests) to the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<SupervisorInput>,
+}
+
+impl SupervisorHandle {
+    /// Passes an observation to the supervisor.
+    pub async fn observe(&self, obs: Observation) {
+        let _ = self.tx.send(SupervisorInput::Observe(obs)).await;
+    }
+}
+
+fn now_ms() -> u64 {
+    Manifest::now_unix_ms()
+}
+
+/// Starts the supervisor task; returns its handle and the workers view.
+pub fn start_supervisor(
+    node: NodeHandle,
+    shutdown: CancellationToken,
+) -> (SupervisorHandle, WorkersView, mpsc::Sender<SupervisorInput>) {
+    let (tx, rx) = mpsc::channel(4096);
+    let view = WorkersView::default();
+    tokio::spawn(run_supervisor(node, rx, view.clone(), shutdown));
+    (SupervisorHandle { tx: tx.clone() }, view, tx)
+}
+
+async fn run_supervisor(
+    node: NodeHandle,
+    mut rx: mpsc::Receiver<SupervisorInput>,
+    view: WorkersView,
+    shutdown: CancellationToken,
+) {
+    let mut sup: Option<Supervisor> = None;
+    let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut queue: VecDeque<Action> = VecDeque::new();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            input = rx.recv() => match input {
+                None => return,
+                Some(SupervisorInput::Connected { conn, tx }) => { conns.insert(conn, tx); }
+                Some(SupervisorInput::Observe(obs)) => {
+                    if let Observation::Disconnected { conn } = &obs {
+                        conns.remove(conn);
+                    }
+                    if let Some(s) = sup.as_mut() {
+                        queue.extend(node.read_state(|st| s.observe(st, now_ms(), obs)));
+                    } else if let Observation::Registered { conn, .. } = obs {
+                        // leadership moved between accept and now
+                        if let Some(tx) = conns.remove(&conn) {
+                            let _ = tx.try_send(None);
+                        }
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                let leader = node.status().role == Role::Leader;
+                match (&mut sup, leader) {
+                    (None, true) => {
+                        tracing::info!("became leader: supervising workers");
+                        sup = Some(Supervisor::new(SupervisorConfig::default(), now_ms()));
+                    }
+                    (Some(_), false) => {
+                        tracing::info!("lost leadership: closing worker connections");
+                        sup = None;
+                        for (_, tx) in conns.drain() {
+                            let _ = tx.try_send(None);
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(s) = sup.as_mut() {
+                    queue.extend(node.read_state(|st| s.tick(st, now_ms())));
+                }
+            }
+        }
+        let Some(s) = sup.as_mut() else { continue };
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Propose(cmd) => match node.propose(cmd.clone()).await {
+                    Ok(Ok(events)) => {
+                        tracing::debug!(?events, "applied");
+                        queue.extend(node.read_state(|st| s.applied(st, now_ms(), &events)));
+                    }
+                    Ok(Err(refusal)) => tracing::debug!("proposal refused: {refusal}"),
+                    Err(e) => tracing::warn!("proposal failed: {e}"),
+                },
+                Action::Send { conn, msg } => {
+                    if let Some(tx) = conns.get(&conn) {
+                        if tx.try_send(Some(msg)).is_err() {
+                            tracing::warn!(
+                                conn,
+                                "worker connection is not draining its directives; closing it"
+                            );
+                            conns.remove(&conn);
+                        }
+                    }
+                }
+                Action::Close { conn } => {
+                    if let Some(tx) = conns.remove(&conn) {
+                        let _ = tx.try_send(None);
+                    }
+                }
+                Action::WriteManifest { job, id } => {
+                    let manifest = node.read_state(|st| {
+                        let j = st.jobs.get(&job)?;
+                        let c = j.checkpoints.get(&id)?;
+                        let latest = j.latest_committed().map(|l| l.id) == Some(id);
+                        let at = c.ended_ms.unwrap_or_else(now_ms);
+                        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name);
+                        Some((
+                            dir,
+                            latest,
+                            Manifest {
+                                job: job.clone(),
+                                id,
+                                step: c.step,
+                                generation: c.generation,
+                                world_size: j.spec.world_size,
+                                created: Manifest::format_time(at),
+                                created_unix_ms: at,
+                                ranks: c.shards.clone(),
+                            },
+                        ))
+                    });
+                    if let Some((dir, latest, manifest)) = manifest {
+                        tokio::task::spawn_blocking(move || {
+                            let result = manifest.write(&dir.checkpoint_dir(id)).and_then(|()| {
+                                if latest {
+                                    dir.write_latest(id)
+                                } else {
+                                    Ok(())
+                                }
+                            });
+                            if let Err(e) = result {
+                                tracing::error!(job = %manifest.job, checkpoint = %id, "cannot write MANIFEST.json/LATEST: {e}");
+                            }
+                        });
+                    }
+                }
+                Action::DeleteFiles { job, id } => {
+                    let dir = node.read_state(|st| {
+                        st.jobs
+                            .get(&job)
+                            .map(|j| JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id))
+                    });
+                    if let Some(dir) = dir {
+                        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                            Ok(()) => tracing::info!("deleted {}", dir.display()),
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => tracing::warn!("cannot delete {}: {e}", dir.display()),
+                        });
+                    }
+                }
+            }
+        }
+        publish_view(&node, s, &view);
+    }
+}
+
+fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
+    let snapshot: BTreeMap<JobName, Vec<WorkerView>> = node.read_state(|st| {
+        st.jobs
+            .values()
+            .map(|j| {
+                let workers = s
+                    .worker_steps(&j.spec.name, j.generation)
+                    .into_iter()
+                    .map(|(rank, status, step)| WorkerView {
+                        rank,
+                        state: format!("{status:?}").to_lowercase(),
+                        step,
+                    })
+                    .collect();
+                (j.spec.name.clone(), workers)
+            })
+            .collect()
+    });
+    *view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+}
+
+/// Serves the worker API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    node: NodeHandle,
+    token: Option<String>,
+    supervisor: mpsc::Sender<SupervisorInput>,
+    shutdown: CancellationToken,
+) {
+    let mut next_conn: ConnId = 0;
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("worker listener accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        next_conn += 1;
+        let (conn, node, token, supervisor, shutdown) =
+            (next_conn, node.clone(), token.clone(), supervisor.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_worker(stream, conn, node, token, supervisor, shutdown).await {
+                tracing::warn!(%remote, "worker connection closed: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_worker(
+    stream: TcpStream,
+    conn_id: ConnId,
+    node: NodeHandle,
+    token: Option<String>,
+    supervisor: mpsc::Sender<SupervisorInput>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let me = node.status().id;
+    let (mut conn, _hello) = server_handshake::<_, WorkerMessage, CoordinatorMessage>(
+        stream,
+        me,
+        token.as_deref(),
+        DEFAULT_MAX_FRAME,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
+        .await
+        .map_err(|_| "no Register within 10 s".to_string())?
+        .ok_or("closed before registering")?
+        .map_err(|e| e.to_string())?;
+    let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = first else {
+        let reply = ErrorReply {
+            code: ErrorCode::InvalidRequest,
+            message: "the first message must be Register".into(),
+        };
+        let _ = conn.send(CoordinatorMessage::Error(reply)).await;
+        return Err("first message was not Register".into());
+    };
+    let status = node.status();
+    if status.role != Role::Leader {
+        let leader = status
+            .leader_id
+            .and_then(|l| node.read_state(|st| st.nodes.get(&l).and_then(|n| n.api_addr.clone())));
+        let _ = conn.send(CoordinatorMessage::NotLeader { leader }).await;
+        return Ok(());
+    }
+    let (tx, mut rx) = mpsc::channel::<CoordinatorMessageOrClose>(1024);
+    let registered = Observation::Registered {
+        conn: conn_id,
+        job,
+        rank,
+        incarnation,
+        generation,
+        step: step.max(Step(0)),
+    };
+    if supervisor.send(SupervisorInput::Connected { conn: conn_id, tx }).await.is_err()
+        || supervisor.send(SupervisorInput::Observe(registered)).await.is_err()
+    {
+        return Ok(());
+    }
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            frame = conn.next() => match frame {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(e.to_string()),
+                Some(Ok(msg)) => {
+                    if supervisor.send(SupervisorInput::Observe(Observation::Message { conn: conn_id, msg })).await.is_err() {
+                        break Ok(());
+                    }
+                }
+            },
+            out = rx.recv() => match out {
+                Some(Some(msg)) => {
+                    if let Err(e) = conn.send(msg).await {
+                        break Err(e.to_string());
+                    }
+                }
+                Some(None) | None => break Ok(()),
+            },
+        }
+    };
+    let _ = supervisor.send(SupervisorInput::Observe(Observation::Disconnected { conn: conn_id })).await;
+    result
+}

@@ -1,0 +1,432 @@
+//! The worker agent: one connection to the coordinator leader.
+//!
+//! ```text
+//! connect (any coordinator) → Hello → Register{job, rank, incarnation, generation, step}
+//!   ← NotLeader{leader}: go there      ← Registered{spec, generation}: start the trainer thread
+//! loop: heartbeat every heartbeat_interval_ms; directives → trainer thread;
+//!       trainer events → coordinator (a saved shard is re-reported after a reconnect)
+//! any error: reconnect through the coordinator list with backoff
+//! ```
+//! The worker exits 0 on `Stop` (job over) and 1 when fenced (a newer
+//! process of the same rank registered).
+
+use crate::device::{self, DeviceMemory, Reading};
+use crate::metrics::WorkerMetrics;
+use crate::runner::{Runner, RunnerCmd, RunnerEvent, RunnerState};
+use axum::extract::State as AxumState;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
+use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank};
+use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, PeerRole, WorkerMessage};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Everything `flotilla worker` is told.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The coordinators' worker API addresses.
+    pub coordinators: Vec<String>,
+    /// The job.
+    pub job: JobName,
+    /// This worker's rank.
+    pub rank: Rank,
+    /// Where this worker's HTTP (status, metrics) listens.
+    pub http_addr: Option<String>,
+    /// The cluster token.
+    pub token: Option<String>,
+    /// GPU index or UUID for NVML.
+    pub gpu: Option<String>,
+    /// Refuse to run without NVML.
+    pub require_gpu: bool,
+    /// `FLOTILLA_DEVICE_FREE_BYTES`, if set.
+    pub free_override: Option<String>,
+}
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad flags or environment.
+    #[error("{0}")]
+    Config(String),
+    /// A newer process of this rank took over.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The coordinator refused the job or rank.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What `/v1/status` shows.
+#[derive(Debug, Clone, Serialize)]
+struct StatusView {
+    job: JobName,
+    rank: Rank,
+    incarnation: Incarnation,
+    registered: bool,
+    coordinator: Option<String>,
+    generation: Option<Generation>,
+    step: u64,
+    state: String,
+    device: Option<Reading>,
+    device_warning: Option<String>,
+}
+
+#[derive(Clone)]
+struct Shared {
+    view: Arc<Mutex<StatusView>>,
+    runner: Arc<RunnerState>,
+    metrics: WorkerMetrics,
+}
+
+enum SessionEnd {
+    Stop(String),
+    Redirect(Option<String>),
+}
+
+/// Runs the worker until the job ends, it is fenced, or `shutdown`.
+pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    if opts.coordinators.is_empty() {
+        return Err(WorkerError::Config("--coordinators is empty; list the coordinators' --api-addr".into()));
+    }
+    let device: Arc<dyn DeviceMemory> = Arc::from(
+        device::open(opts.gpu.as_deref(), opts.require_gpu, opts.free_override.as_deref())
+            .map_err(WorkerError::Config)?,
+    );
+    let metrics = WorkerMetrics::new();
+    let reading = device.read().ok();
+    if let Some(r) = &reading {
+        metrics.observe_device(r);
+    }
+    let device_warning = reading.as_ref().and_then(|r| {
+        let mut w = Vec::new();
+        if r.source == device::Source::Host {
+            w.push("NVML not available: restores check host memory, not a GPU".to_string());
+        }
+        if let Some(f) = r.free_override {
+            w.push(format!("{}={f} is in force", device::FREE_BYTES_OVERRIDE));
+        }
+        (!w.is_empty()).then(|| w.join("; "))
+    });
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let incarnation = Incarnation(nanos ^ (u64::from(std::process::id()) << 40));
+    let runner_state = Arc::new(RunnerState::default());
+    let shared = Shared {
+        view: Arc::new(Mutex::new(StatusView {
+            job: opts.job.clone(),
+            rank: opts.rank,
+            incarnation,
+            registered: false,
+            coordinator: None,
+            generation: None,
+            step: 0,
+            state: "waiting".into(),
+            device: reading,
+            device_warning,
+        })),
+        runner: runner_state.clone(),
+        metrics: metrics.clone(),
+    };
+    if let Some(addr) = &opts.http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| WorkerError::Config(format!("cannot listen on --http-addr {addr}: {e}")))?;
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .route("/v1/status", get(status))
+            .route("/metrics", get(metrics_text))
+            .with_state(shared.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<RunnerEvent>();
+    let mut agent = Agent {
+        opts,
+        incarnation,
+        device,
+        metrics,
+        shared,
+        runner_state,
+        runner: None,
+        ev_tx,
+        unsent: VecDeque::new(),
+        last_saved: None,
+    };
+    let mut redirect: Option<String> = None;
+    let mut next = 0usize;
+    let mut backoff = Duration::from_millis(100);
+    let result = loop {
+        let addr = redirect.take().unwrap_or_else(|| {
+            let a = agent.opts.coordinators[next % agent.opts.coordinators.len()].clone();
+            next += 1;
+            a
+        });
+        let session = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            s = agent.session(&addr, &mut ev_rx) => s,
+        };
+        agent.shared.view.lock().unwrap_or_else(|e| e.into_inner()).registered = false;
+        match session {
+            Ok(SessionEnd::Stop(reason)) => {
+                tracing::info!("stopping: {reason}");
+                break Ok(());
+            }
+            Ok(SessionEnd::Redirect(leader)) => {
+                tracing::info!(%addr, "not the leader; trying {}", leader.as_deref().unwrap_or("the next coordinator"));
+                redirect = leader;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(SessionError::Fatal(e)) => break Err(e),
+            Err(SessionError::Retry(e)) => {
+                tracing::warn!(%addr, "coordinator session ended: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        }
+        backoff = Duration::from_millis(100);
+    };
+    if let Some((tx, handle)) = agent.runner.take() {
+        let _ = tx.send(RunnerCmd::Stop);
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
+    result
+}
+
+enum SessionError {
+    Retry(String),
+    Fatal(WorkerError),
+}
+
+impl From<flotilla_shared::frame::FrameError> for SessionError {
+    fn from(e: flotilla_shared::frame::FrameError) -> Self {
+        SessionError::Retry(e.to_string())
+    }
+}
+
+struct Agent {
+    opts: WorkerOptions,
+    incarnation: Incarnation,
+    device: Arc<dyn DeviceMemory>,
+    metrics: WorkerMetrics,
+    shared: Shared,
+    runner_state: Arc<RunnerState>,
+    runner: Option<(std::sync::mpsc::Sender<RunnerCmd>, std::thread::JoinHandle<()>)>,
+    ev_tx: mpsc::UnboundedSender<RunnerEvent>,
+    /// Reports not yet delivered (sent again after a reconnect).
+    unsent: VecDeque<WorkerMessage>,
+    /// The last shard saved, re-reported to a new leader.
+    last_saved: Option<WorkerMessage>,
+}
+
+type Conn = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
+
+fn to_message(ev: RunnerEvent) -> WorkerMessage {
+    match ev {
+        RunnerEvent::ShardSaved { generation, checkpoint, manifest } => {
+            WorkerMessage::ShardSaved { generation, checkpoint, manifest }
+        }
+        RunnerEvent::ShardFailed { generation, checkpoint, reason } => {
+            WorkerMessage::ShardFailed { generation, checkpoint, reason }
+        }
+        RunnerEvent::Restored { generation, step } => WorkerMessage::Restored { generation, step },
+        RunnerEvent::RestoreFailed { generation, checkpoint, kind, message } => {
+            WorkerMessage::RestoreFailed { generation, checkpoint, kind, message }
+        }
+        RunnerEvent::TrainerFailed { generation, reason } => {
+            WorkerMessage::TrainerFailed { generation, reason }
+        }
+        RunnerEvent::Finished { generation, step, digest } => {
+            WorkerMessage::Finished { generation, step, digest }
+        }
+    }
+}
+
+impl Agent {
+    async fn session(
+        &mut self,
+        addr: &str,
+        events: &mut mpsc::UnboundedReceiver<RunnerEvent>,
+    ) -> Result<SessionEnd, SessionError> {
+        let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .map_err(|_| SessionError::Retry("connect timed out".into()))?
+            .map_err(|e| SessionError::Retry(format!("connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (mut conn, _node): (Conn, _) =
+            client_handshake(stream, PeerRole::Worker, self.opts.token.clone(), DEFAULT_MAX_FRAME)
+                .await
+                .map_err(|e| match e {
+                    flotilla_shared::frame::HandshakeError::Refused(r)
+                        if r.code == ErrorCode::Unauthorized =>
+                    {
+                        SessionError::Fatal(WorkerError::Refused(r.message))
+                    }
+                    other => SessionError::Retry(other.to_string()),
+                })?;
+        conn.send(WorkerMessage::Register {
+            job: self.opts.job.clone(),
+            rank: self.opts.rank,
+            incarnation: self.incarnation,
+            http_addr: self.opts.http_addr.clone(),
+            generation: self.runner_state.generation(),
+            step: self.runner_state.step(),
+        })
+        .await?;
+        let reply = tokio::time::timeout(Duration::from_secs(10), conn.next())
+            .await
+            .map_err(|_| SessionError::Retry("no answer to Register".into()))?
+            .ok_or_else(|| SessionError::Retry("closed before answering Register".into()))??;
+        let spec = match reply {
+            CoordinatorMessage::Registered { spec, .. } => spec,
+            CoordinatorMessage::NotLeader { leader } => return Ok(SessionEnd::Redirect(leader)),
+            CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
+                return Err(SessionError::Fatal(WorkerError::Fenced(e.message)))
+            }
+            CoordinatorMessage::Error(e) if e.code == ErrorCode::InvalidRequest => {
+                return Err(SessionError::Fatal(WorkerError::Refused(e.message)))
+            }
+            CoordinatorMessage::Error(e) => return Err(SessionError::Retry(e.message)),
+            other => return Err(SessionError::Retry(format!("unexpected answer to Register: {other:?}"))),
+        };
+        tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, "registered");
+        if self.runner.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let ev_tx = self.ev_tx.clone();
+            let runner = Runner::new(
+                spec.clone(),
+                self.opts.rank,
+                self.device.clone(),
+                Arc::new(move |ev| {
+                    let _ = ev_tx.send(ev);
+                }),
+                self.runner_state.clone(),
+                self.metrics.clone(),
+            )
+            .map_err(|e| SessionError::Fatal(WorkerError::Config(e)))?;
+            let handle = std::thread::Builder::new()
+                .name("flotilla-trainer".into())
+                .spawn(move || runner.run(rx))
+                .map_err(|e| {
+                    SessionError::Fatal(WorkerError::Config(format!("cannot start the trainer thread: {e}")))
+                })?;
+            self.runner = Some((tx, handle));
+        }
+        {
+            let mut v = self.shared.view.lock().unwrap_or_else(|e| e.into_inner());
+            v.registered = true;
+            v.coordinator = Some(addr.to_string());
+        }
+        // what a previous leader may not have seen
+        if let Some(saved) = self.last_saved.clone() {
+            conn.send(saved).await?;
+        }
+        while let Some(msg) = self.unsent.front().cloned() {
+            conn.send(msg).await?;
+            self.unsent.pop_front();
+        }
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(spec.failure.heartbeat_interval_ms));
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    let msg = WorkerMessage::Heartbeat {
+                        generation: self.runner_state.generation().unwrap_or(Generation(0)),
+                        step: self.runner_state.step(),
+                        status: self.runner_state.status(),
+                    };
+                    conn.send(msg).await?;
+                }
+                frame = conn.next() => {
+                    let msg = frame.ok_or_else(|| SessionError::Retry("the coordinator closed the connection".into()))??;
+                    if let Some(end) = self.directive(msg)? {
+                        return Ok(end);
+                    }
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
+                    let msg = to_message(ev);
+                    if matches!(msg, WorkerMessage::ShardSaved { .. }) {
+                        self.last_saved = Some(msg.clone());
+                    }
+                    if let Err(e) = conn.send(msg.clone()).await {
+                        self.unsent.push_back(msg);
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn runner_cmd(&self, cmd: RunnerCmd) {
+        if let Some((tx, _)) = &self.runner {
+            let _ = tx.send(cmd);
+        }
+    }
+
+    fn directive(&mut self, msg: CoordinatorMessage) -> Result<Option<SessionEnd>, SessionError> {
+        match msg {
+            CoordinatorMessage::Checkpoint { generation, checkpoint, step, dir } => {
+                self.runner_cmd(RunnerCmd::Checkpoint { generation, id: checkpoint, step, dir })
+            }
+            CoordinatorMessage::AbortCheckpoint { checkpoint, .. } => {
+                if matches!(&self.last_saved, Some(WorkerMessage::ShardSaved { checkpoint: c, .. }) if *c == checkpoint)
+                {
+                    self.last_saved = None;
+                }
+                self.runner_cmd(RunnerCmd::Abort { id: checkpoint });
+            }
+            CoordinatorMessage::Restore { generation, from } => {
+                tracing::info!(%generation, from = ?from.as_ref().map(|p| p.checkpoint), "restoring");
+                self.last_saved = None;
+                self.runner_cmd(RunnerCmd::Restore { generation, from });
+            }
+            CoordinatorMessage::Resume { generation, step } => {
+                tracing::info!(%generation, %step, "training");
+                self.runner_cmd(RunnerCmd::Resume { generation, step });
+            }
+            CoordinatorMessage::Stop { reason } => return Ok(Some(SessionEnd::Stop(reason))),
+            CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
+                return Err(SessionError::Fatal(WorkerError::Fenced(e.message)))
+            }
+            CoordinatorMessage::Error(e) => tracing::warn!("coordinator: {}", e.message),
+            CoordinatorMessage::Registered { .. } | CoordinatorMessage::NotLeader { .. } => {}
+        }
+        Ok(None)
+    }
+}
+
+async fn readyz(AxumState(s): AxumState<Shared>) -> Response {
+    if s.view.lock().unwrap_or_else(|e| e.into_inner()).registered {
+        (StatusCode::OK, "registered\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not registered with a coordinator leader\n").into_response()
+    }
+}
+
+async fn status(AxumState(s): AxumState<Shared>) -> Response {
+    let mut v = s.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    v.generation = s.runner.generation();
+    v.step = s.runner.step().0;
+    v.state = format!("{:?}", s.runner.status()).to_lowercase();
+    Json(v).into_response()
+}
+
+async fn metrics_text(AxumState(s): AxumState<Shared>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
+}

@@ -1,0 +1,97 @@
+//! The worker's Prometheus metrics (SPEC §9).
+
+use crate::device::Reading;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every worker metric, registered in [`WorkerMetrics::registry`].
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// Steps completed.
+    pub step: IntGauge,
+    /// Training stall per snapshot.
+    pub stall: Histogram,
+    /// Background shard write (checksums, write, fsync, rename).
+    pub shard_write: Histogram,
+    /// Bytes of shards written.
+    pub bytes_written: IntCounter,
+    /// Restore (validate, memory check, read + verify, load).
+    pub restore: Histogram,
+    device_free: IntGaugeVec,
+    device_total: IntGaugeVec,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkerMetrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("registered once");
+            h
+        };
+        let durations =
+            vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+        let step =
+            IntGauge::new("flotilla_worker_step", "Training steps completed by this rank.").expect("valid");
+        registry.register(Box::new(step.clone())).expect("registered once");
+        let stall = hist(
+            "flotilla_snapshot_stall_seconds",
+            "Training stall per checkpoint (copy of the variables into the host buffer).",
+            durations.clone(),
+        );
+        let shard_write = hist(
+            "flotilla_shard_write_seconds",
+            "Background shard write: checksums, write, fsync, rename, directory fsync.",
+            durations.clone(),
+        );
+        let restore = hist(
+            "flotilla_restore_seconds",
+            "Restore of this rank: validate, device memory check, read and verify, load.",
+            durations,
+        );
+        let bytes_written =
+            IntCounter::new("flotilla_shard_bytes_written_total", "Bytes of shards written durably.")
+                .expect("valid");
+        registry.register(Box::new(bytes_written.clone())).expect("registered once");
+        let device_free = IntGaugeVec::new(
+            Opts::new(
+                "flotilla_device_memory_free_bytes",
+                "Free memory of the device restores check (last reading).",
+            ),
+            &["device"],
+        )
+        .expect("valid");
+        registry.register(Box::new(device_free.clone())).expect("registered once");
+        let device_total = IntGaugeVec::new(
+            Opts::new("flotilla_device_memory_total_bytes", "Total memory of the device restores check."),
+            &["device"],
+        )
+        .expect("valid");
+        registry.register(Box::new(device_total.clone())).expect("registered once");
+        Self { registry, step, stall, shard_write, bytes_written, restore, device_free, device_total }
+    }
+
+    /// Records a device memory reading.
+    pub fn observe_device(&self, r: &Reading) {
+        self.device_free.with_label_values(&[&r.label]).set(r.free as i64);
+        self.device_total.with_label_values(&[&r.label]).set(r.total as i64);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}

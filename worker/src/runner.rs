@@ -1,0 +1,462 @@
+//! The trainer thread: drives the built-in trainer, stops at checkpoint
+//! steps for the snapshot stall, and restores (validate → device memory →
+//! read + verify → load) on the coordinator's word.
+//!
+//! It runs on its own OS thread (training is CPU-bound) and talks to the
+//! agent through channels: [`RunnerCmd`] in, [`RunnerEvent`] out, and the
+//! current step/generation/status in [`RunnerState`] atomics.
+
+use crate::device::{gib, DeviceMemory};
+use crate::metrics::WorkerMetrics;
+use crate::snapshot::{Snapshotter, WriteRequest};
+use crate::trainer::{BuiltinTrainer, Trainer};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use flotilla_shared::layout::shard_file_name;
+use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardManifest, ShardMeta};
+use flotilla_shared::spec::JobSpec;
+use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, WorkerStatus};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A command from the agent.
+#[derive(Debug)]
+pub enum RunnerCmd {
+    /// Train from `step` in `generation`.
+    Resume {
+        /// Generation.
+        generation: Generation,
+        /// The step the coordinator expects this rank at.
+        step: Step,
+    },
+    /// Snapshot at `step` into `dir`.
+    Checkpoint {
+        /// Generation.
+        generation: Generation,
+        /// Checkpoint id.
+        id: CheckpointId,
+        /// Step.
+        step: Step,
+        /// Checkpoint directory.
+        dir: PathBuf,
+    },
+    /// Forget a checkpoint not yet snapshotted.
+    Abort {
+        /// Checkpoint id.
+        id: CheckpointId,
+    },
+    /// Stop training and restore into `generation`.
+    Restore {
+        /// Generation.
+        generation: Generation,
+        /// Where from (`None`: a fresh start at step 0).
+        from: Option<RestorePoint>,
+    },
+    /// Exit.
+    Stop,
+}
+
+/// A report to the agent (forwarded to the coordinator).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunnerEvent {
+    /// A shard is durable.
+    ShardSaved {
+        /// Generation.
+        generation: Generation,
+        /// Checkpoint.
+        checkpoint: CheckpointId,
+        /// Its manifest.
+        manifest: ShardManifest,
+    },
+    /// A shard could not be taken or written.
+    ShardFailed {
+        /// Generation.
+        generation: Generation,
+        /// Checkpoint.
+        checkpoint: CheckpointId,
+        /// Why.
+        reason: String,
+    },
+    /// Restored and ready.
+    Restored {
+        /// Generation.
+        generation: Generation,
+        /// Step.
+        step: Step,
+    },
+    /// Could not restore; the previous state is untouched.
+    RestoreFailed {
+        /// Generation.
+        generation: Generation,
+        /// Checkpoint tried.
+        checkpoint: Option<CheckpointId>,
+        /// Kind.
+        kind: RestoreFailureKind,
+        /// For people.
+        message: String,
+    },
+    /// The trainer cannot go on.
+    TrainerFailed {
+        /// Generation.
+        generation: Generation,
+        /// Why.
+        reason: String,
+    },
+    /// Reached total_steps.
+    Finished {
+        /// Generation.
+        generation: Generation,
+        /// Step.
+        step: Step,
+        /// Digest of the final variables.
+        digest: String,
+    },
+}
+
+/// What the agent reads without asking.
+#[derive(Debug, Default)]
+pub struct RunnerState {
+    step: AtomicU64,
+    /// 0 = none yet.
+    generation: AtomicU64,
+    status: AtomicU8,
+}
+
+impl RunnerState {
+    /// Steps completed.
+    pub fn step(&self) -> Step {
+        Step(self.step.load(Ordering::Relaxed))
+    }
+
+    /// The generation the trainer's state belongs to.
+    pub fn generation(&self) -> Option<Generation> {
+        Some(self.generation.load(Ordering::Relaxed)).filter(|g| *g > 0).map(Generation)
+    }
+
+    /// What it is doing.
+    pub fn status(&self) -> WorkerStatus {
+        match self.status.load(Ordering::Relaxed) {
+            1 => WorkerStatus::Running,
+            2 => WorkerStatus::Checkpointing,
+            3 => WorkerStatus::Restoring,
+            4 => WorkerStatus::Finished,
+            _ => WorkerStatus::Waiting,
+        }
+    }
+
+    fn set_status(&self, s: WorkerStatus) {
+        let v = match s {
+            WorkerStatus::Waiting => 0,
+            WorkerStatus::Running => 1,
+            WorkerStatus::Checkpointing => 2,
+            WorkerStatus::Restoring => 3,
+            WorkerStatus::Finished => 4,
+        };
+        self.status.store(v, Ordering::Relaxed);
+    }
+}
+
+/// Sends events to the agent.
+pub type EventSink = Arc<dyn Fn(RunnerEvent) + Send + Sync>;
+
+struct Pending {
+    generation: Generation,
+    id: CheckpointId,
+    step: Step,
+    path: PathBuf,
+}
+
+/// The trainer thread's state.
+pub struct Runner {
+    job: JobName,
+    rank: Rank,
+    spec: JobSpec,
+    trainer: BuiltinTrainer,
+    snap: Snapshotter,
+    device: Arc<dyn DeviceMemory>,
+    events: EventSink,
+    state: Arc<RunnerState>,
+    metrics: WorkerMetrics,
+    generation: Option<Generation>,
+    running: bool,
+    finished: bool,
+    pending: Option<Pending>,
+}
+
+impl Runner {
+    /// A runner for `rank` of `spec`, with a fresh trainer at step 0.
+    pub fn new(
+        spec: JobSpec,
+        rank: Rank,
+        device: Arc<dyn DeviceMemory>,
+        events: EventSink,
+        state: Arc<RunnerState>,
+        metrics: WorkerMetrics,
+    ) -> Result<Self, String> {
+        let trainer_spec = spec.trainer.clone().ok_or_else(|| {
+            format!("job {} has no [trainer] section; the built-in trainer needs one", spec.name)
+        })?;
+        let trainer = BuiltinTrainer::new(&trainer_spec, rank);
+        let sink = events.clone();
+        let m = metrics.clone();
+        let snap = Snapshotter::new(trainer.variables().to_vec(), move |o| {
+            m.shard_write.observe(o.write_time.as_secs_f64());
+            let event = match o.result {
+                Ok(manifest) => {
+                    m.bytes_written.inc_by(manifest.bytes);
+                    RunnerEvent::ShardSaved {
+                        generation: o.meta.generation,
+                        checkpoint: o.meta.checkpoint,
+                        manifest,
+                    }
+                }
+                Err(e) => RunnerEvent::ShardFailed {
+                    generation: o.meta.generation,
+                    checkpoint: o.meta.checkpoint,
+                    reason: e.to_string(),
+                },
+            };
+            sink(event);
+        })
+        .map_err(|e| format!("cannot start the shard writer: {e}"))?;
+        Ok(Self {
+            job: spec.name.clone(),
+            rank,
+            spec,
+            trainer,
+            snap,
+            device,
+            events,
+            state,
+            metrics,
+            generation: None,
+            running: false,
+            finished: false,
+            pending: None,
+        })
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.spec.trainer.as_ref().map_or(0, |t| t.total_steps)
+    }
+
+    fn publish(&self) {
+        let step = self.trainer.current_step().0;
+        self.state.step.store(step, Ordering::Relaxed);
+        self.state.generation.store(self.generation.map_or(0, |g| g.0), Ordering::Relaxed);
+        self.metrics.step.set(step as i64);
+    }
+
+    /// Runs until [`RunnerCmd::Stop`] or the command channel closes.
+    pub fn run(mut self, cmds: Receiver<RunnerCmd>) {
+        let step_time = Duration::from_millis(self.spec.trainer.as_ref().map_or(0, |t| t.step_time_ms));
+        self.publish();
+        loop {
+            let cmd = if self.running {
+                match cmds.recv_timeout(Duration::ZERO) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match cmds.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            if let Some(cmd) = cmd {
+                if !self.handle(cmd) {
+                    return;
+                }
+                continue;
+            }
+            self.train_one(step_time);
+        }
+    }
+
+    fn train_one(&mut self, step_time: Duration) {
+        let step = self.trainer.current_step();
+        if let Some(p) = self.pending.take_if(|p| p.step == step) {
+            self.snapshot(p);
+        }
+        if step.0 >= self.total_steps() {
+            self.running = false;
+            if !self.finished {
+                self.finished = true;
+                self.state.set_status(WorkerStatus::Finished);
+                let generation = self.generation.unwrap_or(Generation(0));
+                (self.events)(RunnerEvent::Finished { generation, step, digest: self.trainer.digest() });
+            }
+            return;
+        }
+        let start = Instant::now();
+        self.trainer.step();
+        if let Some(rest) = step_time.checked_sub(start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        self.publish();
+    }
+
+    fn snapshot(&mut self, p: Pending) {
+        self.state.set_status(WorkerStatus::Checkpointing);
+        let meta = ShardMeta {
+            job: self.job.clone(),
+            checkpoint: p.id,
+            rank: self.rank,
+            step: p.step,
+            generation: p.generation,
+        };
+        match self.snap.snapshot(&self.trainer, WriteRequest { path: p.path, meta }) {
+            Ok(stall) => {
+                self.metrics.stall.observe(stall.total().as_secs_f64());
+                tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
+            }
+            Err(e) => (self.events)(RunnerEvent::ShardFailed {
+                generation: p.generation,
+                checkpoint: p.id,
+                reason: e.to_string(),
+            }),
+        }
+        self.state.set_status(WorkerStatus::Running);
+    }
+
+    /// Handles one command; false means stop.
+    fn handle(&mut self, cmd: RunnerCmd) -> bool {
+        match cmd {
+            RunnerCmd::Stop => return false,
+            RunnerCmd::Resume { generation, step } => {
+                if self.trainer.current_step() != step {
+                    (self.events)(RunnerEvent::TrainerFailed {
+                        generation,
+                        reason: format!(
+                            "told to resume at step {step} but the trainer is at step {}",
+                            self.trainer.current_step()
+                        ),
+                    });
+                    return true;
+                }
+                self.generation = Some(generation);
+                self.running = !self.finished;
+                self.state.set_status(if self.finished {
+                    WorkerStatus::Finished
+                } else {
+                    WorkerStatus::Running
+                });
+                self.publish();
+            }
+            RunnerCmd::Checkpoint { generation, id, step, dir } => {
+                if Some(generation) != self.generation {
+                    return true;
+                }
+                let at = self.trainer.current_step();
+                if at > step {
+                    (self.events)(RunnerEvent::ShardFailed {
+                        generation,
+                        checkpoint: id,
+                        reason: format!("already past step {step} (at step {at}) when told"),
+                    });
+                } else {
+                    let path = dir.join(shard_file_name(self.rank));
+                    self.pending = Some(Pending { generation, id, step, path });
+                    if !self.running {
+                        // idle at exactly that step (e.g. finished): snapshot now
+                        if let Some(p) = self.pending.take_if(|p| p.step == at) {
+                            self.snapshot(p);
+                        }
+                    }
+                }
+            }
+            RunnerCmd::Abort { id } => {
+                self.pending.take_if(|p| p.id == id);
+            }
+            RunnerCmd::Restore { generation, from } => {
+                self.running = false;
+                self.pending = None;
+                self.state.set_status(WorkerStatus::Restoring);
+                let start = Instant::now();
+                let event = self.restore(generation, from);
+                if matches!(event, RunnerEvent::Restored { .. }) {
+                    self.metrics.restore.observe(start.elapsed().as_secs_f64());
+                    self.generation = Some(generation);
+                    self.finished = false;
+                }
+                self.state.set_status(WorkerStatus::Waiting);
+                self.publish();
+                (self.events)(event);
+            }
+        }
+        true
+    }
+
+    fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> RunnerEvent {
+        let Some(point) = from else {
+            let spec = self.spec.trainer.clone().expect("checked at construction");
+            self.trainer = BuiltinTrainer::new(&spec, self.rank);
+            return RunnerEvent::Restored { generation, step: Step(0) };
+        };
+        let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
+        let failed = |kind, message: String| RunnerEvent::RestoreFailed {
+            generation,
+            checkpoint: Some(point.checkpoint),
+            kind,
+            message,
+        };
+        let path = point.dir.join(&point.shard.file);
+        // 1. names, dtypes and shapes, from the header alone
+        let header = match read_header(&path, &label) {
+            Ok(h) => h,
+            Err(e) => return failed(kind_of(&e.kind), e.to_string()),
+        };
+        if let Err(m) = ModelMismatch::check(&header.variables(), self.trainer.variables()) {
+            return failed(
+                RestoreFailureKind::ModelMismatch,
+                format!("{label} does not match the model: {m}"),
+            );
+        }
+        // 2. device memory
+        let need = point.shard.bytes + self.spec.failure.memory_headroom_bytes;
+        match self.device.read() {
+            Ok(r) => {
+                self.metrics.observe_device(&r);
+                if r.free < need {
+                    return failed(
+                        RestoreFailureKind::DeviceMemory,
+                        format!(
+                            "rank {} on {}: restore needs {}, {} free",
+                            self.rank,
+                            r.device,
+                            gib(need),
+                            gib(r.free)
+                        ),
+                    );
+                }
+            }
+            Err(e) => return failed(RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank)),
+        }
+        // 3. read and verify every checksum, 4. load
+        let shard = match Shard::read_verified(&path, &label, &point.shard) {
+            Ok(s) => s,
+            Err(e) => return failed(kind_of(&e.kind), e.to_string()),
+        };
+        match self.trainer.load(&shard) {
+            Ok(()) => RunnerEvent::Restored { generation, step: self.trainer.current_step() },
+            Err(m) => {
+                failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
+            }
+        }
+    }
+}
+
+fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
+    match kind {
+        // a shard of a committed checkpoint that is gone makes it unusable
+        ShardErrorKind::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            RestoreFailureKind::Corrupt
+        }
+        ShardErrorKind::Io { .. } => RestoreFailureKind::Io,
+        ShardErrorKind::ModelMismatch(_) => RestoreFailureKind::ModelMismatch,
+        _ => RestoreFailureKind::Corrupt,
+    }
+}
