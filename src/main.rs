@@ -1,6 +1,8 @@
 //! `flotilla`: the one binary. Parses the command line and calls into the
 //! crates; nothing here decides anything.
 
+mod demo;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flotilla_coordinator::client::Client;
@@ -27,6 +29,8 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Runs one worker agent for one rank of one job (the built-in trainer).
     Worker(WorkerArgs),
+    /// Starts a local cluster (3 coordinators, 4 workers), injects a failure, shows the whole cycle.
+    Demo(demo::DemoArgs),
     /// Submits a job spec (replicated through Raft); idempotent for an identical spec.
     Submit(SubmitArgs),
     /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
@@ -209,6 +213,16 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(args) => run_coordinator(args),
         Command::Worker(args) => run_worker(args),
+        Command::Demo(args) => {
+            let matched = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(demo::run(args))?;
+            if !matched {
+                bail!("the final digest differs from the failure-free reference");
+            }
+            Ok(())
+        }
         Command::Submit(args) => block_on(run_submit(args)),
         Command::Status(args) => block_on(run_status(args)),
         Command::Inspect(args) => run_inspect(args),

@@ -58,6 +58,12 @@ pub struct JobStatus {
     pub restores: u32,
     /// The latest committed checkpoint.
     pub latest_committed: Option<CheckpointRef>,
+    /// The checkpoint the current generation restored from (none: step 0).
+    #[serde(default)]
+    pub restored_from: Option<CheckpointRef>,
+    /// Checkpoints committed over the job's life.
+    #[serde(default)]
+    pub checkpoints_committed: u64,
     /// Checkpoints not deleted, oldest first.
     pub checkpoints: Vec<CheckpointView>,
     /// Each rank as last reported in this generation.
@@ -136,6 +142,11 @@ impl JobStatus {
             step: Step(0),
             restores: job.restores,
             latest_committed: job.latest_committed().map(|c| CheckpointRef { id: c.id, step: c.step }),
+            restored_from: job
+                .restored_from
+                .and_then(|id| job.checkpoints.get(&id))
+                .map(|c| CheckpointRef { id: c.id, step: c.step }),
+            checkpoints_committed: job.committed_total,
             checkpoints: job
                 .checkpoints
                 .values()

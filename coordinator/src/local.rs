@@ -20,6 +20,8 @@ pub struct LocalNode {
     pub raft_addr: String,
     /// HTTP address.
     pub http_addr: String,
+    /// Worker API address.
+    pub api_addr: String,
     /// Its data directory.
     pub data_dir: PathBuf,
     /// Where its stderr goes.
@@ -80,6 +82,7 @@ impl LocalCluster {
                 id: NodeId(i as u64),
                 raft_addr: format!("127.0.0.1:{}", free_port()?),
                 http_addr: format!("127.0.0.1:{}", free_port()?),
+                api_addr: format!("127.0.0.1:{}", free_port()?),
                 data_dir: dir.join(format!("c{i}")),
                 log: dir.join(format!("c{i}.log")),
                 child: None,
@@ -108,7 +111,7 @@ impl LocalCluster {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("coordinator")
             .args(["--id", &id.to_string(), "--peers", &self.peers])
-            .args(["--http-addr", &node.http_addr])
+            .args(["--http-addr", &node.http_addr, "--api-addr", &node.api_addr])
             .arg("--data-dir")
             .arg(&node.data_dir)
             .env("RUST_LOG", self.opts.log_filter.as_deref().unwrap_or("info"))
@@ -149,6 +152,11 @@ impl LocalCluster {
     /// Every replica's URL, comma-separated (for `--endpoints`).
     pub fn endpoints(&self) -> String {
         self.nodes.iter().map(LocalNode::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Every replica's worker API address, comma-separated (for `--coordinators`).
+    pub fn api_endpoints(&self) -> String {
+        self.nodes.iter().map(|n| n.api_addr.clone()).collect::<Vec<_>>().join(",")
     }
 
     /// The URL of replica `id`.
@@ -215,6 +223,108 @@ impl Drop for LocalCluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+    }
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to process `pid` with kill(1).
+pub fn signal(pid: u32, signal: &str) -> io::Result<()> {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("kill -{signal} {pid} failed")))
+    }
+}
+
+/// The workers of one job, as real `flotilla worker` processes.
+pub struct LocalWorkers {
+    bin: PathBuf,
+    dir: PathBuf,
+    coordinators: String,
+    job: String,
+    children: Vec<Option<Child>>,
+    log_filter: String,
+}
+
+impl LocalWorkers {
+    /// Workers for `job` with `world_size` ranks (none started yet).
+    pub fn new(bin: &Path, dir: &Path, coordinators: String, job: &str, world_size: u32) -> Self {
+        Self {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            coordinators,
+            job: job.to_string(),
+            children: (0..world_size).map(|_| None).collect(),
+            log_filter: "info".into(),
+        }
+    }
+
+    /// `RUST_LOG` for the workers.
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        self.log_filter = filter.to_string();
+        self
+    }
+
+    /// The log file of `rank`.
+    pub fn log(&self, rank: u32) -> PathBuf {
+        self.dir.join(format!("worker-{rank}.log"))
+    }
+
+    /// Starts (or restarts) `rank` with extra environment variables.
+    pub fn spawn(&mut self, rank: u32, env: &[(&str, &str)]) -> io::Result<()> {
+        let log = File::options().create(true).append(true).open(self.log(rank))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("worker")
+            .args(["--coordinators", &self.coordinators, "--job", &self.job, "--rank", &rank.to_string()])
+            .env("RUST_LOG", &self.log_filter)
+            .env_remove(crate::local::FREE_BYTES_ENV)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.children[rank as usize] = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    /// SIGKILLs `rank` and reaps it.
+    pub fn kill(&mut self, rank: u32) {
+        if let Some(mut child) = self.children[rank as usize].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The process id of `rank`, while running.
+    pub fn pid(&self, rank: u32) -> Option<u32> {
+        self.children[rank as usize].as_ref().map(Child::id)
+    }
+
+    /// Exit statuses of the workers that exited (reaps them).
+    pub fn exited(&mut self) -> Vec<(u32, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for (rank, slot) in self.children.iter_mut().enumerate() {
+            if let Some(child) = slot {
+                if let Ok(Some(status)) = child.try_wait() {
+                    out.push((rank as u32, status));
+                    *slot = None;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The device-memory override variable (kept out of workers unless asked).
+pub const FREE_BYTES_ENV: &str = "FLOTILLA_DEVICE_FREE_BYTES";
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

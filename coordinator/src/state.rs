@@ -175,6 +175,9 @@ pub struct Job {
     pub final_digest: Option<String>,
     /// Submission time (ms since the epoch).
     pub submitted_ms: u64,
+    /// Checkpoints committed over the job's life (retired ones included).
+    #[serde(default)]
+    pub committed_total: u64,
 }
 
 impl Job {
@@ -647,6 +650,7 @@ impl State {
                 error: None,
                 final_digest: None,
                 submitted_ms: now_ms,
+                committed_total: 0,
             },
         );
         Ok(vec![Event::JobSubmitted { job: name }])
@@ -701,6 +705,7 @@ impl State {
         c.shards = shards;
         let step = c.step;
         let duration_ms = now_ms.saturating_sub(c.begun_ms);
+        j.committed_total += 1;
         let mut events = vec![Event::CheckpointCommitted { job: job.clone(), id, step, duration_ms }];
 
         // retention: keep the newest `keep_last` committed, retire the rest

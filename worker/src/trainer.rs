@@ -253,6 +253,27 @@ impl Trainer for BuiltinTrainer {
     }
 }
 
+/// The job's `final_digest` for a run without failures: every rank trained
+/// from scratch to `total_steps`, digests combined in rank order. A run that
+/// failed and restored must end with exactly this.
+pub fn reference_digest(spec: &TrainerSpec, world_size: u32) -> String {
+    let digests: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..world_size)
+            .map(|rank| {
+                scope.spawn(move || {
+                    let mut t = BuiltinTrainer::new(spec, Rank(rank));
+                    for _ in 0..spec.total_steps {
+                        t.step();
+                    }
+                    t.digest()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("reference trainer panicked")).collect()
+    });
+    flotilla_shared::checksum::combine_digests(&digests)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,229 @@
+//! `flotilla demo` (SPEC §7): a whole local cluster as child processes,
+//! one injected failure, and the proof that the resumed run is the same run.
+
+use anyhow::{bail, Context, Result};
+use flotilla_coordinator::api::JobStatus;
+use flotilla_coordinator::client::Client;
+use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::node::Role;
+use flotilla_shared::spec::JobSpec;
+use flotilla_worker::trainer::reference_digest;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The demo's knobs (SPEC §7).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Coordinator replicas.
+    #[arg(long, default_value_t = 3)]
+    coordinators: usize,
+    /// Workers (ranks).
+    #[arg(long, default_value_t = 4)]
+    workers: u32,
+    /// Training steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Bytes of variables per rank.
+    #[arg(long, default_value_t = 4 << 20)]
+    params_per_rank_bytes: u64,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 100)]
+    every_steps: u64,
+    /// SIGKILL a worker when the job reaches this step (default: mid-run; 0: never).
+    #[arg(long)]
+    kill_worker_at: Option<u64>,
+    /// SIGKILL the coordinator leader when the job reaches this step.
+    #[arg(long)]
+    kill_leader_at: Option<u64>,
+    /// Working directory (default: a temporary one).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the processes' logs and checkpoints.
+    #[arg(long)]
+    keep: bool,
+}
+
+struct Progress {
+    tty: bool,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn show(&mut self, job: &JobStatus, total: u64) {
+        let step = job.step.0.min(total);
+        if self.tty {
+            let width = 40;
+            let filled = (step * width / total.max(1)) as usize;
+            print!(
+                "\r[{}{}] step {step}/{total}  gen {}  {}  ckpts {}   ",
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                job.generation,
+                job.state,
+                job.checkpoints_committed
+            );
+            let _ = std::io::stdout().flush();
+        } else if self.last_line.elapsed() > Duration::from_secs(1) {
+            self.last_line = Instant::now();
+            println!(
+                "step {step}/{total}, generation {}, {}, {} checkpoints committed",
+                job.generation, job.state, job.checkpoints_committed
+            );
+        }
+    }
+
+    fn say(&mut self, msg: &str) {
+        if self.tty {
+            println!();
+        }
+        println!("{msg}");
+    }
+}
+
+/// Runs the demo; `Ok(true)` when the final digest matches the reference.
+pub async fn run(args: DemoArgs) -> Result<bool> {
+    if args.coordinators == 0 || args.workers == 0 || args.steps < 2 {
+        bail!("--coordinators and --workers must be at least 1, --steps at least 2");
+    }
+    let temp = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create --dir {}", d.display()))?;
+            None
+        }
+        None => Some(tempfile::Builder::new().prefix("flotilla-demo-").tempdir()?),
+    };
+    let dir = args.dir.clone().unwrap_or_else(|| temp.as_ref().expect("temp dir").path().to_path_buf());
+    let root = dir.join("checkpoints");
+    let spec_text = format!(
+        "name = \"demo\"\nworld_size = {}\n\n[checkpoint]\nevery_steps = {}\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n\n\
+         [failure]\nheartbeat_interval_ms = 250\nheartbeat_timeout_ms = 1500\nmax_restarts = 10\n\n\
+         [trainer]\ntotal_steps = {}\nparams_per_rank_bytes = {}\nlayers = 4\nstep_time_ms = 5\nseed = 42\n",
+        args.workers,
+        args.every_steps,
+        root.display(),
+        args.steps,
+        args.params_per_rank_bytes
+    );
+    let spec = JobSpec::from_toml(&spec_text).context("demo job spec")?;
+    std::fs::write(dir.join("job.toml"), &spec_text)?;
+    let trainer = spec.trainer.clone().expect("the demo spec has a trainer");
+    let kill_worker_at = args.kill_worker_at.unwrap_or(args.steps / 2);
+
+    let bin = std::env::current_exe()?;
+    println!(
+        "flotilla demo: {} coordinators, {} workers, {} steps, {} bytes per rank, in {}",
+        args.coordinators,
+        args.workers,
+        args.steps,
+        args.params_per_rank_bytes,
+        dir.display()
+    );
+    // the failure-free reference, computed while the cluster runs
+    let world = args.workers;
+    let reference = tokio::task::spawn_blocking(move || reference_digest(&trainer, world));
+
+    let opts = LocalOptions { log_filter: Some("info".into()), ..LocalOptions::default() };
+    let mut cluster = LocalCluster::start(&bin, &dir, args.coordinators, opts)?;
+    let mut leader = cluster.wait_for_leader(Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+    let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
+    client.submit(&spec_text).await?;
+    let mut workers = LocalWorkers::new(&bin, &dir, cluster.api_endpoints(), "demo", args.workers);
+    for rank in 0..args.workers {
+        workers.spawn(rank, &[])?;
+    }
+    println!("cluster up: leader is coordinator {leader}; job submitted; {} workers started", args.workers);
+
+    let mut progress = Progress { tty: std::io::stdout().is_terminal(), last_line: Instant::now() };
+    let mut failures = 0;
+    let mut killed_worker: Option<(Instant, u64)> = None;
+    let mut recovery: Option<Duration> = None;
+    let mut leader_killed = false;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let job = loop {
+        if Instant::now() > deadline {
+            bail!("the demo job did not finish within 10 minutes; logs are in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let Ok(status) = client.status(Some("demo")).await else { continue };
+        let Some(job) = status.jobs.into_iter().next() else { continue };
+        progress.show(&job, args.steps);
+        match job.state.as_str() {
+            "succeeded" => break job,
+            "failed" => bail!("the job failed: {}", job.error.unwrap_or_default()),
+            _ => {}
+        }
+        if let (Some((at, generation)), None) = (killed_worker, recovery) {
+            if job.generation.0 > generation && job.state == "running" {
+                recovery = Some(at.elapsed());
+                progress.say(&format!(
+                    "all ranks training again in generation {} from {} after {:.2} s",
+                    job.generation,
+                    job.restored_from
+                        .map_or("step 0".into(), |c| format!("checkpoint {} (step {})", c.id, c.step)),
+                    at.elapsed().as_secs_f64()
+                ));
+            }
+        }
+        if kill_worker_at > 0
+            && killed_worker.is_none()
+            && job.state == "running"
+            && job.step.0 >= kill_worker_at
+        {
+            let rank = 1 % args.workers;
+            workers.kill(rank);
+            failures += 1;
+            killed_worker = Some((Instant::now(), job.generation.0));
+            progress.say(&format!("step {}: SIGKILL worker rank {rank}; restarting it", job.step));
+            workers.spawn(rank, &[])?;
+        }
+        if let Some(at) = args.kill_leader_at {
+            if !leader_killed && job.step.0 >= at {
+                leader_killed = true;
+                failures += 1;
+                cluster.kill(leader);
+                progress.say(&format!("step {}: SIGKILL coordinator leader {leader}", job.step));
+                let new_leader =
+                    cluster.wait_for_leader(Duration::from_secs(30)).await.map_err(anyhow::Error::msg)?;
+                cluster.spawn(leader)?;
+                progress.say(&format!("coordinator {new_leader} leads; {leader} restarted on its data dir"));
+                leader = new_leader;
+            }
+        }
+        let _ = status.role == Role::Leader;
+    };
+    progress.say("job succeeded");
+    let reference = reference.await?;
+    let matches = job.final_digest.as_deref() == Some(reference.as_str());
+    println!();
+    println!("checkpoints committed:   {}", job.checkpoints_committed);
+    println!("failures injected:       {failures} (whole-job restores: {})", job.restores);
+    println!(
+        "restored from:           {}",
+        job.restored_from.map_or("step 0 (no checkpoint before the failure)".into(), |c| format!(
+            "checkpoint {} at step {}",
+            c.id, c.step
+        ))
+    );
+    println!(
+        "failure to training:     {}",
+        recovery.map_or("n/a".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+    );
+    println!("final digest:            {}", job.final_digest.as_deref().unwrap_or("none"));
+    println!("failure-free reference:  {reference}");
+    println!(
+        "{}",
+        if matches { "MATCH: the resumed run is the same run" } else { "MISMATCH: the resumed run diverged" }
+    );
+    drop(workers);
+    drop(cluster);
+    if args.keep || args.dir.is_some() {
+        if let Some(t) = temp {
+            let kept = t.keep();
+            println!("kept logs and checkpoints in {}", kept.display());
+        } else {
+            println!("logs and checkpoints are in {}", dir.display());
+        }
+    }
+    Ok(matches)
+}
