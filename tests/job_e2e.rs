@@ -1,0 +1,254 @@
+//! The closed loop end to end: 3 real coordinators, real worker processes,
+//! real fsync, SIGKILL / SIGSTOP, and the outcome checked against a
+//! failure-free reference computed in the test.
+
+mod common;
+
+use common::{wait_for, BIN};
+use flotilla_coordinator::api::JobStatus;
+use flotilla_coordinator::client::Client;
+use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_shared::layout::{JobDir, Manifest};
+use flotilla_shared::shard::read_header;
+use flotilla_shared::spec::JobSpec;
+use flotilla_worker::trainer::reference_digest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct Scenario {
+    dir: tempfile::TempDir,
+    cluster: LocalCluster,
+    workers: LocalWorkers,
+    client: Client,
+    spec: JobSpec,
+}
+
+impl Scenario {
+    /// 3 coordinators, `world` workers started, the job submitted.
+    async fn start(world: u32, steps: u64, extra: &str) -> Self {
+        Self::start_every(world, steps, 50, extra).await
+    }
+
+    /// Like `start`, checkpointing every `every` steps.
+    async fn start_every(world: u32, steps: u64, every: u64, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "name = \"e2e\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = {every}\nkeep_last = 3\nroot = \"{}\"\n{extra}\n\
+             [trainer]\ntotal_steps = {steps}\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\nseed = 7\n",
+            dir.path().join("ckpt").display()
+        );
+        let spec = JobSpec::from_toml(&text).unwrap();
+        let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+        cluster.wait_for_leader(LONG).await.unwrap();
+        let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
+        client.submit(&text).await.unwrap();
+        let mut workers =
+            LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "e2e", world);
+        for rank in 0..world {
+            workers.spawn(rank, &[]).unwrap();
+        }
+        Self { dir, cluster, workers, client, spec }
+    }
+
+    async fn job(&self) -> Option<JobStatus> {
+        self.client.status(Some("e2e")).await.ok()?.jobs.into_iter().next()
+    }
+
+    async fn wait_job(&self, what: &str, pred: impl Fn(&JobStatus) -> bool) -> JobStatus {
+        wait_for(what, LONG, || async {
+            let job = self.job().await.ok_or("no status")?;
+            if pred(&job) {
+                Ok(job)
+            } else {
+                Err(format!(
+                    "state {} gen {} step {} restores {} latest {:?} error {:?}",
+                    job.state, job.generation, job.step, job.restores, job.latest_committed, job.error
+                ))
+            }
+        })
+        .await
+    }
+
+    fn reference(&self) -> String {
+        reference_digest(self.spec.trainer.as_ref().unwrap(), self.spec.world_size)
+    }
+
+    fn job_dir(&self) -> JobDir {
+        JobDir::new(&self.dir.path().join("ckpt"), &self.spec.name)
+    }
+
+    /// Every committed checkpoint on disk: one shard per rank, each of the
+    /// checkpoint's own generation, and every checksum right.
+    fn check_committed_checkpoints(&self) -> usize {
+        let mut n = 0;
+        for (id, dir) in self.job_dir().list_checkpoint_dirs().unwrap() {
+            let Ok(manifest) = Manifest::read(&dir) else { continue };
+            n += 1;
+            assert_eq!(manifest.ranks.len() as u32, self.spec.world_size, "checkpoint {id}");
+            for shard in &manifest.ranks {
+                let header = read_header(&dir.join(&shard.file), "test").unwrap();
+                assert_eq!(
+                    header.meta.generation, manifest.generation,
+                    "checkpoint {id} rank {}",
+                    shard.rank
+                );
+                assert_eq!(header.meta.step, manifest.step);
+            }
+            let out =
+                Command::new(BIN).args(["inspect", "--verify", dir.to_str().unwrap()]).output().unwrap();
+            assert!(out.status.success(), "checkpoint {id}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        n
+    }
+}
+
+fn shard_path(dir: &Path, id: u64, rank: u32) -> PathBuf {
+    dir.join(format!("ckpt-{id:08}")).join(format!("rank-{rank:05}.safetensors"))
+}
+
+#[test]
+fn demo_with_a_worker_killed_matches_the_reference() {
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--steps",
+            "600",
+            "--params-per-rank-bytes",
+            "262144",
+            "--every-steps",
+            "50",
+            "--kill-worker-at",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("MATCH: the resumed run is the same run"), "{stdout}");
+    assert!(stdout.contains("restored from:           checkpoint"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leader_killed_mid_checkpoint_loses_nothing() {
+    // checkpoints every 20 steps of 5 ms: one is nearly always in flight
+    let s = Scenario::start_every(3, 1200, 20, "").await;
+    let first = s.wait_job("a committed checkpoint", |j| j.latest_committed.is_some()).await;
+    tracing::info!("--- SIGKILL the coordinator leader while the job checkpoints");
+    let status = s.client.status(None).await.unwrap();
+    let leader = status.leader_id.unwrap();
+    let mut cluster = s.cluster;
+    cluster.kill(leader);
+    let new_leader = cluster.wait_for_leader(LONG).await.unwrap();
+    assert_ne!(new_leader, leader);
+    cluster.spawn(leader).unwrap();
+    let s = Scenario { cluster, ..s };
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    let latest = done.latest_committed.unwrap();
+    assert!(latest.id >= first.latest_committed.unwrap().id, "a committed checkpoint was lost");
+    assert!(s.check_committed_checkpoints() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
+    let mut s = Scenario::start(3, 1500, "").await;
+    let before = s
+        .wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3 && j.state == "running")
+        .await;
+    let latest = before.latest_committed.unwrap();
+    tracing::info!("--- flip a byte in checkpoint {} rank 0, then kill a worker", latest.id);
+    let path = shard_path(&s.dir.path().join("ckpt/e2e"), latest.id.0, 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    // kill before the next checkpoint supersedes the corrupt one
+    s.workers.kill(2);
+    s.workers.spawn(2, &[]).unwrap();
+    let after = s
+        .wait_job("a restore from the previous checkpoint", |j| {
+            j.restores >= 2 && j.state == "running" && j.restored_from.is_some_and(|c| c.id < latest.id)
+        })
+        .await;
+    let corrupt = after.checkpoints.iter().find(|c| c.id == latest.id);
+    assert!(corrupt.is_none_or(|c| c.state == "corrupt"), "{corrupt:?}");
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn not_enough_device_memory_blocks_then_recovers() {
+    let mut s = Scenario::start(2, 1200, "").await;
+    s.wait_job("a committed checkpoint", |j| j.latest_committed.is_some() && j.state == "running").await;
+    tracing::info!("--- rank 1 restarts on a device with 1000 bytes free");
+    s.workers.kill(1);
+    s.workers.spawn(1, &[("FLOTILLA_DEVICE_FREE_BYTES", "1000")]).unwrap();
+    let blocked = s.wait_job("the job to be blocked", |j| j.state == "blocked").await;
+    let error = blocked.error.unwrap();
+    assert!(
+        error.starts_with("rank 1 on ") && error.contains("restore needs") && error.contains("free"),
+        "{error}"
+    );
+    tracing::info!("--- restarted without the override: the job recovers");
+    s.workers.kill(1);
+    s.workers.spawn(1, &[]).unwrap();
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_worker_is_fenced_and_cannot_write_into_a_live_checkpoint() {
+    let s = Scenario::start(2, 1500, "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 600\n")
+        .await;
+    let before =
+        s.wait_job("a committed checkpoint", |j| j.latest_committed.is_some() && j.state == "running").await;
+    let pid = s.workers.pid(1).unwrap();
+    tracing::info!("--- SIGSTOP rank 1 past the heartbeat timeout");
+    signal(pid, "STOP").unwrap();
+    s.wait_job("a restore into a new generation", |j| j.generation > before.generation).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tracing::info!("--- SIGCONT: its old-generation reports are refused; it restores with the rest");
+    signal(pid, "CONT").unwrap();
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert!(done.restores >= 1);
+    // every committed shard was written in its checkpoint's generation
+    assert!(s.check_committed_checkpoints() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_timeout_aborts_and_collects_and_keep_last_holds() {
+    let s = Scenario::start(
+        2,
+        1500,
+        "timeout_seconds = 1\n[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 60000\n",
+    )
+    .await;
+    s.wait_job("a committed checkpoint", |j| j.latest_committed.is_some() && j.state == "running").await;
+    tracing::info!("--- rank 1 pauses long enough for a checkpoint to time out");
+    let pid = s.workers.pid(1).unwrap();
+    signal(pid, "STOP").unwrap();
+    let aborted =
+        s.wait_job("an aborted checkpoint", |j| j.checkpoints.iter().any(|c| c.state == "aborted")).await;
+    let id = aborted.checkpoints.iter().find(|c| c.state == "aborted").unwrap().id;
+    signal(pid, "CONT").unwrap();
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    // the aborted checkpoint's files are gone; at most keep_last committed remain
+    let dir = s.job_dir().checkpoint_dir(id);
+    wait_for("the aborted checkpoint's files to be collected", LONG, || async {
+        if dir.exists() {
+            Err(format!("{} still exists", dir.display()))
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let committed = s.check_committed_checkpoints();
+    assert!(committed >= 1 && committed <= 3, "{committed} committed checkpoints on disk, keep_last is 3");
+    let latest = s.job_dir().read_latest().unwrap().unwrap();
+    assert_eq!(Some(latest), done.latest_committed.map(|c| c.id));
+}
