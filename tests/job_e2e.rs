@@ -248,7 +248,7 @@ async fn checkpoint_timeout_aborts_and_collects_and_keep_last_holds() {
     })
     .await;
     let committed = s.check_committed_checkpoints();
-    assert!(committed >= 1 && committed <= 3, "{committed} committed checkpoints on disk, keep_last is 3");
+    assert!((1..=3).contains(&committed), "{committed} committed checkpoints on disk, keep_last is 3");
     let latest = s.job_dir().read_latest().unwrap().unwrap();
     assert_eq!(Some(latest), done.latest_committed.map(|c| c.id));
 }
