@@ -749,3 +749,384 @@ impl Supervisor {
         actions
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_shared::checksum::Checksum;
+    use flotilla_shared::spec::JobSpec;
+
+    const T0: u64 = 1_000_000;
+
+    fn name() -> JobName {
+        JobName::new("j").unwrap()
+    }
+
+    fn ledger() -> State {
+        let spec = JobSpec::from_toml(
+            "name = \"j\"\nworld_size = 2\n[checkpoint]\nevery_steps = 100\nroot = \"/ckpt\"\ntimeout_seconds = 5\n\
+             [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n[trainer]\ntotal_steps = 1000\n\
+             params_per_rank_bytes = 65536\nlayers = 1\n",
+        )
+        .unwrap();
+        let mut s = State::default();
+        s.apply(Command::SubmitJob { spec, now_ms: T0 }).unwrap();
+        s
+    }
+
+    fn register(
+        sup: &mut Supervisor,
+        st: &State,
+        now: u64,
+        conn: ConnId,
+        rank: u32,
+        inc: u64,
+        gen: Option<u64>,
+    ) -> Vec<Action> {
+        sup.observe(
+            st,
+            now,
+            Observation::Registered {
+                conn,
+                job: name(),
+                rank: Rank(rank),
+                incarnation: Incarnation(inc),
+                generation: gen.map(Generation),
+                step: Step(0),
+            },
+        )
+    }
+
+    fn msg(sup: &mut Supervisor, st: &State, now: u64, conn: ConnId, msg: WorkerMessage) -> Vec<Action> {
+        sup.observe(st, now, Observation::Message { conn, msg })
+    }
+
+    /// Applies every proposal in `actions` to the ledger, feeding events back;
+    /// returns the non-proposal actions.
+    fn run(sup: &mut Supervisor, st: &mut State, now: u64, actions: Vec<Action>) -> Vec<Action> {
+        let mut out = Vec::new();
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::Propose(cmd) => {
+                    if let Ok(events) = st.apply(cmd) {
+                        queue.extend(sup.applied(st, now, &events));
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn shard(rank: u32) -> ShardManifest {
+        ShardManifest {
+            rank: Rank(rank),
+            file: format!("rank-{rank:05}.safetensors"),
+            bytes: 10,
+            checksum: Checksum(1),
+            tensors: vec![],
+        }
+    }
+
+    /// A running job in generation 1 with workers on connections 10 and 11.
+    fn running() -> (Supervisor, State) {
+        let mut st = ledger();
+        let mut sup = Supervisor::new(SupervisorConfig::default(), T0);
+        let a = register(&mut sup, &st, T0, 10, 0, 100, None);
+        assert!(matches!(a[0], Action::Send { conn: 10, msg: CoordinatorMessage::Registered { .. } }));
+        assert!(!a.iter().any(|x| matches!(x, Action::Propose(_))), "not every rank is there yet");
+        let a = register(&mut sup, &st, T0, 11, 1, 101, None);
+        assert!(a.contains(&Action::Propose(Command::StartJob { job: name(), generation: Generation(1) })));
+        let out = run(&mut sup, &mut st, T0, a);
+        let resume = CoordinatorMessage::Resume { generation: Generation(1), step: Step(0) };
+        assert!(out.contains(&Action::Send { conn: 10, msg: resume.clone() }));
+        assert!(out.contains(&Action::Send { conn: 11, msg: resume }));
+        assert_eq!(st.jobs[&name()].state, JobState::Running);
+        (sup, st)
+    }
+
+    fn commit_checkpoint(sup: &mut Supervisor, st: &mut State, now: u64) -> CheckpointId {
+        let id = st.jobs[&name()].next_checkpoint;
+        run(
+            sup,
+            st,
+            now,
+            vec![Action::Propose(Command::BeginCheckpoint {
+                job: name(),
+                id,
+                step: Step(100 * id.0),
+                generation: st.jobs[&name()].generation,
+                now_ms: now,
+            })],
+        );
+        let g = st.jobs[&name()].generation;
+        for (conn, rank) in [(10, 0), (11, 1)] {
+            let a = msg(
+                sup,
+                st,
+                now,
+                conn,
+                WorkerMessage::ShardSaved { generation: g, checkpoint: id, manifest: shard(rank) },
+            );
+            run(sup, st, now, a);
+        }
+        assert_eq!(st.jobs[&name()].checkpoints[&id].state, CheckpointState::Committed);
+        id
+    }
+
+    #[test]
+    fn all_shards_commit_and_a_manifest_is_written() {
+        let (mut sup, mut st) = running();
+        run(
+            &mut sup,
+            &mut st,
+            T0,
+            vec![Action::Propose(Command::BeginCheckpoint {
+                job: name(),
+                id: CheckpointId(1),
+                step: Step(100),
+                generation: Generation(1),
+                now_ms: T0,
+            })],
+        );
+        let a = msg(
+            &mut sup,
+            &st,
+            T0,
+            10,
+            WorkerMessage::ShardSaved {
+                generation: Generation(1),
+                checkpoint: CheckpointId(1),
+                manifest: shard(0),
+            },
+        );
+        assert!(a.is_empty(), "one shard of two commits nothing");
+        let a = msg(
+            &mut sup,
+            &st,
+            T0,
+            11,
+            WorkerMessage::ShardSaved {
+                generation: Generation(1),
+                checkpoint: CheckpointId(1),
+                manifest: shard(1),
+            },
+        );
+        assert_eq!(
+            a,
+            vec![Action::Propose(Command::CommitCheckpoint {
+                job: name(),
+                id: CheckpointId(1),
+                shards: vec![shard(0), shard(1)],
+                now_ms: T0
+            })]
+        );
+        let out = run(&mut sup, &mut st, T0, a);
+        assert!(out.contains(&Action::WriteManifest { job: name(), id: CheckpointId(1) }));
+    }
+
+    #[test]
+    fn a_restarted_worker_restores_the_job_and_fences_the_old_process() {
+        let (mut sup, mut st) = running();
+        let c = commit_checkpoint(&mut sup, &mut st, T0);
+        // rank 1 comes back as a new process while its old connection is open
+        let a = register(&mut sup, &st, T0 + 10, 12, 1, 999, None);
+        assert!(a.iter().any(|x| matches!(x, Action::Send { conn: 11, msg: CoordinatorMessage::Error(e) } if e.code == ErrorCode::Fenced)));
+        assert!(a.contains(&Action::Close { conn: 11 }));
+        assert!(a.contains(&Action::Propose(Command::Restore {
+            job: name(),
+            generation: Generation(2),
+            from: Some(c),
+            reason: RestoreReason::WorkerRestarted,
+            now_ms: T0 + 10
+        })));
+        let out = run(&mut sup, &mut st, T0 + 10, a);
+        let restores: Vec<&Action> = out
+            .iter()
+            .filter(|x| matches!(x, Action::Send { msg: CoordinatorMessage::Restore { .. }, .. }))
+            .collect();
+        assert_eq!(restores.len(), 2, "{out:?}");
+        // both restored → resume at the checkpoint's step
+        for conn in [10, 12] {
+            let a = msg(
+                &mut sup,
+                &st,
+                T0 + 20,
+                conn,
+                WorkerMessage::Restored { generation: Generation(2), step: Step(100) },
+            );
+            let out = run(&mut sup, &mut st, T0 + 20, a);
+            if conn == 12 {
+                assert!(out.contains(&Action::Send {
+                    conn: 12,
+                    msg: CoordinatorMessage::Resume { generation: Generation(2), step: Step(100) }
+                }));
+            }
+        }
+        assert_eq!(st.jobs[&name()].state, JobState::Running);
+        // a late report from the old generation is refused
+        let a = msg(
+            &mut sup,
+            &st,
+            T0 + 30,
+            10,
+            WorkerMessage::ShardSaved {
+                generation: Generation(1),
+                checkpoint: CheckpointId(9),
+                manifest: shard(0),
+            },
+        );
+        assert!(
+            matches!(&a[..], [Action::Send { msg: CoordinatorMessage::Error(e), .. }] if e.code == ErrorCode::Fenced)
+        );
+    }
+
+    #[test]
+    fn silence_and_closed_connections_are_failures_after_their_deadlines() {
+        let (mut sup, st) = running();
+        assert!(sup
+            .tick(&st, T0 + 900)
+            .iter()
+            .all(|a| !matches!(a, Action::Propose(Command::Restore { .. }))));
+        let a = sup.tick(&st, T0 + 1001);
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Propose(Command::Restore { reason: RestoreReason::HeartbeatTimeout, .. })
+            )),
+            "{a:?}"
+        );
+
+        let (mut sup, st) = running();
+        sup.observe(&st, T0 + 50, Observation::Disconnected { conn: 11 });
+        assert!(!sup
+            .tick(&st, T0 + 400)
+            .iter()
+            .any(|x| matches!(x, Action::Propose(Command::Restore { .. }))));
+        let a = sup.tick(&st, T0 + 550);
+        assert!(
+            a.iter().any(|x| matches!(
+                x,
+                Action::Propose(Command::Restore { reason: RestoreReason::Disconnected, .. })
+            )),
+            "{a:?}"
+        );
+    }
+
+    fn restoring_from_latest() -> (Supervisor, State, CheckpointId, CheckpointId) {
+        let (mut sup, mut st) = running();
+        let first = commit_checkpoint(&mut sup, &mut st, T0);
+        let second = commit_checkpoint(&mut sup, &mut st, T0);
+        let a = register(&mut sup, &st, T0 + 10, 12, 1, 999, None);
+        run(&mut sup, &mut st, T0 + 10, a);
+        assert_eq!(st.jobs[&name()].restored_from, Some(second));
+        (sup, st, first, second)
+    }
+
+    #[test]
+    fn a_corrupt_shard_marks_the_checkpoint_and_falls_back() {
+        let (mut sup, mut st, first, second) = restoring_from_latest();
+        let a = msg(
+            &mut sup,
+            &st,
+            T0 + 20,
+            12,
+            WorkerMessage::RestoreFailed {
+                generation: Generation(2),
+                checkpoint: Some(second),
+                kind: RestoreFailureKind::Corrupt,
+                message: "checksum mismatch in model/x".into(),
+            },
+        );
+        run(&mut sup, &mut st, T0 + 20, a);
+        let j = &st.jobs[&name()];
+        assert_eq!(j.checkpoints[&second].state, CheckpointState::Corrupt);
+        assert_eq!((j.generation, j.restored_from), (Generation(3), Some(first)));
+    }
+
+    #[test]
+    fn too_little_memory_blocks_and_a_reregistration_retries() {
+        let (mut sup, mut st, _, second) = restoring_from_latest();
+        let a = msg(
+            &mut sup,
+            &st,
+            T0 + 20,
+            12,
+            WorkerMessage::RestoreFailed {
+                generation: Generation(2),
+                checkpoint: Some(second),
+                kind: RestoreFailureKind::DeviceMemory,
+                message: "rank 1 on host memory: restore needs 1.0 GiB, 0.0 GiB free".into(),
+            },
+        );
+        run(&mut sup, &mut st, T0 + 20, a);
+        assert_eq!(st.jobs[&name()].state, JobState::Blocked);
+        assert!(st.jobs[&name()].error.as_ref().unwrap().contains("restore needs"));
+        let a = register(&mut sup, &st, T0 + 30, 13, 1, 1000, None);
+        run(&mut sup, &mut st, T0 + 30, a);
+        let j = &st.jobs[&name()];
+        assert_eq!(
+            (j.state, j.generation, j.restored_from),
+            (JobState::Restoring, Generation(3), Some(second))
+        );
+    }
+
+    #[test]
+    fn every_rank_finished_finishes_the_job_with_the_combined_digest() {
+        let (mut sup, mut st) = running();
+        for (conn, d) in [(10, "aa"), (11, "bb")] {
+            let a = msg(
+                &mut sup,
+                &st,
+                T0,
+                conn,
+                WorkerMessage::Finished { generation: Generation(1), step: Step(1000), digest: d.into() },
+            );
+            let out = run(&mut sup, &mut st, T0, a);
+            if conn == 11 {
+                assert!(out
+                    .iter()
+                    .any(|x| matches!(x, Action::Send { msg: CoordinatorMessage::Stop { .. }, .. })));
+            }
+        }
+        let j = &st.jobs[&name()];
+        assert_eq!(j.state, JobState::Succeeded);
+        assert_eq!(j.final_digest.as_deref(), Some(combine_digests(&["aa", "bb"]).as_str()));
+    }
+
+    #[test]
+    fn a_checkpoint_not_committed_in_time_is_aborted_and_collected() {
+        let (mut sup, mut st) = running();
+        for (conn, rank) in [(10, 0), (11, 1)] {
+            let hb = WorkerMessage::Heartbeat {
+                generation: Generation(1),
+                step: Step(90),
+                status: WorkerStatus::Running,
+            };
+            let _ = rank;
+            msg(&mut sup, &st, T0 + 100, conn, hb);
+        }
+        let a = sup.tick(&st, T0 + 150);
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Propose(Command::BeginCheckpoint { step: Step(100), .. }))),
+            "{a:?}"
+        );
+        run(&mut sup, &mut st, T0 + 150, a);
+        for conn in [10, 11] {
+            let hb = WorkerMessage::Heartbeat {
+                generation: Generation(1),
+                step: Step(95),
+                status: WorkerStatus::Running,
+            };
+            msg(&mut sup, &st, T0 + 5100, conn, hb);
+        }
+        let a = sup.tick(&st, T0 + 5200);
+        let out = run(&mut sup, &mut st, T0 + 5200, a);
+        assert_eq!(st.jobs[&name()].checkpoints[&CheckpointId(1)].state, CheckpointState::Aborted);
+        assert!(out.contains(&Action::DeleteFiles { job: name(), id: CheckpointId(1) }));
+        assert!(out
+            .iter()
+            .any(|x| matches!(x, Action::Send { msg: CoordinatorMessage::AbortCheckpoint { .. }, .. })));
+    }
+}
