@@ -33,6 +33,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Submits a job spec (replicated through Raft); idempotent for an identical spec.
     Submit(SubmitArgs),
+    /// Asks for a checkpoint now; waits until it is committed and prints its id and step.
+    Checkpoint(JobArgs),
+    /// Lists a job's checkpoints: id, step, generation, state, bytes, time.
+    Checkpoints(JobArgs),
+    /// Operator-initiated whole-job restore (latest committed checkpoint by default).
+    Restore(RestoreArgs),
     /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
     Status(StatusArgs),
     /// Lists a checkpoint's variables per rank (offline); --verify re-checks every checksum.
@@ -116,6 +122,27 @@ struct ClientArgs {
 struct SubmitArgs {
     /// The job spec (TOML, SPEC §2).
     spec: PathBuf,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// The job.
+    #[arg(long)]
+    job: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The job.
+    #[arg(long)]
+    job: String,
+    /// A committed checkpoint id (default: the latest committed).
+    #[arg(long)]
+    checkpoint: Option<u64>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -225,6 +252,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit(args) => block_on(run_submit(args)),
         Command::Status(args) => block_on(run_status(args)),
+        Command::Checkpoint(args) => block_on(async move {
+            let v = client(&args.client)?.checkpoint(&args.job).await?;
+            println!("checkpoint {} committed at step {}", v["id"], v["step"]);
+            Ok(())
+        }),
+        Command::Checkpoints(args) => block_on(run_checkpoints(args)),
+        Command::Restore(args) => block_on(async move {
+            let v = client(&args.client)?.restore(&args.job, args.checkpoint).await?;
+            println!("job {} is restoring into generation {}", args.job, v["generation"]);
+            Ok(())
+        }),
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
@@ -361,6 +399,27 @@ async fn run_submit(args: SubmitArgs) -> Result<()> {
         println!("submitted job {}", reply.job);
     } else {
         println!("job {} was already submitted with this spec; nothing changed", reply.job);
+    }
+    Ok(())
+}
+
+async fn run_checkpoints(args: JobArgs) -> Result<()> {
+    let status = client(&args.client)?.status(Some(&args.job)).await?;
+    let job = status.jobs.into_iter().next().context("no such job")?;
+    println!("{:>6} {:>10} {:>10} {:>10} {:>14}  begun", "id", "step", "generation", "state", "bytes");
+    for c in &job.checkpoints {
+        println!(
+            "{:>6} {:>10} {:>10} {:>10} {:>14}  {}",
+            c.id,
+            c.step,
+            c.generation,
+            c.state,
+            c.bytes,
+            flotilla_shared::layout::Manifest::format_time(c.begun_ms)
+        );
+    }
+    if job.checkpoints.is_empty() {
+        println!("no checkpoints yet");
     }
     Ok(())
 }

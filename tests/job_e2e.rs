@@ -252,3 +252,40 @@ async fn checkpoint_timeout_aborts_and_collects_and_keep_last_holds() {
     let latest = s.job_dir().read_latest().unwrap().unwrap();
     assert_eq!(Some(latest), done.latest_committed.map(|c| c.id));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_checkpoint_list_and_restore() {
+    let s = Scenario::start_every(2, 1500, 1_000_000, "").await;
+    s.wait_job("the job to run", |j| j.state == "running" && j.step.0 > 0).await;
+    let endpoints = s.cluster.endpoints();
+    tracing::info!("--- flotilla checkpoint waits for the commit");
+    let out =
+        Command::new(BIN).args(["checkpoint", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("checkpoint 1 committed at step "), "{stdout}");
+    let out =
+        Command::new(BIN).args(["checkpoints", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listing.lines().any(|l| l.split_whitespace().next() == Some("1") && l.contains("committed")),
+        "{listing}"
+    );
+    tracing::info!("--- flotilla restore rolls the whole job back to it");
+    let out =
+        Command::new(BIN).args(["restore", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("restoring into generation 2"));
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.restores, 1);
+    assert_eq!(done.restored_from.map(|c| c.id.0), Some(1));
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    // a restore from a checkpoint that is not committed is refused, naming it
+    let out = Command::new(BIN)
+        .args(["restore", "--job", "e2e", "--checkpoint", "42", "--endpoints", &endpoints])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("42"), "{stderr}");
+}

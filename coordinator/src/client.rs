@@ -96,6 +96,25 @@ impl Client {
         resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
     }
 
+    /// Asks for a checkpoint of `job` now and waits until it is committed;
+    /// returns `{"id", "step"}`.
+    pub async fn checkpoint(&self, job: &str) -> Result<serde_json::Value, ClientError> {
+        let resp = self.mutate(&format!("/v1/jobs/{job}/checkpoint"), String::new()).await?;
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
+    /// Whole-job restore of `job` from `checkpoint` (the latest committed by
+    /// default); returns `{"job", "generation"}`.
+    pub async fn restore(
+        &self,
+        job: &str,
+        checkpoint: Option<u64>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = checkpoint.map(|c| format!("{{\"checkpoint\": {c}}}")).unwrap_or_default();
+        let resp = self.mutate(&format!("/v1/jobs/{job}/restore"), body).await?;
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
     /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
     /// URL, retries 503 (no leader yet) until `patience` runs out.
     async fn mutate(&self, path: &str, body: String) -> Result<reqwest::Response, ClientError> {
