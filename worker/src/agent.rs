@@ -307,22 +307,37 @@ impl Agent {
         };
         tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, "registered");
         if self.runner.is_none() {
+            if spec.trainer.is_none() {
+                return Err(SessionError::Fatal(WorkerError::Config(format!(
+                    "job {} has no [trainer] section; the built-in trainer needs one",
+                    spec.name
+                ))));
+            }
             let (tx, rx) = std::sync::mpsc::channel();
             let ev_tx = self.ev_tx.clone();
-            let runner = Runner::new(
-                spec.clone(),
+            let (rank, device, state, metrics, spec) = (
                 self.opts.rank,
                 self.device.clone(),
-                Arc::new(move |ev| {
-                    let _ = ev_tx.send(ev);
-                }),
                 self.runner_state.clone(),
                 self.metrics.clone(),
-            )
-            .map_err(|e| SessionError::Fatal(WorkerError::Config(e)))?;
+                spec.clone(),
+            );
+            // the trainer thread builds its own state (hundreds of MiB to
+            // allocate and touch) while this task keeps heartbeating
             let handle = std::thread::Builder::new()
                 .name("flotilla-trainer".into())
-                .spawn(move || runner.run(rx))
+                .spawn(move || {
+                    let sink: crate::runner::EventSink = Arc::new(move |ev| {
+                        let _ = ev_tx.send(ev);
+                    });
+                    match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
+                        Ok(runner) => runner.run(rx),
+                        Err(reason) => {
+                            tracing::error!("cannot start the trainer: {reason}");
+                            sink(RunnerEvent::TrainerFailed { generation: Generation(0), reason });
+                        }
+                    }
+                })
                 .map_err(|e| {
                     SessionError::Fatal(WorkerError::Config(format!("cannot start the trainer thread: {e}")))
                 })?;

@@ -12,8 +12,9 @@ use crate::snapshot::{Snapshotter, WriteRequest};
 use crate::trainer::{BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
+use flotilla_shared::shard::VariableSpec;
 use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardManifest, ShardMeta};
-use flotilla_shared::spec::JobSpec;
+use flotilla_shared::spec::{JobSpec, TrainerSpec};
 use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, WorkerStatus};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -173,7 +174,10 @@ pub struct Runner {
     job: JobName,
     rank: Rank,
     spec: JobSpec,
-    trainer: BuiltinTrainer,
+    trainer_spec: TrainerSpec,
+    vars: Vec<VariableSpec>,
+    /// Built on the first Resume (from the seed) or Restore (from a shard).
+    trainer: Option<BuiltinTrainer>,
     snap: Snapshotter,
     device: Arc<dyn DeviceMemory>,
     events: EventSink,
@@ -198,10 +202,10 @@ impl Runner {
         let trainer_spec = spec.trainer.clone().ok_or_else(|| {
             format!("job {} has no [trainer] section; the built-in trainer needs one", spec.name)
         })?;
-        let trainer = BuiltinTrainer::new(&trainer_spec, rank);
+        let vars = BuiltinTrainer::model_variables(&trainer_spec);
         let sink = events.clone();
         let m = metrics.clone();
-        let snap = Snapshotter::new(trainer.variables().to_vec(), move |o| {
+        let snap = Snapshotter::new(vars.clone(), move |o| {
             m.shard_write.observe(o.write_time.as_secs_f64());
             let event = match o.result {
                 Ok(manifest) => {
@@ -225,7 +229,9 @@ impl Runner {
             job: spec.name.clone(),
             rank,
             spec,
-            trainer,
+            trainer_spec,
+            vars,
+            trainer: None,
             snap,
             device,
             events,
@@ -239,11 +245,15 @@ impl Runner {
     }
 
     fn total_steps(&self) -> u64 {
-        self.spec.trainer.as_ref().map_or(0, |t| t.total_steps)
+        self.trainer_spec.total_steps
+    }
+
+    fn current_step(&self) -> Step {
+        self.trainer.as_ref().map_or(Step(0), |t| t.current_step())
     }
 
     fn publish(&self) {
-        let step = self.trainer.current_step().0;
+        let step = self.current_step().0;
         self.state.step.store(step, Ordering::Relaxed);
         self.state.generation.store(self.generation.map_or(0, |g| g.0), Ordering::Relaxed);
         self.metrics.step.set(step as i64);
@@ -277,7 +287,7 @@ impl Runner {
     }
 
     fn train_one(&mut self, step_time: Duration) {
-        let step = self.trainer.current_step();
+        let step = self.current_step();
         if let Some(p) = self.pending.take_if(|p| p.step == step) {
             self.snapshot(p);
         }
@@ -287,12 +297,14 @@ impl Runner {
                 self.finished = true;
                 self.state.set_status(WorkerStatus::Finished);
                 let generation = self.generation.unwrap_or(Generation(0));
-                (self.events)(RunnerEvent::Finished { generation, step, digest: self.trainer.digest() });
+                let digest = self.trainer.as_ref().map(|t| t.digest()).unwrap_or_default();
+                (self.events)(RunnerEvent::Finished { generation, step, digest });
             }
             return;
         }
         let start = Instant::now();
-        self.trainer.step();
+        let trainer = self.trainer.get_or_insert_with(|| BuiltinTrainer::new(&self.trainer_spec, self.rank));
+        trainer.step();
         if let Some(rest) = step_time.checked_sub(start.elapsed()) {
             std::thread::sleep(rest);
         }
@@ -308,7 +320,8 @@ impl Runner {
             step: p.step,
             generation: p.generation,
         };
-        match self.snap.snapshot(&self.trainer, WriteRequest { path: p.path, meta }) {
+        let Some(trainer) = self.trainer.as_ref() else { return };
+        match self.snap.snapshot(trainer, WriteRequest { path: p.path, meta }) {
             Ok(stall) => {
                 self.metrics.stall.observe(stall.total().as_secs_f64());
                 tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
@@ -327,12 +340,15 @@ impl Runner {
         match cmd {
             RunnerCmd::Stop => return false,
             RunnerCmd::Resume { generation, step } => {
-                if self.trainer.current_step() != step {
+                if self.trainer.is_none() {
+                    self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
+                }
+                if self.current_step() != step {
                     (self.events)(RunnerEvent::TrainerFailed {
                         generation,
                         reason: format!(
                             "told to resume at step {step} but the trainer is at step {}",
-                            self.trainer.current_step()
+                            self.current_step()
                         ),
                     });
                     return true;
@@ -350,7 +366,7 @@ impl Runner {
                 if Some(generation) != self.generation {
                     return true;
                 }
-                let at = self.trainer.current_step();
+                let at = self.current_step();
                 if at > step {
                     (self.events)(RunnerEvent::ShardFailed {
                         generation,
@@ -392,8 +408,7 @@ impl Runner {
 
     fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> RunnerEvent {
         let Some(point) = from else {
-            let spec = self.spec.trainer.clone().expect("checked at construction");
-            self.trainer = BuiltinTrainer::new(&spec, self.rank);
+            self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
             return RunnerEvent::Restored { generation, step: Step(0) };
         };
         let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
@@ -409,7 +424,7 @@ impl Runner {
             Ok(h) => h,
             Err(e) => return failed(kind_of(&e.kind), e.to_string()),
         };
-        if let Err(m) = ModelMismatch::check(&header.variables(), self.trainer.variables()) {
+        if let Err(m) = ModelMismatch::check(&header.variables(), &self.vars) {
             return failed(
                 RestoreFailureKind::ModelMismatch,
                 format!("{label} does not match the model: {m}"),
@@ -435,16 +450,26 @@ impl Runner {
             }
             Err(e) => return failed(RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank)),
         }
-        // 3. read and verify every checksum, 4. load
-        let shard = match Shard::read_verified(&path, &label, &point.shard) {
-            Ok(s) => s,
-            Err(e) => return failed(kind_of(&e.kind), e.to_string()),
-        };
-        match self.trainer.load(&shard) {
-            Ok(()) => RunnerEvent::Restored { generation, step: self.trainer.current_step() },
-            Err(m) => {
+        // 3. read (into the snapshot buffer, memory already touched) and
+        // verify every checksum, 4. load; nothing changes before 4
+        let trainer_spec = &self.trainer_spec;
+        let rank = self.rank;
+        let trainer = self.trainer.get_or_insert_with(|| BuiltinTrainer::zeroed(trainer_spec, rank));
+        let loaded =
+            self.snap.with_buffer(|buf| match Shard::read_verified_into(&path, &label, &point.shard, buf) {
+                Ok(shard) => {
+                    let loaded = trainer.load(&shard);
+                    (shard.into_buffer(), Ok(loaded))
+                }
+                Err(e) => (Vec::new(), Err(e)),
+            });
+        match loaded {
+            Ok(Ok(Ok(()))) => RunnerEvent::Restored { generation, step: trainer.current_step() },
+            Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
             }
+            Ok(Err(e)) => failed(kind_of(&e.kind), e.to_string()),
+            Err(e) => failed(RestoreFailureKind::Io, format!("{label}: {e}")),
         }
     }
 }

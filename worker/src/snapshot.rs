@@ -75,6 +75,10 @@ pub enum SnapshotError {
 
 type Job = (WriteRequest, Vec<u8>);
 
+/// Spare capacity of the snapshot buffer beyond the variables: a shard's
+/// header fits, so a whole shard file can be read into it.
+pub const READ_ROOM: usize = 1 << 20;
+
 /// A per-rank snapshot pipeline with one reusable buffer.
 pub struct Snapshotter {
     bytes: usize,
@@ -96,7 +100,10 @@ impl Snapshotter {
     ) -> std::io::Result<Self> {
         let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
         // Touch every page now, so no checkpoint pays for page faults.
-        let buffer = vec![1u8; bytes];
+        // room for a shard's header too, so a restore can read a whole
+        // shard file into the same memory
+        let mut buffer = vec![1u8; bytes + READ_ROOM];
+        buffer.truncate(bytes);
         let (returned_tx, returned) = sync_channel(1);
         let (jobs, job_rx) = sync_channel::<Job>(1);
         let writer = std::thread::Builder::new().name("flotilla-shard-writer".into()).spawn(move || {
@@ -144,6 +151,17 @@ impl Snapshotter {
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
         jobs.send((req, buf)).map_err(|_| SnapshotError::WriterGone)?;
         Ok(stall)
+    }
+
+    /// Lends the buffer (with at least [`READ_ROOM`] bytes of spare
+    /// capacity) to `f` once no write is in flight, e.g. to read a shard
+    /// into memory already touched; `f` hands a buffer back.
+    pub fn with_buffer<T>(&mut self, f: impl FnOnce(Vec<u8>) -> (Vec<u8>, T)) -> Result<T, SnapshotError> {
+        let buf = self.take_buffer()?;
+        let (mut buf, out) = f(buf);
+        buf.resize(self.bytes, 0);
+        self.idle = Some(buf);
+        Ok(out)
     }
 
     /// Waits until no write is in flight (every `on_done` has run).

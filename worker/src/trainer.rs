@@ -155,6 +155,20 @@ impl BuiltinTrainer {
 
     /// A fresh trainer for `rank` at step 0, initialised from the seed.
     pub fn new(spec: &TrainerSpec, rank: Rank) -> Self {
+        let mut t = Self::zeroed(spec, rank);
+        let base = mix(spec.seed ^ (u64::from(rank.0) << 32));
+        for (k, slot) in t.slots.iter().enumerate() {
+            let var_seed = mix(base ^ k as u64);
+            for (j, w) in t.weights[slot.range.clone()].iter_mut().enumerate() {
+                *w = (unit(mix(var_seed.wrapping_add(j as u64))) - 0.5) * 0.1;
+            }
+        }
+        t
+    }
+
+    /// A trainer with every variable zero, to be overwritten by [`Trainer::load`]
+    /// (skips the initialisation a restore would throw away).
+    pub fn zeroed(spec: &TrainerSpec, rank: Rank) -> Self {
         let vars = Self::model_variables(spec);
         let n_weights = (vars.len() - 1) / 3;
         let mut slots = Vec::with_capacity(n_weights);
@@ -163,15 +177,16 @@ impl BuiltinTrainer {
             slots.push(Slot { range: at..at + w.elements() });
             at += w.elements();
         }
-        let mut weights = vec![0f32; at];
-        let base = mix(spec.seed ^ (u64::from(rank.0) << 32));
-        for (k, slot) in slots.iter().enumerate() {
-            let var_seed = mix(base ^ k as u64);
-            for (j, w) in weights[slot.range.clone()].iter_mut().enumerate() {
-                *w = (unit(mix(var_seed.wrapping_add(j as u64))) - 0.5) * 0.1;
-            }
+        Self {
+            seed: spec.seed,
+            rank,
+            step: 0,
+            vars,
+            slots,
+            weights: vec![0f32; at],
+            m: vec![0f32; at],
+            v: vec![0f32; at],
         }
-        Self { seed: spec.seed, rank, step: 0, vars, slots, m: vec![0f32; at], v: vec![0f32; at], weights }
     }
 
     fn regions(&self) -> [&[u8]; 3] {
