@@ -189,8 +189,17 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
     }
 }
 
-fn job_name(job: &str) -> Result<JobName, Box<Response>> {
-    JobName::new(job).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.to_string())))
+/// The checks every per-job admin request passes: the token, a valid job
+/// name, and this replica being the leader.
+fn admin_request(s: &HttpState, headers: &HeaderMap, job: &str) -> Result<JobName, Box<Response>> {
+    if let Some(r) = unauthorized(s, headers) {
+        return Err(Box::new(r));
+    }
+    let job = JobName::new(job).map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, e.to_string())))?;
+    match not_leader(s) {
+        Some(r) => Err(Box::new(r)),
+        None => Ok(job),
+    }
 }
 
 /// `POST /v1/jobs/{job}/checkpoint`: asks for a checkpoint now and waits
@@ -200,16 +209,10 @@ async fn checkpoint(
     headers: HeaderMap,
     Path(job): Path<String>,
 ) -> Response {
-    if let Some(r) = unauthorized(&s, &headers) {
-        return r;
-    }
-    let job = match job_name(&job) {
+    let job = match admin_request(&s, &headers, &job) {
         Ok(j) => j,
         Err(r) => return *r,
     };
-    if let Some(r) = not_leader(&s) {
-        return r;
-    }
     let Some((first_id, timeout_s)) = s
         .node
         .read_state(|st| st.jobs.get(&job).map(|j| (j.next_checkpoint, j.spec.checkpoint.timeout_seconds)))
@@ -260,10 +263,7 @@ async fn restore(
     Path(job): Path<String>,
     body: String,
 ) -> Response {
-    if let Some(r) = unauthorized(&s, &headers) {
-        return r;
-    }
-    let job = match job_name(&job) {
+    let job = match admin_request(&s, &headers, &job) {
         Ok(j) => j,
         Err(r) => return *r,
     };
@@ -280,9 +280,6 @@ async fn restore(
             }
         }
     };
-    if let Some(r) = not_leader(&s) {
-        return r;
-    }
     let check = s.node.read_state(|st| {
         let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
         if let Some(id) = body.checkpoint {

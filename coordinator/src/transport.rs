@@ -152,23 +152,32 @@ pub async fn serve(
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // e.g. out of file descriptors: back off, keep serving
-                    tracing::warn!("raft listener accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener, "raft") => accepted,
         };
-        let _ = stream.set_nodelay(true);
         let (token, inbox, shutdown) = (token.clone(), inbox.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_peer(stream, me, token, inbox, shutdown).await {
                 tracing::warn!(%remote, "peer connection closed: {e}");
             }
         });
+    }
+}
+
+/// Accepts the next connection (with TCP_NODELAY set). An accept error (e.g.
+/// out of file descriptors) is logged and retried after a pause: the
+/// listener keeps serving.
+pub(crate) async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, remote);
+            }
+            Err(e) => {
+                tracing::warn!("{what} listener accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 

@@ -246,16 +246,8 @@ pub async fn serve(
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!("worker listener accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = crate::transport::accept(&listener, "worker API") => accepted,
         };
-        let _ = stream.set_nodelay(true);
         next_conn += 1;
         let (conn, node, token, supervisor, shutdown) =
             (next_conn, node.clone(), token.clone(), supervisor.clone(), shutdown.clone());

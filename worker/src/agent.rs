@@ -12,7 +12,7 @@
 
 use crate::device::{self, DeviceMemory, Reading};
 use crate::metrics::WorkerMetrics;
-use crate::runner::{Runner, RunnerCmd, RunnerEvent, RunnerState};
+use crate::runner::{Runner, RunnerCmd, RunnerState};
 use axum::extract::State as AxumState;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -152,7 +152,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
         });
     }
 
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<RunnerEvent>();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let mut agent = Agent {
         opts,
         incarnation,
@@ -228,7 +228,7 @@ struct Agent {
     shared: Shared,
     runner_state: Arc<RunnerState>,
     runner: Option<(std::sync::mpsc::Sender<RunnerCmd>, std::thread::JoinHandle<()>)>,
-    ev_tx: mpsc::UnboundedSender<RunnerEvent>,
+    ev_tx: mpsc::UnboundedSender<WorkerMessage>,
     /// Reports not yet delivered (sent again after a reconnect).
     unsent: VecDeque<WorkerMessage>,
     /// The last shard saved, re-reported to a new leader.
@@ -237,32 +237,11 @@ struct Agent {
 
 type Conn = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
 
-fn to_message(ev: RunnerEvent) -> WorkerMessage {
-    match ev {
-        RunnerEvent::ShardSaved { generation, checkpoint, manifest } => {
-            WorkerMessage::ShardSaved { generation, checkpoint, manifest }
-        }
-        RunnerEvent::ShardFailed { generation, checkpoint, reason } => {
-            WorkerMessage::ShardFailed { generation, checkpoint, reason }
-        }
-        RunnerEvent::Restored { generation, step } => WorkerMessage::Restored { generation, step },
-        RunnerEvent::RestoreFailed { generation, checkpoint, kind, message } => {
-            WorkerMessage::RestoreFailed { generation, checkpoint, kind, message }
-        }
-        RunnerEvent::TrainerFailed { generation, reason } => {
-            WorkerMessage::TrainerFailed { generation, reason }
-        }
-        RunnerEvent::Finished { generation, step, digest } => {
-            WorkerMessage::Finished { generation, step, digest }
-        }
-    }
-}
-
 impl Agent {
     async fn session(
         &mut self,
         addr: &str,
-        events: &mut mpsc::UnboundedReceiver<RunnerEvent>,
+        events: &mut mpsc::UnboundedReceiver<WorkerMessage>,
     ) -> Result<SessionEnd, SessionError> {
         let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
@@ -334,7 +313,7 @@ impl Agent {
                         Ok(runner) => runner.run(rx),
                         Err(reason) => {
                             tracing::error!("cannot start the trainer: {reason}");
-                            sink(RunnerEvent::TrainerFailed { generation: Generation(0), reason });
+                            sink(WorkerMessage::TrainerFailed { generation: Generation(0), reason });
                         }
                     }
                 })
@@ -374,8 +353,7 @@ impl Agent {
                     }
                 }
                 ev = events.recv() => {
-                    let Some(ev) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
-                    let msg = to_message(ev);
+                    let Some(msg) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
                     if matches!(msg, WorkerMessage::ShardSaved { .. }) {
                         self.last_saved = Some(msg.clone());
                     }

@@ -3,7 +3,8 @@
 //! read + verify → load) on the coordinator's word.
 //!
 //! It runs on its own OS thread (training is CPU-bound) and talks to the
-//! agent through channels: [`RunnerCmd`] in, [`RunnerEvent`] out, and the
+//! agent through channels: [`RunnerCmd`] in, its reports to the coordinator
+//! ([`WorkerMessage`]s, forwarded as they are) out, and the
 //! current step/generation/status in [`RunnerState`] atomics.
 
 use crate::device::{gib, DeviceMemory};
@@ -13,9 +14,9 @@ use crate::trainer::{BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
-use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardManifest, ShardMeta};
+use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardMeta};
 use flotilla_shared::spec::{JobSpec, TrainerSpec};
-use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, WorkerStatus};
+use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, WorkerMessage, WorkerStatus};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -57,63 +58,6 @@ pub enum RunnerCmd {
     },
     /// Exit.
     Stop,
-}
-
-/// A report to the agent (forwarded to the coordinator).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RunnerEvent {
-    /// A shard is durable.
-    ShardSaved {
-        /// Generation.
-        generation: Generation,
-        /// Checkpoint.
-        checkpoint: CheckpointId,
-        /// Its manifest.
-        manifest: ShardManifest,
-    },
-    /// A shard could not be taken or written.
-    ShardFailed {
-        /// Generation.
-        generation: Generation,
-        /// Checkpoint.
-        checkpoint: CheckpointId,
-        /// Why.
-        reason: String,
-    },
-    /// Restored and ready.
-    Restored {
-        /// Generation.
-        generation: Generation,
-        /// Step.
-        step: Step,
-    },
-    /// Could not restore; the previous state is untouched.
-    RestoreFailed {
-        /// Generation.
-        generation: Generation,
-        /// Checkpoint tried.
-        checkpoint: Option<CheckpointId>,
-        /// Kind.
-        kind: RestoreFailureKind,
-        /// For people.
-        message: String,
-    },
-    /// The trainer cannot go on.
-    TrainerFailed {
-        /// Generation.
-        generation: Generation,
-        /// Why.
-        reason: String,
-    },
-    /// Reached total_steps.
-    Finished {
-        /// Generation.
-        generation: Generation,
-        /// Step.
-        step: Step,
-        /// Digest of the final variables.
-        digest: String,
-    },
 }
 
 /// What the agent reads without asking.
@@ -159,8 +103,8 @@ impl RunnerState {
     }
 }
 
-/// Sends events to the agent.
-pub type EventSink = Arc<dyn Fn(RunnerEvent) + Send + Sync>;
+/// Sends reports to the agent, which forwards them to the coordinator.
+pub type EventSink = Arc<dyn Fn(WorkerMessage) + Send + Sync>;
 
 struct Pending {
     generation: Generation,
@@ -210,13 +154,13 @@ impl Runner {
             let event = match o.result {
                 Ok(manifest) => {
                     m.bytes_written.inc_by(manifest.bytes);
-                    RunnerEvent::ShardSaved {
+                    WorkerMessage::ShardSaved {
                         generation: o.meta.generation,
                         checkpoint: o.meta.checkpoint,
                         manifest,
                     }
                 }
-                Err(e) => RunnerEvent::ShardFailed {
+                Err(e) => WorkerMessage::ShardFailed {
                     generation: o.meta.generation,
                     checkpoint: o.meta.checkpoint,
                     reason: e.to_string(),
@@ -298,7 +242,7 @@ impl Runner {
                 self.state.set_status(WorkerStatus::Finished);
                 let generation = self.generation.unwrap_or(Generation(0));
                 let digest = self.trainer.as_ref().map(|t| t.digest()).unwrap_or_default();
-                (self.events)(RunnerEvent::Finished { generation, step, digest });
+                (self.events)(WorkerMessage::Finished { generation, step, digest });
             }
             return;
         }
@@ -326,7 +270,7 @@ impl Runner {
                 self.metrics.stall.observe(stall.total().as_secs_f64());
                 tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
             }
-            Err(e) => (self.events)(RunnerEvent::ShardFailed {
+            Err(e) => (self.events)(WorkerMessage::ShardFailed {
                 generation: p.generation,
                 checkpoint: p.id,
                 reason: e.to_string(),
@@ -344,7 +288,7 @@ impl Runner {
                     self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
                 }
                 if self.current_step() != step {
-                    (self.events)(RunnerEvent::TrainerFailed {
+                    (self.events)(WorkerMessage::TrainerFailed {
                         generation,
                         reason: format!(
                             "told to resume at step {step} but the trainer is at step {}",
@@ -368,7 +312,7 @@ impl Runner {
                 }
                 let at = self.current_step();
                 if at > step {
-                    (self.events)(RunnerEvent::ShardFailed {
+                    (self.events)(WorkerMessage::ShardFailed {
                         generation,
                         checkpoint: id,
                         reason: format!("already past step {step} (at step {at}) when told"),
@@ -393,7 +337,7 @@ impl Runner {
                 self.state.set_status(WorkerStatus::Restoring);
                 let start = Instant::now();
                 let event = self.restore(generation, from);
-                if matches!(event, RunnerEvent::Restored { .. }) {
+                if matches!(event, WorkerMessage::Restored { .. }) {
                     self.metrics.restore.observe(start.elapsed().as_secs_f64());
                     self.generation = Some(generation);
                     self.finished = false;
@@ -406,13 +350,13 @@ impl Runner {
         true
     }
 
-    fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> RunnerEvent {
+    fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> WorkerMessage {
         let Some(point) = from else {
             self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
-            return RunnerEvent::Restored { generation, step: Step(0) };
+            return WorkerMessage::Restored { generation, step: Step(0) };
         };
         let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
-        let failed = |kind, message: String| RunnerEvent::RestoreFailed {
+        let failed = |kind, message: String| WorkerMessage::RestoreFailed {
             generation,
             checkpoint: Some(point.checkpoint),
             kind,
@@ -464,7 +408,7 @@ impl Runner {
                 Err(e) => (Vec::new(), Err(e)),
             });
         match loaded {
-            Ok(Ok(Ok(()))) => RunnerEvent::Restored { generation, step: trainer.current_step() },
+            Ok(Ok(Ok(()))) => WorkerMessage::Restored { generation, step: trainer.current_step() },
             Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
             }
