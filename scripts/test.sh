@@ -4,8 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "--- installing test dependencies (Python safetensors + numpy: the interop test's reference reader)"
+echo "--- installing test dependencies"
+# Python safetensors + numpy: the interop test's reference reader
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore safetensors numpy
+# a real Prometheus server (and promtool) for the scrape test and the alert rules
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 
 echo "--- cargo fmt --check"
 cargo fmt --all -- --check

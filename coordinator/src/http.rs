@@ -72,6 +72,8 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
 }
 
 async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
+    let leader = s.node.status().role == Role::Leader;
+    s.node.read_state(|st| s.metrics.observe_ledger(st, &|job| s.workers.get(job), leader));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
 }
 

@@ -244,13 +244,16 @@ pub struct LocalWorkers {
     coordinators: String,
     job: String,
     children: Vec<Option<Child>>,
+    http_addrs: Vec<String>,
     log_filter: String,
 }
 
 impl LocalWorkers {
     /// Workers for `job` with `world_size` ranks (none started yet).
     pub fn new(bin: &Path, dir: &Path, coordinators: String, job: &str, world_size: u32) -> Self {
+        let http_addrs = (0..world_size).map(|_| format!("127.0.0.1:{}", free_port().unwrap_or(0))).collect();
         Self {
+            http_addrs,
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             coordinators,
@@ -277,6 +280,7 @@ impl LocalWorkers {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("worker")
             .args(["--coordinators", &self.coordinators, "--job", &self.job, "--rank", &rank.to_string()])
+            .args(["--http-addr", &self.http_addrs[rank as usize]])
             .env("RUST_LOG", &self.log_filter)
             .env_remove(crate::local::FREE_BYTES_ENV)
             .stdin(Stdio::null())
@@ -287,6 +291,11 @@ impl LocalWorkers {
         }
         self.children[rank as usize] = Some(cmd.spawn()?);
         Ok(())
+    }
+
+    /// The HTTP address (status, metrics) of `rank`.
+    pub fn http_addr(&self, rank: u32) -> &str {
+        &self.http_addrs[rank as usize]
     }
 
     /// SIGKILLs `rank` and reaps it.

@@ -1,9 +1,18 @@
 //! The coordinator's Prometheus metrics (SPEC §9), one registry per process.
 
+use crate::api::WorkerView;
 use crate::node::{NodeStatus, Role};
+use crate::state::{JobState, State};
+use flotilla_shared::ids::JobName;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A counter series: metric name, job, label value.
+type SeriesKey = (String, String, String);
 
 /// Every coordinator metric, registered in [`Metrics::registry`].
 #[derive(Clone)]
@@ -22,6 +31,19 @@ pub struct Metrics {
     pub snapshots_applied: IntCounter,
     /// Snapshots taken locally (log compactions).
     pub snapshots_created: IntCounter,
+    job_generation: IntGaugeVec,
+    job_step: IntGaugeVec,
+    job_state: IntGaugeVec,
+    job_workers: IntGaugeVec,
+    latest_committed_step: IntGaugeVec,
+    checkpoints: IntCounterVec,
+    restores: IntCounterVec,
+    /// Begin to commit of each checkpoint (observed by the leader).
+    pub checkpoint_seconds: HistogramVec,
+    /// Restore decided to every rank training again (observed by the leader).
+    pub recovery_seconds: HistogramVec,
+    /// Last ledger value exported per counter series, to export increments.
+    exported: Arc<Mutex<HashMap<SeriesKey, u64>>>,
 }
 
 impl Default for Metrics {
@@ -72,7 +94,74 @@ impl Metrics {
             "flotilla_raft_snapshots_created_total",
             "State-machine snapshots taken here to compact the log.",
         );
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
+        };
+        let histogram_vec = |name: &str, help: &str| {
+            let buckets = vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["job"])
+                .expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("registered once");
+            h
+        };
+        let job_generation = gauge_vec(
+            "flotilla_job_generation",
+            "Current generation of the job (1 + whole-job restores).",
+            &["job"],
+        );
+        let job_step = gauge_vec(
+            "flotilla_job_step",
+            "Slowest rank's step in the current generation (leader only).",
+            &["job"],
+        );
+        let job_state = gauge_vec(
+            "flotilla_job_state",
+            "1 for the job's current state, 0 for the others.",
+            &["job", "state"],
+        );
+        let job_workers = gauge_vec(
+            "flotilla_job_workers",
+            "Ranks of the job by what they report (leader only); `missing` = not connected.",
+            &["job", "state"],
+        );
+        let latest_committed_step = gauge_vec(
+            "flotilla_latest_committed_step",
+            "Step of the job's latest committed checkpoint (0 before the first).",
+            &["job"],
+        );
+        let checkpoints = counter_vec(
+            "flotilla_checkpoints_total",
+            "Checkpoints that ended, by outcome (committed, aborted).",
+            &["job", "outcome"],
+        );
+        let restores =
+            counter_vec("flotilla_restores_total", "Whole-job restores, by reason.", &["job", "reason"]);
+        let checkpoint_seconds = histogram_vec(
+            "flotilla_checkpoint_duration_seconds",
+            "Time from a checkpoint's begin to its commit.",
+        );
+        let recovery_seconds = histogram_vec(
+            "flotilla_recovery_duration_seconds",
+            "Time from a whole-job restore being decided to every rank training again.",
+        );
         Self {
+            job_generation,
+            job_step,
+            job_state,
+            job_workers,
+            latest_committed_step,
+            checkpoints,
+            restores,
+            checkpoint_seconds,
+            recovery_seconds,
+            exported: Arc::default(),
             registry,
             term,
             is_leader,
@@ -91,6 +180,69 @@ impl Metrics {
         self.is_leader.set(i64::from(s.role == Role::Leader));
         self.commit_index.set(s.commit_index as i64);
         self.applied_index.set(s.applied_index as i64);
+    }
+
+    /// Refreshes the job metrics from the ledger (every replica) and the
+    /// supervisor's view of the workers (the leader only), before a scrape.
+    pub fn observe_ledger(&self, state: &State, workers: &dyn Fn(&JobName) -> Vec<WorkerView>, leader: bool) {
+        const STATES: [JobState; 6] = [
+            JobState::Waiting,
+            JobState::Running,
+            JobState::Restoring,
+            JobState::Blocked,
+            JobState::Succeeded,
+            JobState::Failed,
+        ];
+        self.job_step.reset();
+        self.job_workers.reset();
+        for job in state.jobs.values() {
+            let name = job.spec.name.as_str();
+            self.job_generation.with_label_values(&[name]).set(job.generation.0 as i64);
+            for s in STATES {
+                self.job_state.with_label_values(&[name, s.as_str()]).set(i64::from(job.state == s));
+            }
+            let latest = job.latest_committed().map_or(0, |c| c.step.0);
+            self.latest_committed_step.with_label_values(&[name]).set(latest as i64);
+            self.export_counter(&self.checkpoints, name, "committed", job.committed_total);
+            self.export_counter(&self.checkpoints, name, "aborted", job.aborted_total);
+            for (reason, n) in &job.restores_by_reason {
+                self.export_counter(&self.restores, name, reason.as_str(), *n);
+            }
+            if leader {
+                let ws = workers(&job.spec.name);
+                if ws.len() == job.spec.world_size as usize {
+                    let slowest = ws.iter().map(|w| w.step.0).min().unwrap_or(0);
+                    self.job_step.with_label_values(&[name]).set(slowest as i64);
+                }
+                let mut by_state: HashMap<&str, i64> = HashMap::new();
+                for w in &ws {
+                    *by_state.entry(w.state.as_str()).or_default() += 1;
+                }
+                by_state.insert("missing", i64::from(job.spec.world_size) - ws.len() as i64);
+                for (s, n) in by_state {
+                    self.job_workers.with_label_values(&[name, s]).set(n);
+                }
+            }
+        }
+    }
+
+    /// Exports a ledger count as a Prometheus counter: adds what grew since
+    /// the last export (ledger counts never decrease).
+    fn export_counter(&self, counter: &IntCounterVec, job: &str, label: &str, value: u64) {
+        let key = (
+            prometheus::core::Collector::desc(counter)[0].fq_name.clone(),
+            job.to_string(),
+            label.to_string(),
+        );
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        let last = exported.entry(key).or_insert(0);
+        if value > *last {
+            counter.with_label_values(&[job, label]).inc_by(value - *last);
+            *last = value;
+        } else {
+            // make the series exist (at 0) before its first increment
+            counter.with_label_values(&[job, label]).inc_by(0);
+        }
     }
 
     /// The text exposition format.

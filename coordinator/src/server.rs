@@ -96,7 +96,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
 
     let (supervisor, workers_view, supervisor_tx) =
-        workers::start_supervisor(handle.clone(), shutdown.clone());
+        workers::start_supervisor(handle.clone(), metrics.clone(), shutdown.clone());
     if let Some(listener) = api_listener {
         tokio::spawn(workers::serve(
             listener,

@@ -178,6 +178,12 @@ pub struct Job {
     /// Checkpoints committed over the job's life (retired ones included).
     #[serde(default)]
     pub committed_total: u64,
+    /// Checkpoints aborted over the job's life.
+    #[serde(default)]
+    pub aborted_total: u64,
+    /// Whole-job restores by reason.
+    #[serde(default)]
+    pub restores_by_reason: BTreeMap<RestoreReason, u64>,
 }
 
 impl Job {
@@ -534,6 +540,7 @@ impl State {
                 c.state = CheckpointState::Aborted;
                 c.ended_ms = Some(now_ms);
                 c.reason = Some(reason.clone());
+                j.aborted_total += 1;
                 Ok(vec![Event::CheckpointAborted { job, id, reason }])
             }
             Command::MarkCorrupt { job, id, reason } => {
@@ -651,6 +658,8 @@ impl State {
                 final_digest: None,
                 submitted_ms: now_ms,
                 committed_total: 0,
+                aborted_total: 0,
+                restores_by_reason: BTreeMap::new(),
             },
         );
         Ok(vec![Event::JobSubmitted { job: name }])
@@ -763,6 +772,7 @@ impl State {
         let mut events = abort_pending(j, &job, "generation changed by a restore", Some(now_ms));
         j.generation = generation;
         j.restores += 1;
+        *j.restores_by_reason.entry(reason).or_default() += 1;
         j.restored_from = from;
         if j.restores > j.spec.failure.max_restarts {
             let error = format!(
@@ -837,6 +847,7 @@ fn abort_pending(j: &mut Job, job: &JobName, reason: &str, now_ms: Option<u64>) 
         c.reason = Some(reason.to_string());
         events.push(Event::CheckpointAborted { job: job.clone(), id: c.id, reason: reason.to_string() });
     }
+    j.aborted_total += events.len() as u64;
     events
 }
 
@@ -1014,6 +1025,7 @@ mod tests {
             }])
         );
         assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
+        assert_eq!(job(&s).aborted_total, 1, "a refused abort counts nothing");
         let err = commit(&mut s, 1, shards(2)).unwrap_err();
         assert!(err.message.contains("is aborted"), "{err}");
         assert!(job(&s).latest_committed().is_none());
@@ -1100,6 +1112,8 @@ mod tests {
         );
         assert_eq!(job(&s).generation, Generation(2));
         assert_eq!(job(&s).restores, 1);
+        assert_eq!(job(&s).restores_by_reason[&RestoreReason::WorkerRestarted], 1);
+        assert_eq!(job(&s).aborted_total, 1, "the pending checkpoint was aborted");
         // the old generation's shards cannot commit anything now
         assert_eq!(kind(commit(&mut s, 2, shards(2))), RefusalKind::Conflict);
         // and old-generation commands are fenced

@@ -8,6 +8,7 @@
 //! connection is closed so the workers find the new leader.
 
 use crate::api::WorkerView;
+use crate::metrics::Metrics;
 use crate::node::{NodeHandle, Role};
 use crate::supervisor::{Action, ConnId, Observation, Supervisor, SupervisorConfig};
 use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
@@ -69,11 +70,12 @@ fn now_ms() -> u64 {
 /// Starts the supervisor task; returns its handle and the workers view.
 pub fn start_supervisor(
     node: NodeHandle,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> (SupervisorHandle, WorkersView, mpsc::Sender<SupervisorInput>) {
     let (tx, rx) = mpsc::channel(4096);
     let view = WorkersView::default();
-    tokio::spawn(run_supervisor(node, rx, view.clone(), shutdown));
+    tokio::spawn(run_supervisor(node, rx, view.clone(), metrics, shutdown));
     (SupervisorHandle { tx: tx.clone() }, view, tx)
 }
 
@@ -81,9 +83,12 @@ async fn run_supervisor(
     node: NodeHandle,
     mut rx: mpsc::Receiver<SupervisorInput>,
     view: WorkersView,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
     let mut sup: Option<Supervisor> = None;
+    // when each job's restore was decided, for the recovery histogram
+    let mut restoring_since: HashMap<JobName, std::time::Instant> = HashMap::new();
     let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -135,6 +140,7 @@ async fn run_supervisor(
                 Action::Propose(cmd) => match node.propose(cmd.clone()).await {
                     Ok(Ok(events)) => {
                         tracing::debug!(?events, "applied");
+                        observe_events(&metrics, &mut restoring_since, &events);
                         queue.extend(node.read_state(|st| s.applied(st, now_ms(), &events)));
                     }
                     Ok(Err(refusal)) => tracing::debug!("proposal refused: {refusal}"),
@@ -210,6 +216,37 @@ async fn run_supervisor(
             }
         }
         publish_view(&node, s, &view);
+    }
+}
+
+fn observe_events(
+    metrics: &Metrics,
+    restoring_since: &mut HashMap<JobName, std::time::Instant>,
+    events: &[crate::state::Event],
+) {
+    use crate::state::{Event, JobState};
+    for event in events {
+        match event {
+            Event::CheckpointCommitted { job, duration_ms, .. } => {
+                metrics
+                    .checkpoint_seconds
+                    .with_label_values(&[job.as_str()])
+                    .observe(*duration_ms as f64 / 1e3);
+            }
+            Event::Restoring { job, .. } => {
+                // a restore that restarts keeps the first decision's time
+                restoring_since.entry(job.clone()).or_insert_with(std::time::Instant::now);
+            }
+            Event::JobState { job, state: JobState::Running } => {
+                if let Some(since) = restoring_since.remove(job) {
+                    metrics
+                        .recovery_seconds
+                        .with_label_values(&[job.as_str()])
+                        .observe(since.elapsed().as_secs_f64());
+                }
+            }
+            _ => {}
+        }
     }
 }
 
