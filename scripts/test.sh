@@ -6,13 +6,23 @@ cd "$(dirname "$0")/.."
 
 echo "--- installing test dependencies"
 # Python safetensors + numpy: the interop test's reference reader
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore safetensors numpy
+# kubernetes-validate (with its schemas) and PyYAML for the deployment checks
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  safetensors numpy kubernetes-validate pyyaml
 # a real Prometheus server (and promtool) for the scrape test and the alert rules
 if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
+
+echo "--- deployment files: chart and plain manifests in sync, schemas, alert rules, dashboard"
+python3 deploy/render.py --check
+kubernetes-validate --strict --quiet deploy/k8s/flotilla.yaml
+promtool check rules deploy/prometheus/rules.yml
+promtool test rules deploy/prometheus/rules_test.yml
+promtool check config deploy/prometheus/prometheus.yml
+python3 -c 'import json, sys; d = json.load(open("deploy/grafana/flotilla.json")); assert d["panels"], "no panels"'
 
 echo "--- cargo fmt --check"
 cargo fmt --all -- --check
