@@ -69,8 +69,8 @@ impl Client {
                     }
                     return Ok(status);
                 }
-                Err(ClientError::Refused(e)) => return Err(ClientError::Refused(e)),
-                Err(e) => last = e.to_string(),
+                Err(ClientError::Unreachable { last: why, .. }) => last = format!("{base}: {why}"),
+                Err(e) => return Err(e),
             }
         }
         Err(self.unreachable(last))
