@@ -170,10 +170,31 @@ struct InspectArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// N simulated workers against a real 3-replica cluster: checkpoint rounds, failure to restore, leader CPU.
+    Coordinator(CoordinatorBenchArgs),
     /// A real 3-replica coordinator cluster on loopback: commit latency with fsync, leader failover time.
     Raft(RaftArgs),
     /// One rank's checkpoint: training stall, shard write and read+verify, against a plain write + fsync.
     Snapshot(SnapshotArgs),
+}
+
+#[derive(Args)]
+struct CoordinatorBenchArgs {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 32)]
+    workers: u32,
+    /// Checkpoint rounds to time.
+    #[arg(long, default_value_t = 50)]
+    rounds: usize,
+    /// Worker failures to time.
+    #[arg(long, default_value_t = 5)]
+    failures: usize,
+    /// Where the replicas keep their data (a temporary directory by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -266,6 +287,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
+        Command::Bench(BenchCommand::Coordinator(args)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run_bench_coordinator(args)),
     }
 }
 
@@ -511,6 +536,36 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
         let n = found.verify()?;
         println!("verified: {} shards, {n} variables, every checksum matches", found.shards.len());
     }
+    Ok(())
+}
+
+async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
+    if args.workers == 0 || args.rounds == 0 {
+        bail!("--workers and --rounds must be at least 1");
+    }
+    let temp = tempfile::Builder::new()
+        .prefix("flotilla-bench-coordinator-")
+        .tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
+    let bin = std::env::current_exe()?;
+    let opts = flotilla_coordinator::bench::CoordinatorBenchOptions {
+        workers: args.workers,
+        rounds: args.rounds,
+        failures: args.failures,
+    };
+    let r = flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("bench coordinator: {} simulated workers against 3 replicas on loopback, fsync on", r.workers);
+    println!(
+        "checkpoint round, begin to commit ({} rounds): p50 {:.0} ms, p99 {:.0} ms",
+        r.rounds, r.round_p50_ms, r.round_p99_ms
+    );
+    println!("worker connection lost -> restore directive at the others: median {:.0} ms (500 ms of it is the reconnect grace)", r.detect_to_restore_ms);
+    println!("leader CPU during the rounds: {:.4} cores per worker", r.leader_cpu_cores_per_worker);
     Ok(())
 }
 

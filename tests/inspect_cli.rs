@@ -106,3 +106,30 @@ fn bench_snapshot_json_has_the_spec_keys() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn bench_coordinator_json_has_the_spec_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = flotilla(&[
+        "bench",
+        "coordinator",
+        "--workers",
+        "4",
+        "--rounds",
+        "3",
+        "--failures",
+        "1",
+        "--json",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for key in ["round_p50_ms", "round_p99_ms", "detect_to_restore_ms"] {
+        assert!(v[key].as_f64().is_some_and(|x| x >= 0.0), "{key} in {stdout}");
+    }
+    assert_eq!(v["rounds"], 3, "{stdout}");
+    // the reconnect grace alone is 500 ms
+    assert!(v["detect_to_restore_ms"].as_f64().unwrap() >= 500.0, "{stdout}");
+}

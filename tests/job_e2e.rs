@@ -155,19 +155,26 @@ async fn leader_killed_mid_checkpoint_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
     let mut s = Scenario::start(3, 1500, "").await;
-    let before = s
-        .wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3 && j.state == "running")
-        .await;
-    let latest = before.latest_committed.unwrap();
+    s.wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3 && j.state == "running").await;
+    // freeze every rank so no newer checkpoint can commit meanwhile, and let
+    // a commit already in flight land
+    let pids: Vec<u32> = (0..3).map(|r| s.workers.pid(r).unwrap()).collect();
+    for pid in &pids {
+        signal(*pid, "STOP").unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let latest = s.job().await.unwrap().latest_committed.unwrap();
     tracing::info!("--- flip a byte in checkpoint {} rank 0, then kill a worker", latest.id);
     let path = shard_path(&s.dir.path().join("ckpt/e2e"), latest.id.0, 0);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() - 100;
     bytes[at] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    // kill before the next checkpoint supersedes the corrupt one
     s.workers.kill(2);
     s.workers.spawn(2, &[]).unwrap();
+    for pid in &pids[..2] {
+        signal(*pid, "CONT").unwrap();
+    }
     let after = s
         .wait_job("a restore from the previous checkpoint", |j| {
             j.restores >= 2 && j.state == "running" && j.restored_from.is_some_and(|c| c.id < latest.id)

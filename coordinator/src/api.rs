@@ -98,6 +98,9 @@ pub struct CheckpointView {
     pub bytes: u64,
     /// When it began (ms since the epoch).
     pub begun_ms: u64,
+    /// When it was committed or aborted.
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
 }
 
 /// One rank in the status.
@@ -158,6 +161,7 @@ impl JobStatus {
                     state: c.state.as_str().to_string(),
                     bytes: c.bytes(),
                     begun_ms: c.begun_ms,
+                    ended_ms: c.ended_ms,
                 })
                 .collect(),
             workers: Vec::new(),

@@ -1,3 +1,7 @@
+//! `flotilla bench coordinator` drives N simulated workers (the real worker
+//! protocol over TCP, tiny real shards, no trainer) against a real 3-replica
+//! cluster: checkpoint rounds, failure to restore directive, leader CPU.
+//!
 //! `flotilla bench raft`: a real 3-replica cluster of this binary on
 //! loopback, with fsync, measured from outside like a client sees it.
 //!
@@ -148,4 +152,230 @@ mod tests {
         assert_eq!(quantile(&[3.0], 0.99), 3.0);
         assert!(quantile(&[], 0.5).is_nan());
     }
+}
+
+/// Options of `bench coordinator`.
+#[derive(Debug, Clone)]
+pub struct CoordinatorBenchOptions {
+    /// Simulated workers (ranks of one job).
+    pub workers: u32,
+    /// Checkpoint rounds to time.
+    pub rounds: usize,
+    /// Worker failures to time.
+    pub failures: usize,
+}
+
+/// The report of `bench coordinator` (SPEC §8 keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinatorBenchReport {
+    /// Simulated workers.
+    pub workers: u32,
+    /// Rounds timed.
+    pub rounds: usize,
+    /// Median checkpoint round, begin to commit, from the ledger's times.
+    pub round_p50_ms: f64,
+    /// 99th percentile of the same.
+    pub round_p99_ms: f64,
+    /// Median time from a worker's connection dropping to another worker
+    /// receiving the restore directive (includes the 500 ms reconnect grace).
+    pub detect_to_restore_ms: f64,
+    /// Leader CPU during the rounds, in cores per simulated worker.
+    pub leader_cpu_cores_per_worker: f64,
+}
+
+/// A simulated worker: the real protocol over real TCP, no trainer; it
+/// writes a real (tiny) shard for each checkpoint so commits are genuine.
+async fn sim_worker(
+    endpoints: Vec<String>,
+    rank: u32,
+    incarnation: u64,
+    restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
+) -> Result<(), String> {
+    use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
+    use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank, Step};
+    use flotilla_shared::layout::shard_file_name;
+    use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
+    use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage, WorkerStatus};
+    use futures::{SinkExt, StreamExt};
+
+    let job = JobName::new("bench").expect("valid");
+    let mut target = endpoints[0].clone();
+    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
+        let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
+        let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.send(WorkerMessage::Register {
+            job: job.clone(),
+            rank: Rank(rank),
+            incarnation: Incarnation(incarnation),
+            http_addr: None,
+            generation: None,
+            step: Step(0),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match c.next().await {
+            Some(Ok(CoordinatorMessage::Registered { .. })) => break c,
+            Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })) => target = l,
+            other => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                target = endpoints
+                    [(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
+                .clone();
+                tracing::debug!("sim worker {rank}: {other:?}");
+            }
+        }
+    };
+    let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
+    let data = vec![0u8; 1024];
+    let mut generation = Generation(1);
+    let mut step = 0u64;
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                step += 10;
+                let hb = WorkerMessage::Heartbeat { generation, step: Step(step), status: WorkerStatus::Running };
+                conn.send(hb).await.map_err(|e| e.to_string())?;
+            }
+            msg = conn.next() => match msg.ok_or("closed")?.map_err(|e| e.to_string())? {
+                CoordinatorMessage::Resume { generation: g, step: s } => { generation = g; step = s.0; }
+                CoordinatorMessage::Checkpoint { generation: g, checkpoint, step: s, dir } => {
+                    step = step.max(s.0);
+                    let meta = ShardMeta { job: job.clone(), checkpoint, rank: Rank(rank), step: s, generation: g };
+                    let path = dir.join(shard_file_name(Rank(rank)));
+                    let (vars, data) = (vars.clone(), data.clone());
+                    let manifest = tokio::task::spawn_blocking(move || {
+                        std::fs::create_dir_all(path.parent().expect("has a parent")).map_err(|e| e.to_string())?;
+                        write_shard(&path, &meta, &vars, &data).map_err(|e| e.to_string())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())??;
+                    conn.send(WorkerMessage::ShardSaved { generation: g, checkpoint, manifest }).await.map_err(|e| e.to_string())?;
+                }
+                CoordinatorMessage::Restore { generation: g, from } => {
+                    let _ = restores.send((rank, Instant::now()));
+                    generation = g;
+                    step = from.map_or(0, |p| p.step.0);
+                    conn.send(WorkerMessage::Restored { generation: g, step: Step(step) }).await.map_err(|e| e.to_string())?;
+                }
+                CoordinatorMessage::Stop { .. } => return Ok(()),
+                _ => {}
+            },
+        }
+    }
+}
+
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // fields after the command name (which is in parentheses)
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Runs `bench coordinator` with the `flotilla` binary at `bin`, under `dir`.
+pub async fn coordinator_bench(
+    bin: &Path,
+    dir: &Path,
+    opts: &CoordinatorBenchOptions,
+) -> Result<CoordinatorBenchReport, String> {
+    let quiet = LocalOptions { log_filter: Some("warn".into()), ..LocalOptions::default() };
+    let cluster =
+        LocalCluster::start(bin, dir, 3, quiet).map_err(|e| format!("cannot start the cluster: {e}"))?;
+    let timeout = Duration::from_secs(30);
+    let leader = cluster.wait_for_leader(timeout).await?;
+    let client = crate::client::Client::new(vec![cluster.url(leader)], None);
+    let spec = format!(
+        "name = \"bench\"\nworld_size = {}\n[checkpoint]\nevery_steps = 1000000000000\nkeep_last = 100000\nroot = \"{}\"\n\
+         [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\nmax_restarts = 1000\n",
+        opts.workers,
+        dir.join("ckpt").display()
+    );
+    client.submit(&spec).await.map_err(|e| e.to_string())?;
+    let endpoints: Vec<String> = cluster.api_endpoints().split(',').map(String::from).collect();
+    let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = std::collections::HashMap::new();
+    let mut incarnation = 1u64;
+    for rank in 0..opts.workers {
+        incarnation += 1;
+        tasks
+            .insert(rank, tokio::spawn(sim_worker(endpoints.clone(), rank, incarnation, restore_tx.clone())));
+    }
+    let wait_running = || async {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = client
+                .status(Some("bench"))
+                .await
+                .ok()
+                .and_then(|s| s.jobs.into_iter().next())
+                .is_some_and(|j| j.state == "running");
+            if running {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("the bench job is not running".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait_running().await?;
+
+    let leader_pid = cluster.nodes[leader.0 as usize - 1].pid().ok_or("leader not running")?;
+    let cpu0 = process_cpu_seconds(leader_pid);
+    let wall0 = Instant::now();
+    for _ in 0..opts.rounds {
+        client.checkpoint("bench").await.map_err(|e| e.to_string())?;
+    }
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(process_cpu_seconds(leader_pid)).map_or(f64::NAN, |(a, b)| b - a);
+    let status = client.status(Some("bench")).await.map_err(|e| e.to_string())?;
+    // the ledger's own begin and commit times (every checkpoint is kept)
+    let round_times: Vec<f64> = status.jobs[0]
+        .checkpoints
+        .iter()
+        .filter(|c| c.state == "committed")
+        .filter_map(|c| c.ended_ms.map(|e| e.saturating_sub(c.begun_ms) as f64))
+        .collect();
+
+    let mut detect = Vec::new();
+    for i in 0..opts.failures {
+        let victim = (i as u32) % opts.workers;
+        while restore_rx.try_recv().is_ok() {}
+        if let Some(task) = tasks.remove(&victim) {
+            task.abort();
+        }
+        let killed = Instant::now();
+        let first = loop {
+            let (rank, at) = tokio::time::timeout(timeout, restore_rx.recv())
+                .await
+                .map_err(|_| "no restore directive after a worker failure".to_string())?
+                .ok_or("restore channel closed")?;
+            if rank != victim {
+                break at;
+            }
+        };
+        detect.push(first.duration_since(killed).as_secs_f64() * 1e3);
+        incarnation += 1;
+        tasks.insert(
+            victim,
+            tokio::spawn(sim_worker(endpoints.clone(), victim, incarnation, restore_tx.clone())),
+        );
+        wait_running().await?;
+    }
+    for (_, t) in tasks {
+        t.abort();
+    }
+    Ok(CoordinatorBenchReport {
+        workers: opts.workers,
+        rounds: round_times.len(),
+        round_p50_ms: quantile(&round_times, 0.5),
+        round_p99_ms: quantile(&round_times, 0.99),
+        detect_to_restore_ms: quantile(&detect, 0.5),
+        leader_cpu_cores_per_worker: cpu / wall / f64::from(opts.workers),
+    })
 }
