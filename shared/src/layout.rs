@@ -65,7 +65,7 @@ impl JobDir {
         &self.dir
     }
 
-    /// `<root>/<job>/ckpt-XXXXXXXX`.
+    /// `<root>/<job>/ckpt-<id, 8 digits>`.
     pub fn checkpoint_dir(&self, id: CheckpointId) -> PathBuf {
         self.dir.join(checkpoint_dir_name(id))
     }
