@@ -242,7 +242,9 @@ async fn sim_worker(
             msg = conn.next() => match msg.ok_or("closed")?.map_err(|e| e.to_string())? {
                 CoordinatorMessage::Resume { generation: g, step: s } => { generation = g; step = s.0; }
                 CoordinatorMessage::Checkpoint { generation: g, checkpoint, step: s, dir } => {
-                    step = step.max(s.0);
+                    // save at once (no training to wait for); the reported
+                    // step keeps its steady pace so the leader's rate
+                    // estimate stays that of a real trainer
                     let meta = ShardMeta { job: job.clone(), checkpoint, rank: Rank(rank), step: s, generation: g };
                     let path = dir.join(shard_file_name(Rank(rank)));
                     let (vars, data) = (vars.clone(), data.clone());

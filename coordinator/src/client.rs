@@ -41,7 +41,6 @@ impl Client {
         let endpoints = endpoints.into_iter().map(|e| e.trim_end_matches('/').to_string()).collect();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(15))
             .build()
             .expect("an HTTP client without TLS always builds");
         Self { http, endpoints, token, patience: Duration::from_secs(20) }
@@ -80,6 +79,7 @@ impl Client {
         let resp = self
             .http
             .get(format!("{base}/v1/status{query}"))
+            .timeout(Duration::from_secs(15))
             .send()
             .await
             .map_err(|e| ClientError::Unreachable { endpoints: base.to_string(), last: e.to_string() })?;
@@ -99,7 +99,15 @@ impl Client {
     /// Asks for a checkpoint of `job` now and waits until it is committed;
     /// returns `{"id", "step"}`.
     pub async fn checkpoint(&self, job: &str) -> Result<serde_json::Value, ClientError> {
-        let resp = self.mutate(&format!("/v1/jobs/{job}/checkpoint"), String::new()).await?;
+        // the server answers once the checkpoint is committed: up to the
+        // job's timeout_seconds, so this request may take minutes
+        let resp = self
+            .mutate_with_timeout(
+                &format!("/v1/jobs/{job}/checkpoint"),
+                String::new(),
+                Duration::from_secs(3600),
+            )
+            .await?;
         resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
     }
 
@@ -118,13 +126,22 @@ impl Client {
     /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
     /// URL, retries 503 (no leader yet) until `patience` runs out.
     async fn mutate(&self, path: &str, body: String) -> Result<reqwest::Response, ClientError> {
+        self.mutate_with_timeout(path, body, Duration::from_secs(15)).await
+    }
+
+    async fn mutate_with_timeout(
+        &self,
+        path: &str,
+        body: String,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
         let deadline = Instant::now() + self.patience;
         let mut targets: Vec<String> = self.endpoints.clone();
         let mut last = String::from("no endpoints given");
         let mut reached_any = false;
         loop {
             for base in std::mem::take(&mut targets) {
-                let mut req = self.http.post(format!("{base}{path}")).body(body.clone());
+                let mut req = self.http.post(format!("{base}{path}")).body(body.clone()).timeout(timeout);
                 if let Some(token) = &self.token {
                     req = req.bearer_auth(token);
                 }

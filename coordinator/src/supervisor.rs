@@ -621,7 +621,9 @@ impl Supervisor {
         // steps it may take before every rank has the directive: `lead` ×
         // 100 ms (grows when a rank was already past the step when told)
         let lead = (rate * (soft.lead * LEAD_UNIT_MS) as f64).ceil() as u64 + 1;
-        let earliest = fastest + lead;
+        // never at or behind a checkpoint already taken (the ledger refuses it)
+        let floor = j.checkpoints.values().map(|c| c.step.0 + 1).max().unwrap_or(0);
+        let earliest = (fastest + lead).max(floor);
         let by_time =
             j.spec.checkpoint.every_seconds.is_some_and(|s| now_ms >= soft.last_checkpoint_ms + s * 1000);
         let step = if soft.checkpoint_requested || by_time {
@@ -1093,6 +1095,21 @@ mod tests {
         let j = &st.jobs[&name()];
         assert_eq!(j.state, JobState::Succeeded);
         assert_eq!(j.final_digest.as_deref(), Some(combine_digests(&["aa", "bb"]).as_str()));
+    }
+
+    #[test]
+    fn an_operator_checkpoint_is_never_placed_at_or_behind_a_taken_one() {
+        let (mut sup, mut st) = running();
+        // checkpoint 1 at step 100 while the ranks are still at 0
+        let c = commit_checkpoint(&mut sup, &mut st, T0);
+        assert_eq!(st.jobs[&name()].checkpoints[&c].step, Step(100));
+        let a = sup.observe(&st, T0 + 10, Observation::CheckpointRequested { job: name() });
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Propose(Command::BeginCheckpoint { step: Step(101), .. }))),
+            "{a:?}"
+        );
+        run(&mut sup, &mut st, T0 + 10, a);
+        assert_eq!(st.jobs[&name()].checkpoints.len(), 2, "the ledger accepted it");
     }
 
     #[test]
