@@ -539,14 +539,20 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// A scratch directory (under `--dir` or the temp dir) for a benchmark's
+/// local cluster, and this binary, which the cluster's processes run.
+fn bench_cluster_dir(prefix: &str, dir: Option<&PathBuf>) -> Result<(tempfile::TempDir, PathBuf)> {
+    let temp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(dir.cloned().unwrap_or_else(std::env::temp_dir))?;
+    Ok((temp, std::env::current_exe()?))
+}
+
 async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
     if args.workers == 0 || args.rounds == 0 {
         bail!("--workers and --rounds must be at least 1");
     }
-    let temp = tempfile::Builder::new()
-        .prefix("flotilla-bench-coordinator-")
-        .tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
-    let bin = std::env::current_exe()?;
+    let (temp, bin) = bench_cluster_dir("flotilla-bench-coordinator-", args.dir.as_ref())?;
     let opts = flotilla_coordinator::bench::CoordinatorBenchOptions {
         workers: args.workers,
         rounds: args.rounds,
@@ -570,10 +576,7 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
 }
 
 async fn run_bench_raft(args: RaftArgs) -> Result<()> {
-    let temp = tempfile::Builder::new()
-        .prefix("flotilla-bench-raft-")
-        .tempdir_in(args.dir.clone().unwrap_or_else(std::env::temp_dir))?;
-    let bin = std::env::current_exe()?;
+    let (temp, bin) = bench_cluster_dir("flotilla-bench-raft-", args.dir.as_ref())?;
     let opts = flotilla_coordinator::bench::RaftBenchOptions {
         proposals: args.proposals,
         failovers: args.failovers,

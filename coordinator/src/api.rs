@@ -142,7 +142,12 @@ impl JobStatus {
             state: job.state.as_str().to_string(),
             generation: job.generation,
             world_size: job.spec.world_size,
-            step: Step(0),
+            // a finished job is at its last step; otherwise the supervisor
+            // fills in the slowest rank's step
+            step: match (job.state, &job.spec.trainer) {
+                (crate::state::JobState::Succeeded, Some(t)) => Step(t.total_steps),
+                _ => Step(0),
+            },
             restores: job.restores,
             latest_committed: job.latest_committed().map(|c| CheckpointRef { id: c.id, step: c.step }),
             restored_from: job

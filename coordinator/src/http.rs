@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shared::ids::JobName;
-use flotilla_shared::ids::{CheckpointId, Step};
+use flotilla_shared::ids::CheckpointId;
 use flotilla_shared::spec::JobSpec;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
@@ -91,14 +91,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
     let mut status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
     for j in &mut status.jobs {
         j.workers = s.workers.get(&j.name);
-        if j.state == "succeeded" {
-            j.step = s
-                .node
-                .read_state(|st| {
-                    st.jobs.get(&j.name).and_then(|x| x.spec.trainer.as_ref().map(|t| Step(t.total_steps)))
-                })
-                .unwrap_or(j.step);
-        } else if j.workers.len() == j.world_size as usize {
+        if j.state != "succeeded" && j.workers.len() == j.world_size as usize {
             j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
         }
     }

@@ -33,24 +33,28 @@ const LEAD_UNIT_MS: u64 = 100;
 /// A worker connection's id, unique within the shell.
 pub type ConnId = u64;
 
+/// A worker's registration on connection `conn`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    /// Connection.
+    pub conn: ConnId,
+    /// Job.
+    pub job: JobName,
+    /// Rank.
+    pub rank: Rank,
+    /// The worker process's incarnation.
+    pub incarnation: Incarnation,
+    /// The generation it last ran in.
+    pub generation: Option<Generation>,
+    /// Its step in that generation.
+    pub step: Step,
+}
+
 /// Something the shell saw.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
-    /// A worker registered on connection `conn`.
-    Registered {
-        /// Connection.
-        conn: ConnId,
-        /// Job.
-        job: JobName,
-        /// Rank.
-        rank: Rank,
-        /// The worker process's incarnation.
-        incarnation: Incarnation,
-        /// The generation it last ran in.
-        generation: Option<Generation>,
-        /// Its step in that generation.
-        step: Step,
-    },
+    /// A worker registered.
+    Registered(Registration),
     /// A registered worker sent a message.
     Message {
         /// Connection.
@@ -213,9 +217,7 @@ impl Supervisor {
     /// Handles one observation.
     pub fn observe(&mut self, ledger: &State, now_ms: u64, obs: Observation) -> Vec<Action> {
         match obs {
-            Observation::Registered { conn, job, rank, incarnation, generation, step } => {
-                self.registered(ledger, now_ms, conn, job, rank, incarnation, generation, step)
-            }
+            Observation::Registered(r) => self.registered(ledger, now_ms, r),
             Observation::Message { conn, msg } => {
                 let Some((job, rank)) = self.conns.get(&conn).cloned() else { return vec![] };
                 let Some(j) = ledger.jobs.get(&job) else { return vec![] };
@@ -252,18 +254,8 @@ impl Supervisor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn registered(
-        &mut self,
-        ledger: &State,
-        now_ms: u64,
-        conn: ConnId,
-        job: JobName,
-        rank: Rank,
-        incarnation: Incarnation,
-        generation: Option<Generation>,
-        step: Step,
-    ) -> Vec<Action> {
+    fn registered(&mut self, ledger: &State, now_ms: u64, r: Registration) -> Vec<Action> {
+        let Registration { conn, job, rank, incarnation, generation, step } = r;
         let Some(j) = ledger.jobs.get(&job) else {
             return vec![
                 send(
@@ -788,14 +780,14 @@ mod tests {
         sup.observe(
             st,
             now,
-            Observation::Registered {
+            Observation::Registered(Registration {
                 conn,
                 job: name(),
                 rank: Rank(rank),
                 incarnation: Incarnation(inc),
                 generation: gen.map(Generation),
                 step: Step(0),
-            },
+            }),
         )
     }
 

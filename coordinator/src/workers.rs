@@ -10,7 +10,7 @@
 use crate::api::WorkerView;
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, Role};
-use crate::supervisor::{Action, ConnId, Observation, Supervisor, SupervisorConfig};
+use crate::supervisor::{Action, ConnId, Observation, Registration, Supervisor, SupervisorConfig};
 use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::{JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest};
@@ -105,7 +105,7 @@ async fn run_supervisor(
                     }
                     if let Some(s) = sup.as_mut() {
                         queue.extend(node.read_state(|st| s.observe(st, now_ms(), obs)));
-                    } else if let Observation::Registered { conn, .. } = obs {
+                    } else if let Observation::Registered(Registration { conn, .. }) = obs {
                         // leadership moved between accept and now
                         if let Some(tx) = conns.remove(&conn) {
                             let _ = tx.try_send(None);
@@ -335,14 +335,14 @@ async fn serve_worker(
         return Ok(());
     }
     let (tx, mut rx) = mpsc::channel::<CoordinatorMessageOrClose>(1024);
-    let registered = Observation::Registered {
+    let registered = Observation::Registered(Registration {
         conn: conn_id,
         job,
         rank,
         incarnation,
         generation,
         step: step.max(Step(0)),
-    };
+    });
     if supervisor.send(SupervisorInput::Connected { conn: conn_id, tx }).await.is_err()
         || supervisor.send(SupervisorInput::Observe(registered)).await.is_err()
     {
