@@ -5,8 +5,7 @@
 use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, ProposeError, Role};
-use crate::state::CheckpointState;
-use crate::state::{Command, Event, RefusalKind};
+use crate::state::{CheckpointState, Command, Event, JobState, RefusalKind, RestoreReason};
 use crate::supervisor::Observation;
 use crate::workers::{SupervisorHandle, WorkersView};
 use axum::extract::Path;
@@ -15,8 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_shared::ids::CheckpointId;
-use flotilla_shared::ids::JobName;
+use flotilla_shared::ids::{CheckpointId, Generation, JobName};
+use flotilla_shared::layout::Manifest;
 use flotilla_shared::spec::JobSpec;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
@@ -208,12 +207,29 @@ async fn checkpoint(
         Ok(j) => j,
         Err(r) => return *r,
     };
-    let Some((first_id, timeout_s)) = s
-        .node
-        .read_state(|st| st.jobs.get(&job).map(|j| (j.next_checkpoint, j.spec.checkpoint.timeout_seconds)))
-    else {
+    let found = s.node.read_state(|st| {
+        st.jobs.get(&job).map(|j| (j.next_checkpoint, j.spec.checkpoint.timeout_seconds, j.state))
+    });
+    let Some((first_id, timeout_s, state)) = found else {
         return error(StatusCode::NOT_FOUND, format!("no job named {job}; submit it first"));
     };
+    // refuse at once what the job's state cannot take
+    let refusal = match state {
+        JobState::Running => None,
+        JobState::Waiting => Some(format!(
+            "job {job} is waiting for its workers; a checkpoint needs every rank running (start them with flotilla worker)"
+        )),
+        JobState::Restoring | JobState::Blocked => Some(format!(
+            "job {job} is {}; ask again once it runs (flotilla status shows why)",
+            state.as_str()
+        )),
+        JobState::Succeeded | JobState::Failed => {
+            Some(format!("job {job} {}; it takes no more checkpoints", state.as_str()))
+        }
+    };
+    if let Some(message) = refusal {
+        return error(StatusCode::CONFLICT, message);
+    }
     s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
     let deadline = Instant::now() + Duration::from_secs(timeout_s + 30);
     loop {
@@ -223,7 +239,9 @@ async fn checkpoint(
                 return Some(Err(format!("job {job} is {}", j.state.as_str())));
             }
             j.checkpoints.range(first_id..).find_map(|(id, c)| match c.state {
-                CheckpointState::Committed | CheckpointState::Deleted => Some(Ok((*id, c.step))),
+                CheckpointState::Committed | CheckpointState::Deleted | CheckpointState::Abandoned => {
+                    Some(Ok((*id, c.step)))
+                }
                 CheckpointState::Aborted => Some(Err(format!(
                     "checkpoint {id} was aborted: {}",
                     c.reason.as_deref().unwrap_or("no reason recorded")
@@ -277,36 +295,55 @@ async fn restore(
     };
     let check = s.node.read_state(|st| {
         let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
-        if let Some(id) = body.checkpoint {
-            match j.checkpoints.get(&id).map(|c| c.state) {
-                Some(CheckpointState::Committed) => {}
+        if j.state == JobState::Succeeded {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
+            ));
+        }
+        let from = match body.checkpoint {
+            Some(id) => match j.checkpoints.get(&id).map(|c| c.state) {
+                Some(CheckpointState::Committed | CheckpointState::Abandoned) => id,
                 Some(other) => {
                     return Err((
                         StatusCode::CONFLICT,
                         format!(
-                            "checkpoint {id} of job {job} is {}; pick a committed one (flotilla checkpoints)",
+                            "checkpoint {id} of job {job} is {}; pick a committed one (flotilla checkpoints --job {job})",
                             other.as_str()
                         ),
                     ))
                 }
                 None => return Err((StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}"))),
-            }
-        }
-        Ok(j.generation)
+            },
+            None => match j.latest_committed() {
+                Some(c) => c.id,
+                None => {
+                    return Err((
+                        StatusCode::CONFLICT,
+                        format!("job {job} has no committed checkpoint to restore from; take one with flotilla checkpoint --job {job}"),
+                    ))
+                }
+            },
+        };
+        Ok((j.generation, from))
     });
-    let generation = match check {
+    let (generation, from) = match check {
         Ok(g) => g,
         Err((code, msg)) => return error(code, msg),
     };
-    s.supervisor.observe(Observation::RestoreRequested { job: job.clone(), from: body.checkpoint }).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Some(g) =
-            s.node.read_state(|st| st.jobs.get(&job).map(|j| j.generation)).filter(|g| *g > generation)
-        {
-            return Json(serde_json::json!({"job": job, "generation": g})).into_response();
+    let cmd = Command::Restore {
+        job: job.clone(),
+        generation: Generation(generation.0 + 1),
+        from: Some(from),
+        reason: RestoreReason::Operator,
+        now_ms: Manifest::now_unix_ms(),
+    };
+    match s.node.propose(cmd).await {
+        Ok(Ok(_)) => {
+            Json(serde_json::json!({"job": job, "generation": generation.0 + 1, "checkpoint": from}))
+                .into_response()
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(e) => propose_error(e),
     }
-    error(StatusCode::GATEWAY_TIMEOUT, format!("the restore of job {job} was not applied in time"))
 }

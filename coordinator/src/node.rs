@@ -158,6 +158,19 @@ impl NodeHandle {
         rx.await.map_err(|_| ProposeError::Stopped("node task ended".into()))?
     }
 
+    /// Queues `cmd` for proposal without waiting; proposals queued from one
+    /// task reach the log in the order they were queued. The receiver yields
+    /// the outcome once applied (or why not).
+    pub fn submit(&self, cmd: Command) -> oneshot::Receiver<Result<Outcome, ProposeError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.inputs.try_send(Input::Propose { cmd, reply }) {
+            let (Input::Propose { reply, .. },) = (e.into_inner(),);
+            let _ = reply
+                .send(Err(ProposeError::Stopped("the raft node's input queue is full or closed".into())));
+        }
+        rx
+    }
+
     /// The latest published status.
     pub fn status(&self) -> NodeStatus {
         self.status.borrow().clone()

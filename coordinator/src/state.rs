@@ -7,14 +7,16 @@
 //!
 //! Checkpoint ledger, per job:
 //! ```text
-//!   Begin ──► Pending ──Commit──► Committed ──MarkCorrupt──► Corrupt
-//!                │                    │                        │
-//!                └──Abort──► Aborted  └──(retention)/Delete──► Deleted ◄──Delete
+//!   Begin ──► Pending ──Commit──► Committed ──MarkCorrupt──► Corrupt ──ClearCorrupt──► Committed
+//!                │                    │    └──operator restore to an older one──► Abandoned
+//!                └──Abort──► Aborted  └──(retention)/Delete──► Deleted ◄──(retention)/Delete
 //! ```
 //! Rules kept: a committed checkpoint is never un-committed (only marked
-//! corrupt or retired); a commit needs one shard per rank of the checkpoint's
-//! own generation; the generation never decreases; a job in a terminal
-//! state (`succeeded`, `failed`) changes no more.
+//! corrupt after a checksum or format mismatch, abandoned by an operator's
+//! rollback, or retired); a commit needs one shard per rank of the
+//! checkpoint's own generation; the generation never decreases; a
+//! `succeeded` job changes no more, a `failed` one only through an
+//! operator's restore.
 
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use flotilla_shared::shard::ShardManifest;
@@ -70,8 +72,12 @@ pub enum CheckpointState {
     Committed,
     /// Given up before commit; its files are garbage.
     Aborted,
-    /// Was committed, then found damaged on restore; never used again.
+    /// Was committed, then found damaged on restore (checksum or format);
+    /// never restored automatically again unless an operator clears it.
     Corrupt,
+    /// Committed on a line of history an operator rolled back from (a restore
+    /// to an older checkpoint): never restored automatically again.
+    Abandoned,
     /// Retired (retention) or collected; its files are deleted.
     Deleted,
 }
@@ -84,6 +90,7 @@ impl CheckpointState {
             CheckpointState::Committed => "committed",
             CheckpointState::Aborted => "aborted",
             CheckpointState::Corrupt => "corrupt",
+            CheckpointState::Abandoned => "abandoned",
             CheckpointState::Deleted => "deleted",
         }
     }
@@ -131,10 +138,57 @@ pub enum RestoreReason {
     TrainerFailed,
     /// The checkpoint being restored was corrupt; falling back.
     CorruptCheckpoint,
+    /// A running rank's step did not advance for `failure.hang_timeout_seconds`.
+    Hang,
     /// A blocked restore retried.
     Retry,
     /// An operator asked for it.
     Operator,
+}
+
+/// Why a pending checkpoint was aborted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AbortReason {
+    /// Not committed within `checkpoint.timeout_seconds` of the current
+    /// leader taking charge of it.
+    Timeout {
+        /// The configured timeout.
+        seconds: u64,
+    },
+    /// A rank was already past the step when told, and had not saved it.
+    RankPastStep {
+        /// The rank.
+        rank: Rank,
+    },
+    /// A rank could not write its shard.
+    WriteFailed {
+        /// The rank.
+        rank: Rank,
+        /// The worker's error.
+        error: String,
+    },
+    /// A whole-job restore moved the job to a new generation.
+    GenerationChanged,
+    /// The job finished or failed.
+    JobEnded,
+}
+
+impl fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AbortReason::Timeout { seconds } => {
+                write!(f, "not committed within checkpoint.timeout_seconds = {seconds}")
+            }
+            AbortReason::RankPastStep { rank } => {
+                write!(f, "rank {rank} was already past the step when told")
+            }
+            AbortReason::WriteFailed { rank, error } => {
+                write!(f, "rank {rank} could not write its shard: {error}")
+            }
+            AbortReason::GenerationChanged => f.write_str("generation changed by a restore"),
+            AbortReason::JobEnded => f.write_str("job ended"),
+        }
+    }
 }
 
 impl RestoreReason {
@@ -146,10 +200,34 @@ impl RestoreReason {
             RestoreReason::WorkerRestarted => "worker_restarted",
             RestoreReason::TrainerFailed => "trainer_failed",
             RestoreReason::CorruptCheckpoint => "corrupt_checkpoint",
+            RestoreReason::Hang => "hang",
             RestoreReason::Retry => "retry",
             RestoreReason::Operator => "operator",
         }
     }
+
+    /// Whether a restore for this reason is a failure, counted against
+    /// `failure.max_restarts` (operator actions, retries and fallbacks past a
+    /// corrupt checkpoint are not).
+    pub fn is_failure(self) -> bool {
+        !matches!(self, RestoreReason::CorruptCheckpoint | RestoreReason::Retry | RestoreReason::Operator)
+    }
+}
+
+/// How long failures count against `failure.max_restarts`.
+pub const RESTART_WINDOW_MS: u64 = 3_600_000;
+
+/// How many notable events a job keeps for `status` (oldest dropped first).
+pub const JOB_EVENTS_KEPT: usize = 32;
+
+/// A notable event in a job's history (restores, condemned checkpoints,
+/// operator actions), shown by `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// When (ms since the epoch, from the command).
+    pub at_ms: u64,
+    /// What happened, for people.
+    pub text: String,
 }
 
 /// A job in the ledger.
@@ -184,6 +262,12 @@ pub struct Job {
     /// Whole-job restores by reason.
     #[serde(default)]
     pub restores_by_reason: BTreeMap<RestoreReason, u64>,
+    /// When the failure-caused restores of the last [`RESTART_WINDOW_MS`] happened.
+    #[serde(default)]
+    pub failures_ms: Vec<u64>,
+    /// The latest notable events, oldest first (at most [`JOB_EVENTS_KEPT`]).
+    #[serde(default)]
+    pub events: Vec<JobEvent>,
 }
 
 impl Job {
@@ -206,6 +290,18 @@ impl Job {
     /// The pending checkpoint, if one is in flight.
     pub fn pending(&self) -> Option<&Checkpoint> {
         self.checkpoints.values().find(|c| c.state == CheckpointState::Pending)
+    }
+
+    /// The step the current generation started from (0 without a checkpoint).
+    pub fn start_step(&self) -> Step {
+        self.restored_from.and_then(|id| self.checkpoints.get(&id)).map_or(Step(0), |c| c.step)
+    }
+
+    fn note(&mut self, at_ms: u64, text: String) {
+        if self.events.len() >= JOB_EVENTS_KEPT {
+            self.events.remove(0);
+        }
+        self.events.push(JobEvent { at_ms, text });
     }
 }
 
@@ -272,19 +368,32 @@ pub enum Command {
         job: JobName,
         /// The pending checkpoint.
         id: CheckpointId,
-        /// Why (timeout, rank failure, generation change).
-        reason: String,
+        /// Why.
+        reason: AbortReason,
         /// Time.
         now_ms: u64,
     },
-    /// A committed checkpoint's files are damaged.
+    /// A committed checkpoint's files are damaged (a checksum or format
+    /// mismatch; never a missing or unreadable file).
     MarkCorrupt {
         /// Job.
         job: JobName,
         /// The checkpoint.
         id: CheckpointId,
-        /// What is damaged.
+        /// What is damaged: rank, file and tensor.
         reason: String,
+        /// Time.
+        #[serde(default)]
+        now_ms: u64,
+    },
+    /// An operator re-verified a corrupt checkpoint's files: it is committed again.
+    ClearCorrupt {
+        /// Job.
+        job: JobName,
+        /// The checkpoint.
+        id: CheckpointId,
+        /// Time.
+        now_ms: u64,
     },
     /// Forget an aborted, corrupt or superseded checkpoint (files collected after).
     DeleteCheckpoint {
@@ -391,6 +500,13 @@ pub enum Event {
     },
     /// A committed checkpoint was marked corrupt.
     CheckpointCorrupt {
+        /// Job.
+        job: JobName,
+        /// Id.
+        id: CheckpointId,
+    },
+    /// An operator cleared a corrupt verdict: the checkpoint is committed again.
+    CheckpointCleared {
         /// Job.
         job: JobName,
         /// Id.
@@ -526,6 +642,7 @@ impl State {
             }
             Command::CommitCheckpoint { job, id, shards, now_ms } => self.commit(job, id, shards, now_ms),
             Command::AbortCheckpoint { job, id, reason, now_ms } => {
+                let reason = reason.to_string();
                 let j = self.job_mut(&job)?;
                 let c = checkpoint_mut(j, &job, id)?;
                 if c.state != CheckpointState::Pending {
@@ -543,14 +660,15 @@ impl State {
                 j.aborted_total += 1;
                 Ok(vec![Event::CheckpointAborted { job, id, reason }])
             }
-            Command::MarkCorrupt { job, id, reason } => {
+            Command::MarkCorrupt { job, id, reason, now_ms } => {
                 let j = self.job_mut(&job)?;
                 let c = checkpoint_mut(j, &job, id)?;
                 match c.state {
                     CheckpointState::Corrupt => Ok(vec![]),
                     CheckpointState::Committed => {
                         c.state = CheckpointState::Corrupt;
-                        c.reason = Some(reason);
+                        c.reason = Some(reason.clone());
+                        j.note(now_ms, format!("checkpoint {id} condemned: {reason}"));
                         Ok(vec![Event::CheckpointCorrupt { job, id }])
                     }
                     other => refuse(
@@ -561,6 +679,23 @@ impl State {
                         ),
                     ),
                 }
+            }
+            Command::ClearCorrupt { job, id, now_ms } => {
+                let j = self.job_mut(&job)?;
+                let c = checkpoint_mut(j, &job, id)?;
+                if c.state != CheckpointState::Corrupt {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "checkpoint {id} of job {job} is {}; only a corrupt one can be cleared",
+                            c.state.as_str()
+                        ),
+                    );
+                }
+                c.state = CheckpointState::Committed;
+                c.reason = None;
+                j.note(now_ms, format!("checkpoint {id} re-verified by an operator: committed again"));
+                Ok(vec![Event::CheckpointCleared { job, id }])
             }
             Command::DeleteCheckpoint { job, id } => {
                 let j = self.job_mut(&job)?;
@@ -610,7 +745,7 @@ impl State {
                 if j.state.is_terminal() {
                     return refuse(RefusalKind::Conflict, format!("job {job} already {}", j.state.as_str()));
                 }
-                let mut events = abort_pending(j, &job, "job failed", None);
+                let mut events = abort_pending(j, &job, &AbortReason::JobEnded.to_string(), None);
                 events.extend(set_state(j, &job, JobState::Failed, Some(error)));
                 Ok(events)
             }
@@ -623,7 +758,7 @@ impl State {
                     );
                 }
                 j.final_digest = Some(digest);
-                let mut events = abort_pending(j, &job, "job finished", None);
+                let mut events = abort_pending(j, &job, &AbortReason::JobEnded.to_string(), None);
                 events.extend(set_state(j, &job, JobState::Succeeded, None));
                 Ok(events)
             }
@@ -660,6 +795,8 @@ impl State {
                 committed_total: 0,
                 aborted_total: 0,
                 restores_by_reason: BTreeMap::new(),
+                failures_ms: Vec::new(),
+                events: Vec::new(),
             },
         );
         Ok(vec![Event::JobSubmitted { job: name }])
@@ -717,8 +854,10 @@ impl State {
         j.committed_total += 1;
         let mut events = vec![Event::CheckpointCommitted { job: job.clone(), id, step, duration_ms }];
 
-        // retention: keep the newest `keep_last` committed, retire the rest
-        // (ledger first; the leader deletes the files on the event)
+        // retention: keep the newest `keep_last` committed, retire the rest;
+        // a corrupt or abandoned checkpoint goes once `keep_last` committed
+        // ones are newer than it (until then an operator can still re-verify
+        // or restore it). Ledger first; the leader deletes the files.
         let mut committed: Vec<(Step, CheckpointId)> = j
             .checkpoints
             .values()
@@ -726,7 +865,15 @@ impl State {
             .map(|c| (c.step, c.id))
             .collect();
         committed.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, old) in committed.into_iter().skip(keep_last) {
+        let mut retired: Vec<CheckpointId> = committed.iter().skip(keep_last).map(|(_, id)| *id).collect();
+        retired.extend(
+            j.checkpoints
+                .values()
+                .filter(|c| matches!(c.state, CheckpointState::Corrupt | CheckpointState::Abandoned))
+                .filter(|c| committed.iter().filter(|(_, newer)| *newer > c.id).count() >= keep_last)
+                .map(|c| c.id),
+        );
+        for old in retired {
             if let Some(c) = j.checkpoints.get_mut(&old) {
                 c.state = CheckpointState::Deleted;
                 events.push(Event::CheckpointDeleted { job: job.clone(), id: old });
@@ -744,11 +891,20 @@ impl State {
         now_ms: u64,
     ) -> Outcome {
         let j = self.job_mut(&job)?;
-        if j.state.is_terminal() {
-            return refuse(
-                RefusalKind::Conflict,
-                format!("job {job} is {}; it is not restored", j.state.as_str()),
-            );
+        match j.state {
+            JobState::Succeeded => {
+                return refuse(
+                    RefusalKind::Conflict,
+                    format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
+                )
+            }
+            JobState::Failed if reason != RestoreReason::Operator => {
+                return refuse(
+                    RefusalKind::Conflict,
+                    format!("job {job} failed; only an operator's restore (flotilla restore) resumes it"),
+                )
+            }
+            _ => {}
         }
         let next = Generation(j.generation.0 + 1);
         if generation != next {
@@ -757,30 +913,60 @@ impl State {
                 format!("restore of job {job} into generation {generation}: the job is in {}, so the next is {next}", j.generation),
             );
         }
-        if let Some(id) = from {
-            let c = checkpoint_mut(j, &job, id)?;
-            if c.state != CheckpointState::Committed {
-                return refuse(
-                    RefusalKind::Conflict,
-                    format!(
-                        "checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from",
-                        c.state.as_str()
-                    ),
-                );
+        let operator = reason == RestoreReason::Operator;
+        let step = match from {
+            Some(id) => {
+                let c = checkpoint_mut(j, &job, id)?;
+                // an operator may also go back to a checkpoint of a line
+                // they abandoned earlier; nothing else restores from one
+                let usable = c.state == CheckpointState::Committed
+                    || (operator && c.state == CheckpointState::Abandoned);
+                if !usable {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from",
+                            c.state.as_str()
+                        ),
+                    );
+                }
+                c.state = CheckpointState::Committed;
+                c.step
             }
+            None => Step(0),
+        };
+        let mut events = abort_pending(j, &job, &AbortReason::GenerationChanged.to_string(), Some(now_ms));
+        if operator {
+            // the operator's choice is the head of the job's history: the
+            // line after it is never restored automatically again
+            for c in j.checkpoints.values_mut() {
+                if c.state == CheckpointState::Committed && c.step > step {
+                    c.state = CheckpointState::Abandoned;
+                    c.reason = Some(format!("abandoned by an operator's restore to step {step}"));
+                }
+            }
+            // an operator's restore is a fresh start for the failure budget
+            j.failures_ms.clear();
         }
-        let mut events = abort_pending(j, &job, "generation changed by a restore", Some(now_ms));
         j.generation = generation;
         j.restores += 1;
         *j.restores_by_reason.entry(reason).or_default() += 1;
         j.restored_from = from;
-        if j.restores > j.spec.failure.max_restarts {
-            let error = format!(
-                "job {job} failed: {} restores exceed failure.max_restarts = {}; fix the cause, then submit it again",
-                j.restores, j.spec.failure.max_restarts
-            );
-            events.extend(set_state(j, &job, JobState::Failed, Some(error)));
-            return Ok(events);
+        let origin = from.map_or_else(|| "step 0".to_string(), |id| format!("checkpoint {id} (step {step})"));
+        j.note(now_ms, format!("restore into generation {generation} from {origin}: {}", reason.as_str()));
+        if reason.is_failure() {
+            j.failures_ms.retain(|t| now_ms.saturating_sub(*t) < RESTART_WINDOW_MS);
+            j.failures_ms.push(now_ms);
+            if j.failures_ms.len() as u64 > u64::from(j.spec.failure.max_restarts) {
+                let error = format!(
+                    "job {job} failed: {} failures within an hour exceed failure.max_restarts = {}; fix the cause, then resume it with flotilla restore --job {job}",
+                    j.failures_ms.len(),
+                    j.spec.failure.max_restarts
+                );
+                j.note(now_ms, error.clone());
+                events.extend(set_state(j, &job, JobState::Failed, Some(error)));
+                return Ok(events);
+            }
         }
         events.push(Event::Restoring { job: job.clone(), generation, from, reason });
         events.extend(set_state(j, &job, JobState::Restoring, None));

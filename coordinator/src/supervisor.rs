@@ -1,37 +1,58 @@
-//! The supervisor: the leader's soft state about workers, and every
-//! decision that turns observations into proposals and directives.
+//! The supervisor: a reconciler, in the Kubernetes-controller sense.
 //!
-//! This module is pure: `observe`/`applied`/`tick` take the applied ledger,
-//! the time and what happened, and return [`Action`]s for the shell
-//! (`coordinator::workers`) to carry out. Nothing that decides safety lives
-//! only here: commits, aborts, restores and fencing are ledger commands; the
-//! soft state (who is connected, who saved which shard, who restored) is
-//! rebuilt by a new leader from the ledger and the workers' re-registrations.
+//! On every tick and every observation it compares the desired state (the
+//! applied ledger) with what it observes (worker sessions and their last
+//! reports) and emits idempotent [`Action`]s, re-sent until observed done.
+//! No decision depends on having seen the reply to its own proposal: a new
+//! leader, a restarted one, or one whose proposal timed out derives the same
+//! actions from the same ledger and the workers' (re-)registrations.
 //!
+//! This module is pure: no I/O, no clock (time arrives as [`Now`]), no
+//! randomness. The shell (`coordinator::workers`) carries out the actions and
+//! never awaits a proposal inline; it reports back with
+//! [`Observation::ProposalDone`] so the same proposal is not made twice while
+//! one is in flight.
+//!
+//! What each job state asks for, per rank, until observed:
 //! ```text
-//! waiting ──all ranks registered──► StartJob ──► Resume{G, 0}
-//! running ──due──► BeginCheckpoint ──► Checkpoint{G, C, S} ──all ShardSaved──► CommitCheckpoint
-//!         ──failure──► Restore{G+1, from latest} ──► Restore directives ──all Restored──► ResumeJob ──► Resume
-//!                                                  └─ corrupt ─► MarkCorrupt + Restore from the previous
-//!                                                  └─ memory / model ─► BlockJob (retried on re-registration)
-//!         ──all Finished──► FinishJob(digest) ──► Stop
+//! waiting    Restore{G, none} (fresh state) ── all ranks hold G ──► StartJob
+//! running    Resume{G, S} to a rank idle in G; Checkpoint{G, C, S} until its shard is reported
+//!            ── every shard reported ──► CommitCheckpoint      ── every rank finished ──► FinishJob
+//!            ── a rank silent, restarted, crashed or hung ──► Restore{G+1, latest committed}
+//! restoring  Restore{G, from C} until the rank holds G ── all hold G ──► ResumeJob
+//!            ── C condemned ──► Restore{G+1, previous}  ── a rank lost ──► Restore{G+1, C}
+//!            ── model / memory / storage refusal ──► BlockJob
+//! blocked    retried on a new worker process or after a back-off ──► Restore{G+1, C}
+//! succeeded, failed: Stop
 //! ```
+//! Files follow the ledger the same way: a committed checkpoint has its
+//! MANIFEST.json, LATEST names the latest committed one, a condemned one loses
+//! its manifest, an aborted or retired one loses its files, whichever leader
+//! applied the entry.
 
-use crate::state::{CheckpointState, Command, Event, Job, JobState, RestoreReason, State};
+use crate::state::{AbortReason, CheckpointState, Command, Job, JobState, RestoreReason, State};
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
 use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::wire::{
-    CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, WorkerMessage, WorkerStatus,
+    CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, ShardFailureKind,
+    WorkerMessage, WorkerStatus,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Unit of the lead a checkpoint step is placed ahead of the fastest rank.
-const LEAD_UNIT_MS: u64 = 100;
-
 /// A worker connection's id, unique within the shell.
 pub type ConnId = u64;
+
+/// The time, twice: a monotonic clock for every deadline the supervisor
+/// judges, and the wall clock only for the times recorded in ledger commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic milliseconds (any origin, never going back).
+    pub mono_ms: u64,
+    /// Milliseconds since the Unix epoch.
+    pub wall_ms: u64,
+}
 
 /// A worker's registration on connection `conn`.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,9 +63,9 @@ pub struct Registration {
     pub job: JobName,
     /// Rank.
     pub rank: Rank,
-    /// The worker process's incarnation.
+    /// The worker process's incarnation (larger is newer).
     pub incarnation: Incarnation,
-    /// The generation it last ran in.
+    /// The generation whose state it holds.
     pub generation: Option<Generation>,
     /// Its step in that generation.
     pub step: Step,
@@ -72,19 +93,26 @@ pub enum Observation {
         /// Job.
         job: JobName,
     },
-    /// An operator asked for a whole-job restore.
-    RestoreRequested {
+    /// A proposal's outcome arrived (applied, refused or failed): it is no
+    /// longer in flight; the ledger says what it changed.
+    ProposalDone {
+        /// Which proposal.
+        key: ProposalKey,
+    },
+    /// Some file work failed; it is tried again.
+    FileWorkFailed {
         /// Job.
         job: JobName,
-        /// A committed checkpoint, or the latest.
-        from: Option<CheckpointId>,
+        /// The work.
+        work: FileWork,
     },
 }
 
 /// Something for the shell to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Propose a ledger command; feed the applied events back to [`Supervisor::applied`].
+    /// Propose a ledger command (without awaiting it); report back with
+    /// [`Observation::ProposalDone`].
     Propose(Command),
     /// Send a directive on a connection.
     Send {
@@ -98,82 +126,210 @@ pub enum Action {
         /// Connection.
         conn: ConnId,
     },
-    /// Write MANIFEST.json and LATEST for a committed checkpoint.
-    WriteManifest {
+    /// Bring a checkpoint's files in line with the ledger.
+    Files {
         /// Job.
         job: JobName,
-        /// Checkpoint.
-        id: CheckpointId,
-    },
-    /// Delete a checkpoint's directory (aborted, corrupt or retired).
-    DeleteFiles {
-        /// Job.
-        job: JobName,
-        /// Checkpoint.
-        id: CheckpointId,
+        /// What to do.
+        work: FileWork,
     },
 }
 
-#[derive(Debug, Clone)]
-struct WorkerSoft {
-    conn: ConnId,
-    incarnation: Incarnation,
-    generation: Option<Generation>,
-    step: Step,
-    status: WorkerStatus,
-    last_seen_ms: u64,
-    disconnected_ms: Option<u64>,
-    /// Steps per millisecond, from the last two heartbeats.
-    rate: f64,
+/// File work derived from the ledger, done in order on one thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FileWork {
+    /// Write MANIFEST.json of a committed checkpoint.
+    Manifest(CheckpointId),
+    /// Remove MANIFEST.json of a condemned checkpoint, so offline tools never
+    /// take it for a committed one.
+    Condemn(CheckpointId),
+    /// Delete an aborted or retired checkpoint's directory.
+    Delete(CheckpointId),
+    /// Point LATEST at the latest committed checkpoint (remove it when none).
+    Latest(Option<CheckpointId>),
 }
 
-#[derive(Debug, Default)]
-struct JobSoft {
-    workers: BTreeMap<Rank, WorkerSoft>,
-    /// Shards saved for `saved_for`.
-    saved: BTreeMap<Rank, ShardManifest>,
-    saved_for: Option<CheckpointId>,
-    /// Ranks restored in `restored_gen`.
-    restored: BTreeSet<Rank>,
-    restored_gen: Generation,
-    /// Final digests in `finished_gen`.
-    finished: BTreeMap<Rank, String>,
-    finished_gen: Generation,
-    last_checkpoint_ms: u64,
-    checkpoint_requested: bool,
-    /// How many heartbeat intervals ahead a checkpoint step is placed; grows
-    /// when a rank was already past the step when told.
-    lead: u64,
+/// Identifies a proposal so the same one is not made twice while in flight.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProposalKey {
+    job: JobName,
+    kind: &'static str,
+    n: u64,
+}
+
+impl ProposalKey {
+    /// The key of `cmd` (none for commands the supervisor never makes).
+    pub fn of(cmd: &Command) -> Option<Self> {
+        let (job, kind, n) = match cmd {
+            Command::Announce { .. } | Command::SubmitJob { .. } => return None,
+            Command::StartJob { job, generation } => (job, "start", generation.0),
+            Command::BeginCheckpoint { job, id, .. } => (job, "begin", id.0),
+            Command::CommitCheckpoint { job, id, .. } => (job, "commit", id.0),
+            Command::AbortCheckpoint { job, id, .. } => (job, "abort", id.0),
+            Command::MarkCorrupt { job, id, .. } => (job, "corrupt", id.0),
+            Command::ClearCorrupt { job, id, .. } => (job, "clear", id.0),
+            Command::DeleteCheckpoint { job, id } => (job, "delete", id.0),
+            Command::Restore { job, generation, .. } => (job, "restore", generation.0),
+            Command::ResumeJob { job, generation } => (job, "resume", generation.0),
+            Command::BlockJob { job, generation, .. } => (job, "block", generation.0),
+            Command::FailJob { job, .. } => (job, "fail", 0),
+            Command::FinishJob { job, generation, .. } => (job, "finish", generation.0),
+        };
+        Some(Self { job: job.clone(), kind, n })
+    }
 }
 
 /// Timing the supervisor applies.
 #[derive(Debug, Clone, Copy)]
 pub struct SupervisorConfig {
-    /// How long a closed connection may stay closed before the rank has failed.
-    pub reconnect_grace_ms: u64,
+    /// A proposal with no outcome after this long may be made again.
+    pub proposal_retry_ms: u64,
+    /// A blocked restore is retried after this long (and whenever a new
+    /// worker process registers).
+    pub blocked_retry_ms: u64,
+    /// The shortest interval between two sends of the same directive to a
+    /// rank (the job's heartbeat interval × 2 when longer).
+    pub min_resend_ms: u64,
+    /// How far ahead, in time, a checkpoint step is placed at first; it grows
+    /// when a rank was already past the step and shrinks after commits.
+    pub base_lead_ms: u64,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        Self { reconnect_grace_ms: 500 }
+        Self { proposal_retry_ms: 5_000, blocked_retry_ms: 30_000, min_resend_ms: 500, base_lead_ms: 200 }
     }
+}
+
+/// Longest lead a checkpoint step is placed ahead of the fastest rank.
+const MAX_LEAD_MS: u64 = 10_000;
+
+/// A directive of the job's lifecycle, for re-send throttling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Restore(Generation),
+    Resume(Generation),
+    Stop,
+}
+
+/// What the leader knows of one rank.
+#[derive(Debug, Clone)]
+struct RankSoft {
+    /// The live connection, if any.
+    conn: Option<ConnId>,
+    /// The process, once heard from.
+    incarnation: Option<Incarnation>,
+    /// The generation whose state it holds.
+    generation: Option<Generation>,
+    step: Step,
+    status: WorkerStatus,
+    last_seen: u64,
+    /// When its step or status last changed.
+    progress_at: u64,
+    /// Steps per millisecond, and the sample it was measured from.
+    rate: f64,
+    rate_sample: (Step, u64),
+    /// A restore was restarted because this rank went silent; cleared when
+    /// it is heard from again.
+    lost: bool,
+    /// Shards it reported in `generation`.
+    saved: BTreeMap<CheckpointId, ShardManifest>,
+    /// Its final digest in `generation`.
+    digest: Option<String>,
+    sent_phase: Option<(Phase, u64)>,
+    sent_checkpoint: Option<(CheckpointId, u64)>,
+}
+
+impl RankSoft {
+    fn new(now: u64) -> Self {
+        Self {
+            conn: None,
+            incarnation: None,
+            generation: None,
+            step: Step(0),
+            status: WorkerStatus::Waiting,
+            last_seen: now,
+            progress_at: now,
+            rate: 0.0,
+            rate_sample: (Step(0), now),
+            lost: false,
+            saved: BTreeMap::new(),
+            digest: None,
+            sent_phase: None,
+            sent_checkpoint: None,
+        }
+    }
+
+    /// Records what a heartbeat (or a registration) says of the rank.
+    fn report(&mut self, generation: Option<Generation>, step: Step, status: WorkerStatus, now: u64) {
+        if generation != self.generation {
+            self.generation = generation;
+            self.saved.clear();
+            self.digest = None;
+            self.progress_at = now;
+            self.rate_sample = (step, now);
+        } else if step > self.step {
+            self.progress_at = now;
+            let (s0, t0) = self.rate_sample;
+            if step > s0 && now > t0 {
+                let rate = (step.0 - s0.0) as f64 / (now - t0) as f64;
+                self.rate = if self.rate == 0.0 { rate } else { 0.5 * (self.rate + rate) };
+                self.rate_sample = (step, now);
+            }
+        } else if step < self.step {
+            self.rate_sample = (step, now);
+        }
+        if status != self.status {
+            self.progress_at = now;
+        }
+        self.step = step;
+        self.status = status;
+    }
+
+    /// Where it probably is now, extrapolated from its last report.
+    fn projected_step(&self, now: u64) -> u64 {
+        self.step.0 + (self.rate * now.saturating_sub(self.last_seen) as f64).ceil() as u64
+    }
+}
+
+/// What the leader knows of one job beyond the ledger.
+#[derive(Debug)]
+struct JobSoft {
+    ranks: BTreeMap<Rank, RankSoft>,
+    /// The pending checkpoint and when this leader first saw it (its
+    /// timeout counts from then, never from another leader's clock).
+    pending_seen: Option<(CheckpointId, u64)>,
+    /// When this leader first saw the job running in a generation.
+    running_seen: Option<(Generation, u64)>,
+    /// When this leader first saw the job blocked in a generation.
+    blocked_seen: Option<(Generation, u64)>,
+    /// A new worker process registered while the job was blocked.
+    retry_blocked: bool,
+    checkpoint_requested: bool,
+    /// When the last checkpoint was begun (for `every_seconds`).
+    last_begun: u64,
+    lead_ms: u64,
+    /// File work already done (or under way) for this leader.
+    files: BTreeSet<FileWork>,
 }
 
 /// The leader's supervisor.
 #[derive(Debug)]
 pub struct Supervisor {
     cfg: SupervisorConfig,
-    since_ms: u64,
+    since: u64,
+    term: u64,
     jobs: BTreeMap<JobName, JobSoft>,
     conns: BTreeMap<ConnId, (JobName, Rank)>,
+    inflight: BTreeMap<ProposalKey, u64>,
 }
 
 fn send(conn: ConnId, msg: CoordinatorMessage) -> Action {
     Action::Send { conn, msg }
 }
 
-fn fenced(message: String) -> CoordinatorMessage {
-    CoordinatorMessage::Error(ErrorReply { code: ErrorCode::Fenced, message })
+fn error(code: ErrorCode, message: String) -> CoordinatorMessage {
+    CoordinatorMessage::Error(ErrorReply { code, message })
 }
 
 /// Where rank `rank` restores from in the job's current generation.
@@ -189,954 +345,603 @@ pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
     })
 }
 
-impl Supervisor {
-    /// A supervisor for a replica that became leader at `now_ms`.
-    pub fn new(cfg: SupervisorConfig, now_ms: u64) -> Self {
-        Self { cfg, since_ms: now_ms, jobs: BTreeMap::new(), conns: BTreeMap::new() }
-    }
-
-    fn soft(&mut self, job: &JobName, now_ms: u64) -> &mut JobSoft {
-        self.jobs.entry(job.clone()).or_insert_with(|| JobSoft {
-            last_checkpoint_ms: now_ms,
-            lead: 2,
-            ..JobSoft::default()
-        })
-    }
-
-    /// Steps each rank reported in the current generation (for status).
-    pub fn worker_steps(&self, job: &JobName, generation: Generation) -> Vec<(Rank, WorkerStatus, Step)> {
-        self.jobs.get(job).map_or_else(Vec::new, |s| {
-            s.workers
-                .iter()
-                .filter(|(_, w)| w.generation == Some(generation) && w.disconnected_ms.is_none())
-                .map(|(r, w)| (*r, w.status, w.step))
-                .collect()
-        })
-    }
-
-    /// Handles one observation.
-    pub fn observe(&mut self, ledger: &State, now_ms: u64, obs: Observation) -> Vec<Action> {
-        match obs {
-            Observation::Registered(r) => self.registered(ledger, now_ms, r),
-            Observation::Message { conn, msg } => {
-                let Some((job, rank)) = self.conns.get(&conn).cloned() else { return vec![] };
-                let Some(j) = ledger.jobs.get(&job) else { return vec![] };
-                self.message(j, now_ms, conn, rank, msg)
-            }
-            Observation::Disconnected { conn } => {
-                if let Some((job, rank)) = self.conns.remove(&conn) {
-                    if let Some(w) = self.soft(&job, now_ms).workers.get_mut(&rank) {
-                        if w.conn == conn {
-                            w.disconnected_ms = Some(now_ms);
-                        }
-                    }
-                }
-                vec![]
-            }
-            Observation::CheckpointRequested { job } => {
-                self.soft(&job, now_ms).checkpoint_requested = true;
-                self.tick(ledger, now_ms)
-            }
-            Observation::RestoreRequested { job, from } => {
-                let Some(j) = ledger.jobs.get(&job) else { return vec![] };
-                if j.state.is_terminal() {
-                    return vec![];
-                }
-                let from = from.or_else(|| j.latest_committed().map(|c| c.id));
-                vec![Action::Propose(Command::Restore {
-                    job,
-                    generation: Generation(j.generation.0 + 1),
-                    from,
-                    reason: RestoreReason::Operator,
-                    now_ms,
-                })]
-            }
-        }
-    }
-
-    fn registered(&mut self, ledger: &State, now_ms: u64, r: Registration) -> Vec<Action> {
-        let Registration { conn, job, rank, incarnation, generation, step } = r;
-        let Some(j) = ledger.jobs.get(&job) else {
-            return vec![
-                send(
-                    conn,
-                    CoordinatorMessage::Error(ErrorReply {
-                        code: ErrorCode::UnknownJob,
-                        message: format!("no job named {job}; submit it first (flotilla submit)"),
-                    }),
-                ),
-                Action::Close { conn },
-            ];
-        };
-        if rank.0 >= j.spec.world_size {
-            return vec![
-                send(
-                    conn,
-                    CoordinatorMessage::Error(ErrorReply {
-                        code: ErrorCode::InvalidRequest,
-                        message: format!(
-                            "rank {rank} is outside job {job}'s world_size {}",
-                            j.spec.world_size
-                        ),
-                    }),
-                ),
-                Action::Close { conn },
-            ];
-        }
-        let mut actions = vec![send(
-            conn,
-            CoordinatorMessage::Registered { spec: j.spec.clone(), generation: j.generation },
-        )];
-        let soft = self.soft(&job, now_ms);
-        let previous = soft.workers.get(&rank).cloned();
-        if let Some(old) = &previous {
-            if old.incarnation != incarnation && old.disconnected_ms.is_none() {
-                // the old process is a zombie as far as the job is concerned
-                actions.push(send(
-                    old.conn,
-                    fenced(format!(
-                        "rank {rank} of job {job} registered again as a new process; this one is fenced"
-                    )),
-                ));
-                actions.push(Action::Close { conn: old.conn });
-            }
-        }
-        let restarted = previous.as_ref().is_some_and(|old| old.incarnation != incarnation);
-        soft.workers.insert(
-            rank,
-            WorkerSoft {
-                conn,
-                incarnation,
-                generation,
-                step,
-                status: WorkerStatus::Waiting,
-                last_seen_ms: now_ms,
-                disconnected_ms: None,
-                rate: 0.0,
-            },
-        );
-        if restarted {
-            soft.restored.remove(&rank);
-        }
-        self.conns.insert(conn, (job.clone(), rank));
-        if j.state.is_terminal() {
-            actions.push(send(
-                conn,
-                CoordinatorMessage::Stop { reason: format!("job {job} already {}", j.state.as_str()) },
-            ));
-            return actions;
-        }
-        let in_step = generation == Some(j.generation) && !restarted;
-        match j.state {
-            JobState::Waiting => actions.extend(self.tick(ledger, now_ms)),
-            JobState::Running if in_step => {
-                // a re-registration (e.g. after a leader change): carry on, and
-                // repeat the directive of a checkpoint still in flight
-                if let Some(p) = j.pending() {
-                    actions.push(send(conn, self.checkpoint_directive(j, p.id, p.step)));
-                }
-            }
-            JobState::Running => {
-                actions.push(self.failure(j, now_ms, RestoreReason::WorkerRestarted));
-            }
-            JobState::Restoring => {
-                if !self.soft(&job, now_ms).restored.contains(&rank) {
-                    actions.push(send(
-                        conn,
-                        CoordinatorMessage::Restore {
-                            generation: j.generation,
-                            from: restore_point(j, rank),
-                        },
-                    ));
-                }
-            }
-            JobState::Blocked => actions.push(Action::Propose(Command::Restore {
-                job: job.clone(),
-                generation: Generation(j.generation.0 + 1),
-                from: j.restored_from,
-                reason: RestoreReason::Retry,
-                now_ms,
-            })),
-            JobState::Succeeded | JobState::Failed => {}
-        }
-        actions
-    }
-
-    fn checkpoint_directive(&self, j: &Job, id: CheckpointId, step: Step) -> CoordinatorMessage {
-        CoordinatorMessage::Checkpoint {
-            generation: j.generation,
-            checkpoint: id,
-            step,
-            dir: JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id),
-        }
-    }
-
-    /// A failed rank in a running job: restore the whole job into G+1.
-    fn failure(&self, j: &Job, now_ms: u64, reason: RestoreReason) -> Action {
-        Action::Propose(Command::Restore {
-            job: j.spec.name.clone(),
-            generation: Generation(j.generation.0 + 1),
-            from: j.latest_committed().map(|c| c.id),
-            reason,
-            now_ms,
-        })
-    }
-
-    fn message(&mut self, j: &Job, now_ms: u64, conn: ConnId, rank: Rank, msg: WorkerMessage) -> Vec<Action> {
-        let job = j.spec.name.clone();
-        let world = j.spec.world_size as usize;
-        let current = j.generation;
-        let soft = self.soft(&job, now_ms);
-        let Some(w) = soft.workers.get_mut(&rank) else { return vec![] };
-        if w.conn != conn {
-            return vec![
-                send(conn, fenced(format!("rank {rank} of job {job} is registered on another connection"))),
-                Action::Close { conn },
-            ];
-        }
-        let previous_seen = std::mem::replace(&mut w.last_seen_ms, now_ms);
-        match msg {
-            WorkerMessage::Register { .. } => vec![],
-            WorkerMessage::Heartbeat { generation, step, status } => {
-                if generation == current {
-                    if w.generation == Some(current) && step > w.step {
-                        let dt = now_ms.saturating_sub(previous_seen).max(1);
-                        w.rate = (step.0 - w.step.0) as f64 / dt as f64;
-                    }
-                    w.generation = Some(current);
-                    w.step = step;
-                    w.status = status;
-                }
-                vec![]
-            }
-            WorkerMessage::ShardSaved { generation, checkpoint, manifest } => {
-                let pending = j.pending().filter(|p| p.id == checkpoint);
-                match pending {
-                    Some(p) if generation == current && p.generation == current && manifest.rank == rank => {
-                        if soft.saved_for != Some(checkpoint) {
-                            soft.saved.clear();
-                            soft.saved_for = Some(checkpoint);
-                        }
-                        soft.saved.insert(rank, manifest);
-                        if soft.saved.len() == world {
-                            let shards = soft.saved.values().cloned().collect();
-                            return vec![Action::Propose(Command::CommitCheckpoint { job, id: checkpoint, shards, now_ms })];
-                        }
-                        vec![]
-                    }
-                    _ if generation < current => vec![send(
-                        conn,
-                        fenced(format!(
-                            "shard of checkpoint {checkpoint} from generation {generation} refused: job {job} is in generation {current}"
-                        )),
-                    )],
-                    // a report for a checkpoint that is no longer pending: nothing to do
-                    _ => vec![],
-                }
-            }
-            WorkerMessage::ShardFailed { generation, checkpoint, reason } => {
-                if generation != current || j.pending().is_none_or(|p| p.id != checkpoint) {
-                    return vec![];
-                }
-                if reason.contains("already past") {
-                    soft.lead = (soft.lead * 2).min(64);
-                }
-                vec![Action::Propose(Command::AbortCheckpoint {
-                    job,
-                    id: checkpoint,
-                    reason: format!("rank {rank}: {reason}"),
-                    now_ms,
-                })]
-            }
-            WorkerMessage::Restored { generation, step } => {
-                if generation != current || !matches!(j.state, JobState::Restoring | JobState::Blocked) {
-                    return vec![];
-                }
-                w.generation = Some(generation);
-                w.step = step;
-                if soft.restored_gen != current {
-                    soft.restored.clear();
-                    soft.restored_gen = current;
-                }
-                soft.restored.insert(rank);
-                if soft.restored.len() == world && j.state == JobState::Restoring {
-                    return vec![Action::Propose(Command::ResumeJob { job, generation: current })];
-                }
-                vec![]
-            }
-            WorkerMessage::RestoreFailed { generation, checkpoint, kind, message } => {
-                if generation != current || j.state != JobState::Restoring {
-                    return vec![];
-                }
-                match kind {
-                    RestoreFailureKind::Corrupt => {
-                        let mut actions = Vec::new();
-                        if let Some(id) = checkpoint {
-                            actions.push(Action::Propose(Command::MarkCorrupt {
-                                job: job.clone(),
-                                id,
-                                reason: message,
-                            }));
-                        }
-                        // fall back to the committed checkpoint before the corrupt one
-                        let from = match checkpoint {
-                            Some(bad) => j.committed_before(bad).map(|c| c.id),
-                            None => j.latest_committed().map(|c| c.id),
-                        };
-                        actions.push(Action::Propose(Command::Restore {
-                            job,
-                            generation: Generation(current.0 + 1),
-                            from,
-                            reason: RestoreReason::CorruptCheckpoint,
-                            now_ms,
-                        }));
-                        actions
-                    }
-                    RestoreFailureKind::ModelMismatch | RestoreFailureKind::DeviceMemory => {
-                        vec![Action::Propose(Command::BlockJob { job, generation: current, error: message })]
-                    }
-                    RestoreFailureKind::Io => vec![Action::Propose(Command::Restore {
-                        job,
-                        generation: Generation(current.0 + 1),
-                        from: j.restored_from,
-                        reason: RestoreReason::Retry,
-                        now_ms,
-                    })],
-                }
-            }
-            WorkerMessage::TrainerFailed { generation, reason } => {
-                tracing::warn!(%job, %rank, "trainer failed: {reason}");
-                if generation == current && j.state == JobState::Running {
-                    return vec![self.failure(j, now_ms, RestoreReason::TrainerFailed)];
-                }
-                vec![]
-            }
-            WorkerMessage::Finished { generation, step, digest } => {
-                if generation != current || j.state != JobState::Running {
-                    return vec![];
-                }
-                w.step = step;
-                w.status = WorkerStatus::Finished;
-                if soft.finished_gen != current {
-                    soft.finished.clear();
-                    soft.finished_gen = current;
-                }
-                soft.finished.insert(rank, digest);
-                if soft.finished.len() == world {
-                    let digests: Vec<&String> = soft.finished.values().collect();
-                    return vec![Action::Propose(Command::FinishJob {
-                        job,
-                        generation: current,
-                        digest: combine_digests(&digests),
-                    })];
-                }
-                vec![]
-            }
-        }
-    }
-
-    /// Periodic checks: start, failure detection, checkpoint scheduling and timeouts.
-    pub fn tick(&mut self, ledger: &State, now_ms: u64) -> Vec<Action> {
-        let mut actions = Vec::new();
-        for j in ledger.jobs.values().filter(|j| !j.state.is_terminal()) {
-            let since = self.since_ms;
-            let grace = self.cfg.reconnect_grace_ms;
-            let soft = self.soft(&j.spec.name, now_ms);
-            let world = j.spec.world_size;
-            let ranks = || (0..world).map(Rank);
-            match j.state {
-                JobState::Waiting => {
-                    let all =
-                        ranks().all(|r| soft.workers.get(&r).is_some_and(|w| w.disconnected_ms.is_none()));
-                    if all {
-                        actions.push(Action::Propose(Command::StartJob {
-                            job: j.spec.name.clone(),
-                            generation: j.generation,
-                        }));
-                    }
-                }
-                JobState::Running => {
-                    let timeout = j.spec.failure.heartbeat_timeout_ms;
-                    let failed = ranks().find_map(|r| match soft.workers.get(&r) {
-                        None if now_ms > since + timeout => Some(RestoreReason::Disconnected),
-                        None => None,
-                        Some(w) if w.disconnected_ms.is_some_and(|d| now_ms >= d + grace) => {
-                            Some(RestoreReason::Disconnected)
-                        }
-                        Some(w) if now_ms > w.last_seen_ms + timeout => Some(RestoreReason::HeartbeatTimeout),
-                        Some(_) => None,
-                    });
-                    if let Some(reason) = failed {
-                        actions.push(self.failure(j, now_ms, reason));
-                        continue;
-                    }
-                    actions.extend(self.schedule_checkpoint(j, now_ms));
-                }
-                JobState::Restoring | JobState::Blocked => {}
-                JobState::Succeeded | JobState::Failed => {}
-            }
-        }
-        actions
-    }
-
-    fn schedule_checkpoint(&mut self, j: &Job, now_ms: u64) -> Vec<Action> {
-        let job = j.spec.name.clone();
-        if let Some(p) = j.pending() {
-            let deadline = p.begun_ms + j.spec.checkpoint.timeout_seconds * 1000;
-            if now_ms > deadline {
-                return vec![Action::Propose(Command::AbortCheckpoint {
-                    job,
-                    id: p.id,
-                    reason: format!(
-                        "not committed within checkpoint.timeout_seconds = {}",
-                        j.spec.checkpoint.timeout_seconds
-                    ),
-                    now_ms,
-                })];
-            }
-            return vec![];
-        }
-        let total = j.spec.trainer.as_ref().map(|t| t.total_steps);
-        let soft = self.soft(&job, now_ms);
-        let live: Vec<&WorkerSoft> =
-            soft.workers.values().filter(|w| w.generation == Some(j.generation)).collect();
-        if live.len() < j.spec.world_size as usize {
-            return vec![];
-        }
-        // where the fastest rank is now, extrapolated from its last heartbeat
-        let fastest = live
-            .iter()
-            .map(|w| w.step.0 + (w.rate * now_ms.saturating_sub(w.last_seen_ms) as f64).ceil() as u64)
-            .max()
-            .unwrap_or(0);
-        let rate = live.iter().map(|w| w.rate).fold(0.0, f64::max);
-        // steps it may take before every rank has the directive: `lead` ×
-        // 100 ms (grows when a rank was already past the step when told)
-        let lead = (rate * (soft.lead * LEAD_UNIT_MS) as f64).ceil() as u64 + 1;
-        // never at or behind a checkpoint already taken (the ledger refuses it)
-        let floor = j.checkpoints.values().map(|c| c.step.0 + 1).max().unwrap_or(0);
-        let earliest = (fastest + lead).max(floor);
-        let by_time =
-            j.spec.checkpoint.every_seconds.is_some_and(|s| now_ms >= soft.last_checkpoint_ms + s * 1000);
-        let step = if soft.checkpoint_requested || by_time {
-            Some(earliest)
-        } else {
-            j.spec.checkpoint.every_steps.and_then(|e| {
-                let last = j
-                    .latest_committed()
-                    .map_or(0, |c| c.step.0)
-                    .max(j.checkpoints.values().map(|c| c.step.0).max().unwrap_or(0));
-                let next = (last / e + 1) * e;
-                // announce the next multiple once the fastest rank is within reach
-                (fastest + lead + e / 2 >= next).then(|| earliest.div_ceil(e).max(1) * e)
-            })
-        };
-        let Some(step) = step.filter(|s| total.is_none_or(|t| *s < t)) else { return vec![] };
-        soft.checkpoint_requested = false;
-        soft.last_checkpoint_ms = now_ms;
-        vec![Action::Propose(Command::BeginCheckpoint {
-            job,
-            id: j.next_checkpoint,
-            step: Step(step),
-            generation: j.generation,
-            now_ms,
-        })]
-    }
-
-    /// Turns applied ledger events into directives and file work.
-    pub fn applied(&mut self, ledger: &State, now_ms: u64, events: &[Event]) -> Vec<Action> {
-        let mut actions = Vec::new();
-        for event in events {
-            let job_name = match event {
-                Event::JobSubmitted { job }
-                | Event::JobAlreadySubmitted { job }
-                | Event::JobState { job, .. }
-                | Event::CheckpointBegun { job, .. }
-                | Event::CheckpointCommitted { job, .. }
-                | Event::CheckpointAborted { job, .. }
-                | Event::CheckpointCorrupt { job, .. }
-                | Event::CheckpointDeleted { job, .. }
-                | Event::Restoring { job, .. } => job,
-            };
-            let Some(j) = ledger.jobs.get(job_name) else { continue };
-            let conns: Vec<(Rank, ConnId)> = self
-                .soft(job_name, now_ms)
-                .workers
-                .iter()
-                .filter(|(_, w)| w.disconnected_ms.is_none())
-                .map(|(r, w)| (*r, w.conn))
-                .collect();
-            match event {
-                Event::CheckpointBegun { id, step, .. } => {
-                    let directive = self.checkpoint_directive(j, *id, *step);
-                    let soft = self.soft(job_name, now_ms);
-                    soft.saved.clear();
-                    soft.saved_for = Some(*id);
-                    actions.extend(conns.iter().map(|(_, c)| send(*c, directive.clone())));
-                }
-                Event::CheckpointCommitted { id, .. } => {
-                    actions.push(Action::WriteManifest { job: job_name.clone(), id: *id });
-                    // collect what earlier aborts left behind
-                    for c in j.checkpoints.values().filter(|c| c.state == CheckpointState::Aborted) {
-                        actions.push(Action::DeleteFiles { job: job_name.clone(), id: c.id });
-                    }
-                }
-                Event::CheckpointAborted { id, .. } => {
-                    actions.extend(conns.iter().map(|(_, c)| {
-                        send(
-                            *c,
-                            CoordinatorMessage::AbortCheckpoint { generation: j.generation, checkpoint: *id },
-                        )
-                    }));
-                    actions.push(Action::DeleteFiles { job: job_name.clone(), id: *id });
-                }
-                Event::CheckpointDeleted { id, .. } => {
-                    actions.push(Action::DeleteFiles { job: job_name.clone(), id: *id })
-                }
-                Event::Restoring { generation, .. } => {
-                    let soft = self.soft(job_name, now_ms);
-                    soft.restored.clear();
-                    soft.restored_gen = *generation;
-                    soft.saved.clear();
-                    soft.saved_for = None;
-                    for (rank, conn) in &conns {
-                        actions.push(send(
-                            *conn,
-                            CoordinatorMessage::Restore {
-                                generation: *generation,
-                                from: restore_point(j, *rank),
-                            },
-                        ));
-                    }
-                }
-                Event::JobState { state: JobState::Running, .. } => {
-                    let step =
-                        j.restored_from.and_then(|id| j.checkpoints.get(&id)).map_or(Step(0), |c| c.step);
-                    let soft = self.soft(job_name, now_ms);
-                    soft.last_checkpoint_ms = now_ms;
-                    for w in soft.workers.values_mut() {
-                        w.generation = Some(j.generation);
-                        w.step = step;
-                        w.last_seen_ms = now_ms;
-                    }
-                    actions.extend(conns.iter().map(|(_, c)| {
-                        send(*c, CoordinatorMessage::Resume { generation: j.generation, step })
-                    }));
-                }
-                Event::JobState { state: state @ (JobState::Succeeded | JobState::Failed), .. } => {
-                    let reason = match (&j.error, state) {
-                        (Some(e), _) => e.clone(),
-                        (None, _) => format!("job {job_name} {}", state.as_str()),
-                    };
-                    actions.extend(
-                        conns
-                            .iter()
-                            .map(|(_, c)| send(*c, CoordinatorMessage::Stop { reason: reason.clone() })),
-                    );
-                }
-                Event::CheckpointCorrupt { .. }
-                | Event::JobSubmitted { .. }
-                | Event::JobAlreadySubmitted { .. }
-                | Event::JobState { .. } => {}
-            }
-        }
-        actions
-    }
+/// One rank as the supervisor sees it (for status).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankView {
+    /// Rank.
+    pub rank: Rank,
+    /// `disconnected`, `stale` (holds an older generation's state), or what it reports.
+    pub state: String,
+    /// Its last reported step.
+    pub step: Step,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use flotilla_shared::checksum::Checksum;
-    use flotilla_shared::spec::JobSpec;
-
-    const T0: u64 = 1_000_000;
-
-    fn name() -> JobName {
-        JobName::new("j").unwrap()
+impl Supervisor {
+    /// A supervisor for a replica that became leader in `term` at `now`.
+    pub fn new(cfg: SupervisorConfig, now: Now, term: u64) -> Self {
+        Self {
+            cfg,
+            since: now.mono_ms,
+            term,
+            jobs: BTreeMap::new(),
+            conns: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+        }
     }
 
-    fn ledger() -> State {
-        let spec = JobSpec::from_toml(
-            "name = \"j\"\nworld_size = 2\n[checkpoint]\nevery_steps = 100\nroot = \"/ckpt\"\ntimeout_seconds = 5\n\
-             [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n[trainer]\ntotal_steps = 1000\n\
-             params_per_rank_bytes = 65536\nlayers = 1\n",
-        )
-        .unwrap();
-        let mut s = State::default();
-        s.apply(Command::SubmitJob { spec, now_ms: T0 }).unwrap();
-        s
+    fn soft(&mut self, job: &JobName, now: u64) -> &mut JobSoft {
+        let (since, lead) = (self.since, self.cfg.base_lead_ms);
+        self.jobs.entry(job.clone()).or_insert_with(|| JobSoft {
+            ranks: BTreeMap::new(),
+            pending_seen: None,
+            running_seen: None,
+            blocked_seen: None,
+            retry_blocked: false,
+            checkpoint_requested: false,
+            last_begun: now.max(since),
+            lead_ms: lead,
+            files: BTreeSet::new(),
+        })
     }
 
-    fn register(
-        sup: &mut Supervisor,
-        st: &State,
-        now: u64,
-        conn: ConnId,
-        rank: u32,
-        inc: u64,
-        gen: Option<u64>,
-    ) -> Vec<Action> {
-        sup.observe(
-            st,
-            now,
-            Observation::Registered(Registration {
-                conn,
-                job: name(),
-                rank: Rank(rank),
-                incarnation: Incarnation(inc),
-                generation: gen.map(Generation),
-                step: Step(0),
-            }),
-        )
+    /// Every rank of `job` in `generation` order, as last observed (for status).
+    pub fn rank_views(&self, job: &JobName, generation: Generation) -> Vec<RankView> {
+        let Some(soft) = self.jobs.get(job) else { return Vec::new() };
+        soft.ranks
+            .iter()
+            .filter(|(_, r)| r.incarnation.is_some())
+            .map(|(rank, r)| RankView {
+                rank: *rank,
+                state: if r.conn.is_none() {
+                    "disconnected".into()
+                } else if r.generation != Some(generation) {
+                    "stale".into()
+                } else {
+                    format!("{:?}", r.status).to_lowercase()
+                },
+                step: r.step,
+            })
+            .collect()
     }
 
-    fn msg(sup: &mut Supervisor, st: &State, now: u64, conn: ConnId, msg: WorkerMessage) -> Vec<Action> {
-        sup.observe(st, now, Observation::Message { conn, msg })
-    }
-
-    /// Applies every proposal in `actions` to the ledger, feeding events back;
-    /// returns the non-proposal actions.
-    fn run(sup: &mut Supervisor, st: &mut State, now: u64, actions: Vec<Action>) -> Vec<Action> {
+    /// Handles one observation, then reconciles.
+    pub fn observe(&mut self, ledger: &State, now: Now, obs: Observation) -> Vec<Action> {
         let mut out = Vec::new();
-        let mut queue: std::collections::VecDeque<Action> = actions.into();
-        while let Some(a) = queue.pop_front() {
-            match a {
-                Action::Propose(cmd) => {
-                    if let Ok(events) = st.apply(cmd) {
-                        queue.extend(sup.applied(st, now, &events));
+        match obs {
+            Observation::Registered(r) => {
+                if !self.registered(ledger, now, r, &mut out) {
+                    return out;
+                }
+            }
+            Observation::Message { conn, msg } => self.message(ledger, now, conn, msg, &mut out),
+            Observation::Disconnected { conn } => {
+                if let Some((job, rank)) = self.conns.remove(&conn) {
+                    if let Some(r) = self.soft(&job, now.mono_ms).ranks.get_mut(&rank) {
+                        if r.conn == Some(conn) {
+                            r.conn = None;
+                        }
                     }
                 }
-                other => out.push(other),
             }
+            Observation::CheckpointRequested { job } => {
+                self.soft(&job, now.mono_ms).checkpoint_requested = true
+            }
+            Observation::ProposalDone { key } => {
+                self.inflight.remove(&key);
+            }
+            Observation::FileWorkFailed { job, work } => {
+                self.soft(&job, now.mono_ms).files.remove(&work);
+            }
+        }
+        out.extend(self.tick(ledger, now));
+        out
+    }
+
+    /// Reconciles every job against the ledger.
+    pub fn tick(&mut self, ledger: &State, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        for j in ledger.jobs.values() {
+            self.reconcile(j, now, &mut out);
         }
         out
     }
 
-    fn shard(rank: u32) -> ShardManifest {
-        ShardManifest {
-            rank: Rank(rank),
-            file: format!("rank-{rank:05}.safetensors"),
-            bytes: 10,
-            checksum: Checksum(1),
-            tensors: vec![],
+    fn propose(&mut self, now: Now, cmd: Command, out: &mut Vec<Action>) {
+        if let Some(key) = ProposalKey::of(&cmd) {
+            if self.inflight.get(&key).is_some_and(|t| now.mono_ms < t + self.cfg.proposal_retry_ms) {
+                return;
+            }
+            self.inflight.insert(key, now.mono_ms);
         }
+        out.push(Action::Propose(cmd));
     }
 
-    /// A running job in generation 1 with workers on connections 10 and 11.
-    fn running() -> (Supervisor, State) {
-        let mut st = ledger();
-        let mut sup = Supervisor::new(SupervisorConfig::default(), T0);
-        let a = register(&mut sup, &st, T0, 10, 0, 100, None);
-        assert!(matches!(a[0], Action::Send { conn: 10, msg: CoordinatorMessage::Registered { .. } }));
-        assert!(!a.iter().any(|x| matches!(x, Action::Propose(_))), "not every rank is there yet");
-        let a = register(&mut sup, &st, T0, 11, 1, 101, None);
-        assert!(a.contains(&Action::Propose(Command::StartJob { job: name(), generation: Generation(1) })));
-        let out = run(&mut sup, &mut st, T0, a);
-        let resume = CoordinatorMessage::Resume { generation: Generation(1), step: Step(0) };
-        assert!(out.contains(&Action::Send { conn: 10, msg: resume.clone() }));
-        assert!(out.contains(&Action::Send { conn: 11, msg: resume }));
-        assert_eq!(st.jobs[&name()].state, JobState::Running);
-        (sup, st)
+    /// Returns false when the registration was refused (nothing to reconcile).
+    fn registered(&mut self, ledger: &State, now: Now, r: Registration, out: &mut Vec<Action>) -> bool {
+        let Registration { conn, job, rank, incarnation, generation, step } = r;
+        let refuse = |code, message: String| vec![send(conn, error(code, message)), Action::Close { conn }];
+        let Some(j) = ledger.jobs.get(&job) else {
+            out.extend(refuse(
+                ErrorCode::UnknownJob,
+                format!("no job named {job}; submit it first (flotilla submit)"),
+            ));
+            return false;
+        };
+        if rank.0 >= j.spec.world_size {
+            out.extend(refuse(
+                ErrorCode::InvalidRequest,
+                format!("rank {rank} is outside job {job}'s world_size {}", j.spec.world_size),
+            ));
+            return false;
+        }
+        let t = now.mono_ms;
+        let soft = self.soft(&job, t);
+        let previous = soft.ranks.get(&rank);
+        if let Some((old_conn, old_inc)) = previous.and_then(|p| Some((p.conn?, p.incarnation?))) {
+            if incarnation < old_inc {
+                // a resumed zombie: the newer live process keeps the rank
+                out.extend(refuse(
+                    ErrorCode::Fenced,
+                    format!(
+                        "rank {rank} of job {job} is held by a newer worker process; this older one steps down"
+                    ),
+                ));
+                return false;
+            }
+            if old_conn != conn {
+                if incarnation > old_inc {
+                    out.push(send(
+                        old_conn,
+                        error(
+                            ErrorCode::Fenced,
+                            format!("rank {rank} of job {job} registered again as a newer process; this one steps down"),
+                        ),
+                    ));
+                }
+                out.push(Action::Close { conn: old_conn });
+                self.conns.remove(&old_conn);
+            }
+        }
+        let soft = self.soft(&job, t);
+        let new_process = soft.ranks.get(&rank).and_then(|p| p.incarnation) != Some(incarnation);
+        if new_process && j.state == JobState::Blocked {
+            soft.retry_blocked = true;
+        }
+        let mut entry = RankSoft::new(t);
+        entry.conn = Some(conn);
+        entry.incarnation = Some(incarnation);
+        entry.report(generation, step, WorkerStatus::Waiting, t);
+        soft.ranks.insert(rank, entry);
+        self.conns.insert(conn, (job.clone(), rank));
+        out.push(send(
+            conn,
+            CoordinatorMessage::Registered {
+                spec: j.spec.clone(),
+                generation: j.generation,
+                term: self.term,
+            },
+        ));
+        true
     }
 
-    fn commit_checkpoint(sup: &mut Supervisor, st: &mut State, now: u64) -> CheckpointId {
-        let id = st.jobs[&name()].next_checkpoint;
-        run(
-            sup,
-            st,
-            now,
-            vec![Action::Propose(Command::BeginCheckpoint {
-                job: name(),
-                id,
-                step: Step(100 * id.0),
-                generation: st.jobs[&name()].generation,
-                now_ms: now,
-            })],
-        );
-        let g = st.jobs[&name()].generation;
-        for (conn, rank) in [(10, 0), (11, 1)] {
-            let a = msg(
-                sup,
-                st,
-                now,
+    fn message(&mut self, ledger: &State, now: Now, conn: ConnId, msg: WorkerMessage, out: &mut Vec<Action>) {
+        let Some((job, rank)) = self.conns.get(&conn).cloned() else { return };
+        let Some(j) = ledger.jobs.get(&job) else { return };
+        let current = j.generation;
+        let t = now.mono_ms;
+        let soft = self.soft(&job, t);
+        let Some(r) = soft.ranks.get_mut(&rank).filter(|r| r.conn == Some(conn)) else { return };
+        r.last_seen = t;
+        r.lost = false;
+        let stale = |what: String| {
+            send(
                 conn,
-                WorkerMessage::ShardSaved { generation: g, checkpoint: id, manifest: shard(rank) },
-            );
-            run(sup, st, now, a);
+                error(ErrorCode::Stale, format!("{what}: job {job} is in generation {current}; dropped")),
+            )
+        };
+        match msg {
+            WorkerMessage::Register { .. } => {}
+            WorkerMessage::Heartbeat { generation, step, status } => {
+                r.report(Some(generation).filter(|g| g.0 > 0), step, status, t);
+            }
+            WorkerMessage::ShardSaved { generation, checkpoint, manifest } => {
+                let c = j.checkpoints.get(&checkpoint);
+                let pending =
+                    c.is_some_and(|c| c.state == CheckpointState::Pending && c.generation == current);
+                if generation == current && pending && manifest.rank == rank {
+                    if r.generation != Some(current) {
+                        r.report(Some(current), r.step, r.status, t);
+                    }
+                    r.saved.insert(checkpoint, manifest);
+                } else if generation == current && c.is_some_and(|c| c.state != CheckpointState::Aborted) {
+                    // a re-report of a shard already counted (committed): nothing to do
+                } else {
+                    out.push(stale(format!("shard of checkpoint {checkpoint} from generation {generation}")));
+                }
+            }
+            WorkerMessage::ShardFailed { generation, checkpoint, kind, reason } => {
+                if generation != current || j.pending().is_none_or(|p| p.id != checkpoint) {
+                    return;
+                }
+                let reason = match kind {
+                    ShardFailureKind::PastStep => {
+                        soft.lead_ms = (soft.lead_ms * 2).min(MAX_LEAD_MS);
+                        AbortReason::RankPastStep { rank }
+                    }
+                    ShardFailureKind::Write => AbortReason::WriteFailed { rank, error: reason },
+                };
+                let cmd = Command::AbortCheckpoint { job, id: checkpoint, reason, now_ms: now.wall_ms };
+                self.propose(now, cmd, out);
+            }
+            WorkerMessage::Restored { generation, step } => {
+                if generation == current {
+                    r.report(Some(generation), step, WorkerStatus::Waiting, t);
+                }
+            }
+            WorkerMessage::RestoreFailed { generation, checkpoint, kind, message } => {
+                if generation != current || j.state != JobState::Restoring {
+                    return;
+                }
+                tracing::warn!(%job, %rank, %generation, "restore failed: {message}");
+                let cmd = match (kind, checkpoint) {
+                    // only a checksum or format mismatch condemns a checkpoint;
+                    // the reconciler then restores from the one before it
+                    (RestoreFailureKind::Corrupt, Some(id)) => {
+                        Command::MarkCorrupt { job, id, reason: message, now_ms: now.wall_ms }
+                    }
+                    _ => Command::BlockJob { job, generation, error: message },
+                };
+                self.propose(now, cmd, out);
+            }
+            WorkerMessage::TrainerFailed { generation, reason } => {
+                tracing::warn!(%job, %rank, %generation, "trainer failed: {reason}");
+                r.status = WorkerStatus::Failed;
+                r.progress_at = t;
+            }
+            WorkerMessage::Finished { generation, step, digest } => {
+                if generation == current {
+                    r.report(Some(generation), step, WorkerStatus::Finished, t);
+                    r.digest = Some(digest);
+                }
+            }
         }
-        assert_eq!(st.jobs[&name()].checkpoints[&id].state, CheckpointState::Committed);
-        id
     }
 
-    #[test]
-    fn all_shards_commit_and_a_manifest_is_written() {
-        let (mut sup, mut st) = running();
-        run(
-            &mut sup,
-            &mut st,
-            T0,
-            vec![Action::Propose(Command::BeginCheckpoint {
-                job: name(),
-                id: CheckpointId(1),
-                step: Step(100),
-                generation: Generation(1),
-                now_ms: T0,
-            })],
-        );
-        let a = msg(
-            &mut sup,
-            &st,
-            T0,
-            10,
-            WorkerMessage::ShardSaved {
-                generation: Generation(1),
-                checkpoint: CheckpointId(1),
-                manifest: shard(0),
-            },
-        );
-        assert!(a.is_empty(), "one shard of two commits nothing");
-        let a = msg(
-            &mut sup,
-            &st,
-            T0,
-            11,
-            WorkerMessage::ShardSaved {
-                generation: Generation(1),
-                checkpoint: CheckpointId(1),
-                manifest: shard(1),
-            },
-        );
-        assert_eq!(
-            a,
-            vec![Action::Propose(Command::CommitCheckpoint {
-                job: name(),
-                id: CheckpointId(1),
-                shards: vec![shard(0), shard(1)],
-                now_ms: T0
-            })]
-        );
-        let out = run(&mut sup, &mut st, T0, a);
-        assert!(out.contains(&Action::WriteManifest { job: name(), id: CheckpointId(1) }));
+    fn reconcile(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
+        let name = j.spec.name.clone();
+        let t = now.mono_ms;
+        self.reconcile_files(j, now, out);
+        let world = j.spec.world_size;
+        let resend = self.cfg.min_resend_ms.max(2 * j.spec.failure.heartbeat_interval_ms);
+        let retry_ms = self.cfg.blocked_retry_ms;
+        let soft = self.soft(&name, t);
+        // every rank has an entry: one never heard from is silent since this
+        // leader took over
+        for rank in (0..world).map(Rank) {
+            soft.ranks.entry(rank).or_insert_with(|| RankSoft::new(t));
+        }
+        let g = j.generation;
+        match j.state {
+            JobState::Waiting => {
+                // every rank builds its fresh state (generation G, step 0),
+                // then the job starts
+                for r in soft.ranks.values_mut() {
+                    if r.generation != Some(g) {
+                        direct(
+                            r,
+                            Phase::Restore(g),
+                            CoordinatorMessage::Restore { generation: g, from: None },
+                            t,
+                            resend,
+                            out,
+                        );
+                    }
+                }
+                if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
+                    self.propose(now, Command::StartJob { job: name, generation: g }, out);
+                }
+            }
+            JobState::Running => self.reconcile_running(j, now, resend, out),
+            JobState::Restoring => self.reconcile_restoring(j, now, resend, out),
+            JobState::Blocked => {
+                let seen = match soft.blocked_seen {
+                    Some((bg, at)) if bg == g => at,
+                    _ => {
+                        soft.blocked_seen = Some((g, t));
+                        soft.retry_blocked = false;
+                        t
+                    }
+                };
+                if soft.retry_blocked || t >= seen + retry_ms {
+                    soft.retry_blocked = false;
+                    soft.blocked_seen = Some((g, t));
+                    let from = j.restored_from.filter(|id| {
+                        j.checkpoints.get(id).is_some_and(|c| c.state == CheckpointState::Committed)
+                    });
+                    let from = from.or_else(|| j.latest_committed().map(|c| c.id));
+                    let cmd = Command::Restore {
+                        job: name,
+                        generation: Generation(g.0 + 1),
+                        from,
+                        reason: RestoreReason::Retry,
+                        now_ms: now.wall_ms,
+                    };
+                    self.propose(now, cmd, out);
+                }
+            }
+            JobState::Succeeded => {
+                let reason = format!("job {name} succeeded");
+                for r in soft.ranks.values_mut() {
+                    direct(
+                        r,
+                        Phase::Stop,
+                        CoordinatorMessage::Stop { reason: reason.clone() },
+                        t,
+                        resend,
+                        out,
+                    );
+                }
+            }
+            // a failed job keeps its workers, idle, for an operator's restore
+            JobState::Failed => {}
+        }
     }
 
-    #[test]
-    fn a_restarted_worker_restores_the_job_and_fences_the_old_process() {
-        let (mut sup, mut st) = running();
-        let c = commit_checkpoint(&mut sup, &mut st, T0);
-        // rank 1 comes back as a new process while its old connection is open
-        let a = register(&mut sup, &st, T0 + 10, 12, 1, 999, None);
-        assert!(a.iter().any(|x| matches!(x, Action::Send { conn: 11, msg: CoordinatorMessage::Error(e) } if e.code == ErrorCode::Fenced)));
-        assert!(a.contains(&Action::Close { conn: 11 }));
-        assert!(a.contains(&Action::Propose(Command::Restore {
-            job: name(),
-            generation: Generation(2),
-            from: Some(c),
-            reason: RestoreReason::WorkerRestarted,
-            now_ms: T0 + 10
-        })));
-        let out = run(&mut sup, &mut st, T0 + 10, a);
-        let restores: Vec<&Action> = out
-            .iter()
-            .filter(|x| matches!(x, Action::Send { msg: CoordinatorMessage::Restore { .. }, .. }))
+    /// The first rank that has failed in a running job, and why.
+    fn failed_rank(&mut self, j: &Job, t: u64) -> Option<(Rank, RestoreReason)> {
+        let g = j.generation;
+        let timeout = j.spec.failure.heartbeat_timeout_ms;
+        let hang = j.spec.failure.hang_timeout_seconds * 1000;
+        let soft = self.soft(&j.spec.name, t);
+        let running_since = match soft.running_seen {
+            Some((rg, at)) if rg == g => at,
+            _ => {
+                soft.running_seen = Some((g, t));
+                t
+            }
+        };
+        soft.ranks.iter().find_map(|(rank, r)| {
+            let reason = if t > r.last_seen + timeout {
+                if r.conn.is_some() {
+                    RestoreReason::HeartbeatTimeout
+                } else {
+                    RestoreReason::Disconnected
+                }
+            } else if r.conn.is_none() {
+                return None; // reconnecting within the heartbeat timeout is no failure
+            } else if r.status == WorkerStatus::Failed {
+                RestoreReason::TrainerFailed
+            } else if r.generation != Some(g) {
+                // a process that does not hold this generation's state: it restarted
+                RestoreReason::WorkerRestarted
+            } else if r.status != WorkerStatus::Finished && t > r.progress_at.max(running_since) + hang {
+                RestoreReason::Hang
+            } else {
+                return None;
+            };
+            Some((*rank, reason))
+        })
+    }
+
+    fn reconcile_running(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
+        let name = j.spec.name.clone();
+        let (g, t) = (j.generation, now.mono_ms);
+        if let Some((rank, reason)) = self.failed_rank(j, t) {
+            tracing::warn!(job = %name, %rank, generation = %g, "rank failed ({}): restoring the job", reason.as_str());
+            let cmd = Command::Restore {
+                job: name,
+                generation: Generation(g.0 + 1),
+                from: j.latest_committed().map(|c| c.id),
+                reason,
+                now_ms: now.wall_ms,
+            };
+            self.propose(now, cmd, out);
+            return;
+        }
+        let start = j.start_step();
+        let soft = self.soft(&name, t);
+        for r in soft.ranks.values_mut() {
+            if r.status == WorkerStatus::Waiting {
+                direct(
+                    r,
+                    Phase::Resume(g),
+                    CoordinatorMessage::Resume { generation: g, step: start },
+                    t,
+                    resend,
+                    out,
+                );
+            }
+        }
+        if soft.ranks.values().all(|r| r.digest.is_some()) {
+            let digests: Vec<&String> = soft.ranks.values().filter_map(|r| r.digest.as_ref()).collect();
+            let digest = combine_digests(&digests);
+            self.propose(now, Command::FinishJob { job: name, generation: g, digest }, out);
+            return;
+        }
+        self.reconcile_checkpoint(j, now, resend, out);
+    }
+
+    fn reconcile_checkpoint(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
+        let name = j.spec.name.clone();
+        let t = now.mono_ms;
+        let base_lead = self.cfg.base_lead_ms;
+        let soft = self.soft(&name, t);
+        let pending = j.pending().map(|p| (p.id, p.step));
+        for r in soft.ranks.values_mut() {
+            r.saved.retain(|id, _| Some(*id) == pending.map(|p| p.0));
+        }
+        let Some((id, step)) = pending else {
+            soft.pending_seen = None;
+            if let Some(cmd) = schedule_checkpoint(j, soft, now) {
+                self.propose(now, cmd, out);
+            }
+            return;
+        };
+        let seen = match soft.pending_seen {
+            Some((pid, at)) if pid == id => at,
+            _ => {
+                soft.pending_seen = Some((id, t));
+                t
+            }
+        };
+        let timeout_s = j.spec.checkpoint.timeout_seconds;
+        if t > seen + timeout_s * 1000 {
+            let reason = AbortReason::Timeout { seconds: timeout_s };
+            self.propose(now, Command::AbortCheckpoint { job: name, id, reason, now_ms: now.wall_ms }, out);
+            return;
+        }
+        if soft.ranks.values().all(|r| r.saved.contains_key(&id)) {
+            let shards = soft.ranks.values().filter_map(|r| r.saved.get(&id).cloned()).collect();
+            soft.lead_ms = (soft.lead_ms * 3 / 4).max(base_lead);
+            self.propose(now, Command::CommitCheckpoint { job: name, id, shards, now_ms: now.wall_ms }, out);
+            return;
+        }
+        let dir = JobDir::new(&j.spec.checkpoint.root, &name).checkpoint_dir(id);
+        let directive =
+            CoordinatorMessage::Checkpoint { generation: j.generation, checkpoint: id, step, dir };
+        for r in soft.ranks.values_mut().filter(|r| !r.saved.contains_key(&id)) {
+            let Some(conn) = r.conn else { continue };
+            if r.sent_checkpoint.is_some_and(|(sid, at)| sid == id && t < at + resend) {
+                continue;
+            }
+            r.sent_checkpoint = Some((id, t));
+            out.push(send(conn, directive.clone()));
+        }
+    }
+
+    fn reconcile_restoring(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
+        let name = j.spec.name.clone();
+        let (g, t) = (j.generation, now.mono_ms);
+        let next = Generation(g.0 + 1);
+        // the checkpoint being restored was condemned: fall back
+        if let Some(c) = j.restored_from.and_then(|id| j.checkpoints.get(&id)) {
+            if c.state != CheckpointState::Committed {
+                let cmd = Command::Restore {
+                    job: name,
+                    generation: next,
+                    from: j.latest_committed().map(|c| c.id),
+                    reason: RestoreReason::CorruptCheckpoint,
+                    now_ms: now.wall_ms,
+                };
+                self.propose(now, cmd, out);
+                return;
+            }
+        }
+        let timeout = j.spec.failure.heartbeat_timeout_ms;
+        let soft = self.soft(&name, t);
+        // a rank lost while restoring restarts the restore, once per loss
+        let lost = soft.ranks.iter_mut().find(|(_, r)| !r.lost && t > r.last_seen + timeout);
+        if let Some((rank, r)) = lost {
+            r.lost = true;
+            tracing::warn!(job = %name, %rank, generation = %g, "rank lost while restoring: restarting the restore");
+            let cmd = Command::Restore {
+                job: name,
+                generation: next,
+                from: j.restored_from,
+                reason: if r.conn.is_some() {
+                    RestoreReason::HeartbeatTimeout
+                } else {
+                    RestoreReason::Disconnected
+                },
+                now_ms: now.wall_ms,
+            };
+            self.propose(now, cmd, out);
+            return;
+        }
+        for (rank, r) in soft.ranks.iter_mut() {
+            if r.generation != Some(g) {
+                let msg = CoordinatorMessage::Restore { generation: g, from: restore_point(j, *rank) };
+                direct(r, Phase::Restore(g), msg, t, resend, out);
+            }
+        }
+        if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
+            self.propose(now, Command::ResumeJob { job: name, generation: g }, out);
+        }
+    }
+
+    fn reconcile_files(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
+        let name = j.spec.name.clone();
+        let soft = self.soft(&name, now.mono_ms);
+        let mut want: Vec<FileWork> = j
+            .checkpoints
+            .values()
+            .filter_map(|c| match c.state {
+                CheckpointState::Committed | CheckpointState::Abandoned => Some(FileWork::Manifest(c.id)),
+                CheckpointState::Corrupt => Some(FileWork::Condemn(c.id)),
+                CheckpointState::Aborted | CheckpointState::Deleted => Some(FileWork::Delete(c.id)),
+                CheckpointState::Pending => None,
+            })
             .collect();
-        assert_eq!(restores.len(), 2, "{out:?}");
-        // both restored → resume at the checkpoint's step
-        for conn in [10, 12] {
-            let a = msg(
-                &mut sup,
-                &st,
-                T0 + 20,
-                conn,
-                WorkerMessage::Restored { generation: Generation(2), step: Step(100) },
-            );
-            let out = run(&mut sup, &mut st, T0 + 20, a);
-            if conn == 12 {
-                assert!(out.contains(&Action::Send {
-                    conn: 12,
-                    msg: CoordinatorMessage::Resume { generation: Generation(2), step: Step(100) }
-                }));
+        // LATEST after the manifests it may name; only one LATEST is current
+        let latest = FileWork::Latest(j.latest_committed().map(|c| c.id));
+        soft.files.retain(|w| !matches!(w, FileWork::Latest(_)) || *w == latest);
+        want.push(latest);
+        for work in want {
+            if soft.files.insert(work) {
+                out.push(Action::Files { job: name.clone(), work });
             }
         }
-        assert_eq!(st.jobs[&name()].state, JobState::Running);
-        // a late report from the old generation is refused
-        let a = msg(
-            &mut sup,
-            &st,
-            T0 + 30,
-            10,
-            WorkerMessage::ShardSaved {
-                generation: Generation(1),
-                checkpoint: CheckpointId(9),
-                manifest: shard(0),
-            },
-        );
-        assert!(
-            matches!(&a[..], [Action::Send { msg: CoordinatorMessage::Error(e), .. }] if e.code == ErrorCode::Fenced)
-        );
     }
+}
 
-    #[test]
-    fn silence_and_closed_connections_are_failures_after_their_deadlines() {
-        let (mut sup, st) = running();
-        assert!(sup
-            .tick(&st, T0 + 900)
-            .iter()
-            .all(|a| !matches!(a, Action::Propose(Command::Restore { .. }))));
-        let a = sup.tick(&st, T0 + 1001);
-        assert!(
-            a.iter().any(|x| matches!(
-                x,
-                Action::Propose(Command::Restore { reason: RestoreReason::HeartbeatTimeout, .. })
-            )),
-            "{a:?}"
-        );
-
-        let (mut sup, st) = running();
-        sup.observe(&st, T0 + 50, Observation::Disconnected { conn: 11 });
-        assert!(!sup
-            .tick(&st, T0 + 400)
-            .iter()
-            .any(|x| matches!(x, Action::Propose(Command::Restore { .. }))));
-        let a = sup.tick(&st, T0 + 550);
-        assert!(
-            a.iter().any(|x| matches!(
-                x,
-                Action::Propose(Command::Restore { reason: RestoreReason::Disconnected, .. })
-            )),
-            "{a:?}"
-        );
+/// Sends a lifecycle directive unless the same one went out less than
+/// `resend` ago (it is re-sent until the rank is observed to have done it).
+fn direct(
+    r: &mut RankSoft,
+    phase: Phase,
+    msg: CoordinatorMessage,
+    t: u64,
+    resend: u64,
+    out: &mut Vec<Action>,
+) {
+    let Some(conn) = r.conn else { return };
+    if r.sent_phase.is_some_and(|(p, at)| p == phase && t < at + resend) {
+        return;
     }
+    r.sent_phase = Some((phase, t));
+    out.push(send(conn, msg));
+}
 
-    fn restoring_from_latest() -> (Supervisor, State, CheckpointId, CheckpointId) {
-        let (mut sup, mut st) = running();
-        let first = commit_checkpoint(&mut sup, &mut st, T0);
-        let second = commit_checkpoint(&mut sup, &mut st, T0);
-        let a = register(&mut sup, &st, T0 + 10, 12, 1, 999, None);
-        run(&mut sup, &mut st, T0 + 10, a);
-        assert_eq!(st.jobs[&name()].restored_from, Some(second));
-        (sup, st, first, second)
-    }
-
-    #[test]
-    fn a_corrupt_shard_marks_the_checkpoint_and_falls_back() {
-        let (mut sup, mut st, first, second) = restoring_from_latest();
-        let a = msg(
-            &mut sup,
-            &st,
-            T0 + 20,
-            12,
-            WorkerMessage::RestoreFailed {
-                generation: Generation(2),
-                checkpoint: Some(second),
-                kind: RestoreFailureKind::Corrupt,
-                message: "checksum mismatch in model/x".into(),
-            },
-        );
-        run(&mut sup, &mut st, T0 + 20, a);
-        let j = &st.jobs[&name()];
-        assert_eq!(j.checkpoints[&second].state, CheckpointState::Corrupt);
-        assert_eq!((j.generation, j.restored_from), (Generation(3), Some(first)));
-    }
-
-    #[test]
-    fn too_little_memory_blocks_and_a_reregistration_retries() {
-        let (mut sup, mut st, _, second) = restoring_from_latest();
-        let a = msg(
-            &mut sup,
-            &st,
-            T0 + 20,
-            12,
-            WorkerMessage::RestoreFailed {
-                generation: Generation(2),
-                checkpoint: Some(second),
-                kind: RestoreFailureKind::DeviceMemory,
-                message: "rank 1 on host memory: restore needs 1.0 GiB, 0.0 GiB free".into(),
-            },
-        );
-        run(&mut sup, &mut st, T0 + 20, a);
-        assert_eq!(st.jobs[&name()].state, JobState::Blocked);
-        assert!(st.jobs[&name()].error.as_ref().unwrap().contains("restore needs"));
-        let a = register(&mut sup, &st, T0 + 30, 13, 1, 1000, None);
-        run(&mut sup, &mut st, T0 + 30, a);
-        let j = &st.jobs[&name()];
-        assert_eq!(
-            (j.state, j.generation, j.restored_from),
-            (JobState::Restoring, Generation(3), Some(second))
-        );
-    }
-
-    #[test]
-    fn every_rank_finished_finishes_the_job_with_the_combined_digest() {
-        let (mut sup, mut st) = running();
-        for (conn, d) in [(10, "aa"), (11, "bb")] {
-            let a = msg(
-                &mut sup,
-                &st,
-                T0,
-                conn,
-                WorkerMessage::Finished { generation: Generation(1), step: Step(1000), digest: d.into() },
-            );
-            let out = run(&mut sup, &mut st, T0, a);
-            if conn == 11 {
-                assert!(out
-                    .iter()
-                    .any(|x| matches!(x, Action::Send { msg: CoordinatorMessage::Stop { .. }, .. })));
-            }
+/// Places the next checkpoint of a running job, if one is due.
+///
+/// Periodic checkpoints go on the next `every_steps` boundary past the head
+/// of the job's history (the latest committed step, or the step this
+/// generation started from), announced once the fastest rank can reach it
+/// within half of `checkpoint.timeout_seconds`, and always ahead of where the
+/// fastest rank will be when the directive arrives (`lead_ms`). When the
+/// ranks are already past that boundary it moves to the first one ahead.
+fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command> {
+    let t = now.mono_ms;
+    let fastest = soft.ranks.values().map(|r| r.projected_step(t)).max().unwrap_or(0);
+    let rate = soft.ranks.values().map(|r| r.rate).fold(0.0, f64::max);
+    let lead = (rate * soft.lead_ms as f64).ceil() as u64 + 1;
+    let head = j.latest_committed().map_or(0, |c| c.step.0).max(j.start_step().0);
+    let earliest = (fastest + lead).max(head + 1);
+    let by_time = j.spec.checkpoint.every_seconds.is_some_and(|s| t >= soft.last_begun + s * 1000);
+    let step = if soft.checkpoint_requested || by_time {
+        earliest
+    } else {
+        let e = j.spec.checkpoint.every_steps?;
+        let next = (head / e + 1) * e;
+        let target = if earliest <= next { next } else { earliest.div_ceil(e) * e };
+        let half_timeout_ms = j.spec.checkpoint.timeout_seconds * 500;
+        let eta_ms = if rate > 0.0 { (target.saturating_sub(fastest)) as f64 / rate } else { 0.0 };
+        if eta_ms > half_timeout_ms as f64 {
+            return None;
         }
-        let j = &st.jobs[&name()];
-        assert_eq!(j.state, JobState::Succeeded);
-        assert_eq!(j.final_digest.as_deref(), Some(combine_digests(&["aa", "bb"]).as_str()));
+        target
+    };
+    if j.spec.trainer.as_ref().is_some_and(|tr| step >= tr.total_steps) {
+        soft.checkpoint_requested = false;
+        return None;
     }
-
-    #[test]
-    fn an_operator_checkpoint_is_never_placed_at_or_behind_a_taken_one() {
-        let (mut sup, mut st) = running();
-        // checkpoint 1 at step 100 while the ranks are still at 0
-        let c = commit_checkpoint(&mut sup, &mut st, T0);
-        assert_eq!(st.jobs[&name()].checkpoints[&c].step, Step(100));
-        let a = sup.observe(&st, T0 + 10, Observation::CheckpointRequested { job: name() });
-        assert!(
-            a.iter().any(|x| matches!(x, Action::Propose(Command::BeginCheckpoint { step: Step(101), .. }))),
-            "{a:?}"
-        );
-        run(&mut sup, &mut st, T0 + 10, a);
-        assert_eq!(st.jobs[&name()].checkpoints.len(), 2, "the ledger accepted it");
-    }
-
-    #[test]
-    fn a_checkpoint_not_committed_in_time_is_aborted_and_collected() {
-        let (mut sup, mut st) = running();
-        for conn in [10, 11] {
-            let hb = WorkerMessage::Heartbeat {
-                generation: Generation(1),
-                step: Step(90),
-                status: WorkerStatus::Running,
-            };
-            msg(&mut sup, &st, T0 + 100, conn, hb);
-        }
-        let a = sup.tick(&st, T0 + 150);
-        // ahead of where the ranks will be by the time they hear of it: a
-        // multiple of every_steps past 90 + 0.9 steps/ms × (50 + 200) ms
-        assert!(
-            a.iter().any(|x| matches!(x, Action::Propose(Command::BeginCheckpoint { step: Step(400), .. }))),
-            "{a:?}"
-        );
-        run(&mut sup, &mut st, T0 + 150, a);
-        for conn in [10, 11] {
-            let hb = WorkerMessage::Heartbeat {
-                generation: Generation(1),
-                step: Step(95),
-                status: WorkerStatus::Running,
-            };
-            msg(&mut sup, &st, T0 + 5100, conn, hb);
-        }
-        let a = sup.tick(&st, T0 + 5200);
-        let out = run(&mut sup, &mut st, T0 + 5200, a);
-        assert_eq!(st.jobs[&name()].checkpoints[&CheckpointId(1)].state, CheckpointState::Aborted);
-        assert!(out.contains(&Action::DeleteFiles { job: name(), id: CheckpointId(1) }));
-        assert!(out
-            .iter()
-            .any(|x| matches!(x, Action::Send { msg: CoordinatorMessage::AbortCheckpoint { .. }, .. })));
-    }
+    soft.checkpoint_requested = false;
+    soft.last_begun = t;
+    Some(Command::BeginCheckpoint {
+        job: j.spec.name.clone(),
+        id: j.next_checkpoint,
+        step: Step(step),
+        generation: j.generation,
+        now_ms: now.wall_ms,
+    })
 }

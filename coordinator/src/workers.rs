@@ -1,7 +1,8 @@
 //! The shell around the [`Supervisor`]: the worker API listener (one task
 //! per connection) and the supervisor task, which feeds observations to the
-//! pure core and carries out its actions: proposals (awaited one at a time,
-//! their events fed back), directives, and checkpoint files.
+//! pure core and carries out its actions: proposals (queued to the Raft node
+//! and never awaited inline: their outcomes come back as observations),
+//! directives, and checkpoint files (on one thread, in order).
 //!
 //! Only the leader supervises: a worker that registers with a follower is
 //! told where the leader is; when leadership is lost, every worker
@@ -10,15 +11,18 @@
 use crate::api::WorkerView;
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, Role};
-use crate::supervisor::{Action, ConnId, Observation, Registration, Supervisor, SupervisorConfig};
+use crate::state::Event;
+use crate::supervisor::{
+    Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
+};
 use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::{JobName, Step};
-use flotilla_shared::layout::{JobDir, Manifest};
+use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
 use futures::{SinkExt, StreamExt};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, Vec<WorkerView>>>>);
 
 impl WorkersView {
-    /// The workers of `job` in its current generation.
+    /// The workers of `job` as the supervisor last saw them.
     pub fn get(&self, job: &JobName) -> Vec<WorkerView> {
         self.0.read().unwrap_or_else(|e| e.into_inner()).get(job).cloned().unwrap_or_default()
     }
@@ -45,6 +49,13 @@ pub enum SupervisorInput {
     },
     /// Something happened.
     Observe(Observation),
+    /// A proposal's outcome: the applied events, or none (refused or failed).
+    Proposed {
+        /// Which proposal.
+        key: ProposalKey,
+        /// What it changed.
+        events: Vec<Event>,
+    },
 }
 
 /// A directive, or the request to close the connection after the ones before it.
@@ -63,8 +74,13 @@ impl SupervisorHandle {
     }
 }
 
-fn now_ms() -> u64 {
-    Manifest::now_unix_ms()
+/// The supervisor's clock: monotonic for deadlines, wall time for the ledger.
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> Now {
+        Now { mono_ms: self.0.elapsed().as_millis() as u64, wall_ms: Manifest::now_unix_ms() }
+    }
 }
 
 /// Starts the supervisor task; returns its handle and the workers view.
@@ -75,36 +91,49 @@ pub fn start_supervisor(
 ) -> (SupervisorHandle, WorkersView, mpsc::Sender<SupervisorInput>) {
     let (tx, rx) = mpsc::channel(4096);
     let view = WorkersView::default();
-    tokio::spawn(run_supervisor(node, rx, view.clone(), metrics, shutdown));
+    let files = start_file_worker(node.clone(), tx.clone());
+    tokio::spawn(run_supervisor(node, rx, tx.clone(), files, view.clone(), metrics, shutdown));
     (SupervisorHandle { tx: tx.clone() }, view, tx)
 }
 
 async fn run_supervisor(
     node: NodeHandle,
     mut rx: mpsc::Receiver<SupervisorInput>,
+    inputs: mpsc::Sender<SupervisorInput>,
+    files: std::sync::mpsc::Sender<(JobName, FileWork)>,
     view: WorkersView,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
+    let clock = Clock(Instant::now());
     let mut sup: Option<Supervisor> = None;
     // when each job's restore was decided, for the recovery histogram
-    let mut restoring_since: HashMap<JobName, std::time::Instant> = HashMap::new();
+    let mut restoring_since: HashMap<JobName, Instant> = HashMap::new();
     let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut queue: VecDeque<Action> = VecDeque::new();
+        let mut actions: Vec<Action> = Vec::new();
+        // inputs first: every heartbeat already received is counted before
+        // the tick judges deadlines
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
             input = rx.recv() => match input {
                 None => return,
                 Some(SupervisorInput::Connected { conn, tx }) => { conns.insert(conn, tx); }
+                Some(SupervisorInput::Proposed { key, events }) => {
+                    observe_events(&metrics, &mut restoring_since, &events);
+                    if let Some(s) = sup.as_mut() {
+                        actions = node.read_state(|st| s.observe(st, clock.now(), Observation::ProposalDone { key }));
+                    }
+                }
                 Some(SupervisorInput::Observe(obs)) => {
                     if let Observation::Disconnected { conn } = &obs {
                         conns.remove(conn);
                     }
                     if let Some(s) = sup.as_mut() {
-                        queue.extend(node.read_state(|st| s.observe(st, now_ms(), obs)));
+                        actions = node.read_state(|st| s.observe(st, clock.now(), obs));
                     } else if let Observation::Registered(Registration { conn, .. }) = obs {
                         // leadership moved between accept and now
                         if let Some(tx) = conns.remove(&conn) {
@@ -114,11 +143,11 @@ async fn run_supervisor(
                 }
             },
             _ = tick.tick() => {
-                let leader = node.status().role == Role::Leader;
-                match (&mut sup, leader) {
+                let status = node.status();
+                match (&mut sup, status.role == Role::Leader) {
                     (None, true) => {
-                        tracing::info!("became leader: supervising workers");
-                        sup = Some(Supervisor::new(SupervisorConfig::default(), now_ms()));
+                        tracing::info!(term = status.term, "became leader: supervising workers");
+                        sup = Some(Supervisor::new(SupervisorConfig::default(), clock.now(), status.term));
                     }
                     (Some(_), false) => {
                         tracing::info!("lost leadership: closing worker connections");
@@ -130,22 +159,34 @@ async fn run_supervisor(
                     _ => {}
                 }
                 if let Some(s) = sup.as_mut() {
-                    queue.extend(node.read_state(|st| s.tick(st, now_ms())));
+                    actions = node.read_state(|st| s.tick(st, clock.now()));
                 }
             }
         }
-        let Some(s) = sup.as_mut() else { continue };
-        while let Some(action) = queue.pop_front() {
+        let Some(s) = sup.as_ref() else { continue };
+        for action in actions {
             match action {
-                Action::Propose(cmd) => match node.propose(cmd.clone()).await {
-                    Ok(Ok(events)) => {
-                        tracing::debug!(?events, "applied");
-                        observe_events(&metrics, &mut restoring_since, &events);
-                        queue.extend(node.read_state(|st| s.applied(st, now_ms(), &events)));
-                    }
-                    Ok(Err(refusal)) => tracing::debug!("proposal refused: {refusal}"),
-                    Err(e) => tracing::warn!("proposal failed: {e}"),
-                },
+                Action::Propose(cmd) => {
+                    let Some(key) = ProposalKey::of(&cmd) else { continue };
+                    tracing::debug!(?cmd, "proposing");
+                    let outcome = node.submit(cmd);
+                    let inputs = inputs.clone();
+                    tokio::spawn(async move {
+                        let events = match outcome.await {
+                            Ok(Ok(Ok(events))) => events,
+                            Ok(Ok(Err(refusal))) => {
+                                tracing::debug!("proposal refused: {refusal}");
+                                Vec::new()
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!("proposal failed: {e}");
+                                Vec::new()
+                            }
+                            Err(_) => Vec::new(),
+                        };
+                        let _ = inputs.send(SupervisorInput::Proposed { key, events }).await;
+                    });
+                }
                 Action::Send { conn, msg } => {
                     if let Some(tx) = conns.get(&conn) {
                         if tx.try_send(Some(msg)).is_err() {
@@ -162,56 +203,8 @@ async fn run_supervisor(
                         let _ = tx.try_send(None);
                     }
                 }
-                Action::WriteManifest { job, id } => {
-                    let manifest = node.read_state(|st| {
-                        let j = st.jobs.get(&job)?;
-                        let c = j.checkpoints.get(&id)?;
-                        let latest = j.latest_committed().map(|l| l.id) == Some(id);
-                        let at = c.ended_ms.unwrap_or_else(now_ms);
-                        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name);
-                        Some((
-                            dir,
-                            latest,
-                            Manifest {
-                                job: job.clone(),
-                                id,
-                                step: c.step,
-                                generation: c.generation,
-                                world_size: j.spec.world_size,
-                                created: Manifest::format_time(at),
-                                created_unix_ms: at,
-                                ranks: c.shards.clone(),
-                            },
-                        ))
-                    });
-                    if let Some((dir, latest, manifest)) = manifest {
-                        tokio::task::spawn_blocking(move || {
-                            let result = manifest.write(&dir.checkpoint_dir(id)).and_then(|()| {
-                                if latest {
-                                    dir.write_latest(id)
-                                } else {
-                                    Ok(())
-                                }
-                            });
-                            if let Err(e) = result {
-                                tracing::error!(job = %manifest.job, checkpoint = %id, "cannot write MANIFEST.json/LATEST: {e}");
-                            }
-                        });
-                    }
-                }
-                Action::DeleteFiles { job, id } => {
-                    let dir = node.read_state(|st| {
-                        st.jobs
-                            .get(&job)
-                            .map(|j| JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id))
-                    });
-                    if let Some(dir) = dir {
-                        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-                            Ok(()) => tracing::info!("deleted {}", dir.display()),
-                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                            Err(e) => tracing::warn!("cannot delete {}: {e}", dir.display()),
-                        });
-                    }
+                Action::Files { job, work } => {
+                    let _ = files.send((job, work));
                 }
             }
         }
@@ -219,12 +212,85 @@ async fn run_supervisor(
     }
 }
 
-fn observe_events(
-    metrics: &Metrics,
-    restoring_since: &mut HashMap<JobName, std::time::Instant>,
-    events: &[crate::state::Event],
-) {
-    use crate::state::{Event, JobState};
+/// Starts the thread that brings checkpoint files in line with the ledger,
+/// one piece of work at a time in the order the supervisor asked (a
+/// manifest before the LATEST that names it).
+fn start_file_worker(
+    node: NodeHandle,
+    inputs: mpsc::Sender<SupervisorInput>,
+) -> std::sync::mpsc::Sender<(JobName, FileWork)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(JobName, FileWork)>();
+    let spawned = std::thread::Builder::new().name("flotilla-files".into()).spawn(move || {
+        while let Ok((job, work)) = rx.recv() {
+            if let Err(e) = file_work(&node, &job, work) {
+                tracing::error!(%job, ?work, "checkpoint file work failed (retried): {e}");
+                let _ =
+                    inputs.blocking_send(SupervisorInput::Observe(Observation::FileWorkFailed { job, work }));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the checkpoint file thread: {e}");
+    }
+    tx
+}
+
+fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Result<()> {
+    let found = node.read_state(|st| {
+        let j = st.jobs.get(job)?;
+        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name);
+        let manifest = match work {
+            FileWork::Manifest(id) => j.checkpoints.get(&id).map(|c| {
+                let at = c.ended_ms.unwrap_or_else(Manifest::now_unix_ms);
+                Manifest {
+                    job: job.clone(),
+                    id,
+                    step: c.step,
+                    generation: c.generation,
+                    world_size: j.spec.world_size,
+                    created: Manifest::format_time(at),
+                    created_unix_ms: at,
+                    ranks: c.shards.clone(),
+                }
+            }),
+            _ => None,
+        };
+        Some((dir, manifest))
+    });
+    let Some((dir, manifest)) = found else { return Ok(()) };
+    let ignore_missing = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    match work {
+        FileWork::Manifest(id) => match manifest {
+            Some(_) if !dir.checkpoint_dir(id).is_dir() => {
+                tracing::error!(%job, checkpoint = %id, "committed checkpoint's directory {} is missing", dir.checkpoint_dir(id).display());
+                Ok(())
+            }
+            Some(m) => m.write(&dir.checkpoint_dir(id)).map_err(std::io::Error::other),
+            None => Ok(()),
+        },
+        FileWork::Condemn(id) => {
+            tracing::warn!(%job, checkpoint = %id, "condemned: removing its MANIFEST.json");
+            ignore_missing(std::fs::remove_file(dir.checkpoint_dir(id).join(MANIFEST_FILE)))
+        }
+        FileWork::Delete(id) => {
+            let path = dir.checkpoint_dir(id);
+            let result = ignore_missing(std::fs::remove_dir_all(&path));
+            if result.is_ok() {
+                tracing::debug!("deleted {}", path.display());
+            }
+            result
+        }
+        FileWork::Latest(Some(id)) => dir.write_latest(id).map_err(std::io::Error::other),
+        FileWork::Latest(None) => ignore_missing(std::fs::remove_file(dir.latest_path())),
+    }
+}
+
+fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Instant>, events: &[Event]) {
+    use crate::state::JobState;
     for event in events {
         match event {
             Event::CheckpointCommitted { job, duration_ms, .. } => {
@@ -235,7 +301,7 @@ fn observe_events(
             }
             Event::Restoring { job, .. } => {
                 // a restore that restarts keeps the first decision's time
-                restoring_since.entry(job.clone()).or_insert_with(std::time::Instant::now);
+                restoring_since.entry(job.clone()).or_insert_with(Instant::now);
             }
             Event::JobState { job, state: JobState::Running } => {
                 if let Some(since) = restoring_since.remove(job) {
@@ -256,13 +322,9 @@ fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
             .values()
             .map(|j| {
                 let workers = s
-                    .worker_steps(&j.spec.name, j.generation)
+                    .rank_views(&j.spec.name, j.generation)
                     .into_iter()
-                    .map(|(rank, status, step)| WorkerView {
-                        rank,
-                        state: format!("{status:?}").to_lowercase(),
-                        step,
-                    })
+                    .map(|r| WorkerView { rank: r.rank, state: r.state, step: r.step })
                     .collect();
                 (j.spec.name.clone(), workers)
             })

@@ -60,9 +60,15 @@ pub struct FailureSpec {
     /// A worker silent this long has failed.
     #[serde(default = "default_heartbeat_timeout_ms")]
     pub heartbeat_timeout_ms: u64,
-    /// Whole-job restores before the job is failed.
+    /// Failure-caused restores allowed within any hour; one more fails the
+    /// job. Operator restores, retries of a blocked restore and fallbacks
+    /// past a corrupt checkpoint do not count.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: u32,
+    /// A running rank whose step does not advance this long has failed
+    /// ("hang"): liveness is progress, not heartbeats alone.
+    #[serde(default = "default_hang_timeout_seconds")]
+    pub hang_timeout_seconds: u64,
     /// Extra free device memory a restore demands beyond the shard's bytes.
     #[serde(default)]
     pub memory_headroom_bytes: u64,
@@ -74,6 +80,7 @@ impl Default for FailureSpec {
             heartbeat_interval_ms: default_heartbeat_interval_ms(),
             heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
             max_restarts: default_max_restarts(),
+            hang_timeout_seconds: default_hang_timeout_seconds(),
             memory_headroom_bytes: 0,
         }
     }
@@ -126,6 +133,9 @@ fn default_heartbeat_timeout_ms() -> u64 {
 }
 fn default_max_restarts() -> u32 {
     10
+}
+fn default_hang_timeout_seconds() -> u64 {
+    300
 }
 fn default_total_steps() -> u64 {
     2000
@@ -256,6 +266,13 @@ impl JobSpec {
             ),
         )?;
 
+        check(
+            (1..=604_800).contains(&f.hang_timeout_seconds),
+            "failure.hang_timeout_seconds",
+            f.hang_timeout_seconds,
+            "must be between 1 and 604800 (a week)",
+        )?;
+
         if let Some(t) = &self.trainer {
             check(t.total_steps >= 1, "trainer.total_steps", t.total_steps, "must be at least 1")?;
             check((1..=1024).contains(&t.layers), "trainer.layers", t.layers, "must be between 1 and 1024")?;
@@ -292,6 +309,7 @@ timeout_seconds = 120
 heartbeat_interval_ms = 500
 heartbeat_timeout_ms = 3000
 max_restarts = 10
+hang_timeout_seconds = 300
 memory_headroom_bytes = 0
 
 [trainer]
@@ -365,6 +383,7 @@ seed = 42
                 "heartbeat_timeout_ms = 600",
                 "`failure.heartbeat_timeout_ms` = 600",
             ),
+            ("hang_timeout_seconds = 300", "hang_timeout_seconds = 0", "`failure.hang_timeout_seconds` = 0"),
             ("total_steps = 2000", "total_steps = 0", "`trainer.total_steps` = 0"),
             ("layers = 8", "layers = 0", "`trainer.layers` = 0"),
             (

@@ -15,7 +15,11 @@
 //!   |  <- Resume{gen+1, step}      |
 //! ```
 //! Every message after registration carries the sender's generation; the
-//! receiver refuses anything from an older one (fencing).
+//! leader answers a report from an older generation, or for a checkpoint no
+//! longer pending, with `Stale` (the worker drops that work and carries on).
+//! Only a rank superseded by a newer live process is told `Fenced` and steps
+//! down. Directives are idempotent: the leader re-sends them until it
+//! observes them done.
 
 use crate::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use crate::shard::ShardManifest;
@@ -77,8 +81,11 @@ pub enum ErrorCode {
     Unauthorized,
     /// The peer speaks another protocol version.
     VersionMismatch,
-    /// The message is from an older generation (or incarnation).
+    /// A newer live process of the same rank took over: this one steps down.
     Fenced,
+    /// The report is from an older generation or for a checkpoint no longer
+    /// pending: the worker drops that work and waits for directives.
+    Stale,
     /// The job is not known to the ledger.
     UnknownJob,
     /// The message is not valid here (wrong rank, out of order, ...).
@@ -100,6 +107,8 @@ pub enum WorkerStatus {
     Restoring,
     /// Reached `total_steps`.
     Finished,
+    /// Its trainer crashed or its thread is gone; it restarts on the next restore.
+    Failed,
 }
 
 /// Why a rank could not restore.
@@ -112,8 +121,20 @@ pub enum RestoreFailureKind {
     ModelMismatch,
     /// The device lacks the free memory the shard needs: the job is blocked.
     DeviceMemory,
-    /// Reading failed for another reason (I/O): retried.
-    Io,
+    /// The shard is missing or unreadable (a mount gone, permissions, an
+    /// I/O error): the checkpoint is not condemned; the job is blocked with
+    /// the rank, path and OS error until the storage is back.
+    Unavailable,
+}
+
+/// Why a rank could not save its shard of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardFailureKind {
+    /// The rank was already past the checkpoint's step when told, and had
+    /// not saved it: the checkpoint cannot complete.
+    PastStep,
+    /// Writing the shard failed.
+    Write,
 }
 
 /// Worker → coordinator.
@@ -159,7 +180,9 @@ pub enum WorkerMessage {
         generation: Generation,
         /// The checkpoint.
         checkpoint: CheckpointId,
-        /// What went wrong.
+        /// What kind of failure (decides what the leader does).
+        kind: ShardFailureKind,
+        /// What went wrong, for people.
         reason: String,
     },
     /// Its state is loaded and it is ready to train from `step`.
@@ -220,6 +243,9 @@ pub enum CoordinatorMessage {
         spec: JobSpec,
         /// The job's current generation.
         generation: Generation,
+        /// The leader's Raft term: a worker never follows a leader of an
+        /// older term than one it has already followed.
+        term: u64,
     },
     /// This replica is not the leader; try `leader` (an api address) if known.
     NotLeader {

@@ -4,11 +4,17 @@
 //! connect (any coordinator) → Hello → Register{job, rank, incarnation, generation, step}
 //!   ← NotLeader{leader}: go there      ← Registered{spec, generation}: start the trainer thread
 //! loop: heartbeat every heartbeat_interval_ms; directives → trainer thread;
-//!       trainer events → coordinator (a saved shard is re-reported after a reconnect)
+//!       trainer events → coordinator (saved shards and the final digest are
+//!       re-reported after every registration: reports are idempotent)
 //! any error: reconnect through the coordinator list with backoff
 //! ```
-//! The worker exits 0 on `Stop` (job over) and 1 when fenced (a newer
-//! process of the same rank registered).
+//! Directives are idempotent (the leader re-sends them until it sees them
+//! done). A report answered `Stale` is dropped and the worker carries on; it
+//! never exits because of one. It follows no leader of an older Raft term
+//! than one it already followed. The worker exits 0 on `Stop` (job over) and
+//! 1 only when a newer process of the same rank took over (`Fenced`). A
+//! trainer thread that dies is reported (status `failed`) and started again
+//! on the next restore.
 
 use crate::device::{self, DeviceMemory, Reading};
 use crate::metrics::WorkerMetrics;
@@ -19,11 +25,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
-use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank};
-use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, PeerRole, WorkerMessage};
+use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank};
+use flotilla_shared::spec::JobSpec;
+use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, PeerRole, WorkerMessage, WorkerStatus};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -116,9 +123,12 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
         }
         (!w.is_empty()).then(|| w.join("; "))
     });
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let incarnation = Incarnation(nanos ^ (u64::from(std::process::id()) << 40));
+    // larger is newer: start time in ms, then the pid to tell apart two
+    // processes started in the same millisecond
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let incarnation = Incarnation((millis << 20) | (u64::from(std::process::id()) & 0xf_ffff));
     let runner_state = Arc::new(RunnerState::default());
     let shared = Shared {
         view: Arc::new(Mutex::new(StatusView {
@@ -163,7 +173,10 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
         runner: None,
         ev_tx,
         unsent: VecDeque::new(),
-        last_saved: None,
+        saved: BTreeMap::new(),
+        finished: None,
+        spec: None,
+        max_term: 0,
     };
     let mut redirect: Option<String> = None;
     let mut next = 0usize;
@@ -231,8 +244,15 @@ struct Agent {
     ev_tx: mpsc::UnboundedSender<WorkerMessage>,
     /// Reports not yet delivered (sent again after a reconnect).
     unsent: VecDeque<WorkerMessage>,
-    /// The last shard saved, re-reported to a new leader.
-    last_saved: Option<WorkerMessage>,
+    /// Shards saved in the trainer's generation, by checkpoint: re-reported
+    /// after every registration and on a repeated directive.
+    saved: BTreeMap<CheckpointId, WorkerMessage>,
+    /// The final report, re-sent after every registration.
+    finished: Option<WorkerMessage>,
+    /// The job's spec, once registered (to start a trainer thread again).
+    spec: Option<JobSpec>,
+    /// The highest Raft term of a leader this worker followed.
+    max_term: u64,
 }
 
 type Conn = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
@@ -273,7 +293,17 @@ impl Agent {
             .map_err(|_| SessionError::Retry("no answer to Register".into()))?
             .ok_or_else(|| SessionError::Retry("closed before answering Register".into()))??;
         let spec = match reply {
-            CoordinatorMessage::Registered { spec, .. } => spec,
+            CoordinatorMessage::Registered { spec, term, .. } => {
+                if term < self.max_term {
+                    // a deposed leader that does not know it yet
+                    return Err(SessionError::Retry(format!(
+                        "{addr} leads in term {term}, older than term {} already followed",
+                        self.max_term
+                    )));
+                }
+                self.max_term = term;
+                spec
+            }
             CoordinatorMessage::NotLeader { leader } => return Ok(SessionEnd::Redirect(leader)),
             CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
                 return Err(SessionError::Fatal(WorkerError::Fenced(e.message)))
@@ -284,14 +314,75 @@ impl Agent {
             CoordinatorMessage::Error(e) => return Err(SessionError::Retry(e.message)),
             other => return Err(SessionError::Retry(format!("unexpected answer to Register: {other:?}"))),
         };
-        tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, "registered");
-        if self.runner.is_none() {
-            if spec.trainer.is_none() {
-                return Err(SessionError::Fatal(WorkerError::Config(format!(
-                    "job {} has no [trainer] section; the built-in trainer needs one",
-                    spec.name
-                ))));
+        tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, term = self.max_term, "registered");
+        if spec.trainer.is_none() {
+            return Err(SessionError::Fatal(WorkerError::Config(format!(
+                "job {} has no [trainer] section; the built-in trainer needs one",
+                spec.name
+            ))));
+        }
+        self.spec = Some(spec.clone());
+        if self.runner.is_none() && self.runner_state.status() != WorkerStatus::Failed {
+            self.start_runner()?;
+        }
+        {
+            let mut v = self.shared.view.lock().unwrap_or_else(|e| e.into_inner());
+            v.registered = true;
+            v.coordinator = Some(addr.to_string());
+        }
+        // what a previous leader may not have seen
+        let reports: Vec<WorkerMessage> = self.saved.values().chain(self.finished.iter()).cloned().collect();
+        for msg in reports {
+            conn.send(msg).await?;
+        }
+        while let Some(msg) = self.unsent.front().cloned() {
+            conn.send(msg).await?;
+            self.unsent.pop_front();
+        }
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(spec.failure.heartbeat_interval_ms));
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    self.check_runner();
+                    let msg = WorkerMessage::Heartbeat {
+                        generation: self.runner_state.generation().unwrap_or(Generation(0)),
+                        step: self.runner_state.step(),
+                        status: self.runner_state.status(),
+                    };
+                    conn.send(msg).await?;
+                }
+                frame = conn.next() => {
+                    let msg = frame.ok_or_else(|| SessionError::Retry("the coordinator closed the connection".into()))??;
+                    let (end, replies) = self.directive(msg)?;
+                    for reply in replies {
+                        conn.send(reply).await?;
+                    }
+                    if let Some(end) = end {
+                        return Ok(end);
+                    }
+                }
+                ev = events.recv() => {
+                    let Some(msg) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
+                    match &msg {
+                        WorkerMessage::ShardSaved { checkpoint, .. } => {
+                            self.saved.insert(*checkpoint, msg.clone());
+                        }
+                        WorkerMessage::Finished { .. } => self.finished = Some(msg.clone()),
+                        _ => {}
+                    }
+                    if let Err(e) = conn.send(msg.clone()).await {
+                        self.unsent.push_back(msg);
+                        return Err(e.into());
+                    }
+                }
             }
+        }
+    }
+
+    /// Starts the trainer thread (again, after one died).
+    fn start_runner(&mut self) -> Result<(), SessionError> {
+        let Some(spec) = self.spec.clone() else { return Ok(()) };
+        {
             let (tx, rx) = std::sync::mpsc::channel();
             let ev_tx = self.ev_tx.clone();
             let (rank, device, state, metrics, spec) = (
@@ -322,47 +413,24 @@ impl Agent {
                 })?;
             self.runner = Some((tx, handle));
         }
-        {
-            let mut v = self.shared.view.lock().unwrap_or_else(|e| e.into_inner());
-            v.registered = true;
-            v.coordinator = Some(addr.to_string());
+        Ok(())
+    }
+
+    /// A trainer thread that ended (a panic, or it could not start) is a
+    /// failed rank: reported, and started again on the next restore.
+    fn check_runner(&mut self) {
+        if !self.runner.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            return;
         }
-        // what a previous leader may not have seen
-        if let Some(saved) = self.last_saved.clone() {
-            conn.send(saved).await?;
-        }
-        while let Some(msg) = self.unsent.front().cloned() {
-            conn.send(msg).await?;
-            self.unsent.pop_front();
-        }
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(spec.failure.heartbeat_interval_ms));
-        loop {
-            tokio::select! {
-                _ = heartbeat.tick() => {
-                    let msg = WorkerMessage::Heartbeat {
-                        generation: self.runner_state.generation().unwrap_or(Generation(0)),
-                        step: self.runner_state.step(),
-                        status: self.runner_state.status(),
-                    };
-                    conn.send(msg).await?;
-                }
-                frame = conn.next() => {
-                    let msg = frame.ok_or_else(|| SessionError::Retry("the coordinator closed the connection".into()))??;
-                    if let Some(end) = self.directive(msg)? {
-                        return Ok(end);
-                    }
-                }
-                ev = events.recv() => {
-                    let Some(msg) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
-                    if matches!(msg, WorkerMessage::ShardSaved { .. }) {
-                        self.last_saved = Some(msg.clone());
-                    }
-                    if let Err(e) = conn.send(msg.clone()).await {
-                        self.unsent.push_back(msg);
-                        return Err(e.into());
-                    }
-                }
-            }
+        if let Some((_, handle)) = self.runner.take() {
+            let why = match handle.join() {
+                Ok(()) => "the trainer thread exited".to_string(),
+                Err(_) => "the trainer thread panicked".to_string(),
+            };
+            tracing::error!("{why}; reporting the rank failed");
+            self.runner_state.set_status(WorkerStatus::Failed);
+            let generation = self.runner_state.generation().unwrap_or(Generation(0));
+            self.unsent.push_back(WorkerMessage::TrainerFailed { generation, reason: why });
         }
     }
 
@@ -372,35 +440,51 @@ impl Agent {
         }
     }
 
-    fn directive(&mut self, msg: CoordinatorMessage) -> Result<Option<SessionEnd>, SessionError> {
+    /// Carries out a directive; returns how the session ends (if it does)
+    /// and reports to send back at once.
+    fn directive(
+        &mut self,
+        msg: CoordinatorMessage,
+    ) -> Result<(Option<SessionEnd>, Vec<WorkerMessage>), SessionError> {
+        let mut replies = Vec::new();
         match msg {
             CoordinatorMessage::Checkpoint { generation, checkpoint, step, dir } => {
-                self.runner_cmd(RunnerCmd::Checkpoint { generation, id: checkpoint, step, dir })
+                match self.saved.get(&checkpoint) {
+                    // already saved (a leader that did not see the report asks again)
+                    Some(saved) => replies.push(saved.clone()),
+                    None => self.runner_cmd(RunnerCmd::Checkpoint { generation, id: checkpoint, step, dir }),
+                }
             }
             CoordinatorMessage::AbortCheckpoint { checkpoint, .. } => {
-                if matches!(&self.last_saved, Some(WorkerMessage::ShardSaved { checkpoint: c, .. }) if *c == checkpoint)
-                {
-                    self.last_saved = None;
-                }
+                self.saved.remove(&checkpoint);
                 self.runner_cmd(RunnerCmd::Abort { id: checkpoint });
             }
             CoordinatorMessage::Restore { generation, from } => {
-                tracing::info!(%generation, from = ?from.as_ref().map(|p| p.checkpoint), "restoring");
-                self.last_saved = None;
+                if self.runner_state.generation() != Some(generation) {
+                    tracing::info!(%generation, from = ?from.as_ref().map(|p| p.checkpoint), "restoring");
+                    self.saved.clear();
+                    self.finished = None;
+                }
+                if self.runner.is_none() {
+                    self.start_runner()?;
+                }
                 self.runner_cmd(RunnerCmd::Restore { generation, from });
             }
             CoordinatorMessage::Resume { generation, step } => {
-                tracing::info!(%generation, %step, "training");
+                tracing::debug!(%generation, %step, "resume");
                 self.runner_cmd(RunnerCmd::Resume { generation, step });
             }
-            CoordinatorMessage::Stop { reason } => return Ok(Some(SessionEnd::Stop(reason))),
+            CoordinatorMessage::Stop { reason } => return Ok((Some(SessionEnd::Stop(reason)), replies)),
             CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
                 return Err(SessionError::Fatal(WorkerError::Fenced(e.message)))
+            }
+            CoordinatorMessage::Error(e) if e.code == ErrorCode::Stale => {
+                tracing::info!("stale report dropped: {}", e.message)
             }
             CoordinatorMessage::Error(e) => tracing::warn!("coordinator: {}", e.message),
             CoordinatorMessage::Registered { .. } | CoordinatorMessage::NotLeader { .. } => {}
         }
-        Ok(None)
+        Ok((None, replies))
     }
 }
 

@@ -16,7 +16,9 @@ use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
 use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardMeta};
 use flotilla_shared::spec::{JobSpec, TrainerSpec};
-use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, WorkerMessage, WorkerStatus};
+use flotilla_shared::wire::{
+    RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -87,17 +89,20 @@ impl RunnerState {
             2 => WorkerStatus::Checkpointing,
             3 => WorkerStatus::Restoring,
             4 => WorkerStatus::Finished,
+            5 => WorkerStatus::Failed,
             _ => WorkerStatus::Waiting,
         }
     }
 
-    fn set_status(&self, s: WorkerStatus) {
+    /// Sets what it is doing (the agent marks a dead trainer thread `Failed`).
+    pub fn set_status(&self, s: WorkerStatus) {
         let v = match s {
             WorkerStatus::Waiting => 0,
             WorkerStatus::Running => 1,
             WorkerStatus::Checkpointing => 2,
             WorkerStatus::Restoring => 3,
             WorkerStatus::Finished => 4,
+            WorkerStatus::Failed => 5,
         };
         self.status.store(v, Ordering::Relaxed);
     }
@@ -131,6 +136,9 @@ pub struct Runner {
     running: bool,
     finished: bool,
     pending: Option<Pending>,
+    /// Checkpoints of `generation` already snapshotted (their reports come
+    /// from the writer; a repeated directive for one is not "already past").
+    taken: Vec<CheckpointId>,
 }
 
 impl Runner {
@@ -163,6 +171,7 @@ impl Runner {
                 Err(e) => WorkerMessage::ShardFailed {
                     generation: o.meta.generation,
                     checkpoint: o.meta.checkpoint,
+                    kind: ShardFailureKind::Write,
                     reason: e.to_string(),
                 },
             };
@@ -185,6 +194,7 @@ impl Runner {
             running: false,
             finished: false,
             pending: None,
+            taken: Vec::new(),
         })
     }
 
@@ -257,6 +267,7 @@ impl Runner {
 
     fn snapshot(&mut self, p: Pending) {
         self.state.set_status(WorkerStatus::Checkpointing);
+        self.taken.push(p.id);
         let meta = ShardMeta {
             job: self.job.clone(),
             checkpoint: p.id,
@@ -273,6 +284,7 @@ impl Runner {
             Err(e) => (self.events)(WorkerMessage::ShardFailed {
                 generation: p.generation,
                 checkpoint: p.id,
+                kind: ShardFailureKind::Write,
                 reason: e.to_string(),
             }),
         }
@@ -284,10 +296,19 @@ impl Runner {
         match cmd {
             RunnerCmd::Stop => return false,
             RunnerCmd::Resume { generation, step } => {
+                // directives are re-sent until observed: a repeat is a no-op
+                if self.generation == Some(generation) && (self.running || self.finished) {
+                    return true;
+                }
+                if self.generation != Some(generation) {
+                    tracing::info!(%generation, "resume for a generation this rank does not hold; ignored");
+                    return true;
+                }
                 if self.trainer.is_none() {
                     self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
                 }
                 if self.current_step() != step {
+                    self.state.set_status(WorkerStatus::Failed);
                     (self.events)(WorkerMessage::TrainerFailed {
                         generation,
                         reason: format!(
@@ -307,7 +328,8 @@ impl Runner {
                 self.publish();
             }
             RunnerCmd::Checkpoint { generation, id, step, dir } => {
-                if Some(generation) != self.generation {
+                let repeat = self.pending.as_ref().is_some_and(|p| p.id == id) || self.taken.contains(&id);
+                if Some(generation) != self.generation || repeat {
                     return true;
                 }
                 let at = self.current_step();
@@ -315,6 +337,7 @@ impl Runner {
                     (self.events)(WorkerMessage::ShardFailed {
                         generation,
                         checkpoint: id,
+                        kind: ShardFailureKind::PastStep,
                         reason: format!("already past step {step} (at step {at}) when told"),
                     });
                 } else {
@@ -332,6 +355,14 @@ impl Runner {
                 self.pending.take_if(|p| p.id == id);
             }
             RunnerCmd::Restore { generation, from } => {
+                if self.generation == Some(generation) {
+                    // a repeated directive: already restored (and maybe resumed)
+                    if !self.running && !self.finished {
+                        let step = self.current_step();
+                        (self.events)(WorkerMessage::Restored { generation, step });
+                    }
+                    return true;
+                }
                 self.running = false;
                 self.pending = None;
                 self.state.set_status(WorkerStatus::Restoring);
@@ -341,6 +372,9 @@ impl Runner {
                     self.metrics.restore.observe(start.elapsed().as_secs_f64());
                     self.generation = Some(generation);
                     self.finished = false;
+                    self.taken.clear();
+                } else if let WorkerMessage::RestoreFailed { message, .. } = &event {
+                    tracing::error!(%generation, "restore refused: {message}");
                 }
                 self.state.set_status(WorkerStatus::Waiting);
                 self.publish();
@@ -366,7 +400,7 @@ impl Runner {
         // 1. names, dtypes and shapes, from the header alone
         let header = match read_header(&path, &label) {
             Ok(h) => h,
-            Err(e) => return failed(kind_of(&e.kind), e.to_string()),
+            Err(e) => return failed(kind_of(&e.kind), format!("{e} (file {})", path.display())),
         };
         if let Err(m) = ModelMismatch::check(&header.variables(), &self.vars) {
             return failed(
@@ -412,19 +446,17 @@ impl Runner {
             Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
             }
-            Ok(Err(e)) => failed(kind_of(&e.kind), e.to_string()),
-            Err(e) => failed(RestoreFailureKind::Io, format!("{label}: {e}")),
+            Ok(Err(e)) => failed(kind_of(&e.kind), format!("{e} (file {})", path.display())),
+            Err(e) => failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
         }
     }
 }
 
 fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
     match kind {
-        // a shard of a committed checkpoint that is gone makes it unusable
-        ShardErrorKind::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            RestoreFailureKind::Corrupt
-        }
-        ShardErrorKind::Io { .. } => RestoreFailureKind::Io,
+        // a missing or unreadable file (a mount gone, permissions) condemns
+        // nothing: the job waits for the storage to come back
+        ShardErrorKind::Io { .. } => RestoreFailureKind::Unavailable,
         ShardErrorKind::ModelMismatch(_) => RestoreFailureKind::ModelMismatch,
         _ => RestoreFailureKind::Corrupt,
     }
