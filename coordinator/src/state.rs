@@ -1178,8 +1178,12 @@ mod tests {
         assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
         // a committed checkpoint is never un-committed
         assert_eq!(kind(commit(&mut s, 1, shards(2))), RefusalKind::Conflict);
-        let abort =
-            Command::AbortCheckpoint { job: name("a"), id: CheckpointId(1), reason: "x".into(), now_ms: 0 };
+        let abort = Command::AbortCheckpoint {
+            job: name("a"),
+            id: CheckpointId(1),
+            reason: AbortReason::JobEnded,
+            now_ms: 0,
+        };
         assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
         assert_eq!(
             kind(s.apply(Command::DeleteCheckpoint { job: name("a"), id: CheckpointId(1) })),
@@ -1199,7 +1203,7 @@ mod tests {
         let abort = Command::AbortCheckpoint {
             job: name("a"),
             id: CheckpointId(1),
-            reason: "timeout".into(),
+            reason: AbortReason::Timeout { seconds: 5 },
             now_ms: 7,
         };
         assert_eq!(
@@ -1207,7 +1211,7 @@ mod tests {
             Ok(vec![Event::CheckpointAborted {
                 job: name("a"),
                 id: CheckpointId(1),
-                reason: "timeout".into()
+                reason: "not committed within checkpoint.timeout_seconds = 5".into()
             }])
         );
         assert_eq!(kind(s.apply(abort)), RefusalKind::Conflict);
@@ -1250,7 +1254,12 @@ mod tests {
             begin(&mut s, id, 10 * id, 1).unwrap();
             commit(&mut s, id, shards(2)).unwrap();
         }
-        let mark = Command::MarkCorrupt { job: name("a"), id: CheckpointId(2), reason: "checksum".into() };
+        let mark = Command::MarkCorrupt {
+            job: name("a"),
+            id: CheckpointId(2),
+            reason: "checksum".into(),
+            now_ms: 5,
+        };
         assert_eq!(
             s.apply(mark.clone()),
             Ok(vec![Event::CheckpointCorrupt { job: name("a"), id: CheckpointId(2) }])
@@ -1265,7 +1274,8 @@ mod tests {
         // a pending checkpoint cannot be marked corrupt
         let mut s = running(3, 10);
         begin(&mut s, 1, 10, 1).unwrap();
-        let mark = Command::MarkCorrupt { job: name("a"), id: CheckpointId(1), reason: "x".into() };
+        let mark =
+            Command::MarkCorrupt { job: name("a"), id: CheckpointId(1), reason: "x".into(), now_ms: 5 };
         assert_eq!(kind(s.apply(mark)), RefusalKind::Conflict);
     }
 
@@ -1383,5 +1393,94 @@ mod tests {
         assert_eq!(a.nodes[&NodeId(2)].http_url, "http://127.0.0.1:9202");
         let bytes = rmp_serde::to_vec_named(&a).unwrap();
         assert_eq!(rmp_serde::from_slice::<State>(&bytes).unwrap(), a);
+    }
+
+    #[test]
+    fn an_operator_restore_makes_its_checkpoint_the_head_and_revives_a_failed_job() {
+        let mut s = running(5, 1);
+        for id in 1..=3 {
+            begin(&mut s, id, 10 * id, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        let operator = |s: &mut State, generation, from| {
+            s.apply(Command::Restore {
+                job: name("a"),
+                generation: Generation(generation),
+                from: Some(CheckpointId(from)),
+                reason: RestoreReason::Operator,
+                now_ms: 50,
+            })
+        };
+        operator(&mut s, 2, 1).unwrap();
+        let j = job(&s);
+        assert_eq!(j.checkpoints[&CheckpointId(2)].state, CheckpointState::Abandoned);
+        assert_eq!(j.checkpoints[&CheckpointId(3)].state, CheckpointState::Abandoned);
+        assert_eq!(j.latest_committed().map(|c| c.id), Some(CheckpointId(1)), "never restored automatically");
+        assert!(j.failures_ms.is_empty(), "an operator's restore is not a failure");
+        assert!(j.events.last().unwrap().text.contains("from checkpoint 1 (step 10): operator"));
+        // new checkpoints go after the head, even where the abandoned line was
+        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+        begin(&mut s, 4, 20, 2).unwrap();
+        // failures: two within the hour exceed max_restarts = 1 and fail the job
+        restore(&mut s, 3, Some(1)).unwrap();
+        restore(&mut s, 4, Some(1)).unwrap();
+        assert_eq!(job(&s).state, JobState::Failed);
+        // only an operator brings a failed job back; the failure budget restarts
+        assert_eq!(kind(restore(&mut s, 5, Some(1))), RefusalKind::Conflict);
+        operator(&mut s, 5, 3).unwrap();
+        let j = job(&s);
+        assert_eq!((j.state, j.error.as_deref()), (JobState::Restoring, None));
+        assert_eq!(j.checkpoints[&CheckpointId(3)].state, CheckpointState::Committed, "picked again by name");
+    }
+
+    #[test]
+    fn failures_older_than_the_window_do_not_count() {
+        let mut s = running(3, 1);
+        let at = |s: &mut State, generation, now_ms| {
+            s.apply(Command::Restore {
+                job: name("a"),
+                generation: Generation(generation),
+                from: None,
+                reason: RestoreReason::HeartbeatTimeout,
+                now_ms,
+            })
+        };
+        at(&mut s, 2, 1_000).unwrap();
+        at(&mut s, 3, 1_000 + RESTART_WINDOW_MS).unwrap();
+        assert_eq!(job(&s).state, JobState::Restoring);
+        // fallbacks past a corrupt checkpoint and retries are not failures either
+        for (g, reason) in [(4, RestoreReason::CorruptCheckpoint), (5, RestoreReason::Retry)] {
+            s.apply(Command::Restore {
+                job: name("a"),
+                generation: Generation(g),
+                from: None,
+                reason,
+                now_ms: 2,
+            })
+            .unwrap();
+        }
+        assert_eq!(job(&s).state, JobState::Restoring);
+    }
+
+    #[test]
+    fn a_corrupt_verdict_can_be_cleared_and_retention_collects_condemned_ones() {
+        let mut s = running(1, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        commit(&mut s, 1, shards(2)).unwrap();
+        let mark =
+            Command::MarkCorrupt { job: name("a"), id: CheckpointId(1), reason: "bad".into(), now_ms: 3 };
+        s.apply(mark.clone()).unwrap();
+        let clear = Command::ClearCorrupt { job: name("a"), id: CheckpointId(1), now_ms: 4 };
+        assert_eq!(
+            s.apply(clear.clone()),
+            Ok(vec![Event::CheckpointCleared { job: name("a"), id: CheckpointId(1) }])
+        );
+        assert_eq!(job(&s).latest_committed().map(|c| c.id), Some(CheckpointId(1)));
+        assert_eq!(kind(s.apply(clear)), RefusalKind::Conflict, "only a corrupt one is cleared");
+        s.apply(mark).unwrap();
+        // keep_last = 1: the condemned one goes once a newer one is committed
+        begin(&mut s, 2, 20, 1).unwrap();
+        let events = commit(&mut s, 2, shards(2)).unwrap();
+        assert!(events.contains(&Event::CheckpointDeleted { job: name("a"), id: CheckpointId(1) }));
     }
 }

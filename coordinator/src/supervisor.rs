@@ -945,3 +945,7 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
         now_ms: now.wall_ms,
     })
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

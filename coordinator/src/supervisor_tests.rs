@@ -1,0 +1,915 @@
+//! The reconciler's tests: ledger state × observations → actions, decision
+//! by decision, and a property test that drives simulated workers through
+//! random interleavings of leader changes, lost directives, lost proposals,
+//! silences and restarted processes, and checks that every interleaving
+//! reaches the same end: the job succeeds with the failure-free digest.
+
+use super::*;
+use crate::state::Event;
+use flotilla_shared::checksum::Checksum;
+use flotilla_shared::spec::JobSpec;
+use proptest::prelude::*;
+use std::collections::VecDeque;
+
+const T0: u64 = 1_000_000;
+const TOTAL: u64 = 40;
+
+fn name() -> JobName {
+    JobName::new("j").unwrap()
+}
+
+fn spec(world: u32) -> JobSpec {
+    JobSpec::from_toml(&format!(
+        "name = \"j\"\nworld_size = {world}\n[checkpoint]\nevery_steps = 5\nroot = \"/ckpt\"\ntimeout_seconds = 5\nkeep_last = 2\n\
+         [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\nmax_restarts = 1000\nhang_timeout_seconds = 10\n\
+         [trainer]\ntotal_steps = {TOTAL}\nparams_per_rank_bytes = 65536\nlayers = 1\n"
+    ))
+    .unwrap()
+}
+
+/// The simulated model: each rank's state is a number, updated per step as a
+/// pure function of (rank, step, value), like the built-in trainer.
+fn init_value(rank: u32) -> u32 {
+    0x9e37_79b9 ^ rank
+}
+
+fn step_value(rank: u32, step: u64, v: u32) -> u32 {
+    v.rotate_left(5) ^ (step as u32).wrapping_mul(0x85eb_ca6b) ^ rank
+}
+
+fn reference_digest(world: u32) -> String {
+    let digests: Vec<String> = (0..world)
+        .map(|r| {
+            let v = (0..TOTAL).fold(init_value(r), |v, s| step_value(r, s, v));
+            format!("{v:08x}")
+        })
+        .collect();
+    combine_digests(&digests)
+}
+
+/// A worker process as the supervisor sees it through the protocol.
+#[derive(Debug, Clone)]
+struct SimWorker {
+    rank: u32,
+    conn: ConnId,
+    incarnation: u64,
+    generation: Option<Generation>,
+    step: u64,
+    value: u32,
+    status: WorkerStatus,
+    pending: Option<(CheckpointId, u64)>,
+    saved: BTreeMap<CheckpointId, WorkerMessage>,
+    finished: Option<WorkerMessage>,
+    inbox: VecDeque<CoordinatorMessage>,
+}
+
+impl SimWorker {
+    fn new(rank: u32, conn: ConnId, incarnation: u64) -> Self {
+        Self {
+            rank,
+            conn,
+            incarnation,
+            generation: None,
+            step: 0,
+            value: init_value(rank),
+            status: WorkerStatus::Waiting,
+            pending: None,
+            saved: BTreeMap::new(),
+            finished: None,
+            inbox: VecDeque::new(),
+        }
+    }
+
+    fn registration(&self) -> Registration {
+        Registration {
+            conn: self.conn,
+            job: name(),
+            rank: Rank(self.rank),
+            incarnation: Incarnation(self.incarnation),
+            generation: self.generation,
+            step: Step(self.step),
+        }
+    }
+
+    fn heartbeat(&self) -> WorkerMessage {
+        WorkerMessage::Heartbeat {
+            generation: self.generation.unwrap_or(Generation(0)),
+            step: Step(self.step),
+            status: self.status,
+        }
+    }
+
+    fn save(&mut self, id: CheckpointId) -> WorkerMessage {
+        let manifest = ShardManifest {
+            rank: Rank(self.rank),
+            file: format!("rank-{:05}.safetensors", self.rank),
+            bytes: 10,
+            checksum: Checksum(self.value),
+            tensors: vec![],
+        };
+        let g = self.generation.expect("saves only in a generation");
+        let msg = WorkerMessage::ShardSaved { generation: g, checkpoint: id, manifest };
+        self.saved.insert(id, msg.clone());
+        msg
+    }
+
+    /// Carries out one directive the way the real worker does (idempotently).
+    fn handle(&mut self, msg: CoordinatorMessage) -> Vec<WorkerMessage> {
+        match msg {
+            CoordinatorMessage::Restore { generation, from } => {
+                if self.generation == Some(generation) {
+                    return if self.status == WorkerStatus::Waiting {
+                        vec![WorkerMessage::Restored { generation, step: Step(self.step) }]
+                    } else {
+                        vec![]
+                    };
+                }
+                match from {
+                    Some(p) => {
+                        self.step = p.step.0;
+                        self.value = p.shard.checksum.0;
+                    }
+                    None => {
+                        self.step = 0;
+                        self.value = init_value(self.rank);
+                    }
+                }
+                self.generation = Some(generation);
+                self.status = WorkerStatus::Waiting;
+                self.pending = None;
+                self.saved.clear();
+                self.finished = None;
+                vec![WorkerMessage::Restored { generation, step: Step(self.step) }]
+            }
+            CoordinatorMessage::Resume { generation, step } => {
+                if self.generation == Some(generation) && self.status == WorkerStatus::Waiting {
+                    assert_eq!(step.0, self.step, "resumed at another step than restored");
+                    self.status = WorkerStatus::Running;
+                }
+                vec![]
+            }
+            CoordinatorMessage::Checkpoint { generation, checkpoint, step, .. } => {
+                if self.generation != Some(generation) {
+                    return vec![];
+                }
+                if let Some(saved) = self.saved.get(&checkpoint) {
+                    return vec![saved.clone()];
+                }
+                if self.pending.is_some_and(|(id, _)| id == checkpoint) {
+                    return vec![];
+                }
+                if self.step > step.0 {
+                    return vec![WorkerMessage::ShardFailed {
+                        generation,
+                        checkpoint,
+                        kind: ShardFailureKind::PastStep,
+                        reason: "past".into(),
+                    }];
+                }
+                if self.step == step.0 {
+                    return vec![self.save(checkpoint)];
+                }
+                self.pending = Some((checkpoint, step.0));
+                vec![]
+            }
+            CoordinatorMessage::AbortCheckpoint { checkpoint, .. } => {
+                self.saved.remove(&checkpoint);
+                self.pending = self.pending.filter(|(id, _)| *id != checkpoint);
+                vec![]
+            }
+            CoordinatorMessage::Error(e) => {
+                assert_ne!(e.code, ErrorCode::Fenced, "a healthy worker was fenced: {}", e.message);
+                vec![]
+            }
+            CoordinatorMessage::Registered { .. }
+            | CoordinatorMessage::NotLeader { .. }
+            | CoordinatorMessage::Stop { .. } => vec![],
+        }
+    }
+
+    /// One training step, if running; snapshots first when a checkpoint is due here.
+    fn train(&mut self) -> Vec<WorkerMessage> {
+        let mut out = Vec::new();
+        if self.status != WorkerStatus::Running {
+            return out;
+        }
+        if let Some((id, at)) = self.pending {
+            if at == self.step {
+                self.pending = None;
+                out.push(self.save(id));
+            }
+        }
+        if self.step >= TOTAL {
+            self.status = WorkerStatus::Finished;
+            let msg = WorkerMessage::Finished {
+                generation: self.generation.unwrap(),
+                step: Step(self.step),
+                digest: format!("{:08x}", self.value),
+            };
+            self.finished = Some(msg.clone());
+            out.push(msg);
+            return out;
+        }
+        self.value = step_value(self.rank, self.step, self.value);
+        self.step += 1;
+        out
+    }
+}
+
+/// A ledger, a supervisor and simulated workers, with the network and Raft
+/// under the test's control.
+struct World {
+    st: State,
+    sup: Supervisor,
+    term: u64,
+    now: u64,
+    workers: Vec<SimWorker>,
+    next_conn: ConnId,
+    next_incarnation: u64,
+    /// Proposals made but not yet applied, in order.
+    proposals: VecDeque<Command>,
+    files: Vec<FileWork>,
+}
+
+impl World {
+    fn new(world: u32) -> Self {
+        let mut st = State::default();
+        st.apply(Command::SubmitJob { spec: spec(world), now_ms: T0 }).unwrap();
+        let mut w = Self {
+            st,
+            sup: Supervisor::new(SupervisorConfig::default(), Now { mono_ms: T0, wall_ms: T0 }, 1),
+            term: 1,
+            now: T0,
+            workers: Vec::new(),
+            next_conn: 1,
+            next_incarnation: 100,
+            proposals: VecDeque::new(),
+            files: Vec::new(),
+        };
+        for rank in 0..world {
+            let (conn, inc) = (w.conn(), w.incarnation());
+            w.workers.push(SimWorker::new(rank, conn, inc));
+        }
+        w
+    }
+
+    fn conn(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    fn incarnation(&mut self) -> u64 {
+        self.next_incarnation += 1;
+        self.next_incarnation
+    }
+
+    fn t(&self) -> Now {
+        Now { mono_ms: self.now, wall_ms: self.now }
+    }
+
+    fn job(&self) -> &Job {
+        &self.st.jobs[&name()]
+    }
+
+    /// Routes the supervisor's actions: directives into inboxes, proposals
+    /// into the Raft queue, file work into the record.
+    fn route(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Propose(cmd) => self.proposals.push_back(cmd),
+                Action::Send { conn, msg } => {
+                    if let Some(w) = self.workers.iter_mut().find(|w| w.conn == conn) {
+                        w.inbox.push_back(msg);
+                    }
+                }
+                Action::Close { .. } => {}
+                Action::Files { work, .. } => self.files.push(work),
+            }
+        }
+    }
+
+    fn observe(&mut self, obs: Observation) {
+        let t = self.t();
+        let actions = self.sup.observe(&self.st, t, obs);
+        self.route(actions);
+    }
+
+    fn tick(&mut self) {
+        let t = self.t();
+        let actions = self.sup.tick(&self.st, t);
+        self.route(actions);
+    }
+
+    /// Applies the oldest queued proposal; `reply` false loses the answer
+    /// (applied, but the proposer never hears: a proposal timeout).
+    fn apply_one(&mut self, reply: bool) -> Option<Vec<Event>> {
+        let cmd = self.proposals.pop_front()?;
+        let key = ProposalKey::of(&cmd).unwrap();
+        let events = self.st.apply(cmd).unwrap_or_default();
+        if reply {
+            self.observe(Observation::ProposalDone { key });
+        }
+        Some(events)
+    }
+
+    /// Drops the oldest queued proposal (never applied; the proposer hears
+    /// it failed).
+    fn drop_one(&mut self) {
+        if let Some(cmd) = self.proposals.pop_front() {
+            self.observe(Observation::ProposalDone { key: ProposalKey::of(&cmd).unwrap() });
+        }
+    }
+
+    fn apply_all(&mut self) {
+        while self.apply_one(true).is_some() {}
+    }
+
+    fn send(&mut self, i: usize, msg: WorkerMessage) {
+        let conn = self.workers[i].conn;
+        self.observe(Observation::Message { conn, msg });
+    }
+
+    fn register(&mut self, i: usize) {
+        let r = self.workers[i].registration();
+        self.observe(Observation::Registered(r));
+        let reports: Vec<WorkerMessage> =
+            self.workers[i].saved.values().chain(self.workers[i].finished.iter()).cloned().collect();
+        for msg in reports {
+            self.send(i, msg);
+        }
+    }
+
+    fn register_all(&mut self) {
+        for i in 0..self.workers.len() {
+            self.register(i);
+        }
+    }
+
+    /// Delivers rank `i`'s next directive and sends back its answers.
+    fn deliver_one(&mut self, i: usize) {
+        if let Some(msg) = self.workers[i].inbox.pop_front() {
+            for reply in self.workers[i].handle(msg) {
+                self.send(i, reply);
+            }
+        }
+    }
+
+    fn deliver_all(&mut self) {
+        for i in 0..self.workers.len() {
+            while !self.workers[i].inbox.is_empty() {
+                self.deliver_one(i);
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, i: usize) {
+        let hb = self.workers[i].heartbeat();
+        self.send(i, hb);
+    }
+
+    fn train(&mut self, i: usize) {
+        for msg in self.workers[i].train() {
+            self.send(i, msg);
+        }
+    }
+
+    /// One round of a healthy cluster: heartbeats, directives, a step each,
+    /// proposals applied, 50 ms pass, a tick.
+    fn round(&mut self) {
+        for i in 0..self.workers.len() {
+            self.heartbeat(i);
+        }
+        self.deliver_all();
+        for i in 0..self.workers.len() {
+            self.train(i);
+        }
+        self.apply_all();
+        self.now += 50;
+        self.tick();
+    }
+
+    /// A new leader: fresh supervisor, every connection replaced, every
+    /// undelivered directive and unapplied proposal lost.
+    fn leader_change(&mut self) {
+        self.term += 1;
+        self.proposals.clear();
+        self.sup = Supervisor::new(SupervisorConfig::default(), self.t(), self.term);
+        for i in 0..self.workers.len() {
+            let conn = self.conn();
+            self.workers[i].conn = conn;
+            self.workers[i].inbox.clear();
+        }
+        self.register_all();
+    }
+
+    /// Rank `i`'s process dies and a new one starts.
+    fn restart(&mut self, i: usize) {
+        let old = self.workers[i].conn;
+        self.observe(Observation::Disconnected { conn: old });
+        let (conn, inc) = (self.conn(), self.incarnation());
+        self.workers[i] = SimWorker::new(self.workers[i].rank, conn, inc);
+        self.register(i);
+    }
+
+    fn sends_to(&self, i: usize) -> &VecDeque<CoordinatorMessage> {
+        &self.workers[i].inbox
+    }
+
+    /// Runs healthy rounds until `done`, at most `max` rounds.
+    fn until(&mut self, max: usize, done: impl Fn(&World) -> bool) {
+        for _ in 0..max {
+            if done(self) {
+                return;
+            }
+            self.round();
+        }
+        panic!(
+            "not converged after {max} rounds: job {:?} gen {} workers {:?} proposals {:?}",
+            self.job().state,
+            self.job().generation,
+            self.workers.iter().map(|w| (w.generation, w.step, w.status)).collect::<Vec<_>>(),
+            self.proposals
+        );
+    }
+
+    fn running(&mut self) {
+        self.register_all();
+        self.until(50, |w| {
+            w.job().state == JobState::Running && w.workers.iter().all(|x| x.status == WorkerStatus::Running)
+        });
+    }
+}
+
+fn is_restore(msg: &CoordinatorMessage, g: u64) -> bool {
+    matches!(msg, CoordinatorMessage::Restore { generation, .. } if generation.0 == g)
+}
+
+#[test]
+fn a_job_starts_once_every_rank_holds_fresh_state() {
+    let mut w = World::new(2);
+    w.register(0);
+    assert!(is_restore(&w.sends_to(0)[1], 1), "{:?}", w.sends_to(0));
+    assert!(w.proposals.is_empty(), "one rank of two starts nothing");
+    w.register(1);
+    w.deliver_all();
+    assert_eq!(w.proposals, vec![Command::StartJob { job: name(), generation: Generation(1) }]);
+    w.apply_all();
+    assert_eq!(w.job().state, JobState::Running);
+    assert!(w
+        .workers
+        .iter()
+        .all(|x| x.inbox.contains(&CoordinatorMessage::Resume { generation: Generation(1), step: Step(0) })));
+}
+
+#[test]
+fn every_shard_commits_and_files_follow_the_ledger() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    let c = w.job().latest_committed().unwrap().id;
+    assert_eq!(w.job().checkpoints[&c].step, Step(5), "the first boundary");
+    assert!(w.files.contains(&FileWork::Manifest(c)));
+    assert_eq!(w.files.last(), Some(&FileWork::Latest(Some(c))), "{:?}", w.files);
+    let manifest_at = w.files.iter().position(|f| *f == FileWork::Manifest(c)).unwrap();
+    let latest_at = w.files.iter().position(|f| *f == FileWork::Latest(Some(c))).unwrap();
+    assert!(manifest_at < latest_at, "LATEST is written after the manifest it names");
+}
+
+#[test]
+fn a_lost_resume_is_sent_again_until_the_rank_trains() {
+    let mut w = World::new(2);
+    w.register_all();
+    w.deliver_all();
+    w.apply_all();
+    assert_eq!(w.job().state, JobState::Running);
+    // rank 1 never gets its Resume
+    w.workers[1].inbox.clear();
+    w.deliver_all();
+    for _ in 0..6 {
+        w.heartbeat(0);
+        w.heartbeat(1);
+        w.now += 100;
+        w.tick();
+    }
+    assert!(w
+        .sends_to(1)
+        .iter()
+        .any(|m| matches!(m, CoordinatorMessage::Resume { generation: Generation(1), .. })));
+    w.deliver_all();
+    assert_eq!(w.workers[1].status, WorkerStatus::Running);
+}
+
+#[test]
+fn a_proposal_that_times_out_is_made_again_and_one_answered_is_not_repeated() {
+    let mut w = World::new(2);
+    w.register_all();
+    w.deliver_all();
+    assert_eq!(w.proposals.len(), 1);
+    // the same tick again: still in flight, not proposed twice
+    w.tick();
+    assert_eq!(w.proposals.len(), 1);
+    // lost without an answer: nothing happens until the retry interval
+    w.proposals.clear();
+    for _ in 0..10 {
+        w.heartbeat(0);
+        w.heartbeat(1);
+        w.now += 100;
+        w.tick();
+    }
+    assert!(w.proposals.is_empty());
+    for _ in 0..SupervisorConfig::default().proposal_retry_ms / 100 {
+        w.heartbeat(0);
+        w.heartbeat(1);
+        w.now += 100;
+        w.tick();
+    }
+    assert_eq!(w.proposals, vec![Command::StartJob { job: name(), generation: Generation(1) }]);
+    // a refused (or failed) proposal is answered: made again at once
+    w.drop_one();
+    assert_eq!(w.proposals.len(), 1);
+    w.apply_all();
+    assert_eq!(w.job().state, JobState::Running);
+}
+
+#[test]
+fn a_restarted_worker_restores_the_whole_job_from_the_latest_commit() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some_and(|c| c.step == Step(10)));
+    w.restart(1);
+    assert!(
+        matches!(
+            &w.proposals.iter().collect::<Vec<_>>()[..],
+            [Command::Restore { generation: Generation(2), reason: RestoreReason::WorkerRestarted, .. }]
+        ),
+        "{:?}",
+        w.proposals
+    );
+    w.apply_all();
+    assert_eq!(w.job().state, JobState::Restoring);
+    w.until(50, |w| w.job().state == JobState::Running && w.workers.iter().all(|x| x.step >= 10));
+    assert!(w.workers.iter().all(|x| x.generation == Some(Generation(2))));
+}
+
+#[test]
+fn a_new_leader_during_a_restore_finishes_it() {
+    let mut w = World::new(3);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    w.restart(2);
+    w.apply_all();
+    // only rank 0 hears of the restore before the leader dies
+    w.deliver_one(0);
+    w.leader_change();
+    w.until(50, |w| w.job().state == JobState::Running);
+    assert_eq!(w.job().generation, Generation(2), "no second restore was needed");
+}
+
+#[test]
+fn a_rank_lost_while_restoring_restarts_the_restore_once() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    w.restart(1);
+    w.apply_all();
+    assert_eq!(w.job().generation, Generation(2));
+    // rank 1 goes silent for good; rank 0 keeps heartbeating
+    for _ in 0..40 {
+        w.heartbeat(0);
+        w.deliver_one(0);
+        w.apply_all();
+        w.now += 100;
+        w.tick();
+    }
+    let j = w.job();
+    assert_eq!(
+        (j.state, j.generation),
+        (JobState::Restoring, Generation(3)),
+        "one restart, not one per tick"
+    );
+    assert_eq!(j.restores_by_reason.get(&RestoreReason::HeartbeatTimeout), Some(&1));
+    // it comes back as a new process and the restore completes
+    w.restart(1);
+    w.until(50, |w| w.job().state == JobState::Running);
+    assert_eq!(w.job().generation, Generation(3));
+}
+
+#[test]
+fn a_late_report_from_an_older_generation_is_stale_and_nobody_is_fenced() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    let g1_shard = w.workers[0].saved.values().next().cloned();
+    w.restart(1);
+    w.apply_all();
+    let late = g1_shard.unwrap_or(WorkerMessage::ShardSaved {
+        generation: Generation(1),
+        checkpoint: CheckpointId(1),
+        manifest: ShardManifest {
+            rank: Rank(0),
+            file: "x".into(),
+            bytes: 1,
+            checksum: Checksum(1),
+            tensors: vec![],
+        },
+    });
+    let late = match late {
+        WorkerMessage::ShardSaved { manifest, .. } => {
+            WorkerMessage::ShardSaved { generation: Generation(1), checkpoint: CheckpointId(99), manifest }
+        }
+        other => other,
+    };
+    w.workers[0].inbox.clear();
+    w.send(0, late);
+    assert!(
+        matches!(w.sends_to(0).back(), Some(CoordinatorMessage::Error(e)) if e.code == ErrorCode::Stale),
+        "{:?}",
+        w.sends_to(0)
+    );
+    w.until(50, |w| w.job().state == JobState::Running);
+}
+
+#[test]
+fn a_resumed_zombie_never_displaces_the_newer_process() {
+    let mut w = World::new(2);
+    w.running();
+    let zombie = w.workers[1].clone();
+    w.restart(1);
+    w.apply_all();
+    // the zombie (older incarnation) wakes up and registers again
+    let zconn = w.conn();
+    let reg = Registration { conn: zconn, ..zombie.registration() };
+    let out = w.sup.observe(&w.st, w.t(), Observation::Registered(reg));
+    assert!(
+        matches!(&out[..], [Action::Send { conn, msg: CoordinatorMessage::Error(e) }, Action::Close { conn: c2 }]
+            if *conn == zconn && *c2 == zconn && e.code == ErrorCode::Fenced),
+        "{out:?}"
+    );
+    // the newer process is untouched and the job completes its restore
+    w.until(50, |w| w.job().state == JobState::Running);
+    assert_eq!(w.job().generation, Generation(2));
+}
+
+#[test]
+fn a_pending_checkpoint_survives_a_leader_change() {
+    let mut w = World::new(2);
+    w.running();
+    // run until a checkpoint is begun and rank 0 saved its shard
+    w.until(200, |w| w.job().pending().is_some() && !w.workers[0].saved.is_empty());
+    let c = w.job().pending().unwrap().id;
+    w.leader_change();
+    w.until(100, |w| w.job().checkpoints[&c].state != CheckpointState::Pending);
+    assert_eq!(w.job().checkpoints[&c].state, CheckpointState::Committed);
+    assert_eq!(w.job().generation, Generation(1));
+}
+
+#[test]
+fn a_rank_past_the_step_aborts_with_a_typed_reason_and_the_lead_grows() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().pending().is_some());
+    let c = w.job().pending().unwrap().clone();
+    let lead = w.sup.jobs[&name()].lead_ms;
+    w.send(
+        1,
+        WorkerMessage::ShardFailed {
+            generation: Generation(1),
+            checkpoint: c.id,
+            kind: ShardFailureKind::PastStep,
+            reason: "whatever the text says".into(),
+        },
+    );
+    assert!(w.proposals.contains(&Command::AbortCheckpoint {
+        job: name(),
+        id: c.id,
+        reason: AbortReason::RankPastStep { rank: Rank(1) },
+        now_ms: w.now
+    }));
+    assert_eq!(w.sup.jobs[&name()].lead_ms, lead * 2);
+}
+
+#[test]
+fn a_checkpoint_times_out_on_this_leaders_clock() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().pending().is_some());
+    let c = w.job().pending().unwrap().id;
+    // a new leader takes over late: the timeout counts from its takeover
+    w.now += 4_000;
+    w.leader_change();
+    for _ in 0..10 {
+        w.heartbeat(0);
+        w.heartbeat(1);
+        w.now += 400;
+        w.tick();
+    }
+    assert!(!w.proposals.iter().any(|p| matches!(p, Command::AbortCheckpoint { .. })));
+    w.now += 1_500;
+    w.heartbeat(0);
+    w.heartbeat(1);
+    w.tick();
+    assert!(w.proposals.contains(&Command::AbortCheckpoint {
+        job: name(),
+        id: c,
+        reason: AbortReason::Timeout { seconds: 5 },
+        now_ms: w.now
+    }));
+}
+
+#[test]
+fn heartbeats_without_progress_are_a_hang() {
+    let mut w = World::new(2);
+    w.running();
+    // rank 1's trainer is stuck: its agent heartbeats, its step never moves
+    for _ in 0..120 {
+        w.heartbeat(0);
+        w.heartbeat(1);
+        w.train(0);
+        w.now += 100;
+        w.tick();
+    }
+    assert!(
+        w.proposals.iter().any(|p| matches!(p, Command::Restore { reason: RestoreReason::Hang, .. })),
+        "{:?}",
+        w.proposals
+    );
+}
+
+#[test]
+fn a_dead_trainer_is_a_failure() {
+    let mut w = World::new(2);
+    w.running();
+    w.workers[1].status = WorkerStatus::Failed;
+    w.heartbeat(1);
+    assert!(
+        w.proposals
+            .iter()
+            .any(|p| matches!(p, Command::Restore { reason: RestoreReason::TrainerFailed, .. })),
+        "{:?}",
+        w.proposals
+    );
+}
+
+#[test]
+fn a_corrupt_shard_condemns_and_falls_back_a_missing_one_blocks() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(300, |w| w.job().latest_committed().is_some_and(|c| c.step == Step(10)));
+    let (first, second) = {
+        let j = w.job();
+        let second = j.latest_committed().unwrap().id;
+        (j.committed_before(second).unwrap().id, second)
+    };
+    w.restart(1);
+    w.apply_all();
+    w.send(
+        0,
+        WorkerMessage::RestoreFailed {
+            generation: Generation(2),
+            checkpoint: Some(second),
+            kind: RestoreFailureKind::Corrupt,
+            message: "checkpoint 2 rank 0: checksum mismatch in model/x".into(),
+        },
+    );
+    w.apply_all();
+    w.tick();
+    w.apply_all();
+    let j = w.job();
+    assert_eq!(j.checkpoints[&second].state, CheckpointState::Corrupt);
+    assert_eq!((j.generation, j.restored_from), (Generation(3), Some(first)));
+    assert!(w.files.contains(&FileWork::Condemn(second)));
+    assert_eq!(w.files.last(), Some(&FileWork::Latest(Some(first))));
+    assert_eq!(j.restores_by_reason.get(&RestoreReason::CorruptCheckpoint), Some(&1));
+    assert!(j.failures_ms.len() == 1, "the fallback is not a failure");
+
+    // an unreadable file condemns nothing: the job is blocked, then retried
+    w.send(
+        1,
+        WorkerMessage::RestoreFailed {
+            generation: Generation(3),
+            checkpoint: Some(first),
+            kind: RestoreFailureKind::Unavailable,
+            message: "checkpoint 1 rank 1: read /ckpt/j/ckpt-1/rank-00001.safetensors: Permission denied"
+                .into(),
+        },
+    );
+    w.apply_all();
+    let j = w.job();
+    assert_eq!(j.state, JobState::Blocked);
+    assert_eq!(j.checkpoints[&first].state, CheckpointState::Committed);
+    assert!(j.error.as_ref().unwrap().contains("Permission denied"));
+    w.now += SupervisorConfig::default().blocked_retry_ms + 1;
+    w.heartbeat(0);
+    w.heartbeat(1);
+    w.tick();
+    assert!(w.proposals.iter().any(|p| matches!(
+        p,
+        Command::Restore { reason: RestoreReason::Retry, from: Some(f), generation: Generation(4), .. } if *f == first
+    )));
+}
+
+#[test]
+fn checkpoints_resume_at_the_next_boundary_after_a_restore() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(400, |w| w.job().latest_committed().is_some_and(|c| c.step == Step(20)));
+    // the operator rolls back to step 15: the line after it is abandoned
+    let c15 = w.job().checkpoints.values().find(|c| c.step == Step(15)).unwrap().id;
+    let c20 = w.job().latest_committed().unwrap().id;
+    w.st.apply(Command::Restore {
+        job: name(),
+        generation: Generation(2),
+        from: Some(c15),
+        reason: RestoreReason::Operator,
+        now_ms: w.now,
+    })
+    .unwrap();
+    assert_eq!(w.job().checkpoints[&c20].state, CheckpointState::Abandoned);
+    w.until(100, |w| w.job().pending().is_some());
+    assert_eq!(w.job().pending().unwrap().step, Step(20), "the next boundary past step 15");
+}
+
+#[test]
+fn a_succeeded_job_stops_its_workers_and_a_failed_one_keeps_them() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(2_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest.as_deref(), Some(reference_digest(2).as_str()));
+    w.tick();
+    assert!(w.workers.iter().all(|x| x.inbox.iter().any(|m| matches!(m, CoordinatorMessage::Stop { .. }))));
+}
+
+/// One step of an adversarial schedule.
+#[derive(Debug, Clone)]
+enum Chaos {
+    Deliver(usize),
+    DropDirective(usize),
+    Heartbeat(usize),
+    Train(usize),
+    Apply,
+    ApplyLosingReply,
+    DropProposal,
+    Tick(u64),
+    LeaderChange,
+    Restart(usize),
+}
+
+fn chaos(world: usize) -> impl Strategy<Value = Chaos> {
+    prop_oneof![
+        6 => (0..world).prop_map(Chaos::Deliver),
+        1 => (0..world).prop_map(Chaos::DropDirective),
+        4 => (0..world).prop_map(Chaos::Heartbeat),
+        6 => (0..world).prop_map(Chaos::Train),
+        4 => Just(Chaos::Apply),
+        1 => Just(Chaos::ApplyLosingReply),
+        1 => Just(Chaos::DropProposal),
+        3 => (1u64..1_500).prop_map(Chaos::Tick),
+        1 => Just(Chaos::LeaderChange),
+        1 => (0..world).prop_map(Chaos::Restart),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any interleaving of leader changes, lost directives and proposals,
+    /// silences and restarted processes reaches the same fixed point: the
+    /// job succeeds with the failure-free digest, and no committed
+    /// checkpoint is ever un-committed except by a condemnation.
+    #[test]
+    fn any_interleaving_reaches_the_same_fixed_point(
+        schedule in proptest::collection::vec(chaos(3), 1..300)
+    ) {
+        let mut w = World::new(3);
+        w.register_all();
+        let mut committed: BTreeSet<CheckpointId> = BTreeSet::new();
+        for step in schedule {
+            match step {
+                Chaos::Deliver(i) => w.deliver_one(i),
+                Chaos::DropDirective(i) => { w.workers[i].inbox.pop_front(); }
+                Chaos::Heartbeat(i) => w.heartbeat(i),
+                Chaos::Train(i) => w.train(i),
+                Chaos::Apply => { w.apply_one(true); }
+                Chaos::ApplyLosingReply => { w.apply_one(false); }
+                Chaos::DropProposal => w.drop_one(),
+                Chaos::Tick(ms) => { w.now += ms; w.tick(); }
+                Chaos::LeaderChange => w.leader_change(),
+                Chaos::Restart(i) => w.restart(i),
+            }
+            for c in w.job().checkpoints.values() {
+                if c.state == CheckpointState::Committed {
+                    committed.insert(c.id);
+                }
+            }
+            for id in &committed {
+                let state = w.job().checkpoints[id].state;
+                prop_assert!(
+                    matches!(state, CheckpointState::Committed | CheckpointState::Deleted),
+                    "committed checkpoint {} became {:?}", id, state
+                );
+            }
+        }
+        w.until(5_000, |w| w.job().state == JobState::Succeeded);
+        prop_assert_eq!(w.job().final_digest.clone(), Some(reference_digest(3)));
+    }
+}
