@@ -35,8 +35,9 @@ enum Command {
     Submit(SubmitArgs),
     /// Asks for a checkpoint now; waits until it is committed and prints its id and step.
     Checkpoint(JobArgs),
-    /// Lists a job's checkpoints: id, step, generation, state, bytes, time.
-    Checkpoints(JobArgs),
+    /// Lists a job's checkpoints: id, step, generation, state, bytes, time, and why one
+    /// was aborted, condemned or abandoned; --verify re-checks a condemned one.
+    Checkpoints(CheckpointsArgs),
     /// Operator-initiated whole-job restore (latest committed checkpoint by default).
     Restore(RestoreArgs),
     /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
@@ -131,6 +132,19 @@ struct JobArgs {
     /// The job.
     #[arg(long)]
     job: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct CheckpointsArgs {
+    /// The job.
+    #[arg(long)]
+    job: String,
+    /// Re-verify condemned checkpoint ID on the leader against the ledger's checksums;
+    /// when every shard matches, its verdict is cleared and it is committed again.
+    #[arg(long, value_name = "ID")]
+    verify: Option<u64>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -273,11 +287,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit(args) => block_on(run_submit(args)),
         Command::Status(args) => block_on(run_status(args)),
-        Command::Checkpoint(args) => block_on(async move {
-            let v = client(&args.client)?.checkpoint(&args.job).await?;
-            println!("checkpoint {} committed at step {}", v["id"], v["step"]);
-            Ok(())
-        }),
+        Command::Checkpoint(args) => block_on(run_checkpoint(args)),
         Command::Checkpoints(args) => block_on(run_checkpoints(args)),
         Command::Restore(args) => block_on(async move {
             let v = client(&args.client)?.restore(&args.job, args.checkpoint).await?;
@@ -428,19 +438,64 @@ async fn run_submit(args: SubmitArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run_checkpoints(args: JobArgs) -> Result<()> {
-    let status = client(&args.client)?.status(Some(&args.job)).await?;
+/// `flotilla checkpoint`: asks for a checkpoint and, while the leader
+/// waits for every shard, shows where the ranks are.
+async fn run_checkpoint(args: JobArgs) -> Result<()> {
+    let client = client(&args.client)?;
+    let ask = client.checkpoint(&args.job);
+    tokio::pin!(ask);
+    let mut shown = String::new();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.tick().await;
+    let v = loop {
+        tokio::select! {
+            v = &mut ask => break v?,
+            _ = every.tick() => {
+                let Ok(status) = client.status(Some(&args.job)).await else { continue };
+                let Some(job) = status.jobs.first() else { continue };
+                let Some(p) = job.checkpoints.iter().find(|c| c.state == "pending") else { continue };
+                let steps: Vec<u64> = job.workers.iter().map(|w| w.step.0).collect();
+                let line = format!(
+                    "checkpoint {} pending at step {}: ranks at steps {}..{}",
+                    p.id,
+                    p.step,
+                    steps.iter().min().unwrap_or(&0),
+                    steps.iter().max().unwrap_or(&0)
+                );
+                if line != shown {
+                    eprintln!("{line}");
+                    shown = line;
+                }
+            }
+        }
+    };
+    println!("checkpoint {} committed at step {}", v["id"], v["step"]);
+    Ok(())
+}
+
+async fn run_checkpoints(args: CheckpointsArgs) -> Result<()> {
+    let client = client(&args.client)?;
+    if let Some(id) = args.verify {
+        client.verify(&args.job, id).await?;
+        println!(
+            "checkpoint {id} of job {} verified: every checksum matches; it is committed again",
+            args.job
+        );
+        return Ok(());
+    }
+    let status = client.status(Some(&args.job)).await?;
     let job = status.jobs.into_iter().next().context("no such job")?;
     println!("{:>6} {:>10} {:>10} {:>10} {:>14}  begun", "id", "step", "generation", "state", "bytes");
     for c in &job.checkpoints {
         println!(
-            "{:>6} {:>10} {:>10} {:>10} {:>14}  {}",
+            "{:>6} {:>10} {:>10} {:>10} {:>14}  {}{}",
             c.id,
             c.step,
             c.generation,
             c.state,
             c.bytes,
-            flotilla_shared::layout::Manifest::format_time(c.begun_ms)
+            flotilla_shared::layout::Manifest::format_time(c.begun_ms),
+            c.reason.as_ref().map(|r| format!("  ({r})")).unwrap_or_default()
         );
     }
     if job.checkpoints.is_empty() {
@@ -481,6 +536,9 @@ async fn run_status(args: StatusArgs) -> Result<()> {
         );
         if let Some(e) = &job.error {
             println!("  error: {e}");
+        }
+        for e in job.events.iter().rev().take(5).rev() {
+            println!("  {}  {}", flotilla_shared::layout::Manifest::format_time(e.at_ms), e.text);
         }
         if let Some(d) = &job.final_digest {
             println!("  final digest: {d}");

@@ -1,7 +1,7 @@
 //! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
 
 use crate::node::{NodeStatus, Role};
-use crate::state::{CheckpointState, Job, State};
+use crate::state::{CheckpointState, Job, JobEvent, State};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +68,10 @@ pub struct JobStatus {
     pub checkpoints: Vec<CheckpointView>,
     /// Each rank as last reported in this generation.
     pub workers: Vec<WorkerView>,
+    /// The latest notable events (restores and why, condemned checkpoints,
+    /// operator actions), oldest first.
+    #[serde(default)]
+    pub events: Vec<JobEvent>,
     /// Hex digest of the final variables, once succeeded.
     pub final_digest: Option<String>,
     /// Why the job is blocked or failed.
@@ -92,7 +96,7 @@ pub struct CheckpointView {
     pub step: Step,
     /// Generation it was taken in.
     pub generation: Generation,
-    /// `pending`, `committed`, `aborted`, `corrupt`.
+    /// `pending`, `committed`, `aborted`, `corrupt`, `abandoned`.
     pub state: String,
     /// Bytes of all shards.
     pub bytes: u64,
@@ -101,6 +105,9 @@ pub struct CheckpointView {
     /// When it was committed or aborted.
     #[serde(default)]
     pub ended_ms: Option<u64>,
+    /// Why it was aborted, condemned (rank, file and tensor) or abandoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One rank in the status.
@@ -167,9 +174,11 @@ impl JobStatus {
                     bytes: c.bytes(),
                     begun_ms: c.begun_ms,
                     ended_ms: c.ended_ms,
+                    reason: c.reason.clone(),
                 })
                 .collect(),
             workers: Vec::new(),
+            events: job.events.clone(),
             final_digest: job.final_digest.clone(),
             error: job.error.clone(),
         }

@@ -123,6 +123,19 @@ impl Client {
         resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
     }
 
+    /// Re-verifies condemned checkpoint `id` of `job` on the leader and, when
+    /// every shard matches its checksums, clears the verdict.
+    pub async fn verify(&self, job: &str, id: u64) -> Result<serde_json::Value, ClientError> {
+        let resp = self
+            .mutate_with_timeout(
+                &format!("/v1/jobs/{job}/checkpoints/{id}/verify"),
+                String::new(),
+                Duration::from_secs(3600),
+            )
+            .await?;
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
     /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
     /// URL, retries 503 (no leader yet) until `patience` runs out.
     async fn mutate(&self, path: &str, body: String) -> Result<reqwest::Response, ClientError> {

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName};
-use flotilla_shared::layout::Manifest;
+use flotilla_shared::layout::{JobDir, Manifest};
+use flotilla_shared::shard::Shard;
 use flotilla_shared::spec::JobSpec;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
@@ -47,6 +48,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs", post(submit))
         .route("/v1/jobs/{job}/checkpoint", post(checkpoint))
         .route("/v1/jobs/{job}/restore", post(restore))
+        .route("/v1/jobs/{job}/checkpoints/{id}/verify", post(verify))
         .with_state(state)
 }
 
@@ -295,12 +297,6 @@ async fn restore(
     };
     let check = s.node.read_state(|st| {
         let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
-        if j.state == JobState::Succeeded {
-            return Err((
-                StatusCode::CONFLICT,
-                format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
-            ));
-        }
         let from = match body.checkpoint {
             Some(id) => match j.checkpoints.get(&id).map(|c| c.state) {
                 Some(CheckpointState::Committed | CheckpointState::Abandoned) => id,
@@ -325,6 +321,12 @@ async fn restore(
                 }
             },
         };
+        if j.state == JobState::Succeeded {
+            return Err((
+                StatusCode::CONFLICT,
+                format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
+            ));
+        }
         Ok((j.generation, from))
     });
     let (generation, from) = match check {
@@ -343,6 +345,66 @@ async fn restore(
             Json(serde_json::json!({"job": job, "generation": generation.0 + 1, "checkpoint": from}))
                 .into_response()
         }
+        Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(e) => propose_error(e),
+    }
+}
+
+/// `POST /v1/jobs/{job}/checkpoints/{id}/verify`: re-reads every shard of a
+/// condemned checkpoint against the ledger's checksums (on the leader, which
+/// reaches the checkpoint root); when every one matches (the damage was
+/// repaired, or the verdict came from a bad read), the verdict is cleared and
+/// the checkpoint is committed again. 409 with the first damage otherwise.
+async fn verify(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path((job, id)): Path<(String, u64)>,
+) -> Response {
+    let job = match admin_request(&s, &headers, &job) {
+        Ok(j) => j,
+        Err(r) => return *r,
+    };
+    let id = CheckpointId(id);
+    let found = s.node.read_state(|st| {
+        let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
+        let c = j
+            .checkpoints
+            .get(&id)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}")))?;
+        if c.state != CheckpointState::Corrupt {
+            return Err((
+                StatusCode::CONFLICT,
+                format!(
+                    "checkpoint {id} of job {job} is {}; only a corrupt one is re-verified",
+                    c.state.as_str()
+                ),
+            ));
+        }
+        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id);
+        Ok((dir, c.shards.clone()))
+    });
+    let (dir, shards) = match found {
+        Ok(f) => f,
+        Err((code, msg)) => return error(code, msg),
+    };
+    let checked = tokio::task::spawn_blocking(move || {
+        shards.iter().try_for_each(|m| {
+            let label = format!("checkpoint {id} rank {}", m.rank);
+            let path = dir.join(&m.file);
+            Shard::read_verified(&path, &label, m)
+                .map(|_| ())
+                .map_err(|e| format!("{e} (file {})", path.display()))
+        })
+    })
+    .await;
+    match checked {
+        Ok(Ok(())) => {}
+        Ok(Err(damage)) => return error(StatusCode::CONFLICT, format!("still damaged: {damage}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("verification failed: {e}")),
+    }
+    let cmd = Command::ClearCorrupt { job: job.clone(), id, now_ms: Manifest::now_unix_ms() };
+    match s.node.propose(cmd).await {
+        Ok(Ok(_)) => Json(serde_json::json!({"job": job, "id": id, "state": "committed"})).into_response(),
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),
     }

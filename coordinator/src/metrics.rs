@@ -38,6 +38,7 @@ pub struct Metrics {
     latest_committed_step: IntGaugeVec,
     checkpoints: IntCounterVec,
     restores: IntCounterVec,
+    last_condemned: IntGaugeVec,
     /// Begin to commit of each checkpoint (observed by the leader).
     pub checkpoint_seconds: HistogramVec,
     /// Restore decided to every rank training again (observed by the leader).
@@ -138,11 +139,16 @@ impl Metrics {
         );
         let checkpoints = counter_vec(
             "flotilla_checkpoints_total",
-            "Checkpoints that ended, by outcome (committed, aborted).",
+            "Checkpoints that ended, by outcome (committed, aborted; condemned: committed, then found corrupt).",
             &["job", "outcome"],
         );
         let restores =
             counter_vec("flotilla_restores_total", "Whole-job restores, by reason.", &["job", "reason"]);
+        let last_condemned = gauge_vec(
+            "flotilla_last_condemned_checkpoint",
+            "Id of the job's last checkpoint condemned by a checksum or format mismatch (0: none).",
+            &["job"],
+        );
         let checkpoint_seconds = histogram_vec(
             "flotilla_checkpoint_duration_seconds",
             "Time from a checkpoint's begin to its commit.",
@@ -159,6 +165,7 @@ impl Metrics {
             latest_committed_step,
             checkpoints,
             restores,
+            last_condemned,
             checkpoint_seconds,
             recovery_seconds,
             exported: Arc::default(),
@@ -205,6 +212,8 @@ impl Metrics {
             self.latest_committed_step.with_label_values(&[name]).set(latest as i64);
             self.export_counter(&self.checkpoints, name, "committed", job.committed_total);
             self.export_counter(&self.checkpoints, name, "aborted", job.aborted_total);
+            self.export_counter(&self.checkpoints, name, "condemned", job.condemned_total);
+            self.last_condemned.with_label_values(&[name]).set(job.last_condemned.map_or(0, |c| c.0 as i64));
             for (reason, n) in &job.restores_by_reason {
                 self.export_counter(&self.restores, name, reason.as_str(), *n);
             }

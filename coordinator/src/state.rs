@@ -259,6 +259,12 @@ pub struct Job {
     /// Checkpoints aborted over the job's life.
     #[serde(default)]
     pub aborted_total: u64,
+    /// Committed checkpoints condemned (checksum or format mismatch) over the job's life.
+    #[serde(default)]
+    pub condemned_total: u64,
+    /// The last checkpoint condemned, if any.
+    #[serde(default)]
+    pub last_condemned: Option<CheckpointId>,
     /// Whole-job restores by reason.
     #[serde(default)]
     pub restores_by_reason: BTreeMap<RestoreReason, u64>,
@@ -668,6 +674,8 @@ impl State {
                     CheckpointState::Committed => {
                         c.state = CheckpointState::Corrupt;
                         c.reason = Some(reason.clone());
+                        j.condemned_total += 1;
+                        j.last_condemned = Some(id);
                         j.note(now_ms, format!("checkpoint {id} condemned: {reason}"));
                         Ok(vec![Event::CheckpointCorrupt { job, id }])
                     }
@@ -794,6 +802,8 @@ impl State {
                 submitted_ms: now_ms,
                 committed_total: 0,
                 aborted_total: 0,
+                condemned_total: 0,
+                last_condemned: None,
                 restores_by_reason: BTreeMap::new(),
                 failures_ms: Vec::new(),
                 events: Vec::new(),

@@ -193,11 +193,22 @@ pub struct SupervisorConfig {
     /// How far ahead, in time, a checkpoint step is placed at first; it grows
     /// when a rank was already past the step and shrinks after commits.
     pub base_lead_ms: u64,
+    /// How long a known worker's closed connection may stay closed (and the
+    /// worker silent) before the rank has failed: a worker that reconnects
+    /// with the same process within it is no failure. One never heard from by
+    /// this leader gets the job's heartbeat timeout.
+    pub reconnect_grace_ms: u64,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        Self { proposal_retry_ms: 5_000, blocked_retry_ms: 30_000, min_resend_ms: 500, base_lead_ms: 200 }
+        Self {
+            proposal_retry_ms: 5_000,
+            blocked_retry_ms: 30_000,
+            min_resend_ms: 500,
+            base_lead_ms: 200,
+            reconnect_grace_ms: 500,
+        }
     }
 }
 
@@ -418,7 +429,9 @@ impl Supervisor {
                 if let Some((job, rank)) = self.conns.remove(&conn) {
                     if let Some(r) = self.soft(&job, now.mono_ms).ranks.get_mut(&rank) {
                         if r.conn == Some(conn) {
+                            // the grace before a closed connection is a failure counts from here
                             r.conn = None;
+                            r.last_seen = now.mono_ms;
                         }
                     }
                 }
@@ -692,6 +705,7 @@ impl Supervisor {
         let g = j.generation;
         let timeout = j.spec.failure.heartbeat_timeout_ms;
         let hang = j.spec.failure.hang_timeout_seconds * 1000;
+        let grace = self.cfg.reconnect_grace_ms;
         let soft = self.soft(&j.spec.name, t);
         let running_since = match soft.running_seen {
             Some((rg, at)) if rg == g => at,
@@ -701,12 +715,12 @@ impl Supervisor {
             }
         };
         soft.ranks.iter().find_map(|(rank, r)| {
-            let reason = if t > r.last_seen + timeout {
-                if r.conn.is_some() {
-                    RestoreReason::HeartbeatTimeout
-                } else {
-                    RestoreReason::Disconnected
-                }
+            let reason = if r.conn.is_some() && t > r.last_seen + timeout {
+                RestoreReason::HeartbeatTimeout
+            } else if r.conn.is_none() && r.incarnation.is_some() && t > r.last_seen + grace {
+                RestoreReason::Disconnected
+            } else if r.conn.is_none() && t > r.last_seen + timeout {
+                RestoreReason::Disconnected
             } else if r.conn.is_none() {
                 return None; // reconnecting within the heartbeat timeout is no failure
             } else if r.status == WorkerStatus::Failed {
@@ -924,9 +938,10 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
         let e = j.spec.checkpoint.every_steps?;
         let next = (head / e + 1) * e;
         let target = if earliest <= next { next } else { earliest.div_ceil(e) * e };
+        // announced once the ranks' pace says they reach it within half the
+        // timeout (unknown before the first progress reports)
         let half_timeout_ms = j.spec.checkpoint.timeout_seconds * 500;
-        let eta_ms = if rate > 0.0 { (target.saturating_sub(fastest)) as f64 / rate } else { 0.0 };
-        if eta_ms > half_timeout_ms as f64 {
+        if rate <= 0.0 || target.saturating_sub(fastest) as f64 / rate > half_timeout_ms as f64 {
             return None;
         }
         target
