@@ -296,3 +296,57 @@ async fn operator_checkpoint_list_and_restore() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("42"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_job_refuses_at_once_and_a_new_job_resumes_from_its_checkpoint() {
+    let s = Scenario::start_every(2, 300, 50, "").await;
+    let done = s.wait_job("the first job to succeed", |j| j.state == "succeeded").await;
+    let head = done.latest_committed.expect("the first job committed checkpoints");
+    let endpoints = s.cluster.endpoints();
+    tracing::info!("--- requests a finished job cannot take are refused at once, with the reason");
+    for args in [["restore", "--job", "e2e"], ["checkpoint", "--job", "e2e"]] {
+        let out = Command::new(BIN).args(args).args(["--endpoints", &endpoints]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains("succeeded"), "{args:?}: {stderr}");
+    }
+
+    tracing::info!("--- a new job starts from the first job's latest committed checkpoint");
+    let text = format!(
+        "name = \"next\"\nworld_size = 2\n\n[checkpoint]\nevery_steps = 50\nroot = \"{}\"\nresume_from = \"{}\"\n\n\
+         [trainer]\ntotal_steps = 600\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\nseed = 7\n",
+        s.dir.path().join("ckpt").display(),
+        s.job_dir().path().display()
+    );
+    let spec = JobSpec::from_toml(&text).unwrap();
+    s.client.submit(&text).await.unwrap();
+    let mut workers = LocalWorkers::new(Path::new(BIN), s.dir.path(), s.cluster.api_endpoints(), "next", 2);
+    for rank in 0..2 {
+        workers.spawn(rank, &[]).unwrap();
+    }
+    let next = wait_for("the resumed job to succeed", LONG, || async {
+        let j = s.client.status(Some("next")).await.map_err(|e| e.to_string())?.jobs.into_iter().next();
+        let j = j.ok_or("no job")?;
+        if j.state == "succeeded" {
+            Ok(j)
+        } else {
+            Err(format!("{} gen {} step {}", j.state, j.generation, j.step))
+        }
+    })
+    .await;
+    // the same model trained on from the first job's state ends where a
+    // failure-free 600-step run ends, and took no checkpoint before the head
+    let reference = reference_digest(spec.trainer.as_ref().unwrap(), 2);
+    assert_eq!(next.final_digest.as_deref(), Some(reference.as_str()));
+    let first = next.checkpoints.iter().map(|c| c.step).min().expect("checkpoints after the head");
+    assert!(first > head.step, "first checkpoint at {first}, the head was {}", head.step);
+    assert_eq!(next.restores, 0);
+
+    tracing::info!("--- a resume_from that names no committed checkpoint is refused with the key");
+    let bad = text.replace("name = \"next\"", "name = \"bad\"").replace(
+        &s.job_dir().path().display().to_string(),
+        &s.dir.path().join("nowhere").display().to_string(),
+    );
+    let err = s.client.submit(&bad).await.unwrap_err().to_string();
+    assert!(err.contains("checkpoint.resume_from") && err.contains("no committed checkpoint"), "{err}");
+}

@@ -174,7 +174,13 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
     }
     let job = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
-    match s.node.propose(Command::SubmitJob { spec, now_ms }).await {
+    let read = spec.clone();
+    let origin = match tokio::task::spawn_blocking(move || crate::server::read_origin(&read)).await {
+        Ok(Ok(origin)) => origin,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match s.node.propose(Command::SubmitJob { spec, now_ms, origin }).await {
         Ok(Ok(events)) => {
             let created = events.iter().any(|e| matches!(e, Event::JobSubmitted { .. }));
             let code = if created { StatusCode::CREATED } else { StatusCode::OK };

@@ -5,10 +5,11 @@
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
-use crate::state::{Command, NodeInfo};
+use crate::state::{Command, NodeInfo, Origin};
 use crate::transport::{self, PeerTransport};
 use crate::workers;
 use flotilla_shared::ids::NodeId;
+use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::spec::JobSpec;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -180,6 +181,24 @@ async fn announce(handle: NodeHandle, id: NodeId, info: NodeInfo, shutdown: Canc
     }
 }
 
+/// Reads the committed checkpoint a spec's `[checkpoint] resume_from` names
+/// (the latest of that job), for [`Command::SubmitJob`].
+pub fn read_origin(spec: &JobSpec) -> Result<Option<Box<Origin>>, String> {
+    let Some(from) = &spec.checkpoint.resume_from else { return Ok(None) };
+    let dir = JobDir::at(from);
+    let id = dir
+        .read_latest()
+        .map_err(|e| format!("checkpoint.resume_from: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "checkpoint.resume_from = {}: no committed checkpoint there (no LATEST); point it at a job's checkpoint directory, <root>/<job>",
+                from.display()
+            )
+        })?;
+    let m = Manifest::read(&dir.checkpoint_dir(id)).map_err(|e| format!("checkpoint.resume_from: {e}"))?;
+    Ok(Some(Box::new(Origin { job: m.job, id, step: m.step, dir: dir.checkpoint_dir(id), shards: m.ranks })))
+}
+
 async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: CancellationToken) {
     let mut status = handle.watch_status();
     while handle.status().leader_id.is_none() {
@@ -190,9 +209,16 @@ async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: Cancellati
     }
     let name = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
+    let origin = match read_origin(&spec) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("cannot submit job {name} (--job): {e}");
+            return;
+        }
+    };
     propose_until_applied(
         &handle,
-        Command::SubmitJob { spec, now_ms },
+        Command::SubmitJob { spec, now_ms, origin },
         &format!("submitting job {name} (--job)"),
         &shutdown,
     )

@@ -274,6 +274,9 @@ pub struct Job {
     /// The latest notable events, oldest first (at most [`JOB_EVENTS_KEPT`]).
     #[serde(default)]
     pub events: Vec<JobEvent>,
+    /// The other job's checkpoint this job started from, if any.
+    #[serde(default)]
+    pub origin: Option<Box<Origin>>,
 }
 
 impl Job {
@@ -298,9 +301,13 @@ impl Job {
         self.checkpoints.values().find(|c| c.state == CheckpointState::Pending)
     }
 
-    /// The step the current generation started from (0 without a checkpoint).
+    /// The step the current generation started from: its checkpoint's, else
+    /// the origin's (`resume_from`), else 0.
     pub fn start_step(&self) -> Step {
-        self.restored_from.and_then(|id| self.checkpoints.get(&id)).map_or(Step(0), |c| c.step)
+        match self.restored_from.and_then(|id| self.checkpoints.get(&id)) {
+            Some(c) => c.step,
+            None => self.origin.as_ref().map_or(Step(0), |o| o.step),
+        }
     }
 
     fn note(&mut self, at_ms: u64, text: String) {
@@ -309,6 +316,22 @@ impl Job {
         }
         self.events.push(JobEvent { at_ms, text });
     }
+}
+
+/// A committed checkpoint of another job that a job starts from
+/// (`[checkpoint] resume_from`), read by the leader when the job is submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The job it belongs to.
+    pub job: JobName,
+    /// Its id in that job.
+    pub id: CheckpointId,
+    /// Its step.
+    pub step: Step,
+    /// Its directory.
+    pub dir: std::path::PathBuf,
+    /// One shard per rank, with the checksums to verify.
+    pub shards: Vec<ShardManifest>,
 }
 
 /// How to reach a coordinator replica, as it announced itself.
@@ -336,6 +359,9 @@ pub enum Command {
         spec: JobSpec,
         /// Submission time.
         now_ms: u64,
+        /// The checkpoint `resume_from` names, read by the proposer.
+        #[serde(default)]
+        origin: Option<Box<Origin>>,
     },
     /// Every rank registered: start (or resume) training.
     StartJob {
@@ -585,7 +611,7 @@ impl State {
                 self.nodes.insert(node, info);
                 Ok(vec![])
             }
-            Command::SubmitJob { spec, now_ms } => self.submit(spec, now_ms),
+            Command::SubmitJob { spec, now_ms, origin } => self.submit(spec, now_ms, origin),
             Command::StartJob { job, generation } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Waiting {
@@ -740,7 +766,7 @@ impl State {
             }
             Command::BlockJob { job, generation, error } => {
                 let j = self.live_job(&job, generation)?;
-                if j.state != JobState::Restoring && j.state != JobState::Blocked {
+                if !matches!(j.state, JobState::Restoring | JobState::Blocked | JobState::Waiting) {
                     return refuse(
                         RefusalKind::Conflict,
                         format!("job {job} is {}, not restoring", j.state.as_str()),
@@ -773,9 +799,31 @@ impl State {
         }
     }
 
-    fn submit(&mut self, spec: JobSpec, now_ms: u64) -> Outcome {
+    fn submit(&mut self, spec: JobSpec, now_ms: u64, origin: Option<Box<Origin>>) -> Outcome {
         if let Err(e) = spec.validate() {
             return refuse(RefusalKind::Invalid, e);
+        }
+        match (&spec.checkpoint.resume_from, &origin) {
+            (Some(from), None) => {
+                return refuse(
+                    RefusalKind::Invalid,
+                    format!("checkpoint.resume_from = {}: its checkpoint was not read", from.display()),
+                )
+            }
+            (_, Some(o)) if o.shards.len() != spec.world_size as usize => {
+                return refuse(
+                    RefusalKind::Invalid,
+                    format!(
+                        "checkpoint.resume_from: checkpoint {} of job {} has {} shards, job {} has world_size {}; resume with the same number of ranks",
+                        o.id,
+                        o.job,
+                        o.shards.len(),
+                        spec.name,
+                        spec.world_size
+                    ),
+                )
+            }
+            _ => {}
         }
         let name = spec.name.clone();
         if let Some(existing) = self.jobs.get(&name) {
@@ -806,7 +854,17 @@ impl State {
                 last_condemned: None,
                 restores_by_reason: BTreeMap::new(),
                 failures_ms: Vec::new(),
-                events: Vec::new(),
+                events: origin
+                    .iter()
+                    .map(|o| JobEvent {
+                        at_ms: now_ms,
+                        text: format!(
+                            "starts from checkpoint {} (step {}) of job {} (resume_from)",
+                            o.id, o.step, o.job
+                        ),
+                    })
+                    .collect(),
+                origin,
             },
         );
         Ok(vec![Event::JobSubmitted { job: name }])
@@ -1080,7 +1138,8 @@ mod tests {
     /// A running job "a" with world size 2 in generation 1.
     fn running(keep_last: u32, max_restarts: u32) -> State {
         let mut s = State::default();
-        s.apply(Command::SubmitJob { spec: spec("a", 2, keep_last, max_restarts), now_ms: 1 }).unwrap();
+        s.apply(Command::SubmitJob { spec: spec("a", 2, keep_last, max_restarts), now_ms: 1, origin: None })
+            .unwrap();
         s.apply(Command::StartJob { job: name("a"), generation: Generation(1) }).unwrap();
         s
     }
@@ -1126,22 +1185,26 @@ mod tests {
     fn submit_is_idempotent_and_refuses_a_different_spec() {
         let mut s = State::default();
         assert_eq!(
-            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 5 }),
+            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 5, origin: None }),
             Ok(vec![Event::JobSubmitted { job: name("a") }])
         );
         assert_eq!(job(&s).generation, Generation(1));
         assert_eq!(job(&s).state, JobState::Waiting);
         assert_eq!(
-            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 6 }),
+            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 6, origin: None }),
             Ok(vec![Event::JobAlreadySubmitted { job: name("a") }])
         );
-        let err = s.apply(Command::SubmitJob { spec: spec("a", 4, 3, 10), now_ms: 7 }).unwrap_err();
+        let err =
+            s.apply(Command::SubmitJob { spec: spec("a", 4, 3, 10), now_ms: 7, origin: None }).unwrap_err();
         assert_eq!(err.kind, RefusalKind::Conflict);
         assert!(err.message.contains("different spec"), "{err}");
         assert_eq!(job(&s).submitted_ms, 5);
         let mut bad = spec("b", 2, 3, 10);
         bad.world_size = 0;
-        assert_eq!(kind(s.apply(Command::SubmitJob { spec: bad, now_ms: 1 })), RefusalKind::Invalid);
+        assert_eq!(
+            kind(s.apply(Command::SubmitJob { spec: bad, now_ms: 1, origin: None })),
+            RefusalKind::Invalid
+        );
     }
 
     #[test]
@@ -1375,7 +1438,7 @@ mod tests {
                 node: NodeId(2),
                 info: NodeInfo { http_url: "http://127.0.0.1:9202".into(), api_addr: None },
             },
-            Command::SubmitJob { spec: spec("a", 2, 2, 10), now_ms: 1 },
+            Command::SubmitJob { spec: spec("a", 2, 2, 10), now_ms: 1, origin: None },
             Command::StartJob { job: name("a"), generation: Generation(1) },
             Command::BeginCheckpoint {
                 job: name("a"),

@@ -343,9 +343,15 @@ fn error(code: ErrorCode, message: String) -> CoordinatorMessage {
     CoordinatorMessage::Error(ErrorReply { code, message })
 }
 
-/// Where rank `rank` restores from in the job's current generation.
+/// Where rank `rank` restores from in the job's current generation: its
+/// checkpoint, else the other job's checkpoint it started from
+/// (`resume_from`), else nowhere (fresh state at step 0).
 pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
-    let id = job.restored_from?;
+    let Some(id) = job.restored_from else {
+        let o = job.origin.as_ref()?;
+        let shard = o.shards.iter().find(|s| s.rank == rank)?.clone();
+        return Some(RestorePoint { checkpoint: o.id, step: o.step, dir: o.dir.clone(), shard });
+    };
     let c = job.checkpoints.get(&id)?;
     let shard = c.shards.iter().find(|s| s.rank == rank)?.clone();
     Some(RestorePoint {
@@ -592,14 +598,15 @@ impl Supervisor {
                 }
             }
             WorkerMessage::RestoreFailed { generation, checkpoint, kind, message } => {
-                if generation != current || j.state != JobState::Restoring {
+                if generation != current || !matches!(j.state, JobState::Restoring | JobState::Waiting) {
                     return;
                 }
                 tracing::warn!(%job, %rank, %generation, "restore failed: {message}");
                 let cmd = match (kind, checkpoint) {
-                    // only a checksum or format mismatch condemns a checkpoint;
+                    // only a checksum or format mismatch condemns a checkpoint
+                    // (one of the job's own: the `resume_from` origin blocks);
                     // the reconciler then restores from the one before it
-                    (RestoreFailureKind::Corrupt, Some(id)) => {
+                    (RestoreFailureKind::Corrupt, Some(id)) if j.checkpoints.contains_key(&id) => {
                         Command::MarkCorrupt { job, id, reason: message, now_ms: now.wall_ms }
                     }
                     _ => Command::BlockJob { job, generation, error: message },
@@ -636,18 +643,13 @@ impl Supervisor {
         let g = j.generation;
         match j.state {
             JobState::Waiting => {
-                // every rank builds its fresh state (generation G, step 0),
-                // then the job starts
-                for r in soft.ranks.values_mut() {
+                // every rank builds its first state (fresh at step 0, or the
+                // `resume_from` checkpoint) in generation G, then the job starts
+                for (rank, r) in soft.ranks.iter_mut() {
                     if r.generation != Some(g) {
-                        direct(
-                            r,
-                            Phase::Restore(g),
-                            CoordinatorMessage::Restore { generation: g, from: None },
-                            t,
-                            resend,
-                            out,
-                        );
+                        let msg =
+                            CoordinatorMessage::Restore { generation: g, from: restore_point(j, *rank) };
+                        direct(r, Phase::Restore(g), msg, t, resend, out);
                     }
                 }
                 if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
@@ -717,9 +719,9 @@ impl Supervisor {
         soft.ranks.iter().find_map(|(rank, r)| {
             let reason = if r.conn.is_some() && t > r.last_seen + timeout {
                 RestoreReason::HeartbeatTimeout
-            } else if r.conn.is_none() && r.incarnation.is_some() && t > r.last_seen + grace {
-                RestoreReason::Disconnected
-            } else if r.conn.is_none() && t > r.last_seen + timeout {
+            } else if r.conn.is_none()
+                && t > r.last_seen + if r.incarnation.is_some() { grace } else { timeout }
+            {
                 RestoreReason::Disconnected
             } else if r.conn.is_none() {
                 return None; // reconnecting within the heartbeat timeout is no failure

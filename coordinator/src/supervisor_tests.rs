@@ -234,7 +234,7 @@ struct World {
 impl World {
     fn new(world: u32) -> Self {
         let mut st = State::default();
-        st.apply(Command::SubmitJob { spec: spec(world), now_ms: T0 }).unwrap();
+        st.apply(Command::SubmitJob { spec: spec(world), now_ms: T0, origin: None }).unwrap();
         let mut w = Self {
             st,
             sup: Supervisor::new(SupervisorConfig::default(), Now { mono_ms: T0, wall_ms: T0 }, 1),

@@ -48,6 +48,10 @@ pub struct CheckpointSpec {
     /// A checkpoint not committed by then is aborted.
     #[serde(default = "default_timeout_seconds")]
     pub timeout_seconds: u64,
+    /// Start from the latest committed checkpoint of another job (its
+    /// checkpoint directory, `<root>/<job>`), checked against the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<PathBuf>,
 }
 
 /// `[failure]`: failure detection and restart budget.
@@ -242,6 +246,14 @@ impl JobSpec {
             format!("{:?}", c.root),
             "must be an absolute path (every rank and coordinator resolves it alike)",
         )?;
+        if let Some(from) = &c.resume_from {
+            check(
+                from.is_absolute(),
+                "checkpoint.resume_from",
+                format!("{from:?}"),
+                "must be an absolute path to another job's checkpoint directory (<root>/<job>)",
+            )?;
+        }
         check(
             (1..=86_400).contains(&c.timeout_seconds),
             "checkpoint.timeout_seconds",
