@@ -421,9 +421,11 @@ impl Supervisor {
             .collect()
     }
 
-    /// Handles one observation, then reconciles.
+    /// Handles one observation, then reconciles (a heartbeat waits for the
+    /// next tick: it changes progress, not what is due, and there are many).
     pub fn observe(&mut self, ledger: &State, now: Now, obs: Observation) -> Vec<Action> {
         let mut out = Vec::new();
+        let heartbeat = matches!(obs, Observation::Message { msg: WorkerMessage::Heartbeat { .. }, .. });
         match obs {
             Observation::Registered(r) => {
                 if !self.registered(ledger, now, r, &mut out) {
@@ -452,7 +454,9 @@ impl Supervisor {
                 self.soft(&job, now.mono_ms).files.remove(&work);
             }
         }
-        out.extend(self.tick(ledger, now));
+        if !heartbeat {
+            out.extend(self.tick(ledger, now));
+        }
         out
     }
 

@@ -741,6 +741,8 @@ fn a_dead_trainer_is_a_failure() {
     w.running();
     w.workers[1].status = WorkerStatus::Failed;
     w.heartbeat(1);
+    assert!(w.proposals.is_empty(), "a heartbeat is judged on the next tick");
+    w.tick();
     assert!(
         w.proposals
             .iter()
