@@ -9,11 +9,16 @@ echo "--- installing test dependencies"
 # kubernetes-validate (with its schemas) and PyYAML for the deployment checks
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   safetensors numpy kubernetes-validate pyyaml
-# a real Prometheus server (and promtool) for the scrape test and the alert rules
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+# a real Prometheus server (and promtool) for the scrape test and the alert rules;
+# iproute2 (ip netns) and iptables for the network-partition test (tests/partition.rs)
+apt_packages=()
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then apt_packages+=(prometheus); fi
+if ! command -v ip >/dev/null; then apt_packages+=(iproute2); fi
+if ! command -v iptables-restore >/dev/null; then apt_packages+=(iptables); fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
 echo "--- deployment files: chart and plain manifests in sync, schemas, alert rules, dashboard"
