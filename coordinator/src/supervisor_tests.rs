@@ -182,6 +182,7 @@ impl SimWorker {
                 vec![]
             }
             CoordinatorMessage::Registered { .. }
+            | CoordinatorMessage::Alive
             | CoordinatorMessage::NotLeader { .. }
             | CoordinatorMessage::Stop { .. } => vec![],
         }

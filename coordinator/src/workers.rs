@@ -417,6 +417,16 @@ async fn serve_worker(
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.to_string()),
                 Some(Ok(msg)) => {
+                    // a heartbeat is answered at once while this replica leads;
+                    // a deposed or partitioned leader's silence tells the worker to move
+                    if matches!(msg, WorkerMessage::Heartbeat { .. }) {
+                        if node.status().role != Role::Leader {
+                            break Ok(());
+                        }
+                        if let Err(e) = conn.send(CoordinatorMessage::Alive).await {
+                            break Err(e.to_string());
+                        }
+                    }
                     if supervisor.send(SupervisorInput::Observe(Observation::Message { conn: conn_id, msg })).await.is_err() {
                         break Ok(());
                     }

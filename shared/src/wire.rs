@@ -284,6 +284,10 @@ pub enum CoordinatorMessage {
         /// Step to train from.
         step: Step,
     },
+    /// The answer to a heartbeat, from a replica that still leads: a worker
+    /// that hears nothing for `heartbeat_timeout_ms` takes its leader for
+    /// lost (partitioned away, or deposed) and looks for the new one.
+    Alive,
     /// The job ended (succeeded or failed): the worker exits.
     Stop {
         /// Why, for the log.

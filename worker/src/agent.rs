@@ -340,7 +340,17 @@ impl Agent {
             self.unsent.pop_front();
         }
         let mut heartbeat = tokio::time::interval(Duration::from_millis(spec.failure.heartbeat_interval_ms));
+        // a leader answers every heartbeat; one silent this long is lost to
+        // this worker (deposed, crashed, or on the far side of a partition)
+        let silence = Duration::from_millis(spec.failure.heartbeat_timeout_ms);
+        let mut heard = tokio::time::Instant::now();
         loop {
+            if heard.elapsed() > silence {
+                return Err(SessionError::Retry(format!(
+                    "no word from the coordinator for {} ms; looking for the leader",
+                    silence.as_millis()
+                )));
+            }
             tokio::select! {
                 _ = heartbeat.tick() => {
                     self.check_runner();
@@ -353,6 +363,7 @@ impl Agent {
                 }
                 frame = conn.next() => {
                     let msg = frame.ok_or_else(|| SessionError::Retry("the coordinator closed the connection".into()))??;
+                    heard = tokio::time::Instant::now();
                     let (end, replies) = self.directive(msg)?;
                     for reply in replies {
                         conn.send(reply).await?;
@@ -482,7 +493,9 @@ impl Agent {
                 tracing::info!("stale report dropped: {}", e.message)
             }
             CoordinatorMessage::Error(e) => tracing::warn!("coordinator: {}", e.message),
-            CoordinatorMessage::Registered { .. } | CoordinatorMessage::NotLeader { .. } => {}
+            CoordinatorMessage::Alive
+            | CoordinatorMessage::Registered { .. }
+            | CoordinatorMessage::NotLeader { .. } => {}
         }
         Ok((None, replies))
     }
