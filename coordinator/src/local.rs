@@ -140,6 +140,21 @@ impl LocalCluster {
         }
     }
 
+    /// Replicas whose process exited by itself, with their exit status
+    /// (reaps them; a later [`LocalCluster::spawn`] starts them again).
+    pub fn exited(&mut self) -> Vec<(NodeId, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for node in &mut self.nodes {
+            if let Some(child) = &mut node.child {
+                if let Ok(Some(status)) = child.try_wait() {
+                    out.push((node.id, status));
+                    node.child = None;
+                }
+            }
+        }
+        out
+    }
+
     /// Deletes replica `id`'s data directory (it must be stopped).
     pub fn wipe(&mut self, id: NodeId) -> io::Result<()> {
         assert!(!self.node(id).is_running(), "wipe a stopped replica only");
