@@ -812,7 +812,7 @@ impl Supervisor {
         }
         if soft.ranks.values().all(|r| r.saved.contains_key(&id)) {
             let shards = soft.ranks.values().filter_map(|r| r.saved.get(&id).cloned()).collect();
-            soft.lead_ms = (soft.lead_ms * 3 / 4).max(base_lead);
+            soft.lead_ms = (soft.lead_ms / 2).max(base_lead);
             self.propose(now, Command::CommitCheckpoint { job: name, id, shards, now_ms: now.wall_ms }, out);
             return;
         }
@@ -937,6 +937,11 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
     let lead = (rate * soft.lead_ms as f64).ceil() as u64 + 1;
     let head = j.latest_committed().map_or(0, |c| c.step.0).max(j.start_step().0);
     let earliest = (fastest + lead).max(head + 1);
+    if rate <= 0.0 {
+        // no pace measured yet (a new leader, a fresh start): a step placed
+        // now could be behind the ranks; a request waits for the first reports
+        return None;
+    }
     let by_time = j.spec.checkpoint.every_seconds.is_some_and(|s| t >= soft.last_begun + s * 1000);
     let step = if soft.checkpoint_requested || by_time {
         earliest
@@ -944,10 +949,9 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
         let e = j.spec.checkpoint.every_steps?;
         let next = (head / e + 1) * e;
         let target = if earliest <= next { next } else { earliest.div_ceil(e) * e };
-        // announced once the ranks' pace says they reach it within half the
-        // timeout (unknown before the first progress reports)
+        // announced once the ranks' pace says they reach it within half the timeout
         let half_timeout_ms = j.spec.checkpoint.timeout_seconds * 500;
-        if rate <= 0.0 || target.saturating_sub(fastest) as f64 / rate > half_timeout_ms as f64 {
+        if target.saturating_sub(fastest) as f64 / rate > half_timeout_ms as f64 {
             return None;
         }
         target

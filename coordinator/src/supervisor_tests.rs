@@ -916,3 +916,20 @@ proptest! {
         prop_assert_eq!(w.job().final_digest.clone(), Some(reference_digest(3)));
     }
 }
+
+#[test]
+fn an_operator_checkpoint_waits_for_a_pace_then_lands_ahead_of_the_ranks() {
+    let mut w = World::new(2);
+    w.running();
+    assert!(w.job().pending().is_none());
+    // a new leader knows no pace yet: a step placed now could be behind the ranks
+    w.leader_change();
+    w.observe(Observation::CheckpointRequested { job: name() });
+    assert!(!w.proposals.iter().any(|p| matches!(p, Command::BeginCheckpoint { .. })), "{:?}", w.proposals);
+    w.until(20, |w| w.job().pending().is_some());
+    let p = w.job().pending().unwrap().clone();
+    assert!(w.workers.iter().all(|x| x.step <= p.step.0), "placed behind a rank: {p:?}");
+    w.until(100, |w| w.job().checkpoints[&p.id].state != CheckpointState::Pending);
+    assert_eq!(w.job().checkpoints[&p.id].state, CheckpointState::Committed);
+    assert_eq!(w.job().aborted_total, 0);
+}
