@@ -5,7 +5,7 @@
 use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, ProposeError, Role};
-use crate::state::{CheckpointState, Command, Event, JobState, RefusalKind, RestoreReason};
+use crate::state::{CheckpointState, Command, Event, JobState, RefusalKind};
 use crate::supervisor::Observation;
 use crate::workers::{SupervisorHandle, WorkersView};
 use axum::extract::Path;
@@ -303,9 +303,9 @@ async fn restore(
     };
     let check = s.node.read_state(|st| {
         let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
-        let from = match body.checkpoint {
-            Some(id) => match j.checkpoints.get(&id).map(|c| c.state) {
-                Some(CheckpointState::Committed | CheckpointState::Abandoned) => id,
+        if let Some(id) = body.checkpoint {
+            match j.checkpoints.get(&id).map(|c| c.state) {
+                Some(CheckpointState::Committed | CheckpointState::Abandoned) => {}
                 Some(other) => {
                     return Err((
                         StatusCode::CONFLICT,
@@ -316,39 +316,31 @@ async fn restore(
                     ))
                 }
                 None => return Err((StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}"))),
-            },
-            None => match j.latest_committed() {
-                Some(c) => c.id,
-                None => {
-                    return Err((
-                        StatusCode::CONFLICT,
-                        format!("job {job} has no committed checkpoint to restore from; take one with flotilla checkpoint --job {job}"),
-                    ))
-                }
-            },
-        };
+            }
+        }
         if j.state == JobState::Succeeded {
             return Err((
                 StatusCode::CONFLICT,
                 format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
             ));
         }
-        Ok((j.generation, from))
+        Ok(j.generation)
     });
-    let (generation, from) = match check {
-        Ok(g) => g,
+    let generation = match check {
+        Ok(g) => Generation(g.0 + 1),
         Err((code, msg)) => return error(code, msg),
     };
-    let cmd = Command::Restore {
+    // "the latest" is resolved by the ledger when the restore is applied
+    let cmd = Command::OperatorRestore {
         job: job.clone(),
-        generation: Generation(generation.0 + 1),
-        from: Some(from),
-        reason: RestoreReason::Operator,
+        generation,
+        from: body.checkpoint,
         now_ms: Manifest::now_unix_ms(),
     };
     match s.node.propose(cmd).await {
         Ok(Ok(_)) => {
-            Json(serde_json::json!({"job": job, "generation": generation.0 + 1, "checkpoint": from}))
+            let from = s.node.read_state(|st| st.jobs.get(&job).and_then(|j| j.restored_from));
+            Json(serde_json::json!({"job": job, "generation": generation, "checkpoint": from}))
                 .into_response()
         }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),

@@ -447,6 +447,20 @@ pub enum Command {
         /// Time.
         now_ms: u64,
     },
+    /// An operator's whole-job restore into `generation` (= current + 1)
+    /// from checkpoint `from`, or, when `None`, from the latest committed
+    /// checkpoint *as of when the command is applied* (a checkpoint that
+    /// commits while the request travels is the latest, not abandoned).
+    OperatorRestore {
+        /// Job.
+        job: JobName,
+        /// Must be current + 1.
+        generation: Generation,
+        /// A committed (or abandoned) checkpoint, or the latest committed.
+        from: Option<CheckpointId>,
+        /// Time.
+        now_ms: u64,
+    },
     /// Every rank restored: train again.
     ResumeJob {
         /// Job.
@@ -753,6 +767,18 @@ impl State {
             }
             Command::Restore { job, generation, from, reason, now_ms } => {
                 self.restore(job, generation, from, reason, now_ms)
+            }
+            Command::OperatorRestore { job, generation, from, now_ms } => {
+                let j = self.job_mut(&job)?;
+                let Some(from) = from.or_else(|| j.latest_committed().map(|c| c.id)) else {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "job {job} has no committed checkpoint to restore from; take one with flotilla checkpoint --job {job}"
+                        ),
+                    );
+                };
+                self.restore(job, generation, Some(from), RestoreReason::Operator, now_ms)
             }
             Command::ResumeJob { job, generation } => {
                 let j = self.live_job(&job, generation)?;
@@ -1555,5 +1581,27 @@ mod tests {
         begin(&mut s, 2, 20, 1).unwrap();
         let events = commit(&mut s, 2, shards(2)).unwrap();
         assert!(events.contains(&Event::CheckpointDeleted { job: name("a"), id: CheckpointId(1) }));
+    }
+
+    #[test]
+    fn an_operator_restore_of_the_latest_resolves_it_when_applied() {
+        let mut s = running(5, 10);
+        let latest = |s: &mut State, generation| {
+            s.apply(Command::OperatorRestore {
+                job: name("a"),
+                generation: Generation(generation),
+                from: None,
+                now_ms: 9,
+            })
+        };
+        assert_eq!(kind(latest(&mut s, 2)), RefusalKind::Conflict, "nothing committed: refused at once");
+        for id in 1..=2 {
+            begin(&mut s, id, 10 * id, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        latest(&mut s, 2).unwrap();
+        let j = job(&s);
+        assert_eq!(j.restored_from, Some(CheckpointId(2)), "the latest when applied");
+        assert!(j.checkpoints.values().all(|c| c.state == CheckpointState::Committed), "nothing abandoned");
     }
 }

@@ -169,7 +169,9 @@ impl ProposalKey {
             Command::MarkCorrupt { job, id, .. } => (job, "corrupt", id.0),
             Command::ClearCorrupt { job, id, .. } => (job, "clear", id.0),
             Command::DeleteCheckpoint { job, id } => (job, "delete", id.0),
-            Command::Restore { job, generation, .. } => (job, "restore", generation.0),
+            Command::Restore { job, generation, .. } | Command::OperatorRestore { job, generation, .. } => {
+                (job, "restore", generation.0)
+            }
             Command::ResumeJob { job, generation } => (job, "resume", generation.0),
             Command::BlockJob { job, generation, .. } => (job, "block", generation.0),
             Command::FailJob { job, .. } => (job, "fail", 0),
@@ -240,6 +242,10 @@ struct RankSoft {
     /// Steps per millisecond, and the sample it was measured from.
     rate: f64,
     rate_sample: (Step, u64),
+    /// The shortest interval a rate is measured over (half the heartbeat
+    /// interval): heartbeats that queued and are handled in a burst must not
+    /// look like a burst of speed.
+    min_rate_ms: u64,
     /// A restore was restarted because this rank went silent; cleared when
     /// it is heard from again.
     lost: bool,
@@ -252,8 +258,9 @@ struct RankSoft {
 }
 
 impl RankSoft {
-    fn new(now: u64) -> Self {
+    fn new(now: u64, heartbeat_interval_ms: u64) -> Self {
         Self {
+            min_rate_ms: (heartbeat_interval_ms / 2).max(1),
             conn: None,
             incarnation: None,
             generation: None,
@@ -282,7 +289,7 @@ impl RankSoft {
         } else if step > self.step {
             self.progress_at = now;
             let (s0, t0) = self.rate_sample;
-            if step > s0 && now > t0 {
+            if step > s0 && now >= t0 + self.min_rate_ms {
                 let rate = (step.0 - s0.0) as f64 / (now - t0) as f64;
                 self.rate = if self.rate == 0.0 { rate } else { 0.5 * (self.rate + rate) };
                 self.rate_sample = (step, now);
@@ -530,7 +537,7 @@ impl Supervisor {
         if new_process && j.state == JobState::Blocked {
             soft.retry_blocked = true;
         }
-        let mut entry = RankSoft::new(t);
+        let mut entry = RankSoft::new(t, j.spec.failure.heartbeat_interval_ms);
         entry.conn = Some(conn);
         entry.incarnation = Some(incarnation);
         entry.report(generation, step, WorkerStatus::Waiting, t);
@@ -642,7 +649,7 @@ impl Supervisor {
         // every rank has an entry: one never heard from is silent since this
         // leader took over
         for rank in (0..world).map(Rank) {
-            soft.ranks.entry(rank).or_insert_with(|| RankSoft::new(t));
+            soft.ranks.entry(rank).or_insert_with(|| RankSoft::new(t, j.spec.failure.heartbeat_interval_ms));
         }
         let g = j.generation;
         match j.state {
@@ -882,20 +889,20 @@ impl Supervisor {
     fn reconcile_files(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
         let name = j.spec.name.clone();
         let soft = self.soft(&name, now.mono_ms);
-        let mut want: Vec<FileWork> = j
-            .checkpoints
-            .values()
-            .filter_map(|c| match c.state {
-                CheckpointState::Committed | CheckpointState::Abandoned => Some(FileWork::Manifest(c.id)),
-                CheckpointState::Corrupt => Some(FileWork::Condemn(c.id)),
-                CheckpointState::Aborted | CheckpointState::Deleted => Some(FileWork::Delete(c.id)),
-                CheckpointState::Pending => None,
-            })
-            .collect();
-        // LATEST after the manifests it may name; only one LATEST is current
+        let work_for = |c: &crate::state::Checkpoint| match c.state {
+            CheckpointState::Committed | CheckpointState::Abandoned => Some(FileWork::Manifest(c.id)),
+            CheckpointState::Corrupt => Some(FileWork::Condemn(c.id)),
+            CheckpointState::Aborted | CheckpointState::Deleted => Some(FileWork::Delete(c.id)),
+            CheckpointState::Pending => None,
+        };
+        let (mut want, removals): (Vec<FileWork>, Vec<FileWork>) =
+            j.checkpoints.values().filter_map(work_for).partition(|w| matches!(w, FileWork::Manifest(_)));
+        // LATEST after the manifests it may name and before the condemned or
+        // deleted checkpoint it named loses its files; only one LATEST is current
         let latest = FileWork::Latest(j.latest_committed().map(|c| c.id));
         soft.files.retain(|w| !matches!(w, FileWork::Latest(_)) || *w == latest);
         want.push(latest);
+        want.extend(removals);
         for work in want {
             if soft.files.insert(work) {
                 out.push(Action::Files { job: name.clone(), work });

@@ -780,8 +780,9 @@ fn a_corrupt_shard_condemns_and_falls_back_a_missing_one_blocks() {
     let j = w.job();
     assert_eq!(j.checkpoints[&second].state, CheckpointState::Corrupt);
     assert_eq!((j.generation, j.restored_from), (Generation(3), Some(first)));
-    assert!(w.files.contains(&FileWork::Condemn(second)));
-    assert_eq!(w.files.last(), Some(&FileWork::Latest(Some(first))));
+    let condemned_at = w.files.iter().position(|f| *f == FileWork::Condemn(second)).expect("condemned");
+    let latest_at = w.files.iter().rposition(|f| *f == FileWork::Latest(Some(first))).expect("LATEST moved");
+    assert!(latest_at < condemned_at, "LATEST leaves the condemned checkpoint before its manifest goes");
     assert_eq!(j.restores_by_reason.get(&RestoreReason::CorruptCheckpoint), Some(&1));
     assert!(j.failures_ms.len() == 1, "the fallback is not a failure");
 
@@ -932,4 +933,27 @@ fn an_operator_checkpoint_waits_for_a_pace_then_lands_ahead_of_the_ranks() {
     w.until(100, |w| w.job().checkpoints[&p.id].state != CheckpointState::Pending);
     assert_eq!(w.job().checkpoints[&p.id].state, CheckpointState::Committed);
     assert_eq!(w.job().aborted_total, 0);
+}
+
+#[test]
+fn heartbeats_handled_in_a_burst_do_not_look_like_speed() {
+    let mut w = World::new(2);
+    w.running();
+    // 20 steps per 100 ms heartbeat: 0.2 steps/ms
+    for _ in 0..5 {
+        w.workers[0].step += 20;
+        w.heartbeat(0);
+        w.now += 100;
+    }
+    let steady = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
+    assert!((0.15..=0.25).contains(&steady), "{steady}");
+    // the leader stalls; three queued heartbeats are handled a millisecond apart
+    w.now += 300;
+    for _ in 0..3 {
+        w.workers[0].step += 20;
+        w.heartbeat(0);
+        w.now += 1;
+    }
+    let after = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
+    assert!(after <= 2.0 * steady, "a burst of reports read as {after} steps/ms, steady is {steady}");
 }

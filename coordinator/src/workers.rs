@@ -114,6 +114,7 @@ async fn run_supervisor(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut actions: Vec<Action> = Vec::new();
+        let mut ticked = false;
         // inputs first: every heartbeat already received is counted before
         // the tick judges deadlines
         tokio::select! {
@@ -143,6 +144,7 @@ async fn run_supervisor(
                 }
             },
             _ = tick.tick() => {
+                ticked = true;
                 let status = node.status();
                 match (&mut sup, status.role == Role::Leader) {
                     (None, true) => {
@@ -208,7 +210,10 @@ async fn run_supervisor(
                 }
             }
         }
-        publish_view(&node, s, &view);
+        // the status view follows the tick (every 100 ms), not every heartbeat
+        if ticked {
+            publish_view(&node, s, &view);
+        }
     }
 }
 
