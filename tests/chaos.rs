@@ -1195,11 +1195,22 @@ impl Chaos {
     /// checkpoint once committed is still committed and verifies, or was
     /// retired, corrupted by the test or abandoned by an operator restore.
     async fn final_checks(&mut self) -> JobStatus {
-        let done = self
-            .wait_until("the job to succeed", FINISH_DEADLINE, |c, j| {
-                Ok(j.state == "succeeded" && c.pending.is_empty())
-            })
-            .await;
+        // the tail after the last fault is as long as the run made it (a long
+        // run's is thousands of steps): wait while the job keeps training, and
+        // fail when it does not advance 1,000 steps within FINISH_DEADLINE
+        let mut mark = 0;
+        let done = loop {
+            let floor = mark;
+            let j = self
+                .wait_until("the job to succeed (or train 1,000 steps on)", FINISH_DEADLINE, |c, j| {
+                    Ok((j.state == "succeeded" && c.pending.is_empty()) || j.step.0 >= floor + 1_000)
+                })
+                .await;
+            if j.state == "succeeded" && self.pending.is_empty() {
+                break j;
+            }
+            mark = j.step.0;
+        };
         let trainer = self.spec.trainer.clone().expect("the built-in trainer");
         let world = self.spec.world_size;
         let reference = tokio::task::spawn_blocking(move || reference_digest(&trainer, world)).await.unwrap();
