@@ -5,7 +5,7 @@
 use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
 use crate::metrics::Metrics;
 use crate::node::{NodeHandle, ProposeError, Role};
-use crate::state::{CheckpointState, Command, Event, JobState, RefusalKind};
+use crate::state::{AbortReason, CheckpointState, Command, Event, JobState, RefusalKind};
 use crate::supervisor::Observation;
 use crate::workers::{SupervisorHandle, WorkersView};
 use axum::extract::Path;
@@ -240,17 +240,26 @@ async fn checkpoint(
     }
     s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
     let deadline = Instant::now() + Duration::from_secs(timeout_s + 30);
+    enum Seen {
+        Committed(CheckpointId, flotilla_shared::ids::Step),
+        PlacedTooLate(CheckpointId),
+        Failed(String),
+    }
+    let mut first_id = first_id;
     loop {
         let outcome = s.node.read_state(|st| {
             let j = st.jobs.get(&job)?;
             if j.state.is_terminal() {
-                return Some(Err(format!("job {job} is {}", j.state.as_str())));
+                return Some(Seen::Failed(format!("job {job} is {}", j.state.as_str())));
             }
             j.checkpoints.range(first_id..).find_map(|(id, c)| match c.state {
                 CheckpointState::Committed | CheckpointState::Deleted | CheckpointState::Abandoned => {
-                    Some(Ok((*id, c.step)))
+                    Some(Seen::Committed(*id, c.step))
                 }
-                CheckpointState::Aborted => Some(Err(format!(
+                CheckpointState::Aborted if matches!(c.abort, Some(AbortReason::RankPastStep { .. })) => {
+                    Some(Seen::PlacedTooLate(*id))
+                }
+                CheckpointState::Aborted => Some(Seen::Failed(format!(
                     "checkpoint {id} was aborted: {}",
                     c.reason.as_deref().unwrap_or("no reason recorded")
                 ))),
@@ -258,8 +267,16 @@ async fn checkpoint(
             })
         });
         match outcome {
-            Some(Ok((id, step))) => return Json(serde_json::json!({"id": id, "step": step})).into_response(),
-            Some(Err(e)) => return error(StatusCode::CONFLICT, e),
+            Some(Seen::Committed(id, step)) => {
+                return Json(serde_json::json!({"id": id, "step": step})).into_response()
+            }
+            // placed behind a rank (the leader's pace estimate was off): the
+            // leader, with a longer lead now, places another
+            Some(Seen::PlacedTooLate(aborted)) => {
+                first_id = CheckpointId(aborted.0 + 1);
+                s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
+            }
+            Some(Seen::Failed(e)) => return error(StatusCode::CONFLICT, e),
             None if Instant::now() > deadline => {
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,

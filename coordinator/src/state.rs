@@ -115,6 +115,9 @@ pub struct Checkpoint {
     pub shards: Vec<ShardManifest>,
     /// Why it was aborted or marked corrupt.
     pub reason: Option<String>,
+    /// Why it was aborted, typed (absent for aborts by a restore or the job's end).
+    #[serde(default)]
+    pub abort: Option<AbortReason>,
 }
 
 impl Checkpoint {
@@ -682,12 +685,14 @@ impl State {
                         ended_ms: None,
                         shards: Vec::new(),
                         reason: None,
+                        abort: None,
                     },
                 );
                 Ok(vec![Event::CheckpointBegun { job, id, step }])
             }
             Command::CommitCheckpoint { job, id, shards, now_ms } => self.commit(job, id, shards, now_ms),
             Command::AbortCheckpoint { job, id, reason, now_ms } => {
+                let abort = reason.clone();
                 let reason = reason.to_string();
                 let j = self.job_mut(&job)?;
                 let c = checkpoint_mut(j, &job, id)?;
@@ -703,6 +708,7 @@ impl State {
                 c.state = CheckpointState::Aborted;
                 c.ended_ms = Some(now_ms);
                 c.reason = Some(reason.clone());
+                c.abort = Some(abort);
                 j.aborted_total += 1;
                 Ok(vec![Event::CheckpointAborted { job, id, reason }])
             }

@@ -280,11 +280,20 @@ impl RankSoft {
 
     /// Records what a heartbeat (or a registration) says of the rank.
     fn report(&mut self, generation: Option<Generation>, step: Step, status: WorkerStatus, now: u64) {
+        // the pace is measured over training only: while the rank waits
+        // (restored, not yet resumed) its sample moves with it, so the wait
+        // does not dilute the first measure after it resumes
+        let training = status == WorkerStatus::Running;
         if generation != self.generation {
             self.generation = generation;
             self.saved.clear();
             self.digest = None;
             self.progress_at = now;
+            self.rate_sample = (step, now);
+        } else if !training {
+            if step > self.step {
+                self.progress_at = now;
+            }
             self.rate_sample = (step, now);
         } else if step > self.step {
             self.progress_at = now;
@@ -476,14 +485,16 @@ impl Supervisor {
         out
     }
 
-    fn propose(&mut self, now: Now, cmd: Command, out: &mut Vec<Action>) {
+    /// Proposes `cmd` unless the same proposal is in flight; true when made.
+    fn propose(&mut self, now: Now, cmd: Command, out: &mut Vec<Action>) -> bool {
         if let Some(key) = ProposalKey::of(&cmd) {
             if self.inflight.get(&key).is_some_and(|t| now.mono_ms < t + self.cfg.proposal_retry_ms) {
-                return;
+                return false;
             }
             self.inflight.insert(key, now.mono_ms);
         }
         out.push(Action::Propose(cmd));
+        true
     }
 
     /// Returns false when the registration was refused (nothing to reconcile).
@@ -754,15 +765,16 @@ impl Supervisor {
         let name = j.spec.name.clone();
         let (g, t) = (j.generation, now.mono_ms);
         if let Some((rank, reason)) = self.failed_rank(j, t) {
-            tracing::warn!(job = %name, %rank, generation = %g, "rank failed ({}): restoring the job", reason.as_str());
             let cmd = Command::Restore {
-                job: name,
+                job: name.clone(),
                 generation: Generation(g.0 + 1),
                 from: j.latest_committed().map(|c| c.id),
                 reason,
                 now_ms: now.wall_ms,
             };
-            self.propose(now, cmd, out);
+            if self.propose(now, cmd, out) {
+                tracing::warn!(job = %name, %rank, generation = %g, "rank failed ({}): restoring the job", reason.as_str());
+            }
             return;
         }
         let start = j.start_step();

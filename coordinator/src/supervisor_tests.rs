@@ -468,7 +468,8 @@ fn every_shard_commits_and_files_follow_the_ledger() {
     w.running();
     w.until(200, |w| w.job().latest_committed().is_some());
     let c = w.job().latest_committed().unwrap().id;
-    assert_eq!(w.job().checkpoints[&c].step, Step(5), "the first boundary");
+    // the first boundary the ranks cannot pass before they hear of it
+    assert!(matches!(w.job().checkpoints[&c].step, Step(5) | Step(10)), "{:?}", w.job().checkpoints[&c]);
     assert!(w.files.contains(&FileWork::Manifest(c)));
     assert_eq!(w.files.last(), Some(&FileWork::Latest(Some(c))), "{:?}", w.files);
     let manifest_at = w.files.iter().position(|f| *f == FileWork::Manifest(c)).unwrap();
@@ -757,7 +758,7 @@ fn a_dead_trainer_is_a_failure() {
 fn a_corrupt_shard_condemns_and_falls_back_a_missing_one_blocks() {
     let mut w = World::new(2);
     w.running();
-    w.until(300, |w| w.job().latest_committed().is_some_and(|c| c.step == Step(10)));
+    w.until(300, |w| w.job().latest_committed().is_some_and(|c| c.step == Step(15)));
     let (first, second) = {
         let j = w.job();
         let second = j.latest_committed().unwrap().id;
@@ -956,4 +957,27 @@ fn heartbeats_handled_in_a_burst_do_not_look_like_speed() {
     }
     let after = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
     assert!(after <= 2.0 * steady, "a burst of reports read as {after} steps/ms, steady is {steady}");
+}
+
+#[test]
+fn time_spent_waiting_is_not_counted_in_the_pace() {
+    let mut w = World::new(2);
+    w.running();
+    for _ in 0..5 {
+        w.workers[0].step += 20;
+        w.heartbeat(0);
+        w.now += 100;
+    }
+    let steady = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
+    // restored and waiting for 2 s, then training again
+    w.workers[0].status = WorkerStatus::Waiting;
+    w.heartbeat(0);
+    w.now += 2_000;
+    w.heartbeat(0);
+    w.now += 100;
+    w.workers[0].status = WorkerStatus::Running;
+    w.workers[0].step += 20;
+    w.heartbeat(0);
+    let after = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
+    assert!(after >= 0.8 * steady, "the wait diluted the pace to {after} steps/ms from {steady}");
 }
