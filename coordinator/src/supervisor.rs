@@ -313,6 +313,20 @@ impl RankSoft {
         self.status = status;
     }
 
+    /// Whether the rank has been silent past its allowance: the heartbeat
+    /// timeout on a live connection; `grace` after a known worker's
+    /// connection closed; and for one this leader never heard from, twice the
+    /// heartbeat timeout from the takeover (a worker takes up to a timeout to
+    /// notice that its old leader went silent, then finds the new one).
+    fn silent(&self, t: u64, timeout: u64, grace: u64) -> bool {
+        let allowance = match (self.conn, self.incarnation) {
+            (Some(_), _) => timeout,
+            (None, Some(_)) => grace,
+            (None, None) => 2 * timeout,
+        };
+        t > self.last_seen + allowance
+    }
+
     /// Where it probably is now, extrapolated from its last report.
     fn projected_step(&self, now: u64) -> u64 {
         self.step.0 + (self.rate * now.saturating_sub(self.last_seen) as f64).ceil() as u64
@@ -739,12 +753,12 @@ impl Supervisor {
             }
         };
         soft.ranks.iter().find_map(|(rank, r)| {
-            let reason = if r.conn.is_some() && t > r.last_seen + timeout {
-                RestoreReason::HeartbeatTimeout
-            } else if r.conn.is_none()
-                && t > r.last_seen + if r.incarnation.is_some() { grace } else { timeout }
-            {
-                RestoreReason::Disconnected
+            let reason = if r.silent(t, timeout, grace) {
+                if r.conn.is_some() {
+                    RestoreReason::HeartbeatTimeout
+                } else {
+                    RestoreReason::Disconnected
+                }
             } else if r.conn.is_none() {
                 return None; // reconnecting within the heartbeat timeout is no failure
             } else if r.status == WorkerStatus::Failed {
@@ -869,7 +883,7 @@ impl Supervisor {
         let timeout = j.spec.failure.heartbeat_timeout_ms;
         let soft = self.soft(&name, t);
         // a rank lost while restoring restarts the restore, once per loss
-        let lost = soft.ranks.iter_mut().find(|(_, r)| !r.lost && t > r.last_seen + timeout);
+        let lost = soft.ranks.iter_mut().find(|(_, r)| !r.lost && r.silent(t, timeout, timeout));
         if let Some((rank, r)) = lost {
             r.lost = true;
             tracing::warn!(job = %name, %rank, generation = %g, "rank lost while restoring: restarting the restore");

@@ -981,3 +981,37 @@ fn time_spent_waiting_is_not_counted_in_the_pace() {
     let after = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
     assert!(after >= 0.8 * steady, "the wait diluted the pace to {after} steps/ms from {steady}");
 }
+
+#[test]
+fn a_new_leader_gives_workers_time_to_notice_the_old_one_went_silent() {
+    let mut w = World::new(2);
+    w.running();
+    // a new leader takes over; the workers are still waiting out their old
+    // leader's silence (up to one heartbeat timeout) before they look for it
+    w.term += 1;
+    w.sup = Supervisor::new(SupervisorConfig::default(), w.t(), w.term);
+    for i in 0..2 {
+        let conn = w.conn();
+        w.workers[i].conn = conn;
+    }
+    w.now += 1_500;
+    w.tick();
+    assert!(w.proposals.is_empty(), "{:?}", w.proposals);
+    w.register_all();
+    w.until(20, |w| w.workers.iter().all(|x| x.status == WorkerStatus::Running));
+    assert_eq!(w.job().generation, Generation(1), "no restore");
+    // a rank that never comes back is failed after twice the timeout
+    w.term += 1;
+    w.sup = Supervisor::new(SupervisorConfig::default(), w.t(), w.term);
+    w.register(0);
+    for _ in 0..25 {
+        w.heartbeat(0);
+        w.now += 100;
+        w.tick();
+    }
+    assert!(
+        w.proposals.iter().any(|p| matches!(p, Command::Restore { reason: RestoreReason::Disconnected, .. })),
+        "{:?}",
+        w.proposals
+    );
+}
