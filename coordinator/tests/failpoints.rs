@@ -21,7 +21,7 @@ fn submit(name: &str) -> Command {
         "name = \"{name}\"\nworld_size = 1\n[checkpoint]\nevery_steps = 5\nroot = \"/ckpt\"\n"
     ))
     .unwrap();
-    Command::SubmitJob { spec, now_ms: 1 }
+    Command::SubmitJob { spec, now_ms: 1, origin: None }
 }
 
 async fn start(

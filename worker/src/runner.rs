@@ -267,6 +267,10 @@ impl Runner {
 
     fn snapshot(&mut self, p: Pending) {
         self.state.set_status(WorkerStatus::Checkpointing);
+        // only the last few can still be asked for again
+        if self.taken.len() >= 16 {
+            self.taken.remove(0);
+        }
         self.taken.push(p.id);
         let meta = ShardMeta {
             job: self.job.clone(),
