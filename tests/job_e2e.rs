@@ -35,8 +35,9 @@ impl Scenario {
     /// Like `start`, checkpointing every `every` steps.
     async fn start_every(world: u32, steps: u64, every: u64, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let keep = if extra.contains("keep_last") { "" } else { "keep_last = 3\n" };
         let text = format!(
-            "name = \"e2e\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = {every}\nkeep_last = 3\nroot = \"{}\"\n{extra}\n\
+            "name = \"e2e\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = {every}\n{keep}root = \"{}\"\n{extra}\n\
              [trainer]\ntotal_steps = {steps}\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\nseed = 7\n",
             dir.path().join("ckpt").display()
         );
@@ -349,4 +350,73 @@ async fn a_finished_job_refuses_at_once_and_a_new_job_resumes_from_its_checkpoin
     );
     let err = s.client.submit(&bad).await.unwrap_err().to_string();
     assert!(err.contains("checkpoint.resume_from") && err.contains("no committed checkpoint"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repair() {
+    let s = Scenario::start(2, 2500, "keep_last = 1000\n").await;
+    let before = s.wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3).await;
+    let c = before.latest_committed.unwrap().id;
+    let endpoints = s.cluster.endpoints();
+    let checkpoints = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["checkpoints", "--job", "e2e", "--endpoints", &endpoints])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    tracing::info!("--- damage checkpoint {c} rank 0, then restore the job to it");
+    let path = shard_path(&s.dir.path().join("ckpt/e2e"), c.0, 0);
+    let original = std::fs::read(&path).unwrap();
+    let mut bytes = original.clone();
+    let at = bytes.len() - 100;
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = Command::new(BIN)
+        .args(["restore", "--job", "e2e", "--checkpoint", &c.to_string(), "--endpoints", &endpoints])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let condemned = s
+        .wait_job("the checkpoint condemned and the job running again", |j| {
+            j.state == "running" && j.checkpoints.iter().any(|x| x.id == c && x.state == "corrupt")
+        })
+        .await;
+    assert!(condemned.restored_from.is_some_and(|r| r.id < c), "{:?}", condemned.restored_from);
+    let manifest = s.job_dir().checkpoint_dir(c).join("MANIFEST.json");
+    wait_for("the condemned checkpoint's MANIFEST.json removed", LONG, || async {
+        if manifest.exists() {
+            Err("still there".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let listing = String::from_utf8_lossy(&checkpoints(&[]).stdout).into_owned();
+    let line = listing.lines().find(|l| l.split_whitespace().next() == Some(&c.to_string())).unwrap();
+    assert!(line.contains("corrupt") && line.contains("checksum mismatch in "), "{listing}");
+
+    tracing::info!("--- re-verifying the damaged files is refused; after the repair it clears the verdict");
+    let out = checkpoints(&["--verify", &c.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still damaged"), "{out:?}");
+    std::fs::write(&path, &original).unwrap();
+    let out = checkpoints(&["--verify", &c.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cleared = s.job().await.unwrap();
+    assert!(
+        cleared.checkpoints.iter().any(|x| x.id == c && x.state == "committed"),
+        "{:?}",
+        cleared.checkpoints
+    );
+    wait_for("its MANIFEST.json written again", LONG, || async {
+        if manifest.exists() {
+            Ok(())
+        } else {
+            Err("missing".to_string())
+        }
+    })
+    .await;
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
 }

@@ -924,11 +924,12 @@ impl Supervisor {
         let (mut want, removals): (Vec<FileWork>, Vec<FileWork>) =
             j.checkpoints.values().filter_map(work_for).partition(|w| matches!(w, FileWork::Manifest(_)));
         // LATEST after the manifests it may name and before the condemned or
-        // deleted checkpoint it named loses its files; only one LATEST is current
-        let latest = FileWork::Latest(j.latest_committed().map(|c| c.id));
-        soft.files.retain(|w| !matches!(w, FileWork::Latest(_)) || *w == latest);
-        want.push(latest);
+        // deleted checkpoint it named loses its files
+        want.push(FileWork::Latest(j.latest_committed().map(|c| c.id)));
         want.extend(removals);
+        // what is no longer wanted is forgotten, so that it is done again if
+        // it is wanted again (a cleared verdict, LATEST moving back)
+        soft.files.retain(|w| want.contains(w));
         for work in want {
             if soft.files.insert(work) {
                 out.push(Action::Files { job: name.clone(), work });

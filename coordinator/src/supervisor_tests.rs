@@ -1015,3 +1015,18 @@ fn a_new_leader_gives_workers_time_to_notice_the_old_one_went_silent() {
         w.proposals
     );
 }
+
+#[test]
+fn a_cleared_verdict_brings_the_manifest_back() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    let c = w.job().latest_committed().unwrap().id;
+    w.st.apply(Command::MarkCorrupt { job: name(), id: c, reason: "x".into(), now_ms: 1 }).unwrap();
+    w.tick();
+    assert!(w.files.contains(&FileWork::Condemn(c)));
+    w.files.clear();
+    w.st.apply(Command::ClearCorrupt { job: name(), id: c, now_ms: 2 }).unwrap();
+    w.tick();
+    assert!(w.files.contains(&FileWork::Manifest(c)), "{:?}", w.files);
+}
