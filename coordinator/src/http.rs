@@ -318,36 +318,12 @@ async fn restore(
             }
         }
     };
-    let check = s.node.read_state(|st| {
-        let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
-        if let Some(id) = body.checkpoint {
-            match j.checkpoints.get(&id).map(|c| c.state) {
-                Some(CheckpointState::Committed | CheckpointState::Abandoned) => {}
-                Some(other) => {
-                    return Err((
-                        StatusCode::CONFLICT,
-                        format!(
-                            "checkpoint {id} of job {job} is {}; pick a committed one (flotilla checkpoints --job {job})",
-                            other.as_str()
-                        ),
-                    ))
-                }
-                None => return Err((StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}"))),
-            }
-        }
-        if j.state == JobState::Succeeded {
-            return Err((
-                StatusCode::CONFLICT,
-                format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
-            ));
-        }
-        Ok(j.generation)
-    });
-    let generation = match check {
-        Ok(g) => Generation(g.0 + 1),
-        Err((code, msg)) => return error(code, msg),
+    let Some(current) = s.node.read_state(|st| st.jobs.get(&job).map(|j| j.generation)) else {
+        return error(StatusCode::NOT_FOUND, format!("no job named {job}"));
     };
-    // "the latest" is resolved by the ledger when the restore is applied
+    let generation = Generation(current.0 + 1);
+    // the ledger decides (and refuses at once what cannot be restored);
+    // "the latest" is resolved when the restore is applied
     let cmd = Command::OperatorRestore {
         job: job.clone(),
         generation,

@@ -776,6 +776,10 @@ impl State {
             }
             Command::OperatorRestore { job, generation, from, now_ms } => {
                 let j = self.job_mut(&job)?;
+                // a checkpoint that is not there is named first, whatever the job's state
+                if let Some(id) = from {
+                    checkpoint_mut(j, &job, id)?;
+                }
                 let Some(from) = from.or_else(|| j.latest_committed().map(|c| c.id)) else {
                     return refuse(
                         RefusalKind::Conflict,
@@ -1025,7 +1029,7 @@ impl State {
                     return refuse(
                         RefusalKind::Conflict,
                         format!(
-                            "checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from",
+                            "checkpoint {id} of job {job} is {}; only a committed checkpoint is restored from (flotilla checkpoints --job {job} lists them)",
                             c.state.as_str()
                         ),
                     );
@@ -1601,6 +1605,13 @@ mod tests {
             })
         };
         assert_eq!(kind(latest(&mut s, 2)), RefusalKind::Conflict, "nothing committed: refused at once");
+        let missing = Command::OperatorRestore {
+            job: name("a"),
+            generation: Generation(2),
+            from: Some(CheckpointId(42)),
+            now_ms: 9,
+        };
+        assert_eq!(kind(s.apply(missing)), RefusalKind::NotFound);
         for id in 1..=2 {
             begin(&mut s, id, 10 * id, 1).unwrap();
             commit(&mut s, id, shards(2)).unwrap();

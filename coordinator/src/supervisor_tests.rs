@@ -412,6 +412,23 @@ impl World {
         self.register(i);
     }
 
+    /// `n` periods of `ms` pass in which only ranks `live` heartbeat, each
+    /// ended by a tick (nothing trains, nothing is delivered).
+    fn idle(&mut self, n: u64, ms: u64, live: &[usize]) {
+        for _ in 0..n {
+            for &i in live {
+                self.heartbeat(i);
+            }
+            self.now += ms;
+            self.tick();
+        }
+    }
+
+    /// Whether a whole-job restore for `reason` is among the proposals.
+    fn restore_proposed(&self, reason: RestoreReason) -> bool {
+        self.proposals.iter().any(|p| matches!(p, Command::Restore { reason: r, .. } if *r == reason))
+    }
+
     fn sends_to(&self, i: usize) -> &VecDeque<CoordinatorMessage> {
         &self.workers[i].inbox
     }
@@ -487,12 +504,7 @@ fn a_lost_resume_is_sent_again_until_the_rank_trains() {
     // rank 1 never gets its Resume
     w.workers[1].inbox.clear();
     w.deliver_all();
-    for _ in 0..6 {
-        w.heartbeat(0);
-        w.heartbeat(1);
-        w.now += 100;
-        w.tick();
-    }
+    w.idle(6, 100, &[0, 1]);
     assert!(w
         .sends_to(1)
         .iter()
@@ -512,19 +524,9 @@ fn a_proposal_that_times_out_is_made_again_and_one_answered_is_not_repeated() {
     assert_eq!(w.proposals.len(), 1);
     // lost without an answer: nothing happens until the retry interval
     w.proposals.clear();
-    for _ in 0..10 {
-        w.heartbeat(0);
-        w.heartbeat(1);
-        w.now += 100;
-        w.tick();
-    }
+    w.idle(10, 100, &[0, 1]);
     assert!(w.proposals.is_empty());
-    for _ in 0..SupervisorConfig::default().proposal_retry_ms / 100 {
-        w.heartbeat(0);
-        w.heartbeat(1);
-        w.now += 100;
-        w.tick();
-    }
+    w.idle(SupervisorConfig::default().proposal_retry_ms / 100, 100, &[0, 1]);
     assert_eq!(w.proposals, vec![Command::StartJob { job: name(), generation: Generation(1) }]);
     // a refused (or failed) proposal is answered: made again at once
     w.drop_one();
@@ -699,12 +701,7 @@ fn a_checkpoint_times_out_on_this_leaders_clock() {
     // a new leader takes over late: the timeout counts from its takeover
     w.now += 4_000;
     w.leader_change();
-    for _ in 0..10 {
-        w.heartbeat(0);
-        w.heartbeat(1);
-        w.now += 400;
-        w.tick();
-    }
+    w.idle(10, 400, &[0, 1]);
     assert!(!w.proposals.iter().any(|p| matches!(p, Command::AbortCheckpoint { .. })));
     w.now += 1_500;
     w.heartbeat(0);
@@ -730,11 +727,7 @@ fn heartbeats_without_progress_are_a_hang() {
         w.now += 100;
         w.tick();
     }
-    assert!(
-        w.proposals.iter().any(|p| matches!(p, Command::Restore { reason: RestoreReason::Hang, .. })),
-        "{:?}",
-        w.proposals
-    );
+    assert!(w.restore_proposed(RestoreReason::Hang), "{:?}", w.proposals);
 }
 
 #[test]
@@ -745,13 +738,7 @@ fn a_dead_trainer_is_a_failure() {
     w.heartbeat(1);
     assert!(w.proposals.is_empty(), "a heartbeat is judged on the next tick");
     w.tick();
-    assert!(
-        w.proposals
-            .iter()
-            .any(|p| matches!(p, Command::Restore { reason: RestoreReason::TrainerFailed, .. })),
-        "{:?}",
-        w.proposals
-    );
+    assert!(w.restore_proposed(RestoreReason::TrainerFailed), "{:?}", w.proposals);
 }
 
 #[test]
@@ -1004,16 +991,8 @@ fn a_new_leader_gives_workers_time_to_notice_the_old_one_went_silent() {
     w.term += 1;
     w.sup = Supervisor::new(SupervisorConfig::default(), w.t(), w.term);
     w.register(0);
-    for _ in 0..25 {
-        w.heartbeat(0);
-        w.now += 100;
-        w.tick();
-    }
-    assert!(
-        w.proposals.iter().any(|p| matches!(p, Command::Restore { reason: RestoreReason::Disconnected, .. })),
-        "{:?}",
-        w.proposals
-    );
+    w.idle(25, 100, &[0]);
+    assert!(w.restore_proposed(RestoreReason::Disconnected), "{:?}", w.proposals);
 }
 
 #[test]
