@@ -107,6 +107,26 @@ struct WorkerArgs {
     /// File holding the cluster's token.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// Run an external trainer, the command after `--` (docs/TRAINER_PROTOCOL.md):
+    /// `--exec -- python3 train.py ARGS`. Without it the built-in trainer runs.
+    #[arg(long, requires = "command")]
+    exec: bool,
+    /// The trainer command (after `--`; needs --exec).
+    #[arg(last = true, requires = "exec")]
+    command: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL when the worker stops its trainer process group.
+    #[arg(long, default_value_t = 10)]
+    stop_grace_seconds: u64,
+    /// The address other ranks reach rank 0's rendezvous at (MASTER_ADDR); default: the
+    /// address this worker reaches its coordinator from.
+    #[arg(long, env = "FLOTILLA_MASTER_ADDR")]
+    master_addr: Option<String>,
+    /// LOCAL_RANK given to the trainer.
+    #[arg(long, default_value_t = 0)]
+    local_rank: u32,
+    /// LOCAL_WORLD_SIZE given to the trainer.
+    #[arg(long, default_value_t = 1)]
+    local_world_size: u32,
 }
 
 #[derive(Args)]
@@ -398,22 +418,42 @@ fn resolve_rank(flag: &str) -> Result<Rank> {
 }
 
 fn run_worker(args: WorkerArgs) -> Result<()> {
+    // the trainer's device: --gpu, else the first of CUDA_VISIBLE_DEVICES
+    // (which the trainer inherits then)
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let device = args.gpu.clone().or_else(|| {
+        visible.as_deref().and_then(|v| v.split(',').next()).filter(|d| !d.is_empty()).map(str::to_string)
+    });
+    let exec = args.exec.then(|| flotilla_worker::exec::ExecOptions {
+        argv: args.command.clone(),
+        stop_grace: std::time::Duration::from_secs(args.stop_grace_seconds),
+        master_addr: args.master_addr.clone(),
+        local_rank: args.local_rank,
+        local_world_size: args.local_world_size,
+        gpu: args.gpu.clone(),
+    });
     let opts = WorkerOptions {
         coordinators: args.coordinators,
         job: JobName::new(args.job.as_str())?,
         rank: resolve_rank(&args.rank)?,
         http_addr: args.http_addr,
         token: read_token(args.token_file.as_ref())?,
-        gpu: args.gpu,
+        gpu: device,
         require_gpu: args.require_gpu,
         free_override: std::env::var(flotilla_worker::device::FREE_BYTES_OVERRIDE).ok(),
+        exec,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let on_signal = shutdown.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            // SIGINT or SIGTERM: stop the trainer, then exit
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             on_signal.cancel();
         });
         agent::run(opts, shutdown).await.map_err(anyhow::Error::from)

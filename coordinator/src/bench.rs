@@ -256,7 +256,7 @@ async fn sim_worker(
                     .map_err(|e| e.to_string())??;
                     conn.send(WorkerMessage::ShardSaved { generation: g, checkpoint, manifest }).await.map_err(|e| e.to_string())?;
                 }
-                CoordinatorMessage::Restore { generation: g, from } => {
+                CoordinatorMessage::Restore { generation: g, from, .. } => {
                     let _ = restores.send((rank, Instant::now()));
                     generation = g;
                     step = from.map_or(0, |p| p.step.0);

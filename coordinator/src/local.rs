@@ -261,6 +261,7 @@ pub struct LocalWorkers {
     children: Vec<Option<Child>>,
     http_addrs: Vec<String>,
     log_filter: String,
+    exec: Vec<String>,
 }
 
 impl LocalWorkers {
@@ -275,7 +276,14 @@ impl LocalWorkers {
             job: job.to_string(),
             children: (0..world_size).map(|_| None).collect(),
             log_filter: "info".into(),
+            exec: Vec::new(),
         }
+    }
+
+    /// Runs `argv` as each rank's trainer (`--exec -- argv...`).
+    pub fn exec(mut self, argv: &[&str]) -> Self {
+        self.exec = argv.iter().map(|a| a.to_string()).collect();
+        self
     }
 
     /// `RUST_LOG` for the workers.
@@ -303,6 +311,10 @@ impl LocalWorkers {
             .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if !self.exec.is_empty() {
+            // a trainer stopped by a restore gets a short grace in tests
+            cmd.args(["--stop-grace-seconds", "2", "--exec", "--"]).args(&self.exec);
         }
         self.children[rank as usize] = Some(cmd.spawn()?);
         Ok(())

@@ -220,7 +220,9 @@ const MAX_LEAD_MS: u64 = 10_000;
 /// A directive of the job's lifecycle, for re-send throttling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Restore(Generation),
+    /// With or without the rendezvous: once rank 0 offers it, the directive
+    /// goes out again at once.
+    Restore(Generation, bool),
     Resume(Generation),
     Stop,
 }
@@ -253,6 +255,9 @@ struct RankSoft {
     saved: BTreeMap<CheckpointId, ShardManifest>,
     /// Its final digest in `generation`.
     digest: Option<String>,
+    /// The generation its trainer failed in (an `--exec` trainer can fail
+    /// while a generation is being set up: it crashed on start).
+    failed_in: Option<Generation>,
     sent_phase: Option<(Phase, u64)>,
     sent_checkpoint: Option<(CheckpointId, u64)>,
 }
@@ -273,6 +278,7 @@ impl RankSoft {
             lost: false,
             saved: BTreeMap::new(),
             digest: None,
+            failed_in: None,
             sent_phase: None,
             sent_checkpoint: None,
         }
@@ -352,6 +358,8 @@ struct JobSoft {
     lead_ms: u64,
     /// File work already done (or under way) for this leader.
     files: BTreeSet<FileWork>,
+    /// The rendezvous rank 0 offered for a generation (`--exec` jobs).
+    rendezvous: Option<(Generation, String)>,
 }
 
 /// The leader's supervisor.
@@ -428,6 +436,7 @@ impl Supervisor {
             last_begun: now.max(since),
             lead_ms: lead,
             files: BTreeSet::new(),
+            rendezvous: None,
         })
     }
 
@@ -652,7 +661,18 @@ impl Supervisor {
             WorkerMessage::TrainerFailed { generation, reason } => {
                 tracing::warn!(%job, %rank, %generation, "trainer failed: {reason}");
                 r.status = WorkerStatus::Failed;
+                r.failed_in = Some(generation);
                 r.progress_at = t;
+            }
+            WorkerMessage::Rendezvous { generation, addr } => {
+                // only rank 0 hosts the rendezvous, only while its generation
+                // is being set up, and the first offer stands (a rank 0
+                // replaced within the generation is told the same one)
+                let setting_up = matches!(j.state, JobState::Waiting | JobState::Restoring);
+                let known = soft.rendezvous.as_ref().is_some_and(|(rg, _)| *rg == generation);
+                if rank == Rank(0) && generation == current && setting_up && !known {
+                    soft.rendezvous = Some((generation, addr));
+                }
             }
             WorkerMessage::Finished { generation, step, digest } => {
                 if generation == current {
@@ -679,15 +699,13 @@ impl Supervisor {
         let g = j.generation;
         match j.state {
             JobState::Waiting => {
+                if self.setup_failed(j, now, out) {
+                    return;
+                }
                 // every rank builds its first state (fresh at step 0, or the
                 // `resume_from` checkpoint) in generation G, then the job starts
-                for (rank, r) in soft.ranks.iter_mut() {
-                    if r.generation != Some(g) {
-                        let msg =
-                            CoordinatorMessage::Restore { generation: g, from: restore_point(j, *rank) };
-                        direct(r, Phase::Restore(g), msg, t, resend, out);
-                    }
-                }
+                let soft = self.soft(&name, t);
+                direct_restores(j, soft, t, resend, out);
                 if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
                     self.propose(now, Command::StartJob { job: name, generation: g }, out);
                 }
@@ -862,7 +880,33 @@ impl Supervisor {
         }
     }
 
+    /// A trainer that failed while the job's generation was being set up
+    /// (waiting or restoring) restarts the set-up in a new generation; each
+    /// such restart counts toward `max_restarts`.
+    fn setup_failed(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) -> bool {
+        let g = j.generation;
+        let soft = self.soft(&j.spec.name, now.mono_ms);
+        let Some(rank) = soft.ranks.iter().find(|(_, r)| r.failed_in == Some(g)).map(|(rank, _)| *rank)
+        else {
+            return false;
+        };
+        let cmd = Command::Restore {
+            job: j.spec.name.clone(),
+            generation: Generation(g.0 + 1),
+            from: j.restored_from,
+            reason: RestoreReason::TrainerFailed,
+            now_ms: now.wall_ms,
+        };
+        if self.propose(now, cmd, out) {
+            tracing::warn!(job = %j.spec.name, %rank, generation = %g, "trainer failed while the job was being set up: restarting the set-up");
+        }
+        true
+    }
+
     fn reconcile_restoring(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
+        if self.setup_failed(j, now, out) {
+            return;
+        }
         let name = j.spec.name.clone();
         let (g, t) = (j.generation, now.mono_ms);
         let next = Generation(g.0 + 1);
@@ -901,12 +945,7 @@ impl Supervisor {
             self.propose(now, cmd, out);
             return;
         }
-        for (rank, r) in soft.ranks.iter_mut() {
-            if r.generation != Some(g) {
-                let msg = CoordinatorMessage::Restore { generation: g, from: restore_point(j, *rank) };
-                direct(r, Phase::Restore(g), msg, t, resend, out);
-            }
-        }
+        direct_restores(j, soft, t, resend, out);
         if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
             self.propose(now, Command::ResumeJob { job: name, generation: g }, out);
         }
@@ -934,6 +973,23 @@ impl Supervisor {
             if soft.files.insert(work) {
                 out.push(Action::Files { job: name.clone(), work });
             }
+        }
+    }
+}
+
+/// Tells every rank that does not hold generation G's state yet to restore
+/// into it, with the rendezvous once rank 0 has offered one.
+fn direct_restores(j: &Job, soft: &mut JobSoft, t: u64, resend: u64, out: &mut Vec<Action>) {
+    let g = j.generation;
+    let rendezvous = soft.rendezvous.as_ref().filter(|(rg, _)| *rg == g).map(|(_, addr)| addr.clone());
+    for (rank, r) in soft.ranks.iter_mut() {
+        if r.generation != Some(g) {
+            let msg = CoordinatorMessage::Restore {
+                generation: g,
+                from: restore_point(j, *rank),
+                rendezvous: rendezvous.clone(),
+            };
+            direct(r, Phase::Restore(g, rendezvous.is_some()), msg, t, resend, out);
         }
     }
 }

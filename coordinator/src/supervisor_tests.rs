@@ -116,7 +116,7 @@ impl SimWorker {
     /// Carries out one directive the way the real worker does (idempotently).
     fn handle(&mut self, msg: CoordinatorMessage) -> Vec<WorkerMessage> {
         match msg {
-            CoordinatorMessage::Restore { generation, from } => {
+            CoordinatorMessage::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {
                     return if self.status == WorkerStatus::Waiting {
                         vec![WorkerMessage::Restored { generation, step: Step(self.step) }]
@@ -1008,4 +1008,65 @@ fn a_cleared_verdict_brings_the_manifest_back() {
     w.st.apply(Command::ClearCorrupt { job: name(), id: c, now_ms: 2 }).unwrap();
     w.tick();
     assert!(w.files.contains(&FileWork::Manifest(c)), "{:?}", w.files);
+}
+
+fn rendezvous_of(msg: &CoordinatorMessage) -> Option<&str> {
+    match msg {
+        CoordinatorMessage::Restore { rendezvous, .. } => rendezvous.as_deref(),
+        _ => None,
+    }
+}
+
+#[test]
+fn rank_zeros_rendezvous_goes_to_every_rank_at_once_and_the_first_offer_stands() {
+    let mut w = World::new(3);
+    w.register_all();
+    for i in 0..3 {
+        assert!(is_restore(w.sends_to(i).back().unwrap(), 1));
+        assert_eq!(rendezvous_of(w.sends_to(i).back().unwrap()), None);
+    }
+    // an offer from another rank, or for another generation, is no rendezvous
+    w.send(1, WorkerMessage::Rendezvous { generation: Generation(1), addr: "10.0.0.2:1".into() });
+    w.send(0, WorkerMessage::Rendezvous { generation: Generation(7), addr: "10.0.0.1:7".into() });
+    assert_eq!(rendezvous_of(w.sends_to(1).back().unwrap()), None);
+    // rank 0's offer goes out to every rank at once, without waiting for the re-send period
+    w.send(0, WorkerMessage::Rendezvous { generation: Generation(1), addr: "10.0.0.1:29500".into() });
+    for i in 0..3 {
+        assert_eq!(rendezvous_of(w.sends_to(i).back().unwrap()), Some("10.0.0.1:29500"), "rank {i}");
+    }
+    // a rank 0 replaced within the generation is told the same rendezvous
+    w.send(0, WorkerMessage::Rendezvous { generation: Generation(1), addr: "10.0.0.9:1".into() });
+    w.restart(0);
+    assert_eq!(rendezvous_of(w.sends_to(0).back().unwrap()), Some("10.0.0.1:29500"));
+    // a restore's new generation needs a new one
+    w.running();
+    w.restart(2);
+    w.until(10, |w| w.job().generation == Generation(2) && w.job().state == JobState::Restoring);
+    w.tick();
+    let to_rank_1 =
+        w.sends_to(1).iter().rev().find(|m| is_restore(m, 2)).expect("a restore into generation 2");
+    assert_eq!(rendezvous_of(to_rank_1), None);
+}
+
+#[test]
+fn a_trainer_that_fails_while_its_generation_is_set_up_restarts_the_set_up_once() {
+    let mut w = World::new(2);
+    w.register_all();
+    // generation 1 is being set up (waiting): rank 1's trainer dies on start
+    w.send(1, WorkerMessage::TrainerFailed { generation: Generation(1), reason: "exit 1".into() });
+    assert_eq!(w.proposals.len(), 1, "{:?}", w.proposals);
+    assert!(w.restore_proposed(RestoreReason::TrainerFailed));
+    w.apply_all();
+    assert_eq!((w.job().state, w.job().generation), (JobState::Restoring, Generation(2)));
+    // a failure reported for the old generation restarts nothing more
+    w.send(1, WorkerMessage::TrainerFailed { generation: Generation(1), reason: "exit 1".into() });
+    w.tick();
+    assert!(w.proposals.is_empty(), "{:?}", w.proposals);
+    // the same while restoring generation 2
+    w.send(0, WorkerMessage::TrainerFailed { generation: Generation(2), reason: "killed".into() });
+    assert!(w.restore_proposed(RestoreReason::TrainerFailed));
+    w.apply_all();
+    assert_eq!(w.job().generation, Generation(3));
+    w.deliver_all();
+    w.until(20, |w| w.job().state == JobState::Running);
 }

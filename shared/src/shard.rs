@@ -510,11 +510,37 @@ impl Shard {
         self.bytes
     }
 
+    /// [`Shard::read_verified`] into the first `manifest.bytes` of `dst`
+    /// (memory another process maps: an `--exec` trainer's restore
+    /// segment); returns the header, which locates each variable's data.
+    pub fn read_verified_to(
+        path: &Path,
+        label: &str,
+        manifest: &ShardManifest,
+        dst: &mut [u8],
+    ) -> Result<ShardHeader, ShardError> {
+        let mut file = File::open(path).map_err(io_err(label, "open", path))?;
+        let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
+        if len != manifest.bytes || dst.len() < len as usize {
+            let kind = ShardErrorKind::Truncated { len, expected: manifest.bytes };
+            return Err(ShardError::new(label, kind));
+        }
+        let dst = &mut dst[..len as usize];
+        file.read_exact(dst).map_err(io_err(label, "read", path))?;
+        Self::verify_bytes(dst, manifest).map_err(|kind| ShardError::new(label, kind))
+    }
+
     fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {
+        let header = Self::verify_bytes(&bytes, manifest)?;
+        Ok(Self { header, bytes })
+    }
+
+    /// Checks a whole shard file's bytes against its manifest.
+    fn verify_bytes(bytes: &[u8], manifest: &ShardManifest) -> Result<ShardHeader, ShardErrorKind> {
         if bytes.len() as u64 != manifest.bytes {
             return Err(ShardErrorKind::Truncated { len: bytes.len() as u64, expected: manifest.bytes });
         }
-        let header = ShardHeader::parse(&bytes, bytes.len() as u64)?;
+        let header = ShardHeader::parse(bytes, bytes.len() as u64)?;
         let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
             header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
         if header.tensors.len() != manifest.tensors.len() {
@@ -551,7 +577,7 @@ impl Shard {
         if whole != manifest.checksum {
             return Err(ShardErrorKind::HeaderChecksumMismatch);
         }
-        Ok(Self { header, bytes })
+        Ok(header)
     }
 
     /// The data of variable `name`, if the shard has it.

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Version of this protocol; carried in every frame and in [`Hello`].
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Who opens a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +210,15 @@ pub enum WorkerMessage {
         /// What happened.
         reason: String,
     },
+    /// Rank 0 of an `--exec` job offers the rendezvous of `generation`
+    /// (`MASTER_ADDR:MASTER_PORT`): a port its worker found free on its host.
+    /// The leader passes it on in every rank's `Restore` directive.
+    Rendezvous {
+        /// The generation it is for.
+        generation: Generation,
+        /// `host:port`.
+        addr: String,
+    },
     /// It reached `total_steps`.
     Finished {
         /// Generation.
@@ -276,6 +285,9 @@ pub enum CoordinatorMessage {
         generation: Generation,
         /// The checkpoint to load, or none for a fresh start.
         from: Option<RestorePoint>,
+        /// The generation's rendezvous (`host:port`) once rank 0 offered it:
+        /// `--exec` trainers need it to start; the built-in trainer ignores it.
+        rendezvous: Option<String>,
     },
     /// Every rank restored: train from `step` in `generation`.
     Resume {

@@ -17,6 +17,7 @@
 //! on the next restore.
 
 use crate::device::{self, DeviceMemory, Reading};
+use crate::exec::{ExecOptions, ExecRunner};
 use crate::metrics::WorkerMetrics;
 use crate::runner::{Runner, RunnerCmd, RunnerState};
 use axum::extract::State as AxumState;
@@ -56,6 +57,8 @@ pub struct WorkerOptions {
     pub require_gpu: bool,
     /// `FLOTILLA_DEVICE_FREE_BYTES`, if set.
     pub free_override: Option<String>,
+    /// `--exec`: run this external trainer instead of the built-in one.
+    pub exec: Option<ExecOptions>,
 }
 
 /// Why the worker stopped with an error.
@@ -85,6 +88,8 @@ struct StatusView {
     state: String,
     device: Option<Reading>,
     device_warning: Option<String>,
+    /// The `--exec` trainer process, while one runs.
+    trainer_pid: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -142,6 +147,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
             state: "waiting".into(),
             device: reading,
             device_warning,
+            trainer_pid: None,
         })),
         runner: runner_state.clone(),
         metrics: metrics.clone(),
@@ -177,6 +183,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
         finished: None,
         spec: None,
         max_term: 0,
+        host: "127.0.0.1".into(),
     };
     let mut redirect: Option<String> = None;
     let mut next = 0usize;
@@ -253,6 +260,9 @@ struct Agent {
     spec: Option<JobSpec>,
     /// The highest Raft term of a leader this worker followed.
     max_term: u64,
+    /// This host's address as the coordinators see it (the local end of
+    /// the last connection): where an `--exec` rank 0 hosts its rendezvous.
+    host: String,
 }
 
 type Conn = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
@@ -268,6 +278,9 @@ impl Agent {
             .map_err(|_| SessionError::Retry("connect timed out".into()))?
             .map_err(|e| SessionError::Retry(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
+        if let Ok(local) = stream.local_addr() {
+            self.host = local.ip().to_string();
+        }
         let (mut conn, _node): (Conn, _) =
             client_handshake(stream, PeerRole::Worker, self.opts.token.clone(), DEFAULT_MAX_FRAME)
                 .await
@@ -315,7 +328,7 @@ impl Agent {
             other => return Err(SessionError::Retry(format!("unexpected answer to Register: {other:?}"))),
         };
         tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, term = self.max_term, "registered");
-        if spec.trainer.is_none() {
+        if spec.trainer.is_none() && self.opts.exec.is_none() {
             return Err(SessionError::Fatal(WorkerError::Config(format!(
                 "job {} has no [trainer] section; the built-in trainer needs one",
                 spec.name
@@ -403,6 +416,7 @@ impl Agent {
                 self.metrics.clone(),
                 spec.clone(),
             );
+            let exec = self.opts.exec.clone().map(|opts| (opts, self.host.clone()));
             // the trainer thread builds its own state (hundreds of MiB to
             // allocate and touch) while this task keeps heartbeating
             let handle = std::thread::Builder::new()
@@ -411,6 +425,9 @@ impl Agent {
                     let sink: crate::runner::EventSink = Arc::new(move |ev| {
                         let _ = ev_tx.send(ev);
                     });
+                    if let Some((opts, host)) = exec {
+                        return ExecRunner::new(spec, rank, opts, host, device, sink, state, metrics).run(rx);
+                    }
                     match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
                         Ok(runner) => runner.run(rx),
                         Err(reason) => {
@@ -470,7 +487,7 @@ impl Agent {
                 self.saved.remove(&checkpoint);
                 self.runner_cmd(RunnerCmd::Abort { id: checkpoint });
             }
-            CoordinatorMessage::Restore { generation, from } => {
+            CoordinatorMessage::Restore { generation, from, rendezvous } => {
                 if self.runner_state.generation() != Some(generation) {
                     tracing::info!(%generation, from = ?from.as_ref().map(|p| p.checkpoint), "restoring");
                     self.saved.clear();
@@ -479,7 +496,7 @@ impl Agent {
                 if self.runner.is_none() {
                     self.start_runner()?;
                 }
-                self.runner_cmd(RunnerCmd::Restore { generation, from });
+                self.runner_cmd(RunnerCmd::Restore { generation, from, rendezvous });
             }
             CoordinatorMessage::Resume { generation, step } => {
                 tracing::debug!(%generation, %step, "resume");
@@ -514,6 +531,7 @@ async fn status(AxumState(s): AxumState<Shared>) -> Response {
     v.generation = s.runner.generation();
     v.step = s.runner.step().0;
     v.state = format!("{:?}", s.runner.status()).to_lowercase();
+    v.trainer_pid = s.runner.trainer_pid();
     Json(v).into_response()
 }
 

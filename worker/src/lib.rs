@@ -6,7 +6,9 @@
 pub mod agent;
 pub mod bench;
 pub mod device;
+pub mod exec;
 pub mod metrics;
 pub mod runner;
+pub mod shm;
 pub mod snapshot;
 pub mod trainer;

@@ -9,7 +9,7 @@
 
 use crate::device::{gib, DeviceMemory};
 use crate::metrics::WorkerMetrics;
-use crate::snapshot::{Snapshotter, WriteRequest};
+use crate::snapshot::{Snapshotter, WriteOutcome, WriteRequest};
 use crate::trainer::{BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
@@ -20,7 +20,7 @@ use flotilla_shared::wire::{
     RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +57,8 @@ pub enum RunnerCmd {
         generation: Generation,
         /// Where from (`None`: a fresh start at step 0).
         from: Option<RestorePoint>,
+        /// The generation's rendezvous, once known (`--exec` trainers).
+        rendezvous: Option<String>,
     },
     /// Exit.
     Stop,
@@ -69,9 +71,27 @@ pub struct RunnerState {
     /// 0 = none yet.
     generation: AtomicU64,
     status: AtomicU8,
+    /// The `--exec` trainer process, 0 when none runs.
+    trainer_pid: AtomicU32,
 }
 
 impl RunnerState {
+    /// The `--exec` trainer process running now, if any.
+    pub fn trainer_pid(&self) -> Option<u32> {
+        Some(self.trainer_pid.load(Ordering::Relaxed)).filter(|p| *p > 0)
+    }
+
+    /// Records the trainer process (`None` once it ended).
+    pub fn set_trainer_pid(&self, pid: Option<u32>) {
+        self.trainer_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Publishes the step and generation the trainer's state is at.
+    pub fn publish(&self, step: Step, generation: Option<Generation>) {
+        self.step.store(step.0, Ordering::Relaxed);
+        self.generation.store(generation.map_or(0, |g| g.0), Ordering::Relaxed);
+    }
+
     /// Steps completed.
     pub fn step(&self) -> Step {
         Step(self.step.load(Ordering::Relaxed))
@@ -155,29 +175,8 @@ impl Runner {
             format!("job {} has no [trainer] section; the built-in trainer needs one", spec.name)
         })?;
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
-        let sink = events.clone();
-        let m = metrics.clone();
-        let snap = Snapshotter::new(vars.clone(), move |o| {
-            m.shard_write.observe(o.write_time.as_secs_f64());
-            let event = match o.result {
-                Ok(manifest) => {
-                    m.bytes_written.inc_by(manifest.bytes);
-                    WorkerMessage::ShardSaved {
-                        generation: o.meta.generation,
-                        checkpoint: o.meta.checkpoint,
-                        manifest,
-                    }
-                }
-                Err(e) => WorkerMessage::ShardFailed {
-                    generation: o.meta.generation,
-                    checkpoint: o.meta.checkpoint,
-                    kind: ShardFailureKind::Write,
-                    reason: e.to_string(),
-                },
-            };
-            sink(event);
-        })
-        .map_err(|e| format!("cannot start the shard writer: {e}"))?;
+        let snap = Snapshotter::new(vars.clone(), shard_reporter(events.clone(), metrics.clone()))
+            .map_err(|e| format!("cannot start the shard writer: {e}"))?;
         Ok(Self {
             job: spec.name.clone(),
             rank,
@@ -207,10 +206,9 @@ impl Runner {
     }
 
     fn publish(&self) {
-        let step = self.current_step().0;
-        self.state.step.store(step, Ordering::Relaxed);
-        self.state.generation.store(self.generation.map_or(0, |g| g.0), Ordering::Relaxed);
-        self.metrics.step.set(step as i64);
+        let step = self.current_step();
+        self.state.publish(step, self.generation);
+        self.metrics.step.set(step.0 as i64);
     }
 
     /// Runs until [`RunnerCmd::Stop`] or the command channel closes.
@@ -358,7 +356,7 @@ impl Runner {
             RunnerCmd::Abort { id } => {
                 self.pending.take_if(|p| p.id == id);
             }
-            RunnerCmd::Restore { generation, from } => {
+            RunnerCmd::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {
                     // a repeated directive: already restored (and maybe resumed)
                     if !self.running && !self.finished {
@@ -401,36 +399,14 @@ impl Runner {
             message,
         };
         let path = point.dir.join(&point.shard.file);
-        // 1. names, dtypes and shapes, from the header alone
-        let header = match read_header(&path, &label) {
-            Ok(h) => h,
-            Err(e) => return failed(kind_of(&e.kind), format!("{e} (file {})", path.display())),
+        let checks = Prechecks {
+            rank: self.rank,
+            headroom: self.spec.failure.memory_headroom_bytes,
+            device: self.device.as_ref(),
+            metrics: &self.metrics,
         };
-        if let Err(m) = ModelMismatch::check(&header.variables(), &self.vars) {
-            return failed(
-                RestoreFailureKind::ModelMismatch,
-                format!("{label} does not match the model: {m}"),
-            );
-        }
-        // 2. device memory
-        let need = point.shard.bytes + self.spec.failure.memory_headroom_bytes;
-        match self.device.read() {
-            Ok(r) => {
-                self.metrics.observe_device(&r);
-                if r.free < need {
-                    return failed(
-                        RestoreFailureKind::DeviceMemory,
-                        format!(
-                            "rank {} on {}: restore needs {}, {} free",
-                            self.rank,
-                            r.device,
-                            gib(need),
-                            gib(r.free)
-                        ),
-                    );
-                }
-            }
-            Err(e) => return failed(RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank)),
+        if let Err((kind, message)) = checks.run(&point, &label, Some(&self.vars)) {
+            return failed(kind, message);
         }
         // 3. read (into the snapshot buffer, memory already touched) and
         // verify every checksum, 4. load; nothing changes before 4
@@ -456,7 +432,81 @@ impl Runner {
     }
 }
 
-fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
+/// Turns the shard writer's outcomes into reports (and metrics).
+pub fn shard_reporter(events: EventSink, m: WorkerMetrics) -> impl FnMut(WriteOutcome) + Send + 'static {
+    move |o| {
+        m.shard_write.observe(o.write_time.as_secs_f64());
+        let event = match o.result {
+            Ok(manifest) => {
+                m.bytes_written.inc_by(manifest.bytes);
+                WorkerMessage::ShardSaved {
+                    generation: o.meta.generation,
+                    checkpoint: o.meta.checkpoint,
+                    manifest,
+                }
+            }
+            Err(e) => WorkerMessage::ShardFailed {
+                generation: o.meta.generation,
+                checkpoint: o.meta.checkpoint,
+                kind: ShardFailureKind::Write,
+                reason: e.to_string(),
+            },
+        };
+        events(event);
+    }
+}
+
+/// The restore checks made before a byte of a shard is loaded.
+pub(crate) struct Prechecks<'a> {
+    pub rank: Rank,
+    /// `failure.memory_headroom_bytes`.
+    pub headroom: u64,
+    pub device: &'a dyn DeviceMemory,
+    pub metrics: &'a WorkerMetrics,
+}
+
+impl Prechecks<'_> {
+    /// First the header's names, dtypes and shapes against `model` (when
+    /// the trainer declared one), every mismatch in one error; then the
+    /// device's free memory against the shard's bytes plus the headroom.
+    pub fn run(
+        &self,
+        point: &RestorePoint,
+        label: &str,
+        model: Option<&[VariableSpec]>,
+    ) -> Result<(), (RestoreFailureKind, String)> {
+        let path = point.dir.join(&point.shard.file);
+        let header = read_header(&path, label)
+            .map_err(|e| (kind_of(&e.kind), format!("{e} (file {})", path.display())))?;
+        if let Some(model) = model {
+            ModelMismatch::check(&header.variables(), model).map_err(|m| {
+                (RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
+            })?;
+        }
+        let need = point.shard.bytes + self.headroom;
+        let r = self
+            .device
+            .read()
+            .map_err(|e| (RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank)))?;
+        self.metrics.observe_device(&r);
+        if r.free < need {
+            return Err((
+                RestoreFailureKind::DeviceMemory,
+                format!(
+                    "rank {} on {}: restore needs {}, {} free",
+                    self.rank,
+                    r.device,
+                    gib(need),
+                    gib(r.free)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a shard error means for the job.
+pub(crate) fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
     match kind {
         // a missing or unreadable file (a mount gone, permissions) condemns
         // nothing: the job waits for the storage to come back

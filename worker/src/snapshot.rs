@@ -12,6 +12,11 @@
 //! One reusable host buffer per rank, allocated and touched once, means at
 //! most one write in flight and natural back-pressure: a checkpoint that
 //! arrives before the last write ended waits for it (and says so).
+//!
+//! The buffer is a `Vec<u8>` for the built-in trainer and a shared-memory
+//! file ([`crate::shm::ShmFile`]) for an `--exec` trainer, which copies its
+//! tensors into it itself ([`Snapshotter::acquire`], then
+//! [`Snapshotter::submit`]).
 
 use crate::trainer::Trainer;
 use flotilla_shared::durable;
@@ -73,30 +78,31 @@ pub enum SnapshotError {
     WriterGone,
 }
 
-type Job = (WriteRequest, Vec<u8>);
+type Job<B> = (WriteRequest, B);
 
 /// Spare capacity of the snapshot buffer beyond the variables: a shard's
 /// header fits, so a whole shard file can be read into it.
 pub const READ_ROOM: usize = 1 << 20;
 
-/// A per-rank snapshot pipeline with one reusable buffer.
-pub struct Snapshotter {
+/// A per-rank snapshot pipeline with one reusable buffer `B`: the
+/// variables' bytes, packed in order (`as_ref()` is exactly that long).
+pub struct Snapshotter<B = Vec<u8>> {
     bytes: usize,
     /// The buffer while no write is in flight.
-    idle: Option<Vec<u8>>,
+    idle: Option<B>,
     /// Where the writer returns the buffer after a write.
-    returned: Receiver<Vec<u8>>,
-    jobs: Option<SyncSender<Job>>,
+    returned: Receiver<B>,
+    jobs: Option<SyncSender<Job<B>>>,
     writer: Option<JoinHandle<()>>,
 }
 
-impl Snapshotter {
+impl Snapshotter<Vec<u8>> {
     /// Builds the pipeline for `vars` (a trainer's variables, fixed for its
     /// life). `on_done` is called on the writer thread after each write,
     /// before the buffer is released.
     pub fn new(
         vars: Vec<VariableSpec>,
-        mut on_done: impl FnMut(WriteOutcome) + Send + 'static,
+        on_done: impl FnMut(WriteOutcome) + Send + 'static,
     ) -> std::io::Result<Self> {
         let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
         // Touch every page now, so no checkpoint pays for page faults.
@@ -104,8 +110,54 @@ impl Snapshotter {
         // shard file into the same memory
         let mut buffer = vec![1u8; bytes + READ_ROOM];
         buffer.truncate(bytes);
+        Self::over(vars, buffer, on_done)
+    }
+
+    /// Takes a snapshot of `trainer` and hands it to the writer. Blocks only
+    /// while the previous write still holds the buffer.
+    pub fn snapshot(&mut self, trainer: &dyn Trainer, req: WriteRequest) -> Result<Stall, SnapshotError> {
+        let got = trainer.snapshot_bytes();
+        if got != self.bytes {
+            return Err(SnapshotError::SizeChanged { got, want: self.bytes });
+        }
+        let start = Instant::now();
+        let mut buf = self.acquire()?;
+        let copying = Instant::now();
+        trainer.snapshot_into(&mut buf);
+        let stall = Stall { wait: copying - start, copy: copying.elapsed() };
+        self.submit(req, buf)?;
+        Ok(stall)
+    }
+
+    /// Lends the buffer (with at least [`READ_ROOM`] bytes of spare
+    /// capacity) to `f` once no write is in flight, e.g. to read a shard
+    /// into memory already touched; `f` hands a buffer back.
+    pub fn with_buffer<T>(&mut self, f: impl FnOnce(Vec<u8>) -> (Vec<u8>, T)) -> Result<T, SnapshotError> {
+        let buf = self.acquire()?;
+        let (mut buf, out) = f(buf);
+        buf.resize(self.bytes, 0);
+        self.idle = Some(buf);
+        Ok(out)
+    }
+}
+
+impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
+    /// Builds the pipeline for `vars` over `buffer` (at least as long as
+    /// the variables' bytes).
+    pub fn over(
+        vars: Vec<VariableSpec>,
+        buffer: B,
+        mut on_done: impl FnMut(WriteOutcome) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
+        if buffer.as_ref().len() < bytes {
+            return Err(std::io::Error::other(format!(
+                "snapshot buffer of {} bytes for {bytes} bytes of variables",
+                buffer.as_ref().len()
+            )));
+        }
         let (returned_tx, returned) = sync_channel(1);
-        let (jobs, job_rx) = sync_channel::<Job>(1);
+        let (jobs, job_rx) = sync_channel::<Job<B>>(1);
         let writer = std::thread::Builder::new().name("flotilla-shard-writer".into()).spawn(move || {
             for (req, buf) in job_rx {
                 let start = Instant::now();
@@ -121,7 +173,7 @@ impl Snapshotter {
                             source,
                         },
                     })
-                    .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf));
+                    .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf.as_ref()[..bytes]));
                 on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
                 if returned_tx.send(buf).is_err() {
                     break;
@@ -136,32 +188,22 @@ impl Snapshotter {
         self.bytes
     }
 
-    /// Takes a snapshot of `trainer` and hands it to the writer. Blocks only
-    /// while the previous write still holds the buffer.
-    pub fn snapshot(&mut self, trainer: &dyn Trainer, req: WriteRequest) -> Result<Stall, SnapshotError> {
-        let got = trainer.snapshot_bytes();
-        if got != self.bytes {
-            return Err(SnapshotError::SizeChanged { got, want: self.bytes });
-        }
-        let start = Instant::now();
-        let mut buf = self.take_buffer()?;
-        let copying = Instant::now();
-        trainer.snapshot_into(&mut buf);
-        let stall = Stall { wait: copying - start, copy: copying.elapsed() };
-        let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
-        jobs.send((req, buf)).map_err(|_| SnapshotError::WriterGone)?;
-        Ok(stall)
+    /// The buffer, once no write is in flight (waits for the writer to
+    /// return it): fill its first [`Snapshotter::bytes`] with the variables,
+    /// then [`Snapshotter::submit`] it, or [`Snapshotter::give_back`] it.
+    pub fn acquire(&mut self) -> Result<B, SnapshotError> {
+        self.take_buffer()
     }
 
-    /// Lends the buffer (with at least [`READ_ROOM`] bytes of spare
-    /// capacity) to `f` once no write is in flight, e.g. to read a shard
-    /// into memory already touched; `f` hands a buffer back.
-    pub fn with_buffer<T>(&mut self, f: impl FnOnce(Vec<u8>) -> (Vec<u8>, T)) -> Result<T, SnapshotError> {
-        let buf = self.take_buffer()?;
-        let (mut buf, out) = f(buf);
-        buf.resize(self.bytes, 0);
+    /// Hands a filled buffer to the writer.
+    pub fn submit(&mut self, req: WriteRequest, buf: B) -> Result<(), SnapshotError> {
+        let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
+        jobs.send((req, buf)).map_err(|_| SnapshotError::WriterGone)
+    }
+
+    /// Returns an acquired buffer unwritten (a snapshot given up).
+    pub fn give_back(&mut self, buf: B) {
         self.idle = Some(buf);
-        Ok(out)
     }
 
     /// Waits until no write is in flight (every `on_done` has run).
@@ -170,7 +212,7 @@ impl Snapshotter {
     }
 
     /// The buffer, waiting for the writer to return it if a write is in flight.
-    fn take_buffer(&mut self) -> Result<Vec<u8>, SnapshotError> {
+    fn take_buffer(&mut self) -> Result<B, SnapshotError> {
         match self.idle.take() {
             Some(buf) => Ok(buf),
             None => self.returned.recv().map_err(|_| SnapshotError::WriterGone),
@@ -178,7 +220,7 @@ impl Snapshotter {
     }
 }
 
-impl Drop for Snapshotter {
+impl<B> Drop for Snapshotter<B> {
     fn drop(&mut self) {
         // closing the job channel ends the writer after its current write
         drop(self.jobs.take());
