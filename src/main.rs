@@ -1,6 +1,7 @@
 //! `flotilla`: the one binary. Parses the command line and calls into the
 //! crates; nothing here decides anything.
 
+mod bench_exec;
 mod demo;
 
 use anyhow::{bail, Context, Result};
@@ -210,6 +211,8 @@ enum BenchCommand {
     Raft(RaftArgs),
     /// One rank's checkpoint: training stall, shard write and read+verify, against a plain write + fsync.
     Snapshot(SnapshotArgs),
+    /// `--exec` trainers on a real local cluster: a trainer process SIGKILLed → all ranks training again.
+    Exec(bench_exec::ExecBenchArgs),
 }
 
 #[derive(Args)]
@@ -317,6 +320,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => run_inspect(args),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
+        Command::Bench(BenchCommand::Exec(args)) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_exec::run(args))
+        }
         Command::Bench(BenchCommand::Coordinator(args)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
