@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 echo "--- installing test dependencies"
 # Python safetensors + numpy: the interop test's reference reader
 # kubernetes-validate (with its schemas) and PyYAML for the deployment checks
+# msgpack + pytest: the Python client (python/) and its tests; the --exec
+# end-to-end test runs examples/numpy with the client from python/
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-  safetensors numpy kubernetes-validate pyyaml
+  safetensors numpy kubernetes-validate pyyaml msgpack pytest
 # a real Prometheus server (and promtool) for the scrape test and the alert rules;
 # iproute2 (ip netns) and iptables for the network-partition test (tests/partition.rs)
 apt_packages=()
@@ -34,6 +36,9 @@ cargo fmt --all -- --check
 
 echo "--- cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "--- the Python client's tests (python/)"
+python3 -m pytest -q python/tests
 
 echo "--- cargo test"
 cargo test --workspace --locked

@@ -11,6 +11,8 @@ use flotilla_worker::trainer::{BuiltinTrainer, Trainer};
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod exec;
+
 /// A small trainer spec: a few hundred KiB per rank.
 pub fn small_spec() -> TrainerSpec {
     TrainerSpec { params_per_rank_bytes: 256 << 10, layers: 2, seed: 11, ..TrainerSpec::default() }

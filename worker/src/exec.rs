@@ -139,10 +139,28 @@ struct SaveBeginReply {
 
 enum Input {
     Cmd(RunnerCmd),
-    Connected { start: u64, stream: UnixStream },
-    Request { start: u64, req: Result<Request, String> },
-    Closed { start: u64 },
-    Exited { start: u64, status: ExitStatus },
+    Connected {
+        start: u64,
+        stream: UnixStream,
+    },
+    Request {
+        start: u64,
+        req: Result<Request, String>,
+    },
+    Closed {
+        start: u64,
+    },
+    Exited {
+        start: u64,
+        status: ExitStatus,
+    },
+    /// A snapshot buffer made ready ahead of the first save, for the
+    /// variables the process declared in `restore(like=...)`.
+    Prepared {
+        start: u64,
+        vars: Vec<VariableSpec>,
+        shm: ShmFile,
+    },
 }
 
 /// The generation being set up or run.
@@ -286,7 +304,17 @@ impl ExecRunner {
                     }
                 }
                 Input::Exited { start, status } if self.is_current(start) => self.exited(status),
-                Input::Request { .. } | Input::Closed { .. } | Input::Exited { .. } => {}
+                Input::Prepared { start, vars, shm } if self.is_current(start) && self.snap.is_none() => {
+                    let reporter = shard_reporter(self.events.clone(), self.metrics.clone());
+                    match Snapshotter::over(vars.clone(), shm, reporter) {
+                        Ok(snap) => self.snap = Some((vars, snap)),
+                        Err(e) => tracing::warn!("cannot prepare the snapshot buffer: {e}"),
+                    }
+                }
+                Input::Request { .. }
+                | Input::Closed { .. }
+                | Input::Exited { .. }
+                | Input::Prepared { .. } => {}
             }
         }
         self.stop_process();
@@ -719,6 +747,10 @@ impl ExecRunner {
     fn restore(&mut self, like: Option<Vec<TensorDecl>>) {
         let t = self.target.as_ref().expect("checked by the caller");
         let Some(point) = t.from.clone() else {
+            if let Some(vars) = like.as_deref().and_then(|l| parse_decls(l).ok()) {
+                self.prepare_snapshot_buffer(vars);
+            }
+            let t = self.target.as_ref().expect("checked by the caller");
             // a fresh start: nothing to load, answered once the job runs
             if t.resumed {
                 return self.reply(&RestoreReply { ok: true, state: None });
@@ -734,6 +766,9 @@ impl ExecRunner {
             Ok(m) => m,
             Err(e) => return self.refuse("protocol", format!("restore(like=...): {e}")),
         };
+        if let Some(vars) = &model {
+            self.prepare_snapshot_buffer(vars.clone());
+        }
         let started = Instant::now();
         match self.load(&point, model.as_deref()) {
             Ok((seg, state)) => {
@@ -762,6 +797,27 @@ impl ExecRunner {
                 self.refuse(refusal_kind(kind), message);
             }
         }
+    }
+
+    /// Creates and touches, on a helper thread, the snapshot buffer for the
+    /// variables the process declared, so its first save costs one copy
+    /// like every other (the process waits for the job to resume meanwhile).
+    fn prepare_snapshot_buffer(&self, vars: Vec<VariableSpec>) {
+        let Some(start) = self.proc.as_ref().map(|p| p.start) else { return };
+        if self.snap.is_some() {
+            return;
+        }
+        let tx = self.tx.clone();
+        let (vars, _) = shard_layout(&vars);
+        std::thread::spawn(move || {
+            let bytes = vars.iter().map(VariableSpec::byte_len).sum();
+            match ShmFile::create(&shm_dir(), &unique_name("snapshot"), bytes) {
+                Ok(shm) => {
+                    let _ = tx.send(Input::Prepared { start, vars, shm });
+                }
+                Err(e) => tracing::warn!("cannot prepare a snapshot buffer of {bytes} bytes: {e}"),
+            }
+        });
     }
 
     /// The staged checks, then the shard read and verified into a new
@@ -838,18 +894,24 @@ impl ExecRunner {
                 .to_string();
             return self.refuse("protocol", msg);
         };
-        let vars = match parse_decls(&decls) {
-            Ok(v) => v,
+        let (vars, offsets) = match parse_decls(&decls) {
+            Ok(v) => shard_layout(&v),
             Err(e) => {
                 self.shard_failed(&p, format!("the trainer's tensors: {e}"));
                 return self.refuse("protocol", format!("save(): {e}"));
             }
         };
         if self.snap.as_ref().is_none_or(|(v, _)| *v != vars) {
-            // a new layout: a new buffer (the old one's last write ends first)
-            self.snap = None;
+            // another layout: the old buffer if it is large enough (once its
+            // last write ended), else a new one
             let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
-            let built = ShmFile::create(&shm_dir(), &unique_name("snapshot"), bytes).and_then(|shm| {
+            let old =
+                self.snap.take().and_then(|(_, mut old)| old.acquire().ok()).filter(|b| b.len() >= bytes);
+            let shm = match old {
+                Some(shm) => Ok(shm),
+                None => ShmFile::create(&shm_dir(), &unique_name("snapshot"), bytes),
+            };
+            let built = shm.and_then(|shm| {
                 Snapshotter::over(
                     vars.clone(),
                     shm,
@@ -876,15 +938,6 @@ impl ExecRunner {
                 return self.refuse("io", e.to_string());
             }
         };
-        let mut at = 0u64;
-        let offsets = vars
-            .iter()
-            .map(|v| {
-                let o = at;
-                at += v.byte_len() as u64;
-                o
-            })
-            .collect();
         let reply = SaveBeginReply {
             ok: true,
             path: buf.path().display().to_string(),
@@ -950,6 +1003,23 @@ fn parse_decls(decls: &[TensorDecl]) -> Result<Vec<VariableSpec>, String> {
         vars.push(VariableSpec::new(name.clone(), dtype, shape.clone()));
     }
     Ok(vars)
+}
+
+/// The shard's layout of the declared variables: the widest element type
+/// first (otherwise in declared order), so that every tensor starts at a
+/// multiple of its element size, in the buffer and in the file (whose data
+/// starts 8-aligned): restored arrays are naturally aligned. Returns the
+/// variables in file order and each declared variable's offset.
+fn shard_layout(vars: &[VariableSpec]) -> (Vec<VariableSpec>, Vec<u64>) {
+    let mut order: Vec<usize> = (0..vars.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(vars[i].dtype.bitsize()));
+    let mut offsets = vec![0u64; vars.len()];
+    let mut at = 0u64;
+    for &i in &order {
+        offsets[i] = at;
+        at += vars[i].byte_len() as u64;
+    }
+    (order.into_iter().map(|i| vars[i].clone()).collect(), offsets)
 }
 
 fn parse_dtype(s: &str) -> Option<Dtype> {
@@ -1045,5 +1115,42 @@ fn wait_exit(exit: &ExitSlot, timeout: Duration) -> Option<ExitStatus> {
 fn wake(socket: &std::path::Path, accepted: &AtomicBool) {
     if !accepted.swap(true, Ordering::SeqCst) {
         let _ = UnixStream::connect(socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decl(name: &str, dtype: &str, shape: &[usize]) -> TensorDecl {
+        (name.to_string(), dtype.to_string(), shape.to_vec())
+    }
+
+    #[test]
+    fn the_layout_aligns_every_tensor_to_its_element_size() {
+        let vars = parse_decls(&[
+            decl("a", "F32", &[3]),
+            decl("flag", "BOOL", &[]),
+            decl("step", "I64", &[]),
+            decl("h", "F16", &[5]),
+            decl("w", "F64", &[2, 2]),
+        ])
+        .unwrap();
+        let (order, offsets) = shard_layout(&vars);
+        let names: Vec<&str> = order.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["step", "w", "a", "h", "flag"]);
+        assert_eq!(offsets, [40, 62, 0, 52, 8]);
+        for (v, o) in vars.iter().zip(&offsets) {
+            assert_eq!(o % (v.dtype.bitsize() as u64 / 8), 0, "{} at {o}", v.name);
+        }
+    }
+
+    #[test]
+    fn declarations_are_checked() {
+        let e = parse_decls(&[decl("a", "F32", &[1]), decl("a", "F32", &[1])]).unwrap_err();
+        assert!(e.contains("named twice"), "{e}");
+        let e = parse_decls(&[decl("a", "float32", &[1])]).unwrap_err();
+        assert!(e.contains("\"float32\"") && e.contains("F32"), "{e}");
+        assert!(parse_decls(&[decl("", "F32", &[1])]).is_err());
     }
 }
