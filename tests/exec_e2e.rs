@@ -83,7 +83,8 @@ async fn numpy_trainers_survive_a_worker_and_a_trainer_sigkill_bit_for_bit() {
         wait_job(&client, JOB, "a restore for the killed trainer", |j| j.generation > second.generation)
             .await;
     assert!(
-        third.events.iter().any(|e| e.text.contains("trainer_failed")),
+        third.events.iter().any(|e| e.text.contains("trainer_failed (rank 2: trainer process")
+            && e.text.contains("was killed by signal 9")),
         "the restore was for the killed trainer: {:?}",
         third.events
     );

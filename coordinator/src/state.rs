@@ -447,6 +447,10 @@ pub enum Command {
         from: Option<CheckpointId>,
         /// Why.
         reason: RestoreReason,
+        /// What happened, for people: the rank and, for a failed trainer,
+        /// how it ended (shown in the job's events).
+        #[serde(default)]
+        detail: Option<String>,
         /// Time.
         now_ms: u64,
     },
@@ -771,8 +775,8 @@ impl State {
                     }
                 }
             }
-            Command::Restore { job, generation, from, reason, now_ms } => {
-                self.restore(job, generation, from, reason, now_ms)
+            Command::Restore { job, generation, from, reason, detail, now_ms } => {
+                self.restore(job, generation, from, reason, detail, now_ms)
             }
             Command::OperatorRestore { job, generation, from, now_ms } => {
                 let j = self.job_mut(&job)?;
@@ -788,7 +792,7 @@ impl State {
                         ),
                     );
                 };
-                self.restore(job, generation, Some(from), RestoreReason::Operator, now_ms)
+                self.restore(job, generation, Some(from), RestoreReason::Operator, None, now_ms)
             }
             Command::ResumeJob { job, generation } => {
                 let j = self.live_job(&job, generation)?;
@@ -992,6 +996,7 @@ impl State {
         generation: Generation,
         from: Option<CheckpointId>,
         reason: RestoreReason,
+        detail: Option<String>,
         now_ms: u64,
     ) -> Outcome {
         let j = self.job_mut(&job)?;
@@ -1057,7 +1062,11 @@ impl State {
         *j.restores_by_reason.entry(reason).or_default() += 1;
         j.restored_from = from;
         let origin = from.map_or_else(|| "step 0".to_string(), |id| format!("checkpoint {id} (step {step})"));
-        j.note(now_ms, format!("restore into generation {generation} from {origin}: {}", reason.as_str()));
+        let detail = detail.map_or_else(String::new, |d| format!(" ({d})"));
+        j.note(
+            now_ms,
+            format!("restore into generation {generation} from {origin}: {}{detail}", reason.as_str()),
+        );
         if reason.is_failure() {
             j.failures_ms.retain(|t| now_ms.saturating_sub(*t) < RESTART_WINDOW_MS);
             j.failures_ms.push(now_ms);
@@ -1205,6 +1214,7 @@ mod tests {
             generation: Generation(generation),
             from: from.map(CheckpointId),
             reason: RestoreReason::WorkerRestarted,
+            detail: None,
             now_ms: 99,
         })
     }
@@ -1491,6 +1501,7 @@ mod tests {
                 generation: Generation(2),
                 from: Some(CheckpointId(1)),
                 reason: RestoreReason::HeartbeatTimeout,
+                detail: None,
                 now_ms: 5,
             },
         ];
@@ -1517,6 +1528,7 @@ mod tests {
                 generation: Generation(generation),
                 from: Some(CheckpointId(from)),
                 reason: RestoreReason::Operator,
+                detail: None,
                 now_ms: 50,
             })
         };
@@ -1551,6 +1563,7 @@ mod tests {
                 generation: Generation(generation),
                 from: None,
                 reason: RestoreReason::HeartbeatTimeout,
+                detail: None,
                 now_ms,
             })
         };
@@ -1564,6 +1577,7 @@ mod tests {
                 generation: Generation(g),
                 from: None,
                 reason,
+                detail: None,
                 now_ms: 2,
             })
             .unwrap();

@@ -258,6 +258,8 @@ struct RankSoft {
     /// The generation its trainer failed in (an `--exec` trainer can fail
     /// while a generation is being set up: it crashed on start).
     failed_in: Option<Generation>,
+    /// How its trainer last failed (for the restore's event).
+    failure: Option<String>,
     sent_phase: Option<(Phase, u64)>,
     sent_checkpoint: Option<(CheckpointId, u64)>,
 }
@@ -279,6 +281,7 @@ impl RankSoft {
             saved: BTreeMap::new(),
             digest: None,
             failed_in: None,
+            failure: None,
             sent_phase: None,
             sent_checkpoint: None,
         }
@@ -662,6 +665,7 @@ impl Supervisor {
                 tracing::warn!(%job, %rank, %generation, "trainer failed: {reason}");
                 r.status = WorkerStatus::Failed;
                 r.failed_in = Some(generation);
+                r.failure = Some(reason);
                 r.progress_at = t;
             }
             WorkerMessage::Rendezvous { generation, addr } => {
@@ -733,6 +737,7 @@ impl Supervisor {
                         generation: Generation(g.0 + 1),
                         from,
                         reason: RestoreReason::Retry,
+                        detail: None,
                         now_ms: now.wall_ms,
                     };
                     self.propose(now, cmd, out);
@@ -797,11 +802,16 @@ impl Supervisor {
         let name = j.spec.name.clone();
         let (g, t) = (j.generation, now.mono_ms);
         if let Some((rank, reason)) = self.failed_rank(j, t) {
+            let failure = self.soft(&name, t).ranks.get(&rank).and_then(|r| r.failure.clone());
             let cmd = Command::Restore {
                 job: name.clone(),
                 generation: Generation(g.0 + 1),
                 from: j.latest_committed().map(|c| c.id),
                 reason,
+                detail: Some(match failure.filter(|_| reason == RestoreReason::TrainerFailed) {
+                    Some(why) => format!("rank {rank}: {why}"),
+                    None => format!("rank {rank}"),
+                }),
                 now_ms: now.wall_ms,
             };
             if self.propose(now, cmd, out) {
@@ -886,15 +896,16 @@ impl Supervisor {
     fn setup_failed(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) -> bool {
         let g = j.generation;
         let soft = self.soft(&j.spec.name, now.mono_ms);
-        let Some(rank) = soft.ranks.iter().find(|(_, r)| r.failed_in == Some(g)).map(|(rank, _)| *rank)
-        else {
+        let Some((rank, r)) = soft.ranks.iter().find(|(_, r)| r.failed_in == Some(g)) else {
             return false;
         };
+        let (rank, why) = (*rank, r.failure.clone().unwrap_or_default());
         let cmd = Command::Restore {
             job: j.spec.name.clone(),
             generation: Generation(g.0 + 1),
             from: j.restored_from,
             reason: RestoreReason::TrainerFailed,
+            detail: Some(format!("rank {rank}: {why}")),
             now_ms: now.wall_ms,
         };
         if self.propose(now, cmd, out) {
@@ -918,6 +929,7 @@ impl Supervisor {
                     generation: next,
                     from: j.latest_committed().map(|c| c.id),
                     reason: RestoreReason::CorruptCheckpoint,
+                    detail: None,
                     now_ms: now.wall_ms,
                 };
                 self.propose(now, cmd, out);
@@ -940,6 +952,7 @@ impl Supervisor {
                 } else {
                     RestoreReason::Disconnected
                 },
+                detail: Some(format!("rank {rank}, while restoring")),
                 now_ms: now.wall_ms,
             };
             self.propose(now, cmd, out);

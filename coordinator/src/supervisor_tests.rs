@@ -813,6 +813,7 @@ fn checkpoints_resume_at_the_next_boundary_after_a_restore() {
         generation: Generation(2),
         from: Some(c15),
         reason: RestoreReason::Operator,
+        detail: None,
         now_ms: w.now,
     })
     .unwrap();
