@@ -43,7 +43,7 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -206,6 +206,9 @@ struct Proc {
     last_line: Arc<Mutex<String>>,
     /// The shard it restored from, mapped by it.
     restored: Option<ShmFile>,
+    started: Instant,
+    /// It said hello.
+    hello: bool,
 }
 
 /// Drives one external training process per generation.
@@ -292,7 +295,15 @@ impl ExecRunner {
                 let _ = tx.send(Input::Cmd(RunnerCmd::Stop));
             })
             .expect("spawn a thread");
-        while let Ok(input) = self.rx.recv() {
+        loop {
+            let input = match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(input) => input,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_connected();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             match input {
                 Input::Cmd(RunnerCmd::Stop) => break,
                 Input::Cmd(cmd) => self.command(cmd),
@@ -318,6 +329,20 @@ impl ExecRunner {
             }
         }
         self.stop_process();
+    }
+
+    /// A process that has not said hello within `failure.hang_timeout_seconds`
+    /// of its start (stuck importing, waiting on something) is a failed
+    /// rank: the coordinator's hang detection only covers training.
+    fn check_connected(&mut self) {
+        let limit = Duration::from_secs(self.spec.failure.hang_timeout_seconds);
+        let Some(p) = self.proc.as_ref().filter(|p| !p.hello && p.started.elapsed() > limit) else { return };
+        let pid = p.pid;
+        self.stop_process();
+        self.trainer_failed(format!(
+            "trainer process {pid} did not connect to its worker within failure.hang_timeout_seconds = {}",
+            limit.as_secs()
+        ));
     }
 
     fn is_current(&self, start: u64) -> bool {
@@ -559,7 +584,18 @@ impl ExecRunner {
             });
         }
         self.state.set_trainer_pid(Some(pid));
-        self.proc = Some(Proc { start, pid, socket, accepted, conn: None, exit, last_line, restored: None });
+        self.proc = Some(Proc {
+            start,
+            pid,
+            socket,
+            accepted,
+            conn: None,
+            exit,
+            last_line,
+            restored: None,
+            started: Instant::now(),
+            hello: false,
+        });
     }
 
     /// Stops the process group: SIGTERM, up to the grace period, SIGKILL.
@@ -711,6 +747,9 @@ impl ExecRunner {
     }
 
     fn hello(&mut self, version: u32) {
+        if let Some(p) = self.proc.as_mut() {
+            p.hello = true;
+        }
         if version != TRAINER_PROTOCOL_VERSION {
             let msg = format!(
                 "the trainer speaks protocol {version}, this worker {TRAINER_PROTOCOL_VERSION}: install the flotilla Python package of this release (pip install ./python)"
@@ -1143,6 +1182,87 @@ mod tests {
         for (v, o) in vars.iter().zip(&offsets) {
             assert_eq!(o % (v.dtype.bitsize() as u64 / 8), 0, "{} at {o}", v.name);
         }
+    }
+
+    /// A runner for rank 1 of a 2-rank job running `sh -c script`, and
+    /// the reports it sends.
+    fn runner(
+        script: &str,
+    ) -> (std::sync::mpsc::Sender<RunnerCmd>, Receiver<WorkerMessage>, Arc<RunnerState>) {
+        let spec = JobSpec::from_toml(
+            "name = \"t\"\nworld_size = 2\n[checkpoint]\nevery_steps = 10\nroot = \"/tmp\"\n[failure]\nhang_timeout_seconds = 1\n",
+        )
+        .unwrap();
+        let opts = ExecOptions {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            stop_grace: Duration::from_secs(1),
+            master_addr: None,
+            local_rank: 0,
+            local_world_size: 1,
+            gpu: None,
+        };
+        let (ev_tx, ev_rx) = channel();
+        let events: EventSink = Arc::new(move |m| {
+            let _ = ev_tx.send(m);
+        });
+        let state = Arc::new(RunnerState::default());
+        let device: Arc<dyn DeviceMemory> = Arc::from(crate::device::open(None, false, None).unwrap());
+        let r = ExecRunner::new(
+            spec,
+            Rank(1),
+            opts,
+            "127.0.0.1".into(),
+            device,
+            events,
+            state.clone(),
+            WorkerMetrics::new(),
+        );
+        let (tx, rx) = channel();
+        std::thread::spawn(move || r.run(rx));
+        let restore = RunnerCmd::Restore {
+            generation: Generation(1),
+            from: None,
+            rendezvous: Some("127.0.0.1:1".into()),
+        };
+        tx.send(restore).unwrap();
+        (tx, ev_rx, state)
+    }
+
+    fn failure(events: &Receiver<WorkerMessage>) -> String {
+        loop {
+            match events.recv_timeout(Duration::from_secs(30)).expect("a report") {
+                WorkerMessage::TrainerFailed { generation, reason } => {
+                    assert_eq!(generation, Generation(1));
+                    return reason;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_trainer_that_exits_or_never_connects_is_a_failed_rank_with_the_reason() {
+        let (_tx, events, state) = runner("echo 'something broke' >&2; exit 3");
+        let why = failure(&events);
+        assert!(why.contains("exited with status 3") && why.contains("something broke"), "{why}");
+        assert_eq!(state.status(), WorkerStatus::Failed);
+        assert_eq!(state.trainer_pid(), None);
+
+        // the environment it was given, and hang_timeout_seconds = 1 without a hello
+        let (tx, events, state) =
+            runner("test \"$RANK/$WORLD_SIZE/$MASTER_PORT/$FLOTILLA_GENERATION\" = 1/2/1/1 && exec sleep 60");
+        let pid = loop {
+            if let Some(pid) = state.trainer_pid() {
+                break pid;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let why = failure(&events);
+        assert!(why.contains(&format!("trainer process {pid} did not connect")), "{why}");
+        assert_eq!(state.trainer_pid(), None);
+        // the process group is gone
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "{pid} still runs");
+        tx.send(RunnerCmd::Stop).unwrap();
     }
 
     #[test]
