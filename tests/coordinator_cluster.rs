@@ -218,3 +218,109 @@ async fn tokens_bad_specs_and_garbage_are_refused_without_harm() {
     assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(cluster.wait_for_leader(ELECTION).await.unwrap(), leader);
 }
+
+/// The scenario of a replica whose disk is replaced: entry E is committed
+/// on {A, B} while C is down; B loses its data dir; A dies; B comes back
+/// empty with its usual command line (A being down already, it cannot have
+/// caught up from A: the worst case), and C comes back without E. B must
+/// not help C become a leader without E: either no leader until A returns,
+/// or E survives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_restarted_empty_never_helps_elect_a_leader_without_a_committed_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+    let first = cluster.wait_for_leader(ELECTION).await.unwrap();
+    // C: a follower, so that A and B keep a quorum without it
+    let c = cluster.nodes.iter().map(|n| n.id).find(|&id| id != first).unwrap();
+    tracing::info!("--- C (node {c}) is SIGKILLed; entry E (job 'precious') is committed on A and B");
+    cluster.kill(c);
+    let a = cluster.wait_for_leader(ELECTION).await.unwrap();
+    let b = cluster.nodes.iter().map(|n| n.id).find(|&id| id != a && id != c).unwrap();
+    let client = Client::new(vec![cluster.url(a)], None);
+    client.submit(&job_toml("precious", 2, &dir.path().join("ckpt"))).await.unwrap();
+    wait_for_jobs(&cluster, b, &["precious"]).await;
+
+    tracing::info!("--- B (node {b}) loses its data dir; A (node {a}) dies; B restarts with its usual command line; C restarts on its data dir, without E");
+    cluster.kill(b);
+    cluster.wipe(b).unwrap();
+    cluster.kill(a);
+    cluster.spawn(b).unwrap();
+    cluster.spawn(c).unwrap();
+    let joined = wait_for("B to start as a joining replica", ELECTION, || async {
+        let s = cluster.status(b).await.ok_or("no answer")?;
+        if s.joining {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    })
+    .await;
+    assert!(joined.jobs.is_empty(), "B is empty: {:?}", joined.jobs);
+
+    wait_for("C to answer", ELECTION, || async { cluster.status(c).await.ok_or("no answer".to_string()) })
+        .await;
+    // many election timeouts (0.6-1.2 s each): no leader may serve a ledger without E
+    let window = std::time::Instant::now();
+    let mut observed = 0;
+    while window.elapsed() < Duration::from_secs(8) {
+        for id in [b, c] {
+            if let Some(s) = cluster.status(id).await {
+                observed += 1;
+                if s.role == Role::Leader {
+                    let names: Vec<&str> = s.jobs.iter().map(|j| j.name.as_str()).collect();
+                    assert!(
+                        names.contains(&"precious"),
+                        "node {id} leads term {} without E: {names:?}",
+                        s.term
+                    );
+                }
+                assert!(id != b || s.joining, "B stopped joining without a leader to catch up from");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(observed > 40, "B and C answered only {observed} times");
+
+    tracing::info!("--- A returns: a leader with E; B catches up and votes again");
+    cluster.spawn(a).unwrap();
+    cluster.wait_for_leader(ELECTION).await.unwrap();
+    for id in [a, b, c] {
+        wait_for_jobs(&cluster, id, &["precious"]).await;
+    }
+    wait_for("B to finish joining", ELECTION, || async {
+        let s = cluster.status(b).await.ok_or("no answer")?;
+        if s.joining {
+            Err("still joining".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    let identity =
+        std::fs::read_to_string(cluster.nodes[b.0 as usize - 1].data_dir.join("IDENTITY.json")).unwrap();
+    assert!(identity.contains("\"joining\": false"), "{identity}");
+}
+
+#[test]
+fn a_data_dir_of_another_replica_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c1");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("IDENTITY.json"), r#"{"node_id": 1, "joining": false}"#).unwrap();
+    let port = |_| flotilla_coordinator::local::free_port().unwrap().to_string();
+    let (http, raft) = (port(0), port(1));
+    let out = flotilla(&[
+        "coordinator",
+        "--id",
+        "2",
+        "--peers",
+        &format!("2=127.0.0.1:{raft}"),
+        "--http-addr",
+        &format!("127.0.0.1:{http}"),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("belongs to coordinator --id 1, not --id 2"), "{stderr}");
+}

@@ -24,6 +24,10 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     /// Index of its latest snapshot.
     pub snapshot_index: u64,
+    /// Started on an empty data dir in an existing cluster and not caught
+    /// up yet: it does not vote.
+    #[serde(default)]
+    pub joining: bool,
     /// Every replica that announced itself.
     pub nodes: Vec<NodeView>,
     /// Jobs (all, or the one asked for).
@@ -198,6 +202,7 @@ impl ClusterStatus {
             commit_index: node.commit_index,
             applied_index: node.applied_index,
             snapshot_index: node.snapshot_index,
+            joining: node.joining,
             nodes: state
                 .nodes
                 .iter()

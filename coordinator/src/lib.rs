@@ -7,6 +7,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod http;
+pub mod identity;
 pub mod local;
 mod log;
 pub mod metrics;

@@ -23,7 +23,7 @@ use crate::state::{Command, Outcome, State};
 use crate::storage::{LogStore, StoreError};
 use flotilla_shared::ids::NodeId;
 use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
-use raft::{Config, RawNode, StateRole};
+use raft::{Config, RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -52,6 +52,9 @@ pub struct NodeConfig {
     pub snapshot_threshold: u64,
     /// How long a proposal may wait to be applied.
     pub proposal_timeout: Duration,
+    /// Started on an empty data dir in an existing cluster (`identity`):
+    /// neither vote nor campaign until it holds everything committed.
+    pub joining: bool,
 }
 
 impl NodeConfig {
@@ -67,6 +70,7 @@ impl NodeConfig {
             heartbeat_ticks: 2,
             snapshot_threshold: 10_000,
             proposal_timeout: Duration::from_secs(10),
+            joining: false,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct NodeStatus {
     pub first_index: u64,
     /// Last index in the log.
     pub last_index: u64,
+    /// Catching up after starting empty: not voting yet.
+    pub joining: bool,
 }
 
 /// Why a proposal has no outcome.
@@ -246,16 +252,26 @@ pub fn start(
     }
     let state = Arc::new(RwLock::new(state));
     let (inputs, input_rx) = mpsc::channel(1024);
-    let initial = status_of(&raw, snapshot_index);
+    let initial = status_of(&raw, snapshot_index, cfg.joining);
+    if cfg.joining {
+        tracing::warn!(
+            node = cfg.id.0,
+            "started on an empty data dir in an existing cluster: not voting until caught up with the leader"
+        );
+    }
     let (status_tx, status) = watch::channel(initial);
     let mut node = Node {
+        joining: cfg.joining,
         cfg,
         raw,
         state: state.clone(),
         transport,
         metrics,
         pending: HashMap::new(),
-        next_request: 0,
+        // request ids differ across restarts too: a replayed entry of an
+        // earlier process never answers a proposal of this one
+        next_request: rand::random::<u64>() & REQUEST_MASK,
+        catch_up: None,
         applied: snapshot_index,
         status_tx,
     };
@@ -268,7 +284,10 @@ fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
         .map_err(|e| NodeError::Snapshot { index: snap.get_metadata().index, why: e.to_string() })
 }
 
-fn status_of(raw: &RawNode<LogStore>, applied: u64) -> NodeStatus {
+/// The low 48 bits of a request id (the node id is in the top 16).
+const REQUEST_MASK: u64 = (1 << 48) - 1;
+
+fn status_of(raw: &RawNode<LogStore>, applied: u64, joining: bool) -> NodeStatus {
     let r = &raw.raft;
     let store = raw.store();
     NodeStatus {
@@ -285,6 +304,7 @@ fn status_of(raw: &RawNode<LogStore>, applied: u64) -> NodeStatus {
         snapshot_index: store.latest_snapshot().get_metadata().index,
         first_index: raft::Storage::first_index(store).unwrap_or(0),
         last_index: r.raft_log.last_index(),
+        joining,
     }
 }
 
@@ -298,6 +318,10 @@ struct Node {
     next_request: u64,
     applied: u64,
     status_tx: watch::Sender<NodeStatus>,
+    /// See [`NodeConfig::joining`].
+    joining: bool,
+    /// While joining: the latest leader's (term, commit index) from its appends.
+    catch_up: Option<(u64, u64)>,
 }
 
 impl Node {
@@ -311,7 +335,10 @@ impl Node {
         let result = loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    self.raw.tick();
+                    // a joining replica never campaigns: no election clock
+                    if !self.joining {
+                        self.raw.tick();
+                    }
                     self.expire_proposals();
                 }
                 input = inputs.recv() => match input {
@@ -329,6 +356,7 @@ impl Node {
             if let Err(e) = self.handle_ready() {
                 break Err(e);
             }
+            self.check_caught_up();
             self.publish();
         };
         if let Err(e) = &result {
@@ -341,6 +369,44 @@ impl Node {
     }
 
     fn step(&mut self, mut msg: Message) {
+        // the transport's reports (it never forwards these from the network)
+        match msg.get_msg_type() {
+            MessageType::MsgUnreachable => return self.raw.report_unreachable(msg.from),
+            MessageType::MsgSnapStatus => {
+                let status = if msg.reject { SnapshotStatus::Failure } else { SnapshotStatus::Finish };
+                if msg.reject {
+                    tracing::warn!(
+                        node = self.cfg.id.0,
+                        peer = msg.from,
+                        "a snapshot to the peer was lost; it is sent again"
+                    );
+                }
+                return self.raw.report_snapshot(msg.from, status);
+            }
+            _ => {}
+        }
+        if self.joining {
+            match msg.get_msg_type() {
+                // its earlier acknowledgements may have counted toward commits
+                // it no longer holds: a vote now could elect a leader without them
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow => {
+                    tracing::debug!(
+                        node = self.cfg.id.0,
+                        from = msg.from,
+                        "joining: {:?} ignored",
+                        msg.get_msg_type()
+                    );
+                    return;
+                }
+                MessageType::MsgAppend => {
+                    let target = (msg.term, msg.commit);
+                    if self.catch_up.is_none_or(|c| target > c) {
+                        self.catch_up = Some(target);
+                    }
+                }
+                _ => {}
+            }
+        }
         match msg.get_msg_type() {
             // A replica restarted on an empty data dir hears of a commit
             // index beyond its log; it can only ever commit what it has.
@@ -379,13 +445,29 @@ impl Node {
         }
     }
 
+    /// A joining replica becomes a voter once its durable log reaches a
+    /// leader's commit index *at an entry of that leader's term*: that
+    /// leader had committed an entry of its own term, so everything
+    /// committed before (whatever this replica acknowledged before it lost
+    /// its data) lies at or below that index, and this replica now holds it.
+    fn check_caught_up(&mut self) {
+        let Some((term, commit)) = self.catch_up.filter(|_| self.joining) else { return };
+        let store = self.raw.store();
+        let last = raft::Storage::last_index(store).unwrap_or(0);
+        if last >= commit && raft::Storage::term(store, commit).ok() == Some(term) {
+            self.joining = false;
+            self.catch_up = None;
+            tracing::info!(node = self.cfg.id.0, term, commit, "caught up with the leader: voting again");
+        }
+    }
+
     fn propose(&mut self, cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>>) {
         if self.raw.raft.leader_id == raft::INVALID_ID {
             self.metrics.proposals.with_label_values(&["no_leader"]).inc();
             let _ = reply.send(Err(ProposeError::NoLeader));
             return;
         }
-        self.next_request += 1;
+        self.next_request = (self.next_request + 1) & REQUEST_MASK;
         // unique across replicas: node id in the top 16 bits
         let request = (self.cfg.id.0 << 48) | self.next_request;
         let data = rmp_serde::to_vec_named(&Envelope { cmd }).expect("commands always serialize");
@@ -511,7 +593,7 @@ impl Node {
     }
 
     fn publish(&mut self) {
-        let status = status_of(&self.raw, self.applied);
+        let status = status_of(&self.raw, self.applied, self.joining);
         if status.role != Role::Leader {
             // proposals made as leader can no longer be tracked by index
             let stale: Vec<u64> =

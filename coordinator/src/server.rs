@@ -3,6 +3,7 @@
 //! submitted at start-up.
 
 use crate::http::{self, HttpState};
+use crate::identity;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
 use crate::state::{Command, NodeInfo, Origin};
@@ -12,6 +13,7 @@ use flotilla_shared::ids::NodeId;
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::spec::JobSpec;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -84,17 +86,42 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     })?;
 
     let metrics = Metrics::new();
-    let transport =
-        Arc::new(PeerTransport::start(opts.id, opts.peers.clone(), opts.token.clone(), shutdown.clone()));
     let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(8192);
+    let transport = Arc::new(PeerTransport::start(
+        opts.id,
+        opts.peers.clone(),
+        opts.token.clone(),
+        peer_tx.clone(),
+        shutdown.clone(),
+    ));
+    // answered to probes: whether this replica holds a Raft log
+    let has_log = Arc::new(AtomicBool::new(identity::has_log(&opts.data_dir)));
     if let Some(listener) = raft_listener {
-        tokio::spawn(transport::serve(listener, opts.id, opts.token.clone(), peer_tx, shutdown.clone()));
+        let serve = transport::serve(
+            listener,
+            opts.id,
+            opts.token.clone(),
+            peer_tx,
+            has_log.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(serve);
     }
+    let Some(joining) = membership(&opts, &shutdown).await? else { return Ok(()) };
     let mut cfg =
         NodeConfig::new(opts.id, opts.peers.iter().map(|(id, _)| *id).collect(), opts.data_dir.clone());
     cfg.snapshot_threshold = opts.snapshot_threshold.max(1);
+    cfg.joining = joining;
     let (handle, mut node_task) = node::start(cfg, transport, peer_rx, metrics.clone())?;
     tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
+    tokio::spawn(track_log(
+        handle.clone(),
+        opts.id,
+        opts.data_dir.clone(),
+        has_log,
+        joining,
+        shutdown.clone(),
+    ));
 
     let (supervisor, workers_view, supervisor_tx) =
         workers::start_supervisor(handle.clone(), metrics.clone(), shutdown.clone());
@@ -135,6 +162,83 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     shutdown.cancel();
     let _ = http_task.await;
     result
+}
+
+/// Whether this replica starts joining (see `identity`): from its data
+/// dir's identity, or for an empty data dir, from its peers' answers.
+/// `None` when shut down while still asking.
+async fn membership(
+    opts: &CoordinatorOptions,
+    shutdown: &CancellationToken,
+) -> Result<Option<bool>, ServeError> {
+    let dir = &opts.data_dir;
+    if let Some(found) = identity::read(dir).map_err(ServeError::Config)? {
+        identity::check(dir, &found, opts.id).map_err(ServeError::Config)?;
+        return Ok(Some(found.joining));
+    }
+    let joining = if identity::has_log(dir) || opts.peers.len() <= 1 {
+        false
+    } else {
+        let peers: Vec<&(NodeId, String)> = opts.peers.iter().filter(|(id, _)| *id != opts.id).collect();
+        let mut answers = vec![None; peers.len()];
+        let mut asked = 0u32;
+        loop {
+            for (slot, (id, addr)) in answers.iter_mut().zip(&peers) {
+                if slot.is_none() {
+                    match transport::probe(opts.id, addr, opts.token.clone()).await {
+                        Ok(has_log) => *slot = Some(has_log),
+                        Err(e) => tracing::debug!(peer = id.0, %addr, "probe: {e}"),
+                    }
+                }
+            }
+            if let Some(start) = identity::decide(opts.peers.len(), &answers) {
+                tracing::info!(node = opts.id.0, "empty data dir: {start:?} (peers' logs: {answers:?})");
+                break start == identity::Start::Join;
+            }
+            asked += 1;
+            if asked == 1 || asked % 50 == 0 {
+                tracing::warn!(
+                    node = opts.id.0,
+                    "empty data dir: waiting for a peer with a log, or a majority of empty replicas, before taking part (answers so far: {answers:?})"
+                );
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    };
+    identity::write(dir, &identity::Identity { node_id: opts.id, joining }).map_err(ServeError::Config)?;
+    Ok(Some(joining))
+}
+
+/// Keeps the probe answer and the data dir's identity in step with the
+/// node: it holds a log once it has entries or a snapshot; a joining
+/// replica that caught up is recorded as a member (before that, a restart
+/// keeps it joining, which is always safe).
+async fn track_log(
+    handle: NodeHandle,
+    id: NodeId,
+    dir: PathBuf,
+    has_log: Arc<AtomicBool>,
+    mut joining: bool,
+    shutdown: CancellationToken,
+) {
+    let mut status = handle.watch_status();
+    loop {
+        let s = status.borrow_and_update().clone();
+        has_log.store(s.last_index > 0 || s.snapshot_index > 0, Ordering::SeqCst);
+        if joining && !s.joining {
+            match identity::write(&dir, &identity::Identity { node_id: id, joining: false }) {
+                Ok(()) => joining = false,
+                Err(e) => tracing::error!("{e}; this replica will start joining again after a restart"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Retries `cmd` through elections until it is applied (or refused) or

@@ -8,9 +8,14 @@
 //!                                                 batch everything queued → one frame
 //! ```
 //! `send` never blocks the Raft loop: a full queue drops the message, and so
-//! does a dead connection (Raft retransmits whatever matters). Inbound, each
-//! accepted connection gets its own task; a bad token, a malformed or
-//! oversized frame closes that connection only.
+//! does a dead connection (Raft retransmits whatever matters). What was lost
+//! is reported back to the Raft loop as raft-rs's local messages: a peer
+//! that cannot be reached (`report_unreachable`: its progress drops back to
+//! probing), and each snapshot sent or lost (`report_snapshot`: a lost one
+//! is sent again instead of pausing the follower until the leader changes).
+//! Inbound, each accepted connection gets its own task; a bad token, a
+//! malformed or oversized frame, or a local message type closes that
+//! connection only.
 
 use crate::node::Transport;
 use crate::storage::{decode_message, encode_message};
@@ -18,8 +23,10 @@ use flotilla_shared::frame::{client_handshake, server_handshake, DEFAULT_MAX_FRA
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::wire::{PeerMessage, PeerRole};
 use futures::{SinkExt, StreamExt};
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -35,23 +42,62 @@ const BATCH: usize = 512;
 /// Sends Raft messages to every other voter.
 pub struct PeerTransport {
     queues: HashMap<u64, mpsc::Sender<Message>>,
+    reports: Reports,
+}
+
+/// Where the transport reports lost messages: the Raft loop's inbox.
+#[derive(Clone)]
+struct Reports(mpsc::Sender<Message>);
+
+impl Reports {
+    fn unreachable(&self, peer: u64) {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgUnreachable);
+        m.from = peer;
+        let _ = self.0.try_send(m);
+    }
+
+    fn snapshot(&self, peer: u64, delivered: bool) {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgSnapStatus);
+        m.from = peer;
+        m.reject = !delivered;
+        let _ = self.0.try_send(m);
+    }
+
+    /// Reports the loss of `msgs`, sent to `peer`.
+    fn lost<'a>(&self, peer: u64, msgs: impl IntoIterator<Item = &'a Message>) {
+        let mut any = false;
+        for m in msgs {
+            any = true;
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.snapshot(peer, false);
+            }
+        }
+        if any {
+            self.unreachable(peer);
+        }
+    }
 }
 
 impl PeerTransport {
-    /// Spawns one sender task per peer (`(id, raft address)`, self excluded).
+    /// Spawns one sender task per peer (`(id, raft address)`, self
+    /// excluded); lost messages are reported into `inbox` (the Raft loop's).
     pub fn start(
         me: NodeId,
         peers: Vec<(NodeId, String)>,
         token: Option<String>,
+        inbox: mpsc::Sender<Message>,
         shutdown: CancellationToken,
     ) -> Self {
+        let reports = Reports(inbox);
         let mut queues = HashMap::new();
         for (id, addr) in peers.into_iter().filter(|(id, _)| *id != me) {
             let (tx, rx) = mpsc::channel(QUEUE);
             queues.insert(id.0, tx);
-            tokio::spawn(peer_sender(me, id, addr, token.clone(), rx, shutdown.clone()));
+            tokio::spawn(peer_sender(me, id, addr, token.clone(), rx, reports.clone(), shutdown.clone()));
         }
-        Self { queues }
+        Self { queues, reports }
     }
 }
 
@@ -59,8 +105,13 @@ impl Transport for PeerTransport {
     fn send(&self, msgs: Vec<Message>) {
         for msg in msgs {
             if let Some(q) = self.queues.get(&msg.to) {
-                // full or closed: drop; Raft retries on its own schedule
-                let _ = q.try_send(msg);
+                // full or closed: dropped and reported; Raft retries
+                if let Err(e) = q.try_send(msg) {
+                    let msg = match e {
+                        mpsc::error::TrySendError::Full(m) | mpsc::error::TrySendError::Closed(m) => m,
+                    };
+                    self.reports.lost(msg.to, [&msg]);
+                }
             }
         }
     }
@@ -72,6 +123,7 @@ async fn peer_sender(
     addr: String,
     token: Option<String>,
     mut rx: mpsc::Receiver<Message>,
+    reports: Reports,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
@@ -97,7 +149,11 @@ async fn peer_sender(
                     tracing::warn!(peer = peer.0, %addr, "cannot reach peer: {e}; retrying with backoff");
                 }
                 // what was queued is stale by the time we connect
-                while rx.try_recv().is_ok() {}
+                let mut dropped = Vec::new();
+                while let Ok(m) = rx.try_recv() {
+                    dropped.push(m);
+                }
+                reports.lost(peer.0, &dropped);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -111,16 +167,23 @@ async fn peer_sender(
                 _ = shutdown.cancelled() => return,
                 m = rx.recv() => match m { Some(m) => m, None => return },
             };
-            let mut batch = vec![serde_bytes::ByteBuf::from(encode_message(&first))];
-            while batch.len() < BATCH {
+            let mut msgs = vec![first];
+            while msgs.len() < BATCH {
                 match rx.try_recv() {
-                    Ok(m) => batch.push(serde_bytes::ByteBuf::from(encode_message(&m))),
+                    Ok(m) => msgs.push(m),
                     Err(_) => break,
                 }
             }
+            let batch = msgs.iter().map(|m| serde_bytes::ByteBuf::from(encode_message(m))).collect();
             if let Err(e) = conn.send(PeerMessage::Raft(batch)).await {
                 tracing::warn!(peer = peer.0, %addr, "connection to peer lost: {e}; reconnecting");
+                reports.lost(peer.0, &msgs);
                 break;
+            }
+            // a snapshot handed to the connection is delivered as far as
+            // this side can tell; the follower's answer confirms it
+            for _ in msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgSnapshot) {
+                reports.snapshot(peer.0, true);
             }
         }
     }
@@ -140,13 +203,29 @@ async fn connect(me: NodeId, addr: &str, token: Option<String>) -> Result<PeerCo
     Ok(conn)
 }
 
+/// Asks the replica at `addr` whether it holds a Raft log (see
+/// `identity`): `Ok(has_log)`, or why it could not be asked.
+pub async fn probe(me: NodeId, addr: &str, token: Option<String>) -> Result<bool, String> {
+    let mut conn = connect(me, addr, token).await?;
+    conn.send(PeerMessage::Probe).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(2), conn.next()).await {
+        Ok(Some(Ok(PeerMessage::ProbeReply { has_log }))) => Ok(has_log),
+        Ok(Some(Ok(_))) => Err("answered a probe with something else".into()),
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(None) => Err("closed the connection without answering".into()),
+        Err(_) => Err("no answer within 2 s".into()),
+    }
+}
+
 /// Accepts peer connections on `listener` and feeds their messages to the
-/// Raft loop through `inbox` until `shutdown`.
+/// Raft loop through `inbox` until `shutdown`; answers probes with
+/// `has_log` (whether this replica holds a Raft log).
 pub async fn serve(
     listener: TcpListener,
     me: NodeId,
     token: Option<String>,
     inbox: mpsc::Sender<Message>,
+    has_log: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -154,9 +233,10 @@ pub async fn serve(
             _ = shutdown.cancelled() => return,
             accepted = accept(&listener, "raft") => accepted,
         };
-        let (token, inbox, shutdown) = (token.clone(), inbox.clone(), shutdown.clone());
+        let (token, inbox, shutdown, has_log) =
+            (token.clone(), inbox.clone(), shutdown.clone(), has_log.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_peer(stream, me, token, inbox, shutdown).await {
+            if let Err(e) = serve_peer(stream, me, token, inbox, &has_log, shutdown).await {
                 tracing::warn!(%remote, "peer connection closed: {e}");
             }
         });
@@ -186,6 +266,7 @@ async fn serve_peer(
     me: NodeId,
     token: Option<String>,
     inbox: mpsc::Sender<Message>,
+    has_log: &AtomicBool,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let (mut conn, hello) =
@@ -200,15 +281,28 @@ async fn serve_peer(
             _ = shutdown.cancelled() => return Ok(()),
             f = conn.next() => f,
         };
-        let PeerMessage::Raft(batch) = match frame {
+        let batch = match frame {
             None => return Ok(()),
-            Some(f) => f.map_err(|e| e.to_string())?,
+            Some(f) => match f.map_err(|e| e.to_string())? {
+                PeerMessage::Raft(batch) => batch,
+                PeerMessage::Probe => {
+                    let reply = PeerMessage::ProbeReply { has_log: has_log.load(Ordering::SeqCst) };
+                    conn.send(reply).await.map_err(|e| e.to_string())?;
+                    continue;
+                }
+                PeerMessage::ProbeReply { .. } => {
+                    return Err(format!("node {from} sent an unasked probe reply"))
+                }
+            },
         };
         for bytes in batch {
             let msg = decode_message(&bytes)
                 .map_err(|e| format!("undecodable raft message from node {from}: {e}"))?;
             if msg.from != from.0 {
                 return Err(format!("node {from} sent a message claiming to be from node {}", msg.from));
+            }
+            if raft::raw_node::is_local_msg(msg.get_msg_type()) {
+                return Err(format!("node {from} sent a local message type {:?}", msg.get_msg_type()));
             }
             if inbox.send(msg).await.is_err() {
                 return Ok(());

@@ -314,4 +314,12 @@ pub enum CoordinatorMessage {
 pub enum PeerMessage {
     /// Raft messages for the receiver, each raft-rs protobuf bytes, batched.
     Raft(Vec<serde_bytes::ByteBuf>),
+    /// A replica starting on an empty data dir asks whether the receiver
+    /// holds a Raft log (then the cluster exists and it joins without voting).
+    Probe,
+    /// The answer to [`PeerMessage::Probe`].
+    ProbeReply {
+        /// The receiver holds log entries or a snapshot.
+        has_log: bool,
+    },
 }

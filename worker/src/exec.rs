@@ -1229,14 +1229,12 @@ mod tests {
     }
 
     fn failure(events: &Receiver<WorkerMessage>) -> String {
-        loop {
-            match events.recv_timeout(Duration::from_secs(30)).expect("a report") {
-                WorkerMessage::TrainerFailed { generation, reason } => {
-                    assert_eq!(generation, Generation(1));
-                    return reason;
-                }
-                other => panic!("unexpected {other:?}"),
+        match events.recv_timeout(Duration::from_secs(30)).expect("a report") {
+            WorkerMessage::TrainerFailed { generation, reason } => {
+                assert_eq!(generation, Generation(1));
+                reason
             }
+            other => panic!("unexpected {other:?}"),
         }
     }
 

@@ -1,0 +1,129 @@
+//! Whose a data dir is, and whether its replica may vote.
+//!
+//! `<data-dir>/IDENTITY.json` records the replica id that wrote the data dir
+//! and whether the replica is still *joining*. A replica whose data dir was
+//! lost (a disk replaced, a pod recreated on an empty volume) must not vote:
+//! its earlier acknowledgements may have counted toward a commit, so voting
+//! with an empty log could elect a leader that lacks a committed entry.
+//!
+//! ```text
+//! start ── IDENTITY.json names another --id ──────────► refuse
+//!       ── IDENTITY.json present ─────────────────────► as recorded
+//!       ── no IDENTITY.json, a Raft log present ──────► a member (written now)
+//!       ── empty data dir: ask every peer (Probe) ───┐
+//!            a peer has a log ───────────────────────┴► joining: no votes, no
+//!            a majority (itself included) is empty ───► campaigns until it holds
+//!                                                        everything committed
+//!                                                        (node::Node), then a member
+//! ```
+//! Only a fresh cluster, where a majority of replicas are empty, starts
+//! voting at once; a lost data dir cannot look like one while a majority of
+//! replicas keep theirs.
+
+use flotilla_shared::durable;
+use flotilla_shared::ids::NodeId;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+
+/// The file name inside the data dir.
+pub const FILE: &str = "IDENTITY.json";
+
+/// What a data dir records about its replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The `--id` that wrote the data dir.
+    pub node_id: NodeId,
+    /// Still catching up after starting on an empty data dir in an existing
+    /// cluster: no votes, no campaigns.
+    pub joining: bool,
+}
+
+/// Reads the data dir's identity, if it has one.
+pub fn read(dir: &Path) -> Result<Option<Identity>, String> {
+    let path = dir.join(FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            format!("{} is damaged ({e}); restore it from a backup, or remove the whole data dir to rejoin the cluster as an empty replica", path.display())
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// Durably records the identity (write, fsync, rename, fsync the dir).
+pub fn write(dir: &Path, identity: &Identity) -> Result<(), String> {
+    let path = dir.join(FILE);
+    let json = serde_json::to_vec_pretty(identity).expect("an identity serializes");
+    durable::write_atomic(&path, |f| f.write_all(&json))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Refuses a data dir written by another replica.
+pub fn check(dir: &Path, identity: &Identity, id: NodeId) -> Result<(), String> {
+    if identity.node_id == id {
+        return Ok(());
+    }
+    Err(format!(
+        "--data-dir {} belongs to coordinator --id {}, not --id {id}: give every replica its own data dir (or remove this one to start replica {id} empty; it then catches up from the others before it votes)",
+        dir.display(),
+        identity.node_id
+    ))
+}
+
+/// Whether the data dir holds a Raft log (from before identities were
+/// recorded, or from a start that stopped before recording one).
+pub fn has_log(dir: &Path) -> bool {
+    std::fs::read_dir(dir.join("raft-engine")).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// How an empty replica starts, from its peers' answers to a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A peer has a log: join it without voting until caught up.
+    Join,
+    /// A majority of the voters, this one included, are empty: a new cluster.
+    Bootstrap,
+}
+
+/// Decides from the probe answers so far (`Some(has_log)` per peer that
+/// answered), or `None` to keep asking. `voters` counts every voter,
+/// this one included.
+pub fn decide(voters: usize, answers: &[Option<bool>]) -> Option<Start> {
+    if answers.contains(&Some(true)) {
+        return Some(Start::Join);
+    }
+    let empty = 1 + answers.iter().filter(|a| **a == Some(false)).count();
+    (empty > voters / 2).then_some(Start::Bootstrap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_replica_joins_if_any_peer_has_a_log_and_bootstraps_only_with_an_empty_majority() {
+        assert_eq!(decide(1, &[]), Some(Start::Bootstrap));
+        assert_eq!(decide(3, &[None, None]), None, "nobody answered: wait");
+        assert_eq!(decide(3, &[Some(false), None]), Some(Start::Bootstrap));
+        assert_eq!(decide(3, &[Some(false), Some(true)]), Some(Start::Join));
+        assert_eq!(decide(3, &[None, Some(true)]), Some(Start::Join));
+        assert_eq!(decide(5, &[Some(false), None, None, None]), None);
+        assert_eq!(decide(5, &[Some(false), Some(false), None, None]), Some(Start::Bootstrap));
+    }
+
+    #[test]
+    fn identity_round_trips_and_another_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), None);
+        let id = Identity { node_id: NodeId(2), joining: true };
+        write(dir.path(), &id).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(id.clone()));
+        check(dir.path(), &id, NodeId(2)).unwrap();
+        let e = check(dir.path(), &id, NodeId(1)).unwrap_err();
+        assert!(e.contains("belongs to coordinator --id 2, not --id 1"), "{e}");
+        std::fs::write(dir.path().join(FILE), b"{").unwrap();
+        assert!(read(dir.path()).unwrap_err().contains("damaged"));
+        assert!(!has_log(dir.path()));
+    }
+}
