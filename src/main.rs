@@ -45,6 +45,9 @@ enum Command {
     Status(StatusArgs),
     /// Lists a checkpoint's variables per rank (offline); --verify re-checks every checksum.
     Inspect(InspectArgs),
+    /// The coordinator cluster's membership: list, add (as a learner, promoted once caught up), remove.
+    #[command(subcommand)]
+    Replicas(ReplicasCommand),
     /// The performance harness.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -166,6 +169,44 @@ struct CheckpointsArgs {
     /// when every shard matches, its verdict is cleared and it is committed again.
     #[arg(long, value_name = "ID")]
     verify: Option<u64>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Subcommand)]
+enum ReplicasCommand {
+    /// Voters and learners, their Raft addresses, and (from the leader) how far each has replicated.
+    List(ClientArgs),
+    /// Adds a replica: started first with `flotilla coordinator --id ID` on an empty data dir, it
+    /// joins as a learner, catches up, and is then made a voter.
+    Add(AddReplicaArgs),
+    /// Removes a replica (voter or learner); stop its process afterwards.
+    Remove(RemoveReplicaArgs),
+}
+
+#[derive(Args)]
+struct AddReplicaArgs {
+    /// The new replica's --id.
+    #[arg(long)]
+    id: u64,
+    /// Its Raft address (its own --peers entry), HOST:PORT, reachable from every replica.
+    #[arg(long)]
+    raft_addr: String,
+    /// Leave it a learner (no vote); promote later with `replicas add` again.
+    #[arg(long)]
+    learner: bool,
+    /// How long to wait for it to catch up before giving up on the promotion.
+    #[arg(long, default_value_t = 300)]
+    timeout_seconds: u64,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+struct RemoveReplicaArgs {
+    /// The replica's --id.
+    #[arg(long)]
+    id: u64,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -318,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }),
         Command::Inspect(args) => run_inspect(args),
+        Command::Replicas(cmd) => block_on(run_replicas(cmd)),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
         Command::Bench(BenchCommand::Exec(args)) => {
@@ -328,6 +370,75 @@ fn run(cli: Cli) -> Result<()> {
             .build()?
             .block_on(run_bench_coordinator(args)),
     }
+}
+
+async fn run_replicas(cmd: ReplicasCommand) -> Result<()> {
+    match cmd {
+        ReplicasCommand::List(args) => {
+            let v = client(&args)?.replicas().await?;
+            println!("{:<6} {:<8} {:<24} {:>10}  state", "id", "role", "raft address", "matched");
+            let members =
+                v.voters.iter().map(|id| (id, "voter")).chain(v.learners.iter().map(|id| (id, "learner")));
+            for (id, role) in members {
+                let role = if Some(*id) == v.leader_id { "leader" } else { role };
+                let addr = v.addresses.get(id).map_or("?", String::as_str);
+                let p = v.progress.iter().find(|p| p.id == *id);
+                let matched = p.map_or("-".to_string(), |p| p.matched.to_string());
+                let state = p.map_or(String::new(), |p| {
+                    format!(
+                        "{}{}",
+                        p.state.to_lowercase(),
+                        if p.recent_active { "" } else { ", unreachable" }
+                    )
+                });
+                println!("{:<6} {:<8} {:<24} {:>10}  {state}", id.0, role, addr, matched);
+            }
+            if v.progress.is_empty() {
+                println!(
+                    "(progress is known to the leader only; node {} answered as {:?})",
+                    v.node_id, v.role
+                );
+            } else {
+                println!("commit index {}", v.commit_index);
+            }
+        }
+        ReplicasCommand::Add(args) => {
+            let c = client(&args.client)?;
+            let known = c.replicas().await?;
+            if !known.learners.iter().chain(&known.voters).any(|id| id.0 == args.id) {
+                c.add_replica(args.id, &args.raft_addr).await?;
+                println!("replica {} added as a learner; waiting for it to catch up", args.id);
+            }
+            if args.learner {
+                return Ok(());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_seconds);
+            loop {
+                let v = c.replicas().await?;
+                if v.voters.iter().any(|id| id.0 == args.id) {
+                    println!("replica {} is a voter", args.id);
+                    return Ok(());
+                }
+                let matched = v.progress.iter().find(|p| p.id.0 == args.id).map_or(0, |p| p.matched);
+                if !v.progress.is_empty() && matched >= v.commit_index {
+                    c.promote_replica(args.id).await?;
+                    continue;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "replica {} has replicated up to index {matched} of {} after {} s; check that it runs (flotilla coordinator --id {}) and that every replica reaches {}; run this command again to keep waiting",
+                        args.id, v.commit_index, args.timeout_seconds, args.id, args.raft_addr
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        ReplicasCommand::Remove(args) => {
+            client(&args.client)?.remove_replica(args.id).await?;
+            println!("replica {} removed; stop its process now", args.id);
+        }
+    }
+    Ok(())
 }
 
 fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {

@@ -34,6 +34,27 @@ pub struct ClusterStatus {
     pub jobs: Vec<JobStatus>,
 }
 
+/// `GET /v1/replicas`: the membership as the answering replica has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicasView {
+    /// The answering replica.
+    pub node_id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// The leader it knows of.
+    pub leader_id: Option<NodeId>,
+    /// Its commit index.
+    pub commit_index: u64,
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners (receive the log, do not vote).
+    pub learners: Vec<NodeId>,
+    /// Each member's replication progress (the leader's view; empty elsewhere).
+    pub progress: Vec<crate::node::PeerProgress>,
+    /// Raft addresses: `--peers` and those added by membership changes.
+    pub addresses: std::collections::BTreeMap<NodeId, String>,
+}
+
 /// A replica's addresses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {

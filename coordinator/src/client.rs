@@ -90,6 +90,40 @@ impl Client {
         }
     }
 
+    /// The membership, from the leader (which alone knows each member's
+    /// progress); from the first replica that answers when none leads.
+    pub async fn replicas(&self) -> Result<crate::api::ReplicasView, ClientError> {
+        let status = self.status(None).await?;
+        let base = status.leader_url.clone().unwrap_or_else(|| self.endpoints[0].clone());
+        let resp = self
+            .http
+            .get(format!("{base}/v1/replicas"))
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable { endpoints: base.clone(), last: e.to_string() })?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Refused(error_text(resp).await));
+        }
+        resp.json().await.map_err(|e| ClientError::Refused(format!("{base} sent an invalid answer: {e}")))
+    }
+
+    /// Adds replica `id` (reached at `raft_addr`) as a learner.
+    pub async fn add_replica(&self, id: u64, raft_addr: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({ "raft_addr": raft_addr }).to_string();
+        self.mutate(&format!("/v1/replicas/{id}"), body).await.map(drop)
+    }
+
+    /// Makes learner `id` a voter.
+    pub async fn promote_replica(&self, id: u64) -> Result<(), ClientError> {
+        self.mutate(&format!("/v1/replicas/{id}/promote"), String::new()).await.map(drop)
+    }
+
+    /// Removes replica `id` from the membership.
+    pub async fn remove_replica(&self, id: u64) -> Result<(), ClientError> {
+        self.mutate(&format!("/v1/replicas/{id}/remove"), String::new()).await.map(drop)
+    }
+
     /// Submits a job spec (TOML).
     pub async fn submit(&self, toml: &str) -> Result<SubmitReply, ClientError> {
         let resp = self.mutate("/v1/jobs", toml.to_string()).await?;

@@ -2,9 +2,9 @@
 //! admin mutations, which need the token and are served by the leader only
 //! (a follower answers 421 with the leader's URL).
 
-use crate::api::{ClusterStatus, ErrorBody, SubmitReply};
+use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
 use crate::metrics::Metrics;
-use crate::node::{NodeHandle, ProposeError, Role};
+use crate::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::state::{AbortReason, CheckpointState, Command, Event, JobState, RefusalKind};
 use crate::supervisor::Observation;
 use crate::workers::{SupervisorHandle, WorkersView};
@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_shared::ids::{CheckpointId, Generation, JobName};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::Shard;
 use flotilla_shared::spec::JobSpec;
@@ -36,6 +36,8 @@ pub struct HttpState {
     pub supervisor: SupervisorHandle,
     /// The supervisor's view of the workers.
     pub workers: WorkersView,
+    /// The Raft addresses in this replica's `--peers`.
+    pub peers: Vec<(NodeId, String)>,
 }
 
 /// The router with every endpoint.
@@ -49,6 +51,10 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/jobs/{job}/checkpoint", post(checkpoint))
         .route("/v1/jobs/{job}/restore", post(restore))
         .route("/v1/jobs/{job}/checkpoints/{id}/verify", post(verify))
+        .route("/v1/replicas", get(replicas))
+        .route("/v1/replicas/{id}", post(add_replica))
+        .route("/v1/replicas/{id}/promote", post(promote_replica))
+        .route("/v1/replicas/{id}/remove", post(remove_replica))
         .with_state(state)
 }
 
@@ -397,6 +403,96 @@ async fn verify(
     match s.node.propose(cmd).await {
         Ok(Ok(_)) => Json(serde_json::json!({"job": job, "id": id, "state": "committed"})).into_response(),
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(e) => propose_error(e),
+    }
+}
+
+/// `GET /v1/replicas`: the membership (voters, learners, their addresses)
+/// and, on the leader, each member's replication progress.
+async fn replicas(AxumState(s): AxumState<HttpState>) -> Response {
+    let node = s.node.status();
+    let membership = s.node.membership();
+    let mut addresses: std::collections::BTreeMap<NodeId, String> = s.peers.iter().cloned().collect();
+    s.node.read_state(|st| addresses.extend(st.replicas.iter().map(|(id, a)| (*id, a.clone()))));
+    Json(ReplicasView {
+        node_id: node.id,
+        role: node.role,
+        leader_id: node.leader_id,
+        commit_index: node.commit_index,
+        voters: membership.voters,
+        learners: membership.learners,
+        progress: membership.progress,
+        addresses,
+    })
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct AddReplica {
+    raft_addr: String,
+}
+
+/// `POST /v1/replicas/{id}` `{"raft_addr": "HOST:PORT"}`: adds a learner.
+async fn add_replica(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: String,
+) -> Response {
+    let add: AddReplica = match serde_json::from_str(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return error(StatusCode::BAD_REQUEST, format!("expected {{\"raft_addr\": \"HOST:PORT\"}}: {e}"))
+        }
+    };
+    if add.raft_addr.parse::<std::net::SocketAddr>().is_err() && !add.raft_addr.contains(':') {
+        return error(StatusCode::BAD_REQUEST, format!("raft_addr {:?} is not HOST:PORT", add.raft_addr));
+    }
+    change_membership(&s, &headers, id, |id| MembershipChange::AddLearner { id, raft_addr: add.raft_addr })
+        .await
+}
+
+/// `POST /v1/replicas/{id}/promote`: a learner becomes a voter.
+async fn promote_replica(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    change_membership(&s, &headers, id, |id| MembershipChange::Promote { id }).await
+}
+
+/// `POST /v1/replicas/{id}/remove`: a voter or learner leaves.
+async fn remove_replica(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    change_membership(&s, &headers, id, |id| MembershipChange::Remove { id }).await
+}
+
+async fn change_membership(
+    s: &HttpState,
+    headers: &HeaderMap,
+    id: u64,
+    change: impl FnOnce(NodeId) -> MembershipChange,
+) -> Response {
+    if let Some(r) = unauthorized(s, headers) {
+        return r;
+    }
+    if id == 0 || id > u64::from(u16::MAX) {
+        return error(StatusCode::BAD_REQUEST, format!("replica id {id} is out of range (1..65535)"));
+    }
+    if let Some(r) = not_leader(s) {
+        return r;
+    }
+    let change = change(NodeId(id));
+    match s.node.change_membership(change.clone()).await {
+        Ok(Ok(_)) => Json(serde_json::json!({"applied": change})).into_response(),
+        Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(ProposeError::Dropped) => error(
+            StatusCode::CONFLICT,
+            "the change was not applied: another membership change is in progress, or leadership moved; retry",
+        ),
         Err(e) => propose_error(e),
     }
 }

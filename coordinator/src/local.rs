@@ -26,6 +26,8 @@ pub struct LocalNode {
     pub data_dir: PathBuf,
     /// Where its stderr goes.
     pub log: PathBuf,
+    /// Its `--peers`.
+    pub peers: String,
     child: Option<Child>,
 }
 
@@ -64,7 +66,7 @@ pub struct LocalCluster {
     bin: PathBuf,
     /// The replicas, by id - 1.
     pub nodes: Vec<LocalNode>,
-    peers: String,
+    dir: PathBuf,
     opts: LocalOptions,
 }
 
@@ -76,24 +78,51 @@ pub fn free_port() -> io::Result<u16> {
 impl LocalCluster {
     /// Starts `n` replicas of `bin` under `dir`.
     pub fn start(bin: &Path, dir: &Path, n: usize, opts: LocalOptions) -> io::Result<Self> {
-        let mut nodes = Vec::with_capacity(n);
-        for i in 1..=n {
-            nodes.push(LocalNode {
-                id: NodeId(i as u64),
-                raft_addr: format!("127.0.0.1:{}", free_port()?),
-                http_addr: format!("127.0.0.1:{}", free_port()?),
-                api_addr: format!("127.0.0.1:{}", free_port()?),
-                data_dir: dir.join(format!("c{i}")),
-                log: dir.join(format!("c{i}.log")),
-                child: None,
-            });
+        let mut cluster =
+            Self { bin: bin.to_path_buf(), nodes: Vec::with_capacity(n), dir: dir.to_path_buf(), opts };
+        for _ in 0..n {
+            cluster.nodes.push(cluster.new_node()?);
         }
-        let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.raft_addr)).collect::<Vec<_>>().join(",");
-        let mut cluster = Self { bin: bin.to_path_buf(), nodes, peers, opts };
+        let peers = cluster.peers();
+        for node in &mut cluster.nodes {
+            node.peers = peers.clone();
+        }
         for i in 1..=n {
             cluster.spawn(NodeId(i as u64))?;
         }
         Ok(cluster)
+    }
+
+    fn new_node(&self) -> io::Result<LocalNode> {
+        let i = self.nodes.len() + 1;
+        Ok(LocalNode {
+            id: NodeId(i as u64),
+            raft_addr: format!("127.0.0.1:{}", free_port()?),
+            http_addr: format!("127.0.0.1:{}", free_port()?),
+            api_addr: format!("127.0.0.1:{}", free_port()?),
+            data_dir: self.dir.join(format!("c{i}")),
+            log: self.dir.join(format!("c{i}.log")),
+            peers: String::new(),
+            child: None,
+        })
+    }
+
+    /// Every replica's `ID=RAFT_ADDR`, comma-separated.
+    fn peers(&self) -> String {
+        self.nodes.iter().map(|n| format!("{}={}", n.id, n.raft_addr)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Starts one more replica on an empty data dir, its `--peers` naming
+    /// every replica so far and itself (the others keep theirs: it becomes
+    /// a member through `flotilla replicas add`). Returns its id.
+    pub fn add_node(&mut self) -> io::Result<NodeId> {
+        let node = self.new_node()?;
+        let id = node.id;
+        self.nodes.push(node);
+        let peers = self.peers();
+        self.node_mut(id).peers = peers;
+        self.spawn(id)?;
+        Ok(id)
     }
 
     fn node(&self, id: NodeId) -> &LocalNode {
@@ -110,7 +139,7 @@ impl LocalCluster {
         let log = File::options().create(true).append(true).open(&node.log)?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("coordinator")
-            .args(["--id", &id.to_string(), "--peers", &self.peers])
+            .args(["--id", &id.to_string(), "--peers", &node.peers])
             .args(["--http-addr", &node.http_addr, "--api-addr", &node.api_addr])
             .arg("--data-dir")
             .arg(&node.data_dir)

@@ -20,9 +20,13 @@
 
 use crate::metrics::Metrics;
 use crate::state::{Command, Outcome, State};
+use crate::state::{Refusal, RefusalKind};
 use crate::storage::{LogStore, StoreError};
 use flotilla_shared::ids::NodeId;
-use raft::eraftpb::{Entry, EntryType, Message, MessageType, Snapshot};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType, Snapshot,
+};
 use raft::{Config, RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -133,10 +137,62 @@ pub enum ProposeError {
 pub trait Transport: Send + Sync + 'static {
     /// Queues `msgs` for their recipients (`msg.to`), dropping what cannot be queued.
     fn send(&self, msgs: Vec<Message>);
+    /// Starts sending to a replica added to the membership.
+    fn add_peer(&self, _id: NodeId, _addr: String) {}
+    /// Stops sending to a replica removed from the membership.
+    fn remove_peer(&self, _id: NodeId) {}
+}
+
+/// One single-step membership change (one at a time, so no joint consensus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "change")]
+pub enum MembershipChange {
+    /// A new replica, as a learner (it receives the log, it does not vote).
+    AddLearner {
+        /// Its id.
+        id: NodeId,
+        /// Its Raft address.
+        raft_addr: String,
+    },
+    /// A learner that caught up becomes a voter.
+    Promote {
+        /// Its id.
+        id: NodeId,
+    },
+    /// A voter or learner leaves.
+    Remove {
+        /// Its id.
+        id: NodeId,
+    },
+}
+
+/// The membership as the applied log has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    /// Voters.
+    pub voters: Vec<NodeId>,
+    /// Learners.
+    pub learners: Vec<NodeId>,
+    /// Each member's replication progress, as the leader sees it (empty elsewhere).
+    pub progress: Vec<PeerProgress>,
+}
+
+/// A member's replication progress on the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerProgress {
+    /// The member.
+    pub id: NodeId,
+    /// Highest log index known to be on it.
+    pub matched: u64,
+    /// raft-rs's replication state (`Probe`, `Replicate`, `Snapshot`).
+    pub state: String,
+    /// Heard from since the last quorum check.
+    pub recent_active: bool,
 }
 
 enum Input {
     Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    Change { change: MembershipChange, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
 }
 
 /// The envelope in each entry's data.
@@ -150,6 +206,7 @@ struct Envelope {
 pub struct NodeHandle {
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<NodeStatus>,
+    membership: watch::Receiver<Membership>,
     state: Arc<RwLock<State>>,
 }
 
@@ -170,11 +227,27 @@ impl NodeHandle {
     pub fn submit(&self, cmd: Command) -> oneshot::Receiver<Result<Outcome, ProposeError>> {
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.inputs.try_send(Input::Propose { cmd, reply }) {
-            let (Input::Propose { reply, .. },) = (e.into_inner(),);
+            let (Input::Propose { reply, .. } | Input::Change { reply, .. }) = e.into_inner();
             let _ = reply
                 .send(Err(ProposeError::Stopped("the raft node's input queue is full or closed".into())));
         }
         rx
+    }
+
+    /// Proposes a membership change and waits until it is applied (or
+    /// refused: not a valid change now, or another one is in progress).
+    pub async fn change_membership(&self, change: MembershipChange) -> Result<Outcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.inputs
+            .send(Input::Change { change, reply })
+            .await
+            .map_err(|_| ProposeError::Stopped("input channel closed".into()))?;
+        rx.await.map_err(|_| ProposeError::Stopped("node task ended".into()))?
+    }
+
+    /// The membership and, on the leader, each member's progress.
+    pub fn membership(&self) -> Membership {
+        self.membership.borrow().clone()
     }
 
     /// The latest published status.
@@ -229,7 +302,10 @@ pub fn start(
     metrics: Metrics,
 ) -> Result<(NodeHandle, JoinHandle<Result<(), NodeError>>), NodeError> {
     let voters: Vec<u64> = cfg.voters.iter().map(|n| n.0).collect();
-    let store = LogStore::open(&cfg.data_dir, &voters)?;
+    // a joining replica learns the membership from the leader's snapshot
+    // (the flags may no longer describe it); a new cluster starts with them
+    let initial_voters: &[u64] = if cfg.joining { &[] } else { &voters };
+    let store = LogStore::open(&cfg.data_dir, initial_voters)?;
     let snapshot_index = store.latest_snapshot().get_metadata().index;
     let state = if snapshot_index > 0 { decode_state(store.latest_snapshot())? } else { State::default() };
     let raft_cfg = Config {
@@ -246,7 +322,7 @@ pub fn start(
     raft_cfg.validate()?;
     let logger = crate::log::slog_to_tracing(cfg.id);
     let mut raw = RawNode::new(&raft_cfg, store, &logger)?;
-    if voters == [cfg.id.0] && raw.raft.state != StateRole::Leader {
+    if raw.raft.prs().conf().voters().ids().iter().eq([cfg.id.0]) && raw.raft.state != StateRole::Leader {
         // a one-node cluster needs no election timeout
         raw.campaign()?;
     }
@@ -260,6 +336,11 @@ pub fn start(
         );
     }
     let (status_tx, status) = watch::channel(initial);
+    let (membership_tx, membership) = watch::channel(membership_of(&raw));
+    // members added by membership changes (the flags name the first ones)
+    for (id, addr) in &state.read().unwrap_or_else(|e| e.into_inner()).replicas {
+        transport.add_peer(*id, addr.clone());
+    }
     let mut node = Node {
         joining: cfg.joining,
         cfg,
@@ -274,14 +355,41 @@ pub fn start(
         catch_up: None,
         applied: snapshot_index,
         status_tx,
+        membership_tx,
     };
     let task = tokio::spawn(async move { node.run(input_rx, peer_rx).await });
-    Ok((NodeHandle { inputs, status, state }, task))
+    Ok((NodeHandle { inputs, status, membership, state }, task))
 }
 
 fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
     rmp_serde::from_slice(&snap.data)
         .map_err(|e| NodeError::Snapshot { index: snap.get_metadata().index, why: e.to_string() })
+}
+
+fn membership_of(raw: &RawNode<LogStore>) -> Membership {
+    let conf = raw.raft.prs().conf();
+    let mut voters: Vec<NodeId> = conf.voters().ids().iter().map(NodeId).collect();
+    voters.sort();
+    let mut learners: Vec<NodeId> = conf.learners().iter().copied().map(NodeId).collect();
+    learners.sort();
+    let progress = if raw.raft.state == StateRole::Leader {
+        let mut p: Vec<PeerProgress> = raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| PeerProgress {
+                id: NodeId(*id),
+                matched: pr.matched,
+                state: format!("{:?}", pr.state),
+                recent_active: pr.recent_active || *id == raw.raft.id,
+            })
+            .collect();
+        p.sort_by_key(|p| p.id);
+        p
+    } else {
+        Vec::new()
+    };
+    Membership { voters, learners, progress }
 }
 
 /// The low 48 bits of a request id (the node id is in the top 16).
@@ -318,6 +426,7 @@ struct Node {
     next_request: u64,
     applied: u64,
     status_tx: watch::Sender<NodeStatus>,
+    membership_tx: watch::Sender<Membership>,
     /// See [`NodeConfig::joining`].
     joining: bool,
     /// While joining: the latest leader's (term, commit index) from its appends.
@@ -343,6 +452,7 @@ impl Node {
                 }
                 input = inputs.recv() => match input {
                     Some(Input::Propose { cmd, reply }) => self.propose(cmd, reply),
+                    Some(Input::Change { change, reply }) => self.change(change, reply),
                     None => break Ok(()),
                 },
                 Some(msg) = peer_rx.recv() => {
@@ -396,6 +506,13 @@ impl Node {
                         "joining: {:?} ignored",
                         msg.get_msg_type()
                     );
+                    return;
+                }
+                // without a membership yet it can only start from a snapshot
+                // (see maybe_compact): the leader probes again and sends one
+                MessageType::MsgAppend
+                    if msg.index == 0 && self.raw.raft.prs().conf().voters().ids().is_empty() =>
+                {
                     return;
                 }
                 MessageType::MsgAppend => {
@@ -461,6 +578,113 @@ impl Node {
         }
     }
 
+    /// Proposes one membership change, after checking it against the
+    /// current membership (raft-rs takes one change at a time).
+    fn change(&mut self, change: MembershipChange, reply: oneshot::Sender<Result<Outcome, ProposeError>>) {
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            let _ = reply.send(Err(ProposeError::NoLeader));
+            return;
+        }
+        let conf = self.raw.raft.prs().conf();
+        let is_voter = |id: NodeId| conf.voters().contains(id.0);
+        let is_learner = |id: NodeId| conf.learners().contains(&id.0);
+        let refusal = match &change {
+            MembershipChange::AddLearner { id, .. } if is_voter(*id) || is_learner(*id) => {
+                Some(format!("replica {id} is already a member; remove it first to replace it"))
+            }
+            MembershipChange::Promote { id } if !is_learner(*id) => {
+                Some(format!("replica {id} is not a learner; add it first (flotilla replicas add)"))
+            }
+            MembershipChange::Remove { id } if !is_voter(*id) && !is_learner(*id) => {
+                Some(format!("replica {id} is not a member"))
+            }
+            MembershipChange::Remove { id } if is_voter(*id) && conf.voters().ids().len() == 1 => {
+                Some(format!("replica {id} is the last voter; a cluster needs one"))
+            }
+            _ => None,
+        };
+        if let Some(message) = refusal {
+            let _ = reply.send(Ok(Err(Refusal { kind: RefusalKind::Conflict, message })));
+            return;
+        }
+        let (kind, id, context) = match &change {
+            MembershipChange::AddLearner { id, raft_addr } => {
+                (ConfChangeType::AddLearnerNode, *id, raft_addr.clone().into_bytes())
+            }
+            MembershipChange::Promote { id } => (ConfChangeType::AddNode, *id, Vec::new()),
+            MembershipChange::Remove { id } => (ConfChangeType::RemoveNode, *id, Vec::new()),
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = id.0;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = context.into();
+        self.next_request = (self.next_request + 1) & REQUEST_MASK;
+        let request = (self.cfg.id.0 << 48) | self.next_request;
+        match self.raw.propose_conf_change(request.to_le_bytes().to_vec(), cc) {
+            Ok(()) => {
+                let index =
+                    (self.raw.raft.state == StateRole::Leader).then(|| self.raw.raft.raft_log.last_index());
+                self.pending.insert(request, Pending { reply, started: Instant::now(), index });
+            }
+            Err(e) => {
+                tracing::debug!(node = self.cfg.id.0, "membership change dropped: {e}");
+                let _ = reply.send(Err(ProposeError::Dropped));
+            }
+        }
+    }
+
+    /// Applies a committed membership change: raft-rs's configuration, the
+    /// durable conf state, the members' addresses, the transport.
+    fn apply_conf_change(&mut self, state: &mut State, entry: &Entry) -> Result<Outcome, NodeError> {
+        let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
+            Ok(cc) => cc,
+            Err(e) => {
+                tracing::error!(index = entry.index, "undecodable membership change skipped: {e}");
+                return Ok(Err(Refusal { kind: RefusalKind::Invalid, message: e.to_string() }));
+            }
+        };
+        let cs = match self.raw.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                tracing::warn!(index = entry.index, "membership change refused by raft: {e}");
+                return Ok(Err(Refusal { kind: RefusalKind::Conflict, message: e.to_string() }));
+            }
+        };
+        self.raw.mut_store().set_conf_state(cs)?;
+        for single in cc.get_changes() {
+            let id = NodeId(single.node_id);
+            match single.get_change_type() {
+                ConfChangeType::AddLearnerNode => {
+                    let addr = String::from_utf8_lossy(&cc.context).into_owned();
+                    if !addr.is_empty() {
+                        state.replicas.insert(id, addr.clone());
+                        if id != self.cfg.id {
+                            self.transport.add_peer(id, addr);
+                        }
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    state.replicas.remove(&id);
+                    if id != self.cfg.id {
+                        self.transport.remove_peer(id);
+                    } else {
+                        tracing::warn!(node = id.0, "this replica was removed from the cluster; stop it");
+                    }
+                }
+                ConfChangeType::AddNode => {}
+            }
+            tracing::info!(
+                node = self.cfg.id.0,
+                member = id.0,
+                "membership: {:?} applied",
+                single.get_change_type()
+            );
+        }
+        Ok(Ok(vec![]))
+    }
+
     fn propose(&mut self, cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>>) {
         if self.raw.raft.leader_id == raft::INVALID_ID {
             self.metrics.proposals.with_label_values(&["no_leader"]).inc();
@@ -519,7 +743,7 @@ impl Node {
                 "installed a snapshot from the leader"
             );
         }
-        self.apply(rd.take_committed_entries());
+        self.apply(rd.take_committed_entries())?;
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
@@ -528,30 +752,34 @@ impl Node {
             self.raw.mut_store().set_commit(commit)?;
         }
         self.transport.send(light.take_messages());
-        self.apply(light.take_committed_entries());
+        self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
         self.maybe_compact()?;
         Ok(())
     }
 
-    fn apply(&mut self, entries: Vec<Entry>) {
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), NodeError> {
         if entries.is_empty() {
-            return;
+            return Ok(());
         }
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let shared = self.state.clone();
+        let mut state = shared.write().unwrap_or_else(|e| e.into_inner());
         for entry in entries {
             self.applied = entry.index;
-            if entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty() {
-                // a new leader's empty entry; membership is static
-                continue;
-            }
-            let outcome = match rmp_serde::from_slice::<Envelope>(&entry.data) {
-                Ok(env) => state.apply(env.cmd),
-                Err(e) => {
-                    // identical bytes on every replica, so skipping keeps them in step
-                    tracing::error!(index = entry.index, "undecodable log entry skipped: {e}");
-                    continue;
-                }
+            let outcome = match entry.get_entry_type() {
+                EntryType::EntryConfChangeV2 => self.apply_conf_change(&mut state, &entry)?,
+                // never proposed (this node proposes V2 changes only)
+                EntryType::EntryConfChange => continue,
+                // a new leader's empty entry
+                EntryType::EntryNormal if entry.data.is_empty() => continue,
+                EntryType::EntryNormal => match rmp_serde::from_slice::<Envelope>(&entry.data) {
+                    Ok(env) => state.apply(env.cmd),
+                    Err(e) => {
+                        // identical bytes on every replica, so skipping keeps them in step
+                        tracing::error!(index = entry.index, "undecodable log entry skipped: {e}");
+                        continue;
+                    }
+                },
             };
             let request = <[u8; 8]>::try_from(&entry.context[..]).map(u64::from_le_bytes).ok();
             if let Some(p) = request.and_then(|r| self.pending.remove(&r)) {
@@ -574,11 +802,16 @@ impl Node {
                 }
             }
         }
+        Ok(())
     }
 
     fn maybe_compact(&mut self) -> Result<(), NodeError> {
         let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if self.applied < snap_index + self.cfg.snapshot_threshold {
+        // a leader without any snapshot takes one at once: a replica that
+        // joins empty must start from a snapshot, which carries the
+        // membership (the log's first entries do not)
+        let first = snap_index == 0 && self.applied > 0 && self.raw.raft.state == StateRole::Leader;
+        if !first && self.applied < snap_index + self.cfg.snapshot_threshold {
             return Ok(());
         }
         let data = {
@@ -605,6 +838,15 @@ impl Node {
             }
         }
         self.metrics.observe_status(&status);
+        let membership = membership_of(&self.raw);
+        self.membership_tx.send_if_modified(|old| {
+            if *old == membership {
+                false
+            } else {
+                *old = membership;
+                true
+            }
+        });
         self.status_tx.send_if_modified(|old| {
             if *old == status {
                 false

@@ -140,6 +140,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         metrics,
         supervisor,
         workers: workers_view,
+        peers: opts.peers.clone(),
     };
     let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
     let info = NodeInfo {

@@ -622,6 +622,10 @@ pub struct State {
     pub jobs: BTreeMap<JobName, Job>,
     /// Every replica that announced itself.
     pub nodes: BTreeMap<NodeId, NodeInfo>,
+    /// The Raft addresses of replicas added by membership changes (the
+    /// first ones are in every replica's `--peers`).
+    #[serde(default)]
+    pub replicas: BTreeMap<NodeId, String>,
 }
 
 impl State {

@@ -145,6 +145,16 @@ impl LogStore {
         Ok(())
     }
 
+    /// Durably records the membership after an applied change.
+    pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<(), StoreError> {
+        let mut batch = LogBatch::default();
+        batch.put_message(GROUP, KEY_CONF_STATE.to_vec(), &conf_state)?;
+        self.write(&mut batch)?;
+        self.snapshot.mut_metadata().set_conf_state(conf_state.clone());
+        self.conf_state = conf_state;
+        Ok(())
+    }
+
     /// Records a newer commit index (from a LightReady).
     pub fn set_commit(&mut self, commit: u64) -> Result<(), StoreError> {
         if commit <= self.hard_state.commit {

@@ -26,7 +26,7 @@ use futures::{SinkExt, StreamExt};
 use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -39,9 +39,14 @@ const QUEUE: usize = 4096;
 /// Messages per frame at most.
 const BATCH: usize = 512;
 
-/// Sends Raft messages to every other voter.
+/// Sends Raft messages to every other member.
 pub struct PeerTransport {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    me: NodeId,
+    token: Option<String>,
+    shutdown: CancellationToken,
+    /// One queue per peer, each drained by its sender task (a std mutex:
+    /// nothing awaits while holding it).
+    queues: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     reports: Reports,
 }
 
@@ -90,21 +95,38 @@ impl PeerTransport {
         inbox: mpsc::Sender<Message>,
         shutdown: CancellationToken,
     ) -> Self {
-        let reports = Reports(inbox);
-        let mut queues = HashMap::new();
-        for (id, addr) in peers.into_iter().filter(|(id, _)| *id != me) {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            queues.insert(id.0, tx);
-            tokio::spawn(peer_sender(me, id, addr, token.clone(), rx, reports.clone(), shutdown.clone()));
+        let t = Self { me, token, shutdown, queues: Mutex::new(HashMap::new()), reports: Reports(inbox) };
+        for (id, addr) in peers {
+            t.add_peer(id, addr);
         }
-        Self { queues, reports }
+        t
     }
 }
 
 impl Transport for PeerTransport {
+    fn add_peer(&self, id: NodeId, addr: String) {
+        if id == self.me {
+            return;
+        }
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        if queues.get(&id.0).is_some_and(|(a, _)| *a == addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (token, reports, shutdown) = (self.token.clone(), self.reports.clone(), self.shutdown.clone());
+        tokio::spawn(peer_sender(self.me, id, addr.clone(), token, rx, reports, shutdown));
+        // a replaced sender ends once its queue is dropped
+        queues.insert(id.0, (addr, tx));
+    }
+
+    fn remove_peer(&self, id: NodeId) {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner()).remove(&id.0);
+    }
+
     fn send(&self, msgs: Vec<Message>) {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         for msg in msgs {
-            if let Some(q) = self.queues.get(&msg.to) {
+            if let Some((_, q)) = queues.get(&msg.to) {
                 // full or closed: dropped and reported; Raft retries
                 if let Err(e) = q.try_send(msg) {
                     let msg = match e {
