@@ -77,9 +77,22 @@ struct CoordinatorArgs {
     /// Raft log, hard state and snapshots; keep it across restarts.
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     data_dir: PathBuf,
-    /// File holding the cluster's shared token (peers, workers and admin calls must present it).
+    /// File holding one token for every role (peers, workers and admin calls); the role
+    /// files below replace it for their role.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The token coordinator peers present on the Raft port (never give it to workers).
+    #[arg(long, env = "FLOTILLA_PEER_TOKEN_FILE")]
+    peer_token_file: Option<PathBuf>,
+    /// The token workers present on the worker API (the Raft port refuses it).
+    #[arg(long, env = "FLOTILLA_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// The token the HTTP API's mutations need (submit, checkpoint, restore, replicas).
+    #[arg(long, env = "FLOTILLA_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Serve without any credentials on addresses other hosts can reach.
+    #[arg(long)]
+    insecure: bool,
     /// A job spec to submit at start-up (idempotent).
     #[arg(long, env = "FLOTILLA_JOB")]
     job: Option<PathBuf>,
@@ -446,12 +459,16 @@ fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
 }
 
 fn read_token(path: Option<&PathBuf>) -> Result<Option<String>> {
+    read_secret("--token-file", path)
+}
+
+fn read_secret(flag: &str, path: Option<&PathBuf>) -> Result<Option<String>> {
     path.map(|p| {
-        let token = std::fs::read_to_string(p)
-            .with_context(|| format!("cannot read --token-file {}", p.display()))?;
+        let token =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {flag} {}", p.display()))?;
         let token = token.trim().to_string();
         if token.is_empty() {
-            bail!("--token-file {} is empty; put the cluster's token in it", p.display());
+            bail!("{flag} {} is empty; put the token in it", p.display());
         }
         Ok(token)
     })
@@ -492,7 +509,16 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         api_addr: args.api_addr,
         advertise_api: args.advertise_api,
         data_dir: args.data_dir,
-        token: read_token(args.token_file.as_ref())?,
+        credentials: {
+            let shared = server::Credentials::shared(read_token(args.token_file.as_ref())?);
+            server::Credentials {
+                peer: read_secret("--peer-token-file", args.peer_token_file.as_ref())?.or(shared.peer),
+                worker: read_secret("--worker-token-file", args.worker_token_file.as_ref())?
+                    .or(shared.worker),
+                admin: read_secret("--admin-token-file", args.admin_token_file.as_ref())?.or(shared.admin),
+            }
+        },
+        insecure: args.insecure,
         job,
         snapshot_threshold: args.snapshot_threshold,
     };

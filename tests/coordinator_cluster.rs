@@ -7,7 +7,9 @@ use common::{flotilla, job_toml, text, wait_for, BIN};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::local::{LocalCluster, LocalOptions};
 use flotilla_coordinator::node::Role;
+use flotilla_shared::frame::{client_handshake, HandshakeError, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
+use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage};
 use std::path::Path;
 use std::time::Duration;
 
@@ -323,4 +325,66 @@ fn a_data_dir_of_another_replica_is_refused() {
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("belongs to coordinator --id 1, not --id 2"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_role_has_its_own_credential_and_a_worker_cannot_join_the_raft_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, token: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        path.display().to_string()
+    };
+    let (peer, worker, admin) =
+        (file("peer", "p33r-secret"), file("worker", "w0rker-secret"), file("admin", "adm1n-secret"));
+    let args = ["--peer-token-file", &peer, "--worker-token-file", &worker, "--admin-token-file", &admin];
+    let opts = LocalOptions { args: args.iter().map(|a| a.to_string()).collect(), ..LocalOptions::default() };
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, opts).unwrap();
+    // the peers authenticate with the peer token, or no leader could be elected
+    let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
+
+    tracing::info!("--- the worker token opens the worker API and nothing else");
+    let api = cluster.nodes[0].api_addr.clone();
+    let raft = cluster.nodes[0].raft_addr.clone();
+    let hello = |addr: String, role: PeerRole, token: &str| {
+        let token = Some(token.to_string());
+        async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            client_handshake::<_, CoordinatorMessage, WorkerMessage>(stream, role, token, DEFAULT_MAX_FRAME)
+                .await
+                .map(|_| ())
+        }
+    };
+    hello(api.clone(), PeerRole::Worker, "w0rker-secret")
+        .await
+        .expect("the worker API takes the worker token");
+    for (token, what) in [("w0rker-secret", "the worker token"), ("adm1n-secret", "the admin token")] {
+        let refused = hello(raft.clone(), PeerRole::Coordinator { node: NodeId(9) }, token).await;
+        assert!(matches!(refused, Err(HandshakeError::Refused(_))), "the Raft port took {what}: {refused:?}");
+    }
+    let refused = hello(api, PeerRole::Worker, "p33r-secret").await;
+    assert!(matches!(refused, Err(HandshakeError::Refused(_))), "{refused:?}");
+
+    tracing::info!("--- mutations need the admin token");
+    let job = write_job(dir.path(), "roles");
+    let url = cluster.url(leader);
+    for (token_file, ok) in [(&worker, false), (&peer, false), (&admin, true)] {
+        let out =
+            flotilla(&["submit", job.to_str().unwrap(), "--endpoints", &url, "--token-file", token_file]);
+        assert_eq!(out.status.success(), ok, "{token_file}: {:?}", text(&out));
+    }
+}
+
+#[test]
+fn a_coordinator_reachable_from_other_hosts_needs_credentials_or_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = flotilla_coordinator::local::free_port().unwrap();
+    let http = format!("0.0.0.0:{port}");
+    let data = dir.path().join("c1");
+    let out =
+        flotilla(&["coordinator", "--id", "1", "--http-addr", &http, "--data-dir", data.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no credentials are configured") && stderr.contains("--insecure"), "{stderr}");
+    assert!(!data.exists(), "refused before touching the data dir");
 }

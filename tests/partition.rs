@@ -469,6 +469,8 @@ impl Scenario {
                     api,
                     "--data-dir".into(),
                     data.display().to_string(),
+                    // private network namespaces, no one else on them
+                    "--insecure".into(),
                 ];
                 let proc =
                     Proc::spawn(&format!("c{id}"), &host.ns, &args, dir.path().join(format!("c{id}.log")));

@@ -59,6 +59,8 @@ pub struct LocalOptions {
     pub job: Option<PathBuf>,
     /// `RUST_LOG` for the replicas.
     pub log_filter: Option<String>,
+    /// More flags for every replica.
+    pub args: Vec<String>,
 }
 
 /// A local cluster of coordinator processes.
@@ -153,6 +155,7 @@ impl LocalCluster {
         if let Some(f) = &self.opts.token_file {
             cmd.arg("--token-file").arg(f);
         }
+        cmd.args(&self.opts.args);
         if let Some(f) = &self.opts.job {
             cmd.arg("--job").arg(f);
         }

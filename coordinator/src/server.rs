@@ -36,12 +36,73 @@ pub struct CoordinatorOptions {
     pub advertise_http: String,
     /// Raft log and snapshots.
     pub data_dir: PathBuf,
-    /// The cluster's shared token.
-    pub token: Option<String>,
+    /// Who may connect, by role.
+    pub credentials: Credentials,
+    /// Run without credentials on a non-loopback address (`--insecure`).
+    pub insecure: bool,
     /// A job to submit once a leader exists (idempotent).
     pub job: Option<JobSpec>,
     /// Applied entries between snapshots.
     pub snapshot_threshold: u64,
+}
+
+/// The secrets each kind of client presents (SPEC §4, docs/SECURITY.md).
+/// A role without one is open: only where every listener is on loopback,
+/// or with `--insecure`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// Coordinator peers on the Raft port. Never given to workers.
+    pub peer: Option<String>,
+    /// Workers on the worker API (they run user code: this one is the
+    /// least trusted; the Raft port refuses it).
+    pub worker: Option<String>,
+    /// Mutations on the HTTP API (submit, checkpoint, restore, replicas).
+    pub admin: Option<String>,
+}
+
+impl Credentials {
+    /// One token for every role (`--token-file` alone).
+    pub fn shared(token: Option<String>) -> Self {
+        Self { peer: token.clone(), worker: token.clone(), admin: token }
+    }
+
+    /// Refuses a worker token that is also the peer's or the admin's, unless
+    /// one token is shared by every role (`--token-file` alone, the weaker
+    /// set-up docs/SECURITY.md warns about): split roles must really split.
+    pub fn check_distinct(&self) -> Result<(), String> {
+        let shared = self.peer == self.worker && self.worker == self.admin;
+        if !shared && self.worker.is_some() && (self.worker == self.peer || self.worker == self.admin) {
+            return Err("the worker token is also the peer or admin token: workers run user code and must not hold either; give --worker-token-file its own token".into());
+        }
+        Ok(())
+    }
+
+    fn none(&self) -> bool {
+        self.peer.is_none() && self.worker.is_none() && self.admin.is_none()
+    }
+}
+
+/// Refuses to serve without credentials on an address others can reach.
+pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
+    if opts.insecure || !opts.credentials.none() {
+        return Ok(());
+    }
+    let mut addrs = vec![("--http-addr", opts.http_addr.clone())];
+    addrs.extend(opts.api_addr.clone().map(|a| ("--api-addr", a)));
+    if opts.peers.len() > 1 {
+        addrs.extend(opts.peers.iter().filter(|(id, _)| *id == opts.id).map(|(_, a)| ("--peers", a.clone())));
+    }
+    for (flag, addr) in addrs {
+        let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        let loopback =
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if !loopback {
+            return Err(format!(
+                "{flag} {addr} is reachable from other hosts and no credentials are configured: anyone could submit jobs or join the cluster; pass --token-file (or --peer-token-file, --worker-token-file, --admin-token-file), or --insecure to run open anyway"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why the replica stopped.
@@ -65,6 +126,8 @@ pub enum ServeError {
 
 /// Runs the replica until `shutdown` is cancelled or the node fails.
 pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+    check_exposure(&opts).map_err(ServeError::Config)?;
+    opts.credentials.check_distinct().map_err(ServeError::Config)?;
     let raft_addr =
         opts.peers.iter().find(|(id, _)| *id == opts.id).map(|(_, a)| a.clone()).ok_or_else(|| {
             ServeError::Config(format!(
@@ -90,7 +153,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     let transport = Arc::new(PeerTransport::start(
         opts.id,
         opts.peers.clone(),
-        opts.token.clone(),
+        opts.credentials.peer.clone(),
         peer_tx.clone(),
         shutdown.clone(),
     ));
@@ -100,7 +163,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         let serve = transport::serve(
             listener,
             opts.id,
-            opts.token.clone(),
+            opts.credentials.peer.clone(),
             peer_tx,
             has_log.clone(),
             shutdown.clone(),
@@ -129,14 +192,14 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         tokio::spawn(workers::serve(
             listener,
             handle.clone(),
-            opts.token.clone(),
+            opts.credentials.worker.clone(),
             supervisor_tx,
             shutdown.clone(),
         ));
     }
     let http_state = HttpState {
         node: handle.clone(),
-        token: opts.token.clone(),
+        token: opts.credentials.admin.clone(),
         metrics,
         supervisor,
         workers: workers_view,
@@ -186,7 +249,7 @@ async fn membership(
         loop {
             for (slot, (id, addr)) in answers.iter_mut().zip(&peers) {
                 if slot.is_none() {
-                    match transport::probe(opts.id, addr, opts.token.clone()).await {
+                    match transport::probe(opts.id, addr, opts.credentials.peer.clone()).await {
                         Ok(has_log) => *slot = Some(has_log),
                         Err(e) => tracing::debug!(peer = id.0, %addr, "probe: {e}"),
                     }
@@ -377,6 +440,53 @@ pub fn resolve_id(flag: &str, hostname: &str) -> Result<NodeId, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(
+        http: &str,
+        api: Option<&str>,
+        credentials: Credentials,
+        insecure: bool,
+    ) -> CoordinatorOptions {
+        CoordinatorOptions {
+            id: NodeId(1),
+            peers: vec![(NodeId(1), "127.0.0.1:7101".into()), (NodeId(2), "10.0.0.2:7101".into())],
+            http_addr: http.into(),
+            api_addr: api.map(String::from),
+            advertise_api: None,
+            advertise_http: format!("http://{http}"),
+            data_dir: "/nonexistent".into(),
+            credentials,
+            insecure,
+            job: None,
+            snapshot_threshold: 10,
+        }
+    }
+
+    #[test]
+    fn open_listeners_beyond_loopback_need_credentials_or_insecure() {
+        let none = Credentials::default();
+        check_exposure(&options("127.0.0.1:9201", Some("[::1]:7201"), none.clone(), false)).unwrap();
+        check_exposure(&options("localhost:9201", None, none.clone(), false)).unwrap();
+        let e = check_exposure(&options("127.0.0.1:9201", Some("0.0.0.0:7201"), none.clone(), false))
+            .unwrap_err();
+        assert!(e.starts_with("--api-addr 0.0.0.0:7201 is reachable from other hosts"), "{e}");
+        check_exposure(&options("0.0.0.0:9201", None, none.clone(), true)).unwrap();
+        check_exposure(&options("0.0.0.0:9201", None, Credentials::shared(Some("t".into())), false)).unwrap();
+    }
+
+    #[test]
+    fn a_worker_token_never_doubles_as_another_roles() {
+        Credentials::shared(Some("t".into())).check_distinct().unwrap();
+        let split = |p: &str, w: &str, a: &str| Credentials {
+            peer: Some(p.into()),
+            worker: Some(w.into()),
+            admin: Some(a.into()),
+        };
+        split("p", "w", "a").check_distinct().unwrap();
+        split("p", "w", "p").check_distinct().unwrap();
+        assert!(split("p", "p", "a").check_distinct().unwrap_err().contains("worker token"));
+        assert!(split("p", "a", "a").check_distinct().is_err());
+    }
 
     #[test]
     fn peers() {
