@@ -32,8 +32,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Largest peer frame: a batch of entries or a ledger snapshot.
+/// Largest peer frame: a batch of entries, or one piece of a message.
 pub const PEER_MAX_FRAME: usize = 4 * DEFAULT_MAX_FRAME;
+/// Messages larger than this (encoded) travel in pieces of this size.
+const CHUNK: usize = 8 << 20;
+/// The largest message accepted in pieces (a ledger snapshot).
+const MAX_CHUNKED: u64 = 16 << 30;
 /// Messages queued per peer before new ones are dropped.
 const QUEUE: usize = 4096;
 /// Messages per frame at most.
@@ -196,8 +200,7 @@ async fn peer_sender(
                     Err(_) => break,
                 }
             }
-            let batch = msgs.iter().map(|m| serde_bytes::ByteBuf::from(encode_message(m))).collect();
-            if let Err(e) = conn.send(PeerMessage::Raft(batch)).await {
+            if let Err(e) = send_batch(&mut conn, &msgs).await {
                 tracing::warn!(peer = peer.0, %addr, "connection to peer lost: {e}; reconnecting");
                 reports.lost(peer.0, &msgs);
                 break;
@@ -212,6 +215,34 @@ async fn peer_sender(
 }
 
 type PeerConn = flotilla_shared::frame::Connection<TcpStream, PeerMessage, PeerMessage>;
+
+/// Sends `msgs` in as few frames as fit: small ones batched up to
+/// [`CHUNK`] bytes a frame, each one larger in pieces.
+async fn send_batch(conn: &mut PeerConn, msgs: &[Message]) -> Result<(), String> {
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    for m in msgs {
+        let bytes = encode_message(m);
+        if !batch.is_empty() && batch_bytes + bytes.len() > CHUNK {
+            conn.send(PeerMessage::Raft(std::mem::take(&mut batch))).await.map_err(|e| e.to_string())?;
+            batch_bytes = 0;
+        }
+        if bytes.len() <= CHUNK {
+            batch_bytes += bytes.len();
+            batch.push(serde_bytes::ByteBuf::from(bytes));
+            continue;
+        }
+        let total = bytes.len() as u64;
+        for piece in bytes.chunks(CHUNK) {
+            let chunk = PeerMessage::Chunk { total, bytes: serde_bytes::ByteBuf::from(piece.to_vec()) };
+            conn.send(chunk).await.map_err(|e| e.to_string())?;
+        }
+    }
+    if !batch.is_empty() {
+        conn.send(PeerMessage::Raft(batch)).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
 async fn connect(me: NodeId, addr: &str, token: Option<String>) -> Result<PeerConn, String> {
     let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
@@ -298,6 +329,8 @@ async fn serve_peer(
     let PeerRole::Coordinator { node: from } = hello.role else {
         return Err("a worker connected to the raft port; workers use --api-addr".into());
     };
+    // a message arriving in pieces: its size and what came so far
+    let mut partial: Option<(u64, Vec<u8>)> = None;
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -306,7 +339,25 @@ async fn serve_peer(
         let batch = match frame {
             None => return Ok(()),
             Some(f) => match f.map_err(|e| e.to_string())? {
-                PeerMessage::Raft(batch) => batch,
+                PeerMessage::Raft(batch) if partial.is_none() => batch,
+                PeerMessage::Raft(_) => {
+                    return Err(format!("node {from} interleaved a batch with a message in pieces"))
+                }
+                PeerMessage::Chunk { total, bytes } => {
+                    let (want, got) = partial.get_or_insert_with(|| (total, Vec::new()));
+                    let fits = *want == total && (got.len() + bytes.len()) as u64 <= total;
+                    if total > MAX_CHUNKED || !fits || bytes.is_empty() {
+                        return Err(format!(
+                            "node {from} sent a piece that does not fit a message of {total} bytes (limit {MAX_CHUNKED})"
+                        ));
+                    }
+                    got.extend_from_slice(&bytes);
+                    if (got.len() as u64) < total {
+                        continue;
+                    }
+                    let (_, whole) = partial.take().expect("set above");
+                    vec![serde_bytes::ByteBuf::from(whole)]
+                }
                 PeerMessage::Probe => {
                     let reply = PeerMessage::ProbeReply { has_log: has_log.load(Ordering::SeqCst) };
                     conn.send(reply).await.map_err(|e| e.to_string())?;
@@ -330,5 +381,73 @@ async fn serve_peer(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(kind: MessageType, from: u64, to: u64, data: usize) -> Message {
+        let mut m = Message { from, to, term: 3, ..Default::default() };
+        m.set_msg_type(kind);
+        if data > 0 {
+            let mut snap = raft::eraftpb::Snapshot::default();
+            snap.data = (0..data).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+            snap.mut_metadata().index = 42;
+            m.set_snapshot(snap);
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_larger_than_a_frame_arrives_whole_in_order_and_is_reported_sent() {
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (inbox, mut received) = mpsc::channel(16);
+        let has_log = Arc::new(AtomicBool::new(true));
+        tokio::spawn(serve(listener, NodeId(2), Some("t".into()), inbox, has_log, shutdown.clone()));
+        let (reports, mut reported) = mpsc::channel(16);
+        let t = PeerTransport::start(
+            NodeId(1),
+            vec![(NodeId(2), addr.clone())],
+            Some("t".into()),
+            reports,
+            shutdown.clone(),
+        );
+        assert!(probe(NodeId(1), &addr, Some("t".into())).await.unwrap(), "the probe answers has_log");
+
+        // more than PEER_MAX_FRAME: could never travel in one frame
+        let big = PEER_MAX_FRAME + 3 * CHUNK + 5;
+        t.send(vec![
+            msg(MessageType::MsgHeartbeat, 1, 2, 0),
+            msg(MessageType::MsgSnapshot, 1, 2, big),
+            msg(MessageType::MsgHeartbeat, 1, 2, 0),
+        ]);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(tokio::time::timeout(Duration::from_secs(60), received.recv()).await.unwrap().unwrap());
+        }
+        let kinds: Vec<MessageType> = got.iter().map(|m| m.get_msg_type()).collect();
+        assert_eq!(kinds, [MessageType::MsgHeartbeat, MessageType::MsgSnapshot, MessageType::MsgHeartbeat]);
+        assert_eq!(got[1], msg(MessageType::MsgSnapshot, 1, 2, big), "the snapshot arrives intact");
+        let report = tokio::time::timeout(Duration::from_secs(10), reported.recv()).await.unwrap().unwrap();
+        assert_eq!(
+            (report.get_msg_type(), report.from, report.reject),
+            (MessageType::MsgSnapStatus, 2, false)
+        );
+
+        tracing::info!("--- a peer that cannot be reached: the loss is reported");
+        t.add_peer(NodeId(3), "127.0.0.1:1".into());
+        t.send(vec![msg(MessageType::MsgSnapshot, 1, 3, 10)]);
+        let mut seen = Vec::new();
+        while !seen.contains(&MessageType::MsgUnreachable) {
+            let r = tokio::time::timeout(Duration::from_secs(10), reported.recv()).await.unwrap().unwrap();
+            assert_eq!(r.from, 3);
+            seen.push(r.get_msg_type());
+        }
+        assert!(seen.contains(&MessageType::MsgSnapStatus), "{seen:?}");
+        shutdown.cancel();
     }
 }

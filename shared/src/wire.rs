@@ -322,4 +322,13 @@ pub enum PeerMessage {
         /// The receiver holds log entries or a snapshot.
         has_log: bool,
     },
+    /// A piece of one Raft message too large for a frame (a snapshot of a
+    /// large ledger): the pieces follow each other on the connection and
+    /// the receiver decodes the message once it has `total` bytes.
+    Chunk {
+        /// Size of the whole encoded message.
+        total: u64,
+        /// The next bytes of it.
+        bytes: serde_bytes::ByteBuf,
+    },
 }
