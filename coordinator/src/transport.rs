@@ -392,8 +392,10 @@ mod tests {
         let mut m = Message { from, to, term: 3, ..Default::default() };
         m.set_msg_type(kind);
         if data > 0 {
-            let mut snap = raft::eraftpb::Snapshot::default();
-            snap.data = (0..data).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+            let mut snap = raft::eraftpb::Snapshot {
+                data: (0..data).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into(),
+                ..Default::default()
+            };
             snap.mut_metadata().index = 42;
             m.set_snapshot(snap);
         }
