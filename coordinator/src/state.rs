@@ -121,9 +121,10 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Total bytes of its shards (0 until committed).
+    /// Total bytes of its shards (0 until committed); saturating, as the
+    /// figures are what workers reported.
     pub fn bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.bytes).sum()
+        self.shards.iter().fold(0, |sum, s| sum.saturating_add(s.bytes))
     }
 }
 
@@ -262,6 +263,10 @@ pub struct Job {
     /// Checkpoints aborted over the job's life.
     #[serde(default)]
     pub aborted_total: u64,
+    /// Tombstones (aborted or deleted checkpoints) forgotten so far: the
+    /// ledger keeps the newest [`TOMBSTONES`] of them, without manifests.
+    #[serde(default)]
+    pub pruned_total: u64,
     /// Committed checkpoints condemned (checksum or format mismatch) over the job's life.
     #[serde(default)]
     pub condemned_total: u64,
@@ -631,6 +636,16 @@ pub struct State {
 impl State {
     /// Applies one command.
     pub fn apply(&mut self, cmd: Command) -> Outcome {
+        let outcome = self.apply_command(cmd);
+        if outcome.is_ok() {
+            for j in self.jobs.values_mut() {
+                prune(j);
+            }
+        }
+        outcome
+    }
+
+    fn apply_command(&mut self, cmd: Command) -> Outcome {
         match cmd {
             Command::Announce { node, info } => {
                 self.nodes.insert(node, info);
@@ -894,6 +909,7 @@ impl State {
                 submitted_ms: now_ms,
                 committed_total: 0,
                 aborted_total: 0,
+                pruned_total: 0,
                 condemned_total: 0,
                 last_condemned: None,
                 restores_by_reason: BTreeMap::new(),
@@ -1142,6 +1158,29 @@ fn set_state(j: &mut Job, job: &JobName, state: JobState, error: Option<String>)
     vec![Event::JobState { job: job.clone(), state }]
 }
 
+/// Aborted and deleted checkpoints kept in the ledger per job, newest first.
+pub const TOMBSTONES: usize = 32;
+
+/// Keeps the ledger bounded: an aborted or deleted checkpoint keeps only
+/// its id, state, step and reason (a tombstone: its files are deleted from
+/// it, and reports for it are answered Stale); beyond the newest
+/// [`TOMBSTONES`], tombstones are forgotten (their directories are swept
+/// as unknown to the ledger).
+fn prune(j: &mut Job) {
+    let mut tombstones = Vec::new();
+    for c in j.checkpoints.values_mut() {
+        if matches!(c.state, CheckpointState::Aborted | CheckpointState::Deleted) {
+            c.shards = Vec::new();
+            tombstones.push(c.id);
+        }
+    }
+    let excess = tombstones.len().saturating_sub(TOMBSTONES);
+    for id in &tombstones[..excess] {
+        j.checkpoints.remove(id);
+    }
+    j.pruned_total += excess as u64;
+}
+
 fn abort_pending(j: &mut Job, job: &JobName, reason: &str, now_ms: Option<u64>) -> Vec<Event> {
     let mut events = Vec::new();
     for c in j.checkpoints.values_mut().filter(|c| c.state == CheckpointState::Pending) {
@@ -1298,6 +1337,11 @@ mod tests {
         assert_eq!(c.state, CheckpointState::Committed);
         assert_eq!(c.shards.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![Rank(0), Rank(1)]);
         assert_eq!(c.bytes(), 200);
+        // what workers report is summed without overflowing (regression,
+        // fuzz_ledger: status panicked in a debug build)
+        let mut huge = c.clone();
+        huge.shards[0].bytes = u64::MAX;
+        assert_eq!(huge.bytes(), u64::MAX);
         assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
         // a committed checkpoint is never un-committed
         assert_eq!(kind(commit(&mut s, 1, shards(2))), RefusalKind::Conflict);
@@ -1350,6 +1394,43 @@ mod tests {
         // and the id is not reused
         assert_eq!(kind(begin(&mut s, 1, 20, 1)), RefusalKind::Conflict);
         begin(&mut s, 2, 20, 1).unwrap();
+    }
+
+    #[test]
+    fn the_ledger_stays_bounded_deleted_checkpoints_become_tombstones_then_are_forgotten() {
+        let mut s = running(3, 10);
+        let size = |s: &State| rmp_serde::to_vec_named(s).unwrap().len();
+        let mut sizes = Vec::new();
+        for id in 1..=400u64 {
+            begin(&mut s, id, 10 * id, 1).unwrap();
+            if id % 4 == 0 {
+                let abort = Command::AbortCheckpoint {
+                    job: name("a"),
+                    id: CheckpointId(id),
+                    reason: AbortReason::Timeout { seconds: 5 },
+                    now_ms: 7,
+                };
+                s.apply(abort).unwrap();
+            } else {
+                commit(&mut s, id, shards(2)).unwrap();
+            }
+            if id == 100 || id == 400 {
+                sizes.push(size(&s));
+            }
+        }
+        let j = job(&s);
+        let states = |st: CheckpointState| j.checkpoints.values().filter(|c| c.state == st).count();
+        assert_eq!(states(CheckpointState::Committed), 3, "keep_last");
+        assert_eq!(states(CheckpointState::Aborted) + states(CheckpointState::Deleted), TOMBSTONES);
+        assert_eq!(j.checkpoints.len(), 3 + TOMBSTONES);
+        assert_eq!(j.pruned_total, 400 - 3 - TOMBSTONES as u64);
+        assert!(j.checkpoints.values().filter(|c| c.state == CheckpointState::Deleted).all(|c| c.shards.is_empty()));
+        assert_eq!(j.latest_committed().unwrap().id, CheckpointId(399));
+        // 4× the checkpoints, the same size but for wider integers
+        assert!(sizes[1] < sizes[0] + sizes[0] / 10, "a snapshot of the ledger grows with the job's age: {sizes:?}");
+        // a forgotten id is neither known nor reused
+        assert_eq!(kind(commit(&mut s, 5, shards(2))), RefusalKind::NotFound);
+        assert_eq!(kind(begin(&mut s, 5, 5000, 1)), RefusalKind::Conflict);
     }
 
     #[test]

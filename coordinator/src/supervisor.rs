@@ -147,6 +147,10 @@ pub enum FileWork {
     Delete(CheckpointId),
     /// Point LATEST at the latest committed checkpoint (remove it when none).
     Latest(Option<CheckpointId>),
+    /// Delete every checkpoint directory the ledger no longer knows (its
+    /// tombstone was pruned); tagged with the job's count of pruned ones,
+    /// so each pruning sweeps again.
+    Sweep(u64),
 }
 
 /// Identifies a proposal so the same one is not made twice while in flight.
@@ -979,6 +983,9 @@ impl Supervisor {
         // deleted checkpoint it named loses its files
         want.push(FileWork::Latest(j.latest_committed().map(|c| c.id)));
         want.extend(removals);
+        if j.pruned_total > 0 {
+            want.push(FileWork::Sweep(j.pruned_total));
+        }
         // what is no longer wanted is forgotten, so that it is done again if
         // it is wanted again (a cleared verdict, LATEST moving back)
         soft.files.retain(|w| want.contains(w));

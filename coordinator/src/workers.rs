@@ -289,6 +289,20 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
             }
             result
         }
+        FileWork::Sweep(_) => {
+            let known = node.read_state(|st| {
+                st.jobs.get(job).map(|j| (j.checkpoints.keys().copied().collect::<Vec<_>>(), j.next_checkpoint))
+            });
+            let Some((known, next)) = known else { return Ok(()) };
+            for (id, path) in dir.list_checkpoint_dirs().map_err(std::io::Error::other)? {
+                // a directory of an id the ledger handed out and forgot
+                if id < next && !known.contains(&id) {
+                    ignore_missing(std::fs::remove_dir_all(&path))?;
+                    tracing::debug!(%job, checkpoint = %id, "swept {}", path.display());
+                }
+            }
+            Ok(())
+        }
         FileWork::Latest(Some(id)) => dir.write_latest(id).map_err(std::io::Error::other),
         FileWork::Latest(None) => ignore_missing(std::fs::remove_file(dir.latest_path())),
     }
