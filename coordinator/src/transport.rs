@@ -281,19 +281,43 @@ pub async fn serve(
     has_log: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = accept(&listener, "raft") => accepted,
         };
+        let Some(slot) = admit(&slots, "raft", remote) else { continue };
         let (token, inbox, shutdown, has_log) =
             (token.clone(), inbox.clone(), shutdown.clone(), has_log.clone());
         tokio::spawn(async move {
             if let Err(e) = serve_peer(stream, me, token, inbox, &has_log, shutdown).await {
                 tracing::warn!(%remote, "peer connection closed: {e}");
             }
+            drop(slot);
         });
     }
+}
+
+/// Peer connections a replica accepts at most (a few per replica).
+const MAX_PEER_CONNECTIONS: usize = 64;
+/// A peer connection with no frame for this long is closed (a leader sends
+/// heartbeats every 100 ms).
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Takes a connection slot, or turns the connection away (closing it)
+/// when the listener is full: a flood of connections cannot exhaust the
+/// process.
+pub(crate) fn admit(
+    slots: &Arc<tokio::sync::Semaphore>,
+    what: &str,
+    remote: std::net::SocketAddr,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = slots.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        tracing::warn!(%remote, "{what}: connection limit reached; connection refused");
+    }
+    permit
 }
 
 /// Accepts the next connection (with TCP_NODELAY set). An accept error (e.g.
@@ -334,6 +358,9 @@ async fn serve_peer(
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(PEER_IDLE_TIMEOUT) => {
+                return Err(format!("node {from} silent for {PEER_IDLE_TIMEOUT:?}; closed"))
+            }
             f = conn.next() => f,
         };
         let batch = match frame {
@@ -400,6 +427,42 @@ mod tests {
             m.set_snapshot(snap);
         }
         m
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_connections_is_turned_away_and_the_port_recovers() {
+        use tokio::io::AsyncReadExt;
+        let shutdown = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (inbox, _received) = mpsc::channel(16);
+        tokio::spawn(serve(
+            listener,
+            NodeId(2),
+            None,
+            inbox,
+            Arc::new(AtomicBool::new(false)),
+            shutdown.clone(),
+        ));
+        let mut held = Vec::new();
+        for _ in 0..MAX_PEER_CONNECTIONS {
+            held.push(TcpStream::connect(&addr).await.unwrap());
+        }
+        // the slots are taken by connections that never say hello
+        let mut extra = TcpStream::connect(&addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the connection over the limit is closed: {read:?}");
+        drop(held);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match probe(NodeId(1), &addr, None).await {
+                Ok(has_log) => break assert!(!has_log),
+                Err(e) => assert!(std::time::Instant::now() < deadline, "the port did not recover: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
     }
 
     #[tokio::test]

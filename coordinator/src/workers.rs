@@ -291,7 +291,9 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
         }
         FileWork::Sweep(_) => {
             let known = node.read_state(|st| {
-                st.jobs.get(job).map(|j| (j.checkpoints.keys().copied().collect::<Vec<_>>(), j.next_checkpoint))
+                st.jobs
+                    .get(job)
+                    .map(|j| (j.checkpoints.keys().copied().collect::<Vec<_>>(), j.next_checkpoint))
             });
             let Some((known, next)) = known else { return Ok(()) };
             for (id, path) in dir.list_checkpoint_dirs().map_err(std::io::Error::other)? {
@@ -352,6 +354,11 @@ fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
     *view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
 }
 
+/// Worker connections a replica holds at most (one per rank).
+pub const MAX_WORKER_CONNECTIONS: usize = 16_384;
+/// A worker connection with no frame for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Serves the worker API on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -361,11 +368,13 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut next_conn: ConnId = 0;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_WORKER_CONNECTIONS));
     loop {
         let (stream, remote) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = crate::transport::accept(&listener, "worker API") => accepted,
         };
+        let Some(slot) = crate::transport::admit(&slots, "worker API", remote) else { continue };
         next_conn += 1;
         let (conn, node, token, supervisor, shutdown) =
             (next_conn, node.clone(), token.clone(), supervisor.clone(), shutdown.clone());
@@ -373,6 +382,7 @@ pub async fn serve(
             if let Err(e) = serve_worker(stream, conn, node, token, supervisor, shutdown).await {
                 tracing::warn!(%remote, "worker connection closed: {e}");
             }
+            drop(slot);
         });
     }
 }
@@ -432,6 +442,8 @@ async fn serve_worker(
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            // a registered worker heartbeats every heartbeat_interval_ms
+            _ = tokio::time::sleep(IDLE_TIMEOUT) => break Err(format!("silent for {IDLE_TIMEOUT:?}; closed")),
             frame = conn.next() => match frame {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.to_string()),
