@@ -1169,6 +1169,11 @@ pub const TOMBSTONES: usize = 32;
 fn prune(j: &mut Job) {
     let mut tombstones = Vec::new();
     for c in j.checkpoints.values_mut() {
+        // the checkpoint the generation started from stays whole: its step
+        // is the generation's start step, its shards the restore point
+        if j.restored_from == Some(c.id) {
+            continue;
+        }
         if matches!(c.state, CheckpointState::Aborted | CheckpointState::Deleted) {
             c.shards = Vec::new();
             tombstones.push(c.id);
@@ -1397,6 +1402,26 @@ mod tests {
     }
 
     #[test]
+    fn pruning_keeps_the_checkpoint_a_generation_started_from() {
+        // found by fuzz_ledger: the restore point was pruned, and the
+        // generation's start step fell from 10 to 0 mid-generation
+        let mut s = running(2, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        commit(&mut s, 1, shards(2)).unwrap();
+        restore(&mut s, 2, Some(1)).unwrap();
+        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+        for id in 2..=40u64 {
+            begin(&mut s, id, 10 * id, 2).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        let j = job(&s);
+        assert!(j.pruned_total > 0);
+        assert_eq!(j.start_step(), Step(10));
+        let c = &j.checkpoints[&CheckpointId(1)];
+        assert_eq!((c.state, c.shards.len()), (CheckpointState::Deleted, 2));
+    }
+
+    #[test]
     fn the_ledger_stays_bounded_deleted_checkpoints_become_tombstones_then_are_forgotten() {
         let mut s = running(3, 10);
         let size = |s: &State| rmp_serde::to_vec_named(s).unwrap().len();
@@ -1424,10 +1449,17 @@ mod tests {
         assert_eq!(states(CheckpointState::Aborted) + states(CheckpointState::Deleted), TOMBSTONES);
         assert_eq!(j.checkpoints.len(), 3 + TOMBSTONES);
         assert_eq!(j.pruned_total, 400 - 3 - TOMBSTONES as u64);
-        assert!(j.checkpoints.values().filter(|c| c.state == CheckpointState::Deleted).all(|c| c.shards.is_empty()));
+        assert!(j
+            .checkpoints
+            .values()
+            .filter(|c| c.state == CheckpointState::Deleted)
+            .all(|c| c.shards.is_empty()));
         assert_eq!(j.latest_committed().unwrap().id, CheckpointId(399));
         // 4× the checkpoints, the same size but for wider integers
-        assert!(sizes[1] < sizes[0] + sizes[0] / 10, "a snapshot of the ledger grows with the job's age: {sizes:?}");
+        assert!(
+            sizes[1] < sizes[0] + sizes[0] / 10,
+            "a snapshot of the ledger grows with the job's age: {sizes:?}"
+        );
         // a forgotten id is neither known nor reused
         assert_eq!(kind(commit(&mut s, 5, shards(2))), RefusalKind::NotFound);
         assert_eq!(kind(begin(&mut s, 5, 5000, 1)), RefusalKind::Conflict);

@@ -8,11 +8,14 @@
 //! +----------------+---------+---------------------------+
 //! ```
 //! The length is checked against the maximum before any buffer grows, so a
-//! hostile length costs nothing. Any decode error is returned to the caller,
+//! hostile length costs nothing, and a body's nesting is capped far below
+//! what a thread's stack holds. Any decode error is returned to the caller,
 //! which closes that one connection; nothing here panics on any input.
 //!
 //! The first frame each way is the handshake ([`Hello`] → [`HelloReply`]);
-//! see [`client_handshake`] and [`server_handshake`].
+//! see [`client_handshake`] and [`server_handshake`]. Each side waits at
+//! most [`HELLO_TIMEOUT`] for the other's, so a peer that accepts a
+//! connection and then says nothing (stopped, partitioned) is given up on.
 
 use crate::ids::NodeId;
 use crate::wire::{ErrorCode, ErrorReply, Hello, HelloReply, PeerRole, PROTOCOL_VERSION};
@@ -27,8 +30,15 @@ use tokio_util::codec::{Decoder, Encoder, Framed, LengthDelimitedCodec};
 
 /// Default largest frame: fits a Raft snapshot chunk or a batch of entries.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
-/// How long a server waits for the peer's [`Hello`].
+/// How long a server waits for the peer's [`Hello`], and a client for the
+/// [`HelloReply`].
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deepest nesting of arrays and maps a frame body may have. Every message
+/// nests fewer than ten levels; the decoder recurses once per level (into
+/// unknown fields too), so a deep body is refused long before it could
+/// exhaust a thread's stack (a debug build spends ~3.5 KiB per level; tokio
+/// worker threads have 2 MiB).
+pub const MAX_BODY_DEPTH: usize = 64;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +67,7 @@ pub enum FrameError {
     #[error("malformed frame: {0}")]
     Malformed(String),
     /// The peer closed the connection in the middle of a frame.
-    #[error("connection closed in the middle of a frame ({0} bytes buffered)")]
+    #[error("connection closed in the middle of a frame ({0} bytes of it received)")]
     Truncated(usize),
     /// Encoding a message failed (a bug: every message type serializes).
     #[error("cannot encode message: {0}")]
@@ -115,14 +125,18 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         if version != PROTOCOL_VERSION {
             return Err(FrameError::Version { got: version });
         }
-        rmp_serde::from_slice(&frame).map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
+        let mut body = rmp_serde::Deserializer::from_read_ref(&frame[..]);
+        body.set_max_depth(MAX_BODY_DEPTH);
+        In::deserialize(&mut body).map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<In>, FrameError> {
         match self.decode(buf)? {
             Some(frame) => Ok(Some(frame)),
-            None if buf.is_empty() => Ok(None),
-            None => Err(FrameError::Truncated(buf.len())),
+            // a length prefix already consumed is a frame begun, even with
+            // none of its body here
+            None if buf.is_empty() && !self.in_body => Ok(None),
+            None => Err(FrameError::Truncated(buf.len() + if self.in_body { 4 } else { 0 })),
         }
     }
 }
@@ -161,13 +175,13 @@ pub enum HandshakeError {
     /// The peer closed before completing the handshake.
     #[error("connection closed during the handshake")]
     Closed,
-    /// The peer sent nothing in time.
-    #[error("no hello within {0:?}")]
+    /// The peer sent no handshake frame in time.
+    #[error("no handshake frame from the peer within {0:?}")]
     Timeout(Duration),
 }
 
-/// Client side: sends `Hello`, awaits `Welcome`, returns the connection
-/// retyped for messages and the server's node id.
+/// Client side: sends `Hello`, awaits `Welcome` (within [`HELLO_TIMEOUT`]),
+/// returns the connection retyped for messages and the server's node id.
 pub async fn client_handshake<T, In, Out>(
     io: T,
     role: PeerRole,
@@ -179,9 +193,13 @@ where
 {
     let mut conn = Framed::new(io, FrameCodec::<HelloReply, Hello>::new(max_frame));
     conn.send(Hello { version: PROTOCOL_VERSION, role, token }).await?;
-    let node = match conn.next().await {
-        None => return Err(HandshakeError::Closed),
-        Some(reply) => match reply? {
+    // a server that accepted the connection may still never answer (stopped,
+    // or partitioned away after the TCP handshake): the caller must get to
+    // try another one
+    let node = match tokio::time::timeout(HELLO_TIMEOUT, conn.next()).await {
+        Err(_) => return Err(HandshakeError::Timeout(HELLO_TIMEOUT)),
+        Ok(None) => return Err(HandshakeError::Closed),
+        Ok(Some(reply)) => match reply? {
             HelloReply::Welcome { node } => node,
             HelloReply::Refused(reply) => return Err(HandshakeError::Refused(reply)),
         },
@@ -429,6 +447,79 @@ mod tests {
             }
             assert!(matches!(srv.await.unwrap(), Err(HandshakeError::Rejected(_))));
         }
+    }
+
+    #[test]
+    fn stream_closed_right_after_a_length_prefix_is_truncated_not_clean() {
+        // regression (fuzz_decoders): the prefix is consumed at once, so the
+        // buffer is empty at EOF although a frame was begun
+        let full = encoded(heartbeat());
+        let mut codec = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::from(&full[..4]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        let err = codec.decode_eof(&mut buf).unwrap_err();
+        assert_eq!(err.to_string(), "connection closed in the middle of a frame (4 bytes of it received)");
+        let mut buf = BytesMut::from(&full[..6]);
+        let err = Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut buf).unwrap_err();
+        assert_eq!(err.to_string(), "connection closed in the middle of a frame (6 bytes of it received)");
+    }
+
+    /// A Hello with an unknown field `x` holding `depth` nested arrays.
+    fn nested_hello(depth: usize) -> BytesMut {
+        let mut body = vec![PROTOCOL_VERSION, 0x84, 0xa7];
+        body.extend_from_slice(b"version");
+        body.push(PROTOCOL_VERSION);
+        body.push(0xa4);
+        body.extend_from_slice(b"role");
+        body.push(0xa6);
+        body.extend_from_slice(b"Worker");
+        body.push(0xa5);
+        body.extend_from_slice(b"token");
+        body.push(0xc0);
+        body.extend_from_slice(&[0xa1, b'x']);
+        body.extend(std::iter::repeat_n(0x91, depth));
+        body.push(0xc0);
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32);
+        buf.extend_from_slice(&body);
+        buf
+    }
+
+    #[test]
+    fn deeply_nested_body_is_refused_before_the_stack_runs_out() {
+        // regression (fuzz_decoders): skipping an unknown field recurses per
+        // level; rmp-serde's own limit (1024) overflowed a 2 MiB stack in a
+        // debug build at ~600 levels, aborting the whole process
+        let decoded = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let shallow = FrameCodec::<Hello, ()>::new(DEFAULT_MAX_FRAME).decode(&mut nested_hello(40));
+                let deep = FrameCodec::<Hello, ()>::new(DEFAULT_MAX_FRAME).decode(&mut nested_hello(100_000));
+                (shallow.map_err(|e| e.to_string()), deep.map_err(|e| e.to_string()))
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let hello = decoded.0.unwrap().unwrap();
+        assert_eq!(hello, Hello { version: PROTOCOL_VERSION, role: PeerRole::Worker, token: None });
+        let err = decoded.1.unwrap_err();
+        assert!(err.contains("malformed frame") && err.contains("depth limit exceeded"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_gives_up_on_a_server_that_never_answers() {
+        // regression (fuzz_decoders): a server that accepts the connection and
+        // stays silent (SIGSTOPped, partitioned after the TCP handshake) held
+        // the client forever, so a worker never failed over
+        let (client, _silent) = tokio::io::duplex(4096);
+        let handshake =
+            client_handshake::<_, CoordinatorMessage, WorkerMessage>(client, PeerRole::Worker, None, 4096);
+        let err = tokio::time::timeout(HELLO_TIMEOUT * 10, handshake)
+            .await
+            .expect("the client waited past its own timeout")
+            .unwrap_err();
+        assert!(matches!(err, HandshakeError::Timeout(t) if t == HELLO_TIMEOUT), "{err}");
+        assert_eq!(err.to_string(), "no handshake frame from the peer within 5s");
     }
 
     #[tokio::test]

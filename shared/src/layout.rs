@@ -151,9 +151,9 @@ impl Manifest {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
-    /// Total bytes of all shards.
+    /// Total bytes of all shards (saturating: the figures come from a file).
     pub fn bytes(&self) -> u64 {
-        self.ranks.iter().map(|r| r.bytes).sum()
+        self.ranks.iter().fold(0, |sum, r| sum.saturating_add(r.bytes))
     }
 
     /// Checks internal consistency: one shard per rank, in order.
@@ -269,6 +269,11 @@ mod tests {
         m.write(dir.path()).unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), m);
         assert_eq!(m.bytes(), 20);
+        // a damaged manifest's figures saturate instead of overflowing
+        // (regression, fuzz_decoders: `flotilla inspect` panicked in a debug build)
+        let mut huge = m.clone();
+        huge.ranks[0].bytes = u64::MAX;
+        assert_eq!(huge.bytes(), u64::MAX);
         m.ranks.swap(0, 1);
         m.write(dir.path()).unwrap();
         assert!(Manifest::read(dir.path()).unwrap_err().to_string().contains("entry 0 is for rank 1"));

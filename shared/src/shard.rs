@@ -51,14 +51,26 @@ impl VariableSpec {
         Self { name: name.into(), dtype, shape }
     }
 
-    /// Number of elements (1 for a scalar).
+    /// Number of elements (1 for a scalar); `usize::MAX` for a shape whose
+    /// product does not fit (no real variable is that large).
     pub fn elements(&self) -> usize {
-        self.shape.iter().product()
+        self.checked_elements().unwrap_or(usize::MAX)
     }
 
-    /// Bytes of data this variable occupies in a shard.
+    /// Bytes of data this variable occupies in a shard; `usize::MAX` where
+    /// that does not fit (see [`VariableSpec::checked_byte_len`]).
     pub fn byte_len(&self) -> usize {
-        self.elements() * self.dtype.bitsize() / 8
+        self.checked_byte_len().unwrap_or(usize::MAX)
+    }
+
+    /// [`VariableSpec::byte_len`], or `None` when the shape declares more
+    /// bytes than a `usize` counts: a declaration that cannot be real.
+    pub fn checked_byte_len(&self) -> Option<usize> {
+        Some(self.checked_elements()?.checked_mul(self.dtype.bitsize())? / 8)
+    }
+
+    fn checked_elements(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 }
 
@@ -338,7 +350,21 @@ pub fn write_shard(
     data: &[u8],
 ) -> Result<ShardManifest, ShardError> {
     let label = format!("checkpoint {} rank {}", meta.checkpoint, meta.rank);
-    let expected: usize = vars.iter().map(VariableSpec::byte_len).sum();
+    let mut expected = 0usize;
+    for v in vars {
+        // checked: the shapes come from a trainer, and a sum that wrapped
+        // could match the data while a single variable overruns it
+        let Some(total) = v.checked_byte_len().and_then(|len| expected.checked_add(len)) else {
+            return Err(ShardError::new(
+                &label,
+                ShardErrorKind::Invalid(format!(
+                    "variable {} of shape {:?} and dtype {} declares more bytes than can exist",
+                    v.name, v.shape, v.dtype
+                )),
+            ));
+        };
+        expected = total;
+    }
     if expected != data.len() {
         return Err(ShardError::new(
             &label,
@@ -395,7 +421,9 @@ pub fn write_shard(
 pub struct ShardHeader {
     /// Identity from `__metadata__`.
     pub meta: ShardMeta,
-    /// Variables in file order, with their byte range relative to the data start.
+    /// Variables in file order (empty ones before the non-empty one at the
+    /// same offset, by name among themselves), with their byte range
+    /// relative to the data start.
     pub tensors: Vec<(VariableSpec, Range<usize>)>,
     /// Bytes before the data: the 8-byte length plus the JSON header.
     pub header_len: usize,
@@ -429,7 +457,11 @@ impl ShardHeader {
             .ok_or(ShardErrorKind::Truncated { len: actual_len, expected: header_len as u64 })?;
         let metadata: Metadata =
             serde_json::from_slice(json).map_err(|e| malformed(format!("header: {e}")))?;
-        let file_len = (header_len + metadata.data_len()) as u64;
+        // offsets near the top of the range are valid safetensors, yet no file
+        // holds them (checked: a wrapped sum would read as merely truncated)
+        let file_len = header_len.checked_add(metadata.data_len()).ok_or_else(|| {
+            malformed(format!("header declares {} bytes of tensor data", metadata.data_len()))
+        })? as u64;
         if file_len != actual_len {
             return Err(ShardErrorKind::Truncated { len: actual_len, expected: file_len });
         }
@@ -444,7 +476,10 @@ impl ShardHeader {
                 )
             })
             .collect();
-        tensors.sort_by_key(|(_, r)| r.start);
+        // file order; an empty tensor sits at the offset of the next one, and
+        // several empty ones at one offset go by name, so that the order does
+        // not depend on the header's hash map
+        tensors.sort_by(|(a, ra), (b, rb)| (ra.start, ra.end, &a.name).cmp(&(rb.start, rb.end, &b.name)));
         Ok(Self { meta, tensors, header_len, file_len })
     }
 }
@@ -734,6 +769,71 @@ mod tests {
         let err = write_shard(&path, &meta(), &vars, &[0; 8 + 256]).unwrap_err();
         assert!(err.to_string().contains("declared twice"), "{err}");
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn writer_refuses_shapes_no_memory_holds() {
+        // regression (fuzz_decoders): the byte count overflowed (a panic in a
+        // debug build); wrapped, a sum could match the data while one
+        // variable overran it
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let too_big = [
+            vec![VariableSpec::new("a", Dtype::BOOL, vec![1 << 61, 4])],
+            vec![
+                VariableSpec::new("a", Dtype::U8, vec![usize::MAX / 2 + 1]),
+                VariableSpec::new("b", Dtype::U8, vec![usize::MAX / 2 + 1]),
+            ],
+        ];
+        for vars in too_big {
+            let err = write_shard(&path, &meta(), &vars, &[]).unwrap_err();
+            assert!(err.to_string().contains("declares more bytes than can exist"), "{err}");
+            assert!(!path.exists());
+        }
+        let v = VariableSpec::new("a", Dtype::F64, vec![1 << 40, 1 << 40]);
+        assert_eq!((v.elements(), v.byte_len(), v.checked_byte_len()), (usize::MAX, usize::MAX, None));
+    }
+
+    #[test]
+    fn header_whose_data_cannot_fit_a_file_is_malformed() {
+        // regression (fuzz_decoders): eight U8 tensors of 2^61 - 1 bytes are
+        // valid safetensors offsets (up to 2^64 - 8), and adding the header's
+        // length overflowed
+        let size: u64 = (1 << 61) - 1;
+        let header: serde_json::Map<String, serde_json::Value> = (0..8u64)
+            .map(|i| {
+                let info = serde_json::json!({"dtype": "U8", "shape": [size], "data_offsets": [i * size, (i + 1) * size]});
+                (format!("t{i}"), info)
+            })
+            .collect();
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_header(&path, "c").unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::Malformed(_)), "{err}");
+        assert!(err.to_string().contains("18446744073709551608 bytes of tensor data"), "{err}");
+        assert!(err.is_corruption());
+    }
+
+    #[test]
+    fn empty_variables_keep_their_place_in_file_order() {
+        // regression (fuzz_decoders): an empty tensor shares its offset with
+        // the next one, and their order came from a hash map's
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.safetensors");
+        let vars = vec![
+            VariableSpec::new("a", Dtype::U8, vec![]),
+            VariableSpec::new("z", Dtype::F32, vec![0]),
+            VariableSpec::new("b", Dtype::U64, vec![3]),
+            VariableSpec::new("y", Dtype::I8, vec![2, 0]),
+        ];
+        write_shard(&path, &meta(), &vars, &[7; 25]).unwrap();
+        for _ in 0..16 {
+            assert_eq!(read_header(&path, "e").unwrap().variables(), vars);
+        }
     }
 
     #[test]

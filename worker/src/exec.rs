@@ -51,6 +51,8 @@ use std::time::{Duration, Instant};
 pub const TRAINER_PROTOCOL_VERSION: u32 = 1;
 /// Largest request frame.
 const MAX_FRAME: usize = 16 << 20;
+/// Largest tensor a trainer may declare.
+const MAX_TENSOR_BYTES: usize = 1 << 40;
 
 /// How `flotilla worker --exec` runs the training process.
 #[derive(Debug, Clone)]
@@ -1039,7 +1041,11 @@ fn parse_decls(decls: &[TensorDecl]) -> Result<Vec<VariableSpec>, String> {
         let dtype = parse_dtype(dtype).ok_or_else(|| {
             format!("tensor {name} has dtype {dtype:?}; use one of BOOL U8 I8 I16 U16 I32 U32 I64 U64 F16 BF16 F32 F64")
         })?;
-        vars.push(VariableSpec::new(name.clone(), dtype, shape.clone()));
+        let var = VariableSpec::new(name.clone(), dtype, shape.clone());
+        if var.checked_byte_len().is_none_or(|b| b > MAX_TENSOR_BYTES) {
+            return Err(format!("tensor {name} of shape {shape:?} is larger than this worker takes (1 TiB)"));
+        }
+        vars.push(var);
     }
     Ok(vars)
 }
@@ -1270,5 +1276,7 @@ mod tests {
         let e = parse_decls(&[decl("a", "float32", &[1])]).unwrap_err();
         assert!(e.contains("\"float32\"") && e.contains("F32"), "{e}");
         assert!(parse_decls(&[decl("", "F32", &[1])]).is_err());
+        let e = parse_decls(&[decl("huge", "F64", &[1 << 40, 1 << 40])]).unwrap_err();
+        assert!(e.contains("tensor huge of shape"), "{e}");
     }
 }

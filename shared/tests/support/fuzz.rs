@@ -4,17 +4,18 @@
 //! - `FLOTILLA_FUZZ_SEED=N` replays the run that printed seed `N` (the same
 //!   cases in the same order, the same shrinking).
 //! - `FLOTILLA_FUZZ_CASES=N` runs `N` cases per target;
-//!   `FLOTILLA_FUZZ_SCALE=K` runs `K` times each target's default (a long
-//!   campaign: `FLOTILLA_FUZZ_SCALE=20 cargo test --release --test ...`).
+//!   `FLOTILLA_FUZZ_SCALE=K` runs `K` times each target's default. A long
+//!   campaign:
+//!   `FLOTILLA_FUZZ_SCALE=20 cargo test -p flotilla-shared --test fuzz_decoders`
+//!   and `... -p flotilla-coordinator --test fuzz_ledger` (`--release` runs
+//!   more cases per second; a debug build also traps integer overflow).
 //!
-//! Without them each target runs its modest default (the whole set fits in
-//! CI's `cargo test --workspace`) from a fresh seed, so every CI run explores
-//! new inputs and still says how to replay a failure.
+//! Without them each target runs its modest default (the whole set takes a
+//! few seconds in CI's `cargo test --workspace`) from a fresh seed, so every
+//! CI run explores new inputs and still says how to replay a failure.
 //!
 //! Included by `#[path]` from each crate's fuzz tests, so that one harness
 //! serves them all.
-
-#![allow(dead_code)]
 
 use proptest::strategy::Strategy;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
@@ -93,14 +94,5 @@ pub fn check<S: Strategy>(
             panic!("fuzz {name} failed: {why}\nminimal input: {input:#?}\nseed {seed}; replay: {replay}")
         }
         Err(TestError::Abort(why)) => panic!("fuzz {name} aborted: {why}\nseed {seed}; replay: {replay}"),
-    }
-}
-
-/// `prop_assert!` for use in helpers that return `Result<(), TestCaseError>`.
-pub fn ensure(ok: bool, why: impl FnOnce() -> String) -> Result<(), TestCaseError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(TestCaseError::fail(why()))
     }
 }
