@@ -33,6 +33,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// How long a server waits for the peer's [`Hello`], and a client for the
 /// [`HelloReply`].
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest handshake frame (`Hello`, `HelloReply`): nothing before
+/// authentication may make a server buffer more than this.
+pub const HELLO_MAX_FRAME: usize = 4096;
 /// Deepest nesting of arrays and maps a frame body may have. Every message
 /// nests fewer than ten levels; the decoder recurses once per level (into
 /// unknown fields too), so a deep body is refused long before it could
@@ -95,6 +98,14 @@ impl<In, Out> FrameCodec<In, Out> {
     /// The same framing state with other message types (after the handshake).
     pub fn retype<In2, Out2>(self) -> FrameCodec<In2, Out2> {
         FrameCodec { inner: self.inner, max: self.max, in_body: self.in_body, _types: PhantomData }
+    }
+
+    /// The same codec for other message types with another frame limit
+    /// (the handshake reads at most [`HELLO_MAX_FRAME`]; the connection
+    /// then takes its full limit).
+    pub fn resize<In2, Out2>(mut self, max: usize) -> FrameCodec<In2, Out2> {
+        self.inner.set_max_frame_length(max);
+        FrameCodec { inner: self.inner, max, in_body: self.in_body, _types: PhantomData }
     }
 }
 
@@ -191,7 +202,7 @@ pub async fn client_handshake<T, In, Out>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = Framed::new(io, FrameCodec::<HelloReply, Hello>::new(max_frame));
+    let mut conn = Framed::new(io, FrameCodec::<HelloReply, Hello>::new(max_frame.min(HELLO_MAX_FRAME)));
     conn.send(Hello { version: PROTOCOL_VERSION, role, token }).await?;
     // a server that accepted the connection may still never answer (stopped,
     // or partitioned away after the TCP handshake): the caller must get to
@@ -204,7 +215,7 @@ where
             HelloReply::Refused(reply) => return Err(HandshakeError::Refused(reply)),
         },
     };
-    Ok((conn.map_codec(FrameCodec::retype), node))
+    Ok((conn.map_codec(|c| c.resize(max_frame)), node))
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -225,7 +236,7 @@ pub async fn server_handshake<T, In, Out>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = Framed::new(io, FrameCodec::<Hello, HelloReply>::new(max_frame));
+    let mut conn = Framed::new(io, FrameCodec::<Hello, HelloReply>::new(max_frame.min(HELLO_MAX_FRAME)));
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, conn.next()).await {
         Err(_) => return Err(HandshakeError::Timeout(HELLO_TIMEOUT)),
         Ok(None) => return Err(HandshakeError::Closed),
@@ -255,7 +266,7 @@ where
         return Err(HandshakeError::Rejected(reply));
     }
     conn.send(HelloReply::Welcome { node }).await?;
-    Ok((conn.map_codec(FrameCodec::retype), hello))
+    Ok((conn.map_codec(|c| c.resize(max_frame)), hello))
 }
 
 #[cfg(test)]
@@ -396,6 +407,50 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             let _ = Codec::new(DEFAULT_MAX_FRAME).decode_eof(&mut buf);
         }
+    }
+
+    #[tokio::test]
+    async fn before_the_handshake_a_frame_is_at_most_a_few_kib_after_it_the_full_limit() {
+        use tokio::io::AsyncWriteExt;
+        // a client announcing a 1 MiB hello: refused before anything is buffered
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+        let err = server_handshake::<_, WorkerMessage, CoordinatorMessage>(
+            server,
+            NodeId(1),
+            None,
+            DEFAULT_MAX_FRAME,
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(
+            matches!(err, HandshakeError::Frame(FrameError::TooLarge { max: HELLO_MAX_FRAME, .. })),
+            "{err:?}"
+        );
+        // once accepted, a frame far larger than a hello passes
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let srv = tokio::spawn(async move {
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(
+                server,
+                NodeId(1),
+                None,
+                DEFAULT_MAX_FRAME,
+            )
+            .await
+        });
+        let (mut conn, _) = client_handshake::<_, CoordinatorMessage, WorkerMessage>(
+            client,
+            PeerRole::Worker,
+            None,
+            DEFAULT_MAX_FRAME,
+        )
+        .await
+        .unwrap();
+        let (mut sconn, _) = srv.await.unwrap().unwrap();
+        let big = WorkerMessage::TrainerFailed { generation: Generation(1), reason: "x".repeat(100_000) };
+        conn.send(big.clone()).await.unwrap();
+        assert_eq!(sconn.next().await.unwrap().unwrap(), big);
     }
 
     #[tokio::test]

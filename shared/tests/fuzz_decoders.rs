@@ -23,6 +23,7 @@ use bytes::BytesMut;
 use flotilla_shared::checksum::Checksum;
 use flotilla_shared::frame::{
     client_handshake, server_handshake, FrameCodec, FrameError, HandshakeError, DEFAULT_MAX_FRAME,
+    HELLO_MAX_FRAME,
 };
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use flotilla_shared::layout::{Manifest, MANIFEST_FILE};
@@ -859,7 +860,8 @@ fn server_case(
     };
     bytes.extend(tail);
     let bytes = mutated(bytes, &muts);
-    let sent = decode_stream::<Hello>(&bytes, &[], max)?;
+    // the handshake reads at most HELLO_MAX_FRAME, whatever the connection's limit
+    let sent = decode_stream::<Hello>(&bytes, &[], max.min(HELLO_MAX_FRAME))?;
     let want = match sent.items.first() {
         Some(h) if h.version != PROTOCOL_VERSION => Want::Reject(ErrorCode::VersionMismatch),
         Some(h) => match &token {
