@@ -5,7 +5,9 @@
   (the one source of the alerts).
 - Renders the Helm chart with its values.yaml into plain manifests:
   deploy/k8s/flotilla.yaml (core kinds) and deploy/k8s/monitoring.yaml
-  (ServiceMonitor, PodMonitor, PrometheusRule).
+  (ServiceMonitor, PodMonitor, PrometheusRule). A template marked
+  `# render.py: helm-only` (the credentials, which Helm generates) is left
+  out: without Helm, create those Secrets with kubectl (docs/OPERATIONS.md).
 
 The chart's templates use only `{{ .Values.a.b }}` substitutions (and
 `{{ "{{" }}` to emit a literal `{{` for Prometheus' own templates), so this
@@ -61,7 +63,11 @@ def prometheusrule_template():
 
 def generated():
     files = {CHART / "templates" / "prometheusrule.yaml": prometheusrule_template()}
-    templates = {p.name: p.read_text() for p in sorted((CHART / "templates").glob("*.yaml"))}
+    templates = {
+        p.name: p.read_text()
+        for p in sorted((CHART / "templates").glob("*.yaml"))
+        if "# render.py: helm-only" not in p.read_text()
+    }
     templates["prometheusrule.yaml"] = files[CHART / "templates" / "prometheusrule.yaml"]
     for target, names in (
         ("flotilla.yaml", [n for n in templates if n not in MONITORING]),
