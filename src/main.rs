@@ -659,11 +659,14 @@ async fn run_checkpoint(args: JobArgs) -> Result<()> {
 async fn run_checkpoints(args: CheckpointsArgs) -> Result<()> {
     let client = client(&args.client)?;
     if let Some(id) = args.verify {
-        client.verify(&args.job, id).await?;
-        println!(
-            "checkpoint {id} of job {} verified: every checksum matches; it is committed again",
-            args.job
-        );
+        let v = client.verify(&args.job, id).await?;
+        let state = v["state"].as_str().unwrap_or("committed");
+        let what = if state == "abandoned" {
+            "it is abandoned: an operator's restore went back before it (flotilla restore --checkpoint can still choose it)"
+        } else {
+            "it is committed again"
+        };
+        println!("checkpoint {id} of job {} verified: every checksum matches; {what}", args.job);
         return Ok(());
     }
     let status = client.status(Some(&args.job)).await?;

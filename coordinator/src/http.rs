@@ -401,7 +401,12 @@ async fn verify(
     }
     let cmd = Command::ClearCorrupt { job: job.clone(), id, now_ms: Manifest::now_unix_ms() };
     match s.node.propose(cmd).await {
-        Ok(Ok(_)) => Json(serde_json::json!({"job": job, "id": id, "state": "committed"})).into_response(),
+        Ok(Ok(_)) => {
+            let state = s.node.read_state(|st| {
+                st.jobs.get(&job).and_then(|j| j.checkpoints.get(&id)).map(|c| c.state.as_str())
+            });
+            Json(serde_json::json!({"job": job, "id": id, "state": state})).into_response()
+        }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),
     }

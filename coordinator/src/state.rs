@@ -263,6 +263,12 @@ pub struct Job {
     /// Checkpoints aborted over the job's life.
     #[serde(default)]
     pub aborted_total: u64,
+    /// The generation an operator's restore started and the step it went
+    /// back to: checkpoints of earlier generations beyond that step are on
+    /// the line the operator abandoned (a condemned one cleared later comes
+    /// back abandoned, not committed).
+    #[serde(default)]
+    pub operator_head: Option<(Generation, Step)>,
     /// Tombstones (aborted or deleted checkpoints) forgotten so far: the
     /// ledger keeps the newest [`TOMBSTONES`] of them, without manifests.
     #[serde(default)]
@@ -769,9 +775,17 @@ impl State {
                         ),
                     );
                 }
-                c.state = CheckpointState::Committed;
-                c.reason = None;
-                j.note(now_ms, format!("checkpoint {id} re-verified by an operator: committed again"));
+                let head = j.operator_head;
+                let c = checkpoint_mut(j, &job, id)?;
+                let abandoned = head.is_some_and(|(g, s)| c.generation < g && c.step > s);
+                let (state, what) = if abandoned {
+                    (CheckpointState::Abandoned, "abandoned (an operator's restore went back before it)")
+                } else {
+                    (CheckpointState::Committed, "committed again")
+                };
+                c.state = state;
+                c.reason = abandoned.then(|| "on the line abandoned by an operator's restore".to_string());
+                j.note(now_ms, format!("checkpoint {id} re-verified by an operator: {what}"));
                 Ok(vec![Event::CheckpointCleared { job, id }])
             }
             Command::DeleteCheckpoint { job, id } => {
@@ -910,6 +924,7 @@ impl State {
                 committed_total: 0,
                 aborted_total: 0,
                 pruned_total: 0,
+                operator_head: None,
                 condemned_total: 0,
                 last_condemned: None,
                 restores_by_reason: BTreeMap::new(),
@@ -1076,6 +1091,7 @@ impl State {
             }
             // an operator's restore is a fresh start for the failure budget
             j.failures_ms.clear();
+            j.operator_head = Some((generation, step));
         }
         j.generation = generation;
         j.restores += 1;
@@ -1399,6 +1415,47 @@ mod tests {
         // and the id is not reused
         assert_eq!(kind(begin(&mut s, 1, 20, 1)), RefusalKind::Conflict);
         begin(&mut s, 2, 20, 1).unwrap();
+    }
+
+    #[test]
+    fn a_condemned_checkpoint_cleared_after_an_operator_went_back_before_it_stays_abandoned() {
+        // found by fuzz_ledger: it came back as the latest committed, and
+        // checkpoints at or below its step were refused
+        let mut s = running(5, 10);
+        for (id, step) in [(1, 10), (2, 20)] {
+            begin(&mut s, id, step, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        let condemn =
+            Command::MarkCorrupt { job: name("a"), id: CheckpointId(2), reason: "bad".into(), now_ms: 5 };
+        s.apply(condemn).unwrap();
+        s.apply(Command::OperatorRestore {
+            job: name("a"),
+            generation: Generation(2),
+            from: Some(CheckpointId(1)),
+            now_ms: 6,
+        })
+        .unwrap();
+        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+        s.apply(Command::ClearCorrupt { job: name("a"), id: CheckpointId(2), now_ms: 7 }).unwrap();
+        assert_eq!(job(&s).checkpoints[&CheckpointId(2)].state, CheckpointState::Abandoned);
+        assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
+        begin(&mut s, 3, 15, 2).unwrap();
+        // after an automatic fallback (no operator), a cleared one is committed again
+        let mut s = running(5, 10);
+        for (id, step) in [(1, 10), (2, 20)] {
+            begin(&mut s, id, step, 1).unwrap();
+            commit(&mut s, id, shards(2)).unwrap();
+        }
+        s.apply(Command::MarkCorrupt {
+            job: name("a"),
+            id: CheckpointId(2),
+            reason: "bad".into(),
+            now_ms: 5,
+        })
+        .unwrap();
+        s.apply(Command::ClearCorrupt { job: name("a"), id: CheckpointId(2), now_ms: 7 }).unwrap();
+        assert_eq!(job(&s).checkpoints[&CheckpointId(2)].state, CheckpointState::Committed);
     }
 
     #[test]

@@ -567,6 +567,8 @@ fn transition_allowed(from: CheckpointState, to: CheckpointState, cmd: &Command,
         (Committed, Corrupt) => matches!(cmd, Command::MarkCorrupt { .. }) && names_it,
         (Committed, Abandoned) => operator,
         (Corrupt, Committed) => matches!(cmd, Command::ClearCorrupt { .. }) && names_it,
+        // cleared, but on the line an operator's restore abandoned
+        (Corrupt, Abandoned) => matches!(cmd, Command::ClearCorrupt { .. }) && names_it,
         (Abandoned, Committed) => operator && names_it,
         // retired by retention when another checkpoint commits, or deleted
         (Committed | Corrupt | Abandoned, Deleted) => {
@@ -888,7 +890,7 @@ fn check_job_step(
             Event::CheckpointCleared { id, .. } => Some(*id),
             _ => None,
         }),
-        of(Some(Corrupt), Committed)
+        &of(Some(Corrupt), Committed) | &of(Some(Corrupt), Abandoned)
     );
     prop_assert_eq!(
         ids(&|e| match e {
