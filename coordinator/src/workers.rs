@@ -16,7 +16,7 @@ use crate::supervisor::{
     Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
 };
 use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
-use flotilla_shared::ids::{JobName, Step};
+use flotilla_shared::ids::{CheckpointId, JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
 use futures::{SinkExt, StreamExt};
@@ -296,18 +296,29 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
                     .map(|j| (j.checkpoints.keys().copied().collect::<Vec<_>>(), j.next_checkpoint))
             });
             let Some((known, next)) = known else { return Ok(()) };
-            for (id, path) in dir.list_checkpoint_dirs().map_err(std::io::Error::other)? {
-                // a directory of an id the ledger handed out and forgot
-                if id < next && !known.contains(&id) {
-                    ignore_missing(std::fs::remove_dir_all(&path))?;
-                    tracing::debug!(%job, checkpoint = %id, "swept {}", path.display());
-                }
+            for id in sweep(&dir, &known, next)? {
+                tracing::debug!(%job, checkpoint = %id, "swept its directory");
             }
             Ok(())
         }
         FileWork::Latest(Some(id)) => dir.write_latest(id).map_err(std::io::Error::other),
         FileWork::Latest(None) => ignore_missing(std::fs::remove_file(dir.latest_path())),
     }
+}
+
+/// Deletes the directories of checkpoint ids the ledger handed out (below
+/// `next`) and no longer knows (their tombstones were pruned); returns them.
+fn sweep(dir: &JobDir, known: &[CheckpointId], next: CheckpointId) -> std::io::Result<Vec<CheckpointId>> {
+    let mut swept = Vec::new();
+    for (id, path) in dir.list_checkpoint_dirs().map_err(std::io::Error::other)? {
+        if id < next && !known.contains(&id) {
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => swept.push(id),
+            }
+        }
+    }
+    Ok(swept)
 }
 
 fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Instant>, events: &[Event]) {
@@ -475,4 +486,31 @@ async fn serve_worker(
     };
     let _ = supervisor.send(SupervisorInput::Observe(Observation::Disconnected { conn: conn_id })).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_deletes_only_directories_of_forgotten_ids() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = JobDir::new(root.path(), &JobName::new("a").unwrap());
+        for id in 1..=6 {
+            std::fs::create_dir_all(dir.checkpoint_dir(CheckpointId(id))).unwrap();
+        }
+        std::fs::write(dir.checkpoint_dir(CheckpointId(2)).join("rank-00000.safetensors"), b"x").unwrap();
+        // known: 3 and 5; 6 is beyond what the ledger handed out (a
+        // checkpoint being begun elsewhere is never swept)
+        let known = [CheckpointId(3), CheckpointId(5)];
+        let swept = sweep(&dir, &known, CheckpointId(6)).unwrap();
+        assert_eq!(swept, [CheckpointId(1), CheckpointId(2), CheckpointId(4)]);
+        let left: Vec<CheckpointId> =
+            dir.list_checkpoint_dirs().unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(left, [CheckpointId(3), CheckpointId(5), CheckpointId(6)]);
+        // nothing left to do the second time; a missing root is no error
+        assert!(sweep(&dir, &known, CheckpointId(6)).unwrap().is_empty());
+        let gone = JobDir::new(&root.path().join("nowhere"), &JobName::new("a").unwrap());
+        assert!(sweep(&gone, &known, CheckpointId(6)).unwrap().is_empty());
+    }
 }
