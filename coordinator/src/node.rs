@@ -392,6 +392,15 @@ fn membership_of(raw: &RawNode<LogStore>) -> Membership {
     Membership { voters, learners, progress }
 }
 
+/// Whether a joining replica whose durable log ends at `last` (with
+/// `term_at` the term of an entry in it) holds everything committed, given
+/// the latest leader append it saw, `(leader's term, leader's commit)`:
+/// its log reaches that commit index at an entry of that leader's term, so
+/// every entry committed before lies at or below it.
+fn caught_up((term, commit): (u64, u64), last: u64, term_at: impl Fn(u64) -> Option<u64>) -> bool {
+    last >= commit && term_at(commit) == Some(term)
+}
+
 /// The low 48 bits of a request id (the node id is in the top 16).
 const REQUEST_MASK: u64 = (1 << 48) - 1;
 
@@ -449,6 +458,8 @@ impl Node {
                         self.raw.tick();
                     }
                     self.expire_proposals();
+                    // on the tick, not every turn: progress moves with every append
+                    self.publish_membership();
                 }
                 input = inputs.recv() => match input {
                     Some(Input::Propose { cmd, reply }) => self.propose(cmd, reply),
@@ -568,10 +579,11 @@ impl Node {
     /// committed before (whatever this replica acknowledged before it lost
     /// its data) lies at or below that index, and this replica now holds it.
     fn check_caught_up(&mut self) {
-        let Some((term, commit)) = self.catch_up.filter(|_| self.joining) else { return };
+        let Some(target) = self.catch_up.filter(|_| self.joining) else { return };
+        let (term, commit) = target;
         let store = self.raw.store();
         let last = raft::Storage::last_index(store).unwrap_or(0);
-        if last >= commit && raft::Storage::term(store, commit).ok() == Some(term) {
+        if caught_up(target, last, |i| raft::Storage::term(store, i).ok()) {
             self.joining = false;
             self.catch_up = None;
             tracing::info!(node = self.cfg.id.0, term, commit, "caught up with the leader: voting again");
@@ -825,6 +837,18 @@ impl Node {
         Ok(())
     }
 
+    fn publish_membership(&mut self) {
+        let membership = membership_of(&self.raw);
+        self.membership_tx.send_if_modified(|old| {
+            if *old == membership {
+                false
+            } else {
+                *old = membership;
+                true
+            }
+        });
+    }
+
     fn publish(&mut self) {
         let status = status_of(&self.raw, self.applied, self.joining);
         if status.role != Role::Leader {
@@ -838,15 +862,6 @@ impl Node {
             }
         }
         self.metrics.observe_status(&status);
-        let membership = membership_of(&self.raw);
-        self.membership_tx.send_if_modified(|old| {
-            if *old == membership {
-                false
-            } else {
-                *old = membership;
-                true
-            }
-        });
         self.status_tx.send_if_modified(|old| {
             if *old == status {
                 false
@@ -855,5 +870,29 @@ impl Node {
                 true
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_joining_replica_votes_only_once_it_holds_a_commit_of_the_leaders_term() {
+        // the log: indexes 1..=5 in term 2, 6..=8 in term 3
+        let term_at = |i: u64| match i {
+            1..=5 => Some(2),
+            6..=8 => Some(3),
+            _ => None,
+        };
+        assert!(caught_up((3, 7), 8, term_at));
+        assert!(caught_up((3, 8), 8, term_at));
+        // short of the leader's commit
+        assert!(!caught_up((3, 9), 8, term_at));
+        // the leader's commit is an entry of an older term: entries
+        // committed by earlier leaders may lie beyond it
+        assert!(!caught_up((3, 5), 8, term_at));
+        // a log that disagrees at the commit index
+        assert!(!caught_up((4, 7), 8, term_at));
     }
 }

@@ -368,6 +368,15 @@ impl World {
         self.send(i, hb);
     }
 
+    /// Rank `i` advances `steps` and heartbeats, then `ms` pass; `n` times.
+    fn pace(&mut self, i: usize, n: usize, steps: u64, ms: u64) {
+        for _ in 0..n {
+            self.workers[i].step += steps;
+            self.heartbeat(i);
+            self.now += ms;
+        }
+    }
+
     fn train(&mut self, i: usize) {
         for msg in self.workers[i].train() {
             self.send(i, msg);
@@ -929,20 +938,12 @@ fn heartbeats_handled_in_a_burst_do_not_look_like_speed() {
     let mut w = World::new(2);
     w.running();
     // 20 steps per 100 ms heartbeat: 0.2 steps/ms
-    for _ in 0..5 {
-        w.workers[0].step += 20;
-        w.heartbeat(0);
-        w.now += 100;
-    }
+    w.pace(0, 5, 20, 100);
     let steady = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
     assert!((0.15..=0.25).contains(&steady), "{steady}");
     // the leader stalls; three queued heartbeats are handled a millisecond apart
     w.now += 300;
-    for _ in 0..3 {
-        w.workers[0].step += 20;
-        w.heartbeat(0);
-        w.now += 1;
-    }
+    w.pace(0, 3, 20, 1);
     let after = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
     assert!(after <= 2.0 * steady, "a burst of reports read as {after} steps/ms, steady is {steady}");
 }
@@ -951,11 +952,7 @@ fn heartbeats_handled_in_a_burst_do_not_look_like_speed() {
 fn time_spent_waiting_is_not_counted_in_the_pace() {
     let mut w = World::new(2);
     w.running();
-    for _ in 0..5 {
-        w.workers[0].step += 20;
-        w.heartbeat(0);
-        w.now += 100;
-    }
+    w.pace(0, 5, 20, 100);
     let steady = w.sup.jobs[&name()].ranks[&Rank(0)].rate;
     // restored and waiting for 2 s, then training again
     w.workers[0].status = WorkerStatus::Waiting;

@@ -355,14 +355,16 @@ async fn serve_peer(
     };
     // a message arriving in pieces: its size and what came so far
     let mut partial: Option<(u64, Vec<u8>)> = None;
+    // one timer, pushed back by every frame
+    let idle = tokio::time::sleep(PEER_IDLE_TIMEOUT);
+    tokio::pin!(idle);
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(PEER_IDLE_TIMEOUT) => {
-                return Err(format!("node {from} silent for {PEER_IDLE_TIMEOUT:?}; closed"))
-            }
+            _ = &mut idle => return Err(format!("node {from} silent for {PEER_IDLE_TIMEOUT:?}; closed")),
             f = conn.next() => f,
         };
+        idle.as_mut().reset(tokio::time::Instant::now() + PEER_IDLE_TIMEOUT);
         let batch = match frame {
             None => return Ok(()),
             Some(f) => match f.map_err(|e| e.to_string())? {

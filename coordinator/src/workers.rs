@@ -450,15 +450,19 @@ async fn serve_worker(
     {
         return Ok(());
     }
+    // a registered worker heartbeats every heartbeat_interval_ms; one timer,
+    // pushed back by every frame from the worker
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            // a registered worker heartbeats every heartbeat_interval_ms
-            _ = tokio::time::sleep(IDLE_TIMEOUT) => break Err(format!("silent for {IDLE_TIMEOUT:?}; closed")),
+            _ = &mut idle => break Err(format!("silent for {IDLE_TIMEOUT:?}; closed")),
             frame = conn.next() => match frame {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.to_string()),
                 Some(Ok(msg)) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                     // a heartbeat is answered at once while this replica leads;
                     // a deposed or partitioned leader's silence tells the worker to move
                     if matches!(msg, WorkerMessage::Heartbeat { .. }) {

@@ -25,7 +25,7 @@
 
 use crate::device::DeviceMemory;
 use crate::metrics::WorkerMetrics;
-use crate::runner::{kind_of, shard_reporter, EventSink, Prechecks, RunnerCmd, RunnerState};
+use crate::runner::{kind_of, shard_reporter, EventSink, Prechecks, RunnerCmd, RunnerState, Taken};
 use crate::shm::{shm_dir, unique_name, ShmFile};
 use crate::snapshot::{Snapshotter, WriteRequest};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
@@ -236,7 +236,7 @@ pub struct ExecRunner {
     due: Option<Pending>,
     /// Between save_begin and save_done.
     saving: Option<(Pending, ShmFile)>,
-    taken: Vec<CheckpointId>,
+    taken: Taken,
     snap: Option<(Vec<VariableSpec>, Snapshotter<ShmFile>)>,
     deferred: Option<Deferred>,
 }
@@ -276,7 +276,7 @@ impl ExecRunner {
             pending: None,
             due: None,
             saving: None,
-            taken: Vec::new(),
+            taken: Taken::default(),
             snap: None,
             deferred: None,
         }
@@ -477,7 +477,7 @@ impl ExecRunner {
         };
         let repeat = [&self.pending, &self.due].iter().any(|x| x.as_ref().is_some_and(|x| x.id == p.id))
             || self.saving.as_ref().is_some_and(|(x, _)| x.id == p.id)
-            || self.taken.contains(&p.id);
+            || self.taken.contains(p.id);
         if repeat || t.finished {
             return;
         }
@@ -993,10 +993,7 @@ impl ExecRunner {
         let Some((p, buf)) = self.saving.take() else {
             return self.refuse("protocol", "save_done without save_begin".into());
         };
-        if self.taken.len() >= 16 {
-            self.taken.remove(0);
-        }
-        self.taken.push(p.id);
+        self.taken.remember(p.id);
         let meta = ShardMeta {
             job: self.job.clone(),
             checkpoint: p.id,

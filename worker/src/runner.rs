@@ -128,6 +128,31 @@ impl RunnerState {
     }
 }
 
+/// The checkpoints a rank snapshotted in its generation, the last few: a
+/// repeated directive for one of them is a no-op, not "already past".
+#[derive(Debug, Default)]
+pub(crate) struct Taken(Vec<CheckpointId>);
+
+impl Taken {
+    /// Only the last few can still be asked for again.
+    const KEPT: usize = 16;
+
+    pub fn remember(&mut self, id: CheckpointId) {
+        if self.0.len() >= Self::KEPT {
+            self.0.remove(0);
+        }
+        self.0.push(id);
+    }
+
+    pub fn contains(&self, id: CheckpointId) -> bool {
+        self.0.contains(&id)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// Sends reports to the agent, which forwards them to the coordinator.
 pub type EventSink = Arc<dyn Fn(WorkerMessage) + Send + Sync>;
 
@@ -158,7 +183,7 @@ pub struct Runner {
     pending: Option<Pending>,
     /// Checkpoints of `generation` already snapshotted (their reports come
     /// from the writer; a repeated directive for one is not "already past").
-    taken: Vec<CheckpointId>,
+    taken: Taken,
 }
 
 impl Runner {
@@ -193,7 +218,7 @@ impl Runner {
             running: false,
             finished: false,
             pending: None,
-            taken: Vec::new(),
+            taken: Taken::default(),
         })
     }
 
@@ -265,11 +290,7 @@ impl Runner {
 
     fn snapshot(&mut self, p: Pending) {
         self.state.set_status(WorkerStatus::Checkpointing);
-        // only the last few can still be asked for again
-        if self.taken.len() >= 16 {
-            self.taken.remove(0);
-        }
-        self.taken.push(p.id);
+        self.taken.remember(p.id);
         let meta = ShardMeta {
             job: self.job.clone(),
             checkpoint: p.id,
@@ -330,7 +351,7 @@ impl Runner {
                 self.publish();
             }
             RunnerCmd::Checkpoint { generation, id, step, dir } => {
-                let repeat = self.pending.as_ref().is_some_and(|p| p.id == id) || self.taken.contains(&id);
+                let repeat = self.pending.as_ref().is_some_and(|p| p.id == id) || self.taken.contains(id);
                 if Some(generation) != self.generation || repeat {
                     return true;
                 }
