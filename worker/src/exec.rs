@@ -206,6 +206,8 @@ struct Proc {
     conn: Option<UnixStream>,
     exit: ExitSlot,
     last_line: Arc<Mutex<String>>,
+    /// Disconnects once all of its stderr is forwarded.
+    stderr_done: Option<Receiver<()>>,
     /// The shard it restored from, mapped by it.
     restored: Option<ShmFile>,
     started: Instant,
@@ -572,9 +574,7 @@ impl ExecRunner {
         if let Some(out) = child.stdout.take() {
             forward_output(out, rank, None);
         }
-        if let Some(err) = child.stderr.take() {
-            forward_output(err, rank, Some(last_line.clone()));
-        }
+        let stderr_done = child.stderr.take().map(|err| forward_output(err, rank, Some(last_line.clone())));
         let exit: ExitSlot = Arc::new((Mutex::new(None), Condvar::new()));
         {
             let (tx, exit) = (self.tx.clone(), exit.clone());
@@ -594,6 +594,7 @@ impl ExecRunner {
             conn: None,
             exit,
             last_line,
+            stderr_done,
             restored: None,
             started: Instant::now(),
             hello: false,
@@ -632,10 +633,14 @@ impl ExecRunner {
     }
 
     fn exited(&mut self, status: ExitStatus) {
-        let Some(p) = self.proc.take() else { return };
-        let last = p.last_line.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let pid = p.pid;
+        let Some(mut p) = self.proc.take() else { return };
+        let (pid, last_line, stderr_done) = (p.pid, p.last_line.clone(), p.stderr_done.take());
         self.reap(p);
+        // the group is gone, so its stderr ends: read what it said last
+        if let Some(done) = stderr_done {
+            let _ = done.recv_timeout(Duration::from_secs(1));
+        }
+        let last = last_line.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(t) = self.target.as_ref() else { return };
         if t.finished && status.success() {
             tracing::info!(pid, "trainer exited after finishing");
@@ -1121,8 +1126,16 @@ fn read_requests(start: u64, mut stream: UnixStream, tx: Sender<Input>) {
 
 /// Forwards the process's output to the log, line by line, prefixed by
 /// rank; keeps the last line of stderr for the failure reason.
-fn forward_output(stream: impl Read + Send + 'static, rank: Rank, last: Option<Arc<Mutex<String>>>) {
+/// The returned receiver disconnects once the stream has ended and every
+/// line is forwarded.
+fn forward_output(
+    stream: impl Read + Send + 'static,
+    rank: Rank,
+    last: Option<Arc<Mutex<String>>>,
+) -> Receiver<()> {
+    let (done, ended) = channel::<()>();
     std::thread::spawn(move || {
+        let _done = done;
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { return };
             tracing::info!(target: "flotilla::trainer", "[rank {rank}] {line}");
@@ -1133,6 +1146,7 @@ fn forward_output(stream: impl Read + Send + 'static, rank: Rank, last: Option<A
             }
         }
     });
+    ended
 }
 
 #[allow(unsafe_code)]
