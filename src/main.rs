@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::server;
+use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::{JobName, Rank};
 use flotilla_shared::inspect::inspect;
 use flotilla_shared::spec::JobSpec;
@@ -48,13 +49,34 @@ enum Command {
     /// The coordinator cluster's membership: list, add (as a learner, promoted once caught up), remove.
     #[command(subcommand)]
     Replicas(ReplicasCommand),
+    /// Makes the cluster CA (once) and a certificate per replica for --tls-ca/--tls-cert/--tls-key.
+    Certs(CertsArgs),
     /// The performance harness.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
 #[derive(Args)]
+struct CertsArgs {
+    /// Where the files go: ca.pem and ca.key (made if absent, reused otherwise),
+    /// node-ID.pem and node-ID.key per --node. Keep ca.key offline.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Replica ids to make certificates for (each names flotilla-node-ID).
+    #[arg(long = "node", value_delimiter = ',', required = true)]
+    nodes: Vec<u64>,
+    /// DNS names or IP addresses the replicas are reached by (HTTP API, worker API);
+    /// every certificate made now carries all of them.
+    #[arg(long = "host", value_delimiter = ',')]
+    hosts: Vec<String>,
+}
+
+#[derive(Args)]
 struct CoordinatorArgs {
+    /// The cluster's name, recorded in the data dir and checked between replicas: a replica
+    /// of another cluster, or a data dir of one, is refused.
+    #[arg(long, env = "FLOTILLA_CLUSTER_ID", default_value = "flotilla")]
+    cluster_id: String,
     /// This replica's id (1..65535), or `auto` (StatefulSet ordinal + 1 from the hostname).
     #[arg(long, env = "FLOTILLA_ID")]
     id: String,
@@ -90,6 +112,21 @@ struct CoordinatorArgs {
     /// The token the HTTP API's mutations need (submit, checkpoint, restore, replicas).
     #[arg(long, env = "FLOTILLA_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// The cluster CA (PEM). With --tls-cert and --tls-key: mutual TLS between replicas,
+    /// HTTPS on --http-addr and TLS on --api-addr (`flotilla certs` makes them).
+    #[arg(long, env = "FLOTILLA_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This replica's certificate (PEM), signed by --tls-ca, naming flotilla-node-<ID> and
+    /// the hosts clients and workers reach it by.
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<PathBuf>,
+    /// A directory laid out as `flotilla certs` writes it: ca.pem, node-<ID>.pem and
+    /// node-<ID>.key (instead of the three files; handy with --id auto).
+    #[arg(long, env = "FLOTILLA_TLS_DIR", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    tls_dir: Option<PathBuf>,
     /// Serve without any credentials on addresses other hosts can reach.
     #[arg(long)]
     insecure: bool,
@@ -121,9 +158,12 @@ struct WorkerArgs {
     /// Refuse to start where NVML is not available.
     #[arg(long)]
     require_gpu: bool,
-    /// File holding the cluster's token.
+    /// File holding the worker token.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The cluster CA (PEM), where the coordinators serve the worker API over TLS.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Run an external trainer, the command after `--` (docs/TRAINER_PROTOCOL.md):
     /// `--exec -- python3 train.py ARGS`. Without it the built-in trainer runs.
     #[arg(long, requires = "command")]
@@ -151,9 +191,12 @@ struct ClientArgs {
     /// The coordinators' HTTP addresses; the leader is found automatically.
     #[arg(long, env = "FLOTILLA_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:9201")]
     endpoints: Vec<String>,
-    /// File holding the cluster's token.
+    /// File holding the admin token (for mutations).
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The cluster CA (PEM), for https:// endpoints.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -372,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }),
         Command::Inspect(args) => run_inspect(args),
+        Command::Certs(args) => run_certs(args),
         Command::Replicas(cmd) => block_on(run_replicas(cmd)),
         Command::Bench(BenchCommand::Snapshot(args)) => run_bench_snapshot(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
@@ -458,19 +502,19 @@ fn block_on<F: std::future::Future<Output = Result<()>>>(f: F) -> Result<()> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(f)
 }
 
+/// The token a client or worker presents: the first of its file.
 fn read_token(path: Option<&PathBuf>) -> Result<Option<String>> {
-    read_secret("--token-file", path)
+    Ok(read_secret("--token-file", path)?.map(|t| t.present().to_string()))
 }
 
-fn read_secret(flag: &str, path: Option<&PathBuf>) -> Result<Option<String>> {
+/// A token file: one token per line (several while rotating; the first is
+/// presented, any is accepted).
+fn read_secret(flag: &str, path: Option<&PathBuf>) -> Result<Option<Tokens>> {
     path.map(|p| {
-        let token =
+        let text =
             std::fs::read_to_string(p).with_context(|| format!("cannot read {flag} {}", p.display()))?;
-        let token = token.trim().to_string();
-        if token.is_empty() {
-            bail!("{flag} {} is empty; put the token in it", p.display());
-        }
-        Ok(token)
+        Tokens::parse(&text)
+            .with_context(|| format!("{flag} {} holds no token; put the token in it", p.display()))
     })
     .transpose()
 }
@@ -501,16 +545,34 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             JobSpec::from_toml(&text).with_context(|| format!("--job {}", p.display()))
         })
         .transpose()?;
+    let tls = match (&args.tls_dir, &args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(dir), ..) => Some(flotilla_shared::tls::NodeTls::load(
+            id,
+            &dir.join("ca.pem"),
+            &dir.join(format!("node-{id}.pem")),
+            &dir.join(format!("node-{id}.key")),
+        )?),
+        (None, Some(ca), Some(cert), Some(key)) => {
+            Some(flotilla_shared::tls::NodeTls::load(id, ca, cert, key)?)
+        }
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let opts = server::CoordinatorOptions {
+        cluster_id: args.cluster_id,
         id,
         peers,
-        advertise_http: args.advertise_http.clone().unwrap_or_else(|| format!("http://{}", args.http_addr)),
+        advertise_http: args
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{}", args.http_addr)),
+        tls,
         http_addr: args.http_addr,
         api_addr: args.api_addr,
         advertise_api: args.advertise_api,
         data_dir: args.data_dir,
         credentials: {
-            let shared = server::Credentials::shared(read_token(args.token_file.as_ref())?);
+            let shared = server::Credentials::shared(read_secret("--token-file", args.token_file.as_ref())?);
             server::Credentials {
                 peer: read_secret("--peer-token-file", args.peer_token_file.as_ref())?.or(shared.peer),
                 worker: read_secret("--worker-token-file", args.worker_token_file.as_ref())?
@@ -538,6 +600,24 @@ fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         });
         server::run(opts, shutdown).await.map_err(anyhow::Error::from)
     })
+}
+
+fn run_certs(args: CertsArgs) -> Result<()> {
+    let nodes: Vec<flotilla_shared::ids::NodeId> =
+        args.nodes.iter().map(|&n| flotilla_shared::ids::NodeId(n)).collect();
+    if let Some(bad) = args.nodes.iter().find(|&&n| n == 0 || n > 65535) {
+        bail!("--node {bad}: replica ids are 1..65535");
+    }
+    let made = flotilla_shared::tls::generate(&args.dir, &nodes, &args.hosts)?;
+    if made.new_ca {
+        println!("made the cluster CA in {} (ca.pem; keep ca.key offline)", args.dir.display());
+    } else {
+        println!("signed with the existing CA in {}", args.dir.display());
+    }
+    for f in &made.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 fn resolve_rank(flag: &str) -> Result<Rank> {
@@ -581,6 +661,11 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
         rank: resolve_rank(&args.rank)?,
         http_addr: args.http_addr,
         token: read_token(args.token_file.as_ref())?,
+        tls: args
+            .tls_ca
+            .as_deref()
+            .map(|ca| flotilla_shared::tls::ClientTls::load("--tls-ca", ca))
+            .transpose()?,
         gpu: device,
         require_gpu: args.require_gpu,
         free_override: std::env::var(flotilla_worker::device::FREE_BYTES_OVERRIDE).ok(),
@@ -604,7 +689,11 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
 }
 
 fn client(args: &ClientArgs) -> Result<Client> {
-    Ok(Client::new(args.endpoints.clone(), read_token(args.token_file.as_ref())?))
+    let client = Client::new(args.endpoints.clone(), read_token(args.token_file.as_ref())?);
+    match &args.tls_ca {
+        Some(ca) => client.with_ca(ca).map_err(anyhow::Error::msg),
+        None => Ok(client),
+    }
 }
 
 async fn run_submit(args: SubmitArgs) -> Result<()> {

@@ -5,7 +5,7 @@ mod common;
 
 use common::{flotilla, job_toml, text, wait_for, BIN};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{LocalCluster, LocalOptions};
+use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_coordinator::node::Role;
 use flotilla_shared::frame::{client_handshake, HandshakeError, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
@@ -201,7 +201,7 @@ async fn tokens_bad_specs_and_garbage_are_refused_without_harm() {
         flotilla_shared::wire::PeerMessage,
     >(
         stream,
-        flotilla_shared::wire::PeerRole::Coordinator { node: NodeId(9) },
+        flotilla_shared::wire::PeerRole::Coordinator { node: NodeId(9), cluster: "flotilla".into() },
         Some("wrong".into()),
         1 << 20,
     )
@@ -304,41 +304,62 @@ async fn a_replica_restarted_empty_never_helps_elect_a_leader_without_a_committe
 }
 
 #[test]
-fn a_data_dir_of_another_replica_is_refused() {
+fn a_data_dir_of_another_replica_or_cluster_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("c1");
     std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("IDENTITY.json"), r#"{"node_id": 1, "joining": false}"#).unwrap();
+    let identity = r#"{"cluster": "prod-a", "node_id": 1, "joining": false}"#;
+    std::fs::write(data.join("IDENTITY.json"), identity).unwrap();
     let port = |_| flotilla_coordinator::local::free_port().unwrap().to_string();
     let (http, raft) = (port(0), port(1));
-    let out = flotilla(&[
-        "coordinator",
-        "--id",
-        "2",
-        "--peers",
-        &format!("2=127.0.0.1:{raft}"),
-        "--http-addr",
-        &format!("127.0.0.1:{http}"),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let (_, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("belongs to coordinator --id 1, not --id 2"), "{stderr}");
+    let start = |id: &str, cluster: &str| {
+        flotilla(&[
+            "coordinator",
+            "--cluster-id",
+            cluster,
+            "--id",
+            id,
+            "--peers",
+            &format!("{id}=127.0.0.1:{raft}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    };
+    for (id, cluster, why) in [
+        ("2", "prod-a", "belongs to coordinator --id 1, not --id 2"),
+        ("1", "prod-b", "belongs to cluster \"prod-a\", not --cluster-id \"prod-b\""),
+    ] {
+        let out = start(id, cluster);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(data.join("IDENTITY.json")).unwrap(), identity, "left untouched");
+}
+
+/// Token files under `dir`, one per role (`peer` holds the peer file's
+/// text; the worker's is `w0rker-secret`, the admin's `adm1n-secret`): their
+/// paths (peer, worker, admin) and the coordinator flags naming them.
+fn role_token_files(dir: &Path, peer: &str) -> ((String, String, String), Vec<String>) {
+    let file = |name: &str, token: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        path.display().to_string()
+    };
+    let (peer, worker, admin) =
+        (file("peer", peer), file("worker", "w0rker-secret"), file("admin", "adm1n-secret"));
+    let args = ["--peer-token-file", &peer, "--worker-token-file", &worker, "--admin-token-file", &admin];
+    let args = args.iter().map(|a| a.to_string()).collect();
+    ((peer, worker, admin), args)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_role_has_its_own_credential_and_a_worker_cannot_join_the_raft_port() {
     let dir = tempfile::tempdir().unwrap();
-    let file = |name: &str, token: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, format!("{token}\n")).unwrap();
-        path.display().to_string()
-    };
-    let (peer, worker, admin) =
-        (file("peer", "p33r-secret"), file("worker", "w0rker-secret"), file("admin", "adm1n-secret"));
-    let args = ["--peer-token-file", &peer, "--worker-token-file", &worker, "--admin-token-file", &admin];
-    let opts = LocalOptions { args: args.iter().map(|a| a.to_string()).collect(), ..LocalOptions::default() };
+    let ((peer, worker, admin), args) = role_token_files(dir.path(), "p33r-secret");
+    let opts = LocalOptions { args, ..LocalOptions::default() };
     let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, opts).unwrap();
     // the peers authenticate with the peer token, or no leader could be elected
     let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
@@ -359,11 +380,23 @@ async fn each_role_has_its_own_credential_and_a_worker_cannot_join_the_raft_port
         .await
         .expect("the worker API takes the worker token");
     for (token, what) in [("w0rker-secret", "the worker token"), ("adm1n-secret", "the admin token")] {
-        let refused = hello(raft.clone(), PeerRole::Coordinator { node: NodeId(9) }, token).await;
+        let refused =
+            hello(raft.clone(), PeerRole::Coordinator { node: NodeId(9), cluster: "flotilla".into() }, token)
+                .await;
         assert!(matches!(refused, Err(HandshakeError::Refused(_))), "the Raft port took {what}: {refused:?}");
     }
     let refused = hello(api, PeerRole::Worker, "p33r-secret").await;
     assert!(matches!(refused, Err(HandshakeError::Refused(_))), "{refused:?}");
+
+    tracing::info!("--- a replica of another cluster is refused, even with the peer token");
+    let other = PeerRole::Coordinator { node: NodeId(2), cluster: "other".into() };
+    let refused = hello(raft.clone(), other, "p33r-secret").await;
+    assert!(
+        matches!(&refused, Err(HandshakeError::Refused(r)) if r.message.contains("belongs to cluster \"other\"")),
+        "{refused:?}"
+    );
+    let ours = PeerRole::Coordinator { node: NodeId(2), cluster: "flotilla".into() };
+    hello(raft.clone(), ours, "p33r-secret").await.expect("the same hello from this cluster is accepted");
 
     tracing::info!("--- mutations need the admin token");
     let job = write_job(dir.path(), "roles");
@@ -387,4 +420,222 @@ fn a_coordinator_reachable_from_other_hosts_needs_credentials_or_insecure() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no credentials are configured") && stderr.contains("--insecure"), "{stderr}");
     assert!(!data.exists(), "refused before touching the data dir");
+}
+
+/// A TLS client for the Raft port that trusts the cluster CA of `ca_dir`
+/// and presents `cert` (none: no client certificate): how a stranger, a
+/// worker or an impostor would connect.
+fn raft_client(ca_dir: &Path, cert: Option<(&Path, &Path)>) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_file_iter(cert).unwrap().map(Result::unwrap).collect(),
+                PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_mutual_tls_a_job_runs_and_the_raft_port_refuses_anyone_without_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    // the peer file is mid-rotation: a new token presented, the old one still accepted
+    let ((_, worker, admin), args) = role_token_files(dir.path(), "p33r-new\np33r-old");
+    let certs = dir.path().join("certs");
+    let opts = LocalOptions { args, tls_dir: Some(certs.clone()), ..LocalOptions::default() };
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, opts).unwrap();
+    // the replicas elect a leader over mutual TLS, and serve HTTPS (status is read over it)
+    let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
+    let ca = certs.join("ca.pem");
+    let url = cluster.url(leader);
+    assert!(url.starts_with("https://"), "{url}");
+
+    tracing::info!("--- the CLI needs the CA to trust the HTTPS API");
+    let job = dir.path().join("tls.toml");
+    let spec = format!(
+        "name = \"tls\"\nworld_size = 1\n\n[checkpoint]\nevery_steps = 20\nroot = \"{}\"\n\n\
+         [trainer]\ntotal_steps = 1000000\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\n",
+        dir.path().join("ckpt").display()
+    );
+    std::fs::write(&job, spec).unwrap();
+    let submit = |extra: &[&str]| {
+        let mut a = vec!["submit", job.to_str().unwrap(), "--endpoints", &url, "--token-file", &admin];
+        a.extend_from_slice(extra);
+        flotilla(&a)
+    };
+    let untrusted = submit(&[]);
+    assert!(
+        !untrusted.status.success(),
+        "a server the CLI cannot verify is not trusted: {:?}",
+        text(&untrusted)
+    );
+    let out = submit(&["--tls-ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    tracing::info!("--- a worker with the CA and the worker token runs over TLS to a committed checkpoint");
+    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "tls", 1);
+    workers
+        .spawn(0, &[("FLOTILLA_TOKEN_FILE", worker.as_str()), ("FLOTILLA_TLS_CA", ca.to_str().unwrap())])
+        .unwrap();
+    let client = Client::new(vec![url.clone()], None).with_ca(&ca).unwrap();
+    wait_for("a checkpoint committed over TLS", ELECTION, || async {
+        let s = client.status(Some("tls")).await.map_err(|e| e.to_string())?;
+        let job = s.jobs.first().ok_or("no job")?;
+        job.latest_committed.ok_or(format!("state {}, step {}", job.state, job.step))
+    })
+    .await;
+
+    tracing::info!("--- the Raft port: only a replica's own certificate, with the peer token, gets in");
+    let raft = cluster.nodes[0].raft_addr.clone();
+    let node = |id: u64| (certs.join(format!("node-{id}.pem")), certs.join(format!("node-{id}.key")));
+    let stranger = dir.path().join("stranger");
+    flotilla_shared::tls::generate(&stranger, &[NodeId(2)], &[]).unwrap();
+    let hello = |connector: Option<tokio_rustls::TlsConnector>, claims: u64, token: &str| {
+        let (raft, token) = (raft.clone(), Some(token.to_string()));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&raft).await.unwrap();
+            let role = PeerRole::Coordinator { node: NodeId(claims), cluster: "flotilla".into() };
+            let Some(connector) = connector else {
+                return client_handshake::<_, CoordinatorMessage, WorkerMessage>(
+                    tcp,
+                    role,
+                    token,
+                    DEFAULT_MAX_FRAME,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            };
+            // the listener is node 1: its certificate names flotilla-node-1
+            let name = rustls::pki_types::ServerName::try_from("flotilla-node-1").unwrap();
+            let stream = connector.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+            client_handshake::<_, CoordinatorMessage, WorkerMessage>(stream, role, token, DEFAULT_MAX_FRAME)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    };
+    let own = |id: u64| {
+        let (c, k) = node(id);
+        Some(raft_client(&certs, Some((&c, &k))))
+    };
+    hello(own(2), 2, "p33r-new").await.expect("node 2's own certificate and the peer token are accepted");
+    hello(own(2), 2, "p33r-old").await.expect("the rotated-out peer token is still accepted");
+    // each refused, and for the reason it is there for
+    let cases: Vec<(&str, Option<tokio_rustls::TlsConnector>, u64, &str, &str)> = vec![
+        ("plain TCP with the peer token", None, 2, "p33r-new", ""),
+        (
+            "TLS without a client certificate",
+            Some(raft_client(&certs, None)),
+            2,
+            "p33r-new",
+            "CertificateRequired",
+        ),
+        (
+            "a certificate of another CA naming node 2",
+            Some(raft_client(&certs, Some((&stranger.join("node-2.pem"), &stranger.join("node-2.key"))))),
+            2,
+            "p33r-new",
+            "UnknownCA",
+        ),
+        (
+            "node 2's certificate claiming to be node 3",
+            own(2),
+            3,
+            "p33r-new",
+            "does not name flotilla-node-3",
+        ),
+        ("node 2's certificate with the worker token", own(2), 2, "w0rker-secret", "wrong token"),
+        ("node 2's certificate with the admin token", own(2), 2, "adm1n-secret", "wrong token"),
+    ];
+    for (what, connector, claims, token, why) in cases {
+        let refused = hello(connector, claims, token).await;
+        tracing::info!("{what}: {refused:?}");
+        let err = refused.expect_err(what);
+        assert!(err.contains(why), "{what}: refused, but not for the expected reason: {err}");
+    }
+
+    tracing::info!("--- and the cluster still commits: nothing an impostor sent reached Raft");
+    let out = flotilla(&[
+        "checkpoint",
+        "--job",
+        "tls",
+        "--endpoints",
+        &url,
+        "--token-file",
+        &admin,
+        "--tls-ca",
+        ca.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    workers.kill(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certs_made_by_the_cli_serve_a_replica_started_with_tls_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let out = flotilla(&["certs", "--dir", certs_arg, "--node", "1", "--host", "127.0.0.1,localhost"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    for (file, mode) in [("ca.pem", 0o644), ("ca.key", 0o600), ("node-1.pem", 0o644), ("node-1.key", 0o600)] {
+        let meta = std::fs::metadata(certs.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    for (args, why) in [
+        (vec!["--node", "1"], "node-1.pem exists"),
+        (vec!["--node", "0"], "replica ids are 1..65535"),
+        (vec!["--node", "2", "--host", "not a name"], "not a DNS name or IP address"),
+    ] {
+        let out = flotilla(&[&["certs", "--dir", certs_arg][..], &args].concat());
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+
+    let tls_dir = ["--tls-dir".to_string(), certs_arg.to_string()];
+    let opts = LocalOptions { args: tls_dir.to_vec(), ..LocalOptions::default() };
+    let mut cluster = LocalCluster::start(Path::new(BIN), dir.path(), 1, opts).unwrap();
+    let https = cluster.url(NodeId(1)).replace("http://", "https://");
+    let client = Client::new(vec![https.clone()], None).with_ca(&certs.join("ca.pem")).unwrap();
+    let status = wait_for("the replica to serve HTTPS", ELECTION, || async {
+        client.status(None).await.map_err(|e| e.to_string())
+    })
+    .await;
+    assert_eq!(status.role, Role::Leader);
+    let plain = reqwest::get(format!("{}/healthz", cluster.url(NodeId(1)))).await;
+    assert!(plain.is_err(), "plain HTTP is not served next to HTTPS: {plain:?}");
+
+    tracing::info!("--- a certificate that names another replica is refused at start");
+    cluster.kill(NodeId(1));
+    let out = flotilla(&[
+        "coordinator",
+        "--id",
+        "2",
+        "--data-dir",
+        dir.path().join("c2").to_str().unwrap(),
+        "--tls-ca",
+        certs.join("ca.pem").to_str().unwrap(),
+        "--tls-cert",
+        certs.join("node-1.pem").to_str().unwrap(),
+        "--tls-key",
+        certs.join("node-1.key").to_str().unwrap(),
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not name flotilla-node-2"), "{stderr}");
 }

@@ -6,8 +6,10 @@ mod common;
 
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
+use flotilla_coordinator::bench::sim_worker;
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_shared::ids::JobName;
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::spec::JobSpec;
@@ -419,4 +421,105 @@ async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repa
     .await;
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+}
+
+/// Issue 10's long run: thousands of checkpoint cycles with `keep_last = 3`
+/// and frequent log compaction, driven back to back by an operator's
+/// `checkpoint` calls against simulated workers (the real worker protocol,
+/// real shard files). The ledger keeps the last three committed checkpoints
+/// and a bounded list of tombstones, so the snapshot a new replica is sent
+/// stops growing once that list is full; and the followers keep applying
+/// what the leader commits all along.
+#[tokio::test(flavor = "multi_thread")]
+async fn thousands_of_checkpoint_cycles_keep_the_snapshot_bounded_and_every_follower_caught_up() {
+    const CYCLES: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LocalOptions {
+        snapshot_threshold: Some(256),
+        log_filter: Some("warn".into()),
+        ..LocalOptions::default()
+    };
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, opts).unwrap();
+    let leader = cluster.wait_for_leader(LONG).await.unwrap();
+    let client = Client::new(vec![cluster.url(leader)], None);
+    let text = format!(
+        "name = \"cycles\"\nworld_size = 2\n[checkpoint]\nevery_steps = 1000000000000\nkeep_last = 3\nroot = \"{}\"\n",
+        dir.path().join("ckpt").display()
+    );
+    client.submit(&text).await.unwrap();
+    let endpoints: Vec<String> = cluster.api_endpoints().split(',').map(String::from).collect();
+    let (restores, _restored) = tokio::sync::mpsc::unbounded_channel();
+    let workers: Vec<_> = (0..2)
+        .map(|rank| tokio::spawn(sim_worker(endpoints.clone(), "cycles", rank, 1, restores.clone())))
+        .collect();
+    wait_for("the job running", LONG, || async {
+        let job = client.status(Some("cycles")).await.map_err(|e| e.to_string())?.jobs.remove(0);
+        if job.state == "running" {
+            Ok(())
+        } else {
+            Err(job.state)
+        }
+    })
+    .await;
+
+    // the snapshot once the tombstones are certainly full, and the largest after
+    let mut settled: Option<u64> = None;
+    let mut largest_after = 0u64;
+    let mut snapshots = std::collections::BTreeSet::new();
+    for cycle in 1..=CYCLES {
+        client.checkpoint("cycles").await.unwrap();
+        if cycle % 100 != 0 {
+            continue;
+        }
+        let st = client.status(Some("cycles")).await.unwrap();
+        snapshots.insert(st.snapshot_index);
+        if cycle >= 200 {
+            match settled {
+                None => settled = Some(st.snapshot_bytes),
+                Some(_) => largest_after = largest_after.max(st.snapshot_bytes),
+            }
+        }
+        if cycle % 500 == 0 {
+            // every follower applies what the leader had committed
+            let commit = st.commit_index;
+            for node in &cluster.nodes {
+                wait_for(&format!("node {} to apply index {commit}", node.id), LONG, || async {
+                    let n = cluster.status(node.id).await.ok_or("no answer")?;
+                    if n.applied_index >= commit {
+                        Ok(())
+                    } else {
+                        Err(format!("applied {}", n.applied_index))
+                    }
+                })
+                .await;
+            }
+            tracing::info!(
+                "{cycle} cycles; snapshot at {} is {} bytes; every replica at {commit}",
+                st.snapshot_index,
+                st.snapshot_bytes
+            );
+        }
+    }
+    let job = client.status(Some("cycles")).await.unwrap().jobs.remove(0);
+    assert_eq!(job.checkpoints_committed, CYCLES);
+    assert_eq!(job.state, "running", "{job:?}");
+    assert_eq!(job.restores, 0, "no failure along the way");
+    let settled = settled.expect("sampled at 200 cycles");
+    assert!(settled > 0, "a snapshot was taken by 200 cycles");
+    assert!(snapshots.len() >= 10, "the log was compacted only at {snapshots:?}");
+    assert!(
+        largest_after <= settled + settled / 4,
+        "the snapshot grew from {settled} bytes (200 cycles) to {largest_after} bytes"
+    );
+    let kept: Vec<_> = job.checkpoints.iter().filter(|c| c.state == "committed").collect();
+    assert_eq!(kept.len(), 3, "{:?}", job.checkpoints);
+    let on_disk = JobDir::new(&dir.path().join("ckpt"), &JobName::new("cycles").unwrap())
+        .list_checkpoint_dirs()
+        .unwrap()
+        .len();
+    assert!(on_disk <= 4, "{on_disk} checkpoint directories on disk with keep_last = 3");
+    for w in workers {
+        w.abort();
+    }
+    println!("{CYCLES} cycles: the snapshot stayed within {largest_after} bytes (settled at {settled} by cycle 200)");
 }

@@ -24,6 +24,9 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     /// Index of its latest snapshot.
     pub snapshot_index: u64,
+    /// Size of its latest snapshot (the ledger, encoded).
+    #[serde(default)]
+    pub snapshot_bytes: u64,
     /// Started on an empty data dir in an existing cluster and not caught
     /// up yet: it does not vote.
     #[serde(default)]
@@ -223,6 +226,7 @@ impl ClusterStatus {
             commit_index: node.commit_index,
             applied_index: node.applied_index,
             snapshot_index: node.snapshot_index,
+            snapshot_bytes: node.snapshot_bytes,
             joining: node.joining,
             nodes: state
                 .nodes

@@ -183,10 +183,13 @@ pub struct CoordinatorBenchReport {
     pub leader_cpu_cores_per_worker: f64,
 }
 
-/// A simulated worker: the real protocol over real TCP, no trainer; it
-/// writes a real (tiny) shard for each checkpoint so commits are genuine.
-async fn sim_worker(
+/// A simulated worker of job `job`: the real protocol over real TCP, no
+/// trainer; it writes a real (tiny) shard for each checkpoint so commits
+/// are genuine, and reports every restore directive on `restores`. Runs
+/// until the job stops it or the connection fails.
+pub async fn sim_worker(
     endpoints: Vec<String>,
+    job: &str,
     rank: u32,
     incarnation: u64,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
@@ -198,7 +201,7 @@ async fn sim_worker(
     use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage, WorkerStatus};
     use futures::{SinkExt, StreamExt};
 
-    let job = JobName::new("bench").expect("valid");
+    let job = JobName::new(job).map_err(|e| e.to_string())?;
     let mut target = endpoints[0].clone();
     let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
         let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
@@ -304,8 +307,10 @@ pub async fn coordinator_bench(
     let mut incarnation = 1u64;
     for rank in 0..opts.workers {
         incarnation += 1;
-        tasks
-            .insert(rank, tokio::spawn(sim_worker(endpoints.clone(), rank, incarnation, restore_tx.clone())));
+        tasks.insert(
+            rank,
+            tokio::spawn(sim_worker(endpoints.clone(), "bench", rank, incarnation, restore_tx.clone())),
+        );
     }
     let wait_running = || async {
         let deadline = Instant::now() + timeout;
@@ -365,7 +370,7 @@ pub async fn coordinator_bench(
         incarnation += 1;
         tasks.insert(
             victim,
-            tokio::spawn(sim_worker(endpoints.clone(), victim, incarnation, restore_tx.clone())),
+            tokio::spawn(sim_worker(endpoints.clone(), "bench", victim, incarnation, restore_tx.clone())),
         );
         wait_running().await?;
     }

@@ -26,6 +26,25 @@ pub enum ClientError {
     NoLeader(Duration, String),
 }
 
+/// An HTTP client for the coordinators' API: `https://` URLs are verified
+/// against the cluster CA in `ca` only (never the system's roots).
+pub fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).use_rustls_tls();
+    builder = builder.tls_built_in_root_certs(false);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: cannot read it: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("--tls-ca {}: not a PEM certificate file: {e}", ca.display()))?;
+        if certs.is_empty() {
+            return Err(format!("--tls-ca {}: holds no PEM certificate", ca.display()));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| format!("cannot set up the HTTP client: {e}"))
+}
+
 /// A client of a coordinator cluster.
 pub struct Client {
     http: reqwest::Client,
@@ -39,11 +58,14 @@ impl Client {
     /// A client for `endpoints` (base URLs like `http://127.0.0.1:9201`).
     pub fn new(endpoints: Vec<String>, token: Option<String>) -> Self {
         let endpoints = endpoints.into_iter().map(|e| e.trim_end_matches('/').to_string()).collect();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .expect("an HTTP client without TLS always builds");
+        let http = http_client(None).expect("an HTTP client without a CA file always builds");
         Self { http, endpoints, token, patience: Duration::from_secs(20) }
+    }
+
+    /// Trusts the cluster CA in `ca` (`--tls-ca`) for `https://` endpoints.
+    pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, String> {
+        self.http = http_client(Some(ca))?;
+        Ok(self)
     }
 
     fn unreachable(&self, last: String) -> ClientError {

@@ -14,10 +14,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::Shard;
 use flotilla_shared::spec::JobSpec;
+use flotilla_shared::tls::{NodeTls, Stream};
 use serde::Deserialize;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -28,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 pub struct HttpState {
     /// The Raft node.
     pub node: NodeHandle,
-    /// The cluster token, where there is one.
-    pub token: Option<String>,
+    /// The admin tokens, where there are some.
+    pub token: Option<Tokens>,
     /// This process's metrics.
     pub metrics: Metrics,
     /// The supervisor, for operator requests.
@@ -59,12 +61,52 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// Serves HTTP on `listener` until `shutdown`.
+/// Connections the HTTP API serves at once; more are turned away.
+pub const MAX_HTTP_CONNECTIONS: usize = 1024;
+/// A connection that sends no complete request head for this long (idle
+/// between requests, or a slow client) is closed.
+pub const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves the API on `listener` (HTTPS with `tls`) until `shutdown`, then
+/// lets requests in flight finish for a few seconds.
 pub async fn serve(
     listener: TcpListener,
     state: HttpState,
+    tls: Option<NodeTls>,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+) {
+    let app = router(state);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = crate::transport::accept(&listener, "HTTP API") => accepted,
+        };
+        let Some(slot) = crate::transport::admit(&slots, "HTTP API", remote) else { continue };
+        let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let stream = match tls {
+                Some(tls) => match tls.accept_api(tcp).await {
+                    Ok(s) => s,
+                    Err(e) => return tracing::debug!(%remote, "HTTPS handshake failed: {e}"),
+                },
+                None => Stream::Left(tcp),
+            };
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HTTP_IDLE_TIMEOUT);
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%remote, "HTTP connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await.is_err() {
+        tracing::debug!("HTTP API: requests still in flight after 5 s; closing them");
+    }
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
@@ -121,7 +163,7 @@ fn unauthorized(s: &HttpState, headers: &HeaderMap) -> Option<Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match got {
-        Some(got) if flotilla_shared::frame::token_eq(want, got.trim()) => None,
+        Some(got) if want.accepts(got.trim()) => None,
         _ => Some(error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong token: send `Authorization: Bearer <token>` (the CLI: --token-file)",

@@ -1,13 +1,14 @@
 //! Whose a data dir is, and whether its replica may vote.
 //!
-//! `<data-dir>/IDENTITY.json` records the replica id that wrote the data dir
-//! and whether the replica is still *joining*. A replica whose data dir was
+//! `<data-dir>/IDENTITY.json` records the cluster (`--cluster-id`) and the
+//! replica id that wrote the data dir, and whether the replica is still
+//! *joining*. A replica whose data dir was
 //! lost (a disk replaced, a pod recreated on an empty volume) must not vote:
 //! its earlier acknowledgements may have counted toward a commit, so voting
 //! with an empty log could elect a leader that lacks a committed entry.
 //!
 //! ```text
-//! start ── IDENTITY.json names another --id ──────────► refuse
+//! start ── IDENTITY.json names another --id or cluster ► refuse
 //!       ── IDENTITY.json present ─────────────────────► as recorded
 //!       ── no IDENTITY.json, a Raft log present ──────► a member (written now)
 //!       ── empty data dir: ask every peer (Probe) ───┐
@@ -32,6 +33,10 @@ pub const FILE: &str = "IDENTITY.json";
 /// What a data dir records about its replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
+    /// The `--cluster-id` that wrote the data dir (empty in data dirs from
+    /// before it was recorded: adopted at the next start).
+    #[serde(default)]
+    pub cluster: String,
     /// The `--id` that wrote the data dir.
     pub node_id: NodeId,
     /// Still catching up after starting on an empty data dir in an existing
@@ -59,8 +64,16 @@ pub fn write(dir: &Path, identity: &Identity) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Refuses a data dir written by another replica.
-pub fn check(dir: &Path, identity: &Identity, id: NodeId) -> Result<(), String> {
+/// Refuses a data dir written by another replica or another cluster.
+pub fn check(dir: &Path, identity: &Identity, cluster: &str, id: NodeId) -> Result<(), String> {
+    if !identity.cluster.is_empty() && identity.cluster != cluster {
+        return Err(format!(
+            "--data-dir {} belongs to cluster {:?}, not --cluster-id {cluster:?}: start it with --cluster-id {:?}, or give this cluster's replica a data dir of its own",
+            dir.display(),
+            identity.cluster,
+            identity.cluster
+        ));
+    }
     if identity.node_id == id {
         return Ok(());
     }
@@ -69,6 +82,18 @@ pub fn check(dir: &Path, identity: &Identity, id: NodeId) -> Result<(), String> 
         dir.display(),
         identity.node_id
     ))
+}
+
+/// Checks a `--cluster-id`: 1 to 63 characters of `a-z`, `0-9`, `-`,
+/// `.` and `_` (it names the cluster in files and errors).
+pub fn check_cluster_id(id: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("--cluster-id {id:?}: use 1 to 63 characters of a-z, 0-9, '-', '.' and '_'"))
+    }
 }
 
 /// Whether the data dir holds a Raft log (from before identities were
@@ -116,12 +141,23 @@ mod tests {
     fn identity_round_trips_and_another_id_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()).unwrap(), None);
-        let id = Identity { node_id: NodeId(2), joining: true };
+        let id = Identity { cluster: "prod-a".into(), node_id: NodeId(2), joining: true };
         write(dir.path(), &id).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Some(id.clone()));
-        check(dir.path(), &id, NodeId(2)).unwrap();
-        let e = check(dir.path(), &id, NodeId(1)).unwrap_err();
+        check(dir.path(), &id, "prod-a", NodeId(2)).unwrap();
+        let e = check(dir.path(), &id, "prod-a", NodeId(1)).unwrap_err();
         assert!(e.contains("belongs to coordinator --id 2, not --id 1"), "{e}");
+        let e = check(dir.path(), &id, "prod-b", NodeId(2)).unwrap_err();
+        assert!(e.contains("belongs to cluster \"prod-a\", not --cluster-id \"prod-b\""), "{e}");
+        // a data dir from before cluster ids were recorded is adopted
+        std::fs::write(dir.path().join(FILE), br#"{"node_id": 2, "joining": false}"#).unwrap();
+        let old = read(dir.path()).unwrap().unwrap();
+        assert_eq!(old.cluster, "");
+        check(dir.path(), &old, "prod-b", NodeId(2)).unwrap();
+        check_cluster_id("prod-a.eu_1").unwrap();
+        for bad in ["", "Prod", "a b", "x/y", &"a".repeat(64)] {
+            assert!(check_cluster_id(bad).unwrap_err().contains("--cluster-id"), "{bad:?}");
+        }
         std::fs::write(dir.path().join(FILE), b"{").unwrap();
         assert!(read(dir.path()).unwrap_err().contains("damaged"));
         assert!(!has_log(dir.path()));

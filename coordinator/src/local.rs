@@ -28,13 +28,15 @@ pub struct LocalNode {
     pub log: PathBuf,
     /// Its `--peers`.
     pub peers: String,
+    /// Whether it serves HTTPS (the cluster runs with `--tls-*`).
+    pub https: bool,
     child: Option<Child>,
 }
 
 impl LocalNode {
-    /// `http://<http_addr>`.
+    /// `http://<http_addr>`, or `https://` under TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        format!("{}://{}", if self.https { "https" } else { "http" }, self.http_addr)
     }
 
     /// Whether its process is running (as far as this harness knows).
@@ -61,6 +63,10 @@ pub struct LocalOptions {
     pub log_filter: Option<String>,
     /// More flags for every replica.
     pub args: Vec<String>,
+    /// Run with TLS: certificates for every replica (naming 127.0.0.1)
+    /// are made in this directory as `flotilla certs` would, and each
+    /// replica gets `--tls-ca`, `--tls-cert` and `--tls-key`.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// A local cluster of coordinator processes.
@@ -97,6 +103,12 @@ impl LocalCluster {
 
     fn new_node(&self) -> io::Result<LocalNode> {
         let i = self.nodes.len() + 1;
+        if let Some(dir) = &self.opts.tls_dir {
+            if !dir.join(format!("node-{i}.pem")).exists() {
+                flotilla_shared::tls::generate(dir, &[NodeId(i as u64)], &["127.0.0.1".into()])
+                    .map_err(io::Error::other)?;
+            }
+        }
         Ok(LocalNode {
             id: NodeId(i as u64),
             raft_addr: format!("127.0.0.1:{}", free_port()?),
@@ -105,6 +117,7 @@ impl LocalCluster {
             data_dir: self.dir.join(format!("c{i}")),
             log: self.dir.join(format!("c{i}.log")),
             peers: String::new(),
+            https: self.opts.tls_dir.is_some(),
             child: None,
         })
     }
@@ -154,6 +167,11 @@ impl LocalCluster {
         }
         if let Some(f) = &self.opts.token_file {
             cmd.arg("--token-file").arg(f);
+        }
+        if let Some(dir) = &self.opts.tls_dir {
+            cmd.arg("--tls-ca").arg(dir.join("ca.pem"));
+            cmd.arg("--tls-cert").arg(dir.join(format!("node-{id}.pem")));
+            cmd.arg("--tls-key").arg(dir.join(format!("node-{id}.key")));
         }
         cmd.args(&self.opts.args);
         if let Some(f) = &self.opts.job {
@@ -213,7 +231,9 @@ impl LocalCluster {
 
     /// The status of replica `id`, if it answers.
     pub async fn status(&self, id: NodeId) -> Option<ClusterStatus> {
-        let resp = reqwest::Client::new()
+        let ca = self.opts.tls_dir.as_ref().map(|d| d.join("ca.pem"));
+        let resp = crate::client::http_client(ca.as_deref())
+            .ok()?
             .get(format!("{}/v1/status", self.url(id)))
             .timeout(Duration::from_secs(2))
             .send()

@@ -23,6 +23,7 @@ pub struct Metrics {
     is_leader: IntGauge,
     commit_index: IntGauge,
     applied_index: IntGauge,
+    snapshot_bytes: IntGauge,
     /// Proposals by outcome (`applied`, `refused`, `dropped`, `timeout`, `no_leader`).
     pub proposals: IntCounterVec,
     /// Time from proposal to applied, on the proposing replica.
@@ -72,6 +73,10 @@ impl Metrics {
         let commit_index = gauge("flotilla_raft_commit_index", "Highest Raft log index known committed.");
         let applied_index =
             gauge("flotilla_raft_applied_index", "Highest Raft log index applied to the ledger.");
+        let snapshot_bytes = gauge(
+            "flotilla_raft_snapshot_bytes",
+            "Size of this replica's latest ledger snapshot (what a new replica is sent first).",
+        );
         let proposals = IntCounterVec::new(
             Opts::new("flotilla_raft_proposals_total", "Proposals made on this replica, by outcome."),
             &["outcome"],
@@ -174,6 +179,7 @@ impl Metrics {
             is_leader,
             commit_index,
             applied_index,
+            snapshot_bytes,
             proposals,
             proposal_seconds,
             snapshots_applied,
@@ -187,6 +193,7 @@ impl Metrics {
         self.is_leader.set(i64::from(s.role == Role::Leader));
         self.commit_index.set(s.commit_index as i64);
         self.applied_index.set(s.applied_index as i64);
+        self.snapshot_bytes.set(s.snapshot_bytes as i64);
     }
 
     /// Refreshes the job metrics from the ledger (every replica) and the

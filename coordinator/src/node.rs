@@ -108,6 +108,8 @@ pub struct NodeStatus {
     pub applied_index: u64,
     /// Index of its latest snapshot.
     pub snapshot_index: u64,
+    /// Size of its latest snapshot's ledger.
+    pub snapshot_bytes: u64,
     /// First index still in the log.
     pub first_index: u64,
     /// Last index in the log.
@@ -419,6 +421,7 @@ fn status_of(raw: &RawNode<LogStore>, applied: u64, joining: bool) -> NodeStatus
         commit_index: r.raft_log.committed,
         applied_index: applied,
         snapshot_index: store.latest_snapshot().get_metadata().index,
+        snapshot_bytes: store.latest_snapshot().get_data().len() as u64,
         first_index: raft::Storage::first_index(store).unwrap_or(0),
         last_index: r.raft_log.last_index(),
         joining,

@@ -7,11 +7,13 @@ use crate::identity;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
 use crate::state::{Command, NodeInfo, Origin};
-use crate::transport::{self, PeerTransport};
+use crate::transport::{self, PeerAuth, PeerTransport};
 use crate::workers;
+use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::spec::JobSpec;
+use flotilla_shared::tls::NodeTls;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 /// Everything `flotilla coordinator` is told.
 #[derive(Debug, Clone)]
 pub struct CoordinatorOptions {
+    /// The cluster (`--cluster-id`), recorded in the data dir and checked
+    /// between peers.
+    pub cluster_id: String,
     /// This replica.
     pub id: NodeId,
     /// Every voter's Raft address, itself included.
@@ -38,6 +43,9 @@ pub struct CoordinatorOptions {
     pub data_dir: PathBuf,
     /// Who may connect, by role.
     pub credentials: Credentials,
+    /// `--tls-ca`, `--tls-cert`, `--tls-key`: mutual TLS between replicas,
+    /// HTTPS, and TLS on the worker API.
+    pub tls: Option<NodeTls>,
     /// Run without credentials on a non-loopback address (`--insecure`).
     pub insecure: bool,
     /// A job to submit once a leader exists (idempotent).
@@ -52,17 +60,17 @@ pub struct CoordinatorOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     /// Coordinator peers on the Raft port. Never given to workers.
-    pub peer: Option<String>,
+    pub peer: Option<Tokens>,
     /// Workers on the worker API (they run user code: this one is the
     /// least trusted; the Raft port refuses it).
-    pub worker: Option<String>,
+    pub worker: Option<Tokens>,
     /// Mutations on the HTTP API (submit, checkpoint, restore, replicas).
-    pub admin: Option<String>,
+    pub admin: Option<Tokens>,
 }
 
 impl Credentials {
     /// One token for every role (`--token-file` alone).
-    pub fn shared(token: Option<String>) -> Self {
+    pub fn shared(token: Option<Tokens>) -> Self {
         Self { peer: token.clone(), worker: token.clone(), admin: token }
     }
 
@@ -71,7 +79,11 @@ impl Credentials {
     /// set-up docs/SECURITY.md warns about): split roles must really split.
     pub fn check_distinct(&self) -> Result<(), String> {
         let shared = self.peer == self.worker && self.worker == self.admin;
-        if !shared && self.worker.is_some() && (self.worker == self.peer || self.worker == self.admin) {
+        let overlaps = |other: &Option<Tokens>| match (&self.worker, other) {
+            (Some(w), Some(o)) => w.overlaps(o),
+            _ => false,
+        };
+        if !shared && (overlaps(&self.peer) || overlaps(&self.admin)) {
             return Err("the worker token is also the peer or admin token: workers run user code and must not hold either; give --worker-token-file its own token".into());
         }
         Ok(())
@@ -84,7 +96,7 @@ impl Credentials {
 
 /// Refuses to serve without credentials on an address others can reach.
 pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
-    if opts.insecure || !opts.credentials.none() {
+    if opts.insecure || !opts.credentials.none() || opts.tls.is_some() {
         return Ok(());
     }
     let mut addrs = vec![("--http-addr", opts.http_addr.clone())];
@@ -98,7 +110,7 @@ pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
             host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if !loopback {
             return Err(format!(
-                "{flag} {addr} is reachable from other hosts and no credentials are configured: anyone could submit jobs or join the cluster; pass --token-file (or --peer-token-file, --worker-token-file, --admin-token-file), or --insecure to run open anyway"
+                "{flag} {addr} is reachable from other hosts and no credentials are configured: anyone could submit jobs or join the cluster; pass --token-file (or --peer-token-file, --worker-token-file, --admin-token-file) and --tls-ca/--tls-cert/--tls-key, or --insecure to run open anyway"
             ));
         }
     }
@@ -126,6 +138,7 @@ pub enum ServeError {
 
 /// Runs the replica until `shutdown` is cancelled or the node fails.
 pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
+    identity::check_cluster_id(&opts.cluster_id).map_err(ServeError::Config)?;
     check_exposure(&opts).map_err(ServeError::Config)?;
     opts.credentials.check_distinct().map_err(ServeError::Config)?;
     let raft_addr =
@@ -150,10 +163,15 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
 
     let metrics = Metrics::new();
     let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(8192);
+    let peer_auth = PeerAuth {
+        cluster: opts.cluster_id.clone(),
+        token: opts.credentials.peer.clone(),
+        tls: opts.tls.clone(),
+    };
     let transport = Arc::new(PeerTransport::start(
         opts.id,
         opts.peers.clone(),
-        opts.credentials.peer.clone(),
+        peer_auth.clone(),
         peer_tx.clone(),
         shutdown.clone(),
     ));
@@ -163,14 +181,14 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         let serve = transport::serve(
             listener,
             opts.id,
-            opts.credentials.peer.clone(),
+            peer_auth.clone(),
             peer_tx,
             has_log.clone(),
             shutdown.clone(),
         );
         tokio::spawn(serve);
     }
-    let Some(joining) = membership(&opts, &shutdown).await? else { return Ok(()) };
+    let Some(joining) = membership(&opts, &peer_auth, &shutdown).await? else { return Ok(()) };
     let mut cfg =
         NodeConfig::new(opts.id, opts.peers.iter().map(|(id, _)| *id).collect(), opts.data_dir.clone());
     cfg.snapshot_threshold = opts.snapshot_threshold.max(1);
@@ -179,6 +197,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     tracing::info!(node = opts.id.0, raft = %raft_addr, http = %opts.http_addr, "coordinator replica started");
     tokio::spawn(track_log(
         handle.clone(),
+        opts.cluster_id.clone(),
         opts.id,
         opts.data_dir.clone(),
         has_log,
@@ -193,6 +212,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
             listener,
             handle.clone(),
             opts.credentials.worker.clone(),
+            opts.tls.clone(),
             supervisor_tx,
             shutdown.clone(),
         ));
@@ -205,7 +225,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
         workers: workers_view,
         peers: opts.peers.clone(),
     };
-    let http_task = tokio::spawn(http::serve(http_listener, http_state, shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, opts.tls.clone(), shutdown.clone()));
     let info = NodeInfo {
         http_url: opts.advertise_http.clone(),
         api_addr: opts.advertise_api.clone().or_else(|| opts.api_addr.clone()),
@@ -233,11 +253,18 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
 /// `None` when shut down while still asking.
 async fn membership(
     opts: &CoordinatorOptions,
+    auth: &PeerAuth,
     shutdown: &CancellationToken,
 ) -> Result<Option<bool>, ServeError> {
     let dir = &opts.data_dir;
+    let recorded =
+        |joining| identity::Identity { cluster: opts.cluster_id.clone(), node_id: opts.id, joining };
     if let Some(found) = identity::read(dir).map_err(ServeError::Config)? {
-        identity::check(dir, &found, opts.id).map_err(ServeError::Config)?;
+        identity::check(dir, &found, &opts.cluster_id, opts.id).map_err(ServeError::Config)?;
+        if found.cluster.is_empty() {
+            // written before cluster ids were recorded: adopt this one
+            identity::write(dir, &recorded(found.joining)).map_err(ServeError::Config)?;
+        }
         return Ok(Some(found.joining));
     }
     let joining = if identity::has_log(dir) || opts.peers.len() <= 1 {
@@ -249,7 +276,7 @@ async fn membership(
         loop {
             for (slot, (id, addr)) in answers.iter_mut().zip(&peers) {
                 if slot.is_none() {
-                    match transport::probe(opts.id, addr, opts.credentials.peer.clone()).await {
+                    match transport::probe(opts.id, *id, addr, auth).await {
                         Ok(has_log) => *slot = Some(has_log),
                         Err(e) => tracing::debug!(peer = id.0, %addr, "probe: {e}"),
                     }
@@ -272,7 +299,7 @@ async fn membership(
             }
         }
     };
-    identity::write(dir, &identity::Identity { node_id: opts.id, joining }).map_err(ServeError::Config)?;
+    identity::write(dir, &recorded(joining)).map_err(ServeError::Config)?;
     Ok(Some(joining))
 }
 
@@ -282,6 +309,7 @@ async fn membership(
 /// keeps it joining, which is always safe).
 async fn track_log(
     handle: NodeHandle,
+    cluster: String,
     id: NodeId,
     dir: PathBuf,
     has_log: Arc<AtomicBool>,
@@ -293,7 +321,8 @@ async fn track_log(
         let s = status.borrow_and_update().clone();
         has_log.store(s.last_index > 0 || s.snapshot_index > 0, Ordering::SeqCst);
         if joining && !s.joining {
-            match identity::write(&dir, &identity::Identity { node_id: id, joining: false }) {
+            let member = identity::Identity { cluster: cluster.clone(), node_id: id, joining: false };
+            match identity::write(&dir, &member) {
                 Ok(()) => joining = false,
                 Err(e) => tracing::error!("{e}; this replica will start joining again after a restart"),
             }
@@ -448,6 +477,7 @@ mod tests {
         insecure: bool,
     ) -> CoordinatorOptions {
         CoordinatorOptions {
+            cluster_id: "flotilla".into(),
             id: NodeId(1),
             peers: vec![(NodeId(1), "127.0.0.1:7101".into()), (NodeId(2), "10.0.0.2:7101".into())],
             http_addr: http.into(),
@@ -456,6 +486,7 @@ mod tests {
             advertise_http: format!("http://{http}"),
             data_dir: "/nonexistent".into(),
             credentials,
+            tls: None,
             insecure,
             job: None,
             snapshot_threshold: 10,
@@ -471,21 +502,25 @@ mod tests {
             .unwrap_err();
         assert!(e.starts_with("--api-addr 0.0.0.0:7201 is reachable from other hosts"), "{e}");
         check_exposure(&options("0.0.0.0:9201", None, none.clone(), true)).unwrap();
-        check_exposure(&options("0.0.0.0:9201", None, Credentials::shared(Some("t".into())), false)).unwrap();
+        check_exposure(&options("0.0.0.0:9201", None, Credentials::shared(Some(Tokens::one("t"))), false))
+            .unwrap();
     }
 
     #[test]
     fn a_worker_token_never_doubles_as_another_roles() {
-        Credentials::shared(Some("t".into())).check_distinct().unwrap();
+        Credentials::shared(Some(Tokens::one("t"))).check_distinct().unwrap();
         let split = |p: &str, w: &str, a: &str| Credentials {
-            peer: Some(p.into()),
-            worker: Some(w.into()),
-            admin: Some(a.into()),
+            peer: Tokens::parse(p),
+            worker: Tokens::parse(w),
+            admin: Tokens::parse(a),
         };
         split("p", "w", "a").check_distinct().unwrap();
         split("p", "w", "p").check_distinct().unwrap();
         assert!(split("p", "p", "a").check_distinct().unwrap_err().contains("worker token"));
         assert!(split("p", "a", "a").check_distinct().is_err());
+        // during a rotation a file holds two tokens: no worker token may be any other role's
+        split("p1\np2", "w1\nw2", "a").check_distinct().unwrap();
+        assert!(split("p1\nw2", "w1\nw2", "a").check_distinct().is_err());
     }
 
     #[test]

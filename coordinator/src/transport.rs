@@ -1,6 +1,9 @@
 //! Peer transport: Raft messages between replicas over TCP, in the same
 //! framing as everything else (`flotilla_shared::frame`), after a `Hello`
-//! that carries the cluster token and the sender's id.
+//! that carries the peer token and the sender's id. With `--tls-*` set, the
+//! connection is mutual TLS first (`flotilla_shared::tls`): a peer must
+//! present a certificate of the cluster CA naming the node its Hello
+//! claims, and the connecting side checks the same of the listener.
 //!
 //! Outbound, one task per peer owns one connection:
 //! ```text
@@ -19,9 +22,10 @@
 
 use crate::node::Transport;
 use crate::storage::{decode_message, encode_message};
-use flotilla_shared::frame::{client_handshake, server_handshake, DEFAULT_MAX_FRAME};
+use flotilla_shared::frame::{client_handshake, server_handshake, Tokens, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
-use flotilla_shared::wire::{PeerMessage, PeerRole};
+use flotilla_shared::tls::{self, NodeTls, Stream};
+use flotilla_shared::wire::{ErrorCode, ErrorReply, Hello, PeerMessage, PeerRole};
 use futures::{SinkExt, StreamExt};
 use raft::eraftpb::{Message, MessageType};
 use std::collections::HashMap;
@@ -46,12 +50,25 @@ const BATCH: usize = 512;
 /// Sends Raft messages to every other member.
 pub struct PeerTransport {
     me: NodeId,
-    token: Option<String>,
+    auth: PeerAuth,
     shutdown: CancellationToken,
     /// One queue per peer, each drained by its sender task (a std mutex:
     /// nothing awaits while holding it).
     queues: Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     reports: Reports,
+}
+
+/// What a replica shows its peers: the peer token and, with `--tls-*`,
+/// its certificate (which it also requires of them).
+#[derive(Clone, Debug, Default)]
+pub struct PeerAuth {
+    /// This replica's cluster (`--cluster-id`): sent in its Hello, and
+    /// required of peers.
+    pub cluster: String,
+    /// The peer tokens (SPEC §4), if configured.
+    pub token: Option<Tokens>,
+    /// Mutual TLS, if configured.
+    pub tls: Option<NodeTls>,
 }
 
 /// Where the transport reports lost messages: the Raft loop's inbox.
@@ -95,11 +112,11 @@ impl PeerTransport {
     pub fn start(
         me: NodeId,
         peers: Vec<(NodeId, String)>,
-        token: Option<String>,
+        auth: PeerAuth,
         inbox: mpsc::Sender<Message>,
         shutdown: CancellationToken,
     ) -> Self {
-        let t = Self { me, token, shutdown, queues: Mutex::new(HashMap::new()), reports: Reports(inbox) };
+        let t = Self { me, auth, shutdown, queues: Mutex::new(HashMap::new()), reports: Reports(inbox) };
         for (id, addr) in peers {
             t.add_peer(id, addr);
         }
@@ -117,8 +134,8 @@ impl Transport for PeerTransport {
             return;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
-        let (token, reports, shutdown) = (self.token.clone(), self.reports.clone(), self.shutdown.clone());
-        tokio::spawn(peer_sender(self.me, id, addr.clone(), token, rx, reports, shutdown));
+        let (auth, reports, shutdown) = (self.auth.clone(), self.reports.clone(), self.shutdown.clone());
+        tokio::spawn(peer_sender(self.me, id, addr.clone(), auth, rx, reports, shutdown));
         // a replaced sender ends once its queue is dropped
         queues.insert(id.0, (addr, tx));
     }
@@ -147,7 +164,7 @@ async fn peer_sender(
     me: NodeId,
     peer: NodeId,
     addr: String,
-    token: Option<String>,
+    auth: PeerAuth,
     mut rx: mpsc::Receiver<Message>,
     reports: Reports,
     shutdown: CancellationToken,
@@ -157,7 +174,7 @@ async fn peer_sender(
     loop {
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = connect(me, &addr, token.clone()) => c,
+            c = connect(me, peer, &addr, &auth) => c,
         };
         let mut conn = match connected {
             Ok(conn) => {
@@ -214,7 +231,7 @@ async fn peer_sender(
     }
 }
 
-type PeerConn = flotilla_shared::frame::Connection<TcpStream, PeerMessage, PeerMessage>;
+type PeerConn = flotilla_shared::frame::Connection<Stream, PeerMessage, PeerMessage>;
 
 /// Sends `msgs` in as few frames as fit: small ones batched up to
 /// [`CHUNK`] bytes a frame, each one larger in pieces.
@@ -244,22 +261,38 @@ async fn send_batch(conn: &mut PeerConn, msgs: &[Message]) -> Result<(), String>
     Ok(())
 }
 
-async fn connect(me: NodeId, addr: &str, token: Option<String>) -> Result<PeerConn, String> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+/// The token a client presents for `tokens` (the first of them).
+pub(crate) fn present(tokens: &Option<Tokens>) -> Option<String> {
+    tokens.as_ref().map(|t| t.present().to_string())
+}
+
+/// Connects to replica `peer` at `addr`: TCP, mutual TLS where configured
+/// (its certificate must name `peer`), then the Hello.
+async fn connect(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<PeerConn, String> {
+    let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    let _ = stream.set_nodelay(true);
-    let (conn, _) = client_handshake(stream, PeerRole::Coordinator { node: me }, token, PEER_MAX_FRAME)
-        .await
-        .map_err(|e| e.to_string())?;
+    let _ = tcp.set_nodelay(true);
+    let stream = match &auth.tls {
+        Some(tls) => tls.connect_peer(tcp, peer).await.map_err(|e| format!("TLS: {e}"))?,
+        None => Stream::Left(tcp),
+    };
+    let (conn, _) = client_handshake(
+        stream,
+        PeerRole::Coordinator { node: me, cluster: auth.cluster.clone() },
+        present(&auth.token),
+        PEER_MAX_FRAME,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(conn)
 }
 
-/// Asks the replica at `addr` whether it holds a Raft log (see
+/// Asks replica `peer` at `addr` whether it holds a Raft log (see
 /// `identity`): `Ok(has_log)`, or why it could not be asked.
-pub async fn probe(me: NodeId, addr: &str, token: Option<String>) -> Result<bool, String> {
-    let mut conn = connect(me, addr, token).await?;
+pub async fn probe(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<bool, String> {
+    let mut conn = connect(me, peer, addr, auth).await?;
     conn.send(PeerMessage::Probe).await.map_err(|e| e.to_string())?;
     match tokio::time::timeout(Duration::from_secs(2), conn.next()).await {
         Ok(Some(Ok(PeerMessage::ProbeReply { has_log }))) => Ok(has_log),
@@ -276,7 +309,7 @@ pub async fn probe(me: NodeId, addr: &str, token: Option<String>) -> Result<bool
 pub async fn serve(
     listener: TcpListener,
     me: NodeId,
-    token: Option<String>,
+    auth: PeerAuth,
     inbox: mpsc::Sender<Message>,
     has_log: Arc<AtomicBool>,
     shutdown: CancellationToken,
@@ -288,10 +321,10 @@ pub async fn serve(
             accepted = accept(&listener, "raft") => accepted,
         };
         let Some(slot) = admit(&slots, "raft", remote) else { continue };
-        let (token, inbox, shutdown, has_log) =
-            (token.clone(), inbox.clone(), shutdown.clone(), has_log.clone());
+        let (auth, inbox, shutdown, has_log) =
+            (auth.clone(), inbox.clone(), shutdown.clone(), has_log.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_peer(stream, me, token, inbox, &has_log, shutdown).await {
+            if let Err(e) = serve_peer(stream, me, &auth, inbox, &has_log, shutdown).await {
                 tracing::warn!(%remote, "peer connection closed: {e}");
             }
             drop(slot);
@@ -339,19 +372,49 @@ pub(crate) async fn accept(listener: &TcpListener, what: &str) -> (TcpStream, st
 }
 
 async fn serve_peer(
-    stream: TcpStream,
+    tcp: TcpStream,
     me: NodeId,
-    token: Option<String>,
+    auth: &PeerAuth,
     inbox: mpsc::Sender<Message>,
     has_log: &AtomicBool,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let (mut conn, hello) =
-        server_handshake::<_, PeerMessage, PeerMessage>(stream, me, token.as_deref(), PEER_MAX_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-    let PeerRole::Coordinator { node: from } = hello.role else {
-        return Err("a worker connected to the raft port; workers use --api-addr".into());
+    let stream = match &auth.tls {
+        Some(tls) => tls.accept_peer(tcp).await.map_err(|e| {
+            format!("TLS handshake failed: {e} (peers need a certificate of the cluster CA: --tls-ca, --tls-cert, --tls-key)")
+        })?,
+        None => Stream::Left(tcp),
+    };
+    let admit = |hello: &Hello, stream: &Stream| {
+        let refuse = |message: String| Err(ErrorReply { code: ErrorCode::Unauthorized, message });
+        match &hello.role {
+            PeerRole::Coordinator { node, cluster } if *cluster != auth.cluster => refuse(format!(
+                "node {node} belongs to cluster {cluster:?}, this replica to {:?}: check --peers and --cluster-id",
+                auth.cluster
+            )),
+            PeerRole::Coordinator { node, .. } if auth.tls.is_some() && !tls::peer_is(stream, *node) => {
+                refuse(format!(
+                "the certificate presented does not name {}: each replica connects with its own (--tls-cert)",
+                tls::node_name(*node)
+            ))
+            }
+            PeerRole::Coordinator { .. } => Ok(()),
+            PeerRole::Worker => {
+                refuse("this is a coordinator's Raft port; workers connect to its --api-addr".into())
+            }
+        }
+    };
+    let (mut conn, hello) = server_handshake::<_, PeerMessage, PeerMessage>(
+        stream,
+        me,
+        auth.token.as_ref(),
+        PEER_MAX_FRAME,
+        admit,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let PeerRole::Coordinator { node: from, .. } = hello.role else {
+        return Err("a worker was admitted to the raft port".into());
     };
     // a message arriving in pieces: its size and what came so far
     let mut partial: Option<(u64, Vec<u8>)> = None;
@@ -441,7 +504,7 @@ mod tests {
         tokio::spawn(serve(
             listener,
             NodeId(2),
-            None,
+            PeerAuth::default(),
             inbox,
             Arc::new(AtomicBool::new(false)),
             shutdown.clone(),
@@ -458,7 +521,7 @@ mod tests {
         drop(held);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match probe(NodeId(1), &addr, None).await {
+            match probe(NodeId(1), NodeId(2), &addr, &PeerAuth::default()).await {
                 Ok(has_log) => break assert!(!has_log),
                 Err(e) => assert!(std::time::Instant::now() < deadline, "the port did not recover: {e}"),
             }
@@ -474,16 +537,17 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let (inbox, mut received) = mpsc::channel(16);
         let has_log = Arc::new(AtomicBool::new(true));
-        tokio::spawn(serve(listener, NodeId(2), Some("t".into()), inbox, has_log, shutdown.clone()));
+        let auth = PeerAuth { token: Some(Tokens::one("t")), ..PeerAuth::default() };
+        tokio::spawn(serve(listener, NodeId(2), auth.clone(), inbox, has_log, shutdown.clone()));
         let (reports, mut reported) = mpsc::channel(16);
         let t = PeerTransport::start(
             NodeId(1),
             vec![(NodeId(2), addr.clone())],
-            Some("t".into()),
+            auth.clone(),
             reports,
             shutdown.clone(),
         );
-        assert!(probe(NodeId(1), &addr, Some("t".into())).await.unwrap(), "the probe answers has_log");
+        assert!(probe(NodeId(1), NodeId(2), &addr, &auth).await.unwrap(), "the probe answers has_log");
 
         // more than PEER_MAX_FRAME: could never travel in one frame
         let big = PEER_MAX_FRAME + 3 * CHUNK + 5;

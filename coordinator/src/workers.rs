@@ -15,15 +15,16 @@ use crate::state::Event;
 use crate::supervisor::{
     Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
 };
-use flotilla_shared::frame::{server_handshake, DEFAULT_MAX_FRAME};
+use flotilla_shared::frame::{server_handshake, Tokens, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::{CheckpointId, JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
+use flotilla_shared::tls::{NodeTls, Stream};
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
 use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -374,7 +375,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub async fn serve(
     listener: TcpListener,
     node: NodeHandle,
-    token: Option<String>,
+    token: Option<Tokens>,
+    tls: Option<NodeTls>,
     supervisor: mpsc::Sender<SupervisorInput>,
     shutdown: CancellationToken,
 ) {
@@ -387,9 +389,19 @@ pub async fn serve(
         };
         let Some(slot) = crate::transport::admit(&slots, "worker API", remote) else { continue };
         next_conn += 1;
-        let (conn, node, token, supervisor, shutdown) =
-            (next_conn, node.clone(), token.clone(), supervisor.clone(), shutdown.clone());
+        let (conn, node, token, tls, supervisor, shutdown) =
+            (next_conn, node.clone(), token.clone(), tls.clone(), supervisor.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let stream = match tls {
+                Some(tls) => match tls.accept_api(stream).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%remote, "worker connection: TLS handshake failed: {e} (workers need --tls-ca)");
+                        return;
+                    }
+                },
+                None => Stream::Left(stream),
+            };
             if let Err(e) = serve_worker(stream, conn, node, token, supervisor, shutdown).await {
                 tracing::warn!(%remote, "worker connection closed: {e}");
             }
@@ -399,10 +411,10 @@ pub async fn serve(
 }
 
 async fn serve_worker(
-    stream: TcpStream,
+    stream: Stream,
     conn_id: ConnId,
     node: NodeHandle,
-    token: Option<String>,
+    token: Option<Tokens>,
     supervisor: mpsc::Sender<SupervisorInput>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -410,8 +422,9 @@ async fn serve_worker(
     let (mut conn, _hello) = server_handshake::<_, WorkerMessage, CoordinatorMessage>(
         stream,
         me,
-        token.as_deref(),
+        token.as_ref(),
         DEFAULT_MAX_FRAME,
+        |_, _| Ok(()),
     )
     .await
     .map_err(|e| e.to_string())?;

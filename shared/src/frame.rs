@@ -223,15 +223,64 @@ pub fn token_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The tokens of one role: any of them is accepted, the first is the one
+/// presented. Several only while a token is rotated (docs/SECURITY.md).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tokens(Vec<String>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} redacted)", self.0.len())
+    }
+}
+
+impl Tokens {
+    /// One token.
+    pub fn one(token: impl Into<String>) -> Self {
+        Self(vec![token.into()])
+    }
+
+    /// A token file's contents: one token per line; blank lines and lines
+    /// starting with `#` are skipped. `None` when it holds no token.
+    pub fn parse(text: &str) -> Option<Self> {
+        let tokens: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        (!tokens.is_empty()).then_some(Self(tokens))
+    }
+
+    /// The token this side presents: the first.
+    pub fn present(&self) -> &str {
+        &self.0[0]
+    }
+
+    /// Whether `got` is one of them (compared in constant time, every one
+    /// compared).
+    pub fn accepts(&self, got: &str) -> bool {
+        self.0.iter().fold(false, |ok, want| ok | token_eq(want, got))
+    }
+
+    /// Whether the two share a token.
+    pub fn overlaps(&self, other: &Tokens) -> bool {
+        self.0.iter().any(|t| other.accepts(t))
+    }
+}
+
 /// Server side: reads the client's `Hello` (within [`HELLO_TIMEOUT`]),
-/// checks version and token, answers, and returns the connection retyped for
+/// checks version and token (any of `tokens`; none configured: open), then
+/// `admit` (which may refuse by role, or by what the connection `T` proved,
+/// e.g. a TLS certificate), answers, and returns the connection retyped for
 /// messages with the client's hello. A refusal is sent to the client before
 /// the error is returned (the caller then drops the connection).
 pub async fn server_handshake<T, In, Out>(
     io: T,
     node: NodeId,
-    token: Option<&str>,
+    tokens: Option<&Tokens>,
     max_frame: usize,
+    admit: impl FnOnce(&Hello, &T) -> Result<(), ErrorReply>,
 ) -> Result<(Connection<T, In, Out>, Hello), HandshakeError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -251,13 +300,13 @@ where
             ),
         })
     } else {
-        match (token, hello.token.as_deref()) {
-            (Some(want), Some(got)) if token_eq(want, got) => None,
+        match (tokens, hello.token.as_deref()) {
+            (Some(want), Some(got)) if want.accepts(got) => admit(&hello, conn.get_ref()).err(),
             (Some(_), _) => Some(ErrorReply {
                 code: ErrorCode::Unauthorized,
-                message: "missing or wrong token; pass the cluster's token with --token-file".into(),
+                message: "missing or wrong token; pass this role's token with --token-file".into(),
             }),
-            (None, _) => None,
+            (None, _) => admit(&hello, conn.get_ref()).err(),
         }
     };
     if let Some(reply) = refusal {
@@ -289,6 +338,18 @@ mod tests {
         let mut buf = BytesMut::new();
         Codec::new(DEFAULT_MAX_FRAME).encode(msg, &mut buf).unwrap();
         buf
+    }
+
+    #[test]
+    fn a_token_file_holds_one_token_or_several_while_rotating() {
+        assert_eq!(Tokens::parse(" \n# comment\n\n"), None);
+        let one = Tokens::parse("secret\n").unwrap();
+        assert_eq!((one.present(), one.accepts("secret"), one.accepts("secre")), ("secret", true, false));
+        let two = Tokens::parse("# new first\nnew\n  old  \n").unwrap();
+        assert_eq!(two.present(), "new");
+        assert!(two.accepts("new") && two.accepts("old") && !two.accepts("other"));
+        assert!(two.overlaps(&Tokens::one("old")) && !two.overlaps(&one));
+        assert_eq!(format!("{two:?}"), "Tokens(2 redacted)");
     }
 
     #[test]
@@ -420,6 +481,7 @@ mod tests {
             NodeId(1),
             None,
             DEFAULT_MAX_FRAME,
+            |_, _| Ok(()),
         )
         .await
         .err()
@@ -436,6 +498,7 @@ mod tests {
                 NodeId(1),
                 None,
                 DEFAULT_MAX_FRAME,
+                |_, _| Ok(()),
             )
             .await
         });
@@ -454,11 +517,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refusal_by_the_admission_check_reaches_the_client() {
+        let (client, server) = tokio::io::duplex(4096);
+        let srv = tokio::spawn(async move {
+            let admit = |hello: &Hello, _: &tokio::io::DuplexStream| match hello.role {
+                PeerRole::Worker => {
+                    Err(ErrorReply { code: ErrorCode::Unauthorized, message: "no workers here".into() })
+                }
+                PeerRole::Coordinator { .. } => Ok(()),
+            };
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(3), None, 4096, admit)
+                .await
+        });
+        let err =
+            client_handshake::<_, CoordinatorMessage, WorkerMessage>(client, PeerRole::Worker, None, 4096)
+                .await
+                .unwrap_err();
+        assert!(matches!(&err, HandshakeError::Refused(r) if r.message == "no workers here"), "{err:?}");
+        assert!(matches!(srv.await.unwrap(), Err(HandshakeError::Rejected(_))));
+    }
+
+    #[tokio::test]
     async fn handshake_accepts_right_token_and_refuses_wrong_one() {
         let (client, server) = tokio::io::duplex(4096);
         let srv = tokio::spawn(async move {
-            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(3), Some("s3cret"), 4096)
-                .await
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(
+                server,
+                NodeId(3),
+                Some(&Tokens::one("s3cret")),
+                4096,
+                |_, _| Ok(()),
+            )
+            .await
         });
         let (mut conn, node) = client_handshake::<_, CoordinatorMessage, WorkerMessage>(
             client,
@@ -480,8 +570,9 @@ mod tests {
                 server_handshake::<_, WorkerMessage, CoordinatorMessage>(
                     server,
                     NodeId(3),
-                    Some("s3cret"),
+                    Some(&Tokens::one("s3cret")),
                     4096,
+                    |_, _| Ok(()),
                 )
                 .await
             });
@@ -582,7 +673,10 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut client, server) = tokio::io::duplex(4096);
         let srv = tokio::spawn(async move {
-            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(1), None, 4096).await
+            server_handshake::<_, WorkerMessage, CoordinatorMessage>(server, NodeId(1), None, 4096, |_, _| {
+                Ok(())
+            })
+            .await
         });
         client.write_all(&[0, 0, 0, 3, PROTOCOL_VERSION, 0xde, 0xad]).await.unwrap();
         let err = srv.await.unwrap().unwrap_err();

@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod layout;
 pub mod shard;
 pub mod spec;
+pub mod tls;
 pub mod wire;
 
 #[cfg(target_endian = "big")]

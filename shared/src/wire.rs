@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Version of this protocol; carried in every frame and in [`Hello`].
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 
 /// Who opens a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub enum PeerRole {
     Coordinator {
         /// The sender's Raft id.
         node: NodeId,
+        /// The sender's cluster (`--cluster-id`): a replica of another
+        /// cluster is refused.
+        cluster: String,
     },
 }
 

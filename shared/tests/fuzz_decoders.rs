@@ -22,7 +22,7 @@ mod fuzz;
 use bytes::BytesMut;
 use flotilla_shared::checksum::Checksum;
 use flotilla_shared::frame::{
-    client_handshake, server_handshake, FrameCodec, FrameError, HandshakeError, DEFAULT_MAX_FRAME,
+    client_handshake, server_handshake, FrameCodec, FrameError, HandshakeError, Tokens, DEFAULT_MAX_FRAME,
     HELLO_MAX_FRAME,
 };
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
@@ -204,8 +204,12 @@ mod gen {
     }
 
     pub fn peer_role() -> BoxedStrategy<PeerRole> {
-        prop_oneof![Just(PeerRole::Worker), num().prop_map(|n| PeerRole::Coordinator { node: NodeId(n) })]
-            .boxed()
+        prop_oneof![
+            Just(PeerRole::Worker),
+            (num(), "[a-z0-9.-]{0,12}")
+                .prop_map(|(n, cluster)| PeerRole::Coordinator { node: NodeId(n), cluster })
+        ]
+        .boxed()
     }
 
     pub fn token() -> BoxedStrategy<Option<String>> {
@@ -663,7 +667,7 @@ fn frame_decoder_survives_arbitrary_streams() {
         vec(any::<Index>(), 0..6),
         max_frame(),
     );
-    check("frame_decoder_survives_arbitrary_streams", 2048, input, |(segments, muts, cuts, max)| {
+    check("frame_decoder_survives_arbitrary_streams", 8192, input, |(segments, muts, cuts, max)| {
         let bytes = mutated(render(&segments)?, &muts);
         consistent_stream::<WorkerMessage>(&bytes, &cuts, max)?;
         consistent_stream::<CoordinatorMessage>(&bytes, &cuts, max)?;
@@ -870,6 +874,7 @@ fn server_case(
         },
         None => want_without_frame(&sent.end, close),
     };
+    let tokens = token.clone().map(Tokens::one);
     let (served, reply) = paused_runtime().block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let serve = tokio::time::timeout(
@@ -877,8 +882,9 @@ fn server_case(
             server_handshake::<_, WorkerMessage, CoordinatorMessage>(
                 server,
                 NodeId(1),
-                token.as_deref(),
+                tokens.as_ref(),
                 max,
+                |_, _| Ok(()),
             ),
         );
         let send = async {
@@ -943,7 +949,7 @@ fn server_handshake_answers_every_first_frame_and_never_hangs() {
     );
     check(
         "server_handshake_answers_every_first_frame_and_never_hangs",
-        1024,
+        4096,
         input,
         |((first, tail, muts), close, token, max)| server_case(first, tail, muts, close, token, max),
     );
@@ -1012,7 +1018,7 @@ fn client_handshake_answers_every_reply_and_never_hangs() {
     let input = (peer_bytes(gen::hello_reply()), any::<bool>(), gen::peer_role(), gen::token());
     check(
         "client_handshake_answers_every_reply_and_never_hangs",
-        1024,
+        4096,
         input,
         |((first, tail, muts), close, role, token)| client_case(first, tail, muts, close, role, token),
     );
@@ -1029,7 +1035,7 @@ fn handshake_then_messages_round_trip_both_ways() {
     );
     check(
         "handshake_then_messages_round_trip_both_ways",
-        256,
+        2048,
         input,
         |(client_token, server_token, role, up, down)| {
             let accept = match &server_token {
@@ -1063,8 +1069,9 @@ fn handshake_then_messages_round_trip_both_ways() {
                     let (mut conn, hello) = server_handshake::<_, WorkerMessage, CoordinatorMessage>(
                         s,
                         NodeId(7),
-                        server_token.as_deref(),
+                        server_token.clone().map(Tokens::one).as_ref(),
                         DEFAULT_MAX_FRAME,
+                        |_, _| Ok(()),
                     )
                     .await
                     .map_err(|e| e.to_string())?;
@@ -1158,7 +1165,7 @@ fn wire_decoders_survive_arbitrary_and_damaged_bodies() {
         3 => message.prop_map(|m| (Some(m), Vec::new())),
     ];
     let input = (body, vec(mutation(MSGPACK_EDGES), 1..4));
-    check("wire_decoders_survive_arbitrary_and_damaged_bodies", 4096, input, |((msg, raw), muts)| {
+    check("wire_decoders_survive_arbitrary_and_damaged_bodies", 9216, input, |((msg, raw), muts)| {
         let encoded = match &msg {
             None => Ok(raw),
             Some(AnyMessage::Worker(m)) => rmp_serde::to_vec_named(m),
@@ -1428,7 +1435,7 @@ fn toml_line() -> BoxedStrategy<String> {
 
 #[test]
 fn spec_parser_survives_toml_like_text() {
-    check("spec_parser_survives_toml_like_text", 1024, vec(toml_line(), 0..24), |lines| {
+    check("spec_parser_survives_toml_like_text", 4096, vec(toml_line(), 0..24), |lines| {
         accepted_spec_holds(&lines.join("\n"))
     });
 }
@@ -1659,7 +1666,7 @@ fn valid_doc() -> BoxedStrategy<(JobSpec, Doc)> {
 
 #[test]
 fn spec_valid_documents_parse_to_what_they_say_and_round_trip() {
-    check("spec_valid_documents_parse_to_what_they_say_and_round_trip", 1024, valid_doc(), |(spec, doc)| {
+    check("spec_valid_documents_parse_to_what_they_say_and_round_trip", 2048, valid_doc(), |(spec, doc)| {
         let text = doc.render();
         let parsed = JobSpec::from_toml(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
         prop_assert_eq!(&parsed, &spec);
@@ -1752,7 +1759,7 @@ fn spec_one_broken_key_is_refused_and_named() {
         1 => any::<Index>().prop_map(Break::Missing),
         2 => (any::<Index>(), any::<Index>()).prop_map(|(k, v)| Break::WrongType(k, v)),
     ];
-    check("spec_one_broken_key_is_refused_and_named", 1024, (valid_doc(), brk), |((_, mut doc), brk)| {
+    check("spec_one_broken_key_is_refused_and_named", 2048, (valid_doc(), brk), |((_, mut doc), brk)| {
         let want: String = match &brk {
             Break::Range(k, r) => {
                 let key = RANGE_KEYS[k.index(RANGE_KEYS.len())];
@@ -1859,7 +1866,7 @@ fn spec_damaged_documents_never_panic_and_never_slip_through() {
     let input = (valid_doc(), vec(edit, 0..4), vec(mutation(JSON_EDGES), 0..3));
     check(
         "spec_damaged_documents_never_panic_and_never_slip_through",
-        1024,
+        2048,
         input,
         |((_, doc), edits, muts)| {
             let mut lines: Vec<String> = doc.render().lines().map(str::to_string).collect();
@@ -2092,7 +2099,7 @@ fn shard_header_reader_survives_arbitrary_files() {
         1 => vec(any::<u8>(), 0..96).prop_map(|b| (None, b, Vec::new())),
         8 => (raw_shard(), prop_oneof![2 => Just(Vec::new()), 1 => vec(mutation(JSON_EDGES), 1..3)]).prop_map(|(r, m)| (Some(r), Vec::new(), m)),
     ];
-    check("shard_header_reader_survives_arbitrary_files", 2048, input, |(raw, bytes, muts)| {
+    check("shard_header_reader_survives_arbitrary_files", 8192, input, |(raw, bytes, muts)| {
         let bytes = match &raw {
             Some(raw) => mutated(render_shard(raw), &muts),
             None => bytes,
@@ -2171,7 +2178,7 @@ fn shard_damage_is_always_detected_and_named() {
         1 => vec(any::<u8>(), 1..16).prop_map(FileDamage::Append),
         2 => vec((any::<Index>(), any::<u8>()), 1..6).prop_map(FileDamage::Overwrite),
     ];
-    check("shard_damage_is_always_detected_and_named", 384, (real_shard(), damage), |(shard, damage)| {
+    check("shard_damage_is_always_detected_and_named", 1024, (real_shard(), damage), |(shard, damage)| {
         let len: usize = shard.vars.iter().map(VariableSpec::byte_len).sum();
         let data = filler(shard.seed, len);
         let path = case_path(dir.path(), "rank.safetensors");
@@ -2276,7 +2283,7 @@ fn shard_writer_refuses_what_it_cannot_write_and_never_panics() {
     ];
     let var = (name, gen::dtype(), vec(gen::dim(), 0..3));
     let input = (vec(var, 0..5), option::weighted(0.3, 0usize..64), any::<u64>());
-    check("shard_writer_refuses_what_it_cannot_write_and_never_panics", 512, input, |(vars, len, seed)| {
+    check("shard_writer_refuses_what_it_cannot_write_and_never_panics", 1024, input, |(vars, len, seed)| {
         let vars: Vec<VariableSpec> = vars.into_iter().map(|(n, d, s)| VariableSpec::new(n, d, s)).collect();
         // the bytes the variables need, where that is a sane number
         let need = vars.iter().try_fold(0u128, |acc, v| {
@@ -2483,7 +2490,7 @@ fn manifest_reader_survives_damaged_manifests() {
         any::<bool>(),
         prop_oneof![4 => Just(None), 1 => vec(any::<u8>(), 0..64).prop_map(Some)],
     );
-    check("manifest_reader_survives_damaged_manifests", 1024, input, |(m, edits, muts, pretty, raw)| {
+    check("manifest_reader_survives_damaged_manifests", 9216, input, |(m, edits, muts, pretty, raw)| {
         let mut value = serde_json::to_value(&m).map_err(|e| TestCaseError::fail(e.to_string()))?;
         for e in &edits {
             edit_json(&mut value, e);
@@ -2515,7 +2522,7 @@ fn manifest_reader_survives_damaged_manifests() {
 #[test]
 fn manifest_written_is_read_back_identical() {
     let dir = tempdir();
-    check("manifest_written_is_read_back_identical", 64, manifest(), |m| {
+    check("manifest_written_is_read_back_identical", 1024, manifest(), |m| {
         let ckpt = case_path(dir.path(), "ckpt");
         std::fs::create_dir(&ckpt).map_err(|e| TestCaseError::fail(e.to_string()))?;
         m.write(&ckpt).map_err(|e| TestCaseError::fail(e.to_string()))?;

@@ -28,6 +28,7 @@ use axum::{Json, Router};
 use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank};
 use flotilla_shared::spec::JobSpec;
+use flotilla_shared::tls::Stream;
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, PeerRole, WorkerMessage, WorkerStatus};
 use futures::{SinkExt, StreamExt};
 use serde::Serialize;
@@ -49,8 +50,11 @@ pub struct WorkerOptions {
     pub rank: Rank,
     /// Where this worker's HTTP (status, metrics) listens.
     pub http_addr: Option<String>,
-    /// The cluster token.
+    /// The worker token.
     pub token: Option<String>,
+    /// `--tls-ca`: the coordinators serve the worker API over TLS, with
+    /// certificates of this CA naming the host each is reached by.
+    pub tls: Option<flotilla_shared::tls::ClientTls>,
     /// GPU index or UUID for NVML.
     pub gpu: Option<String>,
     /// Refuse to run without NVML.
@@ -265,7 +269,7 @@ struct Agent {
     host: String,
 }
 
-type Conn = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
+type Conn = Connection<Stream, CoordinatorMessage, WorkerMessage>;
 
 impl Agent {
     async fn session(
@@ -273,14 +277,22 @@ impl Agent {
         addr: &str,
         events: &mut mpsc::UnboundedReceiver<WorkerMessage>,
     ) -> Result<SessionEnd, SessionError> {
-        let stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
             .map_err(|_| SessionError::Retry("connect timed out".into()))?
             .map_err(|e| SessionError::Retry(format!("connect: {e}")))?;
-        let _ = stream.set_nodelay(true);
-        if let Ok(local) = stream.local_addr() {
+        let _ = tcp.set_nodelay(true);
+        if let Ok(local) = tcp.local_addr() {
             self.host = local.ip().to_string();
         }
+        let stream = match &self.opts.tls {
+            Some(tls) => tls.connect(tcp, addr).await.map_err(|e| {
+                SessionError::Retry(format!(
+                    "TLS to {addr}: {e} (the certificate must be of --tls-ca and name this host)"
+                ))
+            })?,
+            None => Stream::Left(tcp),
+        };
         let (mut conn, _node): (Conn, _) =
             client_handshake(stream, PeerRole::Worker, self.opts.token.clone(), DEFAULT_MAX_FRAME)
                 .await
