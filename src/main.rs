@@ -339,6 +339,9 @@ struct RaftArgs {
     /// Leader kills (SIGKILL) to time.
     #[arg(long, default_value_t = 7)]
     failovers: usize,
+    /// Also run a cluster with mutual TLS between replicas (HTTPS client) and compare.
+    #[arg(long)]
+    tls: bool,
     /// Where the replicas keep their data (a temporary directory by default).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -910,18 +913,53 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
 
 async fn run_bench_raft(args: RaftArgs) -> Result<()> {
     let (temp, bin) = bench_cluster_dir("flotilla-bench-raft-", args.dir.as_ref())?;
-    let opts = flotilla_coordinator::bench::RaftBenchOptions {
-        proposals: args.proposals,
-        failovers: args.failovers,
-    };
-    let r = flotilla_coordinator::bench::raft_bench(&bin, temp.path(), &opts)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let mut reports = Vec::new();
+    for tls in [false, true].into_iter().take(1 + usize::from(args.tls)) {
+        let opts = flotilla_coordinator::bench::RaftBenchOptions {
+            proposals: args.proposals,
+            failovers: args.failovers,
+            tls,
+        };
+        // each cluster in a directory of its own
+        let dir = temp.path().join(if tls { "tls" } else { "plain" });
+        std::fs::create_dir_all(&dir)?;
+        let r =
+            flotilla_coordinator::bench::raft_bench(&bin, &dir, &opts).await.map_err(anyhow::Error::msg)?;
+        reports.push(r);
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        // one report as before; with --tls, [plain, tls]
+        let json = match &reports[..] {
+            [one] => serde_json::to_string_pretty(one)?,
+            both => serde_json::to_string_pretty(both)?,
+        };
+        println!("{json}");
         return Ok(());
     }
     println!("bench raft: 3 replicas on loopback, fsync on, data in {}", temp.path().display());
+    for r in &reports {
+        print_raft_report(r);
+    }
+    if let [plain, tls] = &reports[..] {
+        println!(
+            "mutual TLS / plain: commit p50 {:.2}x, p99 {:.2}x, failover median {:.2}x",
+            tls.commit_p50_ms / plain.commit_p50_ms,
+            tls.commit_p99_ms / plain.commit_p99_ms,
+            tls.failover_p50_ms / plain.failover_p50_ms
+        );
+    }
+    Ok(())
+}
+
+fn print_raft_report(r: &flotilla_coordinator::bench::RaftBenchReport) {
+    println!(
+        "--- {}",
+        if r.tls {
+            "mutual TLS between replicas, HTTPS client"
+        } else {
+            "plain TCP between replicas, HTTP client"
+        }
+    );
     println!(
         "commit latency ({} sequential proposals, client-side): p50 {:.2} ms, p99 {:.2} ms",
         r.proposals, r.commit_p50_ms, r.commit_p99_ms
@@ -936,7 +974,6 @@ async fn run_bench_raft(args: RaftArgs) -> Result<()> {
         r.failover_p50_ms,
         runs.join(", ")
     );
-    Ok(())
 }
 
 fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {

@@ -28,11 +28,15 @@ pub struct RaftBenchOptions {
     pub proposals: usize,
     /// Leader kills to time.
     pub failovers: usize,
+    /// Run the replicas with mutual TLS and the client over HTTPS.
+    pub tls: bool,
 }
 
 /// The report.
 #[derive(Debug, Clone, Serialize)]
 pub struct RaftBenchReport {
+    /// Whether the replicas spoke mutual TLS (and the client HTTPS).
+    pub tls: bool,
     /// Proposals timed.
     pub proposals: usize,
     /// Median commit latency (client-side, HTTP included).
@@ -78,13 +82,15 @@ fn fsync_samples(dir: &Path, n: usize) -> std::io::Result<Vec<f64>> {
 
 /// Runs the benchmark with the `flotilla` binary at `bin`, under `dir`.
 pub async fn raft_bench(bin: &Path, dir: &Path, opts: &RaftBenchOptions) -> Result<RaftBenchReport, String> {
-    let quiet = LocalOptions { log_filter: Some("warn".into()), ..LocalOptions::default() };
+    let certs = opts.tls.then(|| dir.join("certs"));
+    let quiet =
+        LocalOptions { log_filter: Some("warn".into()), tls_dir: certs.clone(), ..LocalOptions::default() };
     let mut cluster =
         LocalCluster::start(bin, dir, 3, quiet).map_err(|e| format!("cannot start the cluster: {e}"))?;
     let timeout = Duration::from_secs(30);
     let leader = cluster.wait_for_leader(timeout).await?;
 
-    let http = reqwest::Client::new();
+    let http = crate::client::http_client(certs.map(|c| c.join("ca.pem")).as_deref())?;
     let url = format!("{}/v1/jobs", cluster.url(leader));
     let mut commits = Vec::with_capacity(opts.proposals);
     let root = dir.join("ckpt");
@@ -130,6 +136,7 @@ pub async fn raft_bench(bin: &Path, dir: &Path, opts: &RaftBenchOptions) -> Resu
     }
 
     Ok(RaftBenchReport {
+        tls: opts.tls,
         proposals: commits.len(),
         commit_p50_ms: quantile(&commits, 0.5),
         commit_p99_ms: quantile(&commits, 0.99),

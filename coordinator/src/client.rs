@@ -48,6 +48,8 @@ pub fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, Stri
 /// A client of a coordinator cluster.
 pub struct Client {
     http: reqwest::Client,
+    /// Whether a CA was given (`with_ca`), for the hint on TLS failures.
+    has_ca: bool,
     endpoints: Vec<String>,
     token: Option<String>,
     /// How long mutations keep retrying through elections.
@@ -59,13 +61,30 @@ impl Client {
     pub fn new(endpoints: Vec<String>, token: Option<String>) -> Self {
         let endpoints = endpoints.into_iter().map(|e| e.trim_end_matches('/').to_string()).collect();
         let http = http_client(None).expect("an HTTP client without a CA file always builds");
-        Self { http, endpoints, token, patience: Duration::from_secs(20) }
+        Self { http, has_ca: false, endpoints, token, patience: Duration::from_secs(20) }
     }
 
     /// Trusts the cluster CA in `ca` (`--tls-ca`) for `https://` endpoints.
     pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, String> {
         self.http = http_client(Some(ca))?;
+        self.has_ca = true;
         Ok(self)
+    }
+
+    /// A request error with its causes (reqwest's own text hides them, a
+    /// refused certificate among them), and the way out for HTTPS without
+    /// the cluster CA.
+    fn describe(&self, e: &reqwest::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        if !self.has_ca && e.url().is_some_and(|u| u.scheme() == "https") {
+            text.push_str("; for https:// endpoints give the cluster CA with --tls-ca (or FLOTILLA_TLS_CA)");
+        }
+        text
     }
 
     fn unreachable(&self, last: String) -> ClientError {
@@ -104,7 +123,7 @@ impl Client {
             .timeout(Duration::from_secs(15))
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable { endpoints: base.to_string(), last: e.to_string() })?;
+            .map_err(|e| ClientError::Unreachable { endpoints: base.to_string(), last: self.describe(&e) })?;
         if resp.status().is_success() {
             resp.json().await.map_err(|e| ClientError::Refused(format!("{base} sent an invalid status: {e}")))
         } else {
@@ -123,7 +142,7 @@ impl Client {
             .timeout(Duration::from_secs(15))
             .send()
             .await
-            .map_err(|e| ClientError::Unreachable { endpoints: base.clone(), last: e.to_string() })?;
+            .map_err(|e| ClientError::Unreachable { endpoints: base.clone(), last: self.describe(&e) })?;
         if !resp.status().is_success() {
             return Err(ClientError::Refused(error_text(resp).await));
         }
@@ -217,7 +236,7 @@ impl Client {
                 let resp = match req.send().await {
                     Ok(resp) => resp,
                     Err(e) => {
-                        last = format!("{base}: {e}");
+                        last = format!("{base}: {}", self.describe(&e));
                         continue;
                     }
                 };
