@@ -294,7 +294,11 @@ async fn checkpoint(
         Failed(String),
     }
     let mut first_id = first_id;
+    // woken by every change of the node's status (each apply moves the
+    // applied index), not a polling period: a commit is answered at once
+    let mut applied = s.node.watch_status();
     loop {
+        applied.borrow_and_update();
         let outcome = s.node.read_state(|st| {
             let j = st.jobs.get(&job)?;
             if j.state.is_terminal() {
@@ -331,7 +335,13 @@ async fn checkpoint(
                     format!("no checkpoint of job {job} committed in time; is every worker running?"),
                 )
             }
-            None => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => {
+                let woken = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
+                if matches!(woken, Ok(Err(_))) {
+                    // the node stopped: no more changes will come
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
     }
 }
