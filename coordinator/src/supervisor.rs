@@ -378,6 +378,8 @@ pub struct Supervisor {
     jobs: BTreeMap<JobName, JobSoft>,
     conns: BTreeMap<ConnId, (JobName, Rank)>,
     inflight: BTreeMap<ProposalKey, u64>,
+    /// Reconciles run so far (each visits every rank of every job).
+    reconciles: u64,
 }
 
 fn send(conn: ConnId, msg: CoordinatorMessage) -> Action {
@@ -428,7 +430,13 @@ impl Supervisor {
             jobs: BTreeMap::new(),
             conns: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            reconciles: 0,
         }
+    }
+
+    /// Reconciles run so far (the cost that grows with the ranks).
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles
     }
 
     fn soft(&mut self, job: &JobName, now: u64) -> &mut JobSoft {
@@ -470,15 +478,44 @@ impl Supervisor {
     /// Handles one observation, then reconciles (a heartbeat waits for the
     /// next tick: it changes progress, not what is due, and there are many).
     pub fn observe(&mut self, ledger: &State, now: Now, obs: Observation) -> Vec<Action> {
+        self.observe_batch(ledger, now, [obs])
+    }
+
+    /// Takes in every observation of `batch`, then reconciles once if any
+    /// of them was more than a heartbeat. What arrived together is judged
+    /// together: a checkpoint's N shard reports cost one reconcile, not N
+    /// (each reconcile visits every rank, so one per report is quadratic in
+    /// the workers).
+    pub fn observe_batch(
+        &mut self,
+        ledger: &State,
+        now: Now,
+        batch: impl IntoIterator<Item = Observation>,
+    ) -> Vec<Action> {
         let mut out = Vec::new();
-        let heartbeat = matches!(obs, Observation::Message { msg: WorkerMessage::Heartbeat { .. }, .. });
+        let mut reconcile = false;
+        for obs in batch {
+            let heartbeat = matches!(obs, Observation::Message { msg: WorkerMessage::Heartbeat { .. }, .. });
+            // a refused registration has nothing of its own to reconcile
+            let taken = self.take(ledger, now, obs, &mut out);
+            reconcile |= taken && !heartbeat;
+        }
+        if reconcile {
+            out.extend(self.tick(ledger, now));
+        }
+        out
+    }
+
+    /// Takes in one observation (no reconcile); false when it was a
+    /// registration that was refused.
+    fn take(&mut self, ledger: &State, now: Now, obs: Observation, out: &mut Vec<Action>) -> bool {
         match obs {
             Observation::Registered(r) => {
-                if !self.registered(ledger, now, r, &mut out) {
-                    return out;
+                if !self.registered(ledger, now, r, out) {
+                    return false;
                 }
             }
-            Observation::Message { conn, msg } => self.message(ledger, now, conn, msg, &mut out),
+            Observation::Message { conn, msg } => self.message(ledger, now, conn, msg, out),
             Observation::Disconnected { conn } => {
                 if let Some((job, rank)) = self.conns.remove(&conn) {
                     if let Some(r) = self.soft(&job, now.mono_ms).ranks.get_mut(&rank) {
@@ -500,14 +537,12 @@ impl Supervisor {
                 self.soft(&job, now.mono_ms).files.remove(&work);
             }
         }
-        if !heartbeat {
-            out.extend(self.tick(ledger, now));
-        }
-        out
+        true
     }
 
     /// Reconciles every job against the ledger.
     pub fn tick(&mut self, ledger: &State, now: Now) -> Vec<Action> {
+        self.reconciles += 1;
         let mut out = Vec::new();
         for j in ledger.jobs.values() {
             self.reconcile(j, now, &mut out);

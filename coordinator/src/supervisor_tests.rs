@@ -1068,3 +1068,69 @@ fn a_trainer_that_fails_while_its_generation_is_set_up_restarts_the_set_up_once(
     w.deliver_all();
     w.until(20, |w| w.job().state == JobState::Running);
 }
+
+#[test]
+fn shard_reports_that_arrive_together_are_judged_by_one_reconcile() {
+    const N: usize = 64;
+    let gather = |w: &mut World| {
+        // every rank trains until it has saved the pending checkpoint; its
+        // report is held back, as if all arrived in the same instant
+        let mut held = Vec::new();
+        for _ in 0..50 {
+            w.deliver_all();
+            for i in 0..N {
+                for msg in w.workers[i].train() {
+                    match msg {
+                        WorkerMessage::ShardSaved { .. } => {
+                            held.push(Observation::Message { conn: w.workers[i].conn, msg })
+                        }
+                        other => w.send(i, other),
+                    }
+                }
+            }
+            if held.len() == N {
+                return held;
+            }
+        }
+        panic!("only {} of {N} ranks saved", held.len());
+    };
+    let commits = |actions: &[Action]| -> Vec<usize> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Propose(Command::CommitCheckpoint { shards, .. }) => Some(shards.len()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    let mut w = World::new(N as u32);
+    w.running();
+    w.observe(Observation::CheckpointRequested { job: name() });
+    w.until(50, |w| w.job().pending().is_some());
+    let held = gather(&mut w);
+    let before = w.sup.reconciles();
+    let t = w.t();
+    let actions = w.sup.observe_batch(&w.st, t, held);
+    assert_eq!(w.sup.reconciles() - before, 1, "N reports together: one reconcile");
+    assert_eq!(commits(&actions), vec![N], "and one commit of every shard");
+    w.route(actions);
+    w.apply_all();
+    let first = w.job().latest_committed().expect("committed").id;
+
+    // the same reports one at a time: one reconcile each, the same commit
+    w.observe(Observation::CheckpointRequested { job: name() });
+    w.until(50, |w| w.job().pending().is_some());
+    let held = gather(&mut w);
+    let before = w.sup.reconciles();
+    let mut actions = Vec::new();
+    for obs in held {
+        let t = w.t();
+        actions.extend(w.sup.observe(&w.st, t, obs));
+    }
+    assert_eq!(w.sup.reconciles() - before, N as u64);
+    assert_eq!(commits(&actions), vec![N]);
+    w.route(actions);
+    w.apply_all();
+    assert!(w.job().latest_committed().unwrap().id > first);
+}

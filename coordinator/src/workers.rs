@@ -97,6 +97,9 @@ pub fn start_supervisor(
     (SupervisorHandle { tx: tx.clone() }, view, tx)
 }
 
+/// Observations taken in at once at most (a bound on one turn's latency).
+const MAX_BATCH: usize = 4096;
+
 async fn run_supervisor(
     node: NodeHandle,
     mut rx: mpsc::Receiver<SupervisorInput>,
@@ -121,25 +124,37 @@ async fn run_supervisor(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            input = rx.recv() => match input {
-                None => return,
-                Some(SupervisorInput::Connected { conn, tx }) => { conns.insert(conn, tx); }
-                Some(SupervisorInput::Proposed { key, events }) => {
-                    observe_events(&metrics, &mut restoring_since, &events);
-                    if let Some(s) = sup.as_mut() {
-                        actions = node.read_state(|st| s.observe(st, clock.now(), Observation::ProposalDone { key }));
+            input = rx.recv() => {
+                let Some(first) = input else { return };
+                // everything already queued is taken in together and judged
+                // by one reconcile (Supervisor::observe_batch)
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(input) = next {
+                    match input {
+                        SupervisorInput::Connected { conn, tx } => { conns.insert(conn, tx); }
+                        SupervisorInput::Proposed { key, events } => {
+                            observe_events(&metrics, &mut restoring_since, &events);
+                            batch.push(Observation::ProposalDone { key });
+                        }
+                        SupervisorInput::Observe(obs) => {
+                            if let Observation::Disconnected { conn } = &obs {
+                                conns.remove(conn);
+                            }
+                            batch.push(obs);
+                        }
                     }
+                    next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
                 }
-                Some(SupervisorInput::Observe(obs)) => {
-                    if let Observation::Disconnected { conn } = &obs {
-                        conns.remove(conn);
-                    }
-                    if let Some(s) = sup.as_mut() {
-                        actions = node.read_state(|st| s.observe(st, clock.now(), obs));
-                    } else if let Observation::Registered(Registration { conn, .. }) = obs {
-                        // leadership moved between accept and now
-                        if let Some(tx) = conns.remove(&conn) {
-                            let _ = tx.try_send(None);
+                if let Some(s) = sup.as_mut() {
+                    actions = node.read_state(|st| s.observe_batch(st, clock.now(), batch));
+                } else {
+                    for obs in batch {
+                        if let Observation::Registered(Registration { conn, .. }) = obs {
+                            // leadership moved between accept and now
+                            if let Some(tx) = conns.remove(&conn) {
+                                let _ = tx.try_send(None);
+                            }
                         }
                     }
                 }
