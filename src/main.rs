@@ -304,6 +304,9 @@ struct InspectArgs {
 enum BenchCommand {
     /// N simulated workers against a real 3-replica cluster: checkpoint rounds, failure to restore, leader CPU.
     Coordinator(CoordinatorBenchArgs),
+    /// Simulated workers for `bench coordinator` (started by it; driven over stdin/stdout).
+    #[command(hide = true)]
+    SimWorkers(SimWorkersArgs),
     /// A real 3-replica coordinator cluster on loopback: commit latency with fsync, leader failover time.
     Raft(RaftArgs),
     /// One rank's checkpoint: training stall, shard write and read+verify, against a plain write + fsync.
@@ -323,12 +326,32 @@ struct CoordinatorBenchArgs {
     /// Worker failures to time.
     #[arg(long, default_value_t = 5)]
     failures: usize,
+    /// Processes to run the simulated workers in (default: one per 512, at most 8).
+    #[arg(long)]
+    procs: Option<u32>,
+    /// Where the simulated workers write their shards (default: beside the replicas' data
+    /// dirs). A tmpfs such as /dev/shm takes one disk's fsyncs out of the round.
+    #[arg(long)]
+    shard_dir: Option<PathBuf>,
     /// Where the replicas keep their data (a temporary directory by default).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Print machine-readable JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct SimWorkersArgs {
+    /// The coordinators' worker API addresses.
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// The job.
+    #[arg(long)]
+    job: String,
+    /// The ranks to simulate, START..END (END excluded).
+    #[arg(long)]
+    ranks: String,
 }
 
 #[derive(Args)]
@@ -424,6 +447,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Raft(args)) => block_on(run_bench_raft(args)),
         Command::Bench(BenchCommand::Exec(args)) => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(bench_exec::run(args))
+        }
+        Command::Bench(BenchCommand::SimWorkers(args)) => {
+            let (start, end) = args
+                .ranks
+                .split_once("..")
+                .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+                .with_context(|| format!("--ranks {:?}: expected START..END", args.ranks))?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+                flotilla_coordinator::bench::sim_workers(args.endpoints, args.job, start..end)
+                    .await
+                    .map_err(anyhow::Error::msg)
+            })
         }
         Command::Bench(BenchCommand::Coordinator(args)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -893,6 +928,8 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         workers: args.workers,
         rounds: args.rounds,
         failures: args.failures,
+        procs: args.procs.unwrap_or_else(|| args.workers.div_ceil(512).clamp(1, 8)),
+        shard_root: args.shard_dir.clone(),
     };
     let r = flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts)
         .await
@@ -901,13 +938,21 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
-    println!("bench coordinator: {} simulated workers against 3 replicas on loopback, fsync on", r.workers);
+    println!(
+        "bench coordinator: {} simulated workers in {} processes against 3 replicas on loopback, fsync on",
+        r.workers, r.procs
+    );
     println!(
         "checkpoint round, begin to commit ({} rounds): p50 {:.0} ms, p99 {:.0} ms",
         r.rounds, r.round_p50_ms, r.round_p99_ms
     );
     println!("worker connection lost -> restore directive at the others: median {:.0} ms (500 ms of it is the reconnect grace)", r.detect_to_restore_ms);
-    println!("leader CPU during the rounds: {:.4} cores per worker", r.leader_cpu_cores_per_worker);
+    println!("leader CPU during the rounds: {:.5} cores per worker", r.leader_cpu_cores_per_worker);
+    println!(
+        "leader memory: {:.0} bytes per worker (resident, grown since before they registered)",
+        r.leader_rss_bytes_per_worker
+    );
+    println!("proposals applied by the leader during the rounds: {:.1} per second", r.proposals_per_second);
     Ok(())
 }
 

@@ -170,6 +170,12 @@ pub struct CoordinatorBenchOptions {
     pub rounds: usize,
     /// Worker failures to time.
     pub failures: usize,
+    /// Processes to spread the simulated workers over.
+    pub procs: u32,
+    /// Where the simulated workers write their shards (default: beside the
+    /// replicas' data). On tmpfs their fsyncs cost nothing, so the round is
+    /// the coordinator's work, not one disk flushing every worker's file.
+    pub shard_root: Option<std::path::PathBuf>,
 }
 
 /// The report of `bench coordinator` (SPEC §8 keys).
@@ -188,6 +194,13 @@ pub struct CoordinatorBenchReport {
     pub detect_to_restore_ms: f64,
     /// Leader CPU during the rounds, in cores per simulated worker.
     pub leader_cpu_cores_per_worker: f64,
+    /// The leader's resident memory grown from before the workers
+    /// registered to after the rounds, per simulated worker.
+    pub leader_rss_bytes_per_worker: f64,
+    /// Proposals the leader applied per second during the rounds.
+    pub proposals_per_second: f64,
+    /// Processes the simulated workers ran in.
+    pub procs: u32,
 }
 
 /// A simulated worker of job `job`: the real protocol over real TCP, no
@@ -289,35 +302,160 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// `flotilla bench sim-workers`: ranks `ranks` of job `job` as simulated
+/// workers in this process, driven by the parent `bench coordinator` over
+/// pipes, so that many processes can share the load of thousands of ranks:
+/// - stdin `drop RANK`: the rank's connection drops (as if its process
+///   died); `start RANK`: a new process of it, a new incarnation, registers;
+/// - stdout `restore RANK UNIX_NS`: the rank received a restore directive.
+///
+/// Runs until stdin closes.
+pub async fn sim_workers(
+    endpoints: Vec<String>,
+    job: String,
+    ranks: std::ops::Range<u32>,
+) -> Result<(), String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Instant)>();
+    // incarnations unique across processes and drops: this process's start time
+    let mut incarnation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    let spawn = |rank: u32, incarnation: u64| {
+        let (endpoints, job, tx) = (endpoints.clone(), job.clone(), restore_tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sim_worker(endpoints, &job, rank, incarnation, tx).await {
+                tracing::debug!("sim worker {rank}: {e}");
+            }
+        })
+    };
+    let mut tasks = std::collections::HashMap::new();
+    for rank in ranks.clone() {
+        incarnation += 1;
+        tasks.insert(rank, spawn(rank, incarnation));
+    }
+    let printer = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some((rank, at)) = restore_rx.recv().await {
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+                - at.elapsed();
+            let line = format!("restore {rank} {}\n", unix.as_nanos());
+            if out.write_all(line.as_bytes()).await.is_err() || out.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await.map_err(|e| format!("stdin: {e}"))? {
+        let (verb, rank) = line.split_once(' ').unwrap_or((&line, ""));
+        let rank = rank.trim().parse::<u32>().ok().filter(|r| ranks.contains(r));
+        match (verb, rank) {
+            ("drop", Some(rank)) => {
+                if let Some(task) = tasks.remove(&rank) {
+                    task.abort();
+                }
+            }
+            ("start", Some(rank)) => {
+                incarnation += 1;
+                if let Some(old) = tasks.insert(rank, spawn(rank, incarnation)) {
+                    old.abort();
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "stdin: {line:?} is not `drop RANK` or `start RANK` for a rank in {ranks:?}"
+                ))
+            }
+        }
+    }
+    for (_, task) in tasks {
+        task.abort();
+    }
+    printer.abort();
+    Ok(())
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn process_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// The leader's applied proposals so far (its `/metrics`).
+async fn applied_proposals(http: &reqwest::Client, url: &str) -> Option<f64> {
+    let text = http.get(format!("{url}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with("flotilla_raft_proposals_total{outcome=\"applied\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Runs `bench coordinator` with the `flotilla` binary at `bin`, under `dir`.
 pub async fn coordinator_bench(
     bin: &Path,
     dir: &Path,
     opts: &CoordinatorBenchOptions,
 ) -> Result<CoordinatorBenchReport, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let quiet = LocalOptions { log_filter: Some("warn".into()), ..LocalOptions::default() };
     let cluster =
         LocalCluster::start(bin, dir, 3, quiet).map_err(|e| format!("cannot start the cluster: {e}"))?;
-    let timeout = Duration::from_secs(30);
+    let timeout = Duration::from_secs(30 + u64::from(opts.workers) / 100);
     let leader = cluster.wait_for_leader(timeout).await?;
     let client = crate::client::Client::new(vec![cluster.url(leader)], None);
     let spec = format!(
         "name = \"bench\"\nworld_size = {}\n[checkpoint]\nevery_steps = 1000000000000\nkeep_last = 100000\nroot = \"{}\"\n\
          [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\nmax_restarts = 1000\n",
         opts.workers,
-        dir.join("ckpt").display()
+        opts.shard_root.clone().unwrap_or_else(|| dir.join("ckpt")).display()
     );
     client.submit(&spec).await.map_err(|e| e.to_string())?;
-    let endpoints: Vec<String> = cluster.api_endpoints().split(',').map(String::from).collect();
-    let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut tasks = std::collections::HashMap::new();
-    let mut incarnation = 1u64;
-    for rank in 0..opts.workers {
-        incarnation += 1;
-        tasks.insert(
-            rank,
-            tokio::spawn(sim_worker(endpoints.clone(), "bench", rank, incarnation, restore_tx.clone())),
-        );
+    let leader_pid = cluster.nodes[leader.0 as usize - 1].pid().ok_or("leader not running")?;
+    let rss0 = process_rss_bytes(leader_pid);
+
+    // the simulated workers, in `procs` processes of contiguous ranks
+    let procs = opts.procs.clamp(1, opts.workers);
+    let per = opts.workers.div_ceil(procs);
+    let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, u128)>();
+    let mut children = Vec::new();
+    for k in 0..procs {
+        let ranks = (k * per)..((k + 1) * per).min(opts.workers);
+        if ranks.is_empty() {
+            continue;
+        }
+        let log =
+            std::fs::File::create(dir.join(format!("sim-workers-{k}.log"))).map_err(|e| e.to_string())?;
+        let mut child = tokio::process::Command::new(bin)
+            .args(["bench", "sim-workers", "--endpoints", &cluster.api_endpoints(), "--job", "bench"])
+            .args(["--ranks", &format!("{}..{}", ranks.start, ranks.end)])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start simulated workers: {e}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let tx = restore_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut parts = line.split(' ').skip(1);
+                let rank = parts.next().and_then(|r| r.parse().ok());
+                let at = parts.next().and_then(|t| t.parse().ok());
+                if let (Some(rank), Some(at)) = (rank, at) {
+                    let _ = tx.send((rank, at));
+                }
+            }
+        });
+        children.push((ranks, child));
     }
     let wait_running = || async {
         let deadline = Instant::now() + timeout;
@@ -339,7 +477,8 @@ pub async fn coordinator_bench(
     };
     wait_running().await?;
 
-    let leader_pid = cluster.nodes[leader.0 as usize - 1].pid().ok_or("leader not running")?;
+    let http = reqwest::Client::new();
+    let proposals0 = applied_proposals(&http, &cluster.url(leader)).await;
     let cpu0 = process_cpu_seconds(leader_pid);
     let wall0 = Instant::now();
     for _ in 0..opts.rounds {
@@ -347,6 +486,9 @@ pub async fn coordinator_bench(
     }
     let wall = wall0.elapsed().as_secs_f64();
     let cpu = cpu0.zip(process_cpu_seconds(leader_pid)).map_or(f64::NAN, |(a, b)| b - a);
+    let proposals =
+        proposals0.zip(applied_proposals(&http, &cluster.url(leader)).await).map_or(f64::NAN, |(a, b)| b - a);
+    let rss = rss0.zip(process_rss_bytes(leader_pid)).map_or(f64::NAN, |(a, b)| b.saturating_sub(a) as f64);
     let status = client.status(Some("bench")).await.map_err(|e| e.to_string())?;
     // the ledger's own begin and commit times (every checkpoint is kept)
     let round_times: Vec<f64> = status.jobs[0]
@@ -358,38 +500,42 @@ pub async fn coordinator_bench(
 
     let mut detect = Vec::new();
     for i in 0..opts.failures {
-        let victim = (i as u32) % opts.workers;
+        let victim = (i as u32 * 7919) % opts.workers;
         while restore_rx.try_recv().is_ok() {}
-        if let Some(task) = tasks.remove(&victim) {
-            task.abort();
-        }
-        let killed = Instant::now();
+        let (_, child) =
+            children.iter_mut().find(|(r, _)| r.contains(&victim)).ok_or("no process for the rank")?;
+        let stdin = child.stdin.as_mut().ok_or("no stdin")?;
+        let dropped = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_nanos();
+        stdin.write_all(format!("drop {victim}\n").as_bytes()).await.map_err(|e| e.to_string())?;
+        stdin.flush().await.map_err(|e| e.to_string())?;
         let first = loop {
             let (rank, at) = tokio::time::timeout(timeout, restore_rx.recv())
                 .await
                 .map_err(|_| "no restore directive after a worker failure".to_string())?
                 .ok_or("restore channel closed")?;
-            if rank != victim {
+            if rank != victim && at >= dropped {
                 break at;
             }
         };
-        detect.push(first.duration_since(killed).as_secs_f64() * 1e3);
-        incarnation += 1;
-        tasks.insert(
-            victim,
-            tokio::spawn(sim_worker(endpoints.clone(), "bench", victim, incarnation, restore_tx.clone())),
-        );
+        detect.push((first - dropped) as f64 / 1e6);
+        let stdin = child.stdin.as_mut().ok_or("no stdin")?;
+        stdin.write_all(format!("start {victim}\n").as_bytes()).await.map_err(|e| e.to_string())?;
+        stdin.flush().await.map_err(|e| e.to_string())?;
         wait_running().await?;
     }
-    for (_, t) in tasks {
-        t.abort();
-    }
+    drop(children);
     Ok(CoordinatorBenchReport {
         workers: opts.workers,
+        procs,
         rounds: round_times.len(),
         round_p50_ms: quantile(&round_times, 0.5),
         round_p99_ms: quantile(&round_times, 0.99),
         detect_to_restore_ms: quantile(&detect, 0.5),
         leader_cpu_cores_per_worker: cpu / wall / f64::from(opts.workers),
+        leader_rss_bytes_per_worker: rss / f64::from(opts.workers),
+        proposals_per_second: proposals / wall,
     })
 }
