@@ -329,6 +329,9 @@ struct CoordinatorBenchArgs {
     /// Processes to run the simulated workers in (default: one per 512, at most 8).
     #[arg(long)]
     procs: Option<u32>,
+    /// The simulated workers' heartbeat period, ms (the job's heartbeat_interval_ms).
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
     /// Where the simulated workers write their shards (default: beside the replicas' data
     /// dirs). A tmpfs such as /dev/shm takes one disk's fsyncs out of the round.
     #[arg(long)]
@@ -352,6 +355,9 @@ struct SimWorkersArgs {
     /// The ranks to simulate, START..END (END excluded).
     #[arg(long)]
     ranks: String,
+    /// Heartbeat period, ms.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
 }
 
 #[derive(Args)]
@@ -455,9 +461,14 @@ fn run(cli: Cli) -> Result<()> {
                 .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
                 .with_context(|| format!("--ranks {:?}: expected START..END", args.ranks))?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-                flotilla_coordinator::bench::sim_workers(args.endpoints, args.job, start..end)
-                    .await
-                    .map_err(anyhow::Error::msg)
+                flotilla_coordinator::bench::sim_workers(
+                    args.endpoints,
+                    args.job,
+                    args.heartbeat_ms,
+                    start..end,
+                )
+                .await
+                .map_err(anyhow::Error::msg)
             })
         }
         Command::Bench(BenchCommand::Coordinator(args)) => tokio::runtime::Builder::new_multi_thread()
@@ -929,6 +940,7 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         rounds: args.rounds,
         failures: args.failures,
         procs: args.procs.unwrap_or_else(|| args.workers.div_ceil(512).clamp(1, 8)),
+        heartbeat_ms: args.heartbeat_ms,
         shard_root: args.shard_dir.clone(),
     };
     let r = flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts)

@@ -450,7 +450,7 @@ async fn thousands_of_checkpoint_cycles_keep_the_snapshot_bounded_and_every_foll
     let endpoints: Vec<String> = cluster.api_endpoints().split(',').map(String::from).collect();
     let (restores, _restored) = tokio::sync::mpsc::unbounded_channel();
     let workers: Vec<_> = (0..2)
-        .map(|rank| tokio::spawn(sim_worker(endpoints.clone(), "cycles", rank, 1, restores.clone())))
+        .map(|rank| tokio::spawn(sim_worker(endpoints.clone(), "cycles", 100, rank, 1, restores.clone())))
         .collect();
     wait_for("the job running", LONG, || async {
         let job = client.status(Some("cycles")).await.map_err(|e| e.to_string())?.jobs.remove(0);

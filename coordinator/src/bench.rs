@@ -172,6 +172,8 @@ pub struct CoordinatorBenchOptions {
     pub failures: usize,
     /// Processes to spread the simulated workers over.
     pub procs: u32,
+    /// The workers' heartbeat period (the job's `heartbeat_interval_ms`).
+    pub heartbeat_ms: u64,
     /// Where the simulated workers write their shards (default: beside the
     /// replicas' data). On tmpfs their fsyncs cost nothing, so the round is
     /// the coordinator's work, not one disk flushing every worker's file.
@@ -210,6 +212,7 @@ pub struct CoordinatorBenchReport {
 pub async fn sim_worker(
     endpoints: Vec<String>,
     job: &str,
+    heartbeat_ms: u64,
     rank: u32,
     incarnation: u64,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
@@ -223,38 +226,50 @@ pub async fn sim_worker(
 
     let job = JobName::new(job).map_err(|e| e.to_string())?;
     let mut target = endpoints[0].clone();
-    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
-        let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
-        let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        c.send(WorkerMessage::Register {
-            job: job.clone(),
-            rank: Rank(rank),
-            incarnation: Incarnation(incarnation),
-            http_addr: None,
-            generation: None,
-            step: Step(0),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        match c.next().await {
-            Some(Ok(CoordinatorMessage::Registered { .. })) => break c,
-            Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })) => target = l,
-            other => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                target = endpoints
-                    [(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
-                .clone();
-                tracing::debug!("sim worker {rank}: {other:?}");
-            }
+    let register = |target: String| {
+        let job = job.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
+            let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
+            let register = WorkerMessage::Register {
+                job,
+                rank: Rank(rank),
+                incarnation: Incarnation(incarnation),
+                http_addr: None,
+                generation: None,
+                step: Step(0),
+            };
+            c.send(register).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((c.next().await, c))
         }
+    };
+    // like a real worker, retry whatever fails (thousands connecting at
+    // once can overflow a listen backlog), with a jittered backoff
+    let mut backoff = Duration::from_millis(50);
+    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
+        let why = match register(target.clone()).await {
+            Ok((Some(Ok(CoordinatorMessage::Registered { .. })), c)) => break c,
+            Ok((Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })), _)) => {
+                target = l;
+                continue;
+            }
+            Ok((other, _)) => format!("{other:?}"),
+            Err(e) => e,
+        };
+        tracing::debug!("sim worker {rank}: {why}; retrying");
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        target = endpoints[(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
+            .clone();
     };
     let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
     let data = vec![0u8; 1024];
     let mut generation = Generation(1);
     let mut step = 0u64;
-    let mut heartbeat = tokio::time::interval(Duration::from_millis(100));
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
@@ -313,6 +328,7 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
 pub async fn sim_workers(
     endpoints: Vec<String>,
     job: String,
+    heartbeat_ms: u64,
     ranks: std::ops::Range<u32>,
 ) -> Result<(), String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -324,7 +340,7 @@ pub async fn sim_workers(
     let spawn = |rank: u32, incarnation: u64| {
         let (endpoints, job, tx) = (endpoints.clone(), job.clone(), restore_tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = sim_worker(endpoints, &job, rank, incarnation, tx).await {
+            if let Err(e) = sim_worker(endpoints, &job, heartbeat_ms, rank, incarnation, tx).await {
                 tracing::debug!("sim worker {rank}: {e}");
             }
         })
@@ -412,9 +428,11 @@ pub async fn coordinator_bench(
     let client = crate::client::Client::new(vec![cluster.url(leader)], None);
     let spec = format!(
         "name = \"bench\"\nworld_size = {}\n[checkpoint]\nevery_steps = 1000000000000\nkeep_last = 100000\nroot = \"{}\"\n\
-         [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 5000\nmax_restarts = 1000\n",
+         [failure]\nheartbeat_interval_ms = {}\nheartbeat_timeout_ms = {}\nmax_restarts = 1000\n",
         opts.workers,
-        opts.shard_root.clone().unwrap_or_else(|| dir.join("ckpt")).display()
+        opts.shard_root.clone().unwrap_or_else(|| dir.join("ckpt")).display(),
+        opts.heartbeat_ms,
+        (opts.heartbeat_ms * 10).max(5000),
     );
     client.submit(&spec).await.map_err(|e| e.to_string())?;
     let leader_pid = cluster.nodes[leader.0 as usize - 1].pid().ok_or("leader not running")?;
@@ -434,6 +452,7 @@ pub async fn coordinator_bench(
             std::fs::File::create(dir.join(format!("sim-workers-{k}.log"))).map_err(|e| e.to_string())?;
         let mut child = tokio::process::Command::new(bin)
             .args(["bench", "sim-workers", "--endpoints", &cluster.api_endpoints(), "--job", "bench"])
+            .args(["--heartbeat-ms", &opts.heartbeat_ms.to_string()])
             .args(["--ranks", &format!("{}..{}", ranks.start, ranks.end)])
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::piped())
@@ -472,7 +491,8 @@ pub async fn coordinator_bench(
             if Instant::now() > deadline {
                 return Err("the bench job is not running".to_string());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // each answer lists every rank: not too often
+            tokio::time::sleep(Duration::from_millis(20 + u64::from(opts.workers) / 50)).await;
         }
     };
     wait_running().await?;
