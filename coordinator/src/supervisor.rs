@@ -492,6 +492,23 @@ impl Supervisor {
         now: Now,
         batch: impl IntoIterator<Item = Observation>,
     ) -> Vec<Action> {
+        let (mut out, reconcile) = self.take_batch(ledger, now, batch);
+        if reconcile {
+            out.extend(self.tick(ledger, now));
+        }
+        out
+    }
+
+    /// Takes in every observation of `batch` without reconciling: the
+    /// actions they call for at once (replies, refusals), and whether a
+    /// reconcile is due (anything but heartbeats). The caller runs `tick`
+    /// when it sees fit: soon, but not once per arrival.
+    pub fn take_batch(
+        &mut self,
+        ledger: &State,
+        now: Now,
+        batch: impl IntoIterator<Item = Observation>,
+    ) -> (Vec<Action>, bool) {
         let mut out = Vec::new();
         let mut reconcile = false;
         for obs in batch {
@@ -500,10 +517,7 @@ impl Supervisor {
             let taken = self.take(ledger, now, obs, &mut out);
             reconcile |= taken && !heartbeat;
         }
-        if reconcile {
-            out.extend(self.tick(ledger, now));
-        }
-        out
+        (out, reconcile)
     }
 
     /// Takes in one observation (no reconcile); false when it was a

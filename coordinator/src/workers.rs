@@ -116,18 +116,34 @@ async fn run_supervisor(
     let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A reconcile visits every rank, so with thousands of ranks it is the
+    // supervisor's main cost. One is run soon after anything but heartbeats
+    // arrives, yet no sooner after the last one than four times what that
+    // one took: reconciling takes at most about a fifth of this task, and
+    // what arrives meanwhile is judged together.
+    let mut reconcile_due: Option<tokio::time::Instant> = None;
+    let (mut reconciled_at, mut reconcile_cost) = (tokio::time::Instant::now(), Duration::ZERO);
     loop {
         let mut actions: Vec<Action> = Vec::new();
         let mut ticked = false;
+        let due = reconcile_due;
         // inputs first: every heartbeat already received is counted before
         // the tick judges deadlines
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                reconcile_due = None;
+                if let Some(s) = sup.as_mut() {
+                    let started = tokio::time::Instant::now();
+                    actions = node.read_state(|st| s.tick(st, clock.now()));
+                    (reconciled_at, reconcile_cost) = (tokio::time::Instant::now(), started.elapsed());
+                }
+            }
             input = rx.recv() => {
                 let Some(first) = input else { return };
-                // everything already queued is taken in together and judged
-                // by one reconcile (Supervisor::observe_batch)
+                // everything already queued is taken in together, and judged
+                // by one reconcile (below)
                 let mut batch = Vec::new();
                 let mut next = Some(first);
                 while let Some(input) = next {
@@ -147,7 +163,11 @@ async fn run_supervisor(
                     next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
                 }
                 if let Some(s) = sup.as_mut() {
-                    actions = node.read_state(|st| s.observe_batch(st, clock.now(), batch));
+                    let wanted;
+                    (actions, wanted) = node.read_state(|st| s.take_batch(st, clock.now(), batch));
+                    if wanted && reconcile_due.is_none() {
+                        reconcile_due = Some(reconciled_at + reconcile_cost * 4);
+                    }
                 } else {
                     for obs in batch {
                         if let Observation::Registered(Registration { conn, .. }) = obs {
@@ -177,7 +197,10 @@ async fn run_supervisor(
                     _ => {}
                 }
                 if let Some(s) = sup.as_mut() {
+                    reconcile_due = None;
+                    let started = tokio::time::Instant::now();
                     actions = node.read_state(|st| s.tick(st, clock.now()));
+                    (reconciled_at, reconcile_cost) = (tokio::time::Instant::now(), started.elapsed());
                 }
             }
         }
