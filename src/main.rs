@@ -1070,10 +1070,15 @@ fn print_snapshot_table(r: &SnapshotBenchReport) {
         if r.cold_read { "read + verify (cold cache)" } else { "read + verify (warm cache)" },
         mb / r.read_verify_mb_per_s,
     );
+    row("baseline: plain read, one thread", mb / r.plain_read_mb_per_s);
     println!(
         "shard write vs baseline: {:.2}x   stall vs write: {:.3}x   training during writes: {}",
         r.write_vs_baseline,
         r.stall_vs_write,
         if r.train_during_write { "yes" } else { "no (--train-during-write)" }
+    );
+    println!(
+        "read + verify vs plain read: {:.2}x (below 1: the parallel check beats an unchecked read)",
+        r.read_verify_vs_plain_read
     );
 }

@@ -528,16 +528,17 @@ impl Shard {
         manifest: &ShardManifest,
         mut buf: Vec<u8>,
     ) -> Result<Self, ShardError> {
-        let mut file = File::open(path).map_err(io_err(label, "open", path))?;
+        let file = File::open(path).map_err(io_err(label, "open", path))?;
         let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
         if len != manifest.bytes {
             let kind = ShardErrorKind::Truncated { len, expected: manifest.bytes };
             return Err(ShardError::new(label, kind));
         }
-        buf.clear();
-        buf.reserve_exact(len as usize);
-        file.read_to_end(&mut buf).map_err(io_err(label, "read", path))?;
-        Self::verify(buf, manifest).map_err(|kind| ShardError::new(label, kind))
+        // the buffer's bytes are overwritten: only a shorter one grows (a
+        // snapshot buffer is usually the shard's size already)
+        buf.resize(len as usize, 0);
+        let header = read_and_verify(&file, &mut buf, manifest, label, path)?;
+        Ok(Self { header, bytes: buf })
     }
 
     /// The buffer holding the file, for reuse.
@@ -554,67 +555,143 @@ impl Shard {
         manifest: &ShardManifest,
         dst: &mut [u8],
     ) -> Result<ShardHeader, ShardError> {
-        let mut file = File::open(path).map_err(io_err(label, "open", path))?;
+        let file = File::open(path).map_err(io_err(label, "open", path))?;
         let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
         if len != manifest.bytes || dst.len() < len as usize {
             let kind = ShardErrorKind::Truncated { len, expected: manifest.bytes };
             return Err(ShardError::new(label, kind));
         }
-        let dst = &mut dst[..len as usize];
-        file.read_exact(dst).map_err(io_err(label, "read", path))?;
-        Self::verify_bytes(dst, manifest).map_err(|kind| ShardError::new(label, kind))
+        read_and_verify(&file, &mut dst[..len as usize], manifest, label, path)
     }
+}
 
-    fn verify(bytes: Vec<u8>, manifest: &ShardManifest) -> Result<Self, ShardErrorKind> {
-        let header = Self::verify_bytes(&bytes, manifest)?;
-        Ok(Self { header, bytes })
-    }
+/// Checksummed pieces of a file: (offset, length, CRC-32C), in file order.
+type Pieces = Vec<(usize, usize, Checksum)>;
 
-    /// Checks a whole shard file's bytes against its manifest.
-    fn verify_bytes(bytes: &[u8], manifest: &ShardManifest) -> Result<ShardHeader, ShardErrorKind> {
-        if bytes.len() as u64 != manifest.bytes {
-            return Err(ShardErrorKind::Truncated { len: bytes.len() as u64, expected: manifest.bytes });
+/// Reads the shard `file` into `dst` (exactly its size) and verifies it
+/// against `manifest`, in parallel: the data is cut into one part per core,
+/// each read (`pread`) and checksummed by its own thread, the pieces'
+/// checksums then combined per tensor and for the whole file. On a warm
+/// page cache both the copy out of the cache and the CRC scale with the
+/// cores; the result is exactly the sequential check's.
+fn read_and_verify(
+    file: &File,
+    dst: &mut [u8],
+    manifest: &ShardManifest,
+    label: &str,
+    path: &Path,
+) -> Result<ShardHeader, ShardError> {
+    use std::os::unix::fs::FileExt;
+    let read = |e: io::Error| io_err(label, "read", path)(e);
+    let len = dst.len() as u64;
+    let fail = |kind| ShardError::new(label, kind);
+    // the header first: its 8-byte length, then the JSON
+    let head = dst.len().min(8);
+    file.read_exact_at(&mut dst[..head], 0).map_err(read)?;
+    let n = dst.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let header_len = n.map_or(8, |n| 8usize.saturating_add(n.min(MAX_HEADER_BYTES) as usize)).min(dst.len());
+    file.read_exact_at(&mut dst[head..header_len], head as u64).map_err(read)?;
+    let header = ShardHeader::parse(&dst[..header_len], len).map_err(fail)?;
+    let header_crc = Checksum::of(&dst[..header.header_len]);
+
+    // each part: its file range, read and checksummed piece by piece, a
+    // piece ending at every tensor boundary inside it
+    let data_start = header.header_len;
+    let mut bounds: Vec<usize> =
+        header.tensors.iter().flat_map(|(_, r)| [data_start + r.start, data_start + r.end]).collect();
+    let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let total = dst.len() - data_start;
+    let cuts: Vec<usize> = (0..=parts).map(|i| data_start + total * i / parts).collect();
+    bounds.extend(&cuts);
+    bounds.sort_unstable();
+    bounds.dedup();
+    let results: Vec<io::Result<Pieces>> = std::thread::scope(|scope| {
+        let mut rest = &mut dst[data_start..];
+        let mut handles = Vec::new();
+        for w in cuts.windows(2) {
+            let (part, tail) = std::mem::take(&mut rest).split_at_mut(w[1] - w[0]);
+            rest = tail;
+            let (start, bounds) = (w[0], &bounds);
+            handles.push(scope.spawn(move || {
+                file.read_exact_at(part, start as u64)?;
+                let mut pieces = Vec::new();
+                let inner = bounds.iter().copied().filter(|b| *b > start && *b < start + part.len());
+                let mut from = start;
+                for to in inner.chain(std::iter::once(start + part.len())) {
+                    if to > from {
+                        pieces.push((from, to - from, Checksum::of(&part[from - start..to - start])));
+                    }
+                    from = to;
+                }
+                Ok(pieces)
+            }));
         }
-        let header = ShardHeader::parse(bytes, bytes.len() as u64)?;
-        let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
-            header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
-        if header.tensors.len() != manifest.tensors.len() {
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("a reading thread panicked"))))
+            .collect()
+    });
+    let mut pieces = Vec::new();
+    for r in results {
+        pieces.extend(r.map_err(read)?);
+    }
+    // pieces come in file order; a tensor's checksum combines the pieces within it
+    let crc_of = |r: Range<usize>| {
+        let (from, to) = (data_start + r.start, data_start + r.end);
+        pieces
+            .iter()
+            .filter(|(s, l, _)| *s >= from && s + l <= to)
+            .fold(Checksum::of(&[]), |acc, (_, l, c)| acc.combine(*c, *l))
+    };
+    check_manifest(header, manifest, header_crc, crc_of).map_err(fail)
+}
+
+/// The checks of a shard against its manifest, given the header's checksum
+/// and each tensor's (`crc_of` a data range): the same variables, dtypes and
+/// shapes, every tensor's checksum (a mismatch names it) and the whole
+/// file's, combined in file order.
+fn check_manifest(
+    header: ShardHeader,
+    manifest: &ShardManifest,
+    header_crc: Checksum,
+    crc_of: impl Fn(Range<usize>) -> Checksum,
+) -> Result<ShardHeader, ShardErrorKind> {
+    let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
+        header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
+    if header.tensors.len() != manifest.tensors.len() {
+        return Err(ShardErrorKind::ManifestDisagrees(format!(
+            "the header has {} variables, the manifest {}",
+            header.tensors.len(),
+            manifest.tensors.len()
+        )));
+    }
+    let mut whole = header_crc;
+    // walk in file order so the whole-file checksum can be combined
+    let mut records: Vec<&TensorRecord> = manifest.tensors.iter().collect();
+    records.sort_by_key(|r| by_name.get(r.name.as_str()).map(|t| t.1.start));
+    for record in records {
+        let Some((spec, range)) = by_name.get(record.name.as_str()) else {
+            return Err(ShardErrorKind::ManifestDisagrees(format!("{} is not in the header", record.name)));
+        };
+        if spec.dtype != record.dtype || spec.shape != record.shape {
             return Err(ShardErrorKind::ManifestDisagrees(format!(
-                "the header has {} variables, the manifest {}",
-                header.tensors.len(),
-                manifest.tensors.len()
+                "{} is {} {:?} in the header, {} {:?} in the manifest",
+                record.name, spec.dtype, spec.shape, record.dtype, record.shape
             )));
         }
-        let data = &bytes[header.header_len..];
-        let mut whole = Checksum::of(&bytes[..header.header_len]);
-        // walk in file order so the whole-file checksum can be combined
-        let mut records: Vec<&TensorRecord> = manifest.tensors.iter().collect();
-        records.sort_by_key(|r| by_name.get(r.name.as_str()).map(|t| t.1.start));
-        for record in records {
-            let Some((spec, range)) = by_name.get(record.name.as_str()) else {
-                return Err(ShardErrorKind::ManifestDisagrees(format!(
-                    "{} is not in the header",
-                    record.name
-                )));
-            };
-            if spec.dtype != record.dtype || spec.shape != record.shape {
-                return Err(ShardErrorKind::ManifestDisagrees(format!(
-                    "{} is {} {:?} in the header, {} {:?} in the manifest",
-                    record.name, spec.dtype, spec.shape, record.dtype, record.shape
-                )));
-            }
-            let crc = Checksum::of(&data[range.clone()]);
-            if crc != record.checksum {
-                return Err(ShardErrorKind::ChecksumMismatch(record.name.clone()));
-            }
-            whole = whole.combine(crc, range.len());
+        let crc = crc_of(range.clone());
+        if crc != record.checksum {
+            return Err(ShardErrorKind::ChecksumMismatch(record.name.clone()));
         }
-        if whole != manifest.checksum {
-            return Err(ShardErrorKind::HeaderChecksumMismatch);
-        }
-        Ok(header)
+        whole = whole.combine(crc, range.len());
     }
+    if whole != manifest.checksum {
+        return Err(ShardErrorKind::HeaderChecksumMismatch);
+    }
+    Ok(header)
+}
 
+impl Shard {
     /// The data of variable `name`, if the shard has it.
     pub fn tensor(&self, name: &str) -> Option<&[u8]> {
         self.header

@@ -63,6 +63,9 @@ pub struct SnapshotRun {
     pub write_seconds: f64,
     /// Read of the whole shard plus verification of every checksum.
     pub read_verify_seconds: f64,
+    /// A plain single-threaded read of the same file into the same buffer,
+    /// no checksum (the baseline of the read + verify).
+    pub plain_read_seconds: f64,
     /// The plain sequential write + fdatasync of the same bytes.
     pub baseline_write_seconds: f64,
     /// Training steps completed while the write was in flight.
@@ -88,6 +91,10 @@ pub struct SnapshotBenchReport {
     pub write_mb_per_s: f64,
     /// Read + verify throughput.
     pub read_verify_mb_per_s: f64,
+    /// Plain single-threaded read throughput of the same file, same run.
+    pub plain_read_mb_per_s: f64,
+    /// Median over runs of read + verify time / plain read time.
+    pub read_verify_vs_plain_read: f64,
     /// Plain sequential write + fdatasync throughput, same run.
     pub baseline_write_mb_per_s: f64,
     /// Median over runs of write throughput / baseline throughput.
@@ -223,6 +230,16 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
             .map_err(io::Error::other)?;
         let read_verify = start.elapsed();
         read_buf = shard.into_buffer();
+        if opts.cold_read {
+            drop_page_cache()?;
+        }
+        let plain_read = {
+            use std::io::Read;
+            let start = Instant::now();
+            fs::File::open(&path)?.read_exact(&mut read_buf[..file_bytes as usize])?;
+            std::hint::black_box(&read_buf);
+            start.elapsed()
+        };
         fs::remove_dir_all(job_dir.checkpoint_dir(id))?;
 
         let baseline = match baseline {
@@ -237,6 +254,7 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
             memcpy_seconds: memcpy.as_secs_f64(),
             write_seconds: outcome.write_time.as_secs_f64(),
             read_verify_seconds: read_verify.as_secs_f64(),
+            plain_read_seconds: plain_read.as_secs_f64(),
             baseline_write_seconds: baseline.as_secs_f64(),
             steps_during_write,
         });
@@ -254,6 +272,8 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
         write_seconds: med(|s| s.write_seconds),
         write_mb_per_s: mb / med(|s| s.write_seconds),
         read_verify_mb_per_s: mb / med(|s| s.read_verify_seconds),
+        plain_read_mb_per_s: mb / med(|s| s.plain_read_seconds),
+        read_verify_vs_plain_read: med(|s| s.read_verify_seconds / s.plain_read_seconds),
         baseline_write_mb_per_s: mb / med(|s| s.baseline_write_seconds),
         write_vs_baseline: med(|s| s.baseline_write_seconds / s.write_seconds),
         stall_vs_write: med(|s| s.stall_seconds / s.write_seconds),
