@@ -418,7 +418,10 @@ fn a_coordinator_reachable_from_other_hosts_needs_credentials_or_insecure() {
         flotilla(&["coordinator", "--id", "1", "--http-addr", &http, "--data-dir", data.to_str().unwrap()]);
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("no credentials are configured") && stderr.contains("--insecure"), "{stderr}");
+    assert!(
+        stderr.contains("reachable from other hosts without a credential") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
     assert!(!data.exists(), "refused before touching the data dir");
 }
 

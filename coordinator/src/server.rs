@@ -88,29 +88,49 @@ impl Credentials {
         }
         Ok(())
     }
-
-    fn none(&self) -> bool {
-        self.peer.is_none() && self.worker.is_none() && self.admin.is_none()
-    }
 }
 
 /// Refuses to serve without credentials on an address others can reach.
+/// Each listener reachable from another host needs its role's credential:
+/// the HTTP API the admin token (TLS alone lets anyone in who reaches it),
+/// the worker API the worker token, the Raft port the peer token or mutual
+/// TLS.
 pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
-    if opts.insecure || !opts.credentials.none() || opts.tls.is_some() {
+    if opts.insecure {
         return Ok(());
     }
-    let mut addrs = vec![("--http-addr", opts.http_addr.clone())];
-    addrs.extend(opts.api_addr.clone().map(|a| ("--api-addr", a)));
-    if opts.peers.len() > 1 {
-        addrs.extend(opts.peers.iter().filter(|(id, _)| *id == opts.id).map(|(_, a)| ("--peers", a.clone())));
+    let c = &opts.credentials;
+    let mut listeners = vec![(
+        "--http-addr",
+        opts.http_addr.clone(),
+        c.admin.is_some(),
+        "anyone could submit, checkpoint or restore jobs; pass --admin-token-file (or --token-file)",
+    )];
+    if let Some(api) = &opts.api_addr {
+        listeners.push((
+            "--api-addr",
+            api.clone(),
+            c.worker.is_some(),
+            "anyone could register as a worker; pass --worker-token-file (or --token-file)",
+        ));
     }
-    for (flag, addr) in addrs {
+    if opts.peers.len() > 1 {
+        for (_, raft) in opts.peers.iter().filter(|(id, _)| *id == opts.id) {
+            listeners.push((
+                "--peers",
+                raft.clone(),
+                c.peer.is_some() || opts.tls.is_some(),
+                "anyone could join the cluster and rewrite the ledger; pass --tls-ca/--tls-cert/--tls-key or --peer-token-file (or --token-file)",
+            ));
+        }
+    }
+    for (flag, addr, guarded, why) in listeners {
         let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
         let loopback =
             host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if !loopback {
+        if !loopback && !guarded {
             return Err(format!(
-                "{flag} {addr} is reachable from other hosts and no credentials are configured: anyone could submit jobs or join the cluster; pass --token-file (or --peer-token-file, --worker-token-file, --admin-token-file) and --tls-ca/--tls-cert/--tls-key, or --insecure to run open anyway"
+                "{flag} {addr} is reachable from other hosts without a credential for it: {why}, or --insecure to run open anyway"
             ));
         }
     }
@@ -504,6 +524,26 @@ mod tests {
         check_exposure(&options("0.0.0.0:9201", None, none.clone(), true)).unwrap();
         check_exposure(&options("0.0.0.0:9201", None, Credentials::shared(Some(Tokens::one("t"))), false))
             .unwrap();
+        // each listener needs its own role's credential
+        let only = |peer: bool, worker: bool, admin: bool| Credentials {
+            peer: peer.then(|| Tokens::one("p")),
+            worker: worker.then(|| Tokens::one("w")),
+            admin: admin.then(|| Tokens::one("a")),
+        };
+        let e = check_exposure(&options("0.0.0.0:9201", None, only(true, true, false), false)).unwrap_err();
+        assert!(e.starts_with("--http-addr 0.0.0.0:9201") && e.contains("--admin-token-file"), "{e}");
+        let e =
+            check_exposure(&options("127.0.0.1:9201", Some("0.0.0.0:7201"), only(true, false, true), false))
+                .unwrap_err();
+        assert!(e.starts_with("--api-addr 0.0.0.0:7201") && e.contains("--worker-token-file"), "{e}");
+        check_exposure(&options("0.0.0.0:9201", Some("0.0.0.0:7201"), only(false, true, true), false))
+            .unwrap();
+        let mut exposed_raft = options("127.0.0.1:9201", None, only(false, true, true), false);
+        exposed_raft.peers[0].1 = "10.0.0.1:7101".into();
+        let e = check_exposure(&exposed_raft).unwrap_err();
+        assert!(e.starts_with("--peers 10.0.0.1:7101") && e.contains("--tls-ca"), "{e}");
+        exposed_raft.credentials.peer = Some(Tokens::one("p"));
+        check_exposure(&exposed_raft).unwrap();
     }
 
     #[test]
