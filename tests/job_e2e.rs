@@ -205,6 +205,19 @@ async fn not_enough_device_memory_blocks_then_recovers() {
     tracing::info!("--- restarted without the override: the job recovers");
     s.workers.kill(1);
     s.workers.spawn(1, &[]).unwrap();
+    s.wait_job("running again", |j| j.state == "running" && j.generation > blocked.generation).await;
+    // rank 0 restored from the checkpoint: each phase of its restore is timed
+    let metrics = reqwest::get(format!("http://{}/metrics", s.workers.http_addr(0)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for phase in ["prechecks", "read_verify", "load"] {
+        let line = format!("flotilla_restore_phase_seconds_count{{phase=\"{phase}\"}}");
+        let count = metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::trim);
+        assert!(count.and_then(|c| c.parse::<u64>().ok()).is_some_and(|c| c >= 1), "{line}: {count:?}");
+    }
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
 }

@@ -2,7 +2,8 @@
 
 use crate::device::Reading;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every worker metric, registered in [`WorkerMetrics::registry`].
@@ -20,6 +21,8 @@ pub struct WorkerMetrics {
     pub bytes_written: IntCounter,
     /// Restore (validate, memory check, read + verify, load).
     pub restore: Histogram,
+    /// Each phase of a restore (`phase`: prechecks, read_verify, load).
+    pub restore_phase: HistogramVec,
     device_free: IntGaugeVec,
     device_total: IntGaugeVec,
 }
@@ -58,8 +61,18 @@ impl WorkerMetrics {
         let restore = hist(
             "flotilla_restore_seconds",
             "Restore of this rank: validate, device memory check, read and verify, load.",
-            durations,
+            durations.clone(),
         );
+        let restore_phase = HistogramVec::new(
+            HistogramOpts::new(
+                "flotilla_restore_phase_seconds",
+                "A restore's phases: prechecks (model, device memory), read_verify (read and every checksum, in parallel), load.",
+            )
+            .buckets(durations),
+            &["phase"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(restore_phase.clone())).expect("registered once");
         let bytes_written =
             IntCounter::new("flotilla_shard_bytes_written_total", "Bytes of shards written durably.")
                 .expect("valid");
@@ -79,7 +92,17 @@ impl WorkerMetrics {
         )
         .expect("valid");
         registry.register(Box::new(device_total.clone())).expect("registered once");
-        Self { registry, step, stall, shard_write, bytes_written, restore, device_free, device_total }
+        Self {
+            registry,
+            step,
+            stall,
+            shard_write,
+            bytes_written,
+            restore,
+            restore_phase,
+            device_free,
+            device_total,
+        }
     }
 
     /// Records a device memory reading.

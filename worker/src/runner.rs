@@ -426,24 +426,49 @@ impl Runner {
             device: self.device.as_ref(),
             metrics: &self.metrics,
         };
+        let started = Instant::now();
         if let Err((kind, message)) = checks.run(&point, &label, Some(&self.vars)) {
             return failed(kind, message);
         }
+        let prechecked = started.elapsed();
         // 3. read (into the snapshot buffer, memory already touched) and
         // verify every checksum, 4. load; nothing changes before 4
         let trainer_spec = &self.trainer_spec;
         let rank = self.rank;
         let trainer = self.trainer.get_or_insert_with(|| BuiltinTrainer::zeroed(trainer_spec, rank));
-        let loaded =
-            self.snap.with_buffer(|buf| match Shard::read_verified_into(&path, &label, &point.shard, buf) {
+        let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
+        let loaded = self.snap.with_buffer(|buf| {
+            let at = Instant::now();
+            let shard = Shard::read_verified_into(&path, &label, &point.shard, buf);
+            read = at.elapsed();
+            match shard {
                 Ok(shard) => {
+                    let at = Instant::now();
                     let loaded = trainer.load(&shard);
+                    load = at.elapsed();
                     (shard.into_buffer(), Ok(loaded))
                 }
                 Err(e) => (Vec::new(), Err(e)),
-            });
+            }
+        });
         match loaded {
-            Ok(Ok(Ok(()))) => WorkerMessage::Restored { generation, step: trainer.current_step() },
+            Ok(Ok(Ok(()))) => {
+                let bytes = point.shard.bytes;
+                for (phase, took) in [("prechecks", prechecked), ("read_verify", read), ("load", load)] {
+                    self.metrics.restore_phase.with_label_values(&[phase]).observe(took.as_secs_f64());
+                }
+                tracing::info!(
+                    %generation,
+                    checkpoint = %point.checkpoint,
+                    "restored {:.1} MiB: prechecks {:.1} ms, read + verify {:.1} ms ({:.2} GB/s), load {:.1} ms",
+                    bytes as f64 / (1 << 20) as f64,
+                    prechecked.as_secs_f64() * 1e3,
+                    read.as_secs_f64() * 1e3,
+                    bytes as f64 / read.as_secs_f64().max(1e-9) / 1e9,
+                    load.as_secs_f64() * 1e3,
+                );
+                WorkerMessage::Restored { generation, step: trainer.current_step() }
+            }
             Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
             }
