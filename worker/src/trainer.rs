@@ -240,6 +240,19 @@ impl Trainer for BuiltinTrainer {
     fn load(&mut self, shard: &Shard) -> Result<(), ModelMismatch> {
         ModelMismatch::check(&shard.header.variables(), &self.vars)?;
         let n = self.slots.len();
+        // every slot of the three arrays as its own slice, so that the
+        // copies (and, in a fresh process, the page faults of memory never
+        // touched) run on every core, as a snapshot's copy does
+        let mut slices: Vec<Option<&mut [f32]>> = Vec::with_capacity(3 * n);
+        for array in [&mut self.weights, &mut self.m, &mut self.v] {
+            let mut rest: &mut [f32] = array;
+            for slot in &self.slots {
+                let (here, tail) = std::mem::take(&mut rest).split_at_mut(slot.range.len());
+                slices.push(Some(here));
+                rest = tail;
+            }
+        }
+        let mut pairs: Vec<(&mut [u8], &[u8])> = Vec::with_capacity(3 * n);
         for (spec, data) in shard.tensors() {
             let index = self.vars.iter().position(|v| v.name == spec.name).expect("checked above");
             if index == 0 {
@@ -247,14 +260,10 @@ impl Trainer for BuiltinTrainer {
                 self.step = step.max(0) as u64;
                 continue;
             }
-            let (array, k) = match (index - 1) / n {
-                0 => (&mut self.weights, (index - 1) % n),
-                1 => (&mut self.m, (index - 1) % n),
-                _ => (&mut self.v, (index - 1) % n),
-            };
-            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut array[self.slots[k].range.clone()]);
-            dst.copy_from_slice(data);
+            let dst = slices[index - 1].take().expect("each variable once (checked above)");
+            pairs.push((bytemuck::cast_slice_mut(dst), data));
         }
+        copy_parallel(pairs);
         Ok(())
     }
 
