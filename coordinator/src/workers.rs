@@ -97,6 +97,38 @@ pub fn start_supervisor(
     (SupervisorHandle { tx: tx.clone() }, view, tx)
 }
 
+/// When the next reconcile may run. A reconcile visits every rank, so with
+/// thousands of ranks it is the supervisor's main cost. One is run soon
+/// after anything but heartbeats arrives, yet no sooner after the last one
+/// than four times what that one took: reconciling takes at most about a
+/// fifth of the task, and what arrives meanwhile is judged together.
+#[derive(Default)]
+struct ReconcilePace {
+    /// A reconcile is wanted at this instant.
+    due: Option<tokio::time::Instant>,
+    /// When the last reconcile ended, and what it took.
+    last: Option<(tokio::time::Instant, Duration)>,
+}
+
+impl ReconcilePace {
+    /// Something arrived that a reconcile must judge.
+    fn want(&mut self) {
+        if self.due.is_none() {
+            let (at, cost) = self.last.unwrap_or((tokio::time::Instant::now(), Duration::ZERO));
+            self.due = Some(at + cost * 4);
+        }
+    }
+
+    /// Runs a reconcile (which also answers any wanted one), timing it.
+    fn run<T>(&mut self, reconcile: impl FnOnce() -> T) -> T {
+        self.due = None;
+        let started = tokio::time::Instant::now();
+        let out = reconcile();
+        self.last = Some((tokio::time::Instant::now(), started.elapsed()));
+        out
+    }
+}
+
 /// Observations taken in at once at most (a bound on one turn's latency).
 const MAX_BATCH: usize = 4096;
 
@@ -116,29 +148,21 @@ async fn run_supervisor(
     let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A reconcile visits every rank, so with thousands of ranks it is the
-    // supervisor's main cost. One is run soon after anything but heartbeats
-    // arrives, yet no sooner after the last one than four times what that
-    // one took: reconciling takes at most about a fifth of this task, and
-    // what arrives meanwhile is judged together.
-    let mut reconcile_due: Option<tokio::time::Instant> = None;
-    let (mut reconciled_at, mut reconcile_cost) = (tokio::time::Instant::now(), Duration::ZERO);
+    let mut pace = ReconcilePace::default();
     loop {
         let mut actions: Vec<Action> = Vec::new();
         let mut ticked = false;
-        let due = reconcile_due;
+        let due = pace.due;
         // inputs first: every heartbeat already received is counted before
         // the tick judges deadlines
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
-                reconcile_due = None;
                 if let Some(s) = sup.as_mut() {
-                    let started = tokio::time::Instant::now();
-                    actions = node.read_state(|st| s.tick(st, clock.now()));
-                    (reconciled_at, reconcile_cost) = (tokio::time::Instant::now(), started.elapsed());
+                    actions = pace.run(|| node.read_state(|st| s.tick(st, clock.now())));
                 }
+                pace.due = None;
             }
             input = rx.recv() => {
                 let Some(first) = input else { return };
@@ -165,8 +189,8 @@ async fn run_supervisor(
                 if let Some(s) = sup.as_mut() {
                     let wanted;
                     (actions, wanted) = node.read_state(|st| s.take_batch(st, clock.now(), batch));
-                    if wanted && reconcile_due.is_none() {
-                        reconcile_due = Some(reconciled_at + reconcile_cost * 4);
+                    if wanted {
+                        pace.want();
                     }
                 } else {
                     for obs in batch {
@@ -197,10 +221,7 @@ async fn run_supervisor(
                     _ => {}
                 }
                 if let Some(s) = sup.as_mut() {
-                    reconcile_due = None;
-                    let started = tokio::time::Instant::now();
-                    actions = node.read_state(|st| s.tick(st, clock.now()));
-                    (reconciled_at, reconcile_cost) = (tokio::time::Instant::now(), started.elapsed());
+                    actions = pace.run(|| node.read_state(|st| s.tick(st, clock.now())));
                 }
             }
         }

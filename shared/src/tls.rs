@@ -113,13 +113,11 @@ pub struct NodeTls {
     peer_client: Arc<ClientConfig>,
     /// HTTP API and worker API: no client certificate (they use tokens).
     api_server: Arc<ServerConfig>,
-    /// The CA, for this replica's own HTTPS clients.
-    ca: PathBuf,
 }
 
 impl std::fmt::Debug for NodeTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeTls").field("me", &self.me).field("ca", &self.ca).finish_non_exhaustive()
+        f.debug_struct("NodeTls").field("me", &self.me).finish_non_exhaustive()
     }
 }
 
@@ -139,6 +137,7 @@ impl NodeTls {
                 me.0
             )));
         }
+        check_signed(me, &roots, &chain, ca, cert)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Mismatch(format!("--tls-ca {}: {e}", ca.display())))?;
@@ -163,38 +162,7 @@ impl NodeTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::Mismatch(format!("--tls-key does not go with --tls-cert: {e}")))?;
-        let tls =
-            Self { me, peer_server, peer_client: Arc::new(peer_client), api_server, ca: ca.to_path_buf() };
-        tls.check_signed(ca, cert)?;
-        Ok(tls)
-    }
-
-    /// Refuses a certificate the CA did not sign (it would be refused by
-    /// every peer: better said at start).
-    fn check_signed(&self, ca: &Path, cert: &Path) -> Result<(), TlsError> {
-        let chain = read_certs("--tls-cert", cert)?;
-        let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots("--tls-ca", ca)?, provider())
-                .build()
-                .map_err(|e| TlsError::Mismatch(e.to_string()))?;
-        let name = ServerName::try_from(node_name(self.me)).map_err(|e| TlsError::Mismatch(e.to_string()))?;
-        use rustls::client::danger::ServerCertVerifier;
-        verifier
-            .verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now())
-            .map(|_| ())
-            .map_err(|e| {
-                TlsError::Mismatch(format!(
-                    "--tls-cert {} is not valid under --tls-ca {}: {e}; sign it with that CA (`flotilla certs --dir DIR --node {}`)",
-                    cert.display(),
-                    ca.display(),
-                    self.me.0
-                ))
-            })
-    }
-
-    /// The CA file, for this replica's own HTTPS clients.
-    pub fn ca(&self) -> &Path {
-        &self.ca
+        Ok(Self { me, peer_server, peer_client: Arc::new(peer_client), api_server })
     }
 
     /// Opens mutual TLS to replica `peer` over `tcp`: its certificate must
@@ -221,11 +189,33 @@ impl NodeTls {
         let tls = timed(acceptor.accept(tcp)).await?;
         Ok(Stream::Right(tokio_rustls::TlsStream::Server(tls)))
     }
+}
 
-    /// The server side of the HTTP API's TLS (for HTTPS).
-    pub fn api_acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.api_server.clone())
-    }
+/// Refuses a certificate of `chain` the CA of `roots` did not sign (every
+/// peer would refuse it: better said at start).
+fn check_signed(
+    me: NodeId,
+    roots: &Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    ca: &Path,
+    cert: &Path,
+) -> Result<(), TlsError> {
+    use rustls::client::danger::ServerCertVerifier;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Mismatch(e.to_string()))?;
+    let name = ServerName::try_from(node_name(me)).map_err(|e| TlsError::Mismatch(e.to_string()))?;
+    verifier
+        .verify_server_cert(&chain[0], &chain[1..], &name, &[], rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| {
+            TlsError::Mismatch(format!(
+                "--tls-cert {} is not valid under --tls-ca {}: {e}; sign it with that CA (`flotilla certs --dir DIR --node {}`)",
+                cert.display(),
+                ca.display(),
+                me.0
+            ))
+        })
 }
 
 /// Whether the peer at the other end of `stream` presented a certificate
