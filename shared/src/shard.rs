@@ -31,6 +31,9 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Size of each `write(2)` of tensor data: big enough to stream, small enough
 /// that the checksum of a chunk is computed while it is still in cache.
 const WRITE_CHUNK: usize = 8 << 20;
+/// The message of the io::Error that carries a cancellation out of
+/// `durable::write_atomic` (which then removes the temporary file).
+const CANCELLED: &str = "flotilla: shard write cancelled";
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "flotilla-shard/1";
 
@@ -257,6 +260,10 @@ pub enum ShardErrorKind {
     /// The caller's data does not fit the declared variables (writer side).
     #[error("invalid shard contents: {0}")]
     Invalid(String),
+    /// The writer was told to give up (a restore needs its buffer); the
+    /// temporary file is gone and nothing was renamed into place.
+    #[error("write given up: a restore needs the buffer")]
+    Cancelled,
 }
 
 /// A shard error with the shard it concerns (`checkpoint 7 rank 2`, or a path).
@@ -349,6 +356,19 @@ pub fn write_shard(
     vars: &[VariableSpec],
     data: &[u8],
 ) -> Result<ShardManifest, ShardError> {
+    write_shard_unless(path, meta, vars, data, &|| false)
+}
+
+/// [`write_shard`], giving up with [`ShardErrorKind::Cancelled`] as soon as
+/// `cancelled()` says so: it is asked before each chunk and before the fsync,
+/// so a restore waits for at most one chunk of a write it has made useless.
+pub fn write_shard_unless(
+    path: &Path,
+    meta: &ShardMeta,
+    vars: &[VariableSpec],
+    data: &[u8],
+    cancelled: &dyn Fn() -> bool,
+) -> Result<ShardManifest, ShardError> {
     let label = format!("checkpoint {} rank {}", meta.checkpoint, meta.rank);
     let mut expected = 0usize;
     for v in vars {
@@ -388,6 +408,9 @@ pub fn write_shard(
             rest = tail;
             let mut crc = Checksum::default();
             for chunk in tensor.chunks(WRITE_CHUNK) {
+                if cancelled() {
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
+                }
                 crc = crc.append(chunk);
                 file.write_all(chunk)?;
                 // let the disk start on this chunk while we copy the next
@@ -403,9 +426,18 @@ pub fn write_shard(
                 checksum: crc,
             });
         }
+        if cancelled() {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
+        }
         Ok((records, whole))
     })
-    .map_err(io_err(&label, "write", path))?;
+    .map_err(|e| {
+        if e.kind() == io::ErrorKind::Interrupted && e.to_string() == CANCELLED {
+            ShardError::new(&label, ShardErrorKind::Cancelled)
+        } else {
+            io_err(&label, "write", path)(e)
+        }
+    })?;
 
     Ok(ShardManifest {
         rank: meta.rank,
@@ -769,6 +801,36 @@ mod tests {
         assert_eq!(shard.tensor("model/layer_0/mlp/w_in").unwrap(), &data[8 + 128..]);
         let all: Vec<u8> = shard.tensors().flat_map(|(_, d)| d.to_vec()).collect();
         assert_eq!(all, data);
+    }
+
+    #[test]
+    fn a_cancelled_write_leaves_no_file_and_a_later_one_lands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rank-00002.safetensors");
+        // three chunks of data: give up after the first one is written
+        let vars = vec![VariableSpec::new("w", Dtype::U8, vec![3 * WRITE_CHUNK])];
+        let data = vec![7u8; 3 * WRITE_CHUNK];
+        let asked = std::cell::Cell::new(0);
+        let after_one = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 1
+        };
+        let err = write_shard_unless(&path, &meta(), &vars, &data, &after_one).unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::Cancelled), "{err}");
+        assert_eq!(asked.get(), 2, "asked before each chunk until told to stop");
+        assert_eq!(err.to_string(), "checkpoint 7 rank 2: write given up: a restore needs the buffer");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "no shard and no temporary file: {left:?}");
+        // asked once more before the fsync: a write told to stop at the very end stops too
+        let at_end = std::cell::Cell::new(0);
+        let last = || {
+            at_end.set(at_end.get() + 1);
+            at_end.get() > 3
+        };
+        assert!(write_shard_unless(&path, &meta(), &vars, &data, &last).is_err());
+        assert!(!path.exists());
+        let manifest = write_shard_unless(&path, &meta(), &vars, &data, &|| false).unwrap();
+        Shard::read_verified(&path, "t", &manifest).unwrap();
     }
 
     #[test]

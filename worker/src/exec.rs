@@ -410,6 +410,10 @@ impl ExecRunner {
         }
         self.stop_process();
         self.give_back_buffer();
+        // a write still in flight is of the generation being left
+        if let Some((_, snap)) = &self.snap {
+            snap.cancel_writes();
+        }
         tracing::info!(%generation, from = ?from.as_ref().map(|p| p.checkpoint), "restoring: a new trainer process for the generation");
         self.step = from.as_ref().map_or(0, |p| p.step.0);
         self.pending = None;

@@ -14,7 +14,7 @@ use crate::trainer::{BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
-use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardErrorKind, ShardMeta};
+use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardError, ShardErrorKind, ShardMeta};
 use flotilla_shared::spec::{JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
     RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
@@ -172,6 +172,9 @@ pub struct Runner {
     vars: Vec<VariableSpec>,
     /// Built on the first Resume (from the seed) or Restore (from a shard).
     trainer: Option<BuiltinTrainer>,
+    /// Memory for the first trainer, touched while the process started
+    /// (taken by the first restore).
+    spare: Option<BuiltinTrainer>,
     snap: Snapshotter,
     device: Arc<dyn DeviceMemory>,
     events: EventSink,
@@ -202,6 +205,10 @@ impl Runner {
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
         let snap = Snapshotter::new(vars.clone(), shard_reporter(events.clone(), metrics.clone()))
             .map_err(|e| format!("cannot start the shard writer: {e}"))?;
+        // the trainer's memory, faulted in on every core now rather than
+        // page by page in the first restore's load or the first steps
+        let mut spare = BuiltinTrainer::zeroed(&trainer_spec, rank);
+        spare.touch();
         Ok(Self {
             job: spec.name.clone(),
             rank,
@@ -209,6 +216,7 @@ impl Runner {
             trainer_spec,
             vars,
             trainer: None,
+            spare: Some(spare),
             snap,
             device,
             events,
@@ -388,6 +396,8 @@ impl Runner {
                 }
                 self.running = false;
                 self.pending = None;
+                // a write still in flight is of the generation being left
+                self.snap.cancel_writes();
                 self.state.set_status(WorkerStatus::Restoring);
                 let start = Instant::now();
                 let event = self.restore(generation, from);
@@ -409,7 +419,13 @@ impl Runner {
 
     fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> WorkerMessage {
         let Some(point) = from else {
-            self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
+            let mut fresh = self
+                .trainer
+                .take()
+                .or_else(|| self.spare.take())
+                .unwrap_or_else(|| BuiltinTrainer::zeroed(&self.trainer_spec, self.rank));
+            fresh.reset();
+            self.trainer = Some(fresh);
             return WorkerMessage::Restored { generation, step: Step(0) };
         };
         let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
@@ -433,9 +449,10 @@ impl Runner {
         let prechecked = started.elapsed();
         // 3. read (into the snapshot buffer, memory already touched) and
         // verify every checksum, 4. load; nothing changes before 4
-        let trainer_spec = &self.trainer_spec;
-        let rank = self.rank;
-        let trainer = self.trainer.get_or_insert_with(|| BuiltinTrainer::zeroed(trainer_spec, rank));
+        let (trainer_spec, rank, spare) = (&self.trainer_spec, self.rank, &mut self.spare);
+        let trainer = self.trainer.get_or_insert_with(|| {
+            spare.take().unwrap_or_else(|| BuiltinTrainer::zeroed(trainer_spec, rank))
+        });
         let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
         let loaded = self.snap.with_buffer(|buf| {
             let at = Instant::now();
@@ -481,6 +498,11 @@ impl Runner {
 /// Turns the shard writer's outcomes into reports (and metrics).
 pub fn shard_reporter(events: EventSink, m: WorkerMetrics) -> impl FnMut(WriteOutcome) + Send + 'static {
     move |o| {
+        if let Err(ShardError { kind: ShardErrorKind::Cancelled, .. }) = &o.result {
+            // its generation is being left: nothing to report to anyone
+            tracing::info!(checkpoint = %o.meta.checkpoint, "shard write given up after {:?}: a restore needs the buffer", o.write_time);
+            return;
+        }
         m.shard_write.observe(o.write_time.as_secs_f64());
         let event = match o.result {
             Ok(manifest) => {

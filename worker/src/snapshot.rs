@@ -20,9 +20,11 @@
 
 use crate::trainer::Trainer;
 use flotilla_shared::durable;
-use flotilla_shared::shard::{write_shard, ShardError, ShardManifest, ShardMeta, VariableSpec};
+use flotilla_shared::shard::{write_shard_unless, ShardError, ShardManifest, ShardMeta, VariableSpec};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -78,7 +80,8 @@ pub enum SnapshotError {
     WriterGone,
 }
 
-type Job<B> = (WriteRequest, B);
+/// A write request, its buffer, and its sequence number (for cancelling).
+type Job<B> = (WriteRequest, B, u64);
 
 /// Spare capacity of the snapshot buffer beyond the variables: a shard's
 /// header fits, so a whole shard file can be read into it.
@@ -94,6 +97,10 @@ pub struct Snapshotter<B = Vec<u8>> {
     returned: Receiver<B>,
     jobs: Option<SyncSender<Job<B>>>,
     writer: Option<JoinHandle<()>>,
+    /// Writes submitted so far; each job carries its number.
+    submitted: u64,
+    /// Every job numbered up to this one is given up.
+    cancel_through: Arc<AtomicU64>,
 }
 
 impl Snapshotter<Vec<u8>> {
@@ -105,10 +112,11 @@ impl Snapshotter<Vec<u8>> {
         on_done: impl FnMut(WriteOutcome) + Send + 'static,
     ) -> std::io::Result<Self> {
         let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
-        // Touch every page now, so no checkpoint pays for page faults.
-        // room for a shard's header too, so a restore can read a whole
-        // shard file into the same memory
-        let mut buffer = vec![1u8; bytes + READ_ROOM];
+        // Touch every page now (on every core), so no checkpoint pays for
+        // page faults; room for a shard's header too, so a restore can read
+        // a whole shard file into the same memory
+        let mut buffer = vec![0u8; bytes + READ_ROOM];
+        crate::trainer::fill_parallel(vec![&mut buffer], 1);
         buffer.truncate(bytes);
         Self::over(vars, buffer, on_done)
     }
@@ -158,8 +166,11 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         }
         let (returned_tx, returned) = sync_channel(1);
         let (jobs, job_rx) = sync_channel::<Job<B>>(1);
+        let cancel_through = Arc::new(AtomicU64::new(0));
+        let cancel = cancel_through.clone();
         let writer = std::thread::Builder::new().name("flotilla-shard-writer".into()).spawn(move || {
-            for (req, buf) in job_rx {
+            for (req, buf, seq) in job_rx {
+                let cancelled = || cancel.load(Ordering::Acquire) >= seq;
                 let start = Instant::now();
                 let result = req
                     .path
@@ -173,14 +184,24 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                             source,
                         },
                     })
-                    .and_then(|()| write_shard(&req.path, &req.meta, &vars, &buf.as_ref()[..bytes]));
+                    .and_then(|()| {
+                        write_shard_unless(&req.path, &req.meta, &vars, &buf.as_ref()[..bytes], &cancelled)
+                    });
                 on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
                 if returned_tx.send(buf).is_err() {
                     break;
                 }
             }
         })?;
-        Ok(Self { bytes, idle: Some(buffer), returned, jobs: Some(jobs), writer: Some(writer) })
+        Ok(Self {
+            bytes,
+            idle: Some(buffer),
+            returned,
+            jobs: Some(jobs),
+            writer: Some(writer),
+            submitted: 0,
+            cancel_through,
+        })
     }
 
     /// Size of the snapshot buffer.
@@ -198,7 +219,17 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
     /// Hands a filled buffer to the writer.
     pub fn submit(&mut self, req: WriteRequest, buf: B) -> Result<(), SnapshotError> {
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
-        jobs.send((req, buf)).map_err(|_| SnapshotError::WriterGone)
+        self.submitted += 1;
+        jobs.send((req, buf, self.submitted)).map_err(|_| SnapshotError::WriterGone)
+    }
+
+    /// Gives up every write submitted so far that has not reached its
+    /// fsync: a restore makes them useless (their checkpoint belongs to a
+    /// generation being left) and needs the buffer now. Each ends with
+    /// [`ShardErrorKind::Cancelled`](flotilla_shared::shard::ShardErrorKind)
+    /// and leaves no file; a later write is not affected.
+    pub fn cancel_writes(&self) {
+        self.cancel_through.store(self.submitted, Ordering::Release);
     }
 
     /// Returns an acquired buffer unwritten (a snapshot given up).
@@ -235,7 +266,7 @@ mod tests {
     use super::*;
     use crate::trainer::BuiltinTrainer;
     use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank};
-    use flotilla_shared::shard::Shard;
+    use flotilla_shared::shard::{Shard, ShardErrorKind};
     use flotilla_shared::spec::TrainerSpec;
     use std::sync::mpsc::channel;
 
@@ -277,6 +308,38 @@ mod tests {
             fresh.load(&shard).unwrap();
             assert_eq!(fresh.digest(), digests[i]);
         }
+    }
+
+    #[test]
+    fn cancel_gives_up_the_write_in_flight_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TrainerSpec { params_per_rank_bytes: 64 << 20, layers: 2, ..TrainerSpec::default() };
+        let trainer = BuiltinTrainer::new(&spec, Rank(0));
+        let (tx, rx) = channel();
+        let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        let path = |c: u64| dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
+        // told to stop while it still creates the directory (fsyncs) or
+        // writes its 64 MiB; a thread descheduled that long may lose the
+        // race once, not five times
+        let cancelled = (1..=5).any(|c| {
+            snap.snapshot(&trainer, WriteRequest { path: path(c), meta: meta(c, 0) }).unwrap();
+            snap.cancel_writes();
+            // the buffer comes back at once: the restore can use it
+            snap.with_buffer(|b| (b, ())).unwrap();
+            match rx.recv().unwrap().result {
+                Err(ShardError { kind: ShardErrorKind::Cancelled, .. }) => !path(c).exists(),
+                other => {
+                    other.unwrap();
+                    false
+                }
+            }
+        });
+        assert!(cancelled, "no write in flight was given up");
+        // a write submitted after the cancel lands
+        snap.snapshot(&trainer, WriteRequest { path: path(9), meta: meta(9, 0) }).unwrap();
+        snap.wait_idle().unwrap();
+        let manifest = rx.recv().unwrap().result.unwrap();
+        Shard::read_verified(&path(9), "t", &manifest).unwrap();
     }
 
     #[test]

@@ -42,21 +42,35 @@ pub trait Trainer: Send {
 /// 11 GB/s here, two about 20, and this copy is the whole training stall of
 /// a checkpoint.
 pub fn copy_parallel(pairs: Vec<(&mut [u8], &[u8])>) {
-    const PIECE: usize = 16 << 20;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    let total: usize = pairs.iter().map(|(_, s)| s.len()).sum();
     let mut pieces: Vec<(&mut [u8], &[u8])> = Vec::new();
     for (dst, src) in pairs {
         pieces.extend(dst.chunks_mut(PIECE).zip(src.chunks(PIECE)));
     }
-    if threads == 1 || total < 2 * PIECE {
-        for (dst, src) in pieces {
-            dst.copy_from_slice(src);
-        }
+    on_every_core(pieces, |(dst, src)| dst.copy_from_slice(src));
+}
+
+/// Writes `byte` over each region using every core. On memory never
+/// touched, this is where its page faults are paid (a fresh process's
+/// buffers), on all cores at once instead of on one.
+pub fn fill_parallel(regions: Vec<&mut [u8]>, byte: u8) {
+    let pieces: Vec<&mut [u8]> = regions.into_iter().flat_map(|r| r.chunks_mut(PIECE)).collect();
+    on_every_core(pieces, |piece| piece.fill(byte));
+}
+
+/// How much memory one unit of [`on_every_core`] work covers.
+const PIECE: usize = 16 << 20;
+
+/// Runs `work` over `pieces` (each at most [`PIECE`] bytes) on up to 8
+/// threads, each taking a contiguous run so that it streams its own range;
+/// on one core or for little work, on the calling thread alone.
+fn on_every_core<T: Send>(mut pieces: Vec<T>, work: impl Fn(T) + Sync) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads == 1 || pieces.len() < 2 {
+        pieces.into_iter().for_each(work);
         return;
     }
-    // contiguous runs of pieces per thread, so each streams its own range
     let per_thread = pieces.len().div_ceil(threads);
+    let work = &work;
     std::thread::scope(|scope| {
         let mut groups = Vec::new();
         while !pieces.is_empty() {
@@ -65,15 +79,9 @@ pub fn copy_parallel(pairs: Vec<(&mut [u8], &[u8])>) {
         }
         let mine = groups.pop().unwrap_or_default();
         for group in groups {
-            scope.spawn(move || {
-                for (dst, src) in group {
-                    dst.copy_from_slice(src);
-                }
-            });
+            scope.spawn(move || group.into_iter().for_each(work));
         }
-        for (dst, src) in mine {
-            dst.copy_from_slice(src);
-        }
+        mine.into_iter().for_each(work);
     });
 }
 
@@ -156,14 +164,32 @@ impl BuiltinTrainer {
     /// A fresh trainer for `rank` at step 0, initialised from the seed.
     pub fn new(spec: &TrainerSpec, rank: Rank) -> Self {
         let mut t = Self::zeroed(spec, rank);
-        let base = mix(spec.seed ^ (u64::from(rank.0) << 32));
-        for (k, slot) in t.slots.iter().enumerate() {
+        t.init_weights();
+        t
+    }
+
+    /// Back to the state of [`BuiltinTrainer::new`], in the memory it has.
+    pub fn reset(&mut self) {
+        self.step = 0;
+        fill_parallel(vec![bytemuck::cast_slice_mut(&mut self.m), bytemuck::cast_slice_mut(&mut self.v)], 0);
+        self.init_weights();
+    }
+
+    /// Writes every variable's memory once, on every core: a fresh
+    /// process pays its page faults here, before a restore needs them.
+    pub fn touch(&mut self) {
+        let [w, m, v] = [&mut self.weights, &mut self.m, &mut self.v].map(|a| bytemuck::cast_slice_mut(a));
+        fill_parallel(vec![w, m, v], 0);
+    }
+
+    fn init_weights(&mut self) {
+        let base = mix(self.seed ^ (u64::from(self.rank.0) << 32));
+        for (k, slot) in self.slots.iter().enumerate() {
             let var_seed = mix(base ^ k as u64);
-            for (j, w) in t.weights[slot.range.clone()].iter_mut().enumerate() {
+            for (j, w) in self.weights[slot.range.clone()].iter_mut().enumerate() {
                 *w = (unit(mix(var_seed.wrapping_add(j as u64))) - 0.5) * 0.1;
             }
         }
-        t
     }
 
     /// A trainer with every variable zero, to be overwritten by [`Trainer::load`]
@@ -334,6 +360,24 @@ mod tests {
         let mut small = [0u8; 3];
         copy_parallel(vec![(&mut small[..], &[1, 2, 3][..])]);
         assert_eq!(small, [1, 2, 3]);
+        fill_parallel(vec![&mut dst[..], &mut small[..]], 9);
+        assert!(dst.iter().chain(&small).all(|&b| b == 9));
+    }
+
+    #[test]
+    fn a_reset_trainer_is_a_new_one() {
+        let mut used = BuiltinTrainer::new(&spec(), Rank(2));
+        for _ in 0..3 {
+            used.step();
+        }
+        used.reset();
+        let mut touched = BuiltinTrainer::zeroed(&spec(), Rank(2));
+        touched.touch();
+        touched.reset();
+        let fresh = BuiltinTrainer::new(&spec(), Rank(2));
+        assert_eq!(used.digest(), fresh.digest());
+        assert_eq!(touched.digest(), fresh.digest());
+        assert_eq!(used.current_step(), Step(0));
     }
 
     #[test]
