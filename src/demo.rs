@@ -10,7 +10,7 @@ use flotilla_shared::spec::JobSpec;
 use flotilla_worker::trainer::reference_digest;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The demo's knobs (SPEC §7).
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// Keep the processes' logs and checkpoints.
     #[arg(long)]
     keep: bool,
+    /// Drop the page cache (root) just before the worker SIGKILL, so the
+    /// restore reads every shard from the disk.
+    #[arg(long)]
+    cold_restore: bool,
 }
 
 struct Progress {
@@ -137,7 +141,9 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let mut progress = Progress { tty: std::io::stdout().is_terminal(), last_line: Instant::now() };
     let mut failures = 0;
     let mut killed_worker: Option<(Instant, u64)> = None;
+    let mut killed_wall_ms = 0u64;
     let mut recovery: Option<Duration> = None;
+    let mut seen_after: Option<u64> = None;
     let mut leader_killed = false;
     let deadline = Instant::now() + Duration::from_secs(600);
     let job = loop {
@@ -156,6 +162,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         if let (Some((at, generation)), None) = (killed_worker, recovery) {
             if job.generation.0 > generation && job.state == "running" {
                 recovery = Some(at.elapsed());
+                // the ledger records when the leader saw the failure (the
+                // restore's proposal); this host's clock is the leader's
+                let restore_event = format!("restore into generation {} ", generation + 1);
+                seen_after = job
+                    .events
+                    .iter()
+                    .find(|e| e.text.starts_with(&restore_event))
+                    .map(|e| e.at_ms.saturating_sub(killed_wall_ms));
                 progress.say(&format!(
                     "all ranks training again in generation {} from {} after {:.2} s",
                     job.generation,
@@ -171,9 +185,13 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             && job.step.0 >= kill_worker_at
         {
             let rank = 1 % args.workers;
+            if args.cold_restore {
+                flotilla_worker::bench::drop_page_cache().context("--cold-restore")?;
+            }
             workers.kill(rank);
             failures += 1;
             killed_worker = Some((Instant::now(), job.generation.0));
+            killed_wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             progress.say(&format!("step {}: SIGKILL worker rank {rank}; restarting it", job.step));
             workers.spawn(rank, &[])?;
         }
@@ -207,7 +225,11 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     );
     println!(
         "failure to training:     {}",
-        recovery.map_or("n/a".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+        recovery.map_or("n/a".into(), |d| format!(
+            "{:.2} s{}",
+            d.as_secs_f64(),
+            seen_after.map_or(String::new(), |ms| format!(" (the leader saw the failure after {ms} ms)"))
+        ))
     );
     println!("final digest:            {}", job.final_digest.as_deref().unwrap_or("none"));
     println!("failure-free reference:  {reference}");

@@ -367,6 +367,46 @@ struct JobSoft {
     files: BTreeSet<FileWork>,
     /// The rendezvous rank 0 offered for a generation (`--exec` jobs).
     rendezvous: Option<(Generation, String)>,
+    /// The restore under way, timed for the line that logs its end.
+    recovery: Option<Recovery>,
+}
+
+/// When the phases of one restore happened, on this leader's monotonic
+/// clock: the restore's breakdown (detect is the failure's, the rest here).
+#[derive(Debug, Clone)]
+struct Recovery {
+    generation: Generation,
+    /// This leader proposed it (None: it took over a restore under way).
+    proposed: Option<u64>,
+    /// First seen committed, when the restore directives went out.
+    committed: Option<u64>,
+    /// The last rank to report its state restored, and when.
+    last_restored: Option<(Rank, u64)>,
+}
+
+impl Recovery {
+    fn new(generation: Generation, proposed: Option<u64>) -> Self {
+        Self { generation, proposed, committed: None, last_restored: None }
+    }
+
+    /// One line with the phases, once the resume is proposed at `t`.
+    fn log(&self, job: &JobName, t: u64) {
+        let span = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(a), Some(b)) => format!("{} ms", b.saturating_sub(a)),
+            _ => "n/a (this leader took over mid-way)".to_string(),
+        };
+        let (last_rank, restored) = self.last_restored.map_or((None, None), |(r, at)| (Some(r), Some(at)));
+        tracing::info!(
+            %job,
+            generation = %self.generation,
+            "restore done: proposed -> committed {}, committed -> every rank restored {} (last: rank {}), -> resume proposed {}; {} since the failure was seen",
+            span(self.proposed, self.committed),
+            span(self.committed, restored),
+            last_rank.map_or("?".into(), |r| r.to_string()),
+            span(restored.or(self.committed), Some(t)),
+            span(self.proposed, Some(t)),
+        );
+    }
 }
 
 /// The leader's supervisor.
@@ -452,6 +492,7 @@ impl Supervisor {
             lead_ms: lead,
             files: BTreeSet::new(),
             rendezvous: None,
+            recovery: None,
         })
     }
 
@@ -571,6 +612,10 @@ impl Supervisor {
                 return false;
             }
             self.inflight.insert(key, now.mono_ms);
+        }
+        if let Command::Restore { job, generation, .. } = &cmd {
+            let generation = *generation;
+            self.soft(job, now.mono_ms).recovery = Some(Recovery::new(generation, Some(now.mono_ms)));
         }
         out.push(Action::Propose(cmd));
         true
@@ -695,7 +740,11 @@ impl Supervisor {
             }
             WorkerMessage::Restored { generation, step } => {
                 if generation == current {
+                    let first = r.generation != Some(generation);
                     r.report(Some(generation), step, WorkerStatus::Waiting, t);
+                    if let Some(rec) = soft.recovery.as_mut().filter(|rec| first && rec.generation == generation) {
+                        rec.last_restored = Some((rank, t));
+                    }
                 }
             }
             WorkerMessage::RestoreFailed { generation, checkpoint, kind, message } => {
@@ -1011,9 +1060,18 @@ impl Supervisor {
             self.propose(now, cmd, out);
             return;
         }
+        let rec = match &mut soft.recovery {
+            Some(rec) if rec.generation == g => rec,
+            other => other.insert(Recovery::new(g, None)),
+        };
+        rec.committed.get_or_insert(t);
         direct_restores(j, soft, t, resend, out);
         if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
-            self.propose(now, Command::ResumeJob { job: name, generation: g }, out);
+            if self.propose(now, Command::ResumeJob { job: name.clone(), generation: g }, out) {
+                if let Some(rec) = self.soft(&name, t).recovery.take() {
+                    rec.log(&name, t);
+                }
+            }
         }
     }
 

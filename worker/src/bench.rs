@@ -141,7 +141,8 @@ fn plain_write(path: &Path, bytes: u64) -> io::Result<Duration> {
     Ok(took)
 }
 
-fn drop_page_cache() -> io::Result<()> {
+/// Writes back dirty pages, then drops the whole page cache (root only).
+pub fn drop_page_cache() -> io::Result<()> {
     // dirty pages first, or they would survive the drop
     let status = std::process::Command::new("sync").status()?;
     if !status.success() {

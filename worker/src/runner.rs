@@ -203,12 +203,18 @@ impl Runner {
             format!("job {} has no [trainer] section; the built-in trainer needs one", spec.name)
         })?;
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
+        let started = Instant::now();
         let snap = Snapshotter::new(vars.clone(), shard_reporter(events.clone(), metrics.clone()))
             .map_err(|e| format!("cannot start the shard writer: {e}"))?;
         // the trainer's memory, faulted in on every core now rather than
         // page by page in the first restore's load or the first steps
         let mut spare = BuiltinTrainer::zeroed(&trainer_spec, rank);
         spare.touch();
+        tracing::info!(
+            "snapshot buffer and trainer memory ready: 2 x {:.1} MiB touched in {:.1} ms",
+            snap.bytes() as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(Self {
             job: spec.name.clone(),
             rank,
