@@ -742,7 +742,9 @@ impl Supervisor {
                 if generation == current {
                     let first = r.generation != Some(generation);
                     r.report(Some(generation), step, WorkerStatus::Waiting, t);
-                    if let Some(rec) = soft.recovery.as_mut().filter(|rec| first && rec.generation == generation) {
+                    if let Some(rec) =
+                        soft.recovery.as_mut().filter(|rec| first && rec.generation == generation)
+                    {
                         rec.last_restored = Some((rank, t));
                     }
                 }
