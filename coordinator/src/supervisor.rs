@@ -1068,11 +1068,10 @@ impl Supervisor {
         };
         rec.committed.get_or_insert(t);
         direct_restores(j, soft, t, resend, out);
-        if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
-            if self.propose(now, Command::ResumeJob { job: name.clone(), generation: g }, out) {
-                if let Some(rec) = self.soft(&name, t).recovery.take() {
-                    rec.log(&name, t);
-                }
+        let all_hold_g = soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g));
+        if all_hold_g && self.propose(now, Command::ResumeJob { job: name.clone(), generation: g }, out) {
+            if let Some(rec) = self.soft(&name, t).recovery.take() {
+                rec.log(&name, t);
             }
         }
     }
