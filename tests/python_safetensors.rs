@@ -27,9 +27,13 @@ fn python_safetensors_reads_a_flotilla_shard() {
         })
         .collect();
     assert_eq!(offset as usize, data.len());
+    // each tensor's checksum, as a JSON object in a metadata string
+    let checksums: std::collections::BTreeMap<&str, String> =
+        shards[0].tensors.iter().map(|t| (t.name.as_str(), t.checksum.to_string())).collect();
     let expected = serde_json::json!({
         "metadata": {"format": "flotilla-shard/1", "job": "interop", "checkpoint": "3",
-                     "rank": "0", "step": "30", "generation": "1"},
+                     "rank": "0", "step": "30", "generation": "1",
+                     "checksums": serde_json::to_string(&checksums).unwrap()},
         "tensors": tensors,
     });
     let json_path = dir.path().join("expected.json");

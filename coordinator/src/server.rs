@@ -12,6 +12,7 @@ use crate::workers;
 use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::layout::{JobDir, Manifest};
+use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::tls::NodeTls;
 use std::path::PathBuf;
@@ -413,7 +414,9 @@ pub fn read_origin(spec: &JobSpec) -> Result<Option<Box<Origin>>, String> {
             )
         })?;
     let m = Manifest::read(&dir.checkpoint_dir(id)).map_err(|e| format!("checkpoint.resume_from: {e}"))?;
-    Ok(Some(Box::new(Origin { job: m.job, id, step: m.step, dir: dir.checkpoint_dir(id), shards: m.ranks })))
+    // the whole-file checksums are enough to verify (see ShardManifest::without_tensors)
+    let shards = m.ranks.iter().map(ShardManifest::without_tensors).collect();
+    Ok(Some(Box::new(Origin { job: m.job, id, step: m.step, dir: dir.checkpoint_dir(id), shards })))
 }
 
 async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: CancellationToken) {

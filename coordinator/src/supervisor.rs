@@ -717,7 +717,9 @@ impl Supervisor {
                     if r.generation != Some(current) {
                         r.report(Some(current), r.step, r.status, t);
                     }
-                    r.saved.insert(checkpoint, manifest);
+                    // the ledger keeps the whole-file checksum only (the
+                    // header carries each tensor's): small at any model size
+                    r.saved.insert(checkpoint, manifest.without_tensors());
                 } else if generation == current && c.is_some_and(|c| c.state != CheckpointState::Aborted) {
                     // a re-report of a shard already counted (committed): nothing to do
                 } else {

@@ -18,6 +18,7 @@ use crate::supervisor::{
 use flotilla_shared::frame::{server_handshake, Tokens, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::{CheckpointId, JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
+use flotilla_shared::shard::read_header;
 use flotilla_shared::tls::{NodeTls, Stream};
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
 use futures::{SinkExt, StreamExt};
@@ -301,6 +302,24 @@ fn start_file_worker(
     tx
 }
 
+/// Fills in each rank's per-variable list (SPEC §3), which the ledger does
+/// not keep, from the shard's header. The ledger's whole-file checksum
+/// stays the authority: a header that was changed since makes `flotilla
+/// inspect` fail on that checksum. A rank whose header cannot be read keeps
+/// an empty list, and its shard is still verified by the whole-file checksum.
+fn with_tensor_lists(m: &mut Manifest, checkpoint_dir: &std::path::Path) {
+    for shard in m.ranks.iter_mut().filter(|s| s.tensors.is_empty()) {
+        let label = format!("checkpoint {} rank {}", m.id, shard.rank);
+        match read_header(&checkpoint_dir.join(&shard.file), &label).map(|h| h.records()) {
+            Ok(Some(records)) => shard.tensors = records,
+            Ok(None) => tracing::warn!(
+                "{label}: its header has no checksums; MANIFEST.json lists no variables for it"
+            ),
+            Err(e) => tracing::warn!("{e}; MANIFEST.json lists no variables for it"),
+        }
+    }
+}
+
 fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Result<()> {
     let found = node.read_state(|st| {
         let j = st.jobs.get(job)?;
@@ -334,7 +353,11 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
                 tracing::error!(%job, checkpoint = %id, "committed checkpoint's directory {} is missing", dir.checkpoint_dir(id).display());
                 Ok(())
             }
-            Some(m) => m.write(&dir.checkpoint_dir(id)).map_err(std::io::Error::other),
+            Some(mut m) => {
+                let ckpt = dir.checkpoint_dir(id);
+                with_tensor_lists(&mut m, &ckpt);
+                m.write(&ckpt).map_err(std::io::Error::other)
+            }
             None => Ok(()),
         },
         FileWork::Condemn(id) => {

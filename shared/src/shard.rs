@@ -2,22 +2,27 @@
 //!
 //! ```text
 //! [u64 LE n][n bytes JSON header, space-padded to 8][tensor data, packed in header order]
-//!            {"__metadata__": {job, checkpoint, rank, step, generation, ...},
+//!            {"__metadata__": {job, checkpoint, rank, step, generation, format,
+//!                              checksums: "{\"model/layer_0/attn/wq\": \"crc32c:...\", ...}"},
 //!             "model/layer_0/attn/wq": {"dtype":"F32","shape":[d,d],"data_offsets":[b,e]}, ...}
 //! ```
 //! The header is built and parsed by the `safetensors` crate's own
-//! `Metadata`, so any safetensors reader accepts the file. Checksums
-//! (CRC-32C per tensor and of the whole file) are computed while writing, in
-//! one pass, and returned as a [`ShardManifest`]; they live in the checkpoint's
-//! manifest (and the Raft ledger), not in the file, so a corrupted file cannot
-//! vouch for itself.
+//! `Metadata`, so any safetensors reader accepts the file. Each tensor's
+//! CRC-32C is computed as its data is written, in one pass, and recorded in
+//! the header, written last (a checksum always prints the same length, so
+//! its room is known first); the whole file's is combined from the header's
+//! and the tensors'.
+//! The writer returns both as a [`ShardManifest`]. The Raft ledger keeps the
+//! whole-file checksum ([`ShardManifest::without_tensors`]), which vouches for
+//! the header and the checksums in it, so a corrupted file still cannot vouch
+//! for itself.
 
 use crate::checksum::Checksum;
 use crate::durable;
 use crate::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use safetensors::tensor::{Metadata, TensorInfo};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -29,13 +34,17 @@ pub use safetensors::Dtype;
 /// The largest header we read (the safetensors crate's own limit).
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Size of each `write(2)` of tensor data: big enough to stream, small enough
-/// that the checksum of a chunk is computed while it is still in cache.
+/// that the disk starts on one while the next is copied, and that a
+/// cancelled write stops soon.
 const WRITE_CHUNK: usize = 8 << 20;
 /// The message of the io::Error that carries a cancellation out of
 /// `durable::write_atomic` (which then removes the temporary file).
 const CANCELLED: &str = "flotilla: shard write cancelled";
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "flotilla-shard/1";
+/// The metadata key that holds each tensor's checksum: a JSON object of
+/// name to CRC-32C, as a string (safetensors metadata values are strings).
+pub const CHECKSUMS_KEY: &str = "checksums";
 
 /// A variable as a model declares it: scoped name, dtype and shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +164,22 @@ impl ShardManifest {
     /// The variables of the shard (what a model must declare to load it).
     pub fn variables(&self) -> Vec<VariableSpec> {
         self.tensors.iter().map(|t| VariableSpec::new(t.name.clone(), t.dtype, t.shape.clone())).collect()
+    }
+
+    /// What the ledger keeps of a shard: its file, size and whole-file
+    /// checksum, without the per-variable list. The whole-file checksum
+    /// covers the header, which carries each tensor's checksum, so a
+    /// restore still names the tensor that differs; the ledger entry of a
+    /// checkpoint stays a few dozen bytes per rank, however many variables
+    /// a model has.
+    pub fn without_tensors(&self) -> Self {
+        Self {
+            rank: self.rank,
+            file: self.file.clone(),
+            bytes: self.bytes,
+            checksum: self.checksum,
+            tensors: Vec::new(),
+        }
     }
 }
 
@@ -317,7 +342,11 @@ fn io_err<'a>(shard: &str, op: &'static str, path: &'a Path) -> impl FnOnce(io::
 }
 
 /// Builds the `[u64 n][header]` prefix for `vars` laid out back to back.
-fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, String> {
+fn encode_header(
+    meta: &ShardMeta,
+    vars: &[VariableSpec],
+    records: &[TensorRecord],
+) -> Result<Vec<u8>, String> {
     let mut seen = HashSet::new();
     let mut offset = 0usize;
     let mut tensors = Vec::with_capacity(vars.len());
@@ -335,7 +364,11 @@ fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, Str
         ));
         offset = end;
     }
-    let metadata = Metadata::new(Some(meta.to_map()), tensors).map_err(|e| e.to_string())?;
+    let mut map = meta.to_map();
+    let checksums: BTreeMap<&str, String> =
+        records.iter().map(|r| (r.name.as_str(), r.checksum.to_string())).collect();
+    map.insert(CHECKSUMS_KEY.to_string(), serde_json::to_string(&checksums).map_err(|e| e.to_string())?);
+    let metadata = Metadata::new(Some(map), tensors).map_err(|e| e.to_string())?;
     let mut json = serde_json::to_vec(&metadata).map_err(|e| e.to_string())?;
     // pad so tensor data starts 8-byte aligned, as the reference writer does
     let padded = (8 + json.len()).next_multiple_of(8) - 8;
@@ -348,8 +381,8 @@ fn encode_header(meta: &ShardMeta, vars: &[VariableSpec]) -> Result<Vec<u8>, Str
 
 /// Writes a shard durably at `path` (temp → write → fsync → rename → fsync
 /// dir). `data` holds the variables' bytes back to back, in `vars` order.
-/// Returns the manifest with per-tensor and whole-file checksums, computed in
-/// the same pass as the write.
+/// Returns the manifest with per-tensor and whole-file checksums (the
+/// per-tensor ones are in the header too).
 pub fn write_shard(
     path: &Path,
     meta: &ShardMeta,
@@ -394,13 +427,28 @@ pub fn write_shard_unless(
             )),
         ));
     }
-    let header =
-        encode_header(meta, vars).map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?;
+    let record = |v: &VariableSpec, checksum| TensorRecord {
+        name: v.name.clone(),
+        dtype: v.dtype,
+        shape: v.shape.clone(),
+        bytes: v.byte_len() as u64,
+        checksum,
+    };
+    // The header carries every tensor's checksum, known only once the data
+    // is written; a checksum always prints the same length, so a header
+    // with placeholders is exactly as long as the real one.
+    let placeholders: Vec<TensorRecord> = vars.iter().map(|v| record(v, Checksum::default())).collect();
+    let header_len = encode_header(meta, vars, &placeholders)
+        .map_err(|e| ShardError::new(&label, ShardErrorKind::Invalid(e)))?
+        .len();
 
-    let (records, file_checksum) = durable::write_atomic(path, |file| {
-        file.write_all(&header)?;
-        let mut offset = header.len() as u64;
-        let mut whole = Checksum::of(&header);
+    let (records, header) = durable::write_atomic(path, |file| {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileExt;
+        // the data first, after the header's room, each chunk checksummed
+        // as it is written (one pass); then the header at the start
+        file.seek(SeekFrom::Start(header_len as u64))?;
+        let mut offset = header_len as u64;
         let mut records = Vec::with_capacity(vars.len());
         let mut rest = data;
         for v in vars {
@@ -417,19 +465,20 @@ pub fn write_shard_unless(
                 durable::start_writeback(file, offset, chunk.len() as u64);
                 offset += chunk.len() as u64;
             }
-            whole = whole.combine(crc, tensor.len());
-            records.push(TensorRecord {
-                name: v.name.clone(),
-                dtype: v.dtype,
-                shape: v.shape.clone(),
-                bytes: tensor.len() as u64,
-                checksum: crc,
-            });
+            records.push(record(v, crc));
         }
+        let header = encode_header(meta, vars, &records).map_err(io::Error::other)?;
+        if header.len() != header_len {
+            return Err(io::Error::other(format!(
+                "the header is {} bytes, {header_len} were reserved for it",
+                header.len()
+            )));
+        }
+        file.write_all_at(&header, 0)?;
         if cancelled() {
             return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
         }
-        Ok((records, whole))
+        Ok((records, header))
     })
     .map_err(|e| {
         if e.kind() == io::ErrorKind::Interrupted && e.to_string() == CANCELLED {
@@ -438,6 +487,8 @@ pub fn write_shard_unless(
             io_err(&label, "write", path)(e)
         }
     })?;
+    let file_checksum =
+        records.iter().fold(Checksum::of(&header), |whole, r| whole.combine(r.checksum, r.bytes as usize));
 
     Ok(ShardManifest {
         rank: meta.rank,
@@ -461,12 +512,35 @@ pub struct ShardHeader {
     pub header_len: usize,
     /// Total file size the header implies.
     pub file_len: u64,
+    /// Each tensor's CRC-32C as the writer recorded it (shards written
+    /// before the header carried them have none). Vouched for by the whole
+    /// file's checksum in the ledger, never by the file alone.
+    pub checksums: Option<HashMap<String, Checksum>>,
 }
 
 impl ShardHeader {
     /// The variables, in file order.
     pub fn variables(&self) -> Vec<VariableSpec> {
         self.tensors.iter().map(|(v, _)| v.clone()).collect()
+    }
+
+    /// Every variable with the checksum the header records for it, in file
+    /// order (MANIFEST.json's per-variable list); `None` when the header
+    /// lacks one. Trust them only once the whole file's checksum matched.
+    pub fn records(&self) -> Option<Vec<TensorRecord>> {
+        let checksums = self.checksums.as_ref()?;
+        self.tensors
+            .iter()
+            .map(|(v, r)| {
+                Some(TensorRecord {
+                    name: v.name.clone(),
+                    dtype: v.dtype,
+                    shape: v.shape.clone(),
+                    bytes: r.len() as u64,
+                    checksum: *checksums.get(&v.name)?,
+                })
+            })
+            .collect()
     }
 
     /// Parses a header from the file's first bytes (`prefix` must hold at
@@ -498,6 +572,12 @@ impl ShardHeader {
             return Err(ShardErrorKind::Truncated { len: actual_len, expected: file_len });
         }
         let meta = ShardMeta::from_map(metadata.metadata().as_ref()).map_err(malformed)?;
+        let checksums = match metadata.metadata().as_ref().and_then(|m| m.get(CHECKSUMS_KEY)) {
+            Some(json) => Some(serde_json::from_str(json).map_err(|e| {
+                malformed(format!("__metadata__ `{CHECKSUMS_KEY}` is not a map of checksums: {e}"))
+            })?),
+            None => None,
+        };
         let mut tensors: Vec<_> = metadata
             .tensors()
             .into_iter()
@@ -512,7 +592,7 @@ impl ShardHeader {
         // several empty ones at one offset go by name, so that the order does
         // not depend on the header's hash map
         tensors.sort_by(|(a, ra), (b, rb)| (ra.start, ra.end, &a.name).cmp(&(rb.start, rb.end, &b.name)));
-        Ok(Self { meta, tensors, header_len, file_len })
+        Ok(Self { meta, tensors, header_len, file_len, checksums })
     }
 }
 
@@ -629,14 +709,9 @@ fn read_and_verify(
     // each part: its file range, read and checksummed piece by piece, a
     // piece ending at every tensor boundary inside it
     let data_start = header.header_len;
-    let mut bounds: Vec<usize> =
-        header.tensors.iter().flat_map(|(_, r)| [data_start + r.start, data_start + r.end]).collect();
-    let parts = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
-    let total = dst.len() - data_start;
-    let cuts: Vec<usize> = (0..=parts).map(|i| data_start + total * i / parts).collect();
-    bounds.extend(&cuts);
-    bounds.sort_unstable();
-    bounds.dedup();
+    let ranges: Vec<Range<usize>> =
+        header.tensors.iter().map(|(_, r)| data_start + r.start..data_start + r.end).collect();
+    let (cuts, bounds) = parts_of(data_start..dst.len(), &ranges);
     let results: Vec<io::Result<Pieces>> = std::thread::scope(|scope| {
         let mut rest = &mut dst[data_start..];
         let mut handles = Vec::new();
@@ -646,16 +721,7 @@ fn read_and_verify(
             let (start, bounds) = (w[0], &bounds);
             handles.push(scope.spawn(move || {
                 file.read_exact_at(part, start as u64)?;
-                let mut pieces = Vec::new();
-                let inner = bounds.iter().copied().filter(|b| *b > start && *b < start + part.len());
-                let mut from = start;
-                for to in inner.chain(std::iter::once(start + part.len())) {
-                    if to > from {
-                        pieces.push((from, to - from, Checksum::of(&part[from - start..to - start])));
-                    }
-                    from = to;
-                }
-                Ok(pieces)
+                Ok(pieces_of(part, start, bounds))
             }));
         }
         handles
@@ -667,27 +733,77 @@ fn read_and_verify(
     for r in results {
         pieces.extend(r.map_err(read)?);
     }
-    // pieces come in file order; a tensor's checksum combines the pieces within it
-    let crc_of = |r: Range<usize>| {
-        let (from, to) = (data_start + r.start, data_start + r.end);
-        pieces
-            .iter()
-            .filter(|(s, l, _)| *s >= from && s + l <= to)
-            .fold(Checksum::of(&[]), |acc, (_, l, c)| acc.combine(*c, *l))
-    };
+    let crc_of = |r: Range<usize>| combine_pieces(&pieces, data_start + r.start..data_start + r.end);
     check_manifest(header, manifest, header_crc, crc_of).map_err(fail)
 }
 
+/// Cuts `span` into one part per core (at most 8; one for less than
+/// 4 MiB): the part boundaries, and every boundary a piece must end at
+/// (those and each range's ends).
+fn parts_of(span: Range<usize>, ranges: &[Range<usize>]) -> (Vec<usize>, Vec<usize>) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let parts = if span.len() < 4 << 20 { 1 } else { cores };
+    let cuts: Vec<usize> = (0..=parts).map(|i| span.start + span.len() * i / parts).collect();
+    let mut bounds: Vec<usize> =
+        ranges.iter().flat_map(|r| [r.start, r.end]).chain(cuts.iter().copied()).collect();
+    bounds.sort_unstable();
+    bounds.dedup();
+    (cuts, bounds)
+}
+
+/// The checksummed pieces of `part`, which starts at offset `start`: one
+/// piece ending at each of `bounds` inside it, and one at its end.
+fn pieces_of(part: &[u8], start: usize, bounds: &[usize]) -> Pieces {
+    let mut pieces = Vec::new();
+    let inner = bounds.iter().copied().filter(|b| *b > start && *b < start + part.len());
+    let mut from = start;
+    for to in inner.chain(std::iter::once(start + part.len())) {
+        if to > from {
+            pieces.push((from, to - from, Checksum::of(&part[from - start..to - start])));
+        }
+        from = to;
+    }
+    pieces
+}
+
+/// The checksum of `range`, combined from the pieces (in order) within it.
+fn combine_pieces(pieces: &Pieces, range: Range<usize>) -> Checksum {
+    pieces
+        .iter()
+        .filter(|(s, l, _)| *s >= range.start && s + l <= range.end)
+        .fold(Checksum::of(&[]), |acc, (_, l, c)| acc.combine(*c, *l))
+}
+
 /// The checks of a shard against its manifest, given the header's checksum
-/// and each tensor's (`crc_of` a data range): the same variables, dtypes and
-/// shapes, every tensor's checksum (a mismatch names it) and the whole
-/// file's, combined in file order.
+/// and each tensor's (`crc_of` a data range). Against per-tensor records:
+/// the same variables, dtypes and shapes, every tensor's checksum (a
+/// mismatch names it) and the whole file's, combined in file order. Against
+/// the ledger's digest (no records): the whole file's, and on a mismatch the
+/// tensor that differs from the checksum its header recorded.
 fn check_manifest(
     header: ShardHeader,
     manifest: &ShardManifest,
     header_crc: Checksum,
     crc_of: impl Fn(Range<usize>) -> Checksum,
 ) -> Result<ShardHeader, ShardErrorKind> {
+    if manifest.tensors.is_empty() {
+        // what the ledger keeps: the whole file's checksum, which vouches
+        // for the header and so for the checksums it carries
+        let whole =
+            header.tensors.iter().fold(header_crc, |acc, (_, r)| acc.combine(crc_of(r.clone()), r.len()));
+        if whole == manifest.checksum {
+            return Ok(header);
+        }
+        // name what differs: a tensor whose data no longer matches the
+        // checksum recorded at write time, else the header itself
+        let recorded = |name: &str| header.checksums.as_ref().and_then(|c| c.get(name)).copied();
+        let bad =
+            header.tensors.iter().find(|(v, r)| recorded(&v.name).is_some_and(|c| c != crc_of(r.clone())));
+        return Err(match bad {
+            Some((v, _)) => ShardErrorKind::ChecksumMismatch(v.name.clone()),
+            None => ShardErrorKind::HeaderChecksumMismatch,
+        });
+    }
     let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
         header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
     if header.tensors.len() != manifest.tensors.len() {
@@ -857,13 +973,61 @@ mod tests {
     }
 
     #[test]
+    fn the_ledgers_digest_verifies_a_shard_and_names_the_tensor_that_differs() {
+        let (_dir, path, manifest, _) = written();
+        let digest = manifest.without_tensors();
+        assert!(digest.tensors.is_empty());
+        // the header carries what the ledger no longer does
+        assert_eq!(read_header(&path, "t").unwrap().records().unwrap(), manifest.tensors);
+        let shard = Shard::read_verified(&path, "t", &digest).unwrap();
+        assert_eq!(shard.tensor("optimizer/step").unwrap(), 700i64.to_le_bytes());
+
+        let clean = std::fs::read(&path).unwrap();
+        let mut bytes = clean.clone();
+        let last = bytes.len() - 5; // inside model/layer_0/mlp/w_in
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "checkpoint 7 rank 2", &digest).unwrap_err();
+        assert_eq!(err.to_string(), "checkpoint 7 rank 2: checksum mismatch in model/layer_0/mlp/w_in");
+
+        // a changed header cannot vouch for itself: step 700 -> 701
+        let mut bytes = clean.clone();
+        let at = bytes.windows(5).position(|w| w == b"\"700\"").unwrap() + 3;
+        bytes[at] = b'1';
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "c", &digest).unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch), "{err}");
+
+        // nor can a header whose recorded checksum was changed to match
+        // changed data: the whole file's checksum is the ledger's
+        let mut bytes = clean;
+        let data_at = bytes.len() - 5;
+        bytes[data_at] ^= 0x01;
+        let header = read_header(&path, "t").unwrap();
+        let w_in = &header.tensors.iter().find(|(v, _)| v.name == "model/layer_0/mlp/w_in").unwrap().1;
+        let data = &bytes[header.header_len + w_in.start..header.header_len + w_in.end];
+        let old = manifest
+            .tensors
+            .iter()
+            .find(|t| t.name == "model/layer_0/mlp/w_in")
+            .unwrap()
+            .checksum
+            .to_string();
+        let new = Checksum::of(data).to_string();
+        let at = bytes.windows(old.len()).position(|w| w == old.as_bytes()).unwrap();
+        bytes[at..at + new.len()].copy_from_slice(new.as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Shard::read_verified(&path, "c", &digest).unwrap_err();
+        assert!(matches!(err.kind, ShardErrorKind::HeaderChecksumMismatch), "{err}");
+    }
+
+    #[test]
     fn flipped_header_byte_is_detected() {
         let (_dir, path, manifest, _) = written();
         let mut bytes = std::fs::read(&path).unwrap();
         // turn a padding space or a metadata digit into something else while
         // keeping valid JSON: change "700" (step) into "701"
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let at = text.find("\"700\"").unwrap() + 3;
+        let at = bytes.windows(5).position(|w| w == b"\"700\"").unwrap() + 3;
         bytes[at] = b'1';
         std::fs::write(&path, &bytes).unwrap();
         let err = Shard::read_verified(&path, "c", &manifest).unwrap_err();

@@ -513,10 +513,12 @@ pub fn shard_reporter(events: EventSink, m: WorkerMetrics) -> impl FnMut(WriteOu
         let event = match o.result {
             Ok(manifest) => {
                 m.bytes_written.inc_by(manifest.bytes);
+                // the header carries each tensor's checksum: the leader
+                // needs the file's size and whole-file checksum only
                 WorkerMessage::ShardSaved {
                     generation: o.meta.generation,
                     checkpoint: o.meta.checkpoint,
-                    manifest,
+                    manifest: manifest.without_tensors(),
                 }
             }
             Err(e) => WorkerMessage::ShardFailed {
