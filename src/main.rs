@@ -423,7 +423,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// A command whose output goes to a terminal or a pipe and nowhere else
+/// (`inspect DIR | head`): it ends quietly when the reader goes away, as
+/// `cat` does, instead of panicking on the failed write. Servers keep
+/// SIGPIPE ignored (a dead peer is an error to handle, never a signal).
+#[allow(unsafe_code)]
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE, before any
+    // thread is started, touches no memory.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if matches!(
+        cli.command,
+        Command::Status(_)
+            | Command::Checkpoints(_)
+            | Command::Inspect(_)
+            | Command::Submit(_)
+            | Command::Checkpoint(_)
+            | Command::Restore(_)
+            | Command::Replicas(_)
+    ) {
+        end_quietly_on_closed_pipe();
+    }
     match cli.command {
         Command::Coordinator(args) => run_coordinator(args),
         Command::Worker(args) => run_worker(args),

@@ -28,6 +28,34 @@ fn inspect_lists_the_latest_committed_checkpoint() {
 }
 
 #[test]
+fn a_reader_that_goes_away_ends_inspect_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    // 40 ranks of 37 variables: more output than a pipe holds, so the
+    // writes after the reader left really fail
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), "wide", 1, 40, true);
+    let mut child = Command::new(common::BIN)
+        .args(["inspect", dir.path().join("wide").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap(); // `| head -1`
+    let out = child.wait_with_output().unwrap();
+    assert!(first.starts_with("checkpoint 1 of job wide"), "{first}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "nothing to say when the reader leaves: {stderr}");
+    assert_eq!(out.status.signal(), Some(SIGPIPE), "ends as `cat` does: {:?}", out.status);
+}
+
+/// SIGPIPE's number on Linux.
+const SIGPIPE: i32 = 13;
+
+#[test]
 fn verify_names_the_corrupt_tensor_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let shards = write_checkpoint(dir.path(), "demo", 4, 2, true);
