@@ -199,9 +199,18 @@ async fn not_enough_device_memory_blocks_then_recovers() {
     let blocked = s.wait_job("the job to be blocked", |j| j.state == "blocked").await;
     let error = blocked.error.unwrap();
     assert!(
-        error.starts_with("rank 1 on ") && error.contains("restore needs") && error.contains("free"),
+        error.starts_with("rank 1 on ")
+            && error.contains("restore needs")
+            && error.ends_with(", 1000 B free"),
         "{error}"
     );
+    // the figures in units a person reads (the shard is about 256 KiB), not "0.0 GiB"
+    assert!(error.contains(" KiB, ") && !error.contains("0.0 GiB"), "{error}");
+    // the blocked rank is not ready, and says why
+    let ready = reqwest::get(format!("http://{}/readyz", s.workers.http_addr(1))).await.unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let why = ready.text().await.unwrap();
+    assert!(why.starts_with("restore refused: rank 1 on ") && why.contains("1000 B free"), "{why}");
     tracing::info!("--- restarted without the override: the job recovers");
     s.workers.kill(1);
     s.workers.spawn(1, &[]).unwrap();

@@ -94,6 +94,9 @@ struct StatusView {
     device_warning: Option<String>,
     /// The `--exec` trainer process, while one runs.
     trainer_pid: Option<u32>,
+    /// Why this rank's last restore was refused (the job is blocked on
+    /// it), until a restore succeeds.
+    restore_refused: Option<String>,
 }
 
 #[derive(Clone)]
@@ -152,6 +155,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
             device: reading,
             device_warning,
             trainer_pid: None,
+            restore_refused: None,
         })),
         runner: runner_state.clone(),
         metrics: metrics.clone(),
@@ -399,6 +403,14 @@ impl Agent {
                 }
                 ev = events.recv() => {
                     let Some(msg) = ev else { return Err(SessionError::Retry("trainer thread gone".into())) };
+                    let refused = match &msg {
+                        WorkerMessage::RestoreFailed { message, .. } => Some(Some(message.clone())),
+                        WorkerMessage::Restored { .. } => Some(None),
+                        _ => None,
+                    };
+                    if let Some(refused) = refused {
+                        self.shared.view.lock().unwrap_or_else(|e| e.into_inner()).restore_refused = refused;
+                    }
                     match &msg {
                         WorkerMessage::ShardSaved { checkpoint, .. } => {
                             self.saved.insert(*checkpoint, msg.clone());
@@ -531,10 +543,15 @@ impl Agent {
 }
 
 async fn readyz(AxumState(s): AxumState<Shared>) -> Response {
-    if s.view.lock().unwrap_or_else(|e| e.into_inner()).registered {
-        (StatusCode::OK, "registered\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not registered with a coordinator leader\n").into_response()
+    let v = s.view.lock().unwrap_or_else(|e| e.into_inner());
+    match (&v.restore_refused, v.registered) {
+        (Some(why), _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("restore refused: {why}\n")).into_response()
+        }
+        (None, true) => (StatusCode::OK, "registered\n").into_response(),
+        (None, false) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "not registered with a coordinator leader\n").into_response()
+        }
     }
 }
 

@@ -160,9 +160,21 @@ pub fn open(
     }
 }
 
-/// Formats bytes as GiB with one decimal, as error messages show them.
-pub fn gib(bytes: u64) -> String {
-    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+/// Formats bytes in the largest binary unit that keeps one digit before
+/// the point (B, KiB, MiB, GiB, TiB), one decimal, as messages show them:
+/// `16.0 MiB`, `1000 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -205,8 +217,15 @@ mod tests {
     }
 
     #[test]
-    fn gib_format() {
-        assert_eq!(gib(3 << 30), "3.0 GiB");
-        assert_eq!(gib(13_314_398_618), "12.4 GiB");
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1000), "1000 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(16 << 20), "16.0 MiB");
+        assert_eq!(human_bytes(16_777_216 + 8_192), "16.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert_eq!(human_bytes(13_314_398_618), "12.4 GiB");
+        assert_eq!(human_bytes(5 << 40), "5.0 TiB");
+        assert_eq!(human_bytes(u64::MAX), "16777216.0 TiB");
     }
 }

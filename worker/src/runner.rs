@@ -7,7 +7,7 @@
 //! ([`WorkerMessage`]s, forwarded as they are) out, and the
 //! current step/generation/status in [`RunnerState`] atomics.
 
-use crate::device::{gib, DeviceMemory};
+use crate::device::{human_bytes, DeviceMemory};
 use crate::metrics::WorkerMetrics;
 use crate::snapshot::{Snapshotter, WriteOutcome, WriteRequest};
 use crate::trainer::{BuiltinTrainer, Trainer};
@@ -572,8 +572,8 @@ impl Prechecks<'_> {
                     "rank {} on {}: restore needs {}, {} free",
                     self.rank,
                     r.device,
-                    gib(need),
-                    gib(r.free)
+                    human_bytes(need),
+                    human_bytes(r.free)
                 ),
             ));
         }
