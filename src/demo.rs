@@ -1,6 +1,7 @@
 //! `flotilla demo` (SPEC §7): a whole local cluster as child processes,
 //! one injected failure, and the proof that the resumed run is the same run.
 
+use crate::count;
 use anyhow::{bail, Context, Result};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
@@ -71,8 +72,10 @@ impl Progress {
         } else if self.last_line.elapsed() > Duration::from_secs(1) {
             self.last_line = Instant::now();
             println!(
-                "step {step}/{total}, generation {}, {}, {} checkpoints committed",
-                job.generation, job.state, job.checkpoints_committed
+                "step {step}/{total}, generation {}, {}, {} committed",
+                job.generation,
+                job.state,
+                count(job.checkpoints_committed, "checkpoint")
             );
         }
     }
@@ -140,8 +143,8 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
 
     let mut progress = Progress { tty: std::io::stdout().is_terminal(), last_line: Instant::now() };
     let mut failures = 0;
-    let mut killed_worker: Option<(Instant, u64)> = None;
-    let mut killed_wall_ms = 0u64;
+    // when (ms since the epoch) and in which generation the worker was killed
+    let mut killed_worker: Option<(u64, u64)> = None;
     let mut recovery: Option<Duration> = None;
     let mut seen_after: Option<u64> = None;
     let mut leader_killed = false;
@@ -159,9 +162,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             "failed" => bail!("the job failed: {}", job.error.unwrap_or_default()),
             _ => {}
         }
-        if let (Some((at, generation)), None) = (killed_worker, recovery) {
-            if job.generation.0 > generation && job.state == "running" {
-                recovery = Some(at.elapsed());
+        if let (Some((killed_wall_ms, generation)), None) = (killed_worker, recovery) {
+            // running_since_ms follows the ledger within a tick of the leader
+            if job.generation.0 > generation && job.state == "running" && job.running_since_ms.is_some() {
+                // measured where it happened: the leader's time of seeing the
+                // job running again (this host's clock is the leader's), not
+                // when this loop's 100 ms poll noticed
+                let since = job.running_since_ms.unwrap_or_default();
+                recovery = Some(Duration::from_millis(since.saturating_sub(killed_wall_ms)));
                 // the ledger records when the leader saw the failure (the
                 // restore's proposal); this host's clock is the leader's
                 let restore_event = format!("restore into generation {} ", generation + 1);
@@ -175,7 +183,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                     job.generation,
                     job.restored_from
                         .map_or("step 0".into(), |c| format!("checkpoint {} (step {})", c.id, c.step)),
-                    at.elapsed().as_secs_f64()
+                    recovery.unwrap_or_default().as_secs_f64()
                 ));
             }
         }
@@ -190,8 +198,8 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             }
             workers.kill(rank);
             failures += 1;
-            killed_worker = Some((Instant::now(), job.generation.0));
-            killed_wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            killed_worker = Some((now_ms, job.generation.0));
             progress.say(&format!("step {}: SIGKILL worker rank {rank}; restarting it", job.step));
             workers.spawn(rank, &[])?;
         }

@@ -405,6 +405,11 @@ struct SnapshotArgs {
     json: bool,
 }
 
+/// `1 rank`, `4 ranks`: a count with its noun.
+pub(crate) fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -874,13 +879,13 @@ async fn run_status(args: StatusArgs) -> Result<()> {
     for job in &status.jobs {
         let latest = job.latest_committed.map(|c| format!("checkpoint {} at step {}", c.id, c.step));
         println!(
-            "job {}: {}, generation {}, step {}, {} ranks, {} restores, latest committed: {}",
+            "job {}: {}, generation {}, step {}, {}, {}, latest committed: {}",
             job.name,
             job.state,
             job.generation,
             job.step,
-            job.world_size,
-            job.restores,
+            count(u64::from(job.world_size), "rank"),
+            count(u64::from(job.restores), "restore"),
             latest.as_deref().unwrap_or("none")
         );
         if let Some(e) = &job.error {
@@ -903,12 +908,12 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let found = inspect(&args.path)?;
     match &found.manifest {
         Some(m) => println!(
-            "checkpoint {} of job {}: step {}, generation {}, {} ranks, {} bytes, committed {}",
+            "checkpoint {} of job {}: step {}, generation {}, {}, {} bytes, committed {}",
             m.id,
             m.job,
             m.step,
             m.generation,
-            m.world_size,
+            count(u64::from(m.world_size), "rank"),
             m.bytes(),
             m.created
         ),
@@ -941,7 +946,11 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     }
     if args.verify {
         let n = found.verify()?;
-        println!("verified: {} shards, {n} variables, every checksum matches", found.shards.len());
+        println!(
+            "verified: {}, {}, every checksum matches",
+            count(found.shards.len() as u64, "shard"),
+            count(n as u64, "variable")
+        );
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use flotilla_shared::spec::JobSpec;
 use flotilla_worker::trainer::reference_digest;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -304,11 +304,23 @@ async fn operator_checkpoint_list_and_restore() {
         "{listing}"
     );
     tracing::info!("--- flotilla restore rolls the whole job back to it");
+    let before_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
     let out =
         Command::new(BIN).args(["restore", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("restoring into generation 2"));
+    // status says when the restored generation started running, as the leader saw it
+    // (a field of the supervisor's view, which follows the ledger within a tick)
+    let resumed = s
+        .wait_job("generation 2 running", |j| {
+            j.generation.0 == 2 && j.state == "running" && j.running_since_ms.is_some()
+        })
+        .await;
+    let after_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let since = resumed.running_since_ms.expect("a running job says since when");
+    assert!(before_ms <= since && since <= after_ms, "{before_ms} <= {since} <= {after_ms}");
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.running_since_ms, None, "only while running");
     assert_eq!(done.restores, 1);
     assert_eq!(done.restored_from.map(|c| c.id.0), Some(1));
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));

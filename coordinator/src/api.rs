@@ -96,6 +96,10 @@ pub struct JobStatus {
     pub checkpoints: Vec<CheckpointView>,
     /// Each rank as last reported in this generation.
     pub workers: Vec<WorkerView>,
+    /// While running: when the leader first saw the job running in this
+    /// generation (ms since the epoch), i.e. when a restore ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since_ms: Option<u64>,
     /// The latest notable events (restores and why, condemned checkpoints,
     /// operator actions), oldest first.
     #[serde(default)]
@@ -206,6 +210,7 @@ impl JobStatus {
                 })
                 .collect(),
             workers: Vec::new(),
+            running_since_ms: None,
             events: job.events.clone(),
             final_digest: job.final_digest.clone(),
             error: job.error.clone(),

@@ -140,6 +140,10 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
     let mut status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
     for j in &mut status.jobs {
         j.workers = s.workers.get(&j.name);
+        // the view follows the ledger by up to a tick: only a job running
+        // in that same generation has it
+        j.running_since_ms =
+            s.workers.running_since_ms(&j.name, j.generation).filter(|_| j.state == "running");
         if j.state != "succeeded" && j.workers.len() == j.world_size as usize {
             j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
         }

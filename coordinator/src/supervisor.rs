@@ -369,6 +369,9 @@ struct JobSoft {
     rendezvous: Option<(Generation, String)>,
     /// The restore under way, timed for the line that logs its end.
     recovery: Option<Recovery>,
+    /// When this leader first saw the job running in a generation, on the
+    /// wall clock (for status: a restore's end, measured where it happens).
+    running_since_wall: Option<(Generation, u64)>,
 }
 
 /// When the phases of one restore happened, on this leader's monotonic
@@ -493,7 +496,15 @@ impl Supervisor {
             files: BTreeSet::new(),
             rendezvous: None,
             recovery: None,
+            running_since_wall: None,
         })
+    }
+
+    /// When this leader first saw `job` running in `generation` (ms since
+    /// the epoch), if it has.
+    pub fn running_since_ms(&self, job: &JobName, generation: Generation) -> Option<u64> {
+        let (g, at) = self.jobs.get(job)?.running_since_wall?;
+        (g == generation).then_some(at)
     }
 
     /// Every rank of `job` in `generation` order, as last observed (for status).
@@ -907,6 +918,10 @@ impl Supervisor {
     fn reconcile_running(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
         let name = j.spec.name.clone();
         let (g, t) = (j.generation, now.mono_ms);
+        let since = &mut self.soft(&name, t).running_since_wall;
+        if since.is_none_or(|(sg, _)| sg != g) {
+            *since = Some((g, now.wall_ms));
+        }
         if let Some((rank, reason)) = self.failed_rank(j, t) {
             let failure = self.soft(&name, t).ranks.get(&rank).and_then(|r| r.failure.clone());
             let cmd = Command::Restore {

@@ -16,7 +16,7 @@ use crate::supervisor::{
     Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
 };
 use flotilla_shared::frame::{server_handshake, Tokens, DEFAULT_MAX_FRAME};
-use flotilla_shared::ids::{CheckpointId, JobName, Step};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::tls::{NodeTls, Stream};
@@ -29,14 +29,35 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// What the supervisor last knew of each job's workers, for `/v1/status`.
+/// What the supervisor last knew of each job, for `/v1/status`.
 #[derive(Clone, Default)]
-pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, Vec<WorkerView>>>>);
+pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, JobView>>>);
+
+/// One job as the supervisor last saw it.
+#[derive(Clone, Default)]
+struct JobView {
+    workers: Vec<WorkerView>,
+    /// The generation the job ran in, and since when.
+    running_since: Option<(Generation, u64)>,
+}
 
 impl WorkersView {
     /// The workers of `job` as the supervisor last saw them.
     pub fn get(&self, job: &JobName) -> Vec<WorkerView> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).get(job).cloned().unwrap_or_default()
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(job)
+            .map(|v| v.workers.clone())
+            .unwrap_or_default()
+    }
+
+    /// When the supervisor first saw `job` running in `generation` (ms
+    /// since the epoch).
+    pub fn running_since_ms(&self, job: &JobName, generation: Generation) -> Option<u64> {
+        let views = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let (g, at) = views.get(job)?.running_since?;
+        (g == generation).then_some(at)
     }
 }
 
@@ -432,7 +453,7 @@ fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Inst
 }
 
 fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
-    let snapshot: BTreeMap<JobName, Vec<WorkerView>> = node.read_state(|st| {
+    let snapshot: BTreeMap<JobName, JobView> = node.read_state(|st| {
         st.jobs
             .values()
             .map(|j| {
@@ -441,7 +462,9 @@ fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
                     .into_iter()
                     .map(|r| WorkerView { rank: r.rank, state: r.state, step: r.step })
                     .collect();
-                (j.spec.name.clone(), workers)
+                let running_since =
+                    s.running_since_ms(&j.spec.name, j.generation).map(|at| (j.generation, at));
+                (j.spec.name.clone(), JobView { workers, running_since })
             })
             .collect()
     });
