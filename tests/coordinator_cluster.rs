@@ -640,3 +640,95 @@ async fn certs_made_by_the_cli_serve_a_replica_started_with_tls_dir() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("does not name flotilla-node-2"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_started_before_its_job_waits_quietly_then_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+    let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
+    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "late", 1);
+    workers.spawn(0, &[]).unwrap();
+    let log = workers.log(0);
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_for("the worker to say that it waits", ELECTION, || async {
+        let text = read();
+        if text.contains("waiting for the job to be submitted") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    // what four seconds of waiting (four more attempts) add to its log: nothing
+    let before = read();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = read();
+    assert_eq!(after, before, "a waiting worker stays quiet between its 30 s reminders");
+    assert_eq!(after.matches("waiting for the job").count(), 1, "{after}");
+    // it still asks: submitted now, the job runs with it to the end
+    let spec = dir.path().join("late.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "{}\n[trainer]\ntotal_steps = 40\nparams_per_rank_bytes = 65536\nstep_time_ms = 5\n",
+            job_toml("late", 1, &dir.path().join("ckpt"))
+        ),
+    )
+    .unwrap();
+    let out = flotilla(&["submit", spec.to_str().unwrap(), "--endpoints", &cluster.endpoints()]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    wait_for("the late job to succeed", Duration::from_secs(60), || async {
+        let s = cluster.status(leader).await.ok_or("no answer")?;
+        match s.jobs.iter().find(|j| j.name.as_str() == "late") {
+            Some(j) if j.state == "succeeded" => Ok(()),
+            other => Err(format!("{:?}", other.map(|j| &j.state))),
+        }
+    })
+    .await;
+}
+
+/// `flotilla coordinator` with `args`, its data dir under `dir`.
+fn coordinator(dir: &Path, http: &str, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["coordinator", "--id", "1", "--peers", "1=127.0.0.1:0", "--http-addr", http])
+        .args(["--data-dir", dir.to_str().unwrap()])
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+#[test]
+fn start_up_errors_are_one_line_that_names_the_thing_and_the_way_out() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("c1");
+
+    // no --api-addr: it says so at start (and runs)
+    let mut first = coordinator(&data, "127.0.0.1:0", &[]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    let warning = lines.next().expect("a line").unwrap();
+    assert!(warning.contains("no --api-addr") && warning.contains("give --api-addr HOST:PORT"), "{warning}");
+
+    // a second coordinator on the same data dir: refused, one clean line
+    let out = coordinator(&data, "127.0.0.1:0", &["--api-addr", "127.0.0.1:0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("error: --data-dir {} is in use by another coordinator", data.display()))
+    );
+    assert!(!stderr.contains(".rs:") && !stderr.contains("Other Error"), "{stderr}");
+    let _ = first.kill();
+    let _ = first.wait();
+
+    // a port in use: said once, with what to do
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().to_string();
+    let out = coordinator(&dir.path().join("c2"), &port, &["--api-addr", "127.0.0.1:0"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.matches("Address already in use").count(), 1, "{stderr}");
+    assert!(stderr.starts_with(&format!("error: cannot listen on {port}: ")), "{stderr}");
+    assert!(stderr.trim_end().ends_with("choose another port"), "{stderr}");
+}

@@ -145,16 +145,51 @@ pub enum ServeError {
     #[error("{0}")]
     Config(String),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}; is another process using it?")]
+    #[error("cannot listen on {addr}: {error}{}", bind_hint(.error))]
     Bind {
         /// The address.
         addr: String,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (not a `source`: the message already says it).
+        error: std::io::Error,
     },
     /// The Raft node failed (e.g. the disk).
     #[error(transparent)]
     Node(#[from] node::NodeError),
+}
+
+/// What to try after a failed bind.
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => "; another process uses it: stop it, or choose another port",
+        std::io::ErrorKind::AddrNotAvailable => "; no interface of this host has that address",
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need privileges: choose a higher one",
+        _ => "",
+    }
+}
+
+/// Holds `<data-dir>/LOCK` for as long as the replica runs: a second
+/// coordinator on the same data dir is refused at start, naming the dir,
+/// before it can touch the Raft log.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
+    let path = dir.join("LOCK");
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| {
+            ServeError::Config(format!(
+                "cannot open {}: {e}; --data-dir must be writable by the user running the coordinator",
+                path.display()
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServeError::Config(format!(
+            "--data-dir {} is in use by another coordinator (it holds {}); stop that one, or give this one its own --data-dir",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(ServeError::Config(format!("cannot lock {}: {e}", path.display())))
+        }
+    }
 }
 
 /// Runs the replica until `shutdown` is cancelled or the node fails.
@@ -169,18 +204,26 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
                 opts.id, opts.id
             ))
         })?;
+    // the data dir first: a second coordinator on it is refused before it
+    // binds anything
+    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
+        ServeError::Config(format!("cannot create --data-dir {}: {e}", opts.data_dir.display()))
+    })?;
+    let _lock = lock_data_dir(&opts.data_dir)?;
     let bind = |addr: String| async move {
-        TcpListener::bind(&addr).await.map_err(|source| ServeError::Bind { addr, source })
+        TcpListener::bind(&addr).await.map_err(|error| ServeError::Bind { addr, error })
     };
     let http_listener = bind(opts.http_addr.clone()).await?;
     let api_listener = match &opts.api_addr {
         Some(addr) => Some(bind(addr.clone()).await?),
-        None => None,
+        None => {
+            tracing::warn!(
+                "no --api-addr: this replica serves no worker API, so no worker can register with it (while it leads, no job can run); give --api-addr HOST:PORT"
+            );
+            None
+        }
     };
     let raft_listener = if opts.peers.len() > 1 { Some(bind(raft_addr.clone()).await?) } else { None };
-    std::fs::create_dir_all(&opts.data_dir).map_err(|e| {
-        ServeError::Config(format!("cannot create --data-dir {}: {e}", opts.data_dir.display()))
-    })?;
 
     let metrics = Metrics::new();
     let (peer_tx, peer_rx) = tokio::sync::mpsc::channel(8192);
@@ -308,7 +351,7 @@ async fn membership(
                 break start == identity::Start::Join;
             }
             asked += 1;
-            if asked == 1 || asked % 50 == 0 {
+            if asked == 1 || asked.is_multiple_of(50) {
                 tracing::warn!(
                     node = opts.id.0,
                     "empty data dir: waiting for a peer with a log, or a majority of empty replicas, before taking part (answers so far: {answers:?})"

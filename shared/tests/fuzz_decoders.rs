@@ -1526,7 +1526,7 @@ fn int(n: u64, style: IntStyle) -> String {
             let digits = n.to_string();
             let mut out = String::new();
             for (i, c) in digits.chars().enumerate() {
-                if i > 0 && (digits.len() - i) % 3 == 0 {
+                if i > 0 && (digits.len() - i).is_multiple_of(3) {
                     out.push('_');
                 }
                 out.push(c);
@@ -1719,7 +1719,7 @@ fn out_of_range(key: &str, doc: &Doc, r: u64) -> String {
     };
     let above = |lo: u64, hi: u64| (lo + r % (hi - lo + 1)).to_string();
     let low_or_high = |below: u64, lo: u64, hi: u64| {
-        if r % 2 == 0 && below > 0 {
+        if r.is_multiple_of(2) && below > 0 {
             (r / 2 % below).to_string()
         } else {
             above(lo, hi)

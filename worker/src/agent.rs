@@ -196,6 +196,8 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
     let mut redirect: Option<String> = None;
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(100);
+    // a worker started before its job says so once, then every 30 s
+    let mut said_waiting: Option<tokio::time::Instant> = None;
     let result = loop {
         let addr = redirect.take().unwrap_or_else(|| {
             let a = agent.opts.coordinators[next % agent.opts.coordinators.len()].clone();
@@ -218,6 +220,19 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(SessionError::Fatal(e)) => break Err(e),
+            Err(SessionError::NoJob(why)) => {
+                if said_waiting.is_none_or(|at| at.elapsed() >= WAITING_SAID_EVERY) {
+                    tracing::info!(%addr, "waiting for the job to be submitted: {why} (asking every {NO_JOB_RETRY:?}, saying so every {WAITING_SAID_EVERY:?})");
+                    said_waiting = Some(tokio::time::Instant::now());
+                }
+                // the leader answered: ask it again, not the followers first
+                redirect = Some(addr);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    _ = tokio::time::sleep(NO_JOB_RETRY) => {}
+                }
+                continue;
+            }
             Err(SessionError::Retry(e)) => {
                 tracing::warn!(%addr, "coordinator session ended: {e}; retrying in {backoff:?}");
                 tokio::select! {
@@ -239,8 +254,15 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
 
 enum SessionError {
     Retry(String),
+    /// The leader does not know the job (yet): wait for it, quietly.
+    NoJob(String),
     Fatal(WorkerError),
 }
+
+/// How often a worker whose job is not submitted asks again.
+const NO_JOB_RETRY: Duration = Duration::from_secs(1);
+/// How often it says that it is still waiting.
+const WAITING_SAID_EVERY: Duration = Duration::from_secs(30);
 
 impl From<flotilla_shared::frame::FrameError> for SessionError {
     fn from(e: flotilla_shared::frame::FrameError) -> Self {
@@ -339,6 +361,9 @@ impl Agent {
             }
             CoordinatorMessage::Error(e) if e.code == ErrorCode::InvalidRequest => {
                 return Err(SessionError::Fatal(WorkerError::Refused(e.message)))
+            }
+            CoordinatorMessage::Error(e) if e.code == ErrorCode::UnknownJob => {
+                return Err(SessionError::NoJob(e.message))
             }
             CoordinatorMessage::Error(e) => return Err(SessionError::Retry(e.message)),
             other => return Err(SessionError::Retry(format!("unexpected answer to Register: {other:?}"))),
