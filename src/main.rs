@@ -225,6 +225,9 @@ struct CheckpointsArgs {
     /// when every shard matches, its verdict is cleared and it is committed again.
     #[arg(long, value_name = "ID")]
     verify: Option<u64>,
+    /// Print machine-readable JSON (the job's checkpoints) instead of a table.
+    #[arg(long, conflicts_with = "verify")]
+    json: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -298,6 +301,9 @@ struct InspectArgs {
     /// Re-read every shard and verify every checksum against MANIFEST.json.
     #[arg(long)]
     verify: bool,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -839,23 +845,68 @@ async fn run_checkpoints(args: CheckpointsArgs) -> Result<()> {
     }
     let status = client.status(Some(&args.job)).await?;
     let job = status.jobs.into_iter().next().context("no such job")?;
-    println!("{:>6} {:>10} {:>10} {:>10} {:>14}  begun", "id", "step", "generation", "state", "bytes");
-    for c in &job.checkpoints {
-        println!(
-            "{:>6} {:>10} {:>10} {:>10} {:>14}  {}{}",
-            c.id,
-            c.step,
-            c.generation,
-            c.state,
-            c.bytes,
-            flotilla_shared::layout::Manifest::format_time(c.begun_ms),
-            c.reason.as_ref().map(|r| format!("  ({r})")).unwrap_or_default()
-        );
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&job.checkpoints)?);
+        return Ok(());
     }
     if job.checkpoints.is_empty() {
         println!("no checkpoints yet");
+        return Ok(());
     }
+    let rows = job
+        .checkpoints
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                c.step.to_string(),
+                c.generation.to_string(),
+                c.state.clone(),
+                c.bytes.to_string(),
+                flotilla_shared::layout::Manifest::format_time(c.begun_ms),
+                c.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                ("id", true),
+                ("step", true),
+                ("generation", true),
+                ("state", false),
+                ("bytes", true),
+                ("begun", false),
+                ("reason", false)
+            ],
+            rows
+        )
+    );
     Ok(())
+}
+
+/// Rows under a header, each column as wide as its widest cell, numbers
+/// (`true`) right-aligned, text left-aligned; trailing blanks trimmed.
+fn table(columns: &[(&str, bool)], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = columns.iter().map(|(h, _)| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let header: Vec<String> = columns.iter().map(|(h, _)| h.to_string()).collect();
+    let mut out = String::new();
+    for row in std::iter::once(header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(columns.iter().zip(&widths))
+            .map(|(cell, ((_, right), w))| if *right { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 async fn run_status(args: StatusArgs) -> Result<()> {
@@ -906,6 +957,38 @@ async fn run_status(args: StatusArgs) -> Result<()> {
 
 fn run_inspect(args: InspectArgs) -> Result<()> {
     let found = inspect(&args.path)?;
+    // verified first: a failed check is an error, with nothing printed before it
+    let verified = if args.verify { Some(found.verify()?) } else { None };
+    if args.json {
+        let shards: Vec<serde_json::Value> = found
+            .shards
+            .iter()
+            .map(|(file, header)| {
+                let entry =
+                    found.manifest.as_ref().and_then(|m| m.ranks.iter().find(|r| file.ends_with(&r.file)));
+                serde_json::json!({
+                    "rank": header.meta.rank,
+                    "file": file,
+                    "step": header.meta.step,
+                    "generation": header.meta.generation,
+                    "bytes": header.file_len,
+                    "checksum": entry.map(|e| e.checksum.to_string()),
+                    "variables": header.tensors.iter().map(|(v, r)| serde_json::json!({
+                        "name": v.name, "dtype": v.dtype.to_string(), "shape": v.shape, "bytes": r.len(),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "dir": found.dir,
+            "committed": found.manifest.is_some(),
+            "manifest": found.manifest,
+            "shards": shards,
+            "verified_variables": verified,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
     match &found.manifest {
         Some(m) => println!(
             "checkpoint {} of job {}: step {}, generation {}, {}, {} bytes, committed {}",
@@ -922,6 +1005,15 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
             found.dir.display()
         ),
     }
+    if let Some(n) = verified {
+        // the verdict alone: the variables were listed by a plain inspect
+        println!(
+            "verified: {}, {}, every checksum matches",
+            count(found.shards.len() as u64, "shard"),
+            count(n as u64, "variable")
+        );
+        return Ok(());
+    }
     for (file, header) in &found.shards {
         let entry = found.manifest.as_ref().and_then(|m| m.ranks.iter().find(|r| file.ends_with(&r.file)));
         println!(
@@ -933,24 +1025,23 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
             header.file_len,
             entry.map(|e| format!(" {}", e.checksum)).unwrap_or_default()
         );
-        let width = header.tensors.iter().map(|(v, _)| v.name.len()).max().unwrap_or(0);
-        for (var, range) in &header.tensors {
-            println!(
-                "  {:width$}  {:4}  {:16}  {}",
-                var.name,
-                var.dtype.to_string(),
-                format!("{:?}", var.shape),
-                range.len()
-            );
+        let rows = header
+            .tensors
+            .iter()
+            .map(|(var, range)| {
+                vec![
+                    var.name.clone(),
+                    var.dtype.to_string(),
+                    format!("{:?}", var.shape),
+                    range.len().to_string(),
+                ]
+            })
+            .collect();
+        let variables =
+            table(&[("variable", false), ("dtype", false), ("shape", false), ("bytes", true)], rows);
+        for line in variables.lines() {
+            println!("  {line}");
         }
-    }
-    if args.verify {
-        let n = found.verify()?;
-        println!(
-            "verified: {}, {}, every checksum matches",
-            count(found.shards.len() as u64, "shard"),
-            count(n as u64, "variable")
-        );
     }
     Ok(())
 }

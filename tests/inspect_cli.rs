@@ -21,10 +21,33 @@ fn inspect_lists_the_latest_committed_checkpoint() {
     assert!(stdout.contains("optimizer/step"), "{stdout}");
     assert!(!stdout.contains("verified"), "{stdout}");
 
+    // the variables under each rank form a table whose columns line up
+    let rank0: Vec<&str> =
+        stdout.lines().skip_while(|l| !l.starts_with("rank 0 ")).skip(1).take(38).collect();
+    assert!(rank0[0].starts_with("  variable") && rank0[0].contains("dtype"), "{stdout}");
+    let dtype_at = rank0[0].find("dtype").unwrap();
+    assert!(
+        rank0[1..].iter().all(|l| &l[dtype_at..dtype_at + 3] == "F32" || &l[dtype_at..dtype_at + 3] == "I64"),
+        "{stdout}"
+    );
+
     let out = flotilla(&["inspect", "--verify", job.to_str().unwrap()]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
+    // the header line and the verdict, not every variable again
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
     assert!(stdout.contains("verified: 2 shards, 74 variables, every checksum matches"), "{stdout}");
+
+    let out = flotilla(&["inspect", "--json", "--verify", job.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["committed"], true);
+    assert_eq!(v["manifest"]["id"], 2);
+    assert_eq!(v["shards"].as_array().unwrap().len(), 2);
+    assert_eq!(v["shards"][1]["rank"], 1);
+    assert_eq!(v["shards"][0]["variables"].as_array().unwrap().len(), 37);
+    assert_eq!(v["verified_variables"], 74);
 }
 
 #[test]

@@ -299,10 +299,23 @@ async fn operator_checkpoint_list_and_restore() {
     let out =
         Command::new(BIN).args(["checkpoints", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        listing.lines().any(|l| l.split_whitespace().next() == Some("1") && l.contains("committed")),
+    let row = listing.lines().find(|l| l.split_whitespace().next() == Some("1")).unwrap_or_default();
+    assert!(row.contains("committed"), "{listing}");
+    // the columns line up with their header
+    let header = listing.lines().next().unwrap();
+    assert_eq!(header.find("state"), row.find("committed"), "{listing}");
+    assert_eq!(
+        header.find("generation").map(|at| at + "generation".len()),
+        row.find(" committed").map(|at| at - 1),
         "{listing}"
     );
+    let out = Command::new(BIN)
+        .args(["checkpoints", "--json", "--job", "e2e", "--endpoints", &endpoints])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["id"], 1);
+    assert_eq!(json[0]["state"], "committed");
     tracing::info!("--- flotilla restore rolls the whole job back to it");
     let before_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
     let out =
