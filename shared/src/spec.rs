@@ -164,6 +164,17 @@ pub enum SpecError {
     /// missing key, wrong type); the parser's message names the key and line.
     #[error("job spec: {0}")]
     Parse(String),
+    /// A value that is not a number outside a range, but of the wrong form
+    /// (a relative path).
+    #[error("job spec: `{key}` = {value} {expected}")]
+    Refused {
+        /// Dotted key, e.g. `checkpoint.root`.
+        key: &'static str,
+        /// The refused value, as written.
+        value: String,
+        /// What would be accepted.
+        expected: String,
+    },
     /// A value outside its allowed range.
     #[error("job spec: `{key}` = {value} is out of range: {expected}")]
     OutOfRange {
@@ -197,17 +208,57 @@ fn check(
     }
 }
 
+fn absolute(path: &std::path::Path, key: &'static str, why: &str) -> Result<(), SpecError> {
+    if path.is_absolute() {
+        return Ok(());
+    }
+    Err(SpecError::Refused {
+        key,
+        value: format!("{path:?}"),
+        expected: format!("is relative: it must be an absolute path {why}"),
+    })
+}
+
+/// A TOML or schema error on one line: where (line and dotted key), and
+/// what was expected in words rather than Rust type names.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .trim_end()
+        .replace("expected u32", "expected a whole number from 0 to 4294967295")
+        .replace("expected u64", "expected a whole number from 0 to 18446744073709551615")
+        .replace("expected usize", "expected a whole number from 0 to 18446744073709551615")
+        .replace("expected i64", "expected a whole number")
+        .replace("expected f64", "expected a number")
+        .replace('\n', " ");
+    let Some(span) = e.span() else { return message };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    // the table the line is in: the last `[header]` above it
+    let table = before
+        .lines()
+        .rev()
+        .skip(1)
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty() && !k.starts_with('[')) {
+        Some(key) => {
+            let key = table.map_or_else(|| key.to_string(), |t| format!("{t}.{key}"));
+            format!("line {line_no}, `{key}`: {message}")
+        }
+        None => format!("line {line_no}: {message}"),
+    }
+}
+
 impl JobSpec {
     /// Largest job the coordinator accepts.
     pub const MAX_WORLD_SIZE: u32 = 65_536;
 
     /// Parses and validates a spec from TOML text.
     pub fn from_toml(text: &str) -> Result<Self, SpecError> {
-        let spec: JobSpec = toml::from_str(text).map_err(|e| {
-            // toml's message already quotes the offending line; keep it whole
-            // but on as few lines as the terminal needs.
-            SpecError::Parse(e.to_string().trim_end().to_string())
-        })?;
+        let spec: JobSpec = toml::from_str(text).map_err(|e| SpecError::Parse(one_line(text, &e)))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -240,19 +291,9 @@ impl JobSpec {
             check(n >= 1, "checkpoint.every_seconds", n, "must be at least 1")?;
         }
         check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
-        check(
-            c.root.is_absolute(),
-            "checkpoint.root",
-            format!("{:?}", c.root),
-            "must be an absolute path (every rank and coordinator resolves it alike)",
-        )?;
+        absolute(&c.root, "checkpoint.root", "(every rank and coordinator resolves it alike)")?;
         if let Some(from) = &c.resume_from {
-            check(
-                from.is_absolute(),
-                "checkpoint.resume_from",
-                format!("{from:?}"),
-                "must be an absolute path to another job's checkpoint directory (<root>/<job>)",
-            )?;
+            absolute(from, "checkpoint.resume_from", "to another job's checkpoint directory (<root>/<job>)")?;
         }
         check(
             (1..=86_400).contains(&c.timeout_seconds),
@@ -384,7 +425,6 @@ seed = 42
             ("keep_last = 3", "keep_last = 0", "`checkpoint.keep_last` = 0"),
             ("every_steps = 100", "every_steps = 0", "`checkpoint.every_steps` = 0"),
             ("timeout_seconds = 120", "timeout_seconds = 0", "`checkpoint.timeout_seconds` = 0"),
-            ("\"/data/checkpoints\"", "\"data\"", "`checkpoint.root`"),
             (
                 "heartbeat_interval_ms = 500",
                 "heartbeat_interval_ms = 1",
@@ -414,12 +454,31 @@ seed = 42
     #[test]
     fn wrong_types_and_bad_names_are_refused() {
         let e = refused(&FULL.replace("world_size = 4", "world_size = \"four\""));
-        assert!(e.contains("world_size") || e.contains("invalid type"), "{e}");
+        assert_eq!(
+            e,
+            "job spec: line 3, `world_size`: invalid type: string \"four\", expected a whole number from 0 to 4294967295"
+        );
         let e = refused(&FULL.replace("world_size = 4", "world_size = -1"));
-        assert!(e.contains("world_size") || e.contains("invalid value"), "{e}");
+        assert!(
+            e.starts_with(
+                "job spec: line 3, `world_size`: invalid value: integer `-1`, expected a whole number"
+            ),
+            "{e}"
+        );
+        // a key in a table is named with its table
+        let e = refused(&FULL.replace("keep_last = 3", "keep_last = \"x\""));
+        assert!(e.contains("`checkpoint.keep_last`: invalid type"), "{e}");
+        assert!(!e.contains('\n') && !e.contains(" u64") && !e.contains(" u32"), "{e}");
         let e = refused(&FULL.replace("\"demo\"", "\"Demo_1\""));
         assert!(e.contains("invalid job name"), "{e}");
         let e = refused("name = ");
-        assert!(e.starts_with("job spec: TOML parse error"), "{e}");
+        assert!(e.starts_with("job spec: line 1"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        // a relative root is not "out of range"
+        let e = refused(&FULL.replace("root = \"/data/checkpoints\"", "root = \"rel/ckpt\""));
+        assert_eq!(
+            e,
+            "job spec: `checkpoint.root` = \"rel/ckpt\" is relative: it must be an absolute path (every rank and coordinator resolves it alike)"
+        );
     }
 }
