@@ -223,9 +223,15 @@ async fn not_enough_device_memory_blocks_then_recovers() {
         .await
         .unwrap();
     for phase in ["prechecks", "read_verify", "load"] {
-        let line = format!("flotilla_restore_phase_seconds_count{{phase=\"{phase}\"}}");
-        let count = metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).map(str::trim);
-        assert!(count.and_then(|c| c.parse::<u64>().ok()).is_some_and(|c| c >= 1), "{line}: {count:?}");
+        // labelled by phase, and (every worker series) by job and rank
+        let line = metrics.lines().find(|l| {
+            l.starts_with("flotilla_restore_phase_seconds_count{")
+                && l.contains(&format!("phase=\"{phase}\""))
+                && l.contains("job=\"e2e\"")
+                && l.contains("rank=\"0\"")
+        });
+        let count = line.and_then(|l| l.rsplit(' ').next()).and_then(|c| c.parse::<u64>().ok());
+        assert!(count.is_some_and(|c| c >= 1), "{phase}: {line:?}");
     }
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));

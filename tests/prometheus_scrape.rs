@@ -65,7 +65,7 @@ async fn prometheus_scrapes_every_spec_series() {
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n\
          \x20 - job_name: flotilla-coordinator\n    honor_labels: true\n    static_configs:\n      - targets: [{}]\n\
-         \x20 - job_name: flotilla-worker\n    static_configs:\n      - targets: [{}]\n",
+         \x20 - job_name: flotilla-worker\n    honor_labels: true\n    static_configs:\n      - targets: [{}]\n",
         coordinators.join(", "),
         worker_targets.join(", ")
     );
@@ -145,6 +145,12 @@ async fn prometheus_scrapes_every_spec_series() {
         "flotilla_restore_seconds_count",
         "flotilla_device_memory_free_bytes",
         "flotilla_device_memory_total_bytes",
+        // step 9: every process, every worker series by job and rank, liveness per rank
+        "flotilla_build_info{version!=\"\",commit!=\"\"}",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "flotilla_worker_step{job=\"watched\",rank=\"1\"}",
+        "flotilla_worker_heartbeat_age_seconds{job=\"watched\",rank=\"0\"}",
     ];
     for s in series {
         wait_for(&format!("series {s}"), LONG, || async {
@@ -168,4 +174,71 @@ async fn prometheus_scrapes_every_spec_series() {
     assert_eq!(running, [1.0]);
     let free = query(&base, "min(flotilla_device_memory_free_bytes)").await.unwrap();
     assert!(free.first().is_some_and(|f| *f > 0.0), "{free:?}");
+    // live ranks are heard from within a few heartbeats
+    let age = query(&base, "max(flotilla_worker_heartbeat_age_seconds{job=\"watched\"})").await.unwrap();
+    assert!(age.first().is_some_and(|a| *a < 5.0), "{age:?}");
+
+    tracing::info!("--- every series the dashboard and the alert rules name is exported");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut named = std::collections::BTreeSet::new();
+    for file in ["deploy/grafana/flotilla.json", "deploy/prometheus/rules.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        named.extend(metric_names(&text));
+    }
+    assert!(named.len() >= 15, "the dashboard and rules name {named:?}");
+    for name in &named {
+        let v = query(&base, &format!("count({{__name__=\"{name}\"}})")).await.unwrap();
+        assert!(!v.is_empty(), "{name} is named by the dashboard or an alert rule but no process exports it");
+    }
+
+    tracing::info!("--- promtool accepts every endpoint's exposition");
+    let targets = cluster
+        .nodes
+        .iter()
+        .map(|n| n.http_addr.clone())
+        .chain((0..2).map(|r| workers.http_addr(r).to_string()));
+    for target in targets {
+        let text = reqwest::get(format!("http://{target}/metrics")).await.unwrap().text().await.unwrap();
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool comes with the prometheus package (scripts/test.sh installs it)");
+        use std::io::Write;
+        promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics on {target}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The series names (`flotilla_*`, `process_*`) a PromQL-bearing file uses.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts = (bytes[i].is_ascii_alphabetic() || bytes[i] == b'_')
+            && (i == 0
+                || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_' || bytes[i - 1] == b':'));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let end = (i..bytes.len())
+            .find(|&j| !(bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_'))
+            .unwrap_or(bytes.len());
+        let word = &text[i..end];
+        if word.starts_with("flotilla_") || word.starts_with("process_") {
+            names.push(word.to_string());
+        }
+        i = end;
+    }
+    names
 }

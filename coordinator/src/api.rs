@@ -151,6 +151,10 @@ pub struct WorkerView {
     pub state: String,
     /// Its last reported step.
     pub step: Step,
+    /// How long ago the leader last heard from it, in ms (when the view
+    /// was taken, every 100 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_ms: Option<u64>,
 }
 
 /// `POST /v1/jobs` answer.

@@ -36,6 +36,7 @@ pub struct Metrics {
     job_step: IntGaugeVec,
     job_state: IntGaugeVec,
     job_workers: IntGaugeVec,
+    heartbeat_age: prometheus::GaugeVec,
     latest_committed_step: IntGaugeVec,
     checkpoints: IntCounterVec,
     restores: IntCounterVec,
@@ -58,6 +59,7 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
+        flotilla_shared::register_process_metrics(&registry);
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("registered once");
@@ -137,6 +139,15 @@ impl Metrics {
             "Ranks of the job by what they report (leader only); `missing` = not connected.",
             &["job", "state"],
         );
+        let heartbeat_age = prometheus::GaugeVec::new(
+            Opts::new(
+                "flotilla_worker_heartbeat_age_seconds",
+                "Since the leader last heard from each rank it knows (leader only; a live rank stays under the heartbeat interval).",
+            ),
+            &["job", "rank"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(heartbeat_age.clone())).expect("registered once");
         let latest_committed_step = gauge_vec(
             "flotilla_latest_committed_step",
             "Step of the job's latest committed checkpoint (0 before the first).",
@@ -167,6 +178,7 @@ impl Metrics {
             job_step,
             job_state,
             job_workers,
+            heartbeat_age,
             latest_committed_step,
             checkpoints,
             restores,
@@ -209,6 +221,7 @@ impl Metrics {
         ];
         self.job_step.reset();
         self.job_workers.reset();
+        self.heartbeat_age.reset();
         for job in state.jobs.values() {
             let name = job.spec.name.as_str();
             self.job_generation.with_label_values(&[name]).set(job.generation.0 as i64);
@@ -224,7 +237,8 @@ impl Metrics {
             for (reason, n) in &job.restores_by_reason {
                 self.export_counter(&self.restores, name, reason.as_str(), *n);
             }
-            if leader {
+            // a finished job's workers have gone: none is missing
+            if leader && job.state != JobState::Succeeded {
                 let ws = workers(&job.spec.name);
                 if ws.len() == job.spec.world_size as usize {
                     let slowest = ws.iter().map(|w| w.step.0).min().unwrap_or(0);
@@ -233,6 +247,10 @@ impl Metrics {
                 let mut by_state: HashMap<&str, i64> = HashMap::new();
                 for w in &ws {
                     *by_state.entry(w.state.as_str()).or_default() += 1;
+                    if let Some(age) = w.heartbeat_age_ms {
+                        let rank = w.rank.to_string();
+                        self.heartbeat_age.with_label_values(&[name, &rank]).set(age as f64 / 1000.0);
+                    }
                 }
                 by_state.insert("missing", i64::from(job.spec.world_size) - ws.len() as i64);
                 for (s, n) in by_state {

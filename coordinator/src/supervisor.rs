@@ -461,6 +461,8 @@ pub struct RankView {
     pub state: String,
     /// Its last reported step.
     pub step: Step,
+    /// Since this leader last heard from it (any message), in ms.
+    pub heartbeat_age_ms: u64,
 }
 
 impl Supervisor {
@@ -508,7 +510,7 @@ impl Supervisor {
     }
 
     /// Every rank of `job` in `generation` order, as last observed (for status).
-    pub fn rank_views(&self, job: &JobName, generation: Generation) -> Vec<RankView> {
+    pub fn rank_views(&self, job: &JobName, generation: Generation, now: Now) -> Vec<RankView> {
         let Some(soft) = self.jobs.get(job) else { return Vec::new() };
         soft.ranks
             .iter()
@@ -523,6 +525,7 @@ impl Supervisor {
                     format!("{:?}", r.status).to_lowercase()
                 },
                 step: r.step,
+                heartbeat_age_ms: now.mono_ms.saturating_sub(r.last_seen),
             })
             .collect()
     }

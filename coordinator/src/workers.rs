@@ -294,7 +294,7 @@ async fn run_supervisor(
         }
         // the status view follows the tick (every 100 ms), not every heartbeat
         if ticked {
-            publish_view(&node, s, &view);
+            publish_view(&node, s, &view, clock.now());
         }
     }
 }
@@ -452,15 +452,20 @@ fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Inst
     }
 }
 
-fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView) {
+fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView, now: crate::supervisor::Now) {
     let snapshot: BTreeMap<JobName, JobView> = node.read_state(|st| {
         st.jobs
             .values()
             .map(|j| {
                 let workers = s
-                    .rank_views(&j.spec.name, j.generation)
+                    .rank_views(&j.spec.name, j.generation, now)
                     .into_iter()
-                    .map(|r| WorkerView { rank: r.rank, state: r.state, step: r.step })
+                    .map(|r| WorkerView {
+                        rank: r.rank,
+                        state: r.state,
+                        step: r.step,
+                        heartbeat_age_ms: Some(r.heartbeat_age_ms),
+                    })
                     .collect();
                 let running_since =
                     s.running_since_ms(&j.spec.name, j.generation).map(|at| (j.generation, at));

@@ -21,3 +21,26 @@ pub mod wire;
 compile_error!(
     "flotilla writes safetensors (little-endian) by copying memory; big-endian hosts are not supported"
 );
+
+/// This build's version (the workspace's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this build came from (`unknown` without git or
+/// `FLOTILLA_COMMIT`).
+pub const COMMIT: &str = env!("FLOTILLA_COMMIT");
+
+/// Registers what every Flotilla process exports besides its own series:
+/// the `process_*` series (CPU, memory, file descriptors, start time) and
+/// `flotilla_build_info{version,commit}`, always 1.
+pub fn register_process_metrics(registry: &prometheus::Registry) {
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        .expect("registered once");
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("flotilla_build_info", "Always 1; the labels name the build."),
+        &["version", "commit"],
+    )
+    .expect("valid metric");
+    info.with_label_values(&[VERSION, COMMIT]).set(1);
+    registry.register(Box::new(info)).expect("registered once");
+}

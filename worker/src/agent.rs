@@ -120,7 +120,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
         device::open(opts.gpu.as_deref(), opts.require_gpu, opts.free_override.as_deref())
             .map_err(WorkerError::Config)?,
     );
-    let metrics = WorkerMetrics::new();
+    let metrics = WorkerMetrics::for_rank(opts.job.as_str(), opts.rank.0);
     let reading = device.read().ok();
     if let Some(r) = &reading {
         metrics.observe_device(r);

@@ -34,9 +34,24 @@ impl Default for WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    /// Creates and registers every metric.
+    /// Every metric, unlabelled (tests).
     pub fn new() -> Self {
-        let registry = Registry::new();
+        Self::with_registry(Registry::new())
+    }
+
+    /// Every metric of `rank` of `job`: each series carries `job` and
+    /// `rank` labels, so that series from many workers stay apart in one
+    /// Prometheus (scrape with `honor_labels: true`, as the coordinators).
+    pub fn for_rank(job: &str, rank: u32) -> Self {
+        let labels = std::collections::HashMap::from([
+            ("job".to_string(), job.to_string()),
+            ("rank".to_string(), rank.to_string()),
+        ]);
+        Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid labels"))
+    }
+
+    fn with_registry(registry: Registry) -> Self {
+        flotilla_shared::register_process_metrics(&registry);
         let hist = |name: &str, help: &str, buckets: Vec<f64>| {
             let h =
                 Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
