@@ -732,3 +732,98 @@ fn start_up_errors_are_one_line_that_names_the_thing_and_the_way_out() {
     assert!(stderr.starts_with(&format!("error: cannot listen on {port}: ")), "{stderr}");
     assert!(stderr.trim_end().ends_with("choose another port"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+    let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
+    let spec = dir.path().join("three.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "{}\n[trainer]\ntotal_steps = 100000\nparams_per_rank_bytes = 65536\nstep_time_ms = 5\n",
+            job_toml("three", 3, &dir.path().join("ckpt"))
+        ),
+    )
+    .unwrap();
+    let endpoints = cluster.endpoints();
+    assert!(flotilla(&["submit", spec.to_str().unwrap(), "--endpoints", &endpoints]).status.success());
+    // ranks 0 and 1 run; rank 2 never starts
+    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "three", 3);
+    workers.spawn(0, &[]).unwrap();
+    workers.spawn(1, &[]).unwrap();
+    let status = || flotilla(&["status", "--endpoints", &endpoints]);
+    // the row whose first word is `first`, in the table under the header starting `table`
+    let row = |out: &str, table: &str, first: &str| -> Vec<String> {
+        out.lines()
+            .skip_while(|l| !l.trim_start().starts_with(table))
+            .map(str::split_whitespace)
+            .map(|w| w.map(String::from).collect::<Vec<_>>())
+            .find(|w| w.first().map(String::as_str) == Some(first))
+            .unwrap_or_default()
+    };
+    let shown = wait_for("both ranks registered in status", ELECTION, || async {
+        let (out, err) = text(&status());
+        if row(&out, "rank", "0").get(1).map(String::as_str) == Some("waiting")
+            && row(&out, "rank", "1").get(1).map(String::as_str) == Some("waiting")
+        {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    })
+    .await;
+    let missing = row(&shown, "rank", "2");
+    // every replica alive and in contact
+    for id in 1..=3 {
+        assert_eq!(row(&shown, "node", &id.to_string()).get(2).map(String::as_str), Some("yes"), "{shown}");
+    }
+    assert_eq!(missing.get(1).map(String::as_str), Some("missing"), "{shown}");
+    assert!(shown.contains("never heard from by this leader"), "{shown}");
+
+    // the terminal view redraws in place: read what a pseudo-terminal shows
+    let watch = std::process::Command::new("timeout")
+        .args(["3", "script", "-qfec"])
+        .arg(format!("{BIN} status --watch --endpoints {endpoints}"))
+        .arg("/dev/null")
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&watch.stdout);
+    assert!(screen.matches("\x1b[H\x1b[2J").count() >= 2, "redrawn at least twice in 3 s: {screen:?}");
+    assert!(screen.matches("refreshed ").count() >= 2, "{screen:?}");
+    assert!(screen.contains("job three: waiting"), "{screen:?}");
+
+    // a dead replica is shown as unreachable
+    let follower = (1..=3).map(NodeId).find(|id| *id != leader).unwrap();
+    cluster.kill(follower);
+    let shown = wait_for("the dead replica shown unreachable", ELECTION, || async {
+        let (out, err) = text(&status());
+        if row(&out, "node", &follower.0.to_string()).get(2).map(String::as_str) == Some("NO") {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        row(&shown, "node", &leader.0.to_string()).get(1).map(String::as_str),
+        Some("leader"),
+        "{shown}"
+    );
+
+    // two of three gone: no quorum, said in one line, exit 1
+    cluster.kill(leader);
+    let out = wait_for("status to say the quorum is lost", ELECTION, || async {
+        let out = status();
+        let (_, err) = text(&out);
+        if err.starts_with("error: no leader: quorum lost, 1 of 3 replicas answer and a leader needs 2") {
+            Ok(out)
+        } else {
+            Err(err)
+        }
+    })
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out).1.lines().count(), 1, "{:?}", text(&out));
+}

@@ -116,6 +116,19 @@ impl Client {
         Err(self.unreachable(last))
     }
 
+    /// How many of the endpoints answer `/healthz` within 2 s, of how many.
+    pub async fn reachable(&self) -> (usize, usize) {
+        let probes = self
+            .endpoints
+            .iter()
+            .map(|base| self.http.get(format!("{base}/healthz")).timeout(Duration::from_secs(2)).send());
+        let answers = futures::future::join_all(probes).await;
+        (
+            answers.iter().filter(|r| r.as_ref().is_ok_and(|r| r.status().is_success())).count(),
+            self.endpoints.len(),
+        )
+    }
+
     async fn get_status(&self, base: &str, query: &str) -> Result<ClusterStatus, ClientError> {
         let resp = self
             .http

@@ -190,6 +190,10 @@ pub struct PeerProgress {
     pub state: String,
     /// Heard from since the last quorum check.
     pub recent_active: bool,
+    /// How long ago the leader last received a message from it, in ms
+    /// (to the tick; `None`: never since it became leader).
+    #[serde(default)]
+    pub last_contact_ms: Option<u64>,
 }
 
 enum Input {
@@ -338,7 +342,7 @@ pub fn start(
         );
     }
     let (status_tx, status) = watch::channel(initial);
-    let (membership_tx, membership) = watch::channel(membership_of(&raw));
+    let (membership_tx, membership) = watch::channel(membership_of(&raw, &HashMap::new()));
     // members added by membership changes (the flags name the first ones)
     for (id, addr) in &state.read().unwrap_or_else(|e| e.into_inner()).replicas {
         transport.add_peer(*id, addr.clone());
@@ -355,6 +359,7 @@ pub fn start(
         // earlier process never answers a proposal of this one
         next_request: rand::random::<u64>() & REQUEST_MASK,
         catch_up: None,
+        last_heard: HashMap::new(),
         applied: snapshot_index,
         status_tx,
         membership_tx,
@@ -368,7 +373,7 @@ fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
         .map_err(|e| NodeError::Snapshot { index: snap.get_metadata().index, why: e.to_string() })
 }
 
-fn membership_of(raw: &RawNode<LogStore>) -> Membership {
+fn membership_of(raw: &RawNode<LogStore>, last_heard: &HashMap<u64, std::time::Instant>) -> Membership {
     let conf = raw.raft.prs().conf();
     let mut voters: Vec<NodeId> = conf.voters().ids().iter().map(NodeId).collect();
     voters.sort();
@@ -384,6 +389,11 @@ fn membership_of(raw: &RawNode<LogStore>) -> Membership {
                 matched: pr.matched,
                 state: format!("{:?}", pr.state),
                 recent_active: pr.recent_active || *id == raw.raft.id,
+                last_contact_ms: if *id == raw.raft.id {
+                    Some(0)
+                } else {
+                    last_heard.get(id).map(|at| at.elapsed().as_millis() as u64 / 100 * 100)
+                },
             })
             .collect();
         p.sort_by_key(|p| p.id);
@@ -443,6 +453,8 @@ struct Node {
     joining: bool,
     /// While joining: the latest leader's (term, commit index) from its appends.
     catch_up: Option<(u64, u64)>,
+    /// When each peer's last message arrived (for status: reachable or not).
+    last_heard: HashMap<u64, std::time::Instant>,
 }
 
 impl Node {
@@ -509,6 +521,7 @@ impl Node {
             }
             _ => {}
         }
+        self.last_heard.insert(msg.from, std::time::Instant::now());
         if self.joining {
             match msg.get_msg_type() {
                 // its earlier acknowledgements may have counted toward commits
@@ -841,7 +854,7 @@ impl Node {
     }
 
     fn publish_membership(&mut self) {
-        let membership = membership_of(&self.raw);
+        let membership = membership_of(&self.raw, &self.last_heard);
         self.membership_tx.send_if_modified(|old| {
             if *old == membership {
                 false
