@@ -342,6 +342,8 @@ async fn operator_checkpoint_list_and_restore() {
     assert_eq!(done.running_since_ms, None, "only while running");
     assert_eq!(done.restores, 1);
     assert_eq!(done.restored_from.map(|c| c.id.0), Some(1));
+    // checkpoint.at_end (on by default): the last step is committed before the job succeeds
+    assert_eq!(done.latest_committed.map(|c| c.step.0), Some(1500), "{:?}", done.checkpoints);
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
     // a restore from a checkpoint that is not committed is refused, naming it
     let out = Command::new(BIN)

@@ -958,6 +958,23 @@ impl Supervisor {
             }
         }
         if soft.ranks.values().all(|r| r.digest.is_some()) {
+            if let Some(last) = final_checkpoint_due(j) {
+                // every rank stands at the last step: the final checkpoint
+                // first (once; one given up is not tried again)
+                if j.pending().is_none() {
+                    let cmd = Command::BeginCheckpoint {
+                        job: name,
+                        id: j.next_checkpoint,
+                        step: Step(last),
+                        generation: g,
+                        now_ms: now.wall_ms,
+                    };
+                    self.propose(now, cmd, out);
+                    return;
+                }
+                self.reconcile_checkpoint(j, now, resend, out);
+                return;
+            }
             let digests: Vec<&String> = soft.ranks.values().filter_map(|r| r.digest.as_ref()).collect();
             let digest = combine_digests(&digests);
             self.propose(now, Command::FinishJob { job: name, generation: g, digest }, out);
@@ -1168,6 +1185,19 @@ fn direct(
 /// within half of `checkpoint.timeout_seconds`, and always ahead of where the
 /// fastest rank will be when the directive arrives (`lead_ms`). When the
 /// ranks are already past that boundary it moves to the first one ahead.
+/// The last step, when `checkpoint.at_end` asks for a final checkpoint of
+/// the built-in trainer's job that is neither committed nor already tried
+/// in this generation.
+fn final_checkpoint_due(j: &Job) -> Option<u64> {
+    let last = j.spec.trainer.as_ref()?.total_steps;
+    let done = j.latest_committed().is_some_and(|c| c.step.0 >= last);
+    let tried = j
+        .checkpoints
+        .values()
+        .any(|c| c.step.0 == last && c.generation == j.generation && c.state == CheckpointState::Aborted);
+    (j.spec.checkpoint.at_end && !done && !tried).then_some(last)
+}
+
 fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command> {
     let t = now.mono_ms;
     let fastest = soft.ranks.values().map(|r| r.projected_step(t)).max().unwrap_or(0);

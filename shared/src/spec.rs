@@ -52,6 +52,10 @@ pub struct CheckpointSpec {
     /// checkpoint directory, `<root>/<job>`), checked against the model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<PathBuf>,
+    /// A final checkpoint when every rank reaches `trainer.total_steps`,
+    /// committed before the job succeeds (the built-in trainer's jobs).
+    #[serde(default = "default_at_end")]
+    pub at_end: bool,
 }
 
 /// `[failure]`: failure detection and restart budget.
@@ -146,6 +150,9 @@ fn default_total_steps() -> u64 {
 }
 fn default_params_per_rank_bytes() -> u64 {
     64 << 20
+}
+fn default_at_end() -> bool {
+    true
 }
 fn default_layers() -> u32 {
     8
@@ -394,8 +401,11 @@ seed = 42
         )
         .unwrap();
         assert_eq!(spec.checkpoint.keep_last, 3);
+        assert!(spec.checkpoint.at_end, "a final checkpoint unless asked not to");
         assert_eq!(spec.failure, FailureSpec::default());
         assert_eq!(spec.trainer, None);
+        let off = FULL.replace("timeout_seconds = 120", "timeout_seconds = 120\nat_end = false");
+        assert!(!JobSpec::from_toml(&off).unwrap().checkpoint.at_end);
     }
 
     #[test]

@@ -146,10 +146,21 @@ mod gen {
     /// Any spec, in range or not (messages carry specs the ledger validated,
     /// but a decoder must not care).
     pub fn any_spec() -> BoxedStrategy<JobSpec> {
-        let checkpoint = (option::of(num()), option::of(num()), num32(), path(), num(), option::of(path()))
-            .prop_map(|(every_steps, every_seconds, keep_last, root, timeout_seconds, resume_from)| {
-                CheckpointSpec { every_steps, every_seconds, keep_last, root, timeout_seconds, resume_from }
-            });
+        let checkpoint =
+            (option::of(num()), option::of(num()), num32(), path(), num(), option::of(path()), any::<bool>())
+                .prop_map(
+                    |(every_steps, every_seconds, keep_last, root, timeout_seconds, resume_from, at_end)| {
+                        CheckpointSpec {
+                            every_steps,
+                            every_seconds,
+                            keep_last,
+                            root,
+                            timeout_seconds,
+                            resume_from,
+                            at_end,
+                        }
+                    },
+                );
         let failure =
             (num(), num(), num32(), num(), num()).prop_map(|(hi, ht, mr, hang, head)| FailureSpec {
                 heartbeat_interval_ms: hi,
@@ -1584,6 +1595,7 @@ fn valid_doc() -> BoxedStrategy<(JobSpec, Doc)> {
                     root: PathBuf::from(&root),
                     timeout_seconds: timeout.unwrap_or(120),
                     resume_from: resume_from.as_ref().map(PathBuf::from),
+                    at_end: true,
                 },
                 failure: FailureSpec {
                     heartbeat_interval_ms: i,

@@ -303,6 +303,8 @@ impl Runner {
     }
 
     fn snapshot(&mut self, p: Pending) {
+        // a finished rank takes the final checkpoint and stays finished
+        let before = self.state.status();
         self.state.set_status(WorkerStatus::Checkpointing);
         self.taken.remember(p.id);
         let meta = ShardMeta {
@@ -325,7 +327,11 @@ impl Runner {
                 reason: e.to_string(),
             }),
         }
-        self.state.set_status(WorkerStatus::Running);
+        self.state.set_status(if before == WorkerStatus::Finished {
+            WorkerStatus::Finished
+        } else {
+            WorkerStatus::Running
+        });
     }
 
     /// Handles one command; false means stop.
