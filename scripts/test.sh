@@ -9,6 +9,21 @@ echo "--- installing test dependencies"
 # kubernetes-validate (with its schemas) and PyYAML for the deployment checks
 # msgpack + pytest: the Python client (python/) and its tests; the --exec
 # end-to-end test runs examples/numpy with the client from python/
+# A system Python that refuses pip (PEP 668, "externally-managed-environment",
+# as Debian 12 and Ubuntu 23.04+ ship) gets a virtual environment under the
+# repository instead; it goes first on PATH, so every test's python3 is it.
+if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+  if [ ! -x .venv-test/bin/python3 ]; then
+    if ! python3 -m venv .venv-test 2>/dev/null; then
+      # Debian splits venv out of python3
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      python3 -m venv .venv-test
+    fi
+  fi
+  export PATH="$PWD/.venv-test/bin:$PATH"
+  echo "system Python is externally managed: using the virtual environment .venv-test"
+fi
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   safetensors numpy kubernetes-validate pyyaml msgpack pytest
 # a real Prometheus server (and promtool) for the scrape test and the alert rules;
