@@ -123,6 +123,7 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
 async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
     let leader = s.node.status().role == Role::Leader;
     s.node.read_state(|st| s.metrics.observe_ledger(st, &|job| s.workers.get(job), leader));
+    s.metrics.observe_peers(&s.node.membership().progress);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
 }
 

@@ -37,6 +37,8 @@ pub struct Metrics {
     job_state: IntGaugeVec,
     job_workers: IntGaugeVec,
     heartbeat_age: prometheus::GaugeVec,
+    peer_last_contact: prometheus::GaugeVec,
+    peer_match_index: IntGaugeVec,
     latest_committed_step: IntGaugeVec,
     checkpoints: IntCounterVec,
     restores: IntCounterVec,
@@ -148,6 +150,20 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(heartbeat_age.clone())).expect("registered once");
+        let peer_last_contact = prometheus::GaugeVec::new(
+            Opts::new(
+                "flotilla_raft_peer_last_contact_seconds",
+                "Since the leader last received a message from each replica (leader only; itself 0). Above a second or two, the replica is unreachable.",
+            ),
+            &["peer"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(peer_last_contact.clone())).expect("registered once");
+        let peer_match_index = gauge_vec(
+            "flotilla_raft_peer_match_index",
+            "Highest log index known to be on each replica (leader only).",
+            &["peer"],
+        );
         let latest_committed_step = gauge_vec(
             "flotilla_latest_committed_step",
             "Step of the job's latest committed checkpoint (0 before the first).",
@@ -179,6 +195,8 @@ impl Metrics {
             job_state,
             job_workers,
             heartbeat_age,
+            peer_last_contact,
+            peer_match_index,
             latest_committed_step,
             checkpoints,
             restores,
@@ -206,6 +224,20 @@ impl Metrics {
         self.commit_index.set(s.commit_index as i64);
         self.applied_index.set(s.applied_index as i64);
         self.snapshot_bytes.set(s.snapshot_bytes as i64);
+    }
+
+    /// Refreshes the peer series from the leader's replication progress
+    /// (empty on a follower: its series disappear).
+    pub fn observe_peers(&self, progress: &[crate::node::PeerProgress]) {
+        self.peer_last_contact.reset();
+        self.peer_match_index.reset();
+        for p in progress {
+            let peer = p.id.to_string();
+            if let Some(ms) = p.last_contact_ms {
+                self.peer_last_contact.with_label_values(&[&peer]).set(ms as f64 / 1000.0);
+            }
+            self.peer_match_index.with_label_values(&[&peer]).set(p.matched as i64);
+        }
     }
 
     /// Refreshes the job metrics from the ledger (every replica) and the
