@@ -259,6 +259,14 @@ impl ExecRunner {
     ) -> Self {
         let (tx, rx) = channel();
         let host = opts.master_addr.clone().unwrap_or(host);
+        // segments of workers that were killed before they could remove them
+        let swept = crate::shm::sweep_dead(&shm_dir());
+        if swept > 0 {
+            tracing::info!(
+                "removed {swept} shared-memory segments left by dead workers in {}",
+                shm_dir().display()
+            );
+        }
         Self {
             job: spec.name.clone(),
             rank,

@@ -27,6 +27,33 @@ pub fn unique_name(what: &str) -> String {
     format!("flotilla-{}-{}-{what}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Removes the files in `dir` that [`unique_name`] gave processes no longer
+/// alive: a worker killed with SIGKILL cannot remove its own, and each can
+/// hold a whole shard of memory (tmpfs). Returns how many were removed. A
+/// pid reused by a live process keeps its files (nothing is removed that
+/// might be in use). Workers sharing one shm directory share a pid
+/// namespace (one host, or one pod): a pid not alive here is dead.
+pub fn sweep_dead(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("flotilla-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// A shared-memory file mapped read-write, `len` bytes long.
 #[derive(Debug)]
 pub struct ShmFile {
@@ -112,5 +139,21 @@ mod tests {
         assert!(!path.exists());
         let empty = ShmFile::create(dir.path(), &unique_name("e"), 0).unwrap();
         assert!(empty.is_empty() && empty.as_ref().is_empty());
+    }
+
+    #[test]
+    fn the_sweep_removes_only_files_of_dead_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        // a process that has exited: its pid is free (until reused)
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let mine = ShmFile::create(dir.path(), &unique_name("snapshot"), 16).unwrap();
+        let leaked = dir.path().join(format!("flotilla-{dead}-3-snapshot"));
+        std::fs::write(&leaked, b"x").unwrap();
+        let other = dir.path().join("not-ours-1-2");
+        std::fs::write(&other, b"x").unwrap();
+        assert_eq!(sweep_dead(dir.path()), 1);
+        assert!(!leaked.exists() && mine.path().exists() && other.exists());
     }
 }
