@@ -430,12 +430,30 @@ fn main() -> ExitCode {
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // a flag's value refused by our own checks is bad usage, as clap's are
+        Err(e) if e.downcast_ref::<Usage>().is_some() => {
+            eprintln!("error: {e:#}\n\nFor more information, try '--help'.");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// Bad usage found after parsing (a flag's value out of its range or form):
+/// exit code 2, as SPEC §1 says of every usage error.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 /// A command whose output goes to a terminal or a pipe and nowhere else
 /// (`inspect DIR | head`): it ends quietly when the reader goes away, as
@@ -498,7 +516,7 @@ fn run(cli: Cli) -> Result<()> {
                 .ranks
                 .split_once("..")
                 .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
-                .with_context(|| format!("--ranks {:?}: expected START..END", args.ranks))?;
+                .ok_or_else(|| Usage(format!("--ranks {:?}: expected START..END", args.ranks)))?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
                 flotilla_coordinator::bench::sim_workers(
                     args.endpoints,
@@ -618,8 +636,8 @@ fn hostname() -> String {
 }
 
 fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
-    let id = server::resolve_id(&args.id, &hostname()).map_err(anyhow::Error::msg)?;
-    let mut peers = server::parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
+    let id = server::resolve_id(&args.id, &hostname()).map_err(Usage)?;
+    let mut peers = server::parse_peers(&args.peers).map_err(Usage)?;
     if peers.is_empty() {
         // a one-node cluster: its Raft address is never dialled
         peers.push((id, "127.0.0.1:0".to_string()));
@@ -694,7 +712,7 @@ fn run_certs(args: CertsArgs) -> Result<()> {
     let nodes: Vec<flotilla_shared::ids::NodeId> =
         args.nodes.iter().map(|&n| flotilla_shared::ids::NodeId(n)).collect();
     if let Some(bad) = args.nodes.iter().find(|&&n| n == 0 || n > 65535) {
-        bail!("--node {bad}: replica ids are 1..65535");
+        return Err(Usage(format!("--node {bad}: replica ids are 1..65535")).into());
     }
     let made = flotilla_shared::tls::generate(&args.dir, &nodes, &args.hosts)?;
     if made.new_ca {
@@ -1195,7 +1213,7 @@ fn bench_cluster_dir(prefix: &str, dir: Option<&PathBuf>) -> Result<(tempfile::T
 
 async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
     if args.workers == 0 || args.rounds == 0 {
-        bail!("--workers and --rounds must be at least 1");
+        return Err(Usage("--workers and --rounds must be at least 1".into()).into());
     }
     let (temp, bin) = bench_cluster_dir("flotilla-bench-coordinator-", args.dir.as_ref())?;
     let opts = flotilla_coordinator::bench::CoordinatorBenchOptions {
@@ -1298,7 +1316,9 @@ fn print_raft_report(r: &flotilla_coordinator::bench::RaftBenchReport) {
 
 fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {
     if args.bytes < 1 << 20 {
-        bail!("--bytes {} is too small to measure; use at least 1048576", args.bytes);
+        return Err(
+            Usage(format!("--bytes {} is too small to measure; use at least 1048576", args.bytes)).into()
+        );
     }
     let report = snapshot_bench(&SnapshotBenchOptions {
         bytes: args.bytes,

@@ -597,14 +597,15 @@ async fn certs_made_by_the_cli_serve_a_replica_started_with_tls_dir() {
         let meta = std::fs::metadata(certs.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
     }
-    for (args, why) in [
-        (vec!["--node", "1"], "node-1.pem exists"),
-        (vec!["--node", "0"], "replica ids are 1..65535"),
-        (vec!["--node", "2", "--host", "not a name"], "not a DNS name or IP address"),
+    // a refused id is bad usage (2); the rest fail on what they find (1)
+    for (args, why, code) in [
+        (vec!["--node", "1"], "node-1.pem exists", 1),
+        (vec!["--node", "0"], "replica ids are 1..65535", 2),
+        (vec!["--node", "2", "--host", "not a name"], "not a DNS name or IP address", 1),
     ] {
         let out = flotilla(&[&["certs", "--dir", certs_arg][..], &args].concat());
         let (_, stderr) = text(&out);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
     }
 

@@ -133,6 +133,16 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     let out = flotilla(&["frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
+    // a flag's value that only our own checks refuse is bad usage too
+    let out = flotilla(&["bench", "snapshot", "--bytes", "10"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.starts_with("error: --bytes 10 is too small to measure"), "{:?}", text(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let args = ["coordinator", "--id", "1", "--peers", "garbage", "--http-addr", "127.0.0.1:0", "--data-dir"];
+    let out = flotilla(&[&args[..], &[data.to_str().unwrap()]].concat());
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.starts_with("error: --peers"), "{:?}", text(&out));
 }
 
 #[test]
