@@ -984,7 +984,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         )?;
     }
     // the replicas, as the leader tracks them
-    match client.replicas().await {
+    match client.replicas_of(&status).await {
         Ok(r) => {
             let rows = r
                 .voters

@@ -21,6 +21,17 @@ fn write_job(dir: &Path, name: &str) -> std::path::PathBuf {
     path
 }
 
+/// A spec file for a job of the built-in trainer (small, 5 ms steps).
+fn write_trainer_job(dir: &Path, name: &str, world: u32, total_steps: u64) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "{}\n[trainer]\ntotal_steps = {total_steps}\nparams_per_rank_bytes = 65536\nstep_time_ms = 5\n",
+        job_toml(name, world, &dir.join("ckpt"))
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Waits until replica `id` is running and has applied every job in `jobs`.
 async fn wait_for_jobs(
     cluster: &LocalCluster,
@@ -667,15 +678,7 @@ async fn a_worker_started_before_its_job_waits_quietly_then_joins() {
     assert_eq!(after, before, "a waiting worker stays quiet between its 30 s reminders");
     assert_eq!(after.matches("waiting for the job").count(), 1, "{after}");
     // it still asks: submitted now, the job runs with it to the end
-    let spec = dir.path().join("late.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "{}\n[trainer]\ntotal_steps = 40\nparams_per_rank_bytes = 65536\nstep_time_ms = 5\n",
-            job_toml("late", 1, &dir.path().join("ckpt"))
-        ),
-    )
-    .unwrap();
+    let spec = write_trainer_job(dir.path(), "late", 1, 40);
     let out = flotilla(&["submit", spec.to_str().unwrap(), "--endpoints", &cluster.endpoints()]);
     assert!(out.status.success(), "{:?}", text(&out));
     wait_for("the late job to succeed", Duration::from_secs(60), || async {
@@ -739,15 +742,7 @@ async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost()
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
     let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
-    let spec = dir.path().join("three.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "{}\n[trainer]\ntotal_steps = 100000\nparams_per_rank_bytes = 65536\nstep_time_ms = 5\n",
-            job_toml("three", 3, &dir.path().join("ckpt"))
-        ),
-    )
-    .unwrap();
+    let spec = write_trainer_job(dir.path(), "three", 3, 100_000);
     let endpoints = cluster.endpoints();
     assert!(flotilla(&["submit", spec.to_str().unwrap(), "--endpoints", &endpoints]).status.success());
     // ranks 0 and 1 run; rank 2 never starts

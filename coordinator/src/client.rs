@@ -148,6 +148,12 @@ impl Client {
     /// progress); from the first replica that answers when none leads.
     pub async fn replicas(&self) -> Result<crate::api::ReplicasView, ClientError> {
         let status = self.status(None).await?;
+        self.replicas_of(&status).await
+    }
+
+    /// The membership from the leader `status` names (a status already
+    /// fetched: no second round trip to find the leader).
+    pub async fn replicas_of(&self, status: &ClusterStatus) -> Result<crate::api::ReplicasView, ClientError> {
         let base = status.leader_url.clone().unwrap_or_else(|| self.endpoints[0].clone());
         let resp = self
             .http

@@ -5,8 +5,8 @@ use crate::node::{NodeStatus, Role};
 use crate::state::{JobState, State};
 use flotilla_shared::ids::JobName;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,8 +36,8 @@ pub struct Metrics {
     job_step: IntGaugeVec,
     job_state: IntGaugeVec,
     job_workers: IntGaugeVec,
-    heartbeat_age: prometheus::GaugeVec,
-    peer_last_contact: prometheus::GaugeVec,
+    heartbeat_age: GaugeVec,
+    peer_last_contact: GaugeVec,
     peer_match_index: IntGaugeVec,
     latest_committed_step: IntGaugeVec,
     checkpoints: IntCounterVec,
@@ -109,6 +109,11 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("registered once");
             g
         };
+        let seconds_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry.register(Box::new(c.clone())).expect("registered once");
@@ -141,24 +146,16 @@ impl Metrics {
             "Ranks of the job by what they report (leader only); `missing` = not connected.",
             &["job", "state"],
         );
-        let heartbeat_age = prometheus::GaugeVec::new(
-            Opts::new(
-                "flotilla_worker_heartbeat_age_seconds",
-                "Since the leader last heard from each rank it knows (leader only; a live rank stays under the heartbeat interval).",
-            ),
+        let heartbeat_age = seconds_vec(
+            "flotilla_worker_heartbeat_age_seconds",
+            "Since the leader last heard from each rank it knows (leader only; a live rank stays under the heartbeat interval).",
             &["job", "rank"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(heartbeat_age.clone())).expect("registered once");
-        let peer_last_contact = prometheus::GaugeVec::new(
-            Opts::new(
-                "flotilla_raft_peer_last_contact_seconds",
-                "Since the leader last received a message from each replica (leader only; itself 0). Above a second or two, the replica is unreachable.",
-            ),
+        );
+        let peer_last_contact = seconds_vec(
+            "flotilla_raft_peer_last_contact_seconds",
+            "Since the leader last received a message from each replica (leader only; itself 0). Above a second or two, the replica is unreachable.",
             &["peer"],
-        )
-        .expect("valid metric");
-        registry.register(Box::new(peer_last_contact.clone())).expect("registered once");
+        );
         let peer_match_index = gauge_vec(
             "flotilla_raft_peer_match_index",
             "Highest log index known to be on each replica (leader only).",

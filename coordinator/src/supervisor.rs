@@ -1177,14 +1177,6 @@ fn direct(
     out.push(send(conn, msg));
 }
 
-/// Places the next checkpoint of a running job, if one is due.
-///
-/// Periodic checkpoints go on the next `every_steps` boundary past the head
-/// of the job's history (the latest committed step, or the step this
-/// generation started from), announced once the fastest rank can reach it
-/// within half of `checkpoint.timeout_seconds`, and always ahead of where the
-/// fastest rank will be when the directive arrives (`lead_ms`). When the
-/// ranks are already past that boundary it moves to the first one ahead.
 /// The last step, when `checkpoint.at_end` asks for a final checkpoint of
 /// the built-in trainer's job that is neither committed nor already tried
 /// in this generation.
@@ -1198,6 +1190,14 @@ fn final_checkpoint_due(j: &Job) -> Option<u64> {
     (j.spec.checkpoint.at_end && !done && !tried).then_some(last)
 }
 
+/// Places the next checkpoint of a running job, if one is due.
+///
+/// Periodic checkpoints go on the next `every_steps` boundary past the head
+/// of the job's history (the latest committed step, or the step this
+/// generation started from), announced once the fastest rank can reach it
+/// within half of `checkpoint.timeout_seconds`, and always ahead of where the
+/// fastest rank will be when the directive arrives (`lead_ms`). When the
+/// ranks are already past that boundary it moves to the first one ahead.
 fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command> {
     let t = now.mono_ms;
     let fastest = soft.ranks.values().map(|r| r.projected_step(t)).max().unwrap_or(0);

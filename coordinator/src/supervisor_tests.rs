@@ -242,8 +242,13 @@ struct World {
 
 impl World {
     fn new(world: u32) -> Self {
+        Self::with_spec(spec(world))
+    }
+
+    fn with_spec(spec: JobSpec) -> Self {
+        let world = spec.world_size;
         let mut st = State::default();
-        st.apply(Command::SubmitJob { spec: spec(world), now_ms: T0, origin: None }).unwrap();
+        st.apply(Command::SubmitJob { spec, now_ms: T0, origin: None }).unwrap();
         let mut w = Self {
             st,
             sup: Supervisor::new(SupervisorConfig::default(), Now { mono_ms: T0, wall_ms: T0 }, 1),
@@ -847,6 +852,27 @@ fn a_succeeded_job_stops_its_workers_and_a_failed_one_keeps_them() {
     assert_eq!(w.job().final_digest.as_deref(), Some(reference_digest(2).as_str()));
     w.tick();
     assert!(w.workers.iter().all(|x| x.inbox.iter().any(|m| matches!(m, CoordinatorMessage::Stop { .. }))));
+}
+
+#[test]
+fn the_last_step_is_committed_before_the_job_succeeds_unless_at_end_is_off() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(2_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(
+        w.job().latest_committed().map(|c| c.step.0),
+        Some(TOTAL),
+        "checkpoint.at_end is on by default"
+    );
+    assert_eq!(w.job().final_digest.as_deref(), Some(reference_digest(2).as_str()));
+
+    let mut off = spec(2);
+    off.checkpoint.at_end = false;
+    let mut w = World::with_spec(off);
+    w.running();
+    w.until(2_000, |w| w.job().state == JobState::Succeeded);
+    // periodic checkpoints stop short of the last step
+    assert!(w.job().latest_committed().is_some_and(|c| c.step.0 < TOTAL), "{:?}", w.job().latest_committed());
 }
 
 /// One step of an adversarial schedule.
