@@ -165,7 +165,17 @@ async fn prometheus_scrapes_every_spec_series() {
     }
     // values that must make sense
     assert_eq!(query(&base, "count(flotilla_raft_is_leader == 1)").await.unwrap(), [1.0]);
-    assert_eq!(query(&base, "count(flotilla_worker_step > 0)").await.unwrap(), [2.0]);
+    // the restarted rank's series comes back with its next scrape (the
+    // failed scrapes of the killed process marked it stale)
+    wait_for("both ranks' steps above 0", LONG, || async {
+        let v = query(&base, "count(flotilla_worker_step > 0)").await?;
+        if v == [2.0] {
+            Ok(())
+        } else {
+            Err(format!("{v:?}"))
+        }
+    })
+    .await;
     let gen = query(&base, "max(flotilla_job_generation{job=\"watched\"})").await.unwrap();
     assert!(gen.first().is_some_and(|g| *g >= 2.0), "a restore must have moved the generation: {gen:?}");
     let restores = query(&base, "sum(flotilla_restores_total{job=\"watched\"})").await.unwrap();
