@@ -3,6 +3,9 @@
 # check CI runs: formatting, clippy (warnings are errors) and all tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# apt-get needs root: sudo where this is not root
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 
 echo "--- installing test dependencies"
 # Python safetensors + numpy: the interop test's reference reader
@@ -13,18 +16,22 @@ echo "--- installing test dependencies"
 # as Debian 12 and Ubuntu 23.04+ ship) gets a virtual environment under the
 # repository instead; it goes first on PATH, so every test's python3 is it.
 if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
-  if [ ! -x .venv-test/bin/python3 ]; then
+  # a venv left half-made (no pip in it) is made again
+  if [ ! -x .venv-test/bin/pip ]; then
+    rm -rf .venv-test
     if ! python3 -m venv .venv-test 2>/dev/null; then
       # Debian splits venv out of python3
-      export DEBIAN_FRONTEND=noninteractive
-      apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      rm -rf .venv-test
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
       python3 -m venv .venv-test
     fi
   fi
   export PATH="$PWD/.venv-test/bin:$PATH"
   echo "system Python is externally managed: using the virtual environment .venv-test"
 fi
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+# (the variable, not --root-user-action: pip before 22.1, as Ubuntu 22.04 has, lacks the flag)
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
   safetensors numpy kubernetes-validate pyyaml msgpack pytest
 # a real Prometheus server (and promtool) for the scrape test and the alert rules;
 # iproute2 (ip netns) and iptables for the network-partition test (tests/partition.rs)
@@ -33,9 +40,8 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then 
 if ! command -v ip >/dev/null; then apt_packages+=(iproute2); fi
 if ! command -v iptables-restore >/dev/null; then apt_packages+=(iptables); fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
 echo "--- deployment files: chart and plain manifests in sync, schemas, alert rules, dashboard"

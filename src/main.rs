@@ -235,12 +235,21 @@ struct CheckpointsArgs {
 #[derive(Subcommand)]
 enum ReplicasCommand {
     /// Voters and learners, their Raft addresses, and (from the leader) how far each has replicated.
-    List(ClientArgs),
+    List(ReplicasListArgs),
     /// Adds a replica: started first with `flotilla coordinator --id ID` on an empty data dir, it
     /// joins as a learner, catches up, and is then made a voter.
     Add(AddReplicaArgs),
     /// Removes a replica (voter or learner); stop its process afterwards.
     Remove(RemoveReplicaArgs),
+}
+
+#[derive(Args)]
+struct ReplicasListArgs {
+    /// The membership as JSON (GET /v1/replicas from the leader).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Args)]
@@ -345,6 +354,11 @@ struct CoordinatorBenchArgs {
     /// dirs). A tmpfs such as /dev/shm takes one disk's fsyncs out of the round.
     #[arg(long)]
     shard_dir: Option<PathBuf>,
+    /// Each process's simulated ranks share one node session (one connection, batched frames,
+    /// one heartbeat frame for all), as a host's ranks behind a node agent; default: a
+    /// connection per rank, as `flotilla worker` has.
+    #[arg(long)]
+    node_sessions: bool,
     /// Where the replicas keep their data (a temporary directory by default).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -367,6 +381,9 @@ struct SimWorkersArgs {
     /// Heartbeat period, ms.
     #[arg(long, default_value_t = 100)]
     heartbeat_ms: u64,
+    /// One node session for all the ranks.
+    #[arg(long)]
+    node_session: bool,
 }
 
 #[derive(Args)]
@@ -523,6 +540,7 @@ fn run(cli: Cli) -> Result<()> {
                     args.job,
                     args.heartbeat_ms,
                     start..end,
+                    args.node_session,
                 )
                 .await
                 .map_err(anyhow::Error::msg)
@@ -538,24 +556,36 @@ fn run(cli: Cli) -> Result<()> {
 async fn run_replicas(cmd: ReplicasCommand) -> Result<()> {
     match cmd {
         ReplicasCommand::List(args) => {
-            let v = client(&args)?.replicas().await?;
-            println!("{:<6} {:<8} {:<24} {:>10}  state", "id", "role", "raft address", "matched");
+            let v = client(&args.client)?.replicas().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             let members =
                 v.voters.iter().map(|id| (id, "voter")).chain(v.learners.iter().map(|id| (id, "learner")));
-            for (id, role) in members {
-                let role = if Some(*id) == v.leader_id { "leader" } else { role };
-                let addr = v.addresses.get(id).map_or("?", String::as_str);
-                let p = v.progress.iter().find(|p| p.id == *id);
-                let matched = p.map_or("-".to_string(), |p| p.matched.to_string());
-                let state = p.map_or(String::new(), |p| {
-                    format!(
-                        "{}{}",
-                        p.state.to_lowercase(),
-                        if p.recent_active { "" } else { ", unreachable" }
-                    )
-                });
-                println!("{:<6} {:<8} {:<24} {:>10}  {state}", id.0, role, addr, matched);
-            }
+            let rows = members
+                .map(|(id, role)| {
+                    let role = if Some(*id) == v.leader_id { "leader" } else { role };
+                    let p = v.progress.iter().find(|p| p.id == *id);
+                    let state = p.map_or(String::new(), |p| {
+                        format!(
+                            "{}{}",
+                            p.state.to_lowercase(),
+                            if p.recent_active { "" } else { ", unreachable" }
+                        )
+                    });
+                    vec![
+                        id.0.to_string(),
+                        role.to_string(),
+                        v.addresses.get(id).cloned().unwrap_or_else(|| "?".into()),
+                        p.map_or("-".to_string(), |p| p.matched.to_string()),
+                        state,
+                    ]
+                })
+                .collect();
+            let columns =
+                [("id", true), ("role", false), ("raft address", false), ("matched", true), ("state", false)];
+            print!("{}", table(&columns, rows));
             if v.progress.is_empty() {
                 println!(
                     "(progress is known to the leader only; node {} answered as {:?})",
@@ -967,7 +997,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
     }
     let mut out = String::new();
     let Some(leader_id) = status.leader_id else {
-        let (up, all) = client.reachable().await;
+        let (up, all) = client.voters_reachable(&status).await;
         let majority = all / 2 + 1;
         if up < majority {
             bail!(
@@ -1097,8 +1127,13 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
 /// Why a rank is not training, in words, from its state (and the job's
 /// error, which names the blocked rank).
 fn rank_reason(state: &str, error: Option<&str>, rank: u32) -> String {
-    let blocked_on_me = error
-        .is_some_and(|e| e.starts_with(&format!("rank {rank} ")) || e.contains(&format!(" rank {rank}:")));
+    // the refusals of SPEC §10 name the rank as `rank 2 on GPU 0: ...`,
+    // `checkpoint 7 rank 2 does not match ...` or `... rank 2: ...`
+    let blocked_on_me = error.is_some_and(|e| {
+        e.starts_with(&format!("rank {rank} "))
+            || e.contains(&format!(" rank {rank}:"))
+            || e.contains(&format!(" rank {rank} "))
+    });
     match state {
         "running" | "checkpointing" | "finished" => String::new(),
         _ if blocked_on_me => "its restore was refused (see error)".into(),
@@ -1223,6 +1258,7 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         procs: args.procs.unwrap_or_else(|| args.workers.div_ceil(512).clamp(1, 8)),
         heartbeat_ms: args.heartbeat_ms,
         shard_root: args.shard_dir.clone(),
+        node_sessions: args.node_sessions,
     };
     let r = flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts)
         .await
@@ -1232,8 +1268,10 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "bench coordinator: {} simulated workers in {} processes against 3 replicas on loopback, fsync on",
-        r.workers, r.procs
+        "bench coordinator: {} simulated workers in {} processes ({}) against 3 replicas on loopback, fsync on",
+        r.workers,
+        r.procs,
+        if r.node_sessions { "one node session each" } else { "a connection per worker" }
     );
     println!(
         "checkpoint round, begin to commit ({} rounds): p50 {:.0} ms, p99 {:.0} ms",
@@ -1364,4 +1402,26 @@ fn print_snapshot_table(r: &SnapshotBenchReport) {
         "read + verify vs plain read: {:.2}x (below 1: the parallel check beats an unchecked read)",
         r.read_verify_vs_plain_read
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_reason;
+
+    #[test]
+    fn a_blocked_rank_is_told_apart_by_every_refusal_that_names_it() {
+        let refused = "its restore was refused (see error)";
+        for error in [
+            "rank 2 on host memory: restore needs 258.6 KiB, 1000 B free",
+            "checkpoint 7 rank 2 does not match the model: missing model/w",
+            "checkpoint 7 rank 2: checksum mismatch in model/w",
+        ] {
+            assert_eq!(rank_reason("restoring", Some(error), 2), refused, "{error}");
+            // another rank of the same job is not the one blocked, nor is rank 12 rank 2
+            assert_eq!(rank_reason("restoring", Some(error), 1), "restoring", "{error}");
+            assert_eq!(rank_reason("restoring", Some(&error.replace("rank 2", "rank 12")), 2), "restoring");
+        }
+        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 2), "");
+        assert!(rank_reason("missing", None, 0).contains("never heard from"));
+    }
 }

@@ -790,6 +790,23 @@ async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost()
     assert!(screen.matches("refreshed ").count() >= 2, "{screen:?}");
     assert!(screen.contains("job three: waiting"), "{screen:?}");
 
+    // a dead rank stays in the table: disconnected, with the age of the
+    // last word heard from it growing
+    workers.kill(1);
+    let shown = wait_for("the killed rank shown disconnected", ELECTION, || async {
+        let (out, err) = text(&status());
+        let r = row(&out, "rank", "1");
+        let heard = r.get(3).and_then(|h| h.parse::<f64>().ok());
+        if r.get(1).map(String::as_str) == Some("disconnected") && heard.is_some_and(|h| h >= 1.0) {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    })
+    .await;
+    assert!(shown.contains("its connection closed"), "{shown}");
+    assert_eq!(row(&shown, "rank", "0").get(1).map(String::as_str), Some("waiting"), "{shown}");
+
     // a dead replica is shown as unreachable
     let follower = (1..=3).map(NodeId).find(|id| *id != leader).unwrap();
     cluster.kill(follower);
@@ -822,4 +839,16 @@ async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost()
     .await;
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out).1.lines().count(), 1, "{:?}", text(&out));
+    // given only the survivor, status still counts the whole membership:
+    // quorum lost, not an election
+    let survivor = (1..=3).map(NodeId).find(|id| *id != leader && *id != follower).unwrap();
+    let alone = flotilla(&["status", "--endpoints", &cluster.url(survivor)]);
+    assert_eq!(alone.status.code(), Some(1), "{:?}", text(&alone));
+    assert!(
+        text(&alone)
+            .1
+            .starts_with("error: no leader: quorum lost, 1 of 3 replicas answer and a leader needs 2"),
+        "{:?}",
+        text(&alone)
+    );
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
-use flotilla_coordinator::bench::sim_worker;
+use flotilla_coordinator::bench::{sim_node, sim_worker, NodeControl};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::JobName;
@@ -211,6 +211,47 @@ async fn not_enough_device_memory_blocks_then_recovers() {
     assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let why = ready.text().await.unwrap();
     assert!(why.starts_with("restore refused: rank 1 on ") && why.contains("1000 B free"), "{why}");
+    // the exact bytes behind the words: in the worker's status and metrics
+    let shard_bytes = blocked.latest_committed.map(|c| c.id).and_then(|id| {
+        blocked.checkpoints.iter().find(|c| c.id == id).map(|c| c.bytes / u64::from(blocked.world_size))
+    });
+    let view = reqwest::get(format!("http://{}/v1/status", s.workers.http_addr(1)))
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(view["device"]["free"].as_u64(), Some(1000), "{view}");
+    let need = view["restore_need_bytes"].as_u64().unwrap_or_default();
+    assert!(
+        need > 250_000 && shard_bytes.is_some_and(|b| need.abs_diff(b) < 4096),
+        "{need} vs {shard_bytes:?}"
+    );
+    let worker_metrics = reqwest::get(format!("http://{}/metrics", s.workers.http_addr(1)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        worker_metrics
+            .lines()
+            .any(|l| l.starts_with("flotilla_restore_need_bytes{") && l.ends_with(&format!(" {need}"))),
+        "{worker_metrics}"
+    );
+    // the block is one of the job's events, and status names the rank it is blocked on
+    assert!(
+        blocked.events.iter().any(|e| e.text.starts_with("blocked: rank 1 on ") && e.at_ms > 0),
+        "{:?}",
+        blocked.events
+    );
+    let shown = common::flotilla(&["status", "--endpoints", &s.cluster.endpoints()]);
+    let (out, err) = common::text(&shown);
+    assert!(shown.status.success(), "{err}");
+    let rank1 =
+        out.lines().find(|l| l.trim_start().starts_with("1 ") && l.contains("its restore was refused"));
+    assert!(rank1.is_some(), "{out}");
+    assert!(out.contains("blocked: rank 1 on "), "the event in the text view: {out}");
     tracing::info!("--- restarted without the override: the job recovers");
     s.workers.kill(1);
     s.workers.spawn(1, &[]).unwrap();
@@ -235,6 +276,15 @@ async fn not_enough_device_memory_blocks_then_recovers() {
     }
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    // the job is over and its workers gone: the leader counts no rank in any state
+    let leader = s.client.status(None).await.unwrap().leader_url.unwrap();
+    let metrics = reqwest::get(format!("{leader}/metrics")).await.unwrap().text().await.unwrap();
+    let counts: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("flotilla_job_workers{") && l.contains("job=\"e2e\""))
+        .collect();
+    assert!(counts.iter().any(|l| l.contains("state=\"missing\"")), "{metrics}");
+    assert!(counts.iter().all(|l| l.ends_with(" 0")), "{counts:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -577,4 +627,76 @@ async fn thousands_of_checkpoint_cycles_keep_the_snapshot_bounded_and_every_foll
         w.abort();
     }
     println!("{CYCLES} cycles: the snapshot stayed within {largest_after} bytes (settled at {settled} by cycle 200)");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_node_session_carries_a_hosts_ranks_through_a_checkpoint_a_failure_and_a_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+    let leader = cluster.wait_for_leader(LONG).await.unwrap();
+    let client = Client::new(vec![cluster.url(leader)], None);
+    let text = format!(
+        "name = \"node\"\nworld_size = 4\n[checkpoint]\nevery_steps = 1000000000000\nroot = \"{}\"\n\
+         [failure]\nheartbeat_interval_ms = 100\n",
+        dir.path().join("ckpt").display()
+    );
+    client.submit(&text).await.unwrap();
+    let endpoints: Vec<String> = cluster.api_endpoints().split(',').map(String::from).collect();
+    let (control, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (restores, mut restored) = tokio::sync::mpsc::unbounded_channel();
+    // ranks 0..4 of one host on one connection, every frame a batch
+    let node = tokio::spawn(sim_node(endpoints, "node".into(), 100, 0..4, 1, control_rx, restores));
+    let first = all_ranks(&client, "running", 0).await;
+    // a checkpoint: four shards written and reported in batches, one commit
+    let committed = client.checkpoint("node").await.unwrap();
+    let id = committed["id"].as_u64().unwrap();
+    let job_dir = JobDir::new(&dir.path().join("ckpt"), &JobName::new("node").unwrap());
+    let manifest = wait_for("the manifest", LONG, || async {
+        Manifest::read(&job_dir.checkpoint_dir(flotilla_shared::ids::CheckpointId(id)))
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let mut ranks: Vec<u32> = manifest.ranks.iter().map(|r| r.rank.0).collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2, 3]);
+
+    // rank 2's process dies: the node says it left, and the others are told to restore
+    control.send(NodeControl::Drop(2)).unwrap();
+    let told: Vec<u32> = wait_for("restore directives after rank 2 left", LONG, || {
+        let mut got = Vec::new();
+        while let Ok((rank, _)) = restored.try_recv() {
+            got.push(rank);
+        }
+        async move {
+            if got.is_empty() {
+                Err("none yet".to_string())
+            } else {
+                Ok(got)
+            }
+        }
+    })
+    .await;
+    assert!(!told.contains(&2), "the rank that left gets nothing: {told:?}");
+    // a new process of rank 2 registers on the same session; the job runs again
+    control.send(NodeControl::Start(2, 1_000)).unwrap();
+    let again = all_ranks(&client, "running", first.generation.0).await;
+    assert!(again.restores >= 1, "{again:?}");
+    assert_eq!(again.restored_from.map(|c| c.id.0), Some(id), "restored from the committed checkpoint");
+    assert!(!node.is_finished(), "the session survived the rank's failure");
+    node.abort();
+}
+
+/// Job `node` in state `want` in a generation after `after`, with all 4
+/// ranks in that state too.
+async fn all_ranks(client: &Client, want: &str, after: u64) -> JobStatus {
+    wait_for(&format!("job {want} after generation {after}"), LONG, || async {
+        let job = client.status(Some("node")).await.map_err(|e| e.to_string())?.jobs.remove(0);
+        let all = job.workers.len() == 4 && job.workers.iter().all(|w| w.state == want);
+        if job.state == want && job.generation.0 > after && all {
+            Ok(job)
+        } else {
+            Err(format!("{} gen {} workers {:?}", job.state, job.generation, job.workers))
+        }
+    })
+    .await
 }

@@ -78,6 +78,18 @@ async fn grow_to_five_lose_two_and_shrink_back_while_a_job_checkpoints() {
     println!("{list}");
     let view = client.replicas().await.unwrap();
     assert_eq!(view.voters, (1..=5).map(NodeId).collect::<Vec<_>>(), "{list}");
+    // --json is the same membership, machine-readable
+    let json: flotilla_coordinator::api::ReplicasView =
+        serde_json::from_str(&replicas(&cluster, &["list", "--json"])).unwrap();
+    assert_eq!(json.voters, view.voters);
+    // the table: one row per member under a header whose columns line up with it
+    let header = list.lines().next().unwrap_or_default();
+    let at = header.find("raft address").unwrap();
+    for id in 1..=5u64 {
+        let row = list.lines().find(|l| l.trim_start().starts_with(&format!("{id} "))).unwrap_or_default();
+        let addr = &cluster.nodes[id as usize - 1].raft_addr;
+        assert_eq!(row.find(addr.as_str()), Some(at), "{list}");
+    }
     assert!(view.learners.is_empty(), "{list}");
     // every replica holds the ledger, the new ones included
     for id in [NodeId(4), NodeId(5)] {

@@ -178,6 +178,9 @@ pub struct CoordinatorBenchOptions {
     /// replicas' data). On tmpfs their fsyncs cost nothing, so the round is
     /// the coordinator's work, not one disk flushing every worker's file.
     pub shard_root: Option<std::path::PathBuf>,
+    /// Each process's ranks share one node session (one connection,
+    /// batched frames) instead of a connection per rank.
+    pub node_sessions: bool,
 }
 
 /// The report of `bench coordinator` (SPEC §8 keys).
@@ -203,6 +206,8 @@ pub struct CoordinatorBenchReport {
     pub proposals_per_second: f64,
     /// Processes the simulated workers ran in.
     pub procs: u32,
+    /// Whether each process's ranks shared one node session.
+    pub node_sessions: bool,
 }
 
 /// A simulated worker of job `job`: the real protocol over real TCP, no
@@ -317,6 +322,156 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// What the parent tells a simulated node about one of its ranks.
+pub enum NodeControl {
+    /// The rank's process dies: the node says it `Left`.
+    Drop(u32),
+    /// A new process of the rank (a new incarnation) registers.
+    Start(u32, u64),
+}
+
+/// A simulated node: ranks `ranks` of job `job` on one node session (one
+/// connection, every frame a batch), as a node agent for a host's ranks
+/// would speak it. Like [`sim_worker`], no trainer: each checkpoint is a
+/// real tiny shard per rank, and every restore directive is reported.
+/// Runs until the job stops it, `control` closes, or the connection fails.
+pub async fn sim_node(
+    endpoints: Vec<String>,
+    job: String,
+    heartbeat_ms: u64,
+    ranks: std::ops::Range<u32>,
+    first_incarnation: u64,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<NodeControl>,
+    restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
+) -> Result<(), String> {
+    use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
+    use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank, Step};
+    use flotilla_shared::layout::shard_file_name;
+    use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
+    use flotilla_shared::wire::{CoordinatorMessage, ForRank, PeerRole, WorkerMessage, WorkerStatus};
+    use futures::{SinkExt, StreamExt};
+
+    let job = JobName::new(&job).map_err(|e| e.to_string())?;
+    let register = |rank: u32, incarnation: u64| ForRank {
+        rank: Rank(rank),
+        msg: WorkerMessage::Register {
+            job: job.clone(),
+            rank: Rank(rank),
+            incarnation: Incarnation(incarnation),
+            http_addr: None,
+            generation: None,
+            step: Step(0),
+        },
+    };
+    // each live rank: its generation and step
+    let mut live: std::collections::BTreeMap<u32, (Generation, u64)> =
+        ranks.clone().map(|r| (r, (Generation(1), 0))).collect();
+    let mut target = endpoints[0].clone();
+    let mut backoff = Duration::from_millis(50);
+    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
+        let attempt = async {
+            let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
+            let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
+            let batch = ranks.clone().map(|r| register(r, first_incarnation + u64::from(r))).collect();
+            c.send(WorkerMessage::Batch(batch)).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((c.next().await, c))
+        };
+        let why = match attempt.await {
+            Ok((Some(Ok(CoordinatorMessage::Batch(_))), c)) => break c,
+            Ok((Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })), _)) => {
+                target = l;
+                continue;
+            }
+            Ok((other, _)) => format!("{other:?}"),
+            Err(e) => e,
+        };
+        tracing::debug!("sim node {ranks:?}: {why}; retrying");
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        target = endpoints[(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
+            .clone();
+    };
+    let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
+    let data = vec![0u8; 1024];
+    let (saved_tx, mut saved_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<ForRank<WorkerMessage>>>();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(heartbeat_ms));
+    loop {
+        let out: Vec<ForRank<WorkerMessage>> = tokio::select! {
+            _ = heartbeat.tick() => live
+                .iter_mut()
+                .map(|(rank, (generation, step))| {
+                    *step += 10;
+                    let msg = WorkerMessage::Heartbeat { generation: *generation, step: Step(*step), status: WorkerStatus::Running };
+                    ForRank { rank: Rank(*rank), msg }
+                })
+                .collect(),
+            Some(saved) = saved_rx.recv() => saved,
+            c = control.recv() => match c {
+                None => return Ok(()),
+                Some(NodeControl::Drop(rank)) => {
+                    live.remove(&rank);
+                    vec![ForRank { rank: Rank(rank), msg: WorkerMessage::Left }]
+                }
+                Some(NodeControl::Start(rank, incarnation)) => {
+                    live.insert(rank, (Generation(1), 0));
+                    vec![register(rank, incarnation)]
+                }
+            },
+            frame = conn.next() => {
+                let items = match frame.ok_or("closed")?.map_err(|e| e.to_string())? {
+                    CoordinatorMessage::Batch(items) => items,
+                    CoordinatorMessage::Alive => continue,
+                    other => return Err(format!("unexpected {other:?} on a node session")),
+                };
+                let mut replies = Vec::new();
+                let mut writes = Vec::new();
+                for ForRank { rank, msg } in items {
+                    let Some((generation, step)) = live.get_mut(&rank.0) else { continue };
+                    match msg {
+                        CoordinatorMessage::Resume { generation: g, step: s } => { *generation = g; *step = s.0; }
+                        CoordinatorMessage::Checkpoint { generation: g, checkpoint, step: s, dir } => {
+                            let meta = ShardMeta { job: job.clone(), checkpoint, rank, step: s, generation: g };
+                            writes.push((dir.join(shard_file_name(rank)), meta));
+                        }
+                        CoordinatorMessage::Restore { generation: g, from, .. } => {
+                            let _ = restores.send((rank.0, Instant::now()));
+                            *generation = g;
+                            *step = from.map_or(0, |p| p.step.0);
+                            replies.push(ForRank { rank, msg: WorkerMessage::Restored { generation: g, step: Step(*step) } });
+                        }
+                        CoordinatorMessage::Stop { .. } => return Ok(()),
+                        _ => {}
+                    }
+                }
+                if !writes.is_empty() {
+                    // the node's shards of this checkpoint, written off the
+                    // connection's task and reported in one frame
+                    let (vars, data, tx) = (vars.clone(), data.clone(), saved_tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let saved = writes
+                            .into_iter()
+                            .filter_map(|(path, meta)| {
+                                std::fs::create_dir_all(path.parent()?).ok()?;
+                                let (rank, generation, checkpoint) = (meta.rank, meta.generation, meta.checkpoint);
+                                let manifest = write_shard(&path, &meta, &vars, &data).ok()?;
+                                Some(ForRank { rank, msg: WorkerMessage::ShardSaved { generation, checkpoint, manifest } })
+                            })
+                            .collect();
+                        let _ = tx.send(saved);
+                    });
+                }
+                replies
+            }
+        };
+        if !out.is_empty() {
+            conn.send(WorkerMessage::Batch(out)).await.map_err(|e| e.to_string())?;
+        }
+    }
+}
+
 /// `flotilla bench sim-workers`: ranks `ranks` of job `job` as simulated
 /// workers in this process, driven by the parent `bench coordinator` over
 /// pipes, so that many processes can share the load of thousands of ranks:
@@ -324,12 +479,17 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
 ///   died); `start RANK`: a new process of it, a new incarnation, registers;
 /// - stdout `restore RANK UNIX_NS`: the rank received a restore directive.
 ///
+/// With `node`, the ranks share one node session (one connection, batched
+/// frames), as the ranks of one host behind a node agent; otherwise each
+/// rank has its own connection, as a `flotilla worker` does.
+///
 /// Runs until stdin closes.
 pub async fn sim_workers(
     endpoints: Vec<String>,
     job: String,
     heartbeat_ms: u64,
     ranks: std::ops::Range<u32>,
+    node: bool,
 ) -> Result<(), String> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Instant)>();
@@ -346,10 +506,24 @@ pub async fn sim_workers(
         })
     };
     let mut tasks = std::collections::HashMap::new();
-    for rank in ranks.clone() {
-        incarnation += 1;
-        tasks.insert(rank, spawn(rank, incarnation));
-    }
+    let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    let node_task = if node {
+        let (endpoints, job, tx, ranks) = (endpoints.clone(), job.clone(), restore_tx.clone(), ranks.clone());
+        let first = incarnation;
+        incarnation += u64::from(ranks.end);
+        Some(tokio::spawn(async move {
+            if let Err(e) = sim_node(endpoints, job, heartbeat_ms, ranks.clone(), first, control_rx, tx).await
+            {
+                tracing::warn!("sim node {ranks:?}: {e}");
+            }
+        }))
+    } else {
+        for rank in ranks.clone() {
+            incarnation += 1;
+            tasks.insert(rank, spawn(rank, incarnation));
+        }
+        None
+    };
     let printer = tokio::spawn(async move {
         let mut out = tokio::io::stdout();
         while let Some((rank, at)) = restore_rx.recv().await {
@@ -365,13 +539,20 @@ pub async fn sim_workers(
     while let Some(line) = lines.next_line().await.map_err(|e| format!("stdin: {e}"))? {
         let (verb, rank) = line.split_once(' ').unwrap_or((&line, ""));
         let rank = rank.trim().parse::<u32>().ok().filter(|r| ranks.contains(r));
-        match (verb, rank) {
-            ("drop", Some(rank)) => {
+        match (verb, rank, node) {
+            ("drop", Some(rank), true) => {
+                let _ = control_tx.send(NodeControl::Drop(rank));
+            }
+            ("start", Some(rank), true) => {
+                incarnation += 1;
+                let _ = control_tx.send(NodeControl::Start(rank, incarnation));
+            }
+            ("drop", Some(rank), false) => {
                 if let Some(task) = tasks.remove(&rank) {
                     task.abort();
                 }
             }
-            ("start", Some(rank)) => {
+            ("start", Some(rank), false) => {
                 incarnation += 1;
                 if let Some(old) = tasks.insert(rank, spawn(rank, incarnation)) {
                     old.abort();
@@ -385,6 +566,9 @@ pub async fn sim_workers(
         }
     }
     for (_, task) in tasks {
+        task.abort();
+    }
+    if let Some(task) = node_task {
         task.abort();
     }
     printer.abort();
@@ -454,6 +638,7 @@ pub async fn coordinator_bench(
             .args(["bench", "sim-workers", "--endpoints", &cluster.api_endpoints(), "--job", "bench"])
             .args(["--heartbeat-ms", &opts.heartbeat_ms.to_string()])
             .args(["--ranks", &format!("{}..{}", ranks.start, ranks.end)])
+            .args(opts.node_sessions.then_some("--node-session"))
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -550,6 +735,7 @@ pub async fn coordinator_bench(
     Ok(CoordinatorBenchReport {
         workers: opts.workers,
         procs,
+        node_sessions: opts.node_sessions,
         rounds: round_times.len(),
         round_p50_ms: quantile(&round_times, 0.5),
         round_p99_ms: quantile(&round_times, 0.99),

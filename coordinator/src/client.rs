@@ -129,6 +129,39 @@ impl Client {
         )
     }
 
+    /// How many of the cluster's voters answer `/healthz` within 2 s, of
+    /// how many voters there are: the membership comes from the replica
+    /// that answered `status`, so one endpoint is enough to tell a lost
+    /// quorum from an election. Falls back to the endpoints given when
+    /// that replica cannot list the membership.
+    pub async fn voters_reachable(&self, status: &ClusterStatus) -> (usize, usize) {
+        let url_of = |id| status.nodes.iter().find(|n| n.id == id).map(|n| n.http_url.clone());
+        let Some(answering) = url_of(status.node_id) else { return self.reachable().await };
+        let replicas = self
+            .http
+            .get(format!("{answering}/v1/replicas"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success());
+        let view = match replicas {
+            Some(r) => r.json::<crate::api::ReplicasView>().await.ok(),
+            None => None,
+        };
+        let Some(view) = view.filter(|v| !v.voters.is_empty()) else { return self.reachable().await };
+        let probes = view.voters.iter().map(|id| {
+            let url = url_of(*id);
+            async move {
+                let Some(url) = url else { return false };
+                let probe = self.http.get(format!("{url}/healthz")).timeout(Duration::from_secs(2)).send();
+                probe.await.is_ok_and(|r| r.status().is_success())
+            }
+        });
+        let answers = futures::future::join_all(probes).await;
+        (answers.iter().filter(|up| **up).count(), view.voters.len())
+    }
+
     async fn get_status(&self, base: &str, query: &str) -> Result<ClusterStatus, ClientError> {
         let resp = self
             .http

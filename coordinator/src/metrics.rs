@@ -11,6 +11,21 @@ use prometheus::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The states `flotilla_job_workers{state}` counts ranks in: what a rank's
+/// heartbeats say (`WorkerStatus`), what the leader sees of its connection
+/// (`disconnected`, `stale`), and `missing` (never registered with this leader).
+const WORKER_STATES: [&str; 9] = [
+    "waiting",
+    "running",
+    "checkpointing",
+    "restoring",
+    "finished",
+    "failed",
+    "disconnected",
+    "stale",
+    "missing",
+];
+
 /// A counter series: metric name, job, label value.
 type SeriesKey = (String, String, String);
 
@@ -266,8 +281,13 @@ impl Metrics {
             for (reason, n) in &job.restores_by_reason {
                 self.export_counter(&self.restores, name, reason.as_str(), *n);
             }
-            // a finished job's workers have gone: none is missing
-            if leader && job.state != JobState::Succeeded {
+            // an ended job's workers have gone: none is missing, none runs
+            if leader && job.state.is_terminal() {
+                for s in WORKER_STATES {
+                    self.job_workers.with_label_values(&[name, s]).set(0);
+                }
+            }
+            if leader && !job.state.is_terminal() {
                 let ws = workers(&job.spec.name);
                 if ws.len() == job.spec.world_size as usize {
                     let slowest = ws.iter().map(|w| w.step.0).min().unwrap_or(0);
@@ -282,7 +302,10 @@ impl Metrics {
                     }
                 }
                 by_state.insert("missing", i64::from(job.spec.world_size) - ws.len() as i64);
-                for (s, n) in by_state {
+                // every state is exported, 0 when no rank is in it: a rank
+                // that moves on leaves no stale count behind
+                for s in WORKER_STATES.iter().copied().chain(by_state.keys().copied()) {
+                    let n = by_state.get(s).copied().unwrap_or(0);
                     self.job_workers.with_label_values(&[name, s]).set(n);
                 }
             }

@@ -494,6 +494,9 @@ pub enum Command {
         generation: Generation,
         /// Why, for the operator (SPEC §10).
         error: String,
+        /// Time (for the job's events; entries written before it had one read 0).
+        #[serde(default)]
+        now_ms: u64,
     },
     /// Give up on the job.
     FailJob {
@@ -837,13 +840,17 @@ impl State {
                 }
                 Ok(set_state(j, &job, JobState::Running, None))
             }
-            Command::BlockJob { job, generation, error } => {
+            Command::BlockJob { job, generation, error, now_ms } => {
                 let j = self.live_job(&job, generation)?;
                 if !matches!(j.state, JobState::Restoring | JobState::Blocked | JobState::Waiting) {
                     return refuse(
                         RefusalKind::Conflict,
                         format!("job {job} is {}, not restoring", j.state.as_str()),
                     );
+                }
+                // a retried block for the same reason is one event, not one per retry
+                if j.state != JobState::Blocked || j.error.as_deref() != Some(error.as_str()) {
+                    j.note(now_ms, format!("blocked: {error}"));
                 }
                 Ok(set_state(j, &job, JobState::Blocked, Some(error)))
             }
@@ -1615,10 +1622,16 @@ mod tests {
             job: name("a"),
             generation: Generation(2),
             error: "rank 1: needs 2 GiB".into(),
+            now_ms: 77,
         };
-        s.apply(block).unwrap();
+        s.apply(block.clone()).unwrap();
         assert_eq!(job(&s).state, JobState::Blocked);
         assert_eq!(job(&s).error.as_deref(), Some("rank 1: needs 2 GiB"));
+        // the block is one of the job's events, once however often it is retried
+        s.apply(block).unwrap();
+        let blocks: Vec<_> = job(&s).events.iter().filter(|e| e.text.starts_with("blocked: ")).collect();
+        assert_eq!(blocks.len(), 1, "{:?}", job(&s).events);
+        assert_eq!((blocks[0].at_ms, blocks[0].text.as_str()), (77, "blocked: rank 1: needs 2 GiB"));
         s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
         assert_eq!(job(&s).state, JobState::Running);
         assert_eq!(job(&s).error, None);

@@ -40,11 +40,35 @@ impl MessageExt for EntryExt {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// raft-engine failed (I/O, corruption).
-    #[error("raft log store: {0}")]
+    #[error("raft log store: {}", describe(.0))]
     Engine(#[from] raft_engine::Error),
+    /// The log could not be opened (or created) in `dir`.
+    #[error("cannot open the raft log in {}: {}; check that --data-dir is a writable directory with free space", .dir.display(), describe(.source))]
+    Open {
+        /// The log's directory.
+        dir: std::path::PathBuf,
+        /// What raft-engine said.
+        source: raft_engine::Error,
+    },
     /// Injected by a failpoint (tests only).
     #[error("raft log store: injected failure at {0}")]
     Injected(&'static str),
+}
+
+/// raft-engine's error in words: an I/O error by its own message, not
+/// Debug output, and without the `[source path:line]:` raft-engine puts
+/// in front of some.
+fn describe(e: &raft_engine::Error) -> String {
+    let text = match e {
+        raft_engine::Error::Io(io) => return io.to_string(),
+        other => other.to_string(),
+    };
+    match (text.find('['), text.find("]: ")) {
+        (Some(open), Some(close)) if open < close && text[open..close].contains(".rs:") => {
+            format!("{}{}", &text[..open], &text[close + 3..])
+        }
+        _ => text,
+    }
 }
 
 /// The durable log of one replica.
@@ -65,7 +89,8 @@ impl LogStore {
             purge_threshold: ReadableSize::mb(256),
             ..Config::default()
         };
-        let engine = Engine::open(cfg)?;
+        let engine =
+            Engine::open(cfg).map_err(|source| StoreError::Open { dir: dir.to_path_buf(), source })?;
         let hard_state = engine.get_message::<HardState>(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
         let snapshot_meta = engine.get_message::<SnapshotMetadata>(GROUP, KEY_SNAPSHOT_META)?;
         let mut snapshot = Snapshot::default();
@@ -292,6 +317,23 @@ mod tests {
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
         HardState { term, vote, commit, ..Default::default() }
+    }
+
+    #[test]
+    fn an_unusable_data_dir_is_named_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        // a data dir under a regular file (ENOTDIR whoever runs the test, root included)
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let Err(e) = LogStore::open(&file.join("c1"), &[1]) else { panic!("opened a log under a file") };
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("cannot open the raft log in {}: ", file.join("c1").display())),
+            "{text}"
+        );
+        assert!(text.contains("--data-dir"), "{text}");
+        assert!(!text.contains("Os {") && !text.contains(".rs:"), "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
     }
 
     #[test]

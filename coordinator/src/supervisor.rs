@@ -719,7 +719,9 @@ impl Supervisor {
             )
         };
         match msg {
-            WorkerMessage::Register { .. } => {}
+            // a node session's envelope is opened by the connection, which
+            // turns `Left` into `Disconnected`: neither reaches a rank here
+            WorkerMessage::Register { .. } | WorkerMessage::Batch(_) | WorkerMessage::Left => {}
             WorkerMessage::Heartbeat { generation, step, status } => {
                 r.report(Some(generation).filter(|g| g.0 > 0), step, status, t);
             }
@@ -777,7 +779,7 @@ impl Supervisor {
                     (RestoreFailureKind::Corrupt, Some(id)) if j.checkpoints.contains_key(&id) => {
                         Command::MarkCorrupt { job, id, reason: message, now_ms: now.wall_ms }
                     }
-                    _ => Command::BlockJob { job, generation, error: message },
+                    _ => Command::BlockJob { job, generation, error: message, now_ms: now.wall_ms },
                 };
                 self.propose(now, cmd, out);
             }
@@ -1202,7 +1204,11 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
     let t = now.mono_ms;
     let fastest = soft.ranks.values().map(|r| r.projected_step(t)).max().unwrap_or(0);
     let rate = soft.ranks.values().map(|r| r.rate).fold(0.0, f64::max);
-    let lead = (rate * soft.lead_ms as f64).ceil() as u64 + 1;
+    // however far past-step aborts grew the lead, the ranks reach the step
+    // within a quarter of the timeout: the rest is for the snapshot, the
+    // writes and the commit
+    let lead_ms = soft.lead_ms.min(j.spec.checkpoint.timeout_seconds * 250);
+    let lead = (rate * lead_ms as f64).ceil() as u64 + 1;
     let head = j.latest_committed().map_or(0, |c| c.step.0).max(j.start_step().0);
     let earliest = (fastest + lead).max(head + 1);
     if rate <= 0.0 {

@@ -193,6 +193,7 @@ impl SimWorker {
             | CoordinatorMessage::Alive
             | CoordinatorMessage::NotLeader { .. }
             | CoordinatorMessage::Stop { .. } => vec![],
+            CoordinatorMessage::Batch(_) => panic!("the supervisor addresses ranks, never batches"),
         }
     }
 
@@ -965,6 +966,36 @@ fn an_operator_checkpoint_waits_for_a_pace_then_lands_ahead_of_the_ranks() {
     w.until(100, |w| w.job().checkpoints[&p.id].state != CheckpointState::Pending);
     assert_eq!(w.job().checkpoints[&p.id].state, CheckpointState::Committed);
     assert_eq!(w.job().aborted_total, 0);
+}
+
+#[test]
+fn a_grown_lead_never_places_a_checkpoint_beyond_a_quarter_of_the_timeout() {
+    let mut w = World::new(2);
+    w.running();
+    assert!(w.job().pending().is_none());
+    // a slow pace (1 step per 200 ms), so that the job's 40 steps are far off
+    for _ in 0..10 {
+        w.pace(0, 1, 1, 0);
+        w.pace(1, 1, 1, 200);
+    }
+    // past-step aborts in a row grew the lead to its maximum, 10 s: as long
+    // as this job's whole checkpoint timeout (5 s here) and more
+    w.sup.jobs.get_mut(&name()).unwrap().lead_ms = MAX_LEAD_MS;
+    w.observe(Observation::CheckpointRequested { job: name() });
+    let step = w.proposals.iter().find_map(|p| match p {
+        Command::BeginCheckpoint { step, .. } => Some(step.0),
+        _ => None,
+    });
+    let step = step.expect("the operator's checkpoint was begun");
+    let rate = w.sup.jobs[&name()].ranks.values().map(|r| r.rate).fold(0.0, f64::max);
+    // where the fastest rank is now (its last report, plus the pace since)
+    let fastest = w.workers.iter().map(|x| x.step).max().unwrap() + (rate * 200.0).ceil() as u64;
+    let quarter = (rate * 1_250.0).ceil() as u64 + 1;
+    assert!(step > fastest, "ahead of the ranks: {step} vs {fastest}");
+    assert!(
+        step <= fastest + quarter,
+        "step {step}: more than {quarter} steps past {fastest} at {rate} steps/ms"
+    );
 }
 
 #[test]

@@ -20,9 +20,10 @@ use flotilla_shared::ids::{CheckpointId, Generation, JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::tls::{NodeTls, Stream};
-use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
+use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, ForRank, WorkerMessage};
 use futures::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -63,12 +64,13 @@ impl WorkersView {
 
 /// Input of the supervisor task.
 pub enum SupervisorInput {
-    /// A worker connection registered; directives for it go to `tx`.
+    /// A worker connection registered; directives for it go to `tx`,
+    /// tagged with `conn` (the ranks of a node session share one queue).
     Connected {
-        /// Connection.
+        /// Connection (or one rank of a node session).
         conn: ConnId,
         /// Its outbound queue.
-        tx: mpsc::Sender<CoordinatorMessageOrClose>,
+        tx: Outbox,
     },
     /// Something happened.
     Observe(Observation),
@@ -83,6 +85,10 @@ pub enum SupervisorInput {
 
 /// A directive, or the request to close the connection after the ones before it.
 pub type CoordinatorMessageOrClose = Option<CoordinatorMessage>;
+
+/// A connection's outbound queue: directives tagged with the `ConnId` they
+/// are for (a node session's ranks each have their own).
+pub type Outbox = mpsc::Sender<(ConnId, CoordinatorMessageOrClose)>;
 
 /// A handle to send observations (e.g. operator requests) to the supervisor.
 #[derive(Clone)]
@@ -167,7 +173,7 @@ async fn run_supervisor(
     let mut sup: Option<Supervisor> = None;
     // when each job's restore was decided, for the recovery histogram
     let mut restoring_since: HashMap<JobName, Instant> = HashMap::new();
-    let mut conns: HashMap<ConnId, mpsc::Sender<CoordinatorMessageOrClose>> = HashMap::new();
+    let mut conns: HashMap<ConnId, Outbox> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pace = ReconcilePace::default();
@@ -219,7 +225,7 @@ async fn run_supervisor(
                         if let Observation::Registered(Registration { conn, .. }) = obs {
                             // leadership moved between accept and now
                             if let Some(tx) = conns.remove(&conn) {
-                                let _ = tx.try_send(None);
+                                let _ = tx.try_send((conn, None));
                             }
                         }
                     }
@@ -236,8 +242,8 @@ async fn run_supervisor(
                     (Some(_), false) => {
                         tracing::info!("lost leadership: closing worker connections");
                         sup = None;
-                        for (_, tx) in conns.drain() {
-                            let _ = tx.try_send(None);
+                        for (conn, tx) in conns.drain() {
+                            let _ = tx.try_send((conn, None));
                         }
                     }
                     _ => {}
@@ -273,7 +279,7 @@ async fn run_supervisor(
                 }
                 Action::Send { conn, msg } => {
                     if let Some(tx) = conns.get(&conn) {
-                        if tx.try_send(Some(msg)).is_err() {
+                        if tx.try_send((conn, Some(msg))).is_err() {
                             tracing::warn!(
                                 conn,
                                 "worker connection is not draining its directives; closing it"
@@ -284,7 +290,7 @@ async fn run_supervisor(
                 }
                 Action::Close { conn } => {
                     if let Some(tx) = conns.remove(&conn) {
-                        let _ = tx.try_send(None);
+                        let _ = tx.try_send((conn, None));
                     }
                 }
                 Action::Files { job, work } => {
@@ -490,7 +496,8 @@ pub async fn serve(
     supervisor: mpsc::Sender<SupervisorInput>,
     shutdown: CancellationToken,
 ) {
-    let mut next_conn: ConnId = 0;
+    // connection ids, and one per rank of each node session
+    let ids = Arc::new(AtomicU64::new(0));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_WORKER_CONNECTIONS));
     loop {
         let (stream, remote) = tokio::select! {
@@ -498,9 +505,8 @@ pub async fn serve(
             accepted = crate::transport::accept(&listener, "worker API") => accepted,
         };
         let Some(slot) = crate::transport::admit(&slots, "worker API", remote) else { continue };
-        next_conn += 1;
-        let (conn, node, token, tls, supervisor, shutdown) =
-            (next_conn, node.clone(), token.clone(), tls.clone(), supervisor.clone(), shutdown.clone());
+        let (ids, node, token, tls, supervisor, shutdown) =
+            (ids.clone(), node.clone(), token.clone(), tls.clone(), supervisor.clone(), shutdown.clone());
         tokio::spawn(async move {
             let stream = match tls {
                 Some(tls) => match tls.accept_api(stream).await {
@@ -512,7 +518,7 @@ pub async fn serve(
                 },
                 None => Stream::Left(stream),
             };
-            if let Err(e) = serve_worker(stream, conn, node, token, supervisor, shutdown).await {
+            if let Err(e) = serve_worker(stream, &ids, node, token, supervisor, shutdown).await {
                 tracing::warn!(%remote, "worker connection closed: {e}");
             }
             drop(slot);
@@ -520,9 +526,11 @@ pub async fn serve(
     }
 }
 
+type WorkerConn = flotilla_shared::frame::Connection<Stream, WorkerMessage, CoordinatorMessage>;
+
 async fn serve_worker(
     stream: Stream,
-    conn_id: ConnId,
+    ids: &AtomicU64,
     node: NodeHandle,
     token: Option<Tokens>,
     supervisor: mpsc::Sender<SupervisorInput>,
@@ -543,13 +551,22 @@ async fn serve_worker(
         .map_err(|_| "no Register within 10 s".to_string())?
         .ok_or("closed before registering")?
         .map_err(|e| e.to_string())?;
-    let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = first else {
-        let reply = ErrorReply {
-            code: ErrorCode::InvalidRequest,
-            message: "the first message must be Register".into(),
-        };
-        let _ = conn.send(CoordinatorMessage::Error(reply)).await;
-        return Err("first message was not Register".into());
+    let node_session = match &first {
+        WorkerMessage::Register { .. } => false,
+        WorkerMessage::Batch(items)
+            if !items.is_empty() && items.iter().all(|i| matches!(i.msg, WorkerMessage::Register { .. })) =>
+        {
+            true
+        }
+        _ => {
+            let reply = ErrorReply {
+                code: ErrorCode::InvalidRequest,
+                message: "the first message must be Register, or a Batch of Registers (a node session)"
+                    .into(),
+            };
+            let _ = conn.send(CoordinatorMessage::Error(reply)).await;
+            return Err("first message was not Register".into());
+        }
     };
     let status = node.status();
     if status.role != Role::Leader {
@@ -559,18 +576,17 @@ async fn serve_worker(
         let _ = conn.send(CoordinatorMessage::NotLeader { leader }).await;
         return Ok(());
     }
-    let (tx, mut rx) = mpsc::channel::<CoordinatorMessageOrClose>(1024);
-    let registered = Observation::Registered(Registration {
-        conn: conn_id,
-        job,
-        rank,
-        incarnation,
-        generation,
-        step: step.max(Step(0)),
-    });
-    if supervisor.send(SupervisorInput::Connected { conn: conn_id, tx }).await.is_err()
-        || supervisor.send(SupervisorInput::Observe(registered)).await.is_err()
-    {
+    let inputs = Inputs(supervisor);
+    if node_session {
+        let WorkerMessage::Batch(items) = first else { unreachable!("checked above") };
+        return serve_node(conn, ids, items, node, inputs, shutdown).await;
+    }
+    let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = first else {
+        unreachable!("checked above")
+    };
+    let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+    let (tx, mut rx) = mpsc::channel(1024);
+    if !inputs.register(conn_id, &tx, job, rank, incarnation, generation, step).await {
         return Ok(());
     }
     // a registered worker heartbeats every heartbeat_interval_ms; one timer,
@@ -584,6 +600,9 @@ async fn serve_worker(
             frame = conn.next() => match frame {
                 None => break Ok(()),
                 Some(Err(e)) => break Err(e.to_string()),
+                Some(Ok(WorkerMessage::Batch(_) | WorkerMessage::Left)) => {
+                    break Err("Batch and Left belong to node sessions; this connection registered one rank".into())
+                }
                 Some(Ok(msg)) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                     // a heartbeat is answered at once while this replica leads;
@@ -596,22 +615,194 @@ async fn serve_worker(
                             break Err(e.to_string());
                         }
                     }
-                    if supervisor.send(SupervisorInput::Observe(Observation::Message { conn: conn_id, msg })).await.is_err() {
+                    if !inputs.message(conn_id, msg).await {
                         break Ok(());
                     }
                 }
             },
             out = rx.recv() => match out {
-                Some(Some(msg)) => {
+                Some((_, Some(msg))) => {
                     if let Err(e) = conn.send(msg).await {
                         break Err(e.to_string());
                     }
                 }
-                Some(None) | None => break Ok(()),
+                Some((_, None)) | None => break Ok(()),
             },
         }
     };
-    let _ = supervisor.send(SupervisorInput::Observe(Observation::Disconnected { conn: conn_id })).await;
+    inputs.disconnected(conn_id).await;
+    result
+}
+
+/// What a connection tells the supervisor.
+struct Inputs(mpsc::Sender<SupervisorInput>);
+
+impl Inputs {
+    /// A rank registered on `conn`; false when the supervisor is gone.
+    #[allow(clippy::too_many_arguments)]
+    async fn register(
+        &self,
+        conn: ConnId,
+        tx: &Outbox,
+        job: JobName,
+        rank: flotilla_shared::ids::Rank,
+        incarnation: flotilla_shared::ids::Incarnation,
+        generation: Option<Generation>,
+        step: Step,
+    ) -> bool {
+        let registered = Observation::Registered(Registration {
+            conn,
+            job,
+            rank,
+            incarnation,
+            generation,
+            step: step.max(Step(0)),
+        });
+        self.0.send(SupervisorInput::Connected { conn, tx: tx.clone() }).await.is_ok()
+            && self.0.send(SupervisorInput::Observe(registered)).await.is_ok()
+    }
+
+    async fn message(&self, conn: ConnId, msg: WorkerMessage) -> bool {
+        self.0.send(SupervisorInput::Observe(Observation::Message { conn, msg })).await.is_ok()
+    }
+
+    async fn disconnected(&self, conn: ConnId) {
+        let _ = self.0.send(SupervisorInput::Observe(Observation::Disconnected { conn })).await;
+    }
+}
+
+/// Directives a node session sends in one frame at most.
+const NODE_BATCH_MAX: usize = 1024;
+
+/// A node session: one connection for every rank a host runs. Each rank
+/// gets its own `ConnId`, so the supervisor sees N ranks as it sees N
+/// connections; the session only opens and packs envelopes. Heartbeats of
+/// all ranks arrive in one frame and get one `Alive`; directives queued at
+/// once leave in one frame. The connection ends when its last rank is
+/// closed (by the supervisor: leadership lost, a rank taken over) or left.
+async fn serve_node(
+    mut conn: WorkerConn,
+    ids: &AtomicU64,
+    first: Vec<ForRank<WorkerMessage>>,
+    node: NodeHandle,
+    inputs: Inputs,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    use flotilla_shared::ids::Rank;
+    // a directive for every rank of a large node fits, several times over
+    let (tx, mut rx) = mpsc::channel::<(ConnId, CoordinatorMessageOrClose)>(64 * NODE_BATCH_MAX);
+    // each rank's current ConnId, and the rank of every ConnId still open
+    let mut lanes: HashMap<Rank, ConnId> = HashMap::new();
+    let mut rank_of: HashMap<ConnId, Rank> = HashMap::new();
+    let mut pending = Some(first);
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
+    let result = loop {
+        // the registrations that opened the session, then each frame
+        let items = match pending.take() {
+            Some(items) => items,
+            None => tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = &mut idle => break Err(format!("node session silent for {IDLE_TIMEOUT:?}; closed")),
+                frame = conn.next() => match frame {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e.to_string()),
+                    Some(Ok(WorkerMessage::Batch(items))) => items,
+                    Some(Ok(_)) => break Err("a node session carries only Batch frames".into()),
+                },
+                out = rx.recv() => {
+                    let Some(first) = out else { break Ok(()) };
+                    // everything queued now leaves together, in order
+                    let mut batch = Vec::new();
+                    let mut next = Some(first);
+                    while let Some((id, msg)) = next {
+                        match (rank_of.get(&id).copied(), msg) {
+                            (Some(rank), Some(msg)) => batch.push(ForRank { rank, msg }),
+                            (Some(rank), None) => {
+                                rank_of.remove(&id);
+                                if lanes.get(&rank) == Some(&id) {
+                                    lanes.remove(&rank);
+                                }
+                            }
+                            (None, _) => {}
+                        }
+                        next = if batch.len() < NODE_BATCH_MAX { rx.try_recv().ok() } else { None };
+                    }
+                    if !batch.is_empty() {
+                        if let Err(e) = conn.send(CoordinatorMessage::Batch(batch)).await {
+                            break Err(e.to_string());
+                        }
+                    }
+                    if rank_of.is_empty() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+            },
+        };
+        idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+        let mut heartbeats = false;
+        let mut refused = Vec::new();
+        for ForRank { rank, msg } in items {
+            match msg {
+                WorkerMessage::Register { job, rank, incarnation, generation, step, .. } => {
+                    // a rank registering again (its process restarted) gets a
+                    // new id; the supervisor closes the old one
+                    let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
+                    lanes.insert(rank, id);
+                    rank_of.insert(id, rank);
+                    if !inputs.register(id, &tx, job, rank, incarnation, generation, step).await {
+                        return Ok(());
+                    }
+                }
+                WorkerMessage::Left => {
+                    if let Some(id) = lanes.remove(&rank) {
+                        rank_of.remove(&id);
+                        inputs.disconnected(id).await;
+                    }
+                }
+                WorkerMessage::Batch(_) => return Err("a Batch inside a Batch".into()),
+                msg => {
+                    let Some(&id) = lanes.get(&rank) else {
+                        let message =
+                            format!("rank {rank} is not registered on this node session; register it first");
+                        refused.push(ForRank {
+                            rank,
+                            msg: CoordinatorMessage::Error(ErrorReply {
+                                code: ErrorCode::InvalidRequest,
+                                message,
+                            }),
+                        });
+                        continue;
+                    };
+                    heartbeats |= matches!(msg, WorkerMessage::Heartbeat { .. });
+                    if !inputs.message(id, msg).await {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        if heartbeats {
+            // as for one rank: a deposed leader falls silent, and the node moves
+            if node.status().role != Role::Leader {
+                break Ok(());
+            }
+            if let Err(e) = conn.send(CoordinatorMessage::Alive).await {
+                break Err(e.to_string());
+            }
+        }
+        if !refused.is_empty() {
+            if let Err(e) = conn.send(CoordinatorMessage::Batch(refused)).await {
+                break Err(e.to_string());
+            }
+        }
+        if rank_of.is_empty() {
+            break Ok(());
+        }
+    };
+    for id in rank_of.into_keys() {
+        inputs.disconnected(id).await;
+    }
     result
 }
 

@@ -479,6 +479,7 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             job: name(job),
             generation: gen(job, g),
             error: "rank 1 on GPU 0: restore needs 2 GiB, 1 GiB free".into(),
+            now_ms,
         },
         Act::Fail { job } => Command::FailJob { job: name(job), error: "given up".into() },
         Act::Finish { job, gen: g } => {

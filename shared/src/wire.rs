@@ -14,6 +14,11 @@
 //!   | Restored / RestoreFailed  -> |
 //!   |  <- Resume{gen+1, step}      |
 //! ```
+//! A host running many ranks may carry them all on one connection (a node
+//! session): every frame is then a `Batch` of per-rank messages, heartbeats
+//! of all its ranks travel in one frame and get one `Alive`, and the
+//! directives queued for its ranks at once leave in one frame.
+//!
 //! Every message after registration carries the sender's generation; the
 //! leader answers a report from an older generation, or for a checkpoint no
 //! longer pending, with `Stale` (the worker drops that work and carries on).
@@ -231,6 +236,24 @@ pub enum WorkerMessage {
         /// Hex digest of its final variables.
         digest: String,
     },
+    /// A node's messages for several ranks in one frame: one connection
+    /// carries every rank a host runs (a node session). The first frame of
+    /// a node session is a batch of `Register`s; every later frame is a
+    /// batch. A batch holding heartbeats is answered with one `Alive`.
+    Batch(Vec<ForRank<WorkerMessage>>),
+    /// In a node session: this rank's process is gone (the node saw it
+    /// exit); the leader treats it as that rank's connection closing.
+    Left,
+}
+
+/// One rank's message inside a [`WorkerMessage::Batch`] or a
+/// [`CoordinatorMessage::Batch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForRank<M> {
+    /// The rank it is from or for.
+    pub rank: Rank,
+    /// The message.
+    pub msg: M,
 }
 
 /// Where to restore from.
@@ -310,6 +333,9 @@ pub enum CoordinatorMessage {
     },
     /// A refused message; fenced workers get `ErrorCode::Fenced`.
     Error(ErrorReply),
+    /// In a node session: directives for several of its ranks, in order
+    /// per rank (see [`WorkerMessage::Batch`]).
+    Batch(Vec<ForRank<CoordinatorMessage>>),
 }
 
 /// Coordinator ↔ coordinator.

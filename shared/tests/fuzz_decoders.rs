@@ -33,8 +33,8 @@ use flotilla_shared::shard::{
 };
 use flotilla_shared::spec::{CheckpointSpec, FailureSpec, JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
-    CoordinatorMessage, ErrorCode, ErrorReply, Hello, HelloReply, PeerMessage, PeerRole, RestoreFailureKind,
-    RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus, PROTOCOL_VERSION,
+    CoordinatorMessage, ErrorCode, ErrorReply, ForRank, Hello, HelloReply, PeerMessage, PeerRole,
+    RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus, PROTOCOL_VERSION,
 };
 use futures::{SinkExt, StreamExt};
 use fuzz::check;
@@ -306,7 +306,17 @@ mod gen {
                 step,
                 digest
             }),
+            Just(WorkerMessage::Left),
         ]
+        .boxed()
+        // a node session's frames: batches of the above, for several ranks
+        .prop_recursive(1, 16, 8, |leaf| {
+            proptest::collection::vec((num32(), leaf), 0..8).prop_map(|items| {
+                WorkerMessage::Batch(
+                    items.into_iter().map(|(rank, msg)| ForRank { rank: Rank(rank), msg }).collect(),
+                )
+            })
+        })
         .boxed()
     }
 
@@ -336,6 +346,14 @@ mod gen {
             text().prop_map(|reason| CoordinatorMessage::Stop { reason }),
             error_reply().prop_map(CoordinatorMessage::Error),
         ]
+        .boxed()
+        .prop_recursive(1, 16, 8, |leaf| {
+            proptest::collection::vec((num32(), leaf), 0..8).prop_map(|items| {
+                CoordinatorMessage::Batch(
+                    items.into_iter().map(|(rank, msg)| ForRank { rank: Rank(rank), msg }).collect(),
+                )
+            })
+        })
         .boxed()
     }
 

@@ -97,6 +97,9 @@ struct StatusView {
     /// Why this rank's last restore was refused (the job is blocked on
     /// it), until a restore succeeds.
     restore_refused: Option<String>,
+    /// The device memory the last restore's precheck needed, in bytes
+    /// (`device.free` is the reading it was compared with).
+    restore_need_bytes: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -156,6 +159,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
             device_warning,
             trainer_pid: None,
             restore_refused: None,
+            restore_need_bytes: None,
         })),
         runner: runner_state.clone(),
         metrics: metrics.clone(),
@@ -562,6 +566,8 @@ impl Agent {
             CoordinatorMessage::Alive
             | CoordinatorMessage::Registered { .. }
             | CoordinatorMessage::NotLeader { .. } => {}
+            // node sessions only: this worker registered one rank
+            CoordinatorMessage::Batch(_) => tracing::warn!("coordinator sent a node-session batch; ignored"),
         }
         Ok((None, replies))
     }
@@ -586,6 +592,11 @@ async fn status(AxumState(s): AxumState<Shared>) -> Response {
     v.step = s.runner.step().0;
     v.state = format!("{:?}", s.runner.status()).to_lowercase();
     v.trainer_pid = s.runner.trainer_pid();
+    // the exact figures behind a memory refusal: the last reading and need
+    if let Some(d) = v.device.as_mut() {
+        d.free = s.metrics.device_free(&d.label).unwrap_or(d.free);
+    }
+    v.restore_need_bytes = u64::try_from(s.metrics.restore_need_bytes.get()).ok().filter(|n| *n > 0);
     Json(v).into_response()
 }
 

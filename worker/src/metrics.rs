@@ -23,6 +23,10 @@ pub struct WorkerMetrics {
     pub restore: Histogram,
     /// Each phase of a restore (`phase`: prechecks, read_verify, load).
     pub restore_phase: HistogramVec,
+    /// Device memory the last restore's precheck asked for (the shard's
+    /// bytes plus `failure.memory_headroom_bytes`); compare with
+    /// `flotilla_device_memory_free_bytes` when a rank is blocked.
+    pub restore_need_bytes: IntGauge,
     device_free: IntGaugeVec,
     device_total: IntGaugeVec,
 }
@@ -107,6 +111,12 @@ impl WorkerMetrics {
         )
         .expect("valid");
         registry.register(Box::new(device_total.clone())).expect("registered once");
+        let restore_need_bytes = IntGauge::new(
+            "flotilla_restore_need_bytes",
+            "Device memory the last restore's precheck needed: the shard's bytes plus failure.memory_headroom_bytes.",
+        )
+        .expect("valid");
+        registry.register(Box::new(restore_need_bytes.clone())).expect("registered once");
         Self {
             registry,
             step,
@@ -115,6 +125,7 @@ impl WorkerMetrics {
             bytes_written,
             restore,
             restore_phase,
+            restore_need_bytes,
             device_free,
             device_total,
         }
@@ -124,6 +135,12 @@ impl WorkerMetrics {
     pub fn observe_device(&self, r: &Reading) {
         self.device_free.with_label_values(&[&r.label]).set(r.free as i64);
         self.device_total.with_label_values(&[&r.label]).set(r.total as i64);
+    }
+
+    /// The last free-memory reading of device `label`, if one was taken.
+    pub fn device_free(&self, label: &str) -> Option<u64> {
+        let g = self.device_free.get_metric_with_label_values(&[label]).ok()?;
+        u64::try_from(g.get()).ok()
     }
 
     /// The text exposition format.

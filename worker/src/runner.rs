@@ -566,6 +566,7 @@ impl Prechecks<'_> {
             })?;
         }
         let need = point.shard.bytes + self.headroom;
+        self.metrics.restore_need_bytes.set(i64::try_from(need).unwrap_or(i64::MAX));
         let r = self
             .device
             .read()
