@@ -210,6 +210,76 @@ pub struct CoordinatorBenchReport {
     pub node_sessions: bool,
 }
 
+/// A simulated rank's first registration (no state yet: step 0).
+fn sim_register(
+    job: &flotilla_shared::ids::JobName,
+    rank: u32,
+    incarnation: u64,
+) -> flotilla_shared::wire::WorkerMessage {
+    use flotilla_shared::ids::{Incarnation, Rank, Step};
+    flotilla_shared::wire::WorkerMessage::Register {
+        job: job.clone(),
+        rank: Rank(rank),
+        incarnation: Incarnation(incarnation),
+        http_addr: None,
+        generation: None,
+        step: Step(0),
+    }
+}
+
+/// A simulated worker's connection.
+type SimConn = flotilla_shared::frame::Connection<
+    tokio::net::TcpStream,
+    flotilla_shared::wire::CoordinatorMessage,
+    flotilla_shared::wire::WorkerMessage,
+>;
+
+/// Connects to the leader among `endpoints` and sends `register` until the
+/// first answer is one `accepted` takes, following `NotLeader`. Like a real
+/// worker it retries whatever fails (thousands connecting at once can
+/// overflow a listen backlog), with a jittered backoff.
+async fn connect_registered(
+    endpoints: &[String],
+    who: &str,
+    register: flotilla_shared::wire::WorkerMessage,
+    accepted: impl Fn(&flotilla_shared::wire::CoordinatorMessage) -> bool,
+) -> SimConn {
+    use flotilla_shared::frame::{client_handshake, DEFAULT_MAX_FRAME};
+    use flotilla_shared::wire::{CoordinatorMessage, PeerRole};
+    use futures::{SinkExt, StreamExt};
+    let attempt = |target: String| {
+        let register = register.clone();
+        async move {
+            let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
+            let (mut c, _): (SimConn, _) =
+                client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            c.send(register).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((c.next().await, c))
+        }
+    };
+    let mut target = endpoints[0].clone();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let why = match attempt(target.clone()).await {
+            Ok((Some(Ok(m)), c)) if accepted(&m) => return c,
+            Ok((Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })), _)) => {
+                target = l;
+                continue;
+            }
+            Ok((other, _)) => format!("{other:?}"),
+            Err(e) => e,
+        };
+        tracing::debug!("{who}: {why}; retrying");
+        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+        target = endpoints[(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
+            .clone();
+    }
+}
+
 /// A simulated worker of job `job`: the real protocol over real TCP, no
 /// trainer; it writes a real (tiny) shard for each checkpoint so commits
 /// are genuine, and reports every restore directive on `restores`. Runs
@@ -222,54 +292,16 @@ pub async fn sim_worker(
     incarnation: u64,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
 ) -> Result<(), String> {
-    use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
-    use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank, Step};
+    use flotilla_shared::ids::{Generation, JobName, Rank, Step};
     use flotilla_shared::layout::shard_file_name;
     use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
-    use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage, WorkerStatus};
+    use flotilla_shared::wire::{CoordinatorMessage, WorkerMessage, WorkerStatus};
     use futures::{SinkExt, StreamExt};
 
     let job = JobName::new(job).map_err(|e| e.to_string())?;
-    let mut target = endpoints[0].clone();
-    let register = |target: String| {
-        let job = job.clone();
-        async move {
-            let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
-            let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
-                .await
-                .map_err(|e| e.to_string())?;
-            let register = WorkerMessage::Register {
-                job,
-                rank: Rank(rank),
-                incarnation: Incarnation(incarnation),
-                http_addr: None,
-                generation: None,
-                step: Step(0),
-            };
-            c.send(register).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((c.next().await, c))
-        }
-    };
-    // like a real worker, retry whatever fails (thousands connecting at
-    // once can overflow a listen backlog), with a jittered backoff
-    let mut backoff = Duration::from_millis(50);
-    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
-        let why = match register(target.clone()).await {
-            Ok((Some(Ok(CoordinatorMessage::Registered { .. })), c)) => break c,
-            Ok((Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })), _)) => {
-                target = l;
-                continue;
-            }
-            Ok((other, _)) => format!("{other:?}"),
-            Err(e) => e,
-        };
-        tracing::debug!("sim worker {rank}: {why}; retrying");
-        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-        target = endpoints[(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
-            .clone();
-    };
+    let register = sim_register(&job, rank, incarnation);
+    let registered = |m: &CoordinatorMessage| matches!(m, CoordinatorMessage::Registered { .. });
+    let mut conn = connect_registered(&endpoints, &format!("sim worker {rank}"), register, registered).await;
     let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
     let data = vec![0u8; 1024];
     let mut generation = Generation(1);
@@ -344,56 +376,24 @@ pub async fn sim_node(
     mut control: tokio::sync::mpsc::UnboundedReceiver<NodeControl>,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
 ) -> Result<(), String> {
-    use flotilla_shared::frame::{client_handshake, Connection, DEFAULT_MAX_FRAME};
-    use flotilla_shared::ids::{Generation, Incarnation, JobName, Rank, Step};
+    use flotilla_shared::ids::{Generation, JobName, Rank, Step};
     use flotilla_shared::layout::shard_file_name;
     use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
-    use flotilla_shared::wire::{CoordinatorMessage, ForRank, PeerRole, WorkerMessage, WorkerStatus};
+    use flotilla_shared::wire::{CoordinatorMessage, ForRank, WorkerMessage, WorkerStatus};
     use futures::{SinkExt, StreamExt};
 
     let job = JobName::new(&job).map_err(|e| e.to_string())?;
     let register = |rank: u32, incarnation: u64| ForRank {
         rank: Rank(rank),
-        msg: WorkerMessage::Register {
-            job: job.clone(),
-            rank: Rank(rank),
-            incarnation: Incarnation(incarnation),
-            http_addr: None,
-            generation: None,
-            step: Step(0),
-        },
+        msg: sim_register(&job, rank, incarnation),
     };
     // each live rank: its generation and step
     let mut live: std::collections::BTreeMap<u32, (Generation, u64)> =
         ranks.clone().map(|r| (r, (Generation(1), 0))).collect();
-    let mut target = endpoints[0].clone();
-    let mut backoff = Duration::from_millis(50);
-    let mut conn: Connection<tokio::net::TcpStream, CoordinatorMessage, WorkerMessage> = loop {
-        let attempt = async {
-            let stream = tokio::net::TcpStream::connect(&target).await.map_err(|e| e.to_string())?;
-            let (mut c, _) = client_handshake(stream, PeerRole::Worker, None, DEFAULT_MAX_FRAME)
-                .await
-                .map_err(|e| e.to_string())?;
-            let batch = ranks.clone().map(|r| register(r, first_incarnation + u64::from(r))).collect();
-            c.send(WorkerMessage::Batch(batch)).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>((c.next().await, c))
-        };
-        let why = match attempt.await {
-            Ok((Some(Ok(CoordinatorMessage::Batch(_))), c)) => break c,
-            Ok((Some(Ok(CoordinatorMessage::NotLeader { leader: Some(l) })), _)) => {
-                target = l;
-                continue;
-            }
-            Ok((other, _)) => format!("{other:?}"),
-            Err(e) => e,
-        };
-        tracing::debug!("sim node {ranks:?}: {why}; retrying");
-        let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 + 1));
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-        target = endpoints[(endpoints.iter().position(|e| *e == target).unwrap_or(0) + 1) % endpoints.len()]
-            .clone();
-    };
+    let batch =
+        WorkerMessage::Batch(ranks.clone().map(|r| register(r, first_incarnation + u64::from(r))).collect());
+    let answered = |m: &CoordinatorMessage| matches!(m, CoordinatorMessage::Batch(_));
+    let mut conn = connect_registered(&endpoints, &format!("sim node {ranks:?}"), batch, answered).await;
     let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
     let data = vec![0u8; 1024];
     let (saved_tx, mut saved_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<ForRank<WorkerMessage>>>();
