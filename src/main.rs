@@ -1260,9 +1260,13 @@ async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<()> {
         shard_root: args.shard_dir.clone(),
         node_sessions: args.node_sessions,
     };
-    let r = flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let r = match flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts).await {
+        Ok(r) => r,
+        // the replicas' and simulated workers' logs tell why: kept
+        Err(e) => {
+            bail!("{e} (the replicas' and simulated workers' logs are kept in {})", temp.keep().display())
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());

@@ -379,7 +379,7 @@ pub async fn sim_node(
     use flotilla_shared::ids::{Generation, JobName, Rank, Step};
     use flotilla_shared::layout::shard_file_name;
     use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
-    use flotilla_shared::wire::{CoordinatorMessage, ForRank, WorkerMessage, WorkerStatus};
+    use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ForRank, WorkerMessage, WorkerStatus};
     use futures::{SinkExt, StreamExt};
 
     let job = JobName::new(&job).map_err(|e| e.to_string())?;
@@ -387,11 +387,10 @@ pub async fn sim_node(
         rank: Rank(rank),
         msg: sim_register(&job, rank, incarnation),
     };
-    // each live rank: its generation and step
-    let mut live: std::collections::BTreeMap<u32, (Generation, u64)> =
-        ranks.clone().map(|r| (r, (Generation(1), 0))).collect();
-    let batch =
-        WorkerMessage::Batch(ranks.clone().map(|r| register(r, first_incarnation + u64::from(r))).collect());
+    // each live rank: its generation, step and incarnation
+    let mut live: std::collections::BTreeMap<u32, (Generation, u64, u64)> =
+        ranks.clone().map(|r| (r, (Generation(1), 0, first_incarnation + u64::from(r)))).collect();
+    let batch = WorkerMessage::Batch(live.iter().map(|(r, (_, _, inc))| register(*r, *inc)).collect());
     let answered = |m: &CoordinatorMessage| matches!(m, CoordinatorMessage::Batch(_));
     let mut conn = connect_registered(&endpoints, &format!("sim node {ranks:?}"), batch, answered).await;
     let vars = vec![VariableSpec::new("model/w", Dtype::F32, vec![256])];
@@ -402,7 +401,7 @@ pub async fn sim_node(
         let out: Vec<ForRank<WorkerMessage>> = tokio::select! {
             _ = heartbeat.tick() => live
                 .iter_mut()
-                .map(|(rank, (generation, step))| {
+                .map(|(rank, (generation, step, _))| {
                     *step += 10;
                     let msg = WorkerMessage::Heartbeat { generation: *generation, step: Step(*step), status: WorkerStatus::Running };
                     ForRank { rank: Rank(*rank), msg }
@@ -416,7 +415,7 @@ pub async fn sim_node(
                     vec![ForRank { rank: Rank(rank), msg: WorkerMessage::Left }]
                 }
                 Some(NodeControl::Start(rank, incarnation)) => {
-                    live.insert(rank, (Generation(1), 0));
+                    live.insert(rank, (Generation(1), 0, incarnation));
                     vec![register(rank, incarnation)]
                 }
             },
@@ -429,7 +428,7 @@ pub async fn sim_node(
                 let mut replies = Vec::new();
                 let mut writes = Vec::new();
                 for ForRank { rank, msg } in items {
-                    let Some((generation, step)) = live.get_mut(&rank.0) else { continue };
+                    let Some((generation, step, incarnation)) = live.get_mut(&rank.0) else { continue };
                     match msg {
                         CoordinatorMessage::Resume { generation: g, step: s } => { *generation = g; *step = s.0; }
                         CoordinatorMessage::Checkpoint { generation: g, checkpoint, step: s, dir } => {
@@ -443,6 +442,11 @@ pub async fn sim_node(
                             replies.push(ForRank { rank, msg: WorkerMessage::Restored { generation: g, step: Step(*step) } });
                         }
                         CoordinatorMessage::Stop { .. } => return Ok(()),
+                        // the leader closed this rank's registration (e.g. it
+                        // took over as these arrived): register it again
+                        CoordinatorMessage::Error(e) if e.code == ErrorCode::Unavailable => {
+                            replies.push(register(rank.0, *incarnation));
+                        }
                         _ => {}
                     }
                 }
@@ -664,17 +668,22 @@ pub async fn coordinator_bench(
     let wait_running = || async {
         let deadline = Instant::now() + timeout;
         loop {
-            let running = client
-                .status(Some("bench"))
-                .await
-                .ok()
-                .and_then(|s| s.jobs.into_iter().next())
-                .is_some_and(|j| j.state == "running");
-            if running {
+            let job = client.status(Some("bench")).await.ok().and_then(|s| s.jobs.into_iter().next());
+            if job.as_ref().is_some_and(|j| j.state == "running") {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err("the bench job is not running".to_string());
+                let seen = job.map_or("no status".to_string(), |j| {
+                    let mut states = std::collections::BTreeMap::<String, u32>::new();
+                    for w in &j.workers {
+                        *states.entry(w.state.clone()).or_default() += 1;
+                    }
+                    format!(
+                        "it is {} in generation {} after {} restores, ranks by state {states:?}, error {:?}",
+                        j.state, j.generation, j.restores, j.error
+                    )
+                });
+                return Err(format!("the bench job is not running after {timeout:?}: {seen}"));
             }
             // each answer lists every rank: not too often
             tokio::time::sleep(Duration::from_millis(20 + u64::from(opts.workers) / 50)).await;

@@ -1081,21 +1081,24 @@ impl Supervisor {
         }
         let timeout = j.spec.failure.heartbeat_timeout_ms;
         let soft = self.soft(&name, t);
-        // a rank lost while restoring restarts the restore, once per loss
-        let lost = soft.ranks.iter_mut().find(|(_, r)| !r.lost && r.silent(t, timeout, timeout));
-        if let Some((rank, r)) = lost {
-            r.lost = true;
-            tracing::warn!(job = %name, %rank, generation = %g, "rank lost while restoring: restarting the restore");
+        // ranks lost while restoring restart the restore once per loss:
+        // every rank found silent now is one loss (a stalled host or leader
+        // silences many at once; one restart each would be a cascade)
+        let mut lost =
+            soft.ranks.iter_mut().filter(|(_, r)| !r.lost && r.silent(t, timeout, timeout)).peekable();
+        if let Some((&first, r)) = lost.peek() {
+            let reason =
+                if r.conn.is_some() { RestoreReason::HeartbeatTimeout } else { RestoreReason::Disconnected };
+            let count = lost.map(|(_, r)| r.lost = true).count();
+            let ranks =
+                if count == 1 { format!("rank {first}") } else { format!("{count} ranks from rank {first}") };
+            tracing::warn!(job = %name, generation = %g, "{ranks} lost while restoring: restarting the restore");
             let cmd = Command::Restore {
                 job: name,
                 generation: next,
                 from: j.restored_from,
-                reason: if r.conn.is_some() {
-                    RestoreReason::HeartbeatTimeout
-                } else {
-                    RestoreReason::Disconnected
-                },
-                detail: Some(format!("rank {rank}, while restoring")),
+                reason,
+                detail: Some(format!("{ranks}, while restoring")),
                 now_ms: now.wall_ms,
             };
             self.propose(now, cmd, out);

@@ -622,6 +622,33 @@ fn a_rank_lost_while_restoring_restarts_the_restore_once() {
 }
 
 #[test]
+fn ranks_silenced_together_while_restoring_restart_it_once_not_once_each() {
+    let mut w = World::new(4);
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    // rank 0 restarts (a new process): the job restores into generation 2
+    w.restart(0);
+    w.apply_all();
+    assert_eq!(w.job().generation, Generation(2));
+    // ranks 1, 2 and 3 fall silent together (a stalled host); rank 0 heartbeats
+    for _ in 0..40 {
+        w.heartbeat(0);
+        w.deliver_one(0);
+        w.apply_all();
+        w.now += 100;
+        w.tick();
+    }
+    let j = w.job();
+    assert_eq!((j.state, j.generation), (JobState::Restoring, Generation(3)), "one restart for the three");
+    assert_eq!(j.restores_by_reason.get(&RestoreReason::HeartbeatTimeout), Some(&1));
+    assert!(
+        j.events.iter().any(|e| e.text.contains("3 ranks from rank 1, while restoring")),
+        "{:?}",
+        j.events
+    );
+}
+
+#[test]
 fn a_late_report_from_an_older_generation_is_stale_and_nobody_is_fenced() {
     let mut w = World::new(2);
     w.running();

@@ -214,6 +214,12 @@ async fn run_supervisor(
                     }
                     next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
                 }
+                // a replica that became leader since the last tick
+                // supervises from its first input: registrations are not
+                // turned away for want of a tick
+                if sup.is_none() && node.status().role == Role::Leader {
+                    sup = Some(start_supervising(&node, &clock));
+                }
                 if let Some(s) = sup.as_mut() {
                     let wanted;
                     (actions, wanted) = node.read_state(|st| s.take_batch(st, clock.now(), batch));
@@ -235,10 +241,7 @@ async fn run_supervisor(
                 ticked = true;
                 let status = node.status();
                 match (&mut sup, status.role == Role::Leader) {
-                    (None, true) => {
-                        tracing::info!(term = status.term, "became leader: supervising workers");
-                        sup = Some(Supervisor::new(SupervisorConfig::default(), clock.now(), status.term));
-                    }
+                    (None, true) => sup = Some(start_supervising(&node, &clock)),
                     (Some(_), false) => {
                         tracing::info!("lost leadership: closing worker connections");
                         sup = None;
@@ -303,6 +306,13 @@ async fn run_supervisor(
             publish_view(&node, s, &view, clock.now());
         }
     }
+}
+
+/// The supervisor of a replica that has just become leader.
+fn start_supervising(node: &NodeHandle, clock: &Clock) -> Supervisor {
+    let term = node.status().term;
+    tracing::info!(term, "became leader: supervising workers");
+    Supervisor::new(SupervisorConfig::default(), clock.now(), term)
 }
 
 /// Starts the thread that brings checkpoint files in line with the ledger,
@@ -721,7 +731,15 @@ async fn serve_node(
                             (Some(rank), None) => {
                                 rank_of.remove(&id);
                                 if lanes.get(&rank) == Some(&id) {
+                                    // the rank's registration is over (refused, or
+                                    // this leader is stepping down): the node must
+                                    // register it again before its messages count
                                     lanes.remove(&rank);
+                                    let message = format!(
+                                        "rank {rank}'s registration was closed by the leader; register it again"
+                                    );
+                                    let reply = ErrorReply { code: ErrorCode::Unavailable, message };
+                                    batch.push(ForRank { rank, msg: CoordinatorMessage::Error(reply) });
                                 }
                             }
                             (None, _) => {}
