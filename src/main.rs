@@ -1135,8 +1135,9 @@ fn rank_reason(state: &str, error: Option<&str>, rank: u32) -> String {
             || e.contains(&format!(" rank {rank} "))
     });
     match state {
-        "running" | "checkpointing" | "finished" => String::new(),
+        // first: a blocked rank's heartbeats may still say it runs
         _ if blocked_on_me => "its restore was refused (see error)".into(),
+        "running" | "checkpointing" | "finished" => String::new(),
         "missing" => "never heard from by this leader: is its worker running?".into(),
         "disconnected" => "its connection closed; the job restores without it after the grace".into(),
         "stale" => "holds an older generation's state; being restored".into(),
@@ -1425,7 +1426,9 @@ mod tests {
             assert_eq!(rank_reason("restoring", Some(error), 1), "restoring", "{error}");
             assert_eq!(rank_reason("restoring", Some(&error.replace("rank 2", "rank 12")), 2), "restoring");
         }
-        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 2), "");
+        // a blocked rank's heartbeats may still say it runs: the refusal wins
+        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 2), refused);
+        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 3), "");
         assert!(rank_reason("missing", None, 0).contains("never heard from"));
     }
 }

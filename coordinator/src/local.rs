@@ -79,8 +79,18 @@ pub struct LocalCluster {
 }
 
 /// A free loopback port (bound, then released; the caller binds it soon).
+/// Never the same port twice in one process: the kernel may hand a port
+/// just released to the next bind, and tests start clusters in parallel,
+/// so two replicas (of one cluster or two) could otherwise be given one port.
 pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 impl LocalCluster {
