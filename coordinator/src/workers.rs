@@ -16,7 +16,7 @@ use crate::supervisor::{
     Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
 };
 use flotilla_shared::frame::{server_handshake, Tokens, DEFAULT_MAX_FRAME};
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, Step};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::tls::{NodeTls, Stream};
@@ -591,12 +591,9 @@ async fn serve_worker(
         let WorkerMessage::Batch(items) = first else { unreachable!("checked above") };
         return serve_node(conn, ids, items, node, inputs, shutdown).await;
     }
-    let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = first else {
-        unreachable!("checked above")
-    };
     let conn_id = ids.fetch_add(1, Ordering::Relaxed) + 1;
     let (tx, mut rx) = mpsc::channel(1024);
-    if !inputs.register(conn_id, &tx, job, rank, incarnation, generation, step).await {
+    if !inputs.register(conn_id, &tx, first).await {
         return Ok(());
     }
     // a registered worker heartbeats every heartbeat_interval_ms; one timer,
@@ -648,28 +645,15 @@ async fn serve_worker(
 struct Inputs(mpsc::Sender<SupervisorInput>);
 
 impl Inputs {
-    /// A rank registered on `conn`; false when the supervisor is gone.
-    #[allow(clippy::too_many_arguments)]
-    async fn register(
-        &self,
-        conn: ConnId,
-        tx: &Outbox,
-        job: JobName,
-        rank: flotilla_shared::ids::Rank,
-        incarnation: flotilla_shared::ids::Incarnation,
-        generation: Option<Generation>,
-        step: Step,
-    ) -> bool {
-        let registered = Observation::Registered(Registration {
-            conn,
-            job,
-            rank,
-            incarnation,
-            generation,
-            step: step.max(Step(0)),
-        });
+    /// A rank registered on `conn` (`msg` is its `Register`); false when
+    /// the supervisor is gone.
+    async fn register(&self, conn: ConnId, tx: &Outbox, msg: WorkerMessage) -> bool {
+        let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = msg else {
+            return true;
+        };
+        let registration = Registration { conn, job, rank, incarnation, generation, step };
         self.0.send(SupervisorInput::Connected { conn, tx: tx.clone() }).await.is_ok()
-            && self.0.send(SupervisorInput::Observe(registered)).await.is_ok()
+            && self.0.send(SupervisorInput::Observe(Observation::Registered(registration))).await.is_ok()
     }
 
     async fn message(&self, conn: ConnId, msg: WorkerMessage) -> bool {
@@ -763,13 +747,13 @@ async fn serve_node(
         let mut refused = Vec::new();
         for ForRank { rank, msg } in items {
             match msg {
-                WorkerMessage::Register { job, rank, incarnation, generation, step, .. } => {
+                msg @ WorkerMessage::Register { rank, .. } => {
                     // a rank registering again (its process restarted) gets a
                     // new id; the supervisor closes the old one
                     let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
                     lanes.insert(rank, id);
                     rank_of.insert(id, rank);
-                    if !inputs.register(id, &tx, job, rank, incarnation, generation, step).await {
+                    if !inputs.register(id, &tx, msg).await {
                         return Ok(());
                     }
                 }
