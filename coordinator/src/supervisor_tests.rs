@@ -473,6 +473,18 @@ impl World {
         );
     }
 
+    /// `ticks` ticks 100 ms apart in which only rank 0 heartbeats and is
+    /// answered; every other rank is silent.
+    fn only_rank_0_lives(&mut self, ticks: usize) {
+        for _ in 0..ticks {
+            self.heartbeat(0);
+            self.deliver_one(0);
+            self.apply_all();
+            self.now += 100;
+            self.tick();
+        }
+    }
+
     fn running(&mut self) {
         self.register_all();
         self.until(50, |w| {
@@ -601,13 +613,7 @@ fn a_rank_lost_while_restoring_restarts_the_restore_once() {
     w.apply_all();
     assert_eq!(w.job().generation, Generation(2));
     // rank 1 goes silent for good; rank 0 keeps heartbeating
-    for _ in 0..40 {
-        w.heartbeat(0);
-        w.deliver_one(0);
-        w.apply_all();
-        w.now += 100;
-        w.tick();
-    }
+    w.only_rank_0_lives(40);
     let j = w.job();
     assert_eq!(
         (j.state, j.generation),
@@ -631,13 +637,7 @@ fn ranks_silenced_together_while_restoring_restart_it_once_not_once_each() {
     w.apply_all();
     assert_eq!(w.job().generation, Generation(2));
     // ranks 1, 2 and 3 fall silent together (a stalled host); rank 0 heartbeats
-    for _ in 0..40 {
-        w.heartbeat(0);
-        w.deliver_one(0);
-        w.apply_all();
-        w.now += 100;
-        w.tick();
-    }
+    w.only_rank_0_lives(40);
     let j = w.job();
     assert_eq!((j.state, j.generation), (JobState::Restoring, Generation(3)), "one restart for the three");
     assert_eq!(j.restores_by_reason.get(&RestoreReason::HeartbeatTimeout), Some(&1));

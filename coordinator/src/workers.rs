@@ -745,6 +745,7 @@ async fn serve_node(
         idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
         let mut heartbeats = false;
         let mut refused = Vec::new();
+        let mut malformed = false;
         for ForRank { rank, msg } in items {
             match msg {
                 msg @ WorkerMessage::Register { rank, .. } => {
@@ -763,7 +764,10 @@ async fn serve_node(
                         inputs.disconnected(id).await;
                     }
                 }
-                WorkerMessage::Batch(_) => return Err("a Batch inside a Batch".into()),
+                WorkerMessage::Batch(_) => {
+                    malformed = true;
+                    break;
+                }
                 msg => {
                     let Some(&id) = lanes.get(&rank) else {
                         let message =
@@ -783,6 +787,10 @@ async fn serve_node(
                     }
                 }
             }
+        }
+        if malformed {
+            // closed like any session: every rank's Disconnected below
+            break Err("a Batch inside a Batch".into());
         }
         if heartbeats {
             // as for one rank: a deposed leader falls silent, and the node moves
