@@ -942,6 +942,16 @@ impl Supervisor {
             };
             if self.propose(now, cmd, out) {
                 tracing::warn!(job = %name, %rank, generation = %g, "rank failed ({}): restoring the job", reason.as_str());
+                // the pending checkpoint can no longer commit (the restore
+                // leaves its generation): the survivors give up its shard
+                // writes now, while the restore commits, not when its
+                // directive comes. Those writes hold the buffer the restore
+                // reads into, and the disk the ledger's fsync waits for.
+                if let Some(p) = j.pending() {
+                    let abort = CoordinatorMessage::AbortCheckpoint { generation: g, checkpoint: p.id };
+                    let soft = self.soft(&name, t);
+                    out.extend(soft.ranks.values().filter_map(|r| Some(send(r.conn?, abort.clone()))));
+                }
             }
             return;
         }

@@ -718,6 +718,32 @@ fn a_pending_checkpoint_survives_a_leader_change() {
 }
 
 #[test]
+fn a_failure_during_a_checkpoint_tells_the_survivors_to_give_it_up_before_the_restore_commits() {
+    let mut w = World::new(3);
+    w.running();
+    // a checkpoint is pending and rank 0 is still writing its shard
+    w.until(200, |w| w.job().pending().is_some());
+    let c = w.job().pending().unwrap().id;
+    for i in 0..3 {
+        w.workers[i].inbox.clear();
+    }
+    w.restart(1);
+    w.tick();
+    assert!(w.restore_proposed(RestoreReason::WorkerRestarted), "{:?}", w.proposals);
+    // the restore is proposed, not applied: the checkpoint is still pending
+    // in the ledger, and each survivor already has the abort
+    assert_eq!(w.job().pending().map(|p| p.id), Some(c));
+    let abort = CoordinatorMessage::AbortCheckpoint { generation: Generation(1), checkpoint: c };
+    for i in [0, 2] {
+        assert!(w.sends_to(i).contains(&abort), "rank {i} got {:?}", w.sends_to(i));
+    }
+    // and the job still restores and finishes as the same run
+    w.until(400, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().generation, Generation(2));
+    assert_eq!(w.job().final_digest.as_deref(), Some(reference_digest(3).as_str()));
+}
+
+#[test]
 fn a_rank_past_the_step_aborts_with_a_typed_reason_and_the_lead_grows() {
     let mut w = World::new(2);
     w.running();

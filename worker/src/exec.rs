@@ -384,8 +384,12 @@ impl ExecRunner {
             }
             RunnerCmd::Abort { id } => {
                 // a save already announced to the process goes ahead; its
-                // report is answered Stale
+                // report is answered Stale. Its shard write, once under way,
+                // is given up: the shard is garbage
                 self.pending.take_if(|p| p.id == id);
+                if let Some((_, snap)) = &self.snap {
+                    snap.cancel_write_of(id);
+                }
             }
             RunnerCmd::Stop => {}
         }

@@ -396,6 +396,8 @@ impl Runner {
             }
             RunnerCmd::Abort { id } => {
                 self.pending.take_if(|p| p.id == id);
+                // its shard is garbage: free the disk and the buffer now
+                self.snap.cancel_write_of(id);
             }
             RunnerCmd::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {

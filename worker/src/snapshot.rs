@@ -20,6 +20,7 @@
 
 use crate::trainer::Trainer;
 use flotilla_shared::durable;
+use flotilla_shared::ids::CheckpointId;
 use flotilla_shared::shard::{write_shard_unless, ShardError, ShardManifest, ShardMeta, VariableSpec};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -99,6 +100,8 @@ pub struct Snapshotter<B = Vec<u8>> {
     writer: Option<JoinHandle<()>>,
     /// Writes submitted so far; each job carries its number.
     submitted: u64,
+    /// The checkpoint of the last write submitted.
+    last_checkpoint: Option<CheckpointId>,
     /// Every job numbered up to this one is given up.
     cancel_through: Arc<AtomicU64>,
 }
@@ -200,6 +203,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
             jobs: Some(jobs),
             writer: Some(writer),
             submitted: 0,
+            last_checkpoint: None,
             cancel_through,
         })
     }
@@ -220,6 +224,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
     pub fn submit(&mut self, req: WriteRequest, buf: B) -> Result<(), SnapshotError> {
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
         self.submitted += 1;
+        self.last_checkpoint = Some(req.meta.checkpoint);
         jobs.send((req, buf, self.submitted)).map_err(|_| SnapshotError::WriterGone)
     }
 
@@ -229,7 +234,16 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
     /// [`ShardErrorKind::Cancelled`](flotilla_shared::shard::ShardErrorKind)
     /// and leaves no file; a later write is not affected.
     pub fn cancel_writes(&self) {
-        self.cancel_through.store(self.submitted, Ordering::Release);
+        self.cancel_through.fetch_max(self.submitted, Ordering::AcqRel);
+    }
+
+    /// Gives up the write of checkpoint `id`, if it is the last one
+    /// submitted and has not reached its fsync: the checkpoint was aborted,
+    /// so its shard is garbage. Earlier writes are not affected.
+    pub fn cancel_write_of(&self, id: CheckpointId) {
+        if self.last_checkpoint == Some(id) {
+            self.cancel_writes();
+        }
     }
 
     /// Returns an acquired buffer unwritten (a snapshot given up).
@@ -310,20 +324,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn cancel_gives_up_the_write_in_flight_only() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A 64 MiB trainer, its pipeline and the pipeline's outcomes.
+    fn pipeline() -> (BuiltinTrainer, Snapshotter, std::sync::mpsc::Receiver<WriteOutcome>) {
         let spec = TrainerSpec { params_per_rank_bytes: 64 << 20, layers: 2, ..TrainerSpec::default() };
         let trainer = BuiltinTrainer::new(&spec, Rank(0));
         let (tx, rx) = channel();
-        let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
-        let path = |c: u64| dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
-        // told to stop while it still creates the directory (fsyncs) or
-        // writes its 64 MiB; a thread descheduled that long may lose the
-        // race once, not five times
-        let cancelled = (1..=5).any(|c| {
-            snap.snapshot(&trainer, WriteRequest { path: path(c), meta: meta(c, 0) }).unwrap();
-            snap.cancel_writes();
+        let snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        (trainer, snap, rx)
+    }
+
+    /// Writes checkpoints `ids` one by one, calling `stop` on each just
+    /// after submitting it, until one is given up (and left no file). A
+    /// write is told to stop while it still creates the directory (fsyncs)
+    /// or writes its 64 MiB: a thread descheduled that long may lose the
+    /// race once, not five times.
+    fn gives_up_one(
+        (trainer, snap, rx): &mut (BuiltinTrainer, Snapshotter, std::sync::mpsc::Receiver<WriteOutcome>),
+        path: impl Fn(u64) -> PathBuf,
+        ids: std::ops::RangeInclusive<u64>,
+        stop: impl Fn(&Snapshotter, u64),
+    ) -> bool {
+        ids.into_iter().any(|c| {
+            snap.snapshot(trainer, WriteRequest { path: path(c), meta: meta(c, 0) }).unwrap();
+            stop(snap, c);
             // the buffer comes back at once: the restore can use it
             snap.with_buffer(|b| (b, ())).unwrap();
             match rx.recv().unwrap().result {
@@ -333,13 +356,41 @@ mod tests {
                     false
                 }
             }
-        });
+        })
+    }
+
+    #[test]
+    fn cancel_gives_up_the_write_in_flight_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline();
+        let path = |c: u64| dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
+        let cancelled = gives_up_one(&mut p, path, 1..=5, |snap, _| snap.cancel_writes());
         assert!(cancelled, "no write in flight was given up");
         // a write submitted after the cancel lands
+        let (trainer, mut snap, rx) = p;
         snap.snapshot(&trainer, WriteRequest { path: path(9), meta: meta(9, 0) }).unwrap();
         snap.wait_idle().unwrap();
         let manifest = rx.recv().unwrap().result.unwrap();
         Shard::read_verified(&path(9), "t", &manifest).unwrap();
+    }
+
+    #[test]
+    fn an_abort_gives_up_the_write_of_its_checkpoint_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = pipeline();
+        let path = |c: u64| dir.path().join(format!("ckpt-{c}/rank-00000.safetensors"));
+        // an abort of another checkpoint leaves this write alone
+        {
+            let (trainer, snap, rx) = &mut p;
+            snap.snapshot(trainer, WriteRequest { path: path(1), meta: meta(1, 0) }).unwrap();
+            snap.cancel_write_of(CheckpointId(2));
+            snap.wait_idle().unwrap();
+            let manifest = rx.recv().unwrap().result.unwrap();
+            Shard::read_verified(&path(1), "t", &manifest).unwrap();
+        }
+        // its own abort gives it up
+        let cancelled = gives_up_one(&mut p, path, 2..=6, |snap, c| snap.cancel_write_of(CheckpointId(c)));
+        assert!(cancelled, "the aborted checkpoint's write was not given up");
     }
 
     #[test]

@@ -51,10 +51,41 @@ pub fn copy_parallel(pairs: Vec<(&mut [u8], &[u8])>) {
 
 /// Writes `byte` over each region using every core. On memory never
 /// touched, this is where its page faults are paid (a fresh process's
-/// buffers), on all cores at once instead of on one.
+/// buffers), on all cores at once instead of on one. Each region is first
+/// offered transparent huge pages, so that a fresh 256 MiB costs 128 faults
+/// of 2 MiB rather than 65,536 of 4 KiB.
 pub fn fill_parallel(regions: Vec<&mut [u8]>, byte: u8) {
+    for r in &regions {
+        advise_huge_pages(r);
+    }
     let pieces: Vec<&mut [u8]> = regions.into_iter().flat_map(|r| r.chunks_mut(PIECE)).collect();
     on_every_core(pieces, |piece| piece.fill(byte));
+}
+
+/// Asks the kernel to back `region` with transparent huge pages where it
+/// can (`MADV_HUGEPAGE`; with `transparent_hugepage/enabled` set to
+/// `madvise`, the common default, nothing is huge without it). Only the
+/// whole 4 KiB pages inside the region are advised. Advice is a hint: where
+/// the kernel has no THP, or the region is small, nothing changes.
+fn advise_huge_pages(region: &[u8]) {
+    const HUGE: usize = 2 << 20;
+    const PAGE: usize = 4 << 10;
+    if region.len() < 2 * HUGE {
+        return;
+    }
+    let start = (region.as_ptr() as usize).next_multiple_of(PAGE);
+    let end = (region.as_ptr() as usize + region.len()) / PAGE * PAGE;
+    if end <= start {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    // SAFETY: madvise with MADV_HUGEPAGE changes no memory contents and
+    // does not unmap anything; the range lies inside `region`, which this
+    // process owns, and is page aligned as madvise requires.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
 }
 
 /// How much memory one unit of [`on_every_core`] work covers.
