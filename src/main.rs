@@ -31,6 +31,9 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Runs one worker agent for one rank of one job (the built-in trainer).
     Worker(WorkerArgs),
+    /// Runs a host's node agent: the workers of this host connect to it, and it carries
+    /// all their ranks to the leader on one connection.
+    Node(NodeArgs),
     /// Starts a local cluster (3 coordinators, 4 workers), injects a failure, shows the whole cycle.
     Demo(demo::DemoArgs),
     /// Submits a job spec (replicated through Raft); idempotent for an identical spec.
@@ -184,6 +187,22 @@ struct WorkerArgs {
     /// LOCAL_WORLD_SIZE given to the trainer.
     #[arg(long, default_value_t = 1)]
     local_world_size: u32,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Where this host's workers connect (give it to them as --coordinators).
+    #[arg(long, env = "FLOTILLA_NODE_ADDR", default_value = "127.0.0.1:9300")]
+    listen: String,
+    /// The coordinators' worker API addresses (their --api-addr); the leader is found automatically.
+    #[arg(long, env = "FLOTILLA_COORDINATORS", value_delimiter = ',', required = true)]
+    coordinators: Vec<String>,
+    /// File holding the worker token: presented to the coordinators, and asked of every local worker.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// The cluster CA (PEM), where the coordinators serve the worker API over TLS.
+    #[arg(long, env = "FLOTILLA_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -501,6 +520,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Coordinator(args) => run_coordinator(args),
         Command::Worker(args) => run_worker(args),
+        Command::Node(args) => run_node(args),
         Command::Demo(args) => {
             let matched = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -809,19 +829,46 @@ fn run_worker(args: WorkerArgs) -> Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let on_signal = shutdown.clone();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::spawn(async move {
-            // SIGINT or SIGTERM: stop the trainer, then exit
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            on_signal.cancel();
-        });
+        // SIGINT or SIGTERM: stop the trainer, then exit
+        let shutdown = cancel_on_signal()?;
         agent::run(opts, shutdown).await.map_err(anyhow::Error::from)
     })
+}
+
+fn run_node(args: NodeArgs) -> Result<()> {
+    let opts = flotilla_worker::node::NodeOptions {
+        coordinators: args.coordinators,
+        tokens: read_secret("--token-file", args.token_file.as_ref())?,
+        tls: args
+            .tls_ca
+            .as_deref()
+            .map(|ca| flotilla_shared::tls::ClientTls::load("--tls-ca", ca))
+            .transpose()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on --listen {}", args.listen))?;
+        tracing::info!(listen = %args.listen, "node agent: this host's workers connect here");
+        let shutdown = cancel_on_signal()?;
+        flotilla_worker::node::run(listener, opts, shutdown).await.map_err(anyhow::Error::msg)
+    })
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM (call inside the runtime).
+fn cancel_on_signal() -> Result<tokio_util::sync::CancellationToken> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        on_signal.cancel();
+    });
+    Ok(shutdown)
 }
 
 fn client(args: &ClientArgs) -> Result<Client> {

@@ -36,6 +36,15 @@ impl Scenario {
 
     /// Like `start`, checkpointing every `every` steps.
     async fn start_every(world: u32, steps: u64, every: u64, extra: &str) -> Self {
+        let mut s = Self::submitted(world, steps, every, extra).await;
+        for rank in 0..world {
+            s.workers.spawn(rank, &[]).unwrap();
+        }
+        s
+    }
+
+    /// The cluster up and the job submitted; no worker started yet.
+    async fn submitted(world: u32, steps: u64, every: u64, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let keep = if extra.contains("keep_last") { "" } else { "keep_last = 3\n" };
         let text = format!(
@@ -48,11 +57,7 @@ impl Scenario {
         cluster.wait_for_leader(LONG).await.unwrap();
         let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
         client.submit(&text).await.unwrap();
-        let mut workers =
-            LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "e2e", world);
-        for rank in 0..world {
-            workers.spawn(rank, &[]).unwrap();
-        }
+        let workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "e2e", world);
         Self { dir, cluster, workers, client, spec }
     }
 
@@ -689,6 +694,96 @@ async fn one_node_session_carries_a_hosts_ranks_through_a_checkpoint_a_failure_a
     assert_eq!(again.restored_from.map(|c| c.id.0), Some(id), "restored from the committed checkpoint");
     assert!(!node.is_finished(), "the session survived the rank's failure");
     node.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_agent_carries_a_hosts_real_workers_on_one_session_through_a_kill_and_its_own_restart() {
+    let failure = "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n";
+    let mut s = Scenario::submitted(4, 4000, 50, failure).await;
+    // the host's node agent; its four workers know only its address
+    let addr = format!("127.0.0.1:{}", flotilla_coordinator::local::free_port().unwrap());
+    let start_agent = |dir: &Path, endpoints: &str| {
+        let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
+        Command::new(BIN)
+            .args(["node", "--listen", &addr, "--coordinators", endpoints])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let mut agent = start_agent(s.dir.path(), &s.cluster.api_endpoints());
+    s.workers = LocalWorkers::new(Path::new(BIN), s.dir.path(), addr.clone(), "e2e", 4);
+    for rank in 0..4 {
+        s.workers.spawn(rank, &[]).unwrap();
+    }
+    let first =
+        s.wait_job("a committed checkpoint", |j| j.state == "running" && j.latest_committed.is_some()).await;
+    // on the leader: one session for the whole host, none of a single rank
+    let leader = s.client.status(None).await.unwrap().leader_id.unwrap();
+    assert_eq!(worker_sessions(&s.cluster.url(leader)).await, (1, 0));
+
+    // a worker SIGKILLed and started again: the agent says it left, the
+    // job restores, and the new process registers through the same agent
+    s.workers.kill(2);
+    s.workers.spawn(2, &[]).unwrap();
+    let again = s
+        .wait_job("a restore after rank 2 was killed", |j| {
+            j.state == "running" && j.generation.0 > first.generation.0 && j.restores >= 1
+        })
+        .await;
+    assert_eq!(worker_sessions(&s.cluster.url(leader)).await, (1, 0));
+
+    // the agent itself SIGKILLed: the leader loses the host's session (the
+    // workers know no other address), and once the agent is back every
+    // worker registers again through it
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let url = s.cluster.url(leader);
+    wait_for("the host's session to end", LONG, || async {
+        match worker_sessions(&url).await {
+            (0, 0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let mut agent = start_agent(s.dir.path(), &s.cluster.api_endpoints());
+    wait_for("every rank back on one session", LONG, || async {
+        let job = s.job().await.ok_or("no status")?;
+        let sessions = worker_sessions(&url).await;
+        let running = job.workers.iter().filter(|w| w.state == "running").count();
+        if sessions == (1, 0) && running == 4 {
+            Ok(())
+        } else {
+            Err(format!(
+                "sessions {sessions:?}, job {} at step {} with {running} ranks running",
+                job.state, job.step
+            ))
+        }
+    })
+    .await;
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert!(done.restores >= again.restores);
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert!(s.check_committed_checkpoints() >= 1);
+    assert!(agent.try_wait().unwrap().is_none(), "the agent outlives the job's end");
+    agent.kill().unwrap();
+    let _ = agent.wait();
+}
+
+/// `flotilla_worker_sessions` on the replica at `url`: (node, rank).
+async fn worker_sessions(url: &str) -> (i64, i64) {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    let value = |kind: &str| {
+        let series = format!("flotilla_worker_sessions{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (value("node"), value("rank"))
 }
 
 /// Job `node` in state `want` in a generation after `after`, with all 4

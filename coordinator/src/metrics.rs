@@ -52,6 +52,9 @@ pub struct Metrics {
     job_state: IntGaugeVec,
     job_workers: IntGaugeVec,
     heartbeat_age: GaugeVec,
+    /// Worker sessions open on this replica: `rank` (one rank per
+    /// connection) or `node` (a node agent's, every rank of a host).
+    pub worker_sessions: IntGaugeVec,
     peer_last_contact: GaugeVec,
     peer_match_index: IntGaugeVec,
     latest_committed_step: IntGaugeVec,
@@ -166,6 +169,14 @@ impl Metrics {
             "Since the leader last heard from each rank it knows (leader only; a live rank stays under the heartbeat interval).",
             &["job", "rank"],
         );
+        let worker_sessions = gauge_vec(
+            "flotilla_worker_sessions",
+            "Worker sessions open on this replica, by kind: rank (one rank per connection) or node (a node agent's, all of a host's ranks on one connection).",
+            &["kind"],
+        );
+        for kind in ["rank", "node"] {
+            worker_sessions.with_label_values(&[kind]).set(0);
+        }
         let peer_last_contact = seconds_vec(
             "flotilla_raft_peer_last_contact_seconds",
             "Since the leader last received a message from each replica (leader only; itself 0). Above a second or two, the replica is unreachable.",
@@ -207,6 +218,7 @@ impl Metrics {
             job_state,
             job_workers,
             heartbeat_age,
+            worker_sessions,
             peer_last_contact,
             peer_match_index,
             latest_committed_step,

@@ -278,6 +278,7 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
             opts.credentials.worker.clone(),
             opts.tls.clone(),
             supervisor_tx,
+            metrics.worker_sessions.clone(),
             shutdown.clone(),
         ));
     }

@@ -504,6 +504,7 @@ pub async fn serve(
     token: Option<Tokens>,
     tls: Option<NodeTls>,
     supervisor: mpsc::Sender<SupervisorInput>,
+    sessions: prometheus::IntGaugeVec,
     shutdown: CancellationToken,
 ) {
     // connection ids, and one per rank of each node session
@@ -515,8 +516,15 @@ pub async fn serve(
             accepted = crate::transport::accept(&listener, "worker API") => accepted,
         };
         let Some(slot) = crate::transport::admit(&slots, "worker API", remote) else { continue };
-        let (ids, node, token, tls, supervisor, shutdown) =
-            (ids.clone(), node.clone(), token.clone(), tls.clone(), supervisor.clone(), shutdown.clone());
+        let (ids, node, token, tls, supervisor, sessions, shutdown) = (
+            ids.clone(),
+            node.clone(),
+            token.clone(),
+            tls.clone(),
+            supervisor.clone(),
+            sessions.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             let stream = match tls {
                 Some(tls) => match tls.accept_api(stream).await {
@@ -528,7 +536,7 @@ pub async fn serve(
                 },
                 None => Stream::Left(stream),
             };
-            if let Err(e) = serve_worker(stream, &ids, node, token, supervisor, shutdown).await {
+            if let Err(e) = serve_worker(stream, &ids, node, token, supervisor, &sessions, shutdown).await {
                 tracing::warn!(%remote, "worker connection closed: {e}");
             }
             drop(slot);
@@ -538,12 +546,31 @@ pub async fn serve(
 
 type WorkerConn = flotilla_shared::frame::Connection<Stream, WorkerMessage, CoordinatorMessage>;
 
+/// Counts a registered worker session in `flotilla_worker_sessions` for
+/// as long as it lives.
+struct SessionGauge(prometheus::IntGauge);
+
+impl SessionGauge {
+    fn open(sessions: &prometheus::IntGaugeVec, kind: &str) -> Self {
+        let gauge = sessions.with_label_values(&[kind]);
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn serve_worker(
     stream: Stream,
     ids: &AtomicU64,
     node: NodeHandle,
     token: Option<Tokens>,
     supervisor: mpsc::Sender<SupervisorInput>,
+    sessions: &prometheus::IntGaugeVec,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let me = node.status().id;
@@ -587,6 +614,7 @@ async fn serve_worker(
         return Ok(());
     }
     let inputs = Inputs(supervisor);
+    let _open = SessionGauge::open(sessions, if node_session { "node" } else { "rank" });
     if node_session {
         let WorkerMessage::Batch(items) = first else { unreachable!("checked above") };
         return serve_node(conn, ids, items, node, inputs, shutdown).await;

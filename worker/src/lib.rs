@@ -1,13 +1,15 @@
 //! The Flotilla worker: the agent that connects to the coordinator leader
 //! ([`agent`]), the trainer thread ([`runner`]) driving a [`trainer`], the
 //! snapshot pipeline ([`snapshot`]), device memory checks ([`device`]),
-//! metrics, and the `flotilla bench snapshot` harness ([`bench`]).
+//! metrics, the `flotilla bench snapshot` harness ([`bench`]), and the node
+//! agent that carries a host's ranks on one connection ([`node`]).
 
 pub mod agent;
 pub mod bench;
 pub mod device;
 pub mod exec;
 pub mod metrics;
+pub mod node;
 pub mod runner;
 pub mod shm;
 pub mod snapshot;
