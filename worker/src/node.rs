@@ -184,7 +184,7 @@ struct Hub {
     opts: NodeOptions,
     /// The local worker that speaks for each rank (the last to register it).
     owners: HashMap<Rank, Owner>,
-    /// Registrations not yet sent upstream.
+    /// Registrations waiting for a session to open (it opens with them).
     registers: Vec<ForRank<WorkerMessage>>,
     /// Each rank's latest heartbeat since the last heartbeat frame.
     heartbeats: BTreeMap<Rank, WorkerMessage>,
@@ -222,8 +222,15 @@ impl Hub {
     }
 
     async fn run(mut self, mut locals: mpsc::Receiver<Local>, shutdown: CancellationToken) {
-        let mut tick = ticker(self.interval);
+        let mut every = self.interval;
+        let mut tick = ticker(every);
         loop {
+            // a job's spec (in a Registered, here or while connecting) may
+            // ask for a shorter interval
+            if self.interval != every {
+                every = self.interval;
+                tick = ticker(every);
+            }
             let waiting = self.up.is_none() && !self.registers.is_empty();
             if waiting && Instant::now() >= self.retry_at {
                 self.connect().await;
@@ -256,11 +263,7 @@ impl Hub {
                 frame = next_frame(&mut self.up) => match frame {
                     Some(Ok(msg)) => {
                         self.heard = Instant::now();
-                        let before = self.interval;
                         self.route_frame(msg);
-                        if self.interval != before {
-                            tick = ticker(self.interval);
-                        }
                         self.flush().await;
                     }
                     Some(Err(e)) => self.lost(&e.to_string()),
@@ -277,8 +280,16 @@ impl Hub {
                 // a newer process of the rank: the leader decides between
                 // them (by incarnation); the older connection is closed
                 self.owners.insert(rank, Owner { lane, tx });
-                self.registers.retain(|r| r.rank != rank);
-                self.registers.push(ForRank { rank, msg: register });
+                self.heartbeats.remove(&rank);
+                if self.up.is_some() {
+                    // in order with the rank's other messages: a `Left` of
+                    // the process it replaces leaves before it
+                    self.queued.push(ForRank { rank, msg: register });
+                } else {
+                    // the next session opens with it
+                    self.registers.retain(|r| r.rank != rank);
+                    self.registers.push(ForRank { rank, msg: register });
+                }
             }
             Local::Message { lane, msg } => {
                 let Some(rank) = self.rank_of(lane) else { return };
@@ -289,7 +300,15 @@ impl Hub {
                     msg @ WorkerMessage::Heartbeat { .. } => {
                         self.heartbeats.insert(rank, msg);
                     }
-                    msg => self.queued.push(ForRank { rank, msg }),
+                    msg => {
+                        // a rank's messages keep their order: a heartbeat
+                        // held from before a report (say, of the
+                        // generation the report leaves) leaves before it
+                        if let Some(held) = self.heartbeats.remove(&rank) {
+                            self.queued.push(ForRank { rank, msg: held });
+                        }
+                        self.queued.push(ForRank { rank, msg });
+                    }
                 }
             }
             Local::Closed { lane } => {
@@ -309,12 +328,10 @@ impl Hub {
         self.owners.iter().find(|(_, o)| o.lane == lane).map(|(r, _)| *r)
     }
 
-    /// Sends what is queued (registrations first) in frames of at most
-    /// [`BATCH_MAX`].
+    /// Sends what is queued, in order, in frames of at most [`BATCH_MAX`].
     async fn flush(&mut self) {
         let Some(up) = self.up.as_mut() else { return };
-        let mut items = std::mem::take(&mut self.registers);
-        items.append(&mut self.queued);
+        let items = std::mem::take(&mut self.queued);
         for chunk in items.chunks(BATCH_MAX) {
             if let Err(e) = up.send(WorkerMessage::Batch(chunk.to_vec())).await {
                 self.lost(&e.to_string());
@@ -459,4 +476,142 @@ fn ticker(every: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_shared::ids::{Generation, Incarnation, JobName, Step};
+    use flotilla_shared::spec::JobSpec;
+    use flotilla_shared::wire::WorkerStatus;
+
+    type Leader = Connection<TcpStream, WorkerMessage, CoordinatorMessage>;
+    type Worker = Connection<TcpStream, CoordinatorMessage, WorkerMessage>;
+
+    fn register(rank: u32) -> WorkerMessage {
+        WorkerMessage::Register {
+            job: JobName::new("j").unwrap(),
+            rank: Rank(rank),
+            incarnation: Incarnation(u64::from(rank) + 1),
+            http_addr: None,
+            generation: None,
+            step: Step(0),
+        }
+    }
+
+    fn heartbeat() -> WorkerMessage {
+        WorkerMessage::Heartbeat { generation: Generation(1), step: Step(0), status: WorkerStatus::Running }
+    }
+
+    /// A fake leader and an agent in front of it; four workers behind the
+    /// agent, each heartbeating every 50 ms at its own phase.
+    #[tokio::test]
+    async fn a_hosts_heartbeats_leave_in_one_frame_and_the_one_alive_reaches_every_worker() {
+        let spec = JobSpec::from_toml(
+            "name = \"j\"\nworld_size = 4\n[checkpoint]\nevery_steps = 10\nroot = \"/ckpt\"\n\
+             [failure]\nheartbeat_interval_ms = 50\nheartbeat_timeout_ms = 2000\n",
+        )
+        .unwrap();
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (up_addr, agent_addr) = (upstream.local_addr().unwrap(), local.local_addr().unwrap());
+        let opts = NodeOptions { coordinators: vec![up_addr.to_string()], tokens: None, tls: None };
+        let stop = CancellationToken::new();
+        tokio::spawn(run(local, opts, stop.clone()));
+
+        let mut workers = Vec::new();
+        for rank in 0..4u32 {
+            let tcp = TcpStream::connect(agent_addr).await.unwrap();
+            let (mut w, _): (Worker, _) =
+                client_handshake(tcp, PeerRole::Worker, None, DEFAULT_MAX_FRAME).await.unwrap();
+            w.send(register(rank)).await.unwrap();
+            workers.push(w);
+        }
+        // the leader: the registrations (in one frame or a few), answered
+        let (tcp, _) = upstream.accept().await.unwrap();
+        let (mut leader, _): (Leader, _) =
+            server_handshake(tcp, NodeId(1), None, DEFAULT_MAX_FRAME, |_, _| Ok(())).await.unwrap();
+        let mut registered = 0;
+        while registered < 4 {
+            let Some(Ok(WorkerMessage::Batch(items))) = leader.next().await else { panic!("not a batch") };
+            let mut answers = Vec::new();
+            for ForRank { rank, msg } in items {
+                assert!(matches!(msg, WorkerMessage::Register { .. }), "{msg:?}");
+                registered += 1;
+                let msg =
+                    CoordinatorMessage::Registered { spec: spec.clone(), generation: Generation(1), term: 1 };
+                answers.push(ForRank { rank, msg });
+            }
+            leader.send(CoordinatorMessage::Batch(answers)).await.unwrap();
+        }
+        for w in &mut workers {
+            assert!(matches!(w.next().await, Some(Ok(CoordinatorMessage::Registered { .. }))));
+        }
+        // each worker heartbeats on its own timer, 12 ms apart
+        let mut beating = Vec::new();
+        for (i, mut w) in workers.into_iter().enumerate() {
+            beating.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(12 * i as u64)).await;
+                let mut every = tokio::time::interval(Duration::from_millis(50));
+                let mut alive = 0;
+                loop {
+                    tokio::select! {
+                        _ = every.tick() => w.send(heartbeat()).await.unwrap(),
+                        got = w.next() => match got {
+                            Some(Ok(CoordinatorMessage::Alive)) => {
+                                alive += 1;
+                                if alive == 10 {
+                                    // the connection stays open (no Left) until the test ends
+                                    return (alive, w);
+                                }
+                            }
+                            other => panic!("{other:?}"),
+                        },
+                    }
+                }
+            }));
+        }
+        // over ten frames: every one carries heartbeats only, the latest of
+        // each rank at most once, and most carry all four ranks
+        let mut whole = 0;
+        for _ in 0..10 {
+            let Some(Ok(WorkerMessage::Batch(items))) = leader.next().await else { panic!("not a batch") };
+            let mut ranks: Vec<u32> = items
+                .iter()
+                .map(|i| {
+                    assert!(matches!(i.msg, WorkerMessage::Heartbeat { .. }), "{:?}", i.msg);
+                    i.rank.0
+                })
+                .collect();
+            ranks.sort_unstable();
+            let n = ranks.len();
+            ranks.dedup();
+            assert_eq!(ranks.len(), n, "a rank twice in one frame");
+            whole += usize::from(n == 4);
+            leader.send(CoordinatorMessage::Alive).await.unwrap();
+        }
+        assert!(whole >= 5, "only {whole} of 10 frames carried all 4 ranks");
+        // the one Alive per frame reached every worker
+        let mut quiet = Vec::new();
+        for b in beating {
+            let (alive, w) = tokio::time::timeout(Duration::from_secs(5), b).await.unwrap().unwrap();
+            assert_eq!(alive, 10);
+            quiet.push(w);
+        }
+        // a rank's messages keep their order: the heartbeat of generation 1
+        // sent before the report of generation 2 reaches the leader first
+        let w = &mut quiet[0];
+        w.send(heartbeat()).await.unwrap();
+        w.send(WorkerMessage::Restored { generation: Generation(2), step: Step(0) }).await.unwrap();
+        let mut seen = Vec::new();
+        while !seen.iter().any(|m| matches!(m, WorkerMessage::Restored { .. })) {
+            let Some(Ok(WorkerMessage::Batch(items))) = leader.next().await else { panic!("not a batch") };
+            seen.extend(items.into_iter().filter(|i| i.rank == Rank(0)).map(|i| i.msg));
+        }
+        assert!(
+            matches!(seen[..], [WorkerMessage::Heartbeat { .. }, WorkerMessage::Restored { .. }]),
+            "{seen:?}"
+        );
+        stop.cancel();
+    }
 }
