@@ -15,7 +15,7 @@ use crate::state::Event;
 use crate::supervisor::{
     Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
 };
-use flotilla_shared::frame::{server_handshake, Tokens, DEFAULT_MAX_FRAME};
+use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
 use flotilla_shared::shard::read_header;
@@ -574,20 +574,7 @@ async fn serve_worker(
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let me = node.status().id;
-    let (mut conn, _hello) = server_handshake::<_, WorkerMessage, CoordinatorMessage>(
-        stream,
-        me,
-        token.as_ref(),
-        DEFAULT_MAX_FRAME,
-        |_, _| Ok(()),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
-        .await
-        .map_err(|_| "no Register within 10 s".to_string())?
-        .ok_or("closed before registering")?
-        .map_err(|e| e.to_string())?;
+    let (mut conn, first) = flotilla_shared::frame::accept_worker(stream, me, token.as_ref()).await?;
     let node_session = match &first {
         WorkerMessage::Register { .. } => false,
         WorkerMessage::Batch(items)

@@ -318,6 +318,34 @@ where
     Ok((conn.map_codec(|c| c.resize(max_frame)), hello))
 }
 
+/// How long a worker connection may take to send its first message.
+pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts a worker's connection: the handshake (checking `tokens`), then
+/// its first message (a registration), within [`FIRST_MESSAGE_TIMEOUT`].
+/// The coordinator's worker API and the node agent both start this way.
+pub async fn accept_worker<T>(
+    io: T,
+    node: NodeId,
+    tokens: Option<&Tokens>,
+) -> Result<
+    (Connection<T, crate::wire::WorkerMessage, crate::wire::CoordinatorMessage>, crate::wire::WorkerMessage),
+    String,
+>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut conn, _hello) = server_handshake(io, node, tokens, DEFAULT_MAX_FRAME, |_, _| Ok(()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.next())
+        .await
+        .map_err(|_| format!("no Register within {FIRST_MESSAGE_TIMEOUT:?}"))?
+        .ok_or("closed before registering")?
+        .map_err(|e| e.to_string())?;
+    Ok((conn, first))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

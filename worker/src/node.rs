@@ -29,7 +29,7 @@
 //!   worker's connection, so the worker either stops or registers again.
 
 use flotilla_shared::frame::{
-    client_handshake, server_handshake, Connection, FrameError, Tokens, DEFAULT_MAX_FRAME,
+    accept_worker, client_handshake, Connection, FrameError, Tokens, DEFAULT_MAX_FRAME,
 };
 use flotilla_shared::ids::{NodeId, Rank};
 use flotilla_shared::tls::{ClientTls, Stream};
@@ -118,15 +118,7 @@ async fn serve_local(
     hub: mpsc::Sender<Local>,
     lane: u64,
 ) -> Result<(), String> {
-    let (mut conn, _hello): (Connection<TcpStream, WorkerMessage, CoordinatorMessage>, _) =
-        server_handshake(stream, NodeId(0), tokens.as_ref(), DEFAULT_MAX_FRAME, |_, _| Ok(()))
-            .await
-            .map_err(|e| e.to_string())?;
-    let first = tokio::time::timeout(Duration::from_secs(10), conn.next())
-        .await
-        .map_err(|_| "no Register within 10 s".to_string())?
-        .ok_or("closed before registering")?
-        .map_err(|e| e.to_string())?;
+    let (mut conn, first) = accept_worker(stream, NodeId(0), tokens.as_ref()).await?;
     let WorkerMessage::Register { rank, .. } = &first else {
         let message =
             "a node agent carries one rank per connection: the first message must be Register".into();
@@ -481,6 +473,7 @@ fn ticker(every: Duration) -> tokio::time::Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_shared::frame::server_handshake;
     use flotilla_shared::ids::{Generation, Incarnation, JobName, Step};
     use flotilla_shared::spec::JobSpec;
     use flotilla_shared::wire::WorkerStatus;
