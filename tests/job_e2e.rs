@@ -293,6 +293,51 @@ async fn not_enough_device_memory_blocks_then_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_spec_bigger_than_the_host_blocks_the_first_start_and_no_worker_aborts() {
+    // 1 TiB of parameters per rank, the most a spec may ask: the built-in
+    // trainer would need twice that in host memory, which no test host has
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "name = \"big\"\nworld_size = 2\n\n[checkpoint]\nevery_steps = 50\nroot = \"{}\"\n\n\
+         [trainer]\ntotal_steps = 100\nparams_per_rank_bytes = {}\nlayers = 2\n",
+        dir.path().join("ckpt").display(),
+        1u64 << 40
+    );
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 1, LocalOptions::default()).unwrap();
+    cluster.wait_for_leader(LONG).await.unwrap();
+    let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
+    client.submit(&text).await.unwrap();
+    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "big", 2);
+    tracing::info!("--- both ranks start: neither allocates, the first start is refused with the figures");
+    for rank in 0..2 {
+        workers.spawn(rank, &[]).unwrap();
+    }
+    let blocked = wait_for("the job to be blocked", LONG, || async {
+        let job = client.status(Some("big")).await.map_err(|e| e.to_string())?.jobs.into_iter().next();
+        match job {
+            Some(j) if j.state == "blocked" => Ok(j),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let error = blocked.error.unwrap();
+    assert!(
+        error.contains("start needs 2.0 TiB") && error.contains("trainer.params_per_rank_bytes"),
+        "{error}"
+    );
+    assert_eq!(blocked.generation.0, 1, "nothing restarted: {:?}", blocked.events);
+    // no worker aborted (an allocation of 1 TiB used to abort with exit 134):
+    // both still answer, not ready, and say why
+    assert!(workers.exited().is_empty(), "a worker exited");
+    for rank in 0..2 {
+        let ready = reqwest::get(format!("http://{}/readyz", workers.http_addr(rank))).await.unwrap();
+        assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        let why = ready.text().await.unwrap();
+        assert!(why.starts_with("restore refused: rank ") && why.contains("start needs"), "{why}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_paused_worker_is_fenced_and_cannot_write_into_a_live_checkpoint() {
     let s = Scenario::start(2, 1500, "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 600\n")
         .await;

@@ -75,6 +75,21 @@ pub enum FrameError {
     /// Encoding a message failed (a bug: every message type serializes).
     #[error("cannot encode message: {0}")]
     Encode(String),
+    /// The peer answered in HTTP: the address is an HTTP port (a
+    /// coordinator's `--http-addr`, used by `--endpoints`), not a worker API.
+    #[error(
+        "the peer answered in HTTP: this is an HTTP address (a coordinator's --http-addr, which --endpoints takes), \
+         not a worker API address; give workers and node agents the coordinators' --api-addr in --coordinators"
+    )]
+    Http,
+}
+
+impl FrameError {
+    /// Whether trying the same address again cannot help: it serves another
+    /// protocol. (Another version can: a rolling upgrade ends.)
+    pub fn is_wrong_peer(&self) -> bool {
+        matches!(self, FrameError::Http)
+    }
 }
 
 /// Codec of typed frames: decodes `In`, encodes `Out`.
@@ -119,6 +134,11 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
         let head_available = !self.in_body && src.len() >= 4;
         if head_available {
             let len = u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]]));
+            // an HTTP server answers our first frame with "HTTP/1.1 400 ...":
+            // those four bytes read as a length are 1.2 GB
+            if len > self.max as u64 && src[..4] == *b"HTTP" {
+                return Err(FrameError::Http);
+            }
             if len > self.max as u64 {
                 return Err(FrameError::TooLarge { len, max: self.max });
             }
@@ -366,6 +386,18 @@ mod tests {
         let mut buf = BytesMut::new();
         Codec::new(DEFAULT_MAX_FRAME).encode(msg, &mut buf).unwrap();
         buf
+    }
+
+    #[test]
+    fn an_http_answer_is_named_for_what_it_is_not_read_as_a_length() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"[..]);
+        let err = Codec::new(DEFAULT_MAX_FRAME).decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::Http) && err.is_wrong_peer(), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("--api-addr") && text.contains("--endpoints"), "{text}");
+        // any other oversized length stays an oversized frame
+        let mut big = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 1][..]);
+        assert!(matches!(Codec::new(DEFAULT_MAX_FRAME).decode(&mut big), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub enum WorkerError {
     /// The coordinator refused the job or rank.
     #[error("{0}")]
     Refused(String),
+    /// The device memory reader could not be opened (`--gpu`, `--require-gpu`).
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
 }
 
 /// What `/v1/status` shows.
@@ -119,10 +122,8 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(),
     if opts.coordinators.is_empty() {
         return Err(WorkerError::Config("--coordinators is empty; list the coordinators' --api-addr".into()));
     }
-    let device: Arc<dyn DeviceMemory> = Arc::from(
-        device::open(opts.gpu.as_deref(), opts.require_gpu, opts.free_override.as_deref())
-            .map_err(WorkerError::Config)?,
-    );
+    let device: Arc<dyn DeviceMemory> =
+        Arc::from(device::open(opts.gpu.as_deref(), opts.require_gpu, opts.free_override.as_deref())?);
     let metrics = WorkerMetrics::for_rank(opts.job.as_str(), opts.rank.0);
     let reading = device.read().ok();
     if let Some(r) = &reading {
@@ -332,6 +333,10 @@ impl Agent {
                     {
                         SessionError::Fatal(WorkerError::Refused(r.message))
                     }
+                    // another protocol on that port: no retry can help
+                    flotilla_shared::frame::HandshakeError::Frame(f) if f.is_wrong_peer() => {
+                        SessionError::Fatal(WorkerError::Config(format!("--coordinators {addr}: {f}")))
+                    }
                     other => SessionError::Retry(other.to_string()),
                 })?;
         conn.send(WorkerMessage::Register {
@@ -483,7 +488,8 @@ impl Agent {
                     }
                     match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
                         Ok(runner) => runner.run(rx),
-                        Err(reason) => {
+                        Err(e) => {
+                            let reason = e.to_string();
                             tracing::error!("cannot start the trainer: {reason}");
                             sink(WorkerMessage::TrainerFailed { generation: Generation(0), reason });
                         }

@@ -166,7 +166,8 @@ pub fn snapshot_bench(opts: &SnapshotBenchOptions) -> io::Result<SnapshotBenchRe
     let (tx, rx) = channel::<WriteOutcome>();
     let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| {
         let _ = tx.send(o);
-    })?;
+    })
+    .map_err(io::Error::other)?;
     let mut copy_dst = vec![1u8; snap.bytes()];
     // reads go into memory touched beforehand, as a worker restores into its
     // snapshot buffer; room for the header too

@@ -39,10 +39,43 @@ pub struct Reading {
     pub free_override: Option<u64>,
 }
 
+/// Why device memory could not be read, or the reader could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// NVML is loaded but cannot open the GPU `--gpu` names.
+    #[error("NVML cannot open GPU {selector}: {source}; check --gpu (an index or a UUID)")]
+    OpenGpu {
+        /// The `--gpu` value.
+        selector: String,
+        /// NVML's answer.
+        source: nvml_wrapper::error::NvmlError,
+    },
+    /// NVML opened the GPU but cannot read its memory.
+    #[error("NVML memory_info on GPU {selector}: {source}")]
+    MemoryInfo {
+        /// The `--gpu` value.
+        selector: String,
+        /// NVML's answer.
+        source: nvml_wrapper::error::NvmlError,
+    },
+    /// `--require-gpu` with no NVML on this host.
+    #[error("--require-gpu: NVML is not available ({0}); install the NVIDIA driver or drop --require-gpu")]
+    NoNvml(nvml_wrapper::error::NvmlError),
+    /// The host's memory figures cannot be read.
+    #[error("cannot read /proc/meminfo: {0}")]
+    Meminfo(std::io::Error),
+    /// `/proc/meminfo` lacks a figure.
+    #[error("no {0} in /proc/meminfo")]
+    MeminfoField(&'static str),
+    /// `FLOTILLA_DEVICE_FREE_BYTES` is not a number.
+    #[error("{FREE_BYTES_OVERRIDE}={0:?} is not a number of bytes")]
+    BadOverride(String),
+}
+
 /// A device whose memory can be read.
 pub trait DeviceMemory: Send + Sync {
     /// Reads total and free memory now.
-    fn read(&self) -> Result<Reading, String>;
+    fn read(&self) -> Result<Reading, DeviceError>;
 }
 
 struct Nvml {
@@ -51,19 +84,21 @@ struct Nvml {
 }
 
 impl Nvml {
-    fn device(&self) -> Result<nvml_wrapper::Device<'_>, String> {
+    fn device(&self) -> Result<nvml_wrapper::Device<'_>, DeviceError> {
         match self.selector.parse::<u32>() {
             Ok(i) => self.nvml.device_by_index(i),
             Err(_) => self.nvml.device_by_uuid(self.selector.as_str()),
         }
-        .map_err(|e| format!("NVML cannot open GPU {}: {e}; check --gpu (an index or a UUID)", self.selector))
+        .map_err(|source| DeviceError::OpenGpu { selector: self.selector.clone(), source })
     }
 }
 
 impl DeviceMemory for Nvml {
-    fn read(&self) -> Result<Reading, String> {
+    fn read(&self) -> Result<Reading, DeviceError> {
         let dev = self.device()?;
-        let mem = dev.memory_info().map_err(|e| format!("NVML memory_info on GPU {}: {e}", self.selector))?;
+        let mem = dev
+            .memory_info()
+            .map_err(|source| DeviceError::MemoryInfo { selector: self.selector.clone(), source })?;
         let name = dev.name().unwrap_or_else(|_| "unknown".into());
         Ok(Reading {
             device: format!("GPU {} ({name})", self.selector),
@@ -76,7 +111,10 @@ impl DeviceMemory for Nvml {
     }
 }
 
-struct Host;
+/// The host's available memory (`MemAvailable` in `/proc/meminfo`): the
+/// device without NVML, and where the built-in trainer's and the snapshot
+/// buffer's memory always comes from.
+pub struct Host;
 
 fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
     text.lines()
@@ -85,11 +123,11 @@ fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
 }
 
 impl DeviceMemory for Host {
-    fn read(&self) -> Result<Reading, String> {
-        let text = std::fs::read_to_string("/proc/meminfo")
-            .map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
-        let total = meminfo_kib(&text, "MemTotal:").ok_or("no MemTotal in /proc/meminfo")? * 1024;
-        let free = meminfo_kib(&text, "MemAvailable:").ok_or("no MemAvailable in /proc/meminfo")? * 1024;
+    fn read(&self) -> Result<Reading, DeviceError> {
+        let text = std::fs::read_to_string("/proc/meminfo").map_err(DeviceError::Meminfo)?;
+        let total = meminfo_kib(&text, "MemTotal:").ok_or(DeviceError::MeminfoField("MemTotal"))? * 1024;
+        let free =
+            meminfo_kib(&text, "MemAvailable:").ok_or(DeviceError::MeminfoField("MemAvailable"))? * 1024;
         Ok(Reading {
             device: "host memory".into(),
             label: "host".into(),
@@ -107,7 +145,7 @@ struct Override {
 }
 
 impl DeviceMemory for Override {
-    fn read(&self) -> Result<Reading, String> {
+    fn read(&self) -> Result<Reading, DeviceError> {
         let mut r = self.inner.read()?;
         r.free = self.free;
         r.free_override = Some(self.free);
@@ -121,7 +159,7 @@ pub fn open(
     gpu: Option<&str>,
     require_gpu: bool,
     override_free: Option<&str>,
-) -> Result<Box<dyn DeviceMemory>, String> {
+) -> Result<Box<dyn DeviceMemory>, DeviceError> {
     let selector = gpu.unwrap_or("0").to_string();
     let base: Box<dyn DeviceMemory> = match nvml_wrapper::Nvml::init() {
         Ok(nvml) => {
@@ -135,11 +173,7 @@ pub fn open(
             );
             Box::new(dev)
         }
-        Err(e) if require_gpu => {
-            return Err(format!(
-                "--require-gpu: NVML is not available ({e}); install the NVIDIA driver or drop --require-gpu"
-            ))
-        }
+        Err(e) if require_gpu => return Err(DeviceError::NoNvml(e)),
         Err(e) => {
             tracing::warn!(
                 "NVML is not available ({e}); restores check the host's available memory instead of a GPU's"
@@ -150,10 +184,7 @@ pub fn open(
     match override_free {
         None => Ok(base),
         Some(text) => {
-            let free: u64 = text
-                .trim()
-                .parse()
-                .map_err(|_| format!("{FREE_BYTES_OVERRIDE}={text:?} is not a number of bytes"))?;
+            let free: u64 = text.trim().parse().map_err(|_| DeviceError::BadOverride(text.to_string()))?;
             tracing::warn!("{FREE_BYTES_OVERRIDE}={free} is in force: restores see {free} bytes free");
             Ok(Box::new(Override { inner: base, free }))
         }
@@ -192,7 +223,7 @@ mod tests {
 
     #[test]
     fn override_must_be_a_number() {
-        let err = open(None, false, Some("lots")).err().unwrap();
+        let err = open(None, false, Some("lots")).err().unwrap().to_string();
         assert!(err.contains("FLOTILLA_DEVICE_FREE_BYTES"), "{err}");
     }
 
@@ -209,7 +240,7 @@ mod tests {
             }
             Err(_) => {
                 eprintln!("NVML not present: checked the host fallback and --require-gpu instead (no GPU test here)");
-                let err = open(None, true, None).err().unwrap();
+                let err = open(None, true, None).err().unwrap().to_string();
                 assert!(err.contains("--require-gpu"), "{err}");
                 assert_eq!(open(None, false, None).unwrap().read().unwrap().source, Source::Host);
             }

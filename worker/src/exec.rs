@@ -973,12 +973,13 @@ impl ExecRunner {
                 Some(shm) => Ok(shm),
                 None => ShmFile::create(&shm_dir(), &unique_name("snapshot"), bytes),
             };
-            let built = shm.and_then(|shm| {
+            let built = shm.map_err(|e| e.to_string()).and_then(|shm| {
                 Snapshotter::over(
                     vars.clone(),
                     shm,
                     shard_reporter(self.events.clone(), self.metrics.clone()),
                 )
+                .map_err(|e| e.to_string())
             });
             match built {
                 Ok(snap) => self.snap = Some((vars.clone(), snap)),

@@ -14,3 +14,8 @@ pub mod runner;
 pub mod shm;
 pub mod snapshot;
 pub mod trainer;
+
+pub use agent::WorkerError;
+
+/// The worker crate's result: [`WorkerError`] unless a seam says otherwise.
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

@@ -7,10 +7,10 @@
 //! ([`WorkerMessage`]s, forwarded as they are) out, and the
 //! current step/generation/status in [`RunnerState`] atomics.
 
-use crate::device::{human_bytes, DeviceMemory};
+use crate::device::{human_bytes, DeviceMemory, Host};
 use crate::metrics::WorkerMetrics;
-use crate::snapshot::{Snapshotter, WriteOutcome, WriteRequest};
-use crate::trainer::{BuiltinTrainer, Trainer};
+use crate::snapshot::{SnapshotError, Snapshotter, WriteOutcome, WriteRequest};
+use crate::trainer::{host_memory_need, BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
@@ -153,6 +153,11 @@ impl Taken {
     }
 }
 
+/// A job without a `[trainer]` section cannot run the built-in trainer.
+#[derive(Debug, thiserror::Error)]
+#[error("job {0} has no [trainer] section; the built-in trainer needs one")]
+pub struct NoTrainerSection(pub JobName);
+
 /// Sends reports to the agent, which forwards them to the coordinator.
 pub type EventSink = Arc<dyn Fn(WorkerMessage) + Send + Sync>;
 
@@ -175,7 +180,9 @@ pub struct Runner {
     /// Memory for the first trainer, touched while the process started
     /// (taken by the first restore).
     spare: Option<BuiltinTrainer>,
-    snap: Snapshotter,
+    /// The snapshot pipeline; `None` until the host had the memory
+    /// ([`Runner::provision`]).
+    snap: Option<Snapshotter>,
     device: Arc<dyn DeviceMemory>,
     events: EventSink,
     state: Arc<RunnerState>,
@@ -191,6 +198,12 @@ pub struct Runner {
 
 impl Runner {
     /// A runner for `rank` of `spec`, with a fresh trainer at step 0.
+    ///
+    /// The trainer's memory and the snapshot buffer are allocated and
+    /// touched now when the host has them; when it has not, nothing is
+    /// allocated and every restore directive (the first start included) is
+    /// refused with the figures, so the job is blocked with the reason
+    /// instead of this process aborting.
     pub fn new(
         spec: JobSpec,
         rank: Rank,
@@ -198,32 +211,18 @@ impl Runner {
         events: EventSink,
         state: Arc<RunnerState>,
         metrics: WorkerMetrics,
-    ) -> Result<Self, String> {
-        let trainer_spec = spec.trainer.clone().ok_or_else(|| {
-            format!("job {} has no [trainer] section; the built-in trainer needs one", spec.name)
-        })?;
+    ) -> Result<Self, NoTrainerSection> {
+        let trainer_spec = spec.trainer.clone().ok_or_else(|| NoTrainerSection(spec.name.clone()))?;
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
-        let started = Instant::now();
-        let snap = Snapshotter::new(vars.clone(), shard_reporter(events.clone(), metrics.clone()))
-            .map_err(|e| format!("cannot start the shard writer: {e}"))?;
-        // the trainer's memory, faulted in on every core now rather than
-        // page by page in the first restore's load or the first steps
-        let mut spare = BuiltinTrainer::zeroed(&trainer_spec, rank);
-        spare.touch();
-        tracing::info!(
-            "snapshot buffer and trainer memory ready: 2 x {:.1} MiB touched in {:.1} ms",
-            snap.bytes() as f64 / (1 << 20) as f64,
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        Ok(Self {
+        let mut runner = Self {
             job: spec.name.clone(),
             rank,
             spec,
             trainer_spec,
             vars,
             trainer: None,
-            spare: Some(spare),
-            snap,
+            spare: None,
+            snap: None,
             device,
             events,
             state,
@@ -233,7 +232,66 @@ impl Runner {
             finished: false,
             pending: None,
             taken: Taken::default(),
-        })
+        };
+        if let Err(why) = runner.provision() {
+            tracing::error!("{why}; every restore is refused until the host has the memory");
+        }
+        Ok(runner)
+    }
+
+    /// Allocates and touches the trainer's memory and the snapshot buffer,
+    /// once, after checking the host's available memory against what they
+    /// take (plus `failure.memory_headroom_bytes`). Nothing is allocated
+    /// when the check fails, and a refused allocation is an error too, never
+    /// an abort.
+    fn provision(&mut self) -> Result<(), String> {
+        if self.snap.is_some() {
+            return Ok(());
+        }
+        let need = host_memory_need(&self.trainer_spec) + self.spec.failure.memory_headroom_bytes;
+        let host = Host.read().map_err(|e| format!("rank {}: {e}", self.rank))?;
+        let params = self.trainer_spec.params_per_rank_bytes;
+        if host.free < need {
+            return Err(format!(
+                "rank {} on {}: start needs {} (trainer.params_per_rank_bytes = {params}: weights, optimizer \
+                 state and the snapshot buffer), {} free; lower trainer.params_per_rank_bytes or free memory on the host",
+                self.rank,
+                host.device,
+                human_bytes(need),
+                human_bytes(host.free)
+            ));
+        }
+        let started = Instant::now();
+        let refused = |what: &str| {
+            format!(
+                "rank {} on {}: the host refused {what} (trainer.params_per_rank_bytes = {params}), {} free; \
+                 lower trainer.params_per_rank_bytes or free memory on the host",
+                self.rank,
+                host.device,
+                human_bytes(host.free)
+            )
+        };
+        let snap =
+            Snapshotter::new(self.vars.clone(), shard_reporter(self.events.clone(), self.metrics.clone()))
+                .map_err(|e| match e {
+                    SnapshotError::NoMemory { bytes } => {
+                        refused(&format!("a snapshot buffer of {}", human_bytes(bytes as u64)))
+                    }
+                    other => format!("rank {}: {other}", self.rank),
+                })?;
+        // the trainer's memory, faulted in on every core now rather than
+        // page by page in the first restore's load or the first steps
+        let mut spare = BuiltinTrainer::try_zeroed(&self.trainer_spec, self.rank)
+            .ok_or_else(|| refused("the trainer's memory"))?;
+        spare.touch();
+        tracing::info!(
+            "snapshot buffer and trainer memory ready: 2 x {:.1} MiB touched in {:.1} ms",
+            snap.bytes() as f64 / (1 << 20) as f64,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        self.snap = Some(snap);
+        self.spare = Some(spare);
+        Ok(())
     }
 
     fn total_steps(&self) -> u64 {
@@ -314,8 +372,8 @@ impl Runner {
             step: p.step,
             generation: p.generation,
         };
-        let Some(trainer) = self.trainer.as_ref() else { return };
-        match self.snap.snapshot(trainer, WriteRequest { path: p.path, meta }) {
+        let (Some(trainer), Some(snap)) = (self.trainer.as_ref(), self.snap.as_mut()) else { return };
+        match snap.snapshot(trainer, WriteRequest { path: p.path, meta }) {
             Ok(stall) => {
                 self.metrics.stall.observe(stall.total().as_secs_f64());
                 tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
@@ -397,7 +455,9 @@ impl Runner {
             RunnerCmd::Abort { id } => {
                 self.pending.take_if(|p| p.id == id);
                 // its shard is garbage: free the disk and the buffer now
-                self.snap.cancel_write_of(id);
+                if let Some(snap) = &self.snap {
+                    snap.cancel_write_of(id);
+                }
             }
             RunnerCmd::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {
@@ -411,7 +471,9 @@ impl Runner {
                 self.running = false;
                 self.pending = None;
                 // a write still in flight is of the generation being left
-                self.snap.cancel_writes();
+                if let Some(snap) = &self.snap {
+                    snap.cancel_writes();
+                }
                 self.state.set_status(WorkerStatus::Restoring);
                 let start = Instant::now();
                 let event = self.restore(generation, from);
@@ -432,6 +494,15 @@ impl Runner {
     }
 
     fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> WorkerMessage {
+        // the first start too: no memory, no start (the job is blocked on it)
+        if let Err(message) = self.provision() {
+            return WorkerMessage::RestoreFailed {
+                generation,
+                checkpoint: from.map(|p| p.checkpoint),
+                kind: RestoreFailureKind::DeviceMemory,
+                message,
+            };
+        }
         let Some(point) = from else {
             let mut fresh = self
                 .trainer
@@ -468,7 +539,13 @@ impl Runner {
             spare.take().unwrap_or_else(|| BuiltinTrainer::zeroed(trainer_spec, rank))
         });
         let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
-        let loaded = self.snap.with_buffer(|buf| {
+        let Some(snap) = self.snap.as_mut() else {
+            return failed(
+                RestoreFailureKind::DeviceMemory,
+                format!("{label}: no snapshot buffer to read into"),
+            );
+        };
+        let loaded = snap.with_buffer(|buf| {
             let at = Instant::now();
             let shard = Shard::read_verified_into(&path, &label, &point.shard, buf);
             read = at.elapsed();

@@ -79,6 +79,24 @@ pub enum SnapshotError {
     /// The writer thread is gone (it panicked or the pipeline is shutting down).
     #[error("the shard writer thread has stopped")]
     WriterGone,
+    /// The buffer could not be allocated: the host has not that much memory
+    /// to give (an allocation sized by a spec never aborts the process).
+    #[error("cannot allocate a snapshot buffer of {}: the host refused the memory", crate::device::human_bytes(*bytes as u64))]
+    NoMemory {
+        /// The buffer's size.
+        bytes: usize,
+    },
+    /// The buffer is shorter than the variables.
+    #[error("snapshot buffer of {got} bytes for {want} bytes of variables")]
+    ShortBuffer {
+        /// The buffer's length.
+        got: usize,
+        /// The variables' bytes.
+        want: usize,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the shard writer thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A write request, its buffer, and its sequence number (for cancelling).
@@ -113,12 +131,13 @@ impl Snapshotter<Vec<u8>> {
     pub fn new(
         vars: Vec<VariableSpec>,
         on_done: impl FnMut(WriteOutcome) + Send + 'static,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SnapshotError> {
         let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
         // Touch every page now (on every core), so no checkpoint pays for
         // page faults; room for a shard's header too, so a restore can read
         // a whole shard file into the same memory
-        let mut buffer = vec![0u8; bytes + READ_ROOM];
+        let mut buffer = crate::trainer::try_zeroed::<u8>(bytes + READ_ROOM)
+            .ok_or(SnapshotError::NoMemory { bytes: bytes + READ_ROOM })?;
         crate::trainer::fill_parallel(vec![&mut buffer], 1);
         buffer.truncate(bytes);
         Self::over(vars, buffer, on_done)
@@ -159,43 +178,49 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         vars: Vec<VariableSpec>,
         buffer: B,
         mut on_done: impl FnMut(WriteOutcome) + Send + 'static,
-    ) -> std::io::Result<Self> {
+    ) -> Result<Self, SnapshotError> {
         let bytes: usize = vars.iter().map(VariableSpec::byte_len).sum();
         if buffer.as_ref().len() < bytes {
-            return Err(std::io::Error::other(format!(
-                "snapshot buffer of {} bytes for {bytes} bytes of variables",
-                buffer.as_ref().len()
-            )));
+            return Err(SnapshotError::ShortBuffer { got: buffer.as_ref().len(), want: bytes });
         }
         let (returned_tx, returned) = sync_channel(1);
         let (jobs, job_rx) = sync_channel::<Job<B>>(1);
         let cancel_through = Arc::new(AtomicU64::new(0));
         let cancel = cancel_through.clone();
-        let writer = std::thread::Builder::new().name("flotilla-shard-writer".into()).spawn(move || {
-            for (req, buf, seq) in job_rx {
-                let cancelled = || cancel.load(Ordering::Acquire) >= seq;
-                let start = Instant::now();
-                let result = req
-                    .path
-                    .parent()
-                    .map_or(Ok(()), durable::create_dir_all_durable)
-                    .map_err(|source| ShardError {
-                        shard: format!("checkpoint {} rank {}", req.meta.checkpoint, req.meta.rank),
-                        kind: flotilla_shared::shard::ShardErrorKind::Io {
-                            op: "create directory for",
-                            path: req.path.display().to_string(),
-                            source,
-                        },
-                    })
-                    .and_then(|()| {
-                        write_shard_unless(&req.path, &req.meta, &vars, &buf.as_ref()[..bytes], &cancelled)
-                    });
-                on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
-                if returned_tx.send(buf).is_err() {
-                    break;
+        let writer = std::thread::Builder::new()
+            .name("flotilla-shard-writer".into())
+            .spawn(move || {
+                for (req, buf, seq) in job_rx {
+                    let cancelled = || cancel.load(Ordering::Acquire) >= seq;
+                    let start = Instant::now();
+                    let result = req
+                        .path
+                        .parent()
+                        .map_or(Ok(()), durable::create_dir_all_durable)
+                        .map_err(|source| ShardError {
+                            shard: format!("checkpoint {} rank {}", req.meta.checkpoint, req.meta.rank),
+                            kind: flotilla_shared::shard::ShardErrorKind::Io {
+                                op: "create directory for",
+                                path: req.path.display().to_string(),
+                                source,
+                            },
+                        })
+                        .and_then(|()| {
+                            write_shard_unless(
+                                &req.path,
+                                &req.meta,
+                                &vars,
+                                &buf.as_ref()[..bytes],
+                                &cancelled,
+                            )
+                        });
+                    on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
+                    if returned_tx.send(buf).is_err() {
+                        break;
+                    }
                 }
-            }
-        })?;
+            })
+            .map_err(SnapshotError::Thread)?;
         Ok(Self {
             bytes,
             idle: Some(buffer),

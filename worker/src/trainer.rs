@@ -116,6 +116,24 @@ fn on_every_core<T: Send>(mut pieces: Vec<T>, work: impl Fn(T) + Sync) {
     });
 }
 
+/// `n` zeroed elements, or `None` where the allocator refuses that much
+/// memory: unlike `vec![0; n]`, which aborts the process, this lets a size
+/// that comes from a spec fail as a refusal with a reason.
+pub fn try_zeroed<T: Clone + Default>(n: usize) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.resize(n, T::default());
+    Some(v)
+}
+
+/// The host memory the built-in trainer of `spec` takes: its weights and
+/// both optimizer slots, and the snapshot buffer beside them (with room for
+/// a shard's header), in bytes.
+pub fn host_memory_need(spec: &TrainerSpec) -> u64 {
+    let bytes: u64 = BuiltinTrainer::model_variables(spec).iter().map(|v| v.byte_len() as u64).sum();
+    2 * bytes + crate::snapshot::READ_ROOM as u64
+}
+
 /// One weight variable and where its elements live in the flat arrays.
 #[derive(Debug, Clone)]
 struct Slot {
@@ -226,6 +244,11 @@ impl BuiltinTrainer {
     /// A trainer with every variable zero, to be overwritten by [`Trainer::load`]
     /// (skips the initialisation a restore would throw away).
     pub fn zeroed(spec: &TrainerSpec, rank: Rank) -> Self {
+        Self::try_zeroed(spec, rank).expect("the host refused the built-in trainer's memory")
+    }
+
+    /// [`BuiltinTrainer::zeroed`], or `None` where the host refuses the memory.
+    pub fn try_zeroed(spec: &TrainerSpec, rank: Rank) -> Option<Self> {
         let vars = Self::model_variables(spec);
         let n_weights = (vars.len() - 1) / 3;
         let mut slots = Vec::with_capacity(n_weights);
@@ -234,16 +257,16 @@ impl BuiltinTrainer {
             slots.push(Slot { range: at..at + w.elements() });
             at += w.elements();
         }
-        Self {
+        Some(Self {
             seed: spec.seed,
             rank,
             step: 0,
             vars,
             slots,
-            weights: vec![0f32; at],
-            m: vec![0f32; at],
-            v: vec![0f32; at],
-        }
+            weights: try_zeroed(at)?,
+            m: try_zeroed(at)?,
+            v: try_zeroed(at)?,
+        })
     }
 
     fn regions(&self) -> [&[u8]; 3] {
