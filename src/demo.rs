@@ -7,6 +7,8 @@ use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_coordinator::node::Role;
+use flotilla_coordinator::state::JobEventKind;
+use flotilla_shared::ids::Generation;
 use flotilla_shared::spec::JobSpec;
 use flotilla_worker::trainer::reference_digest;
 use std::io::{IsTerminal, Write};
@@ -172,11 +174,11 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                 recovery = Some(Duration::from_millis(since.saturating_sub(killed_wall_ms)));
                 // the ledger records when the leader saw the failure (the
                 // restore's proposal); this host's clock is the leader's
-                let restore_event = format!("restore into generation {} ", generation + 1);
+                let next = Generation(generation + 1);
                 seen_after = job
                     .events
                     .iter()
-                    .find(|e| e.text.starts_with(&restore_event))
+                    .find(|e| matches!(e.kind, Some(JobEventKind::Restore { generation, .. }) if generation == next))
                     .map(|e| e.at_ms.saturating_sub(killed_wall_ms));
                 progress.say(&format!(
                     "all ranks training again in generation {} from {} after {:.2} s",

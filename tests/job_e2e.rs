@@ -9,7 +9,8 @@ use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::bench::{sim_node, sim_worker, NodeControl};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
-use flotilla_shared::ids::JobName;
+use flotilla_coordinator::state::JobEventKind;
+use flotilla_shared::ids::{JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::spec::JobSpec;
@@ -190,6 +191,65 @@ async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
         .await;
     let corrupt = after.checkpoints.iter().find(|c| c.id == latest.id);
     assert!(corrupt.is_none_or(|c| c.state == "corrupt"), "{corrupt:?}");
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_checkpoint_condemned_is_an_event_a_metric_and_the_job_still_converges() {
+    let mut s = Scenario::start(2, 1500, "").await;
+    s.wait_job("two committed checkpoints", |j| j.checkpoints_committed >= 2 && j.state == "running").await;
+    // freeze every rank so nothing newer commits, then damage every shard
+    // on disk: committed ones, and any pending one that might still land
+    let pids: Vec<u32> = (0..2).map(|r| s.workers.pid(r).unwrap()).collect();
+    for pid in &pids {
+        signal(*pid, "STOP").unwrap();
+    }
+    let before = s.job().await.unwrap();
+    let root = s.dir.path().join("ckpt/e2e");
+    let mut damaged = 0;
+    for c in &before.checkpoints {
+        let path = shard_path(&root, c.id.0, 0);
+        if let Ok(mut bytes) = std::fs::read(&path) {
+            let at = bytes.len() - 100;
+            bytes[at] ^= 0xff;
+            std::fs::write(&path, &bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged >= 2, "{:?}", before.checkpoints);
+    tracing::info!("--- {damaged} checkpoints damaged; kill rank 1");
+    s.workers.kill(1);
+    s.workers.spawn(1, &[]).unwrap();
+    signal(pids[0], "CONT").unwrap();
+    let after = s
+        .wait_job("a restore back to step 0", |j| {
+            j.state == "running"
+                && j.restored_from.is_none()
+                && j.events
+                    .iter()
+                    .any(|e| matches!(e.kind, Some(JobEventKind::EveryCheckpointCondemned { .. })))
+        })
+        .await;
+    // the fault hit its window: every checkpoint committed before it is condemned now
+    let committed_before: Vec<_> = before.checkpoints.iter().filter(|c| c.state == "committed").collect();
+    for c in &committed_before {
+        let now = after.checkpoints.iter().find(|a| a.id == c.id);
+        assert!(now.is_none_or(|a| a.state == "corrupt"), "{now:?}");
+    }
+    let event = after
+        .events
+        .iter()
+        .find(|e| matches!(e.kind, Some(JobEventKind::EveryCheckpointCondemned { .. })))
+        .unwrap();
+    assert!(
+        matches!(event.kind, Some(JobEventKind::EveryCheckpointCondemned { condemned, step: Step(0) }) if condemned >= committed_before.len() as u64),
+        "{event:?}"
+    );
+    // the metrics say so (the count is the ledger's, on every replica)
+    let leader = s.client.status(None).await.unwrap().leader_url.unwrap();
+    let text = reqwest::get(format!("{leader}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(text.lines().any(|l| l == "flotilla_every_checkpoint_condemned_total{job=\"e2e\"} 1"), "{text}");
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
 }

@@ -1,7 +1,7 @@
 //! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
 
 use crate::node::{NodeStatus, Role};
-use crate::state::{CheckpointState, Job, JobEvent, State};
+use crate::state::{BlockReason, CheckpointState, Job, JobEvent, State};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
@@ -108,6 +108,10 @@ pub struct JobStatus {
     pub final_digest: Option<String>,
     /// Why the job is blocked or failed.
     pub error: Option<String>,
+    /// While blocked: which rank refused, the kind of refusal and the words
+    /// (`rank` and `kind` are absent for a block recorded by an older build).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<BlockReason>,
 }
 
 /// A checkpoint's id and step.
@@ -218,6 +222,7 @@ impl JobStatus {
             events: job.events.clone(),
             final_digest: job.final_digest.clone(),
             error: job.error.clone(),
+            blocked: job.block_reason(),
         }
     }
 }

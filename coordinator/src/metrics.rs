@@ -26,8 +26,8 @@ const WORKER_STATES: [&str; 9] = [
     "missing",
 ];
 
-/// A counter series: metric name, job, label value.
-type SeriesKey = (String, String, String);
+/// A counter series: metric name and label values.
+type SeriesKey = (String, Vec<String>);
 
 /// Every coordinator metric, registered in [`Metrics::registry`].
 #[derive(Clone)]
@@ -61,6 +61,7 @@ pub struct Metrics {
     checkpoints: IntCounterVec,
     restores: IntCounterVec,
     last_condemned: IntGaugeVec,
+    every_condemned: IntCounterVec,
     /// Begin to commit of each checkpoint (observed by the leader).
     pub checkpoint_seconds: HistogramVec,
     /// Restore decided to every rank training again (observed by the leader).
@@ -204,6 +205,11 @@ impl Metrics {
             "Id of the job's last checkpoint condemned by a checksum or format mismatch (0: none).",
             &["job"],
         );
+        let every_condemned = counter_vec(
+            "flotilla_every_checkpoint_condemned_total",
+            "Restores that went back to the job's start (step 0, or its resume_from origin) because every committed checkpoint had been condemned.",
+            &["job"],
+        );
         let checkpoint_seconds = histogram_vec(
             "flotilla_checkpoint_duration_seconds",
             "Time from a checkpoint's begin to its commit.",
@@ -225,6 +231,7 @@ impl Metrics {
             checkpoints,
             restores,
             last_condemned,
+            every_condemned,
             checkpoint_seconds,
             recovery_seconds,
             exported: Arc::default(),
@@ -286,12 +293,13 @@ impl Metrics {
             }
             let latest = job.latest_committed().map_or(0, |c| c.step.0);
             self.latest_committed_step.with_label_values(&[name]).set(latest as i64);
-            self.export_counter(&self.checkpoints, name, "committed", job.committed_total);
-            self.export_counter(&self.checkpoints, name, "aborted", job.aborted_total);
-            self.export_counter(&self.checkpoints, name, "condemned", job.condemned_total);
+            self.export_counter(&self.checkpoints, &[name, "committed"], job.committed_total);
+            self.export_counter(&self.checkpoints, &[name, "aborted"], job.aborted_total);
+            self.export_counter(&self.checkpoints, &[name, "condemned"], job.condemned_total);
             self.last_condemned.with_label_values(&[name]).set(job.last_condemned.map_or(0, |c| c.0 as i64));
+            self.export_counter(&self.every_condemned, &[name], job.every_condemned_total);
             for (reason, n) in &job.restores_by_reason {
-                self.export_counter(&self.restores, name, reason.as_str(), *n);
+                self.export_counter(&self.restores, &[name, reason.as_str()], *n);
             }
             // an ended job's workers have gone: none is missing, none runs
             if leader && job.state.is_terminal() {
@@ -326,20 +334,19 @@ impl Metrics {
 
     /// Exports a ledger count as a Prometheus counter: adds what grew since
     /// the last export (ledger counts never decrease).
-    fn export_counter(&self, counter: &IntCounterVec, job: &str, label: &str, value: u64) {
+    fn export_counter(&self, counter: &IntCounterVec, labels: &[&str], value: u64) {
         let key = (
             prometheus::core::Collector::desc(counter)[0].fq_name.clone(),
-            job.to_string(),
-            label.to_string(),
+            labels.iter().map(|l| l.to_string()).collect(),
         );
         let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
         let last = exported.entry(key).or_insert(0);
         if value > *last {
-            counter.with_label_values(&[job, label]).inc_by(value - *last);
+            counter.with_label_values(labels).inc_by(value - *last);
             *last = value;
         } else {
             // make the series exist (at 0) before its first increment
-            counter.with_label_values(&[job, label]).inc_by(0);
+            counter.with_label_values(labels).inc_by(0);
         }
     }
 

@@ -207,6 +207,16 @@ struct Envelope {
     cmd: Command,
 }
 
+/// A ledger command as a Raft entry's bytes.
+pub fn encode_command(cmd: Command) -> Vec<u8> {
+    rmp_serde::to_vec_named(&Envelope { cmd }).expect("commands always serialize")
+}
+
+/// A Raft entry's bytes as a ledger command (what every replica applies).
+pub fn decode_command(data: &[u8]) -> Result<Command, rmp_serde::decode::Error> {
+    rmp_serde::from_slice::<Envelope>(data).map(|env| env.cmd)
+}
+
 /// A handle to a running node: propose, read status and the applied state.
 #[derive(Clone)]
 pub struct NodeHandle {
@@ -722,7 +732,7 @@ impl Node {
         self.next_request = (self.next_request + 1) & REQUEST_MASK;
         // unique across replicas: node id in the top 16 bits
         let request = (self.cfg.id.0 << 48) | self.next_request;
-        let data = rmp_serde::to_vec_named(&Envelope { cmd }).expect("commands always serialize");
+        let data = encode_command(cmd);
         match self.raw.propose(request.to_le_bytes().to_vec(), data) {
             Ok(()) => {
                 let index =
@@ -800,8 +810,8 @@ impl Node {
                 EntryType::EntryConfChange => continue,
                 // a new leader's empty entry
                 EntryType::EntryNormal if entry.data.is_empty() => continue,
-                EntryType::EntryNormal => match rmp_serde::from_slice::<Envelope>(&entry.data) {
-                    Ok(env) => state.apply(env.cmd),
+                EntryType::EntryNormal => match decode_command(&entry.data) {
+                    Ok(cmd) => state.apply(cmd),
                     Err(e) => {
                         // identical bytes on every replica, so skipping keeps them in step
                         tracing::error!(index = entry.index, "undecodable log entry skipped: {e}");

@@ -21,6 +21,7 @@
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::spec::JobSpec;
+use flotilla_shared::wire::RestoreFailureKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -224,14 +225,144 @@ pub const RESTART_WINDOW_MS: u64 = 3_600_000;
 /// How many notable events a job keeps for `status` (oldest dropped first).
 pub const JOB_EVENTS_KEPT: usize = 32;
 
+/// Why a job is blocked: the rank whose restore or start was refused, the
+/// kind of refusal, and the worker's words with the figures (SPEC §10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockReason {
+    /// The refused rank (`None`: blocked by a build that did not record it).
+    #[serde(default)]
+    pub rank: Option<Rank>,
+    /// What kind of refusal (`None`: as for `rank`).
+    #[serde(default)]
+    pub kind: Option<RestoreFailureKind>,
+    /// What the worker said, for people: it names the rank, the figures and
+    /// the way out.
+    pub detail: String,
+}
+
+impl fmt::Display for BlockReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// What a job event records: the facts, from which [`JobEvent::text`] is
+/// written. Readers decide on these, never on the text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobEventKind {
+    /// The job starts from another job's checkpoint (`resume_from`).
+    StartsFrom {
+        /// That job.
+        job: JobName,
+        /// Its checkpoint.
+        checkpoint: CheckpointId,
+        /// The checkpoint's step.
+        step: Step,
+    },
+    /// A committed checkpoint was found corrupt on a restore.
+    Condemned {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// The rank, file and tensor that failed.
+        reason: String,
+    },
+    /// An operator cleared a condemned checkpoint.
+    Reverified {
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// What it is now: committed, or abandoned.
+        now: CheckpointState,
+    },
+    /// A restore (or the first start) was refused.
+    Blocked(BlockReason),
+    /// A whole-job restore into a new generation.
+    Restore {
+        /// The new generation.
+        generation: Generation,
+        /// The checkpoint restored from (`None`: step 0, or the origin).
+        from: Option<CheckpointId>,
+        /// The step it goes back to.
+        step: Step,
+        /// Why.
+        reason: RestoreReason,
+        /// More about why (the failed rank), if anything.
+        detail: Option<String>,
+    },
+    /// Every committed checkpoint of the job was condemned: the restore
+    /// goes back to the job's start.
+    EveryCheckpointCondemned {
+        /// Checkpoints condemned over the job's life.
+        condemned: u64,
+        /// The step the job goes back to (0, or its origin's).
+        step: Step,
+    },
+    /// Failures within an hour exceeded `failure.max_restarts`.
+    RestartsExceeded {
+        /// The job.
+        job: JobName,
+        /// Failures within the hour.
+        failures: u64,
+        /// The limit.
+        max_restarts: u32,
+    },
+}
+
+impl fmt::Display for JobEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JobEventKind::StartsFrom { job, checkpoint, step } => {
+                write!(f, "starts from checkpoint {checkpoint} (step {step}) of job {job} (resume_from)")
+            }
+            JobEventKind::Condemned { checkpoint, reason } => {
+                write!(f, "checkpoint {checkpoint} condemned: {reason}")
+            }
+            JobEventKind::Reverified { checkpoint, now } => {
+                let what = match now {
+                    CheckpointState::Abandoned => "abandoned (an operator's restore went back before it)",
+                    _ => "committed again",
+                };
+                write!(f, "checkpoint {checkpoint} re-verified by an operator: {what}")
+            }
+            JobEventKind::Blocked(reason) => write!(f, "blocked: {reason}"),
+            JobEventKind::Restore { generation, from, step, reason, detail } => {
+                write!(f, "restore into generation {generation} from ")?;
+                match from {
+                    Some(id) => write!(f, "checkpoint {id} (step {step})")?,
+                    None => f.write_str("step 0")?,
+                }
+                write!(f, ": {}", reason.as_str())?;
+                match detail {
+                    Some(d) => write!(f, " ({d})"),
+                    None => Ok(()),
+                }
+            }
+            JobEventKind::EveryCheckpointCondemned { condemned, step } => write!(
+                f,
+                "every committed checkpoint was condemned ({condemned} over the job's life): the job starts again from step {step}; \
+                 see OPERATIONS.md, \"Every checkpoint condemned\""
+            ),
+            JobEventKind::RestartsExceeded { job, failures, max_restarts } => write!(
+                f,
+                "job {job} failed: {failures} failures within an hour exceed failure.max_restarts = {max_restarts}; \
+                 fix the cause, then resume it with flotilla restore --job {job}"
+            ),
+        }
+    }
+}
+
 /// A notable event in a job's history (restores, condemned checkpoints,
 /// operator actions), shown by `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobEvent {
     /// When (ms since the epoch, from the command).
     pub at_ms: u64,
-    /// What happened, for people.
+    /// What happened, for people (written from `kind` when the event was
+    /// applied; kept so that every build can show it).
     pub text: String,
+    /// What happened (`None`: an event of a build that did not record it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<JobEventKind>,
 }
 
 /// A job in the ledger.
@@ -251,8 +382,16 @@ pub struct Job {
     pub checkpoints: BTreeMap<CheckpointId, Checkpoint>,
     /// The next checkpoint id to hand out.
     pub next_checkpoint: CheckpointId,
-    /// Why the job is blocked or failed.
+    /// Why the job is blocked or failed, for people.
     pub error: Option<String>,
+    /// Why the job is blocked, as facts (`None` unless blocked, and for a
+    /// block applied by a build that did not record it).
+    #[serde(default)]
+    pub blocked: Option<BlockReason>,
+    /// Restores that went back to the start because every committed
+    /// checkpoint had been condemned.
+    #[serde(default)]
+    pub every_condemned_total: u64,
     /// Digest of all ranks' final variables, once succeeded.
     pub final_digest: Option<String>,
     /// Submission time (ms since the epoch).
@@ -324,11 +463,22 @@ impl Job {
         }
     }
 
-    fn note(&mut self, at_ms: u64, text: String) {
+    /// Why the job is blocked, if it is (a block applied by an older
+    /// build has only its words).
+    pub fn block_reason(&self) -> Option<BlockReason> {
+        if self.state != JobState::Blocked {
+            return None;
+        }
+        self.blocked.clone().or_else(|| {
+            self.error.as_ref().map(|e| BlockReason { rank: None, kind: None, detail: e.clone() })
+        })
+    }
+
+    fn note(&mut self, at_ms: u64, kind: JobEventKind) {
         if self.events.len() >= JOB_EVENTS_KEPT {
             self.events.remove(0);
         }
-        self.events.push(JobEvent { at_ms, text });
+        self.events.push(JobEvent { at_ms, text: kind.to_string(), kind: Some(kind) });
     }
 }
 
@@ -486,7 +636,8 @@ pub enum Command {
         /// The restore's generation.
         generation: Generation,
     },
-    /// A restore cannot proceed; `error` says why.
+    /// A restore cannot proceed: rank `rank` refused it, for `kind`;
+    /// `error` says why in its words ([`BlockReason`]).
     BlockJob {
         /// Job.
         job: JobName,
@@ -494,6 +645,12 @@ pub enum Command {
         generation: Generation,
         /// Why, for the operator (SPEC §10).
         error: String,
+        /// The refused rank (entries written before it had one read `None`).
+        #[serde(default)]
+        rank: Option<Rank>,
+        /// The kind of refusal (as for `rank`).
+        #[serde(default)]
+        kind: Option<RestoreFailureKind>,
         /// Time (for the job's events; entries written before it had one read 0).
         #[serde(default)]
         now_ms: u64,
@@ -754,7 +911,7 @@ impl State {
                         c.reason = Some(reason.clone());
                         j.condemned_total += 1;
                         j.last_condemned = Some(id);
-                        j.note(now_ms, format!("checkpoint {id} condemned: {reason}"));
+                        j.note(now_ms, JobEventKind::Condemned { checkpoint: id, reason: reason.clone() });
                         Ok(vec![Event::CheckpointCorrupt { job, id }])
                     }
                     other => refuse(
@@ -781,14 +938,10 @@ impl State {
                 let head = j.operator_head;
                 let c = checkpoint_mut(j, &job, id)?;
                 let abandoned = head.is_some_and(|(g, s)| c.generation < g && c.step > s);
-                let (state, what) = if abandoned {
-                    (CheckpointState::Abandoned, "abandoned (an operator's restore went back before it)")
-                } else {
-                    (CheckpointState::Committed, "committed again")
-                };
+                let state = if abandoned { CheckpointState::Abandoned } else { CheckpointState::Committed };
                 c.state = state;
                 c.reason = abandoned.then(|| "on the line abandoned by an operator's restore".to_string());
-                j.note(now_ms, format!("checkpoint {id} re-verified by an operator: {what}"));
+                j.note(now_ms, JobEventKind::Reverified { checkpoint: id, now: state });
                 Ok(vec![Event::CheckpointCleared { job, id }])
             }
             Command::DeleteCheckpoint { job, id } => {
@@ -840,7 +993,7 @@ impl State {
                 }
                 Ok(set_state(j, &job, JobState::Running, None))
             }
-            Command::BlockJob { job, generation, error, now_ms } => {
+            Command::BlockJob { job, generation, error, rank, kind, now_ms } => {
                 let j = self.live_job(&job, generation)?;
                 if !matches!(j.state, JobState::Restoring | JobState::Blocked | JobState::Waiting) {
                     return refuse(
@@ -848,11 +1001,14 @@ impl State {
                         format!("job {job} is {}, not restoring", j.state.as_str()),
                     );
                 }
+                let reason = BlockReason { rank, kind, detail: error };
                 // a retried block for the same reason is one event, not one per retry
-                if j.state != JobState::Blocked || j.error.as_deref() != Some(error.as_str()) {
-                    j.note(now_ms, format!("blocked: {error}"));
+                if j.block_reason().as_ref() != Some(&reason) {
+                    j.note(now_ms, JobEventKind::Blocked(reason.clone()));
                 }
-                Ok(set_state(j, &job, JobState::Blocked, Some(error)))
+                let events = set_state(j, &job, JobState::Blocked, Some(reason.detail.clone()));
+                j.blocked = Some(reason);
+                Ok(events)
             }
             Command::FailJob { job, error } => {
                 let j = self.job_mut(&job)?;
@@ -936,14 +1092,14 @@ impl State {
                 last_condemned: None,
                 restores_by_reason: BTreeMap::new(),
                 failures_ms: Vec::new(),
+                blocked: None,
+                every_condemned_total: 0,
                 events: origin
                     .iter()
-                    .map(|o| JobEvent {
-                        at_ms: now_ms,
-                        text: format!(
-                            "starts from checkpoint {} (step {}) of job {} (resume_from)",
-                            o.id, o.step, o.job
-                        ),
+                    .map(|o| {
+                        let kind =
+                            JobEventKind::StartsFrom { job: o.job.clone(), checkpoint: o.id, step: o.step };
+                        JobEvent { at_ms: now_ms, text: kind.to_string(), kind: Some(kind) }
                     })
                     .collect(),
                 origin,
@@ -1104,22 +1260,24 @@ impl State {
         j.restores += 1;
         *j.restores_by_reason.entry(reason).or_default() += 1;
         j.restored_from = from;
-        let origin = from.map_or_else(|| "step 0".to_string(), |id| format!("checkpoint {id} (step {step})"));
-        let detail = detail.map_or_else(String::new, |d| format!(" ({d})"));
-        j.note(
-            now_ms,
-            format!("restore into generation {generation} from {origin}: {}{detail}", reason.as_str()),
-        );
+        j.note(now_ms, JobEventKind::Restore { generation, from, step, reason, detail });
+        if from.is_none() && reason == RestoreReason::CorruptCheckpoint {
+            // nothing committed is left to go back to: loud, not a quiet step 0
+            j.every_condemned_total += 1;
+            let condemned = j.condemned_total;
+            j.note(now_ms, JobEventKind::EveryCheckpointCondemned { condemned, step: j.start_step() });
+        }
         if reason.is_failure() {
             j.failures_ms.retain(|t| now_ms.saturating_sub(*t) < RESTART_WINDOW_MS);
             j.failures_ms.push(now_ms);
             if j.failures_ms.len() as u64 > u64::from(j.spec.failure.max_restarts) {
-                let error = format!(
-                    "job {job} failed: {} failures within an hour exceed failure.max_restarts = {}; fix the cause, then resume it with flotilla restore --job {job}",
-                    j.failures_ms.len(),
-                    j.spec.failure.max_restarts
-                );
-                j.note(now_ms, error.clone());
+                let exceeded = JobEventKind::RestartsExceeded {
+                    job: job.clone(),
+                    failures: j.failures_ms.len() as u64,
+                    max_restarts: j.spec.failure.max_restarts,
+                };
+                let error = exceeded.to_string();
+                j.note(now_ms, exceeded);
                 events.extend(set_state(j, &job, JobState::Failed, Some(error)));
                 return Ok(events);
             }
@@ -1174,6 +1332,7 @@ fn checkpoint_mut<'a>(
 
 fn set_state(j: &mut Job, job: &JobName, state: JobState, error: Option<String>) -> Vec<Event> {
     j.error = error;
+    j.blocked = None;
     if j.state == state {
         return vec![];
     }
@@ -1580,6 +1739,40 @@ mod tests {
     }
 
     #[test]
+    fn every_checkpoint_condemned_is_an_event_and_a_count_not_a_quiet_step_0() {
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        commit(&mut s, 1, shards(2)).unwrap();
+        let mark = Command::MarkCorrupt {
+            job: name("a"),
+            id: CheckpointId(1),
+            reason: "checksum".into(),
+            now_ms: 5,
+        };
+        s.apply(mark).unwrap();
+        assert_eq!(job(&s).latest_committed(), None);
+        let back = |s: &mut State, generation: u64, reason: RestoreReason| {
+            s.apply(Command::Restore {
+                job: name("a"),
+                generation: Generation(generation),
+                from: None,
+                reason,
+                detail: None,
+                now_ms: 9,
+            })
+        };
+        back(&mut s, 2, RestoreReason::CorruptCheckpoint).unwrap();
+        let last = job(&s).events.last().unwrap();
+        assert_eq!(last.kind, Some(JobEventKind::EveryCheckpointCondemned { condemned: 1, step: Step(0) }));
+        assert!(last.text.starts_with("every committed checkpoint was condemned"), "{}", last.text);
+        assert_eq!(job(&s).every_condemned_total, 1);
+        // a restore from step 0 for any other reason (nothing taken yet) is not that
+        back(&mut s, 3, RestoreReason::WorkerRestarted).unwrap();
+        assert_eq!(job(&s).every_condemned_total, 1);
+        assert!(matches!(job(&s).events.last().unwrap().kind, Some(JobEventKind::Restore { .. })));
+    }
+
+    #[test]
     fn restore_moves_the_generation_by_one_and_aborts_pending() {
         let mut s = running(3, 10);
         begin(&mut s, 1, 10, 1).unwrap();
@@ -1622,6 +1815,8 @@ mod tests {
             job: name("a"),
             generation: Generation(2),
             error: "rank 1: needs 2 GiB".into(),
+            rank: Some(Rank(1)),
+            kind: Some(RestoreFailureKind::DeviceMemory),
             now_ms: 77,
         };
         s.apply(block.clone()).unwrap();
@@ -1632,9 +1827,13 @@ mod tests {
         let blocks: Vec<_> = job(&s).events.iter().filter(|e| e.text.starts_with("blocked: ")).collect();
         assert_eq!(blocks.len(), 1, "{:?}", job(&s).events);
         assert_eq!((blocks[0].at_ms, blocks[0].text.as_str()), (77, "blocked: rank 1: needs 2 GiB"));
+        let reason = job(&s).block_reason().expect("blocked");
+        assert_eq!((reason.rank, reason.kind), (Some(Rank(1)), Some(RestoreFailureKind::DeviceMemory)));
+        assert_eq!(blocks[0].kind, Some(JobEventKind::Blocked(reason)));
         s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
         assert_eq!(job(&s).state, JobState::Running);
         assert_eq!(job(&s).error, None);
+        assert_eq!((job(&s).blocked.as_ref(), job(&s).block_reason()), (None, None));
     }
 
     #[test]

@@ -779,7 +779,14 @@ impl Supervisor {
                     (RestoreFailureKind::Corrupt, Some(id)) if j.checkpoints.contains_key(&id) => {
                         Command::MarkCorrupt { job, id, reason: message, now_ms: now.wall_ms }
                     }
-                    _ => Command::BlockJob { job, generation, error: message, now_ms: now.wall_ms },
+                    _ => Command::BlockJob {
+                        job,
+                        generation,
+                        error: message,
+                        rank: Some(rank),
+                        kind: Some(kind),
+                        now_ms: now.wall_ms,
+                    },
                 };
                 self.propose(now, cmd, out);
             }

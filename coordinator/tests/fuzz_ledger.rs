@@ -479,6 +479,8 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             job: name(job),
             generation: gen(job, g),
             error: "rank 1 on GPU 0: restore needs 2 GiB, 1 GiB free".into(),
+            rank: Some(flotilla_shared::ids::Rank(1)),
+            kind: Some(flotilla_shared::wire::RestoreFailureKind::DeviceMemory),
             now_ms,
         },
         Act::Fail { job } => Command::FailJob { job: name(job), error: "given up".into() },
