@@ -228,7 +228,13 @@ def _convert(value: object, hint: object, where: str) -> object:
         if any(type(value) is type(v) and value == v for v in _literal_values(hint)):
             return value
     elif origin is Union:
-        for arm in get_args(hint):
+        arms = get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        others = [arm for arm in arms if arm is not type(None)]
+        if len(others) == 1:  # an Optional: a mismatch inside it names its place
+            return _convert(value, others[0], where)
+        for arm in others:
             try:
                 return _convert(value, arm, where)
             except _Mismatch:
