@@ -19,6 +19,7 @@ and ``Union``, not ``X | Y``, for Python 3.9.
 """
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Literal, Optional, TypedDict, Union, cast, get_args, get_origin, get_type_hints
 
 from ._errors import WORKER_ERROR_KINDS, FlotillaError, WorkerErrorKind
@@ -160,7 +161,7 @@ class SaveBeginReply(TypedDict):
 Reply = Union[OkReply, Refusal, HelloReply, RestoreReply, StepReply, SaveBeginReply]
 
 #: The reply type of each request (a refusal aside).
-REPLY_TYPES: dict[str, type] = {
+REPLY_TYPES: dict[Op, type] = {
     "hello": HelloReply,
     "restore": RestoreReply,
     "step": StepReply,
@@ -180,11 +181,6 @@ class _Mismatch(Exception):
         super().__init__(where, expected)
         self.where = where
         self.expected = expected
-
-
-def _is_typeddict(hint: object) -> bool:
-    # typing.is_typeddict is 3.10+
-    return isinstance(hint, type) and issubclass(hint, dict) and hasattr(hint, "__required_keys__")
 
 
 def _name(hint: object) -> str:
@@ -247,7 +243,8 @@ def _convert(value: object, hint: object, where: str) -> object:
         items = get_args(hint)
         if isinstance(value, (list, tuple)) and len(value) == len(items):
             return tuple(_convert(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
-    elif _is_typeddict(hint):
+    elif isinstance(hint, type) and issubclass(hint, dict) and hasattr(hint, "__required_keys__"):
+        # a TypedDict (typing.is_typeddict is 3.10+)
         if isinstance(value, Mapping):
             return _convert_fields(value, hint, where)
     else:
@@ -255,11 +252,17 @@ def _convert(value: object, hint: object, where: str) -> object:
     raise _Mismatch(where, _name(hint))
 
 
-def _convert_fields(message: Mapping[str, object], typed: object, where: str) -> dict[str, object]:
+@lru_cache(maxsize=None)
+def _hints(typed: type) -> dict[str, object]:
+    """A TypedDict's fields and their types (read once: a reply comes every step)."""
+    return get_type_hints(typed)
+
+
+def _convert_fields(message: Mapping[str, object], typed: type, where: str) -> dict[str, object]:
     """The fields ``typed`` declares, each checked; other fields are left
     out (a newer worker may send more)."""
     out: dict[str, object] = {}
-    for key, hint in get_type_hints(typed).items():
+    for key, hint in _hints(typed).items():
         if key not in message:
             raise _Mismatch(f"{where}.{key}" if where else key, "missing")
         out[key] = _convert(message[key], hint, f"{where}.{key}" if where else key)
@@ -283,7 +286,7 @@ def protocol_error(message: str) -> FlotillaError:
     return FlotillaError(f"the worker broke the trainer protocol: {message}", "protocol")
 
 
-def _check(message: Mapping[str, object], typed: object, op: str) -> dict[str, object]:
+def _check(message: Mapping[str, object], typed: type, op: str) -> dict[str, object]:
     try:
         return _convert_fields(message, typed, "")
     except _Mismatch as e:
