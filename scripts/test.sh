@@ -12,6 +12,7 @@ echo "--- installing test dependencies"
 # kubernetes-validate (with its schemas) and PyYAML for the deployment checks
 # msgpack + pytest: the Python client (python/) and its tests; the --exec
 # end-to-end test runs examples/numpy with the client from python/
+# mypy: the client's types, strict (python/pyproject.toml)
 # A system Python that refuses pip (PEP 668, "externally-managed-environment",
 # as Debian 12 and Ubuntu 23.04+ ship) gets a virtual environment under the
 # repository instead; it goes first on PATH, so every test's python3 is it.
@@ -32,7 +33,7 @@ if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.jo
 fi
 # (the variable, not --root-user-action: pip before 22.1, as Ubuntu 22.04 has, lacks the flag)
 PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
-  safetensors numpy kubernetes-validate pyyaml msgpack pytest
+  safetensors numpy kubernetes-validate pyyaml msgpack pytest mypy
 # a real Prometheus server (and promtool) for the scrape test and the alert rules;
 # iproute2 (ip netns) and iptables for the network-partition test (tests/partition.rs)
 apt_packages=()
@@ -60,6 +61,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "--- the Python client's tests (python/)"
 python3 -m pytest -q python/tests
+
+echo "--- the Python client's types: mypy --strict (config in python/pyproject.toml)"
+(cd python && python3 -m mypy)
 
 echo "--- cargo test"
 cargo test --workspace --locked

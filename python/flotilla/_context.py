@@ -9,11 +9,36 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Union
+from typing import Any, Union, overload
 
 import numpy as np
 
-from ._errors import FlotillaError, ModelMismatch, RestoreRefused, WorkerGone
+from ._errors import (
+    RESTORE_REFUSAL_KINDS,
+    FlotillaError,
+    ModelMismatch,
+    RestoreRefused,
+    WorkerErrorKind,
+    WorkerGone,
+)
+from ._protocol import (
+    FinishRequest,
+    HelloReply,
+    HelloRequest,
+    OkReply,
+    Reply,
+    Request,
+    RestoreReply,
+    RestoreRequest,
+    SaveBeginReply,
+    SaveBeginRequest,
+    SaveDoneRequest,
+    StepReply,
+    StepRequest,
+    protocol_error,
+    parse_refusal,
+    parse_reply,
+)
 from ._tensors import (
     BF16_STORAGE,
     NUMPY_DTYPES,
@@ -29,9 +54,6 @@ from ._wire import read_frame, write_frame
 #: The protocol version this client speaks.
 PROTOCOL_VERSION = 1
 
-#: Error kinds with which the worker refuses a restore.
-_RESTORE_KINDS = frozenset({"device_memory", "corrupt", "unavailable"})
-
 #: A like-spec as :meth:`Context.restore` accepts it.
 LikeSpec = Mapping[str, Union[TensorLike, tuple[DTypeLike, Sequence[int]]]]
 
@@ -39,33 +61,35 @@ LikeSpec = Mapping[str, Union[TensorLike, tuple[DTypeLike, Sequence[int]]]]
 _Buffer = Union[mmap.mmap, bytearray]
 
 
-def _refusal(kind: str, message: str) -> FlotillaError:
+def _refusal(kind: WorkerErrorKind, message: str) -> FlotillaError:
     if kind == "model_mismatch":
         return ModelMismatch(message)
-    if kind in _RESTORE_KINDS:
+    if kind in RESTORE_REFUSAL_KINDS:
         return RestoreRefused(message, kind)
     return FlotillaError(message, kind)
 
 
-def _protocol_error(message: str) -> FlotillaError:
-    return FlotillaError(f"the worker broke the trainer protocol: {message}", "protocol")
+@overload
+def _exchange(sock: socket.socket, request: HelloRequest) -> HelloReply: ...
+@overload
+def _exchange(sock: socket.socket, request: RestoreRequest) -> RestoreReply: ...
+@overload
+def _exchange(sock: socket.socket, request: StepRequest) -> StepReply: ...
+@overload
+def _exchange(sock: socket.socket, request: SaveBeginRequest) -> SaveBeginReply: ...
+@overload
+def _exchange(sock: socket.socket, request: SaveDoneRequest | FinishRequest) -> OkReply: ...
 
 
-def _field(reply: Mapping[str, Any], key: str, op: str) -> Any:
-    try:
-        return reply[key]
-    except KeyError:
-        raise _protocol_error(f"its reply to {op!r} lacks {key!r}") from None
-
-
-def _exchange(sock: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
-    """Sends one request and returns its reply; a refusal is raised."""
-    write_frame(sock, message)
+def _exchange(sock: socket.socket, request: Request) -> Reply:
+    """Sends one request and returns its reply, checked against the reply's
+    type (:func:`parse_reply`); a refusal is raised."""
+    write_frame(sock, request)
     reply = read_frame(sock)
     if reply.get("ok") is not True:
-        kind = str(reply.get("kind", "protocol"))
-        raise _refusal(kind, str(reply.get("error", f"the worker refused {message['op']!r}")))
-    return reply
+        refusal = parse_refusal(request["op"], reply)
+        raise _refusal(refusal["kind"], refusal["error"])
+    return parse_reply(request["op"], reply)
 
 
 # Fill the page tables at map time: the worker touched the pages already,
@@ -85,7 +109,7 @@ def _map_shared(path: str, size: int) -> _Buffer:
         finally:
             os.close(fd)
     except (OSError, ValueError) as e:
-        raise _protocol_error(f"cannot map {size} bytes of {path}: {e}") from None
+        raise protocol_error(f"cannot map {size} bytes of {path}: {e}") from None
 
 
 class Context:
@@ -102,20 +126,17 @@ class Context:
             :meth:`restore` will return a state.
     """
 
-    def __init__(self, sock: socket.socket, hello: Mapping[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, hello: HelloReply) -> None:
         self._sock = sock
-        self.job: str = _field(hello, "job", "hello")
-        self.rank: int = _field(hello, "rank", "hello")
-        self.world_size: int = _field(hello, "world_size", "hello")
-        self.generation: int = _field(hello, "generation", "hello")
-        self.start_step: int = _field(hello, "start_step", "hello")
-        self.restoring: bool = _field(hello, "restoring", "hello")
+        self.job: str = hello["job"]
+        self.rank: int = hello["rank"]
+        self.world_size: int = hello["world_size"]
+        self.generation: int = hello["generation"]
+        self.start_step: int = hello["start_step"]
+        self.restoring: bool = hello["restoring"]
         # The worker's snapshot buffer: (path, size, mapping), reused while
         # the path and size stay the same.
         self._save_buffer: tuple[str, int, _Buffer] | None = None
-
-    def _request(self, message: dict[str, Any]) -> dict[str, Any]:
-        return _exchange(self._sock, message)
 
     def restore(self, like: LikeSpec | None = None) -> dict[str, np.ndarray[Any, Any]] | None:
         """Waits until the job runs; returns None on a fresh start, else this
@@ -142,20 +163,19 @@ class Context:
             WorkerGone: the worker stopped; exit.
         """
         specs = None if like is None else wire_specs(normalize_like(like))
-        reply = self._request({"op": "restore", "like": specs})
-        state = _field(reply, "state", "restore")
+        state = _exchange(self._sock, {"op": "restore", "like": specs})["state"]
         if state is None:
             return None
-        size = int(_field(state, "size", "restore"))
-        buffer = _map_shared(_field(state, "path", "restore"), size)
-        tensors = {}
-        for name, dtype, shape, offset, length in _field(state, "tensors", "restore"):
+        size = state["size"]
+        buffer = _map_shared(state["path"], size)
+        tensors: dict[str, np.ndarray[Any, Any]] = {}
+        for name, dtype, shape, offset, length in state["tensors"]:
             np_dtype = BF16_STORAGE if dtype == "BF16" else NUMPY_DTYPES.get(dtype)
             if np_dtype is None:
-                raise _protocol_error(f"unknown dtype {dtype!r} for {name}")
+                raise protocol_error(f"unknown dtype {dtype!r} for {name}")
             count = math.prod(shape)
             if count * np_dtype.itemsize != length or offset < 0 or offset + length > size:
-                raise _protocol_error(
+                raise protocol_error(
                     f"{name} ({dtype} {shape}) does not fit {length} bytes at offset "
                     f"{offset} of a {size}-byte buffer"
                 )
@@ -168,8 +188,7 @@ class Context:
     def step_done(self, step: int) -> bool:
         """Reports that ``step`` steps are complete; True when a checkpoint is
         due now: then call :meth:`save` before training further."""
-        reply = self._request({"op": "step", "step": int(step)})
-        return bool(_field(reply, "checkpoint", "step"))
+        return _exchange(self._sock, {"op": "step", "step": int(step)})["checkpoint"]
 
     def save(self, tensors: Mapping[str, TensorLike]) -> float:
         """Copies this rank's variables into the worker's snapshot buffer;
@@ -192,17 +211,15 @@ class Context:
         start = time.perf_counter()
         items = list(tensors.items())
         specs = {name: spec_of(name, value) for name, value in items}
-        reply = self._request({"op": "save_begin", "tensors": wire_specs(specs)})
-        path = str(_field(reply, "path", "save_begin"))
-        size = int(_field(reply, "size", "save_begin"))
-        offsets = _field(reply, "offsets", "save_begin")
+        reply = _exchange(self._sock, {"op": "save_begin", "tensors": wire_specs(specs)})
+        path, size, offsets = reply["path"], reply["size"], reply["offsets"]
         if len(offsets) != len(items):
-            raise _protocol_error(f"{len(offsets)} offsets for {len(items)} tensors")
+            raise protocol_error(f"{len(offsets)} offsets for {len(items)} tensors")
         buffer = self._snapshot_buffer(path, size)
         for (name, value), offset in zip(items, offsets):
             _copy_into(buffer, size, offset, name, value)
         stall = time.perf_counter() - start
-        self._request({"op": "save_done", "stall_seconds": stall})
+        _exchange(self._sock, {"op": "save_done", "stall_seconds": stall})
         return stall
 
     def _snapshot_buffer(self, path: str, size: int) -> _Buffer:
@@ -230,7 +247,7 @@ class Context:
                 worker combines the ranks' digests into the job's
                 ``final_digest``.
         """
-        self._request({"op": "finish", "digest": digest})
+        _exchange(self._sock, {"op": "finish", "digest": digest})
 
     def close(self) -> None:
         """Closes the connection (restored arrays stay valid)."""
@@ -256,7 +273,7 @@ def _copy_into(buffer: _Buffer, size: int, offset: int, name: str, value: Tensor
     if array.size == 0:
         return
     if offset < 0 or offset + array.nbytes > size:
-        raise _protocol_error(
+        raise protocol_error(
             f"offset {offset} for {name} ({array.nbytes} bytes) is outside the "
             f"{size}-byte snapshot buffer"
         )

@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from ._protocol import TensorDecl
+
 #: safetensors dtype name -> numpy dtype (little-endian, as stored).
 NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("?"),
@@ -139,9 +141,9 @@ def normalize_like(
     return out
 
 
-def wire_specs(specs: Mapping[str, Spec]) -> list[list[Any]]:
+def wire_specs(specs: Mapping[str, Spec]) -> list[TensorDecl]:
     """``{name: (dtype, shape)}`` as the protocol's ``[[name, dtype, shape], ...]``."""
-    return [[name, dtype, list(shape)] for name, (dtype, shape) in specs.items()]
+    return [(name, dtype, list(shape)) for name, (dtype, shape) in specs.items()]
 
 
 def _shape_text(shape: Shape) -> str:

@@ -1,15 +1,27 @@
 """Framing of the trainer protocol: a 4-byte little-endian length, then that
-many bytes of MessagePack (a map with string keys), at most 16 MiB."""
+many bytes of MessagePack (a map with string keys), at most 16 MiB.
+
+What goes out is a typed message (:mod:`flotilla._protocol`); what comes in
+is a :data:`Message`, a map not yet checked against any type:
+:func:`flotilla._protocol.parse_reply` does that."""
 
 from __future__ import annotations
 
 import socket
 import struct
-from typing import Any
+from typing import Union
 
 import msgpack
 
 from ._errors import FlotillaError, WorkerGone
+from ._protocol import Reply, Request
+
+#: A decoded message, before it is checked against its type.
+Message = dict[str, object]
+
+#: What either side sends (the client sends requests; a worker, or the
+#: tests' fake one, replies).
+Outgoing = Union[Request, Reply]
 
 #: The largest message either side may send.
 MAX_FRAME = 16 * 1024 * 1024
@@ -17,7 +29,7 @@ MAX_FRAME = 16 * 1024 * 1024
 _LENGTH = struct.Struct("<I")
 
 
-def encode(message: dict[str, Any]) -> bytes:
+def encode(message: Outgoing) -> bytes:
     """One message as a frame (length prefix included)."""
     body: bytes = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
@@ -28,16 +40,19 @@ def encode(message: dict[str, Any]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def decode(body: bytes | bytearray) -> dict[str, Any]:
+def decode(body: bytes | bytearray) -> Message:
     """A frame's body (without the length prefix) as a message."""
     try:
-        message = msgpack.unpackb(body, raw=False)
+        message: object = msgpack.unpackb(body, raw=False)
     except (ValueError, msgpack.UnpackException) as e:
         raise FlotillaError(f"the worker sent a malformed message: {e}", "protocol") from None
     if not isinstance(message, dict):
         raise FlotillaError(
             f"the worker sent a {type(message).__name__}, expected a map", "protocol"
         )
+    for key in message:
+        if not isinstance(key, str):
+            raise FlotillaError(f"the worker sent a map with the key {key!r}, not a string", "protocol")
     return message
 
 
@@ -63,7 +78,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def read_frame(sock: socket.socket) -> dict[str, Any]:
+def read_frame(sock: socket.socket) -> Message:
     """Reads one message; raises :class:`WorkerGone` when the socket closes."""
     (length,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
     if length > MAX_FRAME:
@@ -74,7 +89,7 @@ def read_frame(sock: socket.socket) -> dict[str, Any]:
     return decode(_recv_exact(sock, length))
 
 
-def write_frame(sock: socket.socket, message: dict[str, Any]) -> None:
+def write_frame(sock: socket.socket, message: Outgoing) -> None:
     """Sends one message; raises :class:`WorkerGone` when the socket is closed."""
     frame = encode(message)
     try:

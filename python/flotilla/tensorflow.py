@@ -45,8 +45,9 @@ from ._tensors import Spec, Tensor, TensorLike, mismatch_message, state_specs
 try:
     import keras
 
-    _VARIABLE_TYPES: tuple[type, ...] = (tf.Variable, keras.Variable)
-    _OPTIMIZER_TYPES: tuple[type, ...] = (keras.optimizers.Optimizer,)
+    # type[Any]: an isinstance check keeps what TensorFlow's objects offer
+    _VARIABLE_TYPES: tuple[type[Any], ...] = (tf.Variable, keras.Variable)
+    _OPTIMIZER_TYPES: tuple[type[Any], ...] = (keras.optimizers.Optimizer,)
 except ImportError:  # TensorFlow without Keras 3
     _VARIABLE_TYPES, _OPTIMIZER_TYPES = (tf.Variable,), ()
 

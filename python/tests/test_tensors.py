@@ -76,7 +76,8 @@ def test_normalize_like() -> None:
         "e": ("U32", (7,)), "f": ("BF16", (3,)), "g": ("I8", ()),
     }
     assert list(like) == list("abcdefg")
-    assert wire_specs(like)[:2] == [["a", "F32", [2, 3]], ["b", "F16", [4]]]
+    # tuples, sent as MessagePack arrays
+    assert wire_specs(like)[:2] == [("a", "F32", [2, 3]), ("b", "F16", [4])]
     assert type(wire_specs(like)[4][2][0]) is int
 
 
