@@ -1,6 +1,6 @@
 //! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
 
-use crate::node::{NodeStatus, Role};
+use crate::replica::{NodeStatus, Role};
 use crate::state::{BlockReason, CheckpointState, Job, JobEvent, State};
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ pub struct ReplicasView {
     /// Learners (receive the log, do not vote).
     pub learners: Vec<NodeId>,
     /// Each member's replication progress (the leader's view; empty elsewhere).
-    pub progress: Vec<crate::node::PeerProgress>,
+    pub progress: Vec<crate::replica::PeerProgress>,
     /// Raft addresses: `--peers` and those added by membership changes.
     pub addresses: std::collections::BTreeMap<NodeId, String>,
 }

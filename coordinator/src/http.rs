@@ -228,9 +228,9 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
     let job = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
     let read = spec.clone();
-    let origin = match tokio::task::spawn_blocking(move || crate::server::read_origin(&read)).await {
+    let origin = match tokio::task::spawn_blocking(move || crate::origin::read_origin(&read)).await {
         Ok(Ok(origin)) => origin,
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     match s.node.propose(Command::SubmitJob { spec, now_ms, origin }).await {

@@ -12,6 +12,8 @@ pub mod local;
 mod log;
 pub mod metrics;
 pub mod node;
+pub mod origin;
+pub mod replica;
 pub mod server;
 pub mod state;
 pub mod storage;

@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus metrics (SPEC §9), one registry per process.
 
 use crate::api::WorkerView;
-use crate::node::{NodeStatus, Role};
+use crate::replica::{NodeStatus, Role};
 use crate::state::{JobState, State};
 use flotilla_shared::ids::JobName;
 use prometheus::{
@@ -259,7 +259,7 @@ impl Metrics {
 
     /// Refreshes the peer series from the leader's replication progress
     /// (empty on a follower: its series disappear).
-    pub fn observe_peers(&self, progress: &[crate::node::PeerProgress]) {
+    pub fn observe_peers(&self, progress: &[crate::replica::PeerProgress]) {
         self.peer_last_contact.reset();
         self.peer_match_index.reset();
         for p in progress {

@@ -6,13 +6,11 @@ use crate::http::{self, HttpState};
 use crate::identity;
 use crate::metrics::Metrics;
 use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
-use crate::state::{Command, NodeInfo, Origin};
+use crate::state::{Command, NodeInfo};
 use crate::transport::{self, PeerAuth, PeerTransport};
 use crate::workers;
 use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::NodeId;
-use flotilla_shared::layout::{JobDir, Manifest};
-use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::tls::NodeTls;
 use std::path::PathBuf;
@@ -443,26 +441,6 @@ async fn announce(handle: NodeHandle, id: NodeId, info: NodeInfo, shutdown: Canc
     }
 }
 
-/// Reads the committed checkpoint a spec's `[checkpoint] resume_from` names
-/// (the latest of that job), for [`Command::SubmitJob`].
-pub fn read_origin(spec: &JobSpec) -> Result<Option<Box<Origin>>, String> {
-    let Some(from) = &spec.checkpoint.resume_from else { return Ok(None) };
-    let dir = JobDir::at(from);
-    let id = dir
-        .read_latest()
-        .map_err(|e| format!("checkpoint.resume_from: {e}"))?
-        .ok_or_else(|| {
-            format!(
-                "checkpoint.resume_from = {}: no committed checkpoint there (no LATEST); point it at a job's checkpoint directory, <root>/<job>",
-                from.display()
-            )
-        })?;
-    let m = Manifest::read(&dir.checkpoint_dir(id)).map_err(|e| format!("checkpoint.resume_from: {e}"))?;
-    // the whole-file checksums are enough to verify (see ShardManifest::without_tensors)
-    let shards = m.ranks.iter().map(ShardManifest::without_tensors).collect();
-    Ok(Some(Box::new(Origin { job: m.job, id, step: m.step, dir: dir.checkpoint_dir(id), shards })))
-}
-
 async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: CancellationToken) {
     let mut status = handle.watch_status();
     while handle.status().leader_id.is_none() {
@@ -473,7 +451,7 @@ async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: Cancellati
     }
     let name = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
-    let origin = match read_origin(&spec) {
+    let origin = match crate::origin::read_origin(&spec) {
         Ok(o) => o,
         Err(e) => {
             tracing::error!("cannot submit job {name} (--job): {e}");
