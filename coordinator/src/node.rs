@@ -308,7 +308,12 @@ fn membership_of(raw: &RawNode<LogStore>, last_heard: &HashMap<u64, std::time::I
             .map(|(id, pr)| PeerProgress {
                 id: NodeId(*id),
                 matched: pr.matched,
-                state: format!("{:?}", pr.state),
+                state: match pr.state {
+                    raft::ProgressState::Probe => "Probe",
+                    raft::ProgressState::Replicate => "Replicate",
+                    raft::ProgressState::Snapshot => "Snapshot",
+                }
+                .into(),
                 recent_active: pr.recent_active || *id == raw.raft.id,
                 last_contact_ms: if *id == raw.raft.id {
                     Some(0)

@@ -522,7 +522,7 @@ impl Supervisor {
                 } else if r.generation != Some(generation) {
                     "stale".into()
                 } else {
-                    format!("{:?}", r.status).to_lowercase()
+                    r.status.as_str().into()
                 },
                 step: r.step,
                 heartbeat_age_ms: now.mono_ms.saturating_sub(r.last_seen),

@@ -37,9 +37,12 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// that the disk starts on one while the next is copied, and that a
 /// cancelled write stops soon.
 const WRITE_CHUNK: usize = 8 << 20;
-/// The message of the io::Error that carries a cancellation out of
-/// `durable::write_atomic` (which then removes the temporary file).
-const CANCELLED: &str = "flotilla: shard write cancelled";
+/// What the io::Error that carries a cancellation out of
+/// `durable::write_atomic` (which then removes the temporary file) holds:
+/// recognised by its type, not by its words.
+#[derive(Debug, thiserror::Error)]
+#[error("flotilla: shard write cancelled")]
+struct Cancelled;
 /// Value of the `format` metadata key.
 pub const FORMAT: &str = "flotilla-shard/1";
 /// The metadata key that holds each tensor's checksum: a JSON object of
@@ -457,7 +460,7 @@ pub fn write_shard_unless(
             let mut crc = Checksum::default();
             for chunk in tensor.chunks(WRITE_CHUNK) {
                 if cancelled() {
-                    return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
+                    return Err(io::Error::new(io::ErrorKind::Interrupted, Cancelled));
                 }
                 crc = crc.append(chunk);
                 file.write_all(chunk)?;
@@ -476,12 +479,12 @@ pub fn write_shard_unless(
         }
         file.write_all_at(&header, 0)?;
         if cancelled() {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, CANCELLED));
+            return Err(io::Error::new(io::ErrorKind::Interrupted, Cancelled));
         }
         Ok((records, header))
     })
     .map_err(|e| {
-        if e.kind() == io::ErrorKind::Interrupted && e.to_string() == CANCELLED {
+        if e.get_ref().is_some_and(|inner| inner.is::<Cancelled>()) {
             ShardError::new(&label, ShardErrorKind::Cancelled)
         } else {
             io_err(&label, "write", path)(e)

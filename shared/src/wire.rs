@@ -119,6 +119,20 @@ pub enum WorkerStatus {
     Failed,
 }
 
+impl WorkerStatus {
+    /// The word status and metrics use (`flotilla_job_workers{state}`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerStatus::Waiting => "waiting",
+            WorkerStatus::Running => "running",
+            WorkerStatus::Checkpointing => "checkpointing",
+            WorkerStatus::Restoring => "restoring",
+            WorkerStatus::Finished => "finished",
+            WorkerStatus::Failed => "failed",
+        }
+    }
+}
+
 /// Why a rank could not restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestoreFailureKind {

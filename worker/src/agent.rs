@@ -596,7 +596,7 @@ async fn status(AxumState(s): AxumState<Shared>) -> Response {
     let mut v = s.view.lock().unwrap_or_else(|e| e.into_inner()).clone();
     v.generation = s.runner.generation();
     v.step = s.runner.step().0;
-    v.state = format!("{:?}", s.runner.status()).to_lowercase();
+    v.state = s.runner.status().as_str().into();
     v.trainer_pid = s.runner.trainer_pid();
     // the exact figures behind a memory refusal: the last reading and need
     if let Some(d) = v.device.as_mut() {
