@@ -1,7 +1,7 @@
 //! `flotilla demo` (SPEC §7): a whole local cluster as child processes,
 //! one injected failure, and the proof that the resumed run is the same run.
 
-use crate::count;
+use crate::cmd::count;
 use anyhow::{bail, Context, Result};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
