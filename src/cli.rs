@@ -5,6 +5,30 @@ use crate::{bench_exec, demo};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// `--rank`: a number (0, 1, ...) or `auto`; what `auto` names is resolved
+/// when the worker starts.
+fn rank_flag(value: &str) -> Result<String, String> {
+    if value == "auto" || value.parse::<u32>().is_ok() {
+        return Ok(value.to_string());
+    }
+    if value.starts_with('-') && value[1..].parse::<u64>().is_ok() {
+        return Err("ranks start at 0; a negative rank is never valid (give 0, 1, ... or auto)".into());
+    }
+    Err(format!("expected a rank (0, 1, ... up to {}) or auto", u32::MAX))
+}
+
+/// `--coordinators`: the worker API's HOST:PORT. A URL is the HTTP API's
+/// form (`--endpoints`), refused here rather than dialled.
+fn worker_api_addr(value: &str) -> Result<String, String> {
+    if value.contains("://") {
+        return Err("--coordinators takes HOST:PORT of the coordinators' worker API (their --api-addr), \
+             not a URL; a coordinator's HTTP API URL (its --http-addr) is for --endpoints of the client \
+             commands (status, submit, ...)"
+            .into());
+    }
+    Ok(value.to_string())
+}
+
 /// Fault-tolerant training orchestrator: consistent checkpoints, whole-job restore.
 #[derive(Parser)]
 #[command(name = "flotilla", version, about)]
@@ -121,9 +145,10 @@ pub(crate) struct CoordinatorArgs {
     /// Serve without any credentials on addresses other hosts can reach.
     #[arg(long)]
     pub(crate) insecure: bool,
-    /// A job spec to submit at start-up (idempotent).
-    #[arg(long, env = "FLOTILLA_JOB")]
-    pub(crate) job: Option<PathBuf>,
+    /// A job spec FILE (TOML, docs/REFERENCE.md "Job spec") to submit at start-up (idempotent).
+    /// `--job FILE` is its former name, still accepted.
+    #[arg(long, alias = "job", value_name = "FILE", env = "FLOTILLA_JOB")]
+    pub(crate) spec: Option<PathBuf>,
     /// Applied log entries between state-machine snapshots (log compaction).
     #[arg(long, env = "FLOTILLA_SNAPSHOT_THRESHOLD", default_value_t = 10_000)]
     pub(crate) snapshot_threshold: u64,
@@ -131,14 +156,22 @@ pub(crate) struct CoordinatorArgs {
 
 #[derive(Args)]
 pub(crate) struct WorkerArgs {
-    /// The coordinators' worker API addresses (their --api-addr); the leader is found automatically.
-    #[arg(long, env = "FLOTILLA_COORDINATORS", value_delimiter = ',', required = true)]
+    /// The coordinators' worker API addresses, HOST:PORT (their --api-addr); the leader is found automatically.
+    #[arg(
+        long,
+        env = "FLOTILLA_COORDINATORS",
+        value_delimiter = ',',
+        required = true,
+        value_parser = worker_api_addr
+    )]
     pub(crate) coordinators: Vec<String>,
     /// The job this worker belongs to.
     #[arg(long, env = "FLOTILLA_JOB_NAME")]
     pub(crate) job: String,
     /// This worker's rank, or `auto` (JOB_COMPLETION_INDEX, or the StatefulSet ordinal of the hostname).
-    #[arg(long, env = "FLOTILLA_RANK")]
+    // negative numbers are taken as the value (and refused by `rank_flag`):
+    // clap's own tip, `-- -1`, would hand them to the trainer command
+    #[arg(long, env = "FLOTILLA_RANK", allow_negative_numbers = true, value_parser = rank_flag)]
     pub(crate) rank: String,
     /// Where this worker's HTTP (status, metrics) listens.
     #[arg(long, env = "FLOTILLA_WORKER_HTTP_ADDR")]
@@ -182,8 +215,14 @@ pub(crate) struct NodeArgs {
     /// Where this host's workers connect (give it to them as --coordinators).
     #[arg(long, env = "FLOTILLA_NODE_ADDR", default_value = "127.0.0.1:9300")]
     pub(crate) listen: String,
-    /// The coordinators' worker API addresses (their --api-addr); the leader is found automatically.
-    #[arg(long, env = "FLOTILLA_COORDINATORS", value_delimiter = ',', required = true)]
+    /// The coordinators' worker API addresses, HOST:PORT (their --api-addr); the leader is found automatically.
+    #[arg(
+        long,
+        env = "FLOTILLA_COORDINATORS",
+        value_delimiter = ',',
+        required = true,
+        value_parser = worker_api_addr
+    )]
     pub(crate) coordinators: Vec<String>,
     /// File holding the worker token: presented to the coordinators, and asked of every local worker.
     #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
@@ -195,7 +234,8 @@ pub(crate) struct NodeArgs {
 
 #[derive(Args)]
 pub(crate) struct ClientArgs {
-    /// The coordinators' HTTP addresses; the leader is found automatically.
+    /// The coordinators' HTTP API URLs (their --http-addr; HOST:PORT alone means http://HOST:PORT,
+    /// or https:// with --tls-ca); the leader is found automatically.
     #[arg(long, env = "FLOTILLA_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:9201")]
     pub(crate) endpoints: Vec<String>,
     /// File holding the admin token (for mutations).
@@ -208,7 +248,7 @@ pub(crate) struct ClientArgs {
 
 #[derive(Args)]
 pub(crate) struct SubmitArgs {
-    /// The job spec (TOML, SPEC §2).
+    /// The job spec (TOML; its keys: docs/REFERENCE.md, "Job spec").
     pub(crate) spec: PathBuf,
     #[command(flatten)]
     pub(crate) client: ClientArgs,

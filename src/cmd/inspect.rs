@@ -3,11 +3,49 @@
 
 use super::{count, table};
 use crate::cli::InspectArgs;
-use anyhow::Result;
-use flotilla_shared::inspect::inspect;
+use anyhow::{bail, Result};
+use flotilla_shared::inspect::{inspect, InspectError};
+use flotilla_shared::layout::JobDir;
+use std::path::Path;
+
+/// The jobs whose checkpoint roots are the subdirectories of `dir`, when
+/// `dir` is the checkpoint root above them (`[checkpoint] root`) rather
+/// than one job's: it holds no LATEST and no ckpt-* directory itself.
+fn jobs_under(dir: &Path) -> Vec<String> {
+    let own = JobDir::at(dir);
+    if own.latest_path().exists() || own.list_checkpoint_dirs().map_or(true, |d| !d.is_empty()) {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut jobs: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter(|e| {
+            let job = JobDir::at(e.path());
+            job.latest_path().exists() || job.list_checkpoint_dirs().is_ok_and(|d| !d.is_empty())
+        })
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    jobs.sort();
+    jobs
+}
 
 pub(crate) fn run_inspect(args: InspectArgs) -> Result<()> {
-    let found = inspect(&args.path)?;
+    let found = match inspect(&args.path) {
+        Ok(found) => found,
+        Err(e @ InspectError::NotACheckpoint(_)) if args.path.is_dir() => {
+            let jobs = jobs_under(&args.path);
+            let Some(first) = jobs.first() else { return Err(e.into()) };
+            bail!(
+                "{} is a checkpoint root above the jobs' own, holding {} ({}); pass <root>/<job>, e.g. flotilla inspect {}",
+                args.path.display(),
+                count(jobs.len() as u64, "job"),
+                jobs.join(", "),
+                args.path.join(first).display()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
     // verified first: a failed check is an error, with nothing printed before it
     let verified = if args.verify { Some(found.verify()?) } else { None };
     if args.json {

@@ -138,11 +138,25 @@ pub(crate) fn cancel_on_signal() -> Result<tokio_util::sync::CancellationToken> 
     Ok(shutdown)
 }
 
+/// The client of the client commands. An endpoint given as HOST:PORT is
+/// taken as `http://HOST:PORT` (`https://` with --tls-ca), as a browser
+/// would, instead of refused as a URL without a scheme.
 pub(crate) fn client(args: &ClientArgs) -> Result<Client> {
-    let client = Client::new(args.endpoints.clone(), read_token(args.token_file.as_ref())?);
+    let scheme = if args.tls_ca.is_some() { "https" } else { "http" };
+    let endpoints = args.endpoints.iter().map(|e| with_scheme(e, scheme)).collect();
+    let client = Client::new(endpoints, read_token(args.token_file.as_ref())?);
     match &args.tls_ca {
         Some(ca) => client.with_ca(ca).map_err(anyhow::Error::msg),
         None => Ok(client),
+    }
+}
+
+/// `endpoint` as a URL: as given when it names a scheme, else `scheme://endpoint`.
+fn with_scheme(endpoint: &str, scheme: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("{scheme}://{endpoint}")
     }
 }
 

@@ -17,12 +17,12 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         peers.push((id, "127.0.0.1:0".to_string()));
     }
     let job = args
-        .job
+        .spec
         .as_ref()
         .map(|p| -> Result<JobSpec> {
             let text =
-                std::fs::read_to_string(p).with_context(|| format!("cannot read --job {}", p.display()))?;
-            JobSpec::from_toml(&text).with_context(|| format!("--job {}", p.display()))
+                std::fs::read_to_string(p).with_context(|| format!("cannot read --spec {}", p.display()))?;
+            JobSpec::from_toml(&text).with_context(|| format!("--spec {}", p.display()))
         })
         .transpose()?;
     let tls = match (&args.tls_dir, &args.tls_ca, &args.tls_cert, &args.tls_key) {
@@ -82,24 +82,27 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     })
 }
 
-fn resolve_rank(flag: &str) -> Result<Rank> {
+/// `--rank` (already a number or `auto`, as clap checked it); what `auto`
+/// cannot resolve is bad usage, as `coordinator --id auto`'s is.
+fn resolve_rank(flag: &str) -> Result<Rank, Usage> {
     if flag != "auto" {
         return flag
             .parse()
             .map(Rank)
-            .map_err(|_| anyhow::anyhow!("--rank {flag:?} must be a number or auto"));
+            .map_err(|_| Usage(format!("--rank {flag:?} must be a number from 0 to {}, or auto", u32::MAX)));
     }
     if let Ok(index) = std::env::var("JOB_COMPLETION_INDEX") {
         return index
             .parse()
             .map(Rank)
-            .map_err(|_| anyhow::anyhow!("JOB_COMPLETION_INDEX={index:?} is not a number"));
+            .map_err(|_| Usage(format!("--rank auto: JOB_COMPLETION_INDEX={index:?} is not a number")));
     }
     let host = hostname();
-    host.rsplit_once('-')
-        .and_then(|(_, n)| n.parse().ok())
-        .map(Rank)
-        .ok_or_else(|| anyhow::anyhow!("--rank auto needs JOB_COMPLETION_INDEX (Indexed Job) or a hostname ending in -<ordinal>, got {host:?}"))
+    host.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).map(Rank).ok_or_else(|| {
+        Usage(format!(
+            "--rank auto needs JOB_COMPLETION_INDEX (Indexed Job) or a hostname ending in -<ordinal>, got {host:?}"
+        ))
+    })
 }
 
 pub(crate) fn run_worker(args: WorkerArgs) -> Result<()> {
@@ -119,7 +122,7 @@ pub(crate) fn run_worker(args: WorkerArgs) -> Result<()> {
     });
     let opts = WorkerOptions {
         coordinators: args.coordinators,
-        job: JobName::new(args.job.as_str())?,
+        job: JobName::new(args.job.as_str()).map_err(|e| Usage(format!("--job: {e}")))?,
         rank: resolve_rank(&args.rank)?,
         http_addr: args.http_addr,
         token: read_token(args.token_file.as_ref())?,
