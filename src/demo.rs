@@ -91,7 +91,11 @@ impl Progress {
 /// Runs the demo; `Ok(true)` when the final digest matches the reference.
 pub async fn run(args: DemoArgs) -> Result<bool> {
     if args.coordinators == 0 || args.workers == 0 || args.steps < 2 {
-        bail!("--coordinators and --workers must be at least 1, --steps at least 2");
+        // bad usage (exit 2), as every flag value out of its range
+        return Err(crate::cmd::Usage(
+            "--coordinators and --workers must be at least 1, --steps at least 2".into(),
+        )
+        .into());
     }
     let temp = match &args.dir {
         Some(d) => {

@@ -53,6 +53,14 @@ fn a_bad_rank_is_bad_usage() {
 }
 
 #[test]
+fn a_demo_flag_out_of_its_range_is_bad_usage() {
+    let out = flotilla(&["demo", "--steps", "1"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: --coordinators and --workers must be at least 1"), "{stderr}");
+}
+
+#[test]
 fn a_url_for_coordinators_points_at_endpoints() {
     for cmd in [&["worker", "--job", "demo", "--rank", "0"][..], &["node"][..]] {
         let out = Command::new(BIN)
