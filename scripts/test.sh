@@ -7,6 +7,43 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 
+# --- totals: every test suite's output is also kept in $results_log, and on
+# exit (passing or not) one closing line sums the suites run so far: cargo
+# test's "test result: ok. N passed; M failed; ..." lines and pytest's
+# "N passed, M failed in 1.2s" summary (its errors count as failed). The exit
+# code stays the one the script would have had.
+results_log=$(mktemp)
+test_totals() {
+  awk '
+    /^test result: / {
+      for (i = 1; i < NF; i++) {
+        w = $(i + 1); sub(/[;,]$/, "", w)
+        if (w == "passed") p += $i
+        if (w == "failed") f += $i
+      }
+      next
+    }
+    /^=* *[0-9]+ (passed|failed|errors?)(,.*)? in [0-9.]+s/ {
+      for (i = 1; i < NF; i++) {
+        w = $(i + 1); sub(/[;,]$/, "", w)
+        if (w == "passed") p += $i
+        if (w == "failed" || w == "error" || w == "errors") f += $i
+      }
+    }
+    END { printf "%d passed, %d failed", p, f }' "$1"
+}
+closing_line() {
+  local rc=$?
+  local verdict="all checks passed"
+  if [ "$rc" != 0 ]; then verdict="FAILED (exit $rc)"; fi
+  echo "=== tests: $(test_totals "$results_log") across every suite run; $verdict"
+  rm -f "$results_log"
+  exit "$rc"
+}
+trap closing_line EXIT
+# runs a test suite, its output shown as before and kept for the totals
+counted() { "$@" 2>&1 | tee -a "$results_log"; }
+
 echo "--- installing test dependencies"
 # Python safetensors + numpy: the interop test's reference reader
 # kubernetes-validate (with its schemas) and PyYAML for the deployment checks
@@ -60,13 +97,13 @@ echo "--- cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "--- the Python client's tests (python/)"
-python3 -m pytest -q python/tests
+counted python3 -m pytest -q python/tests
 
 echo "--- the Python client's types: mypy --strict (config in python/pyproject.toml)"
 (cd python && python3 -m mypy)
 
 echo "--- cargo test"
-cargo test --workspace --locked
+counted cargo test --workspace --locked
 
 echo "--- fault injection at the storage seam (failpoints feature)"
-cargo test -p flotilla-coordinator --locked --features failpoints --test failpoints
+counted cargo test -p flotilla-coordinator --locked --features failpoints --test failpoints

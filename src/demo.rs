@@ -1,7 +1,7 @@
 //! `flotilla demo` (SPEC §7): a whole local cluster as child processes,
 //! one injected failure, and the proof that the resumed run is the same run.
 
-use crate::count;
+use crate::cmd::count;
 use anyhow::{bail, Context, Result};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
@@ -93,7 +93,11 @@ impl Progress {
 /// Runs the demo; `Ok(true)` when the final digest matches the reference.
 pub async fn run(args: DemoArgs) -> Result<bool> {
     if args.coordinators == 0 || args.workers == 0 || args.steps < 2 {
-        bail!("--coordinators and --workers must be at least 1, --steps at least 2");
+        // bad usage (exit 2), as every flag value out of its range
+        return Err(crate::cmd::Usage(
+            "--coordinators and --workers must be at least 1, --steps at least 2".into(),
+        )
+        .into());
     }
     let temp = match &args.dir {
         Some(d) => {

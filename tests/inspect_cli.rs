@@ -194,3 +194,24 @@ fn bench_coordinator_json_has_the_spec_keys() {
     // the reconnect grace alone is 500 ms
     assert!(v["detect_to_restore_ms"].as_f64().unwrap() >= 500.0, "{stdout}");
 }
+
+#[test]
+fn a_checkpoint_root_above_the_jobs_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), "alpha", 1, 1, true);
+    write_checkpoint(dir.path(), "beta", 2, 1, false);
+    std::fs::create_dir(dir.path().join("not-a-job")).unwrap();
+    let out = flotilla(&["inspect", dir.path().to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is a checkpoint root") && stderr.contains("2 jobs (alpha, beta)"), "{stderr}");
+    assert!(stderr.contains(&format!("flotilla inspect {}", dir.path().join("alpha").display())), "{stderr}");
+    assert!(!stderr.contains("never committed"), "{stderr}");
+
+    // an empty directory is no root of jobs: the message as before
+    let empty = tempfile::tempdir().unwrap();
+    let out = flotilla(&["inspect", empty.path().to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("has no LATEST"), "{stderr}");
+}

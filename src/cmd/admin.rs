@@ -1,0 +1,218 @@
+//! The admin commands, which change the cluster or its jobs: `submit`,
+//! `checkpoint`, `checkpoints`, `restore`, `replicas` and `certs`.
+
+use super::{client, table, Usage};
+use crate::cli::{CertsArgs, CheckpointsArgs, JobArgs, ReplicasCommand, RestoreArgs, SubmitArgs};
+use anyhow::{bail, Context, Result};
+use flotilla_shared::spec::JobSpec;
+
+pub(crate) async fn run_submit(args: SubmitArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read {}", args.spec.display()))?;
+    // refuse a bad spec here, with the file's name, before the network
+    JobSpec::from_toml(&text).with_context(|| args.spec.display().to_string())?;
+    let reply = client(&args.client)?.submit(&text).await?;
+    if reply.created {
+        println!("submitted job {}", reply.job);
+    } else {
+        println!("job {} was already submitted with this spec; nothing changed", reply.job);
+    }
+    Ok(())
+}
+
+/// `flotilla checkpoint`: asks for a checkpoint and, while the leader
+/// waits for every shard, shows where the ranks are.
+pub(crate) async fn run_checkpoint(args: JobArgs) -> Result<()> {
+    let client = client(&args.client)?;
+    let ask = client.checkpoint(&args.job);
+    tokio::pin!(ask);
+    let mut shown = String::new();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.tick().await;
+    let v = loop {
+        tokio::select! {
+            v = &mut ask => break v?,
+            _ = every.tick() => {
+                let Ok(status) = client.status(Some(&args.job)).await else { continue };
+                let Some(job) = status.jobs.first() else { continue };
+                let Some(p) = job.checkpoints.iter().find(|c| c.state == "pending") else { continue };
+                let steps: Vec<u64> = job.workers.iter().map(|w| w.step.0).collect();
+                let line = format!(
+                    "checkpoint {} pending at step {}: ranks at steps {}..{}",
+                    p.id,
+                    p.step,
+                    steps.iter().min().unwrap_or(&0),
+                    steps.iter().max().unwrap_or(&0)
+                );
+                if line != shown {
+                    eprintln!("{line}");
+                    shown = line;
+                }
+            }
+        }
+    };
+    println!("checkpoint {} committed at step {}", v["id"], v["step"]);
+    Ok(())
+}
+
+pub(crate) async fn run_checkpoints(args: CheckpointsArgs) -> Result<()> {
+    let client = client(&args.client)?;
+    if let Some(id) = args.verify {
+        let v = client.verify(&args.job, id).await?;
+        let state = v["state"].as_str().unwrap_or("committed");
+        let what = if state == "abandoned" {
+            "it is abandoned: an operator's restore went back before it (flotilla restore --checkpoint can still choose it)"
+        } else {
+            "it is committed again"
+        };
+        println!("checkpoint {id} of job {} verified: every checksum matches; {what}", args.job);
+        return Ok(());
+    }
+    let status = client.status(Some(&args.job)).await?;
+    let job = status.jobs.into_iter().next().context("no such job")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&job.checkpoints)?);
+        return Ok(());
+    }
+    if job.checkpoints.is_empty() {
+        println!("no checkpoints yet");
+        return Ok(());
+    }
+    let rows = job
+        .checkpoints
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                c.step.to_string(),
+                c.generation.to_string(),
+                c.state.clone(),
+                c.bytes.to_string(),
+                flotilla_shared::layout::Manifest::format_time(c.begun_ms),
+                c.reason.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                ("id", true),
+                ("step", true),
+                ("generation", true),
+                ("state", false),
+                ("bytes", true),
+                ("begun", false),
+                ("reason", false)
+            ],
+            rows
+        )
+    );
+    Ok(())
+}
+
+/// `flotilla restore`: an operator's whole-job restore.
+pub(crate) async fn run_restore(args: RestoreArgs) -> Result<()> {
+    let v = client(&args.client)?.restore(&args.job, args.checkpoint).await?;
+    println!("job {} is restoring into generation {}", args.job, v["generation"]);
+    Ok(())
+}
+
+pub(crate) async fn run_replicas(cmd: ReplicasCommand) -> Result<()> {
+    match cmd {
+        ReplicasCommand::List(args) => {
+            let v = client(&args.client)?.replicas().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let members =
+                v.voters.iter().map(|id| (id, "voter")).chain(v.learners.iter().map(|id| (id, "learner")));
+            let rows = members
+                .map(|(id, role)| {
+                    let role = if Some(*id) == v.leader_id { "leader" } else { role };
+                    let p = v.progress.iter().find(|p| p.id == *id);
+                    let state = p.map_or(String::new(), |p| {
+                        format!(
+                            "{}{}",
+                            p.state.to_lowercase(),
+                            if p.recent_active { "" } else { ", unreachable" }
+                        )
+                    });
+                    vec![
+                        id.0.to_string(),
+                        role.to_string(),
+                        v.addresses.get(id).cloned().unwrap_or_else(|| "?".into()),
+                        p.map_or("-".to_string(), |p| p.matched.to_string()),
+                        state,
+                    ]
+                })
+                .collect();
+            let columns =
+                [("id", true), ("role", false), ("raft address", false), ("matched", true), ("state", false)];
+            print!("{}", table(&columns, rows));
+            if v.progress.is_empty() {
+                println!(
+                    "(progress is known to the leader only; node {} answered as {:?})",
+                    v.node_id, v.role
+                );
+            } else {
+                println!("commit index {}", v.commit_index);
+            }
+        }
+        ReplicasCommand::Add(args) => {
+            let c = client(&args.client)?;
+            let known = c.replicas().await?;
+            if !known.learners.iter().chain(&known.voters).any(|id| id.0 == args.id) {
+                c.add_replica(args.id, &args.raft_addr).await?;
+                println!("replica {} added as a learner; waiting for it to catch up", args.id);
+            }
+            if args.learner {
+                return Ok(());
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.timeout_seconds);
+            loop {
+                let v = c.replicas().await?;
+                if v.voters.iter().any(|id| id.0 == args.id) {
+                    println!("replica {} is a voter", args.id);
+                    return Ok(());
+                }
+                let matched = v.progress.iter().find(|p| p.id.0 == args.id).map_or(0, |p| p.matched);
+                if !v.progress.is_empty() && matched >= v.commit_index {
+                    c.promote_replica(args.id).await?;
+                    continue;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "replica {} has replicated up to index {matched} of {} after {} s; check that it runs (flotilla coordinator --id {}) and that every replica reaches {}; run this command again to keep waiting",
+                        args.id, v.commit_index, args.timeout_seconds, args.id, args.raft_addr
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        ReplicasCommand::Remove(args) => {
+            client(&args.client)?.remove_replica(args.id).await?;
+            println!("replica {} removed; stop its process now", args.id);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn run_certs(args: CertsArgs) -> Result<()> {
+    let nodes: Vec<flotilla_shared::ids::NodeId> =
+        args.nodes.iter().map(|&n| flotilla_shared::ids::NodeId(n)).collect();
+    if let Some(bad) = args.nodes.iter().find(|&&n| n == 0 || n > 65535) {
+        return Err(Usage(format!("--node {bad}: replica ids are 1..65535")).into());
+    }
+    let made = flotilla_shared::tls::generate(&args.dir, &nodes, &args.hosts)?;
+    if made.new_ca {
+        println!("made the cluster CA in {} (ca.pem; keep ca.key offline)", args.dir.display());
+    } else {
+        println!("signed with the existing CA in {}", args.dir.display());
+    }
+    for f in &made.files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
