@@ -185,7 +185,7 @@ impl LocalCluster {
         }
         cmd.args(&self.opts.args);
         if let Some(f) = &self.opts.job {
-            cmd.arg("--job").arg(f);
+            cmd.arg("--spec").arg(f);
         }
         let child = cmd.spawn()?;
         self.node_mut(id).child = Some(child);

@@ -5,6 +5,8 @@ use super::{client, count, table};
 use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
 use flotilla_coordinator::client::Client;
+use flotilla_coordinator::state::BlockReason;
+use flotilla_shared::ids::Rank;
 
 pub(crate) async fn run_status(args: StatusArgs) -> Result<()> {
     let client = client(&args.client)?;
@@ -147,7 +149,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
                         ),
                         None => ("missing".to_string(), "-".to_string(), "-".to_string()),
                     };
-                    let why = rank_reason(&state, job.error.as_deref(), rank);
+                    let why = rank_reason(&state, job.blocked.as_ref(), rank);
                     vec![rank.to_string(), state, step, age, why]
                 })
                 .collect();
@@ -171,18 +173,10 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
 }
 
 /// Why a rank is not training, in words, from its state (and the job's
-/// error, which names the blocked rank).
-// TODO(typed-block-reason): this reads the blocked rank out of the error's
-// text (`contains(`); replace it with the typed reason once the status
-// carries one. It is the only place the CLI matches on error text.
-fn rank_reason(state: &str, error: Option<&str>, rank: u32) -> String {
-    // the refusals of SPEC §10 name the rank as `rank 2 on GPU 0: ...`,
-    // `checkpoint 7 rank 2 does not match ...` or `... rank 2: ...`
-    let blocked_on_me = error.is_some_and(|e| {
-        e.starts_with(&format!("rank {rank} "))
-            || e.contains(&format!(" rank {rank}:"))
-            || e.contains(&format!(" rank {rank} "))
-    });
+/// block, which names the refused rank; a block recorded by an older build
+/// names none, and its words are in the job's error line).
+fn rank_reason(state: &str, blocked: Option<&BlockReason>, rank: u32) -> String {
+    let blocked_on_me = blocked.and_then(|b| b.rank) == Some(Rank(rank));
     match state {
         // first: a blocked rank's heartbeats may still say it runs
         _ if blocked_on_me => "its restore was refused (see error)".into(),
@@ -200,23 +194,39 @@ fn rank_reason(state: &str, error: Option<&str>, rank: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::rank_reason;
+    use flotilla_coordinator::state::BlockReason;
+    use flotilla_shared::ids::Rank;
+    use flotilla_shared::wire::RestoreFailureKind;
+
+    fn block(rank: u32, kind: RestoreFailureKind, detail: &str) -> BlockReason {
+        BlockReason { rank: Some(Rank(rank)), kind: Some(kind), detail: detail.into() }
+    }
 
     #[test]
     fn a_blocked_rank_is_told_apart_by_every_refusal_that_names_it() {
         let refused = "its restore was refused (see error)";
-        for error in [
-            "rank 2 on host memory: restore needs 258.6 KiB, 1000 B free",
-            "checkpoint 7 rank 2 does not match the model: missing model/w",
-            "checkpoint 7 rank 2: checksum mismatch in model/w",
+        for (kind, error) in [
+            (RestoreFailureKind::DeviceMemory, "rank 2 on host memory: restore needs 258.6 KiB, 1000 B free"),
+            (
+                RestoreFailureKind::ModelMismatch,
+                "checkpoint 7 rank 2 does not match the model: missing model/w",
+            ),
+            (RestoreFailureKind::Unavailable, "checkpoint 7 rank 2: open ...: Permission denied"),
         ] {
+            let error = &block(2, kind, error);
             assert_eq!(rank_reason("restoring", Some(error), 2), refused, "{error}");
             // another rank of the same job is not the one blocked, nor is rank 12 rank 2
             assert_eq!(rank_reason("restoring", Some(error), 1), "restoring", "{error}");
-            assert_eq!(rank_reason("restoring", Some(&error.replace("rank 2", "rank 12")), 2), "restoring");
+            let twelve = block(12, kind, &error.detail.replace("rank 2", "rank 12"));
+            assert_eq!(rank_reason("restoring", Some(&twelve), 2), "restoring");
         }
         // a blocked rank's heartbeats may still say it runs: the refusal wins
-        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 2), refused);
-        assert_eq!(rank_reason("running", Some("rank 2 on GPU 0: x"), 3), "");
+        let on_gpu = block(2, RestoreFailureKind::DeviceMemory, "rank 2 on GPU 0: x");
+        assert_eq!(rank_reason("running", Some(&on_gpu), 2), refused);
+        assert_eq!(rank_reason("running", Some(&on_gpu), 3), "");
         assert!(rank_reason("missing", None, 0).contains("never heard from"));
+        // a block an older build recorded names no rank: none is singled out
+        let old = BlockReason { rank: None, kind: None, detail: "rank 2 on GPU 0: x".into() };
+        assert_eq!(rank_reason("restoring", Some(&old), 2), "restoring");
     }
 }
