@@ -390,11 +390,23 @@ async fn a_spec_bigger_than_the_host_blocks_the_first_start_and_no_worker_aborts
     // both still answer, not ready, and say why
     assert!(workers.exited().is_empty(), "a worker exited");
     for rank in 0..2 {
-        let ready = reqwest::get(format!("http://{}/readyz", workers.http_addr(rank))).await.unwrap();
-        assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-        let why = ready.text().await.unwrap();
+        // the block may come from the first rank before the other has
+        // registered: wait until each has been told to start and refused
+        let url = format!("http://{}/readyz", workers.http_addr(rank));
+        let (status, why) = wait_for("the rank to refuse its start", LONG, || async {
+            let ready = reqwest::get(&url).await.map_err(|e| e.to_string())?;
+            let status = ready.status();
+            let why = ready.text().await.map_err(|e| e.to_string())?;
+            if !why.starts_with("restore refused") {
+                return Err(format!("{status}: {why}"));
+            }
+            Ok((status, why))
+        })
+        .await;
+        assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
         assert!(why.starts_with("restore refused: rank ") && why.contains("start needs"), "{why}");
     }
+    assert!(workers.exited().is_empty(), "a worker exited");
 }
 
 #[tokio::test(flavor = "multi_thread")]
