@@ -653,7 +653,7 @@ impl Scenario {
                             j.error,
                             j.workers
                                 .iter()
-                                .map(|w| (w.rank.0, w.state.clone(), w.step.0))
+                                .map(|w| (w.rank.0, w.state, w.step.0))
                                 .collect::<Vec<_>>()
                         );
                     }

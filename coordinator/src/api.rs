@@ -2,6 +2,7 @@
 
 use crate::replica::{NodeStatus, Role};
 use crate::state::{BlockReason, CheckpointState, Job, JobEvent, State};
+use crate::supervisor::RankState;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
@@ -152,7 +153,7 @@ pub struct WorkerView {
     /// Rank.
     pub rank: Rank,
     /// What it is doing.
-    pub state: String,
+    pub state: RankState,
     /// Its last reported step.
     pub step: Step,
     /// How long ago the leader last heard from it, in ms (when the view

@@ -676,7 +676,7 @@ pub async fn coordinator_bench(
                 let seen = job.map_or("no status".to_string(), |j| {
                     let mut states = std::collections::BTreeMap::<String, u32>::new();
                     for w in &j.workers {
-                        *states.entry(w.state.clone()).or_default() += 1;
+                        *states.entry(w.state.to_string()).or_default() += 1;
                     }
                     format!(
                         "it is {} in generation {} after {} restores, ranks by state {states:?}, error {:?}",

@@ -3,6 +3,7 @@
 use crate::api::WorkerView;
 use crate::replica::{NodeStatus, Role};
 use crate::state::{JobState, State};
+use crate::supervisor::RankState;
 use flotilla_shared::ids::JobName;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -10,21 +11,6 @@ use prometheus::{
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-/// The states `flotilla_job_workers{state}` counts ranks in: what a rank's
-/// heartbeats say (`WorkerStatus`), what the leader sees of its connection
-/// (`disconnected`, `stale`), and `missing` (never registered with this leader).
-const WORKER_STATES: [&str; 9] = [
-    "waiting",
-    "running",
-    "checkpointing",
-    "restoring",
-    "finished",
-    "failed",
-    "disconnected",
-    "stale",
-    "missing",
-];
 
 /// A counter series: metric name and label values.
 type SeriesKey = (String, Vec<String>);
@@ -303,8 +289,8 @@ impl Metrics {
             }
             // an ended job's workers have gone: none is missing, none runs
             if leader && job.state.is_terminal() {
-                for s in WORKER_STATES {
-                    self.job_workers.with_label_values(&[name, s]).set(0);
+                for s in RankState::ALL {
+                    self.job_workers.with_label_values(&[name, s.as_str()]).set(0);
                 }
             }
             if leader && !job.state.is_terminal() {
@@ -313,20 +299,20 @@ impl Metrics {
                     let slowest = ws.iter().map(|w| w.step.0).min().unwrap_or(0);
                     self.job_step.with_label_values(&[name]).set(slowest as i64);
                 }
-                let mut by_state: HashMap<&str, i64> = HashMap::new();
+                let mut by_state: HashMap<RankState, i64> = HashMap::new();
                 for w in &ws {
-                    *by_state.entry(w.state.as_str()).or_default() += 1;
+                    *by_state.entry(w.state).or_default() += 1;
                     if let Some(age) = w.heartbeat_age_ms {
                         let rank = w.rank.to_string();
                         self.heartbeat_age.with_label_values(&[name, &rank]).set(age as f64 / 1000.0);
                     }
                 }
-                by_state.insert("missing", i64::from(job.spec.world_size) - ws.len() as i64);
+                by_state.insert(RankState::Missing, i64::from(job.spec.world_size) - ws.len() as i64);
                 // every state is exported, 0 when no rank is in it: a rank
                 // that moves on leaves no stale count behind
-                for s in WORKER_STATES.iter().copied().chain(by_state.keys().copied()) {
-                    let n = by_state.get(s).copied().unwrap_or(0);
-                    self.job_workers.with_label_values(&[name, s]).set(n);
+                for s in RankState::ALL {
+                    let n = by_state.get(&s).copied().unwrap_or(0);
+                    self.job_workers.with_label_values(&[name, s.as_str()]).set(n);
                 }
             }
         }

@@ -452,13 +452,95 @@ pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
     })
 }
 
+/// What a rank is doing as the leader sees it: what its heartbeats say
+/// ([`WorkerStatus`]), what the leader sees of its connection
+/// (`disconnected`, `stale`), or `missing` (never registered with this
+/// leader). The one list status, metrics and the CLI use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RankState {
+    /// Reports [`WorkerStatus::Waiting`].
+    Waiting,
+    /// Reports [`WorkerStatus::Running`].
+    Running,
+    /// Reports [`WorkerStatus::Checkpointing`].
+    Checkpointing,
+    /// Reports [`WorkerStatus::Restoring`].
+    Restoring,
+    /// Reports [`WorkerStatus::Finished`].
+    Finished,
+    /// Reports [`WorkerStatus::Failed`].
+    Failed,
+    /// Its connection closed.
+    Disconnected,
+    /// Holds an older generation's state.
+    Stale,
+    /// Never registered with this leader.
+    Missing,
+}
+
+impl RankState {
+    /// Every state, in the order status and metrics list them.
+    pub const ALL: [RankState; 9] = [
+        RankState::Waiting,
+        RankState::Running,
+        RankState::Checkpointing,
+        RankState::Restoring,
+        RankState::Finished,
+        RankState::Failed,
+        RankState::Disconnected,
+        RankState::Stale,
+        RankState::Missing,
+    ];
+
+    /// The word in status JSON and the `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RankState::Waiting => "waiting",
+            RankState::Running => "running",
+            RankState::Checkpointing => "checkpointing",
+            RankState::Restoring => "restoring",
+            RankState::Finished => "finished",
+            RankState::Failed => "failed",
+            RankState::Disconnected => "disconnected",
+            RankState::Stale => "stale",
+            RankState::Missing => "missing",
+        }
+    }
+}
+
+impl From<WorkerStatus> for RankState {
+    fn from(s: WorkerStatus) -> Self {
+        match s {
+            WorkerStatus::Waiting => RankState::Waiting,
+            WorkerStatus::Running => RankState::Running,
+            WorkerStatus::Checkpointing => RankState::Checkpointing,
+            WorkerStatus::Restoring => RankState::Restoring,
+            WorkerStatus::Finished => RankState::Finished,
+            WorkerStatus::Failed => RankState::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for RankState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RankState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One rank as the supervisor sees it (for status).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankView {
     /// Rank.
     pub rank: Rank,
-    /// `disconnected`, `stale` (holds an older generation's state), or what it reports.
-    pub state: String,
+    /// What it is doing.
+    pub state: RankState,
     /// Its last reported step.
     pub step: Step,
     /// Since this leader last heard from it (any message), in ms.
@@ -518,11 +600,11 @@ impl Supervisor {
             .map(|(rank, r)| RankView {
                 rank: *rank,
                 state: if r.conn.is_none() {
-                    "disconnected".into()
+                    RankState::Disconnected
                 } else if r.generation != Some(generation) {
-                    "stale".into()
+                    RankState::Stale
                 } else {
-                    r.status.as_str().into()
+                    r.status.into()
                 },
                 step: r.step,
                 heartbeat_age_ms: now.mono_ms.saturating_sub(r.last_seen),

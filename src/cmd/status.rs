@@ -6,6 +6,7 @@ use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::state::BlockReason;
+use flotilla_coordinator::supervisor::RankState;
 use flotilla_shared::ids::Rank;
 
 pub(crate) async fn run_status(args: StatusArgs) -> Result<()> {
@@ -143,14 +144,14 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
                     let w = job.workers.iter().find(|w| w.rank.0 == rank);
                     let (state, step, age) = match w {
                         Some(w) => (
-                            w.state.clone(),
+                            w.state,
                             w.step.to_string(),
                             w.heartbeat_age_ms.map_or("?".into(), |ms| format!("{:.1} s", ms as f64 / 1e3)),
                         ),
-                        None => ("missing".to_string(), "-".to_string(), "-".to_string()),
+                        None => (RankState::Missing, "-".to_string(), "-".to_string()),
                     };
-                    let why = rank_reason(&state, job.blocked.as_ref(), rank);
-                    vec![rank.to_string(), state, step, age, why]
+                    let why = rank_reason(state, job.blocked.as_ref(), rank);
+                    vec![rank.to_string(), state.to_string(), step, age, why]
                 })
                 .collect();
             for line in table(
@@ -175,19 +176,20 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
 /// Why a rank is not training, in words, from its state (and the job's
 /// block, which names the refused rank; a block recorded by an older build
 /// names none, and its words are in the job's error line).
-fn rank_reason(state: &str, blocked: Option<&BlockReason>, rank: u32) -> String {
+fn rank_reason(state: RankState, blocked: Option<&BlockReason>, rank: u32) -> String {
     let blocked_on_me = blocked.and_then(|b| b.rank) == Some(Rank(rank));
     match state {
         // first: a blocked rank's heartbeats may still say it runs
         _ if blocked_on_me => "its restore was refused (see error)".into(),
-        "running" | "checkpointing" | "finished" => String::new(),
-        "missing" => "never heard from by this leader: is its worker running?".into(),
-        "disconnected" => "its connection closed; the job restores without it after the grace".into(),
-        "stale" => "holds an older generation's state; being restored".into(),
-        "restoring" => "restoring".into(),
-        "waiting" => "restored; waiting for the others".into(),
-        "failed" => "its trainer failed; restarted on the next restore".into(),
-        other => other.to_string(),
+        RankState::Running | RankState::Checkpointing | RankState::Finished => String::new(),
+        RankState::Missing => "never heard from by this leader: is its worker running?".into(),
+        RankState::Disconnected => {
+            "its connection closed; the job restores without it after the grace".into()
+        }
+        RankState::Stale => "holds an older generation's state; being restored".into(),
+        RankState::Restoring => "restoring".into(),
+        RankState::Waiting => "restored; waiting for the others".into(),
+        RankState::Failed => "its trainer failed; restarted on the next restore".into(),
     }
 }
 
@@ -195,6 +197,7 @@ fn rank_reason(state: &str, blocked: Option<&BlockReason>, rank: u32) -> String 
 mod tests {
     use super::rank_reason;
     use flotilla_coordinator::state::BlockReason;
+    use flotilla_coordinator::supervisor::RankState;
     use flotilla_shared::ids::Rank;
     use flotilla_shared::wire::RestoreFailureKind;
 
@@ -214,19 +217,19 @@ mod tests {
             (RestoreFailureKind::Unavailable, "checkpoint 7 rank 2: open ...: Permission denied"),
         ] {
             let error = &block(2, kind, error);
-            assert_eq!(rank_reason("restoring", Some(error), 2), refused, "{error}");
+            assert_eq!(rank_reason(RankState::Restoring, Some(error), 2), refused, "{error}");
             // another rank of the same job is not the one blocked, nor is rank 12 rank 2
-            assert_eq!(rank_reason("restoring", Some(error), 1), "restoring", "{error}");
+            assert_eq!(rank_reason(RankState::Restoring, Some(error), 1), "restoring", "{error}");
             let twelve = block(12, kind, &error.detail.replace("rank 2", "rank 12"));
-            assert_eq!(rank_reason("restoring", Some(&twelve), 2), "restoring");
+            assert_eq!(rank_reason(RankState::Restoring, Some(&twelve), 2), "restoring");
         }
         // a blocked rank's heartbeats may still say it runs: the refusal wins
         let on_gpu = block(2, RestoreFailureKind::DeviceMemory, "rank 2 on GPU 0: x");
-        assert_eq!(rank_reason("running", Some(&on_gpu), 2), refused);
-        assert_eq!(rank_reason("running", Some(&on_gpu), 3), "");
-        assert!(rank_reason("missing", None, 0).contains("never heard from"));
+        assert_eq!(rank_reason(RankState::Running, Some(&on_gpu), 2), refused);
+        assert_eq!(rank_reason(RankState::Running, Some(&on_gpu), 3), "");
+        assert!(rank_reason(RankState::Missing, None, 0).contains("never heard from"));
         // a block an older build recorded names no rank: none is singled out
         let old = BlockReason { rank: None, kind: None, detail: "rank 2 on GPU 0: x".into() };
-        assert_eq!(rank_reason("restoring", Some(&old), 2), "restoring");
+        assert_eq!(rank_reason(RankState::Restoring, Some(&old), 2), "restoring");
     }
 }
