@@ -651,10 +651,7 @@ impl Scenario {
                             j.restores,
                             j.latest_committed.map(|c| (c.id.0, c.step.0)),
                             j.error,
-                            j.workers
-                                .iter()
-                                .map(|w| (w.rank.0, w.state, w.step.0))
-                                .collect::<Vec<_>>()
+                            j.workers.iter().map(|w| (w.rank.0, w.state, w.step.0)).collect::<Vec<_>>()
                         );
                     }
                     out += "\n";
