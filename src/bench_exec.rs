@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 

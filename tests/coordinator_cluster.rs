@@ -5,8 +5,8 @@ mod common;
 
 use common::{flotilla, job_toml, text, wait_for, BIN};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
-use flotilla_coordinator::node::Role;
+use flotilla_coordinator::raft::node::Role;
+use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::frame::{client_handshake, HandshakeError, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage};
@@ -321,7 +321,7 @@ fn a_data_dir_of_another_replica_or_cluster_is_refused() {
     std::fs::create_dir_all(&data).unwrap();
     let identity = r#"{"cluster": "prod-a", "node_id": 1, "joining": false}"#;
     std::fs::write(data.join("IDENTITY.json"), identity).unwrap();
-    let port = |_| flotilla_coordinator::local::free_port().unwrap().to_string();
+    let port = |_| flotilla_coordinator::testkit::local::free_port().unwrap().to_string();
     let (http, raft) = (port(0), port(1));
     let start = |id: &str, cluster: &str| {
         flotilla(&[
@@ -422,7 +422,7 @@ async fn each_role_has_its_own_credential_and_a_worker_cannot_join_the_raft_port
 #[test]
 fn a_coordinator_reachable_from_other_hosts_needs_credentials_or_insecure() {
     let dir = tempfile::tempdir().unwrap();
-    let port = flotilla_coordinator::local::free_port().unwrap();
+    let port = flotilla_coordinator::testkit::local::free_port().unwrap();
     let http = format!("0.0.0.0:{port}");
     let data = dir.path().join("c1");
     let out =

@@ -10,7 +10,7 @@ mod common;
 use common::exec::{alive, job, path, repo, trainer_pid, wait_job, LONG};
 use common::{wait_for, BIN};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;

@@ -9,7 +9,7 @@ use common::exec::{job, path, reference_digest, trainer_pid, wait_job, worker_st
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWorkers};
 use std::path::Path;
 
 const WORLD: u32 = 4;

@@ -6,10 +6,10 @@ mod common;
 
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
-use flotilla_coordinator::bench::{sim_node, sim_worker, NodeControl};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
-use flotilla_coordinator::state::JobEventKind;
+use flotilla_coordinator::ledger::JobEventKind;
+use flotilla_coordinator::testkit::bench::{sim_node, sim_worker, NodeControl};
+use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::{JobName, Step};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;
@@ -824,7 +824,7 @@ async fn a_node_agent_carries_a_hosts_real_workers_on_one_session_through_a_kill
     let failure = "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 1000\n";
     let mut s = Scenario::submitted(4, 4000, 50, failure).await;
     // the host's node agent; its four workers know only its address
-    let addr = format!("127.0.0.1:{}", flotilla_coordinator::local::free_port().unwrap());
+    let addr = format!("127.0.0.1:{}", flotilla_coordinator::testkit::local::free_port().unwrap());
     let start_agent = |dir: &Path, endpoints: &str| {
         let log = std::fs::File::options().create(true).append(true).open(dir.join("node.log")).unwrap();
         Command::new(BIN)

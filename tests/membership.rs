@@ -9,7 +9,7 @@ mod common;
 use common::{flotilla, text, wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::spec::JobSpec;
 use flotilla_worker::trainer::reference_digest;

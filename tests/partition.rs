@@ -30,7 +30,7 @@ mod common;
 use common::BIN;
 use flotilla_coordinator::api::ClusterStatus;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::node::Role;
+use flotilla_coordinator::raft::node::Role;
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;

@@ -6,7 +6,7 @@ mod common;
 
 use common::{wait_for, BIN};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::local::{free_port, LocalCluster, LocalOptions, LocalWorkers};
+use flotilla_coordinator::testkit::local::{free_port, LocalCluster, LocalOptions, LocalWorkers};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

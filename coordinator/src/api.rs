@@ -1,8 +1,8 @@
 //! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
 
-use crate::replica::{NodeStatus, Role};
-use crate::state::{BlockReason, CheckpointState, Job, JobEvent, State};
-use crate::supervisor::RankState;
+use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, State};
+use crate::raft::replica::{NodeStatus, Role};
+use crate::supervise::RankState;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
@@ -54,7 +54,7 @@ pub struct ReplicasView {
     /// Learners (receive the log, do not vote).
     pub learners: Vec<NodeId>,
     /// Each member's replication progress (the leader's view; empty elsewhere).
-    pub progress: Vec<crate::replica::PeerProgress>,
+    pub progress: Vec<crate::raft::replica::PeerProgress>,
     /// Raft addresses: `--peers` and those added by membership changes.
     pub addresses: std::collections::BTreeMap<NodeId, String>,
 }
@@ -193,7 +193,7 @@ impl JobStatus {
             // a finished job is at its last step; otherwise the supervisor
             // fills in the slowest rank's step
             step: match (job.state, &job.spec.trainer) {
-                (crate::state::JobState::Succeeded, Some(t)) => Step(t.total_steps),
+                (crate::ledger::JobState::Succeeded, Some(t)) => Step(t.total_steps),
                 _ => Step(0),
             },
             restores: job.restores,

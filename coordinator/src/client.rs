@@ -101,7 +101,7 @@ impl Client {
             match self.get_status(base, &query).await {
                 Ok(status) => {
                     if let Some(url) = status.leader_url.as_deref().filter(|u| *u != base.as_str()) {
-                        if status.role != crate::node::Role::Leader {
+                        if status.role != crate::raft::node::Role::Leader {
                             if let Ok(from_leader) = self.get_status(url, &query).await {
                                 return Ok(from_leader);
                             }

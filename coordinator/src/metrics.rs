@@ -1,9 +1,9 @@
 //! The coordinator's Prometheus metrics (SPEC §9), one registry per process.
 
 use crate::api::WorkerView;
-use crate::replica::{NodeStatus, Role};
-use crate::state::{JobState, State};
-use crate::supervisor::RankState;
+use crate::ledger::{JobState, State};
+use crate::raft::replica::{NodeStatus, Role};
+use crate::supervise::RankState;
 use flotilla_shared::ids::JobName;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -245,7 +245,7 @@ impl Metrics {
 
     /// Refreshes the peer series from the leader's replication progress
     /// (empty on a follower: its series disappear).
-    pub fn observe_peers(&self, progress: &[crate::replica::PeerProgress]) {
+    pub fn observe_peers(&self, progress: &[crate::raft::replica::PeerProgress]) {
         self.peer_last_contact.reset();
         self.peer_match_index.reset();
         for p in progress {

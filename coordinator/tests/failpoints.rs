@@ -2,9 +2,9 @@
 //! acknowledges a write. Run with `--features failpoints`.
 #![cfg(feature = "failpoints")]
 
+use flotilla_coordinator::ledger::Command;
 use flotilla_coordinator::metrics::Metrics;
-use flotilla_coordinator::node::{self, NodeConfig, ProposeError, Role, Transport};
-use flotilla_coordinator::state::Command;
+use flotilla_coordinator::raft::node::{self, NodeConfig, ProposeError, Role, Transport};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::spec::JobSpec;
 use std::sync::Arc;

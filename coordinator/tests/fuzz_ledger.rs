@@ -31,7 +31,7 @@
 #[path = "../../shared/tests/support/fuzz.rs"]
 mod fuzz;
 
-use flotilla_coordinator::state::{
+use flotilla_coordinator::ledger::{
     AbortReason, CheckpointState, Command, Event, Job, JobState, NodeInfo, Origin, Outcome, RestoreReason,
     State, JOB_EVENTS_KEPT, TOMBSTONES,
 };

@@ -3,8 +3,8 @@
 //! (commit 2e9f237; `fixtures/ledger-2e9f237/generate.rs` wrote them), and
 //! reaches the state that build reached, word for word.
 
-use flotilla_coordinator::node::{decode_command, encode_command};
-use flotilla_coordinator::state::{Command, JobEventKind, JobState, State};
+use flotilla_coordinator::ledger::{Command, JobEventKind, JobState, State};
+use flotilla_coordinator::raft::node::{decode_command, encode_command};
 use flotilla_shared::ids::{JobName, Rank};
 use flotilla_shared::wire::RestoreFailureKind;
 use std::path::PathBuf;

@@ -15,7 +15,7 @@ pub(crate) fn run_sim_workers(args: SimWorkersArgs) -> Result<()> {
         .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
         .ok_or_else(|| Usage(format!("--ranks {:?}: expected START..END", args.ranks)))?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
-        flotilla_coordinator::bench::sim_workers(
+        flotilla_coordinator::testkit::bench::sim_workers(
             args.endpoints,
             args.job,
             args.heartbeat_ms,
@@ -41,7 +41,7 @@ pub(crate) async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<
         return Err(Usage("--workers and --rounds must be at least 1".into()).into());
     }
     let (temp, bin) = bench_cluster_dir("flotilla-bench-coordinator-", args.dir.as_ref())?;
-    let opts = flotilla_coordinator::bench::CoordinatorBenchOptions {
+    let opts = flotilla_coordinator::testkit::bench::CoordinatorBenchOptions {
         workers: args.workers,
         rounds: args.rounds,
         failures: args.failures,
@@ -50,7 +50,7 @@ pub(crate) async fn run_bench_coordinator(args: CoordinatorBenchArgs) -> Result<
         shard_root: args.shard_dir.clone(),
         node_sessions: args.node_sessions,
     };
-    let r = match flotilla_coordinator::bench::coordinator_bench(&bin, temp.path(), &opts).await {
+    let r = match flotilla_coordinator::testkit::bench::coordinator_bench(&bin, temp.path(), &opts).await {
         Ok(r) => r,
         // the replicas' and simulated workers' logs tell why: kept
         Err(e) => {
@@ -85,7 +85,7 @@ pub(crate) async fn run_bench_raft(args: RaftArgs) -> Result<()> {
     let (temp, bin) = bench_cluster_dir("flotilla-bench-raft-", args.dir.as_ref())?;
     let mut reports = Vec::new();
     for tls in [false, true].into_iter().take(1 + usize::from(args.tls)) {
-        let opts = flotilla_coordinator::bench::RaftBenchOptions {
+        let opts = flotilla_coordinator::testkit::bench::RaftBenchOptions {
             proposals: args.proposals,
             failovers: args.failovers,
             tls,
@@ -93,8 +93,9 @@ pub(crate) async fn run_bench_raft(args: RaftArgs) -> Result<()> {
         // each cluster in a directory of its own
         let dir = temp.path().join(if tls { "tls" } else { "plain" });
         std::fs::create_dir_all(&dir)?;
-        let r =
-            flotilla_coordinator::bench::raft_bench(&bin, &dir, &opts).await.map_err(anyhow::Error::msg)?;
+        let r = flotilla_coordinator::testkit::bench::raft_bench(&bin, &dir, &opts)
+            .await
+            .map_err(anyhow::Error::msg)?;
         reports.push(r);
     }
     if args.json {
@@ -121,7 +122,7 @@ pub(crate) async fn run_bench_raft(args: RaftArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_raft_report(r: &flotilla_coordinator::bench::RaftBenchReport) {
+fn print_raft_report(r: &flotilla_coordinator::testkit::bench::RaftBenchReport) {
     println!(
         "--- {}",
         if r.tls {

@@ -4,14 +4,14 @@
 use super::{cancel_on_signal, hostname, read_secret, read_token, Usage};
 use crate::cli::{CoordinatorArgs, NodeArgs, WorkerArgs};
 use anyhow::{Context, Result};
-use flotilla_coordinator::server;
+use flotilla_coordinator::serve;
 use flotilla_shared::ids::{JobName, Rank};
 use flotilla_shared::spec::JobSpec;
 use flotilla_worker::agent::{self, WorkerOptions};
 
 pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
-    let id = server::resolve_id(&args.id, &hostname()).map_err(Usage)?;
-    let mut peers = server::parse_peers(&args.peers).map_err(Usage)?;
+    let id = serve::resolve_id(&args.id, &hostname()).map_err(Usage)?;
+    let mut peers = serve::parse_peers(&args.peers).map_err(Usage)?;
     if peers.is_empty() {
         // a one-node cluster: its Raft address is never dialled
         peers.push((id, "127.0.0.1:0".to_string()));
@@ -38,7 +38,7 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let opts = server::CoordinatorOptions {
+    let opts = serve::CoordinatorOptions {
         cluster_id: args.cluster_id,
         id,
         peers,
@@ -52,8 +52,8 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         advertise_api: args.advertise_api,
         data_dir: args.data_dir,
         credentials: {
-            let shared = server::Credentials::shared(read_secret("--token-file", args.token_file.as_ref())?);
-            server::Credentials {
+            let shared = serve::Credentials::shared(read_secret("--token-file", args.token_file.as_ref())?);
+            serve::Credentials {
                 peer: read_secret("--peer-token-file", args.peer_token_file.as_ref())?.or(shared.peer),
                 worker: read_secret("--worker-token-file", args.worker_token_file.as_ref())?
                     .or(shared.worker),
@@ -78,7 +78,7 @@ pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             tracing::info!("shutting down");
             on_signal.cancel();
         });
-        server::run(opts, shutdown).await.map_err(anyhow::Error::from)
+        serve::run(opts, shutdown).await.map_err(anyhow::Error::from)
     })
 }
 

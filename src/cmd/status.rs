@@ -5,8 +5,8 @@ use super::{client, count, table};
 use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::state::BlockReason;
-use flotilla_coordinator::supervisor::RankState;
+use flotilla_coordinator::ledger::BlockReason;
+use flotilla_coordinator::supervise::RankState;
 use flotilla_shared::ids::Rank;
 
 pub(crate) async fn run_status(args: StatusArgs) -> Result<()> {
@@ -55,7 +55,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         }
         bail!("no leader yet: an election is in progress ({up} of {all} replicas answer); try again in a few seconds");
     };
-    if status.role != flotilla_coordinator::node::Role::Leader {
+    if status.role != flotilla_coordinator::raft::node::Role::Leader {
         writeln!(
             out,
             "node {} is a follower and cannot reach leader node {leader_id}: it knows the ledger but not the workers, so steps and ranks are not shown",
@@ -138,7 +138,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         if let Some(d) = &job.final_digest {
             writeln!(out, "  final digest: {d}")?;
         }
-        if job.state != "succeeded" && status.role == flotilla_coordinator::node::Role::Leader {
+        if job.state != "succeeded" && status.role == flotilla_coordinator::raft::node::Role::Leader {
             let rows = (0..job.world_size)
                 .map(|rank| {
                     let w = job.workers.iter().find(|w| w.rank.0 == rank);
@@ -196,8 +196,8 @@ fn rank_reason(state: RankState, blocked: Option<&BlockReason>, rank: u32) -> St
 #[cfg(test)]
 mod tests {
     use super::rank_reason;
-    use flotilla_coordinator::state::BlockReason;
-    use flotilla_coordinator::supervisor::RankState;
+    use flotilla_coordinator::ledger::BlockReason;
+    use flotilla_coordinator::supervise::RankState;
     use flotilla_shared::ids::Rank;
     use flotilla_shared::wire::RestoreFailureKind;
 

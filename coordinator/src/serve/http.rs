@@ -3,11 +3,11 @@
 //! (a follower answers 421 with the leader's URL).
 
 use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
+use crate::ledger::{AbortReason, CheckpointState, Command, Event, JobState, RefusalKind};
 use crate::metrics::Metrics;
-use crate::node::{MembershipChange, NodeHandle, ProposeError, Role};
-use crate::state::{AbortReason, CheckpointState, Command, Event, JobState, RefusalKind};
-use crate::supervisor::Observation;
-use crate::workers::{SupervisorHandle, WorkersView};
+use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
+use crate::supervise::task::{SupervisorHandle, WorkersView};
+use crate::supervise::Observation;
 use axum::extract::Path;
 use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
@@ -81,9 +81,9 @@ pub async fn serve(
     loop {
         let (tcp, remote) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = crate::transport::accept(&listener, "HTTP API") => accepted,
+            accepted = crate::raft::transport::accept(&listener, "HTTP API") => accepted,
         };
-        let Some(slot) = crate::transport::admit(&slots, "HTTP API", remote) else { continue };
+        let Some(slot) = crate::raft::transport::admit(&slots, "HTTP API", remote) else { continue };
         let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
             let stream = match tls {
@@ -228,7 +228,7 @@ async fn submit(AxumState(s): AxumState<HttpState>, headers: HeaderMap, body: St
     let job = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
     let read = spec.clone();
-    let origin = match tokio::task::spawn_blocking(move || crate::origin::read_origin(&read)).await {
+    let origin = match tokio::task::spawn_blocking(move || crate::serve::origin::read_origin(&read)).await {
         Ok(Ok(origin)) => origin,
         Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

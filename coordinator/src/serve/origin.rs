@@ -2,7 +2,7 @@
 //! (`[checkpoint] resume_from`): read from storage by the replica that
 //! submits the job, before the submission is proposed.
 
-use crate::state::Origin;
+use crate::ledger::Origin;
 use flotilla_shared::layout::{JobDir, LayoutError, Manifest};
 use flotilla_shared::shard::ShardManifest;
 use flotilla_shared::spec::JobSpec;
@@ -23,7 +23,7 @@ pub enum OriginError {
 }
 
 /// Reads the committed checkpoint a spec's `[checkpoint] resume_from` names
-/// (the latest of that job), for [`crate::state::Command::SubmitJob`].
+/// (the latest of that job), for [`crate::ledger::Command::SubmitJob`].
 pub fn read_origin(spec: &JobSpec) -> Result<Option<Box<Origin>>, OriginError> {
     let Some(from) = &spec.checkpoint.resume_from else { return Ok(None) };
     let dir = JobDir::at(from);

@@ -18,11 +18,11 @@
 //! (leadership lost) or timed out. Followers forward proposals to the leader
 //! (raft-rs does this), which is how a replica announces itself.
 
+use crate::ledger::{Command, Outcome, State};
+use crate::ledger::{Refusal, RefusalKind};
 use crate::metrics::Metrics;
-pub use crate::replica::{Membership, MembershipChange, NodeStatus, PeerProgress, Role};
-use crate::state::{Command, Outcome, State};
-use crate::state::{Refusal, RefusalKind};
-use crate::storage::{LogStore, StoreError};
+pub use crate::raft::replica::{Membership, MembershipChange, NodeStatus, PeerProgress, Role};
+use crate::raft::storage::{LogStore, StoreError};
 use flotilla_shared::ids::NodeId;
 use protobuf::Message as _;
 use raft::eraftpb::{
@@ -247,7 +247,7 @@ pub fn start(
         ..Config::default()
     };
     raft_cfg.validate()?;
-    let logger = crate::log::slog_to_tracing(cfg.id);
+    let logger = crate::raft::log::slog_to_tracing(cfg.id);
     let mut raw = RawNode::new(&raft_cfg, store, &logger)?;
     if raw.raft.prs().conf().voters().ids().iter().eq([cfg.id.0]) && raw.raft.state != StateRole::Leader {
         // a one-node cluster needs no election timeout

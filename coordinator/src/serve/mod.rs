@@ -1,18 +1,23 @@
 //! One coordinator replica, assembled: Raft listener and peer transport,
-//! the Raft node, the HTTP API, self-announcement, and the optional job
-//! submitted at start-up.
+//! the Raft node, the HTTP API ([`http`]), the worker API ([`worker_api`]),
+//! self-announcement, and the optional job submitted at start-up
+//! ([`origin`] reads the checkpoint its `resume_from` names).
 
-use crate::http::{self, HttpState};
-use crate::identity;
+pub mod http;
+pub mod origin;
+pub mod worker_api;
+
+use crate::ledger::{Command, NodeInfo};
 use crate::metrics::Metrics;
-use crate::node::{self, NodeConfig, NodeHandle, ProposeError};
-use crate::state::{Command, NodeInfo};
-use crate::transport::{self, PeerAuth, PeerTransport};
-use crate::workers;
+use crate::raft::identity;
+use crate::raft::node::{self, NodeConfig, NodeHandle, ProposeError};
+use crate::raft::transport::{self, PeerAuth, PeerTransport};
+use crate::supervise::task;
 use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::tls::NodeTls;
+use http::HttpState;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -268,9 +273,9 @@ pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Resul
     ));
 
     let (supervisor, workers_view, supervisor_tx) =
-        workers::start_supervisor(handle.clone(), metrics.clone(), shutdown.clone());
+        task::start_supervisor(handle.clone(), metrics.clone(), shutdown.clone());
     if let Some(listener) = api_listener {
-        tokio::spawn(workers::serve(
+        tokio::spawn(worker_api::serve(
             listener,
             handle.clone(),
             opts.credentials.worker.clone(),
@@ -451,7 +456,7 @@ async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: Cancellati
     }
     let name = spec.name.clone();
     let now_ms = flotilla_shared::layout::Manifest::now_unix_ms();
-    let origin = match crate::origin::read_origin(&spec) {
+    let origin = match origin::read_origin(&spec) {
         Ok(o) => o,
         Err(e) => {
             tracing::error!("cannot submit job {name} (--job): {e}");

@@ -8,7 +8,7 @@
 //! actions from the same ledger and the workers' (re-)registrations.
 //!
 //! This module is pure: no I/O, no clock (time arrives as [`Now`]), no
-//! randomness. The shell (`coordinator::workers`) carries out the actions and
+//! randomness. The shell ([`task`]) carries out the actions and
 //! never awaits a proposal inline; it reports back with
 //! [`Observation::ProposalDone`] so the same proposal is not made twice while
 //! one is in flight.
@@ -30,7 +30,10 @@
 //! its manifest, an aborted or retired one loses its files, whichever leader
 //! applied the entry.
 
-use crate::state::{AbortReason, CheckpointState, Command, Job, JobState, RestoreReason, State};
+mod files;
+pub mod task;
+
+use crate::ledger::{AbortReason, CheckpointState, Command, Job, JobState, RestoreReason, State};
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
@@ -1220,7 +1223,7 @@ impl Supervisor {
     fn reconcile_files(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
         let name = j.spec.name.clone();
         let soft = self.soft(&name, now.mono_ms);
-        let work_for = |c: &crate::state::Checkpoint| match c.state {
+        let work_for = |c: &crate::ledger::Checkpoint| match c.state {
             CheckpointState::Committed | CheckpointState::Abandoned => Some(FileWork::Manifest(c.id)),
             CheckpointState::Corrupt => Some(FileWork::Condemn(c.id)),
             CheckpointState::Aborted | CheckpointState::Deleted => Some(FileWork::Delete(c.id)),
@@ -1348,5 +1351,4 @@ fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command>
 }
 
 #[cfg(test)]
-#[path = "supervisor_tests.rs"]
 mod tests;

@@ -14,8 +14,8 @@
 //!   one serves `/v1/status` as leader; the killed replica is restarted on
 //!   its data dir and rejoins before the next run.
 
-use crate::local::{LocalCluster, LocalOptions};
-use crate::node::Role;
+use crate::raft::node::Role;
+use crate::testkit::local::{LocalCluster, LocalOptions};
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;

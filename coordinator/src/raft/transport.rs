@@ -20,8 +20,8 @@
 //! malformed or oversized frame, or a local message type closes that
 //! connection only.
 
-use crate::node::Transport;
-use crate::storage::{decode_message, encode_message};
+use crate::raft::node::Transport;
+use crate::raft::storage::{decode_message, encode_message};
 use flotilla_shared::frame::{client_handshake, server_handshake, Tokens, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::tls::{self, NodeTls, Stream};

@@ -5,7 +5,7 @@
 //! reaches the same end: the job succeeds with the failure-free digest.
 
 use super::*;
-use crate::state::Event;
+use crate::ledger::Event;
 use flotilla_shared::checksum::Checksum;
 use flotilla_shared::shard::{Dtype, TensorRecord};
 use flotilla_shared::spec::JobSpec;

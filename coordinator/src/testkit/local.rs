@@ -3,7 +3,7 @@
 //! Processes are killed (SIGKILL) when the cluster is dropped.
 
 use crate::api::ClusterStatus;
-use crate::node::Role;
+use crate::raft::node::Role;
 use flotilla_shared::ids::NodeId;
 use std::fs::{self, File};
 use std::io;
@@ -367,7 +367,7 @@ impl LocalWorkers {
             .args(["--coordinators", &self.coordinators, "--job", &self.job, "--rank", &rank.to_string()])
             .args(["--http-addr", &self.http_addrs[rank as usize]])
             .env("RUST_LOG", &self.log_filter)
-            .env_remove(crate::local::FREE_BYTES_ENV)
+            .env_remove(crate::testkit::local::FREE_BYTES_ENV)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -1,0 +1,359 @@
+//! The supervisor task: the shell around the pure [`Supervisor`]. It feeds
+//! observations to the core, runs its reconciles at a bounded pace, and
+//! carries out its actions: proposals (queued to the Raft node and never
+//! awaited inline: their outcomes come back as observations), directives
+//! (onto each connection's outbox), and checkpoint files (handed to
+//! [`super::files`]). It supervises only while this replica leads.
+
+use super::files::start_file_worker;
+use super::{
+    Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
+};
+use crate::api::WorkerView;
+use crate::ledger::Event;
+use crate::metrics::Metrics;
+use crate::raft::node::{NodeHandle, Role};
+use flotilla_shared::ids::{Generation, JobName};
+use flotilla_shared::layout::Manifest;
+use flotilla_shared::wire::CoordinatorMessage;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What the supervisor last knew of each job, for `/v1/status`.
+#[derive(Clone, Default)]
+pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, JobView>>>);
+
+/// One job as the supervisor last saw it.
+#[derive(Clone, Default)]
+struct JobView {
+    workers: Vec<WorkerView>,
+    /// The generation the job ran in, and since when.
+    running_since: Option<(Generation, u64)>,
+}
+
+impl WorkersView {
+    /// The workers of `job` as the supervisor last saw them.
+    pub fn get(&self, job: &JobName) -> Vec<WorkerView> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(job)
+            .map(|v| v.workers.clone())
+            .unwrap_or_default()
+    }
+
+    /// When the supervisor first saw `job` running in `generation` (ms
+    /// since the epoch).
+    pub fn running_since_ms(&self, job: &JobName, generation: Generation) -> Option<u64> {
+        let views = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let (g, at) = views.get(job)?.running_since?;
+        (g == generation).then_some(at)
+    }
+}
+
+/// Input of the supervisor task.
+pub enum SupervisorInput {
+    /// A worker connection registered; directives for it go to `tx`,
+    /// tagged with `conn` (the ranks of a node session share one queue).
+    Connected {
+        /// Connection (or one rank of a node session).
+        conn: ConnId,
+        /// Its outbound queue.
+        tx: Outbox,
+    },
+    /// Something happened.
+    Observe(Observation),
+    /// A proposal's outcome: the applied events, or none (refused or failed).
+    Proposed {
+        /// Which proposal.
+        key: ProposalKey,
+        /// What it changed.
+        events: Vec<Event>,
+    },
+}
+
+/// A directive, or the request to close the connection after the ones before it.
+pub type CoordinatorMessageOrClose = Option<CoordinatorMessage>;
+
+/// A connection's outbound queue: directives tagged with the `ConnId` they
+/// are for (a node session's ranks each have their own).
+pub type Outbox = mpsc::Sender<(ConnId, CoordinatorMessageOrClose)>;
+
+/// A handle to send observations (e.g. operator requests) to the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    tx: mpsc::Sender<SupervisorInput>,
+}
+
+impl SupervisorHandle {
+    /// Passes an observation to the supervisor.
+    pub async fn observe(&self, obs: Observation) {
+        let _ = self.tx.send(SupervisorInput::Observe(obs)).await;
+    }
+}
+
+/// The supervisor's clock: monotonic for deadlines, wall time for the ledger.
+struct Clock(Instant);
+
+impl Clock {
+    fn now(&self) -> Now {
+        Now { mono_ms: self.0.elapsed().as_millis() as u64, wall_ms: Manifest::now_unix_ms() }
+    }
+}
+
+/// Starts the supervisor task; returns its handle and the workers view.
+pub fn start_supervisor(
+    node: NodeHandle,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> (SupervisorHandle, WorkersView, mpsc::Sender<SupervisorInput>) {
+    let (tx, rx) = mpsc::channel(4096);
+    let view = WorkersView::default();
+    let files = start_file_worker(node.clone(), tx.clone());
+    tokio::spawn(run_supervisor(node, rx, tx.clone(), files, view.clone(), metrics, shutdown));
+    (SupervisorHandle { tx: tx.clone() }, view, tx)
+}
+
+/// When the next reconcile may run. A reconcile visits every rank, so with
+/// thousands of ranks it is the supervisor's main cost. One is run soon
+/// after anything but heartbeats arrives, yet no sooner after the last one
+/// than four times what that one took: reconciling takes at most about a
+/// fifth of the task, and what arrives meanwhile is judged together.
+#[derive(Default)]
+struct ReconcilePace {
+    /// A reconcile is wanted at this instant.
+    due: Option<tokio::time::Instant>,
+    /// When the last reconcile ended, and what it took.
+    last: Option<(tokio::time::Instant, Duration)>,
+}
+
+impl ReconcilePace {
+    /// Something arrived that a reconcile must judge.
+    fn want(&mut self) {
+        if self.due.is_none() {
+            let (at, cost) = self.last.unwrap_or((tokio::time::Instant::now(), Duration::ZERO));
+            self.due = Some(at + cost * 4);
+        }
+    }
+
+    /// Runs a reconcile (which also answers any wanted one), timing it.
+    fn run<T>(&mut self, reconcile: impl FnOnce() -> T) -> T {
+        self.due = None;
+        let started = tokio::time::Instant::now();
+        let out = reconcile();
+        self.last = Some((tokio::time::Instant::now(), started.elapsed()));
+        out
+    }
+}
+
+/// Observations taken in at once at most (a bound on one turn's latency).
+const MAX_BATCH: usize = 4096;
+
+async fn run_supervisor(
+    node: NodeHandle,
+    mut rx: mpsc::Receiver<SupervisorInput>,
+    inputs: mpsc::Sender<SupervisorInput>,
+    files: std::sync::mpsc::Sender<(JobName, FileWork)>,
+    view: WorkersView,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let clock = Clock(Instant::now());
+    let mut sup: Option<Supervisor> = None;
+    // when each job's restore was decided, for the recovery histogram
+    let mut restoring_since: HashMap<JobName, Instant> = HashMap::new();
+    let mut conns: HashMap<ConnId, Outbox> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = ReconcilePace::default();
+    loop {
+        let mut actions: Vec<Action> = Vec::new();
+        let mut ticked = false;
+        let due = pace.due;
+        // inputs first: every heartbeat already received is counted before
+        // the tick judges deadlines
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                if let Some(s) = sup.as_mut() {
+                    actions = pace.run(|| node.read_state(|st| s.tick(st, clock.now())));
+                }
+                pace.due = None;
+            }
+            input = rx.recv() => {
+                let Some(first) = input else { return };
+                // everything already queued is taken in together, and judged
+                // by one reconcile (below)
+                let mut batch = Vec::new();
+                let mut next = Some(first);
+                while let Some(input) = next {
+                    match input {
+                        SupervisorInput::Connected { conn, tx } => { conns.insert(conn, tx); }
+                        SupervisorInput::Proposed { key, events } => {
+                            observe_events(&metrics, &mut restoring_since, &events);
+                            batch.push(Observation::ProposalDone { key });
+                        }
+                        SupervisorInput::Observe(obs) => {
+                            if let Observation::Disconnected { conn } = &obs {
+                                conns.remove(conn);
+                            }
+                            batch.push(obs);
+                        }
+                    }
+                    next = if batch.len() < MAX_BATCH { rx.try_recv().ok() } else { None };
+                }
+                // a replica that became leader since the last tick
+                // supervises from its first input: registrations are not
+                // turned away for want of a tick
+                if sup.is_none() && node.status().role == Role::Leader {
+                    sup = Some(start_supervising(&node, &clock));
+                }
+                if let Some(s) = sup.as_mut() {
+                    let wanted;
+                    (actions, wanted) = node.read_state(|st| s.take_batch(st, clock.now(), batch));
+                    if wanted {
+                        pace.want();
+                    }
+                } else {
+                    for obs in batch {
+                        if let Observation::Registered(Registration { conn, .. }) = obs {
+                            // leadership moved between accept and now
+                            if let Some(tx) = conns.remove(&conn) {
+                                let _ = tx.try_send((conn, None));
+                            }
+                        }
+                    }
+                }
+            },
+            _ = tick.tick() => {
+                ticked = true;
+                let status = node.status();
+                match (&mut sup, status.role == Role::Leader) {
+                    (None, true) => sup = Some(start_supervising(&node, &clock)),
+                    (Some(_), false) => {
+                        tracing::info!("lost leadership: closing worker connections");
+                        sup = None;
+                        for (conn, tx) in conns.drain() {
+                            let _ = tx.try_send((conn, None));
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(s) = sup.as_mut() {
+                    actions = pace.run(|| node.read_state(|st| s.tick(st, clock.now())));
+                }
+            }
+        }
+        let Some(s) = sup.as_ref() else { continue };
+        for action in actions {
+            match action {
+                Action::Propose(cmd) => {
+                    let Some(key) = ProposalKey::of(&cmd) else { continue };
+                    tracing::debug!(?cmd, "proposing");
+                    let outcome = node.submit(cmd);
+                    let inputs = inputs.clone();
+                    tokio::spawn(async move {
+                        let events = match outcome.await {
+                            Ok(Ok(Ok(events))) => events,
+                            Ok(Ok(Err(refusal))) => {
+                                tracing::debug!("proposal refused: {refusal}");
+                                Vec::new()
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!("proposal failed: {e}");
+                                Vec::new()
+                            }
+                            Err(_) => Vec::new(),
+                        };
+                        let _ = inputs.send(SupervisorInput::Proposed { key, events }).await;
+                    });
+                }
+                Action::Send { conn, msg } => {
+                    if let Some(tx) = conns.get(&conn) {
+                        if tx.try_send((conn, Some(msg))).is_err() {
+                            tracing::warn!(
+                                conn,
+                                "worker connection is not draining its directives; closing it"
+                            );
+                            conns.remove(&conn);
+                        }
+                    }
+                }
+                Action::Close { conn } => {
+                    if let Some(tx) = conns.remove(&conn) {
+                        let _ = tx.try_send((conn, None));
+                    }
+                }
+                Action::Files { job, work } => {
+                    let _ = files.send((job, work));
+                }
+            }
+        }
+        // the status view follows the tick (every 100 ms), not every heartbeat
+        if ticked {
+            publish_view(&node, s, &view, clock.now());
+        }
+    }
+}
+
+/// The supervisor of a replica that has just become leader.
+fn start_supervising(node: &NodeHandle, clock: &Clock) -> Supervisor {
+    let term = node.status().term;
+    tracing::info!(term, "became leader: supervising workers");
+    Supervisor::new(SupervisorConfig::default(), clock.now(), term)
+}
+
+fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Instant>, events: &[Event]) {
+    use crate::ledger::JobState;
+    for event in events {
+        match event {
+            Event::CheckpointCommitted { job, duration_ms, .. } => {
+                metrics
+                    .checkpoint_seconds
+                    .with_label_values(&[job.as_str()])
+                    .observe(*duration_ms as f64 / 1e3);
+            }
+            Event::Restoring { job, .. } => {
+                // a restore that restarts keeps the first decision's time
+                restoring_since.entry(job.clone()).or_insert_with(Instant::now);
+            }
+            Event::JobState { job, state: JobState::Running } => {
+                if let Some(since) = restoring_since.remove(job) {
+                    metrics
+                        .recovery_seconds
+                        .with_label_values(&[job.as_str()])
+                        .observe(since.elapsed().as_secs_f64());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView, now: crate::supervise::Now) {
+    let snapshot: BTreeMap<JobName, JobView> = node.read_state(|st| {
+        st.jobs
+            .values()
+            .map(|j| {
+                let workers = s
+                    .rank_views(&j.spec.name, j.generation, now)
+                    .into_iter()
+                    .map(|r| WorkerView {
+                        rank: r.rank,
+                        state: r.state,
+                        step: r.step,
+                        heartbeat_age_ms: Some(r.heartbeat_age_ms),
+                    })
+                    .collect();
+                let running_since =
+                    s.running_since_ms(&j.spec.name, j.generation).map(|at| (j.generation, at));
+                (j.spec.name.clone(), JobView { workers, running_since })
+            })
+            .collect()
+    });
+    *view.0.write().unwrap_or_else(|e| e.into_inner()) = snapshot;
+}
