@@ -3,11 +3,11 @@
 //! (a follower answers 421 with the leader's URL).
 
 use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
-use crate::ledger::{AbortReason, CheckpointState, Command, Event, JobState, RefusalKind};
+use crate::ledger::{CheckpointState, Command, Event, RefusalKind};
 use crate::metrics::Metrics;
 use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::supervise::task::{SupervisorHandle, WorkersView};
-use crate::supervise::Observation;
+use crate::supervise::CheckpointOutcome;
 use axum::extract::Path;
 use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
@@ -21,7 +21,7 @@ use flotilla_shared::shard::Shard;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::tls::{NodeTls, Stream};
 use serde::Deserialize;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -258,7 +258,9 @@ fn admin_request(s: &HttpState, headers: &HeaderMap, job: &str) -> Result<JobNam
 }
 
 /// `POST /v1/jobs/{job}/checkpoint`: asks for a checkpoint now and waits
-/// until it is committed (200 `{"id", "step"}`) or aborted (409).
+/// until it is committed (200 `{"id", "step"}`) or aborted (409). The
+/// supervisor decides (refusals, placing again, the deadline); this only
+/// waits for its answer.
 async fn checkpoint(
     AxumState(s): AxumState<HttpState>,
     headers: HeaderMap,
@@ -268,86 +270,17 @@ async fn checkpoint(
         Ok(j) => j,
         Err(r) => return *r,
     };
-    let found = s.node.read_state(|st| {
-        st.jobs.get(&job).map(|j| (j.next_checkpoint, j.spec.checkpoint.timeout_seconds, j.state))
-    });
-    let Some((first_id, timeout_s, state)) = found else {
-        return error(StatusCode::NOT_FOUND, format!("no job named {job}; submit it first"));
-    };
-    // refuse at once what the job's state cannot take
-    let refusal = match state {
-        JobState::Running => None,
-        JobState::Waiting => Some(format!(
-            "job {job} is waiting for its workers; a checkpoint needs every rank running (start them with flotilla worker)"
-        )),
-        JobState::Restoring | JobState::Blocked => Some(format!(
-            "job {job} is {}; ask again once it runs (flotilla status shows why)",
-            state.as_str()
-        )),
-        JobState::Succeeded | JobState::Failed => {
-            Some(format!("job {job} {}; it takes no more checkpoints", state.as_str()))
+    match s.supervisor.checkpoint_now(job.clone()).await {
+        Some(CheckpointOutcome::Committed { id, step }) => {
+            Json(serde_json::json!({"id": id, "step": step})).into_response()
         }
-    };
-    if let Some(message) = refusal {
-        return error(StatusCode::CONFLICT, message);
-    }
-    s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
-    let deadline = Instant::now() + Duration::from_secs(timeout_s + 30);
-    enum Seen {
-        Committed(CheckpointId, flotilla_shared::ids::Step),
-        PlacedTooLate(CheckpointId),
-        Failed(String),
-    }
-    let mut first_id = first_id;
-    // woken by every change of the node's status (each apply moves the
-    // applied index), not a polling period: a commit is answered at once
-    let mut applied = s.node.watch_status();
-    loop {
-        applied.borrow_and_update();
-        let outcome = s.node.read_state(|st| {
-            let j = st.jobs.get(&job)?;
-            if j.state.is_terminal() {
-                return Some(Seen::Failed(format!("job {job} is {}", j.state.as_str())));
-            }
-            j.checkpoints.range(first_id..).find_map(|(id, c)| match c.state {
-                CheckpointState::Committed | CheckpointState::Deleted | CheckpointState::Abandoned => {
-                    Some(Seen::Committed(*id, c.step))
-                }
-                CheckpointState::Aborted if matches!(c.abort, Some(AbortReason::RankPastStep { .. })) => {
-                    Some(Seen::PlacedTooLate(*id))
-                }
-                CheckpointState::Aborted => Some(Seen::Failed(format!(
-                    "checkpoint {id} was aborted: {}",
-                    c.reason.as_deref().unwrap_or("no reason recorded")
-                ))),
-                _ => None,
-            })
-        });
-        match outcome {
-            Some(Seen::Committed(id, step)) => {
-                return Json(serde_json::json!({"id": id, "step": step})).into_response()
-            }
-            // placed behind a rank (the leader's pace estimate was off): the
-            // leader, with a longer lead now, places another
-            Some(Seen::PlacedTooLate(aborted)) => {
-                first_id = CheckpointId(aborted.0 + 1);
-                s.supervisor.observe(Observation::CheckpointRequested { job: job.clone() }).await;
-            }
-            Some(Seen::Failed(e)) => return error(StatusCode::CONFLICT, e),
-            None if Instant::now() > deadline => {
-                return error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("no checkpoint of job {job} committed in time; is every worker running?"),
-                )
-            }
-            None => {
-                let woken = tokio::time::timeout(Duration::from_millis(200), applied.changed()).await;
-                if matches!(woken, Ok(Err(_))) {
-                    // the node stopped: no more changes will come
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
+        Some(CheckpointOutcome::Refused(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Some(CheckpointOutcome::Failed(e)) => error(StatusCode::CONFLICT, e),
+        Some(CheckpointOutcome::TimedOut(e)) => error(StatusCode::GATEWAY_TIMEOUT, e),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this replica stopped leading while job {job}'s checkpoint was pending; ask again"),
+        ),
     }
 }
 

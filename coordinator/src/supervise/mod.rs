@@ -33,7 +33,9 @@
 mod files;
 pub mod task;
 
-use crate::ledger::{AbortReason, CheckpointState, Command, Job, JobState, RestoreReason, State};
+use crate::ledger::{
+    AbortReason, CheckpointState, Command, Job, JobState, Refusal, RefusalKind, RestoreReason, State,
+};
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
@@ -95,6 +97,9 @@ pub enum Observation {
     CheckpointRequested {
         /// Job.
         job: JobName,
+        /// Answer [`Action::Answer`] with this id once the checkpoint is
+        /// committed, or why not (none: nobody waits).
+        reply_to: Option<RequestId>,
     },
     /// A proposal's outcome arrived (applied, refused or failed): it is no
     /// longer in flight; the ledger says what it changed.
@@ -129,6 +134,13 @@ pub enum Action {
         /// Connection.
         conn: ConnId,
     },
+    /// Tell whoever waits on request `request` how it ended.
+    Answer {
+        /// The request ([`Observation::CheckpointRequested`]'s `reply_to`).
+        request: RequestId,
+        /// How it ended.
+        outcome: CheckpointOutcome,
+    },
     /// Bring a checkpoint's files in line with the ledger.
     Files {
         /// Job.
@@ -136,6 +148,38 @@ pub enum Action {
         /// What to do.
         work: FileWork,
     },
+}
+
+/// An operator's request that waits for an answer, numbered by the shell.
+pub type RequestId = u64;
+
+/// How an operator's "checkpoint now" ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointOutcome {
+    /// A checkpoint begun after the request was committed.
+    Committed {
+        /// Its id.
+        id: CheckpointId,
+        /// Its step.
+        step: Step,
+    },
+    /// Refused at once: no such job, or its state takes no checkpoint now.
+    Refused(Refusal),
+    /// The job ended, or the checkpoint was aborted for a reason that
+    /// another try would not fix.
+    Failed(String),
+    /// Nothing was committed within the job's checkpoint timeout (+30 s).
+    TimedOut(String),
+}
+
+/// A request waiting for a checkpoint of its job.
+#[derive(Debug, Clone)]
+struct Waiter {
+    request: RequestId,
+    /// The first checkpoint id that can answer it.
+    from: CheckpointId,
+    /// Answered `TimedOut` past this (monotonic ms).
+    deadline_ms: u64,
 }
 
 /// File work derived from the ledger, done in order on one thread.
@@ -363,6 +407,8 @@ struct JobSoft {
     /// A new worker process registered while the job was blocked.
     retry_blocked: bool,
     checkpoint_requested: bool,
+    /// Operators waiting for a checkpoint.
+    waiters: Vec<Waiter>,
     /// When the last checkpoint was begun (for `every_seconds`).
     last_begun: u64,
     lead_ms: u64,
@@ -578,6 +624,7 @@ impl Supervisor {
             blocked_seen: None,
             retry_blocked: false,
             checkpoint_requested: false,
+            waiters: Vec::new(),
             last_begun: now.max(since),
             lead_ms: lead,
             files: BTreeSet::new(),
@@ -681,8 +728,8 @@ impl Supervisor {
                     }
                 }
             }
-            Observation::CheckpointRequested { job } => {
-                self.soft(&job, now.mono_ms).checkpoint_requested = true
+            Observation::CheckpointRequested { job, reply_to } => {
+                self.checkpoint_requested(ledger, now, job, reply_to, out)
             }
             Observation::ProposalDone { key } => {
                 self.inflight.remove(&key);
@@ -701,7 +748,106 @@ impl Supervisor {
         for j in ledger.jobs.values() {
             self.reconcile(j, now, &mut out);
         }
+        // a job gone from the ledger answers whoever still waits on it
+        for (job, soft) in self.jobs.iter_mut().filter(|(job, _)| !ledger.jobs.contains_key(*job)) {
+            for w in soft.waiters.drain(..) {
+                let outcome = CheckpointOutcome::Failed(format!("job {job} is no longer in the ledger"));
+                out.push(Action::Answer { request: w.request, outcome });
+            }
+        }
         out
+    }
+
+    /// An operator asked for a checkpoint of `job` now: refused at once when
+    /// the job's state cannot take one, else placed as soon as the ranks'
+    /// pace allows, and answered (when `reply_to`) by the reconcile.
+    fn checkpoint_requested(
+        &mut self,
+        ledger: &State,
+        now: Now,
+        job: JobName,
+        reply_to: Option<RequestId>,
+        out: &mut Vec<Action>,
+    ) {
+        let refuse = |kind, message: String| CheckpointOutcome::Refused(Refusal { kind, message });
+        let refusal = match ledger.jobs.get(&job) {
+            None => Some(refuse(RefusalKind::NotFound, format!("no job named {job}; submit it first"))),
+            Some(j) => match j.state {
+                JobState::Running => None,
+                JobState::Waiting => Some(refuse(RefusalKind::Conflict, format!(
+                    "job {job} is waiting for its workers; a checkpoint needs every rank running (start them with flotilla worker)"
+                ))),
+                JobState::Restoring | JobState::Blocked => Some(refuse(RefusalKind::Conflict, format!(
+                    "job {job} is {}; ask again once it runs (flotilla status shows why)",
+                    j.state.as_str()
+                ))),
+                JobState::Succeeded | JobState::Failed => Some(refuse(RefusalKind::Conflict, format!(
+                    "job {job} {}; it takes no more checkpoints",
+                    j.state.as_str()
+                ))),
+            },
+        };
+        if let Some(outcome) = refusal {
+            if let Some(request) = reply_to {
+                out.push(Action::Answer { request, outcome });
+            }
+            return;
+        }
+        let j = &ledger.jobs[&job];
+        let (from, timeout_s) = (j.next_checkpoint, j.spec.checkpoint.timeout_seconds);
+        let soft = self.soft(&job, now.mono_ms);
+        soft.checkpoint_requested = true;
+        if let Some(request) = reply_to {
+            let deadline_ms = now.mono_ms + (timeout_s + 30) * 1000;
+            soft.waiters.push(Waiter { request, from, deadline_ms });
+        }
+    }
+
+    /// Answers the operators waiting on `j` whose checkpoint has ended. One
+    /// placed behind a rank (the pace estimate was off) is placed again,
+    /// with the longer lead that abort gave.
+    fn answer_waiters(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
+        let name = &j.spec.name;
+        let Some(soft) = self.jobs.get_mut(name) else { return };
+        let mut again = false;
+        soft.waiters.retain_mut(|w| {
+            let outcome = if j.state.is_terminal() {
+                Some(CheckpointOutcome::Failed(format!("job {name} is {}", j.state.as_str())))
+            } else {
+                j.checkpoints.range(w.from..).find_map(|(id, c)| match c.state {
+                    CheckpointState::Committed | CheckpointState::Deleted | CheckpointState::Abandoned => {
+                        Some(CheckpointOutcome::Committed { id: *id, step: c.step })
+                    }
+                    CheckpointState::Aborted if matches!(c.abort, Some(AbortReason::RankPastStep { .. })) => {
+                        w.from = CheckpointId(id.0 + 1);
+                        again = true;
+                        None
+                    }
+                    CheckpointState::Aborted => Some(CheckpointOutcome::Failed(format!(
+                        "checkpoint {id} was aborted: {}",
+                        c.reason.as_deref().unwrap_or("no reason recorded")
+                    ))),
+                    _ => None,
+                })
+            };
+            let outcome = outcome.or_else(|| {
+                (now.mono_ms > w.deadline_ms).then(|| {
+                    CheckpointOutcome::TimedOut(format!(
+                        "no checkpoint of job {name} committed in time; is every worker running?"
+                    ))
+                })
+            });
+            match outcome {
+                Some(outcome) => {
+                    out.push(Action::Answer { request: w.request, outcome });
+                    false
+                }
+                None => true,
+            }
+        });
+        if again {
+            soft.checkpoint_requested = true;
+        }
     }
 
     /// Proposes `cmd` unless the same proposal is in flight; true when made.
@@ -905,6 +1051,7 @@ impl Supervisor {
         let name = j.spec.name.clone();
         let t = now.mono_ms;
         self.reconcile_files(j, now, out);
+        self.answer_waiters(j, now, out);
         let world = j.spec.world_size;
         let resend = self.cfg.min_resend_ms.max(2 * j.spec.failure.heartbeat_interval_ms);
         let retry_ms = self.cfg.blocked_retry_ms;

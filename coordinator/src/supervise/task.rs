@@ -7,7 +7,8 @@
 
 use super::files::start_file_worker;
 use super::{
-    Action, ConnId, FileWork, Now, Observation, ProposalKey, Registration, Supervisor, SupervisorConfig,
+    Action, CheckpointOutcome, ConnId, FileWork, Now, Observation, ProposalKey, Registration, RequestId,
+    Supervisor, SupervisorConfig,
 };
 use crate::api::WorkerView;
 use crate::ledger::Event;
@@ -19,7 +20,7 @@ use flotilla_shared::wire::CoordinatorMessage;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// What the supervisor last knew of each job, for `/v1/status`.
@@ -66,6 +67,14 @@ pub enum SupervisorInput {
     },
     /// Something happened.
     Observe(Observation),
+    /// An operator asks for a checkpoint now and waits for `reply`; dropped
+    /// unanswered when this replica stops supervising.
+    CheckpointNow {
+        /// Job.
+        job: JobName,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<CheckpointOutcome>,
+    },
     /// A proposal's outcome: the applied events, or none (refused or failed).
     Proposed {
         /// Which proposal.
@@ -92,6 +101,15 @@ impl SupervisorHandle {
     /// Passes an observation to the supervisor.
     pub async fn observe(&self, obs: Observation) {
         let _ = self.tx.send(SupervisorInput::Observe(obs)).await;
+    }
+
+    /// Asks for a checkpoint of `job` now and waits until the supervisor
+    /// says how it ended; none when this replica stopped supervising first
+    /// (leadership moved: ask the new leader).
+    pub async fn checkpoint_now(&self, job: JobName) -> Option<CheckpointOutcome> {
+        let (reply, outcome) = oneshot::channel();
+        self.tx.send(SupervisorInput::CheckpointNow { job, reply }).await.ok()?;
+        outcome.await.ok()
     }
 }
 
@@ -166,6 +184,9 @@ async fn run_supervisor(
     // when each job's restore was decided, for the recovery histogram
     let mut restoring_since: HashMap<JobName, Instant> = HashMap::new();
     let mut conns: HashMap<ConnId, Outbox> = HashMap::new();
+    // operators waiting for an answer, by request id
+    let mut waiting: HashMap<RequestId, oneshot::Sender<CheckpointOutcome>> = HashMap::new();
+    let mut next_request: RequestId = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pace = ReconcilePace::default();
@@ -197,6 +218,11 @@ async fn run_supervisor(
                             observe_events(&metrics, &mut restoring_since, &events);
                             batch.push(Observation::ProposalDone { key });
                         }
+                        SupervisorInput::CheckpointNow { job, reply } => {
+                            next_request += 1;
+                            waiting.insert(next_request, reply);
+                            batch.push(Observation::CheckpointRequested { job, reply_to: Some(next_request) });
+                        }
                         SupervisorInput::Observe(obs) => {
                             if let Observation::Disconnected { conn } = &obs {
                                 conns.remove(conn);
@@ -219,6 +245,8 @@ async fn run_supervisor(
                         pace.want();
                     }
                 } else {
+                    // nobody here supervises: whoever waits asks the leader
+                    waiting.clear();
                     for obs in batch {
                         if let Observation::Registered(Registration { conn, .. }) = obs {
                             // leadership moved between accept and now
@@ -237,6 +265,7 @@ async fn run_supervisor(
                     (Some(_), false) => {
                         tracing::info!("lost leadership: closing worker connections");
                         sup = None;
+                        waiting.clear();
                         for (conn, tx) in conns.drain() {
                             let _ = tx.try_send((conn, None));
                         }
@@ -286,6 +315,11 @@ async fn run_supervisor(
                 Action::Close { conn } => {
                     if let Some(tx) = conns.remove(&conn) {
                         let _ = tx.try_send((conn, None));
+                    }
+                }
+                Action::Answer { request, outcome } => {
+                    if let Some(reply) = waiting.remove(&request) {
+                        let _ = reply.send(outcome);
                     }
                 }
                 Action::Files { job, work } => {

@@ -239,6 +239,8 @@ struct World {
     /// Proposals made but not yet applied, in order.
     proposals: VecDeque<Command>,
     files: Vec<FileWork>,
+    /// Answers to operators' requests, in order.
+    answers: Vec<(RequestId, CheckpointOutcome)>,
 }
 
 impl World {
@@ -260,6 +262,7 @@ impl World {
             next_incarnation: 100,
             proposals: VecDeque::new(),
             files: Vec::new(),
+            answers: Vec::new(),
         };
         for rank in 0..world {
             let (conn, inc) = (w.conn(), w.incarnation());
@@ -299,6 +302,7 @@ impl World {
                 }
                 Action::Close { .. } => {}
                 Action::Files { work, .. } => self.files.push(work),
+                Action::Answer { request, outcome } => self.answers.push((request, outcome)),
             }
         }
     }
@@ -1011,7 +1015,7 @@ fn an_operator_checkpoint_waits_for_a_pace_then_lands_ahead_of_the_ranks() {
     assert!(w.job().pending().is_none());
     // a new leader knows no pace yet: a step placed now could be behind the ranks
     w.leader_change();
-    w.observe(Observation::CheckpointRequested { job: name() });
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: None });
     assert!(!w.proposals.iter().any(|p| matches!(p, Command::BeginCheckpoint { .. })), "{:?}", w.proposals);
     w.until(20, |w| w.job().pending().is_some());
     let p = w.job().pending().unwrap().clone();
@@ -1019,6 +1023,60 @@ fn an_operator_checkpoint_waits_for_a_pace_then_lands_ahead_of_the_ranks() {
     w.until(100, |w| w.job().checkpoints[&p.id].state != CheckpointState::Pending);
     assert_eq!(w.job().checkpoints[&p.id].state, CheckpointState::Committed);
     assert_eq!(w.job().aborted_total, 0);
+}
+
+#[test]
+fn an_operator_waiting_for_a_checkpoint_is_answered_by_the_supervisor() {
+    let mut w = World::new(2);
+    // refused at once while the job waits for its workers, and for a job
+    // that is not in the ledger
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: Some(1) });
+    w.observe(Observation::CheckpointRequested { job: JobName::new("nope").unwrap(), reply_to: Some(2) });
+    assert!(
+        matches!(&w.answers[..], [
+            (1, CheckpointOutcome::Refused(r1)),
+            (2, CheckpointOutcome::Refused(r2)),
+        ] if r1.kind == RefusalKind::Conflict && r1.message.contains("waiting for its workers")
+            && r2.kind == RefusalKind::NotFound),
+        "{:?}",
+        w.answers
+    );
+    w.answers.clear();
+    w.running();
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: Some(3) });
+    w.until(100, |w| !w.answers.is_empty());
+    let committed = w.job().latest_committed().map(|c| (c.id, c.step)).expect("a committed checkpoint");
+    assert_eq!(w.answers, [(3, CheckpointOutcome::Committed { id: committed.0, step: committed.1 })]);
+    w.answers.clear();
+    // a checkpoint placed behind a rank is placed again for the same
+    // request; only a commit answers it
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: Some(4) });
+    w.until(20, |w| w.job().pending().is_some());
+    let p = w.job().pending().unwrap().clone();
+    let past = AbortReason::RankPastStep { rank: Rank(0) };
+    w.st.apply(Command::AbortCheckpoint { job: name(), id: p.id, reason: past, now_ms: w.now }).unwrap();
+    w.until(100, |w| !w.answers.is_empty());
+    match &w.answers[..] {
+        [(4, CheckpointOutcome::Committed { id, .. })] => assert!(*id > p.id, "{id} after {}", p.id),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn an_operator_checkpoint_that_cannot_commit_times_out() {
+    let mut w = World::new(2);
+    w.running();
+    // the ranks stop reporting; no checkpoint can be placed without a pace
+    w.leader_change();
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: Some(7) });
+    let timeout_ms = (w.job().spec.checkpoint.timeout_seconds + 30) * 1000;
+    w.now += timeout_ms + 1;
+    w.tick();
+    assert!(
+        w.answers.iter().any(|(r, o)| *r == 7 && matches!(o, CheckpointOutcome::TimedOut(_))),
+        "{:?}",
+        w.answers
+    );
 }
 
 #[test]
@@ -1034,7 +1092,7 @@ fn a_grown_lead_never_places_a_checkpoint_beyond_a_quarter_of_the_timeout() {
     // past-step aborts in a row grew the lead to its maximum, 10 s: as long
     // as this job's whole checkpoint timeout (5 s here) and more
     w.sup.jobs.get_mut(&name()).unwrap().lead_ms = MAX_LEAD_MS;
-    w.observe(Observation::CheckpointRequested { job: name() });
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: None });
     let step = w.proposals.iter().find_map(|p| match p {
         Command::BeginCheckpoint { step, .. } => Some(step.0),
         _ => None,
@@ -1227,7 +1285,7 @@ fn shard_reports_that_arrive_together_are_judged_by_one_reconcile() {
 
     let mut w = World::new(N as u32);
     w.running();
-    w.observe(Observation::CheckpointRequested { job: name() });
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: None });
     w.until(50, |w| w.job().pending().is_some());
     let held = gather(&mut w);
     let before = w.sup.reconciles();
@@ -1240,7 +1298,7 @@ fn shard_reports_that_arrive_together_are_judged_by_one_reconcile() {
     let first = w.job().latest_committed().expect("committed").id;
 
     // the same reports one at a time: one reconcile each, the same commit
-    w.observe(Observation::CheckpointRequested { job: name() });
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: None });
     w.until(50, |w| w.job().pending().is_some());
     let held = gather(&mut w);
     let before = w.sup.reconciles();
