@@ -924,17 +924,8 @@ impl State {
                 }
             }
             Command::ClearCorrupt { job, id, now_ms } => {
+                self.clearable(&job, id)?;
                 let j = self.job_mut(&job)?;
-                let c = checkpoint_mut(j, &job, id)?;
-                if c.state != CheckpointState::Corrupt {
-                    return refuse(
-                        RefusalKind::Conflict,
-                        format!(
-                            "checkpoint {id} of job {job} is {}; only a corrupt one can be cleared",
-                            c.state.as_str()
-                        ),
-                    );
-                }
                 let head = j.operator_head;
                 let c = checkpoint_mut(j, &job, id)?;
                 let abandoned = head.is_some_and(|(g, s)| c.generation < g && c.step > s);
@@ -1285,6 +1276,32 @@ impl State {
         events.push(Event::Restoring { job: job.clone(), generation, from, reason });
         events.extend(set_state(j, &job, JobState::Restoring, None));
         Ok(events)
+    }
+
+    /// The condemned checkpoint `id` of `job`, which `ClearCorrupt` may
+    /// commit again; or why not. Asked before its shards are re-read, so
+    /// nothing is read for a checkpoint the ledger would refuse.
+    pub fn clearable(&self, job: &JobName, id: CheckpointId) -> Result<(&Job, &Checkpoint), Refusal> {
+        let Some(j) = self.jobs.get(job) else {
+            return refuse(
+                RefusalKind::NotFound,
+                format!("no job named {job}; submit it first (flotilla submit)"),
+            );
+        };
+        let Some(c) = j.checkpoints.get(&id) else {
+            return refuse(
+                RefusalKind::NotFound,
+                format!("job {job} has no checkpoint {id}; list them with flotilla checkpoints"),
+            );
+        };
+        if c.state != CheckpointState::Corrupt {
+            let state = c.state.as_str();
+            return refuse(
+                RefusalKind::Conflict,
+                format!("checkpoint {id} of job {job} is {state}; only a corrupt one can be cleared"),
+            );
+        }
+        Ok((j, c))
     }
 
     fn job_mut(&mut self, job: &JobName) -> Result<&mut Job, Refusal> {

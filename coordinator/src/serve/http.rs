@@ -3,7 +3,7 @@
 //! (a follower answers 421 with the leader's URL).
 
 use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
-use crate::ledger::{CheckpointState, Command, Event, RefusalKind};
+use crate::ledger::{Command, Event, RefusalKind};
 use crate::metrics::Metrics;
 use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::supervise::task::{SupervisorHandle, WorkersView};
@@ -352,27 +352,15 @@ async fn verify(
         Err(r) => return *r,
     };
     let id = CheckpointId(id);
+    // the ledger's own rule, asked before any shard is read
     let found = s.node.read_state(|st| {
-        let j = st.jobs.get(&job).ok_or_else(|| (StatusCode::NOT_FOUND, format!("no job named {job}")))?;
-        let c = j
-            .checkpoints
-            .get(&id)
-            .ok_or_else(|| (StatusCode::NOT_FOUND, format!("job {job} has no checkpoint {id}")))?;
-        if c.state != CheckpointState::Corrupt {
-            return Err((
-                StatusCode::CONFLICT,
-                format!(
-                    "checkpoint {id} of job {job} is {}; only a corrupt one is re-verified",
-                    c.state.as_str()
-                ),
-            ));
-        }
+        let (j, c) = st.clearable(&job, id)?;
         let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id);
-        Ok((dir, c.shards.clone()))
+        Ok::<_, crate::ledger::Refusal>((dir, c.shards.clone()))
     });
     let (dir, shards) = match found {
         Ok(f) => f,
-        Err((code, msg)) => return error(code, msg),
+        Err(refusal) => return error(refusal_status(refusal.kind), refusal.message),
     };
     let checked = tokio::task::spawn_blocking(move || {
         shards.iter().try_for_each(|m| {
