@@ -256,7 +256,7 @@ impl ClusterStatus {
                 .jobs
                 .values()
                 .filter(|j| job.is_none_or(|name| &j.spec.name == name))
-                .map(JobStatus::from_job)
+                .map(|j| JobStatus::from_job(j))
                 .collect(),
         }
     }

@@ -331,7 +331,7 @@ fn tick() -> BoxedStrategy<Tick> {
 
 /// Turns an intent into a command against the current state.
 fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
-    let job_of = |i: &JobSel| s.jobs.get(&name(i));
+    let job_of = |i: &JobSel| s.jobs.get(&name(i)).map(|j| &**j);
     let gen = |i: &JobSel, g: &GenSel| {
         let current = job_of(i).map_or(1, |j| j.generation.0);
         Generation(match g {

@@ -28,6 +28,7 @@ fn snapshot_at() -> usize {
 /// build's state.
 fn as_old(mut state: State) -> State {
     for j in state.jobs.values_mut() {
+        let j = std::sync::Arc::make_mut(j);
         j.blocked = None;
         j.every_condemned_total = 0;
         j.events.retain(|e| !matches!(e.kind, Some(JobEventKind::EveryCheckpointCondemned { .. })));

@@ -25,6 +25,7 @@ use flotilla_shared::wire::RestoreFailureKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 /// A job's lifecycle state (SPEC §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -789,8 +790,10 @@ pub type Outcome = Result<Vec<Event>, Refusal>;
 /// The whole replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
-    /// Every job, by name.
-    pub jobs: BTreeMap<JobName, Job>,
+    /// Every job, by name. Shared with the snapshots the Raft node
+    /// publishes: a job is copied only when a command changes it while a
+    /// reader holds an older snapshot (serialized as the job itself).
+    pub jobs: BTreeMap<JobName, Arc<Job>>,
     /// Every replica that announced itself.
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     /// The Raft addresses of replicas added by membership changes (the
@@ -804,8 +807,8 @@ impl State {
     pub fn apply(&mut self, cmd: Command) -> Outcome {
         let outcome = self.apply_command(cmd);
         if outcome.is_ok() {
-            for j in self.jobs.values_mut() {
-                prune(j);
+            for j in self.jobs.values_mut().filter(|j| needs_prune(j)) {
+                prune(Arc::make_mut(j));
             }
         }
         outcome
@@ -1064,7 +1067,7 @@ impl State {
         }
         self.jobs.insert(
             name.clone(),
-            Job {
+            Arc::new(Job {
                 spec,
                 state: JobState::Waiting,
                 generation: Generation(1),
@@ -1094,7 +1097,7 @@ impl State {
                     })
                     .collect(),
                 origin,
-            },
+            }),
         );
         Ok(vec![Event::JobSubmitted { job: name }])
     }
@@ -1306,7 +1309,7 @@ impl State {
 
     fn job_mut(&mut self, job: &JobName) -> Result<&mut Job, Refusal> {
         match self.jobs.get_mut(job) {
-            Some(j) => Ok(j),
+            Some(j) => Ok(Arc::make_mut(j)),
             None => refuse(
                 RefusalKind::NotFound,
                 format!("no job named {job}; submit it first (flotilla submit)"),
@@ -1365,6 +1368,21 @@ pub const TOMBSTONES: usize = 32;
 /// it, and reports for it are answered Stale); beyond the newest
 /// [`TOMBSTONES`], tombstones are forgotten (their directories are swept
 /// as unknown to the ledger).
+/// Whether [`prune`] would change `j` (most commands leave every job as it
+/// was, and a job shared with a snapshot is then not copied).
+fn needs_prune(j: &Job) -> bool {
+    let mut tombstones = 0;
+    for c in j.checkpoints.values().filter(|c| j.restored_from != Some(c.id)) {
+        if matches!(c.state, CheckpointState::Aborted | CheckpointState::Deleted) {
+            if !c.shards.is_empty() {
+                return true;
+            }
+            tombstones += 1;
+        }
+    }
+    tombstones > TOMBSTONES
+}
+
 fn prune(j: &mut Job) {
     let mut tombstones = Vec::new();
     for c in j.checkpoints.values_mut() {

@@ -623,3 +623,17 @@ fn an_operator_restore_of_the_latest_resolves_it_when_applied() {
     assert_eq!(j.restored_from, Some(CheckpointId(2)), "the latest when applied");
     assert!(j.checkpoints.values().all(|c| c.state == CheckpointState::Committed), "nothing abandoned");
 }
+
+#[test]
+fn a_published_snapshot_never_changes_and_a_command_copies_only_the_job_it_changes() {
+    let mut s = State::default();
+    for job in ["a", "b"] {
+        s.apply(Command::SubmitJob { spec: spec(job, 1, 3, 10), now_ms: 1, origin: None }).unwrap();
+    }
+    let snapshot = std::sync::Arc::new(s.clone());
+    s.apply(Command::StartJob { job: name("a"), generation: Generation(1) }).unwrap();
+    assert_eq!(snapshot.jobs[&name("a")].state, JobState::Waiting, "the reader's copy is as it was");
+    assert_eq!(s.jobs[&name("a")].state, JobState::Running);
+    assert!(!Arc::ptr_eq(&snapshot.jobs[&name("a")], &s.jobs[&name("a")]), "a was copied");
+    assert!(Arc::ptr_eq(&snapshot.jobs[&name("b")], &s.jobs[&name("b")]), "b is shared, not copied");
+}

@@ -134,7 +134,26 @@ pub struct NodeHandle {
     inputs: mpsc::Sender<Input>,
     status: watch::Receiver<NodeStatus>,
     membership: watch::Receiver<Membership>,
-    state: Arc<RwLock<State>>,
+    /// The applied state, as of the last applied batch.
+    state: Published,
+}
+
+/// The applied state as the node last published it: a snapshot replaced
+/// after each applied batch. A reader clones the `Arc` and reads without
+/// any lock, so no reader (the supervisor's reconcile, a status request)
+/// ever holds up the node's next apply.
+#[derive(Clone, Default)]
+struct Published(Arc<RwLock<Arc<State>>>);
+
+impl Published {
+    fn get(&self) -> Arc<State> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, state: &State) {
+        // the copy shares every job with the state it was taken from
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state.clone());
+    }
 }
 
 impl NodeHandle {
@@ -187,9 +206,15 @@ impl NodeHandle {
         self.status.clone()
     }
 
-    /// Reads the applied state machine. Never hold the guard across an await.
+    /// Reads the applied state machine (the last published snapshot).
     pub fn read_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
-        f(&self.state.read().unwrap_or_else(|e| e.into_inner()))
+        f(&self.state.get())
+    }
+
+    /// The applied state machine as of the last applied batch; it does not
+    /// change while held.
+    pub fn state(&self) -> Arc<State> {
+        self.state.get()
     }
 }
 
@@ -253,7 +278,8 @@ pub fn start(
         // a one-node cluster needs no election timeout
         raw.campaign()?;
     }
-    let state = Arc::new(RwLock::new(state));
+    let published = Published::default();
+    published.set(&state);
     let (inputs, input_rx) = mpsc::channel(1024);
     let initial = status_of(&raw, snapshot_index, cfg.joining);
     if cfg.joining {
@@ -265,14 +291,15 @@ pub fn start(
     let (status_tx, status) = watch::channel(initial);
     let (membership_tx, membership) = watch::channel(membership_of(&raw, &HashMap::new()));
     // members added by membership changes (the flags name the first ones)
-    for (id, addr) in &state.read().unwrap_or_else(|e| e.into_inner()).replicas {
+    for (id, addr) in &state.replicas {
         transport.add_peer(*id, addr.clone());
     }
     let mut node = Node {
         joining: cfg.joining,
         cfg,
         raw,
-        state: state.clone(),
+        state,
+        published: published.clone(),
         transport,
         metrics,
         pending: HashMap::new(),
@@ -286,7 +313,7 @@ pub fn start(
         membership_tx,
     };
     let task = tokio::spawn(async move { node.run(input_rx, peer_rx).await });
-    Ok((NodeHandle { inputs, status, membership, state }, task))
+    Ok((NodeHandle { inputs, status, membership, state: published }, task))
 }
 
 fn decode_state(snap: &Snapshot) -> Result<State, NodeError> {
@@ -367,7 +394,9 @@ fn status_of(raw: &RawNode<LogStore>, applied: u64, joining: bool) -> NodeStatus
 struct Node {
     cfg: NodeConfig,
     raw: RawNode<LogStore>,
-    state: Arc<RwLock<State>>,
+    /// The applied state machine, owned here; readers see `published`.
+    state: State,
+    published: Published,
     transport: Arc<dyn Transport>,
     metrics: Metrics,
     pending: HashMap<u64, Pending>,
@@ -591,7 +620,7 @@ impl Node {
 
     /// Applies a committed membership change: raft-rs's configuration, the
     /// durable conf state, the members' addresses, the transport.
-    fn apply_conf_change(&mut self, state: &mut State, entry: &Entry) -> Result<Outcome, NodeError> {
+    fn apply_conf_change(&mut self, entry: &Entry) -> Result<Outcome, NodeError> {
         let cc = match ConfChangeV2::parse_from_bytes(&entry.data) {
             Ok(cc) => cc,
             Err(e) => {
@@ -613,14 +642,14 @@ impl Node {
                 ConfChangeType::AddLearnerNode => {
                     let addr = String::from_utf8_lossy(&cc.context).into_owned();
                     if !addr.is_empty() {
-                        state.replicas.insert(id, addr.clone());
+                        self.state.replicas.insert(id, addr.clone());
                         if id != self.cfg.id {
                             self.transport.add_peer(id, addr);
                         }
                     }
                 }
                 ConfChangeType::RemoveNode => {
-                    state.replicas.remove(&id);
+                    self.state.replicas.remove(&id);
                     if id != self.cfg.id {
                         self.transport.remove_peer(id);
                     } else {
@@ -687,8 +716,8 @@ impl Node {
         // persist before anything that depends on it leaves this node
         self.raw.mut_store().persist(snapshot.as_ref(), rd.entries(), rd.hs())?;
         if let Some(snap) = snapshot {
-            let state = decode_state(&snap)?;
-            *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+            self.state = decode_state(&snap)?;
+            self.published.set(&self.state);
             self.applied = snap.get_metadata().index;
             self.metrics.snapshots_applied.inc();
             tracing::info!(
@@ -716,18 +745,19 @@ impl Node {
         if entries.is_empty() {
             return Ok(());
         }
-        let shared = self.state.clone();
-        let mut state = shared.write().unwrap_or_else(|e| e.into_inner());
+        // answered once the batch is published: whoever hears "applied"
+        // reads a state that holds it
+        let mut answers = Vec::new();
         for entry in entries {
             self.applied = entry.index;
             let outcome = match entry.get_entry_type() {
-                EntryType::EntryConfChangeV2 => self.apply_conf_change(&mut state, &entry)?,
+                EntryType::EntryConfChangeV2 => self.apply_conf_change(&entry)?,
                 // never proposed (this node proposes V2 changes only)
                 EntryType::EntryConfChange => continue,
                 // a new leader's empty entry
                 EntryType::EntryNormal if entry.data.is_empty() => continue,
                 EntryType::EntryNormal => match decode_command(&entry.data) {
-                    Ok(cmd) => state.apply(cmd),
+                    Ok(cmd) => self.state.apply(cmd),
                     Err(e) => {
                         // identical bytes on every replica, so skipping keeps them in step
                         tracing::error!(index = entry.index, "undecodable log entry skipped: {e}");
@@ -740,7 +770,7 @@ impl Node {
                 let label = if outcome.is_ok() { "applied" } else { "refused" };
                 self.metrics.proposals.with_label_values(&[label]).inc();
                 self.metrics.proposal_seconds.observe(p.started.elapsed().as_secs_f64());
-                let _ = p.reply.send(Ok(outcome));
+                answers.push((p.reply, Ok(outcome)));
             }
             // a proposal of ours at this index that was not this entry was overwritten
             let lost: Vec<u64> = self
@@ -752,9 +782,13 @@ impl Node {
             for r in lost {
                 if let Some(p) = self.pending.remove(&r) {
                     self.metrics.proposals.with_label_values(&["dropped"]).inc();
-                    let _ = p.reply.send(Err(ProposeError::Dropped));
+                    answers.push((p.reply, Err(ProposeError::Dropped)));
                 }
             }
+        }
+        self.published.set(&self.state);
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
         }
         Ok(())
     }
@@ -768,10 +802,7 @@ impl Node {
         if !first && self.applied < snap_index + self.cfg.snapshot_threshold {
             return Ok(());
         }
-        let data = {
-            let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-            rmp_serde::to_vec_named(&*state).expect("the state always serializes")
-        };
+        let data = rmp_serde::to_vec_named(&self.state).expect("the state always serializes");
         let index = self.applied;
         self.raw.mut_store().compact(index, data)?;
         self.metrics.snapshots_created.inc();
