@@ -37,7 +37,7 @@ use flotilla_coordinator::ledger::{
 };
 use flotilla_shared::checksum::Checksum;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
-use flotilla_shared::shard::ShardManifest;
+use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use fuzz::check;
 use proptest::collection::vec;
@@ -79,14 +79,13 @@ fn spec(job: &JobName, variant: usize) -> JobSpec {
     spec
 }
 
-fn shard(rank: u32, huge: bool) -> ShardManifest {
-    ShardManifest {
+fn shard(rank: u32, huge: bool) -> ShardDigest {
+    ShardDigest {
         rank: Rank(rank),
         file: format!("rank-{rank:05}.safetensors"),
         // what a worker reports is not checked: sums must not overflow
         bytes: if huge { u64::MAX - u64::from(rank) } else { 100 },
         checksum: Checksum(rank),
-        tensors: vec![],
     }
 }
 
@@ -426,7 +425,7 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
         }
         Act::Commit { job, id: c, shards, huge } => {
             let world = job_of(job).map_or(2, |j| j.spec.world_size);
-            let mut list: Vec<ShardManifest> = (0..world).rev().map(|r| shard(r, *huge)).collect();
+            let mut list: Vec<ShardDigest> = (0..world).rev().map(|r| shard(r, *huge)).collect();
             match shards {
                 ShardsSel::Exact => {}
                 ShardsSel::Missing(i) if !list.is_empty() => {

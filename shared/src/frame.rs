@@ -414,12 +414,11 @@ mod tests {
 
     #[test]
     fn round_trip_every_worker_message() {
-        let manifest = crate::shard::ShardManifest {
+        let manifest = crate::shard::ShardDigest {
             rank: Rank(1),
             file: "rank-00001.safetensors".into(),
             bytes: 10,
             checksum: crate::checksum::Checksum(3),
-            tensors: vec![],
         };
         let msgs = vec![
             WorkerMessage::Register {

@@ -12,10 +12,11 @@
 //! the header, written last (a checksum always prints the same length, so
 //! its room is known first); the whole file's is combined from the header's
 //! and the tensors'.
-//! The writer returns both as a [`ShardManifest`]. The Raft ledger keeps the
-//! whole-file checksum ([`ShardManifest::without_tensors`]), which vouches for
-//! the header and the checksums in it, so a corrupted file still cannot vouch
-//! for itself.
+//! The writer returns both as a [`ShardManifest`] (MANIFEST.json's entry for
+//! the rank). The worker reports, and the Raft ledger keeps, its
+//! [`ShardDigest`]: the file, its size and its whole-file checksum, which
+//! vouches for the header and the checksums in it, so a corrupted file still
+//! cannot vouch for itself.
 
 use crate::checksum::Checksum;
 use crate::durable;
@@ -147,8 +148,9 @@ pub struct TensorRecord {
     pub checksum: Checksum,
 }
 
-/// What a rank reports after its shard is durable; the coordinator keeps it
-/// in the ledger and writes it into MANIFEST.json.
+/// A rank's entry in MANIFEST.json: its shard's file, size, whole-file
+/// checksum and every variable (SPEC §3). Made by the shard writer and
+/// read back from a shard's header; it never crosses the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardManifest {
     /// Rank that wrote the shard.
@@ -169,20 +171,65 @@ impl ShardManifest {
         self.tensors.iter().map(|t| VariableSpec::new(t.name.clone(), t.dtype, t.shape.clone())).collect()
     }
 
-    /// What the ledger keeps of a shard: its file, size and whole-file
-    /// checksum, without the per-variable list. The whole-file checksum
-    /// covers the header, which carries each tensor's checksum, so a
-    /// restore still names the tensor that differs; the ledger entry of a
-    /// checkpoint stays a few dozen bytes per rank, however many variables
-    /// a model has.
-    pub fn without_tensors(&self) -> Self {
-        Self {
-            rank: self.rank,
-            file: self.file.clone(),
-            bytes: self.bytes,
-            checksum: self.checksum,
-            tensors: Vec::new(),
-        }
+    /// What a worker reports and the ledger keeps of this shard.
+    pub fn digest(&self) -> ShardDigest {
+        ShardDigest { rank: self.rank, file: self.file.clone(), bytes: self.bytes, checksum: self.checksum }
+    }
+}
+
+/// What a rank reports once its shard is durable, and what the ledger keeps:
+/// its file, size and whole-file checksum, without the per-variable list.
+/// The whole-file checksum covers the header, which carries each tensor's
+/// checksum, so a restore still names the tensor that differs; a
+/// checkpoint's ledger entry stays a few dozen bytes per rank, however many
+/// variables a model has.
+///
+/// Encoded as a [`ShardManifest`] with no variables, byte for byte what
+/// builds before this type wrote and read (a rolling upgrade mixes both);
+/// a list that arrives anyway is dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "ShardManifest", from = "ShardManifest")]
+pub struct ShardDigest {
+    /// Rank that wrote the shard.
+    pub rank: Rank,
+    /// File name inside the checkpoint directory.
+    pub file: String,
+    /// Size of the whole file.
+    pub bytes: u64,
+    /// CRC-32C of the whole file.
+    pub checksum: Checksum,
+}
+
+impl From<ShardManifest> for ShardDigest {
+    fn from(m: ShardManifest) -> Self {
+        Self { rank: m.rank, file: m.file, bytes: m.bytes, checksum: m.checksum }
+    }
+}
+
+impl From<ShardDigest> for ShardManifest {
+    fn from(d: ShardDigest) -> Self {
+        Self { rank: d.rank, file: d.file, bytes: d.bytes, checksum: d.checksum, tensors: Vec::new() }
+    }
+}
+
+/// What a shard is verified against: a [`ShardDigest`] (the whole file's
+/// checksum) or a [`ShardManifest`] (every variable's too).
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    bytes: u64,
+    checksum: Checksum,
+    records: &'a [TensorRecord],
+}
+
+impl<'a> From<&'a ShardDigest> for Expected<'a> {
+    fn from(d: &'a ShardDigest) -> Self {
+        Self { bytes: d.bytes, checksum: d.checksum, records: &[] }
+    }
+}
+
+impl<'a> From<&'a ShardManifest> for Expected<'a> {
+    fn from(m: &'a ShardManifest) -> Self {
+        Self { bytes: m.bytes, checksum: m.checksum, records: &m.tensors }
     }
 }
 
@@ -629,7 +676,11 @@ impl Shard {
     /// Reads the shard at `path` and verifies it against `manifest`: size,
     /// variables, every tensor's checksum (a mismatch names the tensor) and
     /// the whole-file checksum.
-    pub fn read_verified(path: &Path, label: &str, manifest: &ShardManifest) -> Result<Self, ShardError> {
+    pub fn read_verified<'a>(
+        path: &Path,
+        label: &str,
+        manifest: impl Into<Expected<'a>>,
+    ) -> Result<Self, ShardError> {
         Self::read_verified_into(path, label, manifest, Vec::new())
     }
 
@@ -637,12 +688,13 @@ impl Shard {
     /// reused: a worker reads into memory it already touched (its snapshot
     /// buffer) instead of faulting in a fresh allocation the size of the
     /// shard. [`Shard::into_buffer`] gives the buffer back.
-    pub fn read_verified_into(
+    pub fn read_verified_into<'a>(
         path: &Path,
         label: &str,
-        manifest: &ShardManifest,
+        manifest: impl Into<Expected<'a>>,
         mut buf: Vec<u8>,
     ) -> Result<Self, ShardError> {
+        let manifest = manifest.into();
         let file = File::open(path).map_err(io_err(label, "open", path))?;
         let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
         if len != manifest.bytes {
@@ -664,12 +716,13 @@ impl Shard {
     /// [`Shard::read_verified`] into the first `manifest.bytes` of `dst`
     /// (memory another process maps: an `--exec` trainer's restore
     /// segment); returns the header, which locates each variable's data.
-    pub fn read_verified_to(
+    pub fn read_verified_to<'a>(
         path: &Path,
         label: &str,
-        manifest: &ShardManifest,
+        manifest: impl Into<Expected<'a>>,
         dst: &mut [u8],
     ) -> Result<ShardHeader, ShardError> {
+        let manifest = manifest.into();
         let file = File::open(path).map_err(io_err(label, "open", path))?;
         let len = file.metadata().map_err(io_err(label, "stat", path))?.len();
         if len != manifest.bytes || dst.len() < len as usize {
@@ -692,7 +745,7 @@ type Pieces = Vec<(usize, usize, Checksum)>;
 fn read_and_verify(
     file: &File,
     dst: &mut [u8],
-    manifest: &ShardManifest,
+    manifest: Expected<'_>,
     label: &str,
     path: &Path,
 ) -> Result<ShardHeader, ShardError> {
@@ -785,11 +838,11 @@ fn combine_pieces(pieces: &Pieces, range: Range<usize>) -> Checksum {
 /// tensor that differs from the checksum its header recorded.
 fn check_manifest(
     header: ShardHeader,
-    manifest: &ShardManifest,
+    manifest: Expected<'_>,
     header_crc: Checksum,
     crc_of: impl Fn(Range<usize>) -> Checksum,
 ) -> Result<ShardHeader, ShardErrorKind> {
-    if manifest.tensors.is_empty() {
+    if manifest.records.is_empty() {
         // what the ledger keeps: the whole file's checksum, which vouches
         // for the header and so for the checksums it carries
         let whole =
@@ -809,16 +862,16 @@ fn check_manifest(
     }
     let by_name: HashMap<&str, &(VariableSpec, Range<usize>)> =
         header.tensors.iter().map(|t| (t.0.name.as_str(), t)).collect();
-    if header.tensors.len() != manifest.tensors.len() {
+    if header.tensors.len() != manifest.records.len() {
         return Err(ShardErrorKind::ManifestDisagrees(format!(
             "the header has {} variables, the manifest {}",
             header.tensors.len(),
-            manifest.tensors.len()
+            manifest.records.len()
         )));
     }
     let mut whole = header_crc;
     // walk in file order so the whole-file checksum can be combined
-    let mut records: Vec<&TensorRecord> = manifest.tensors.iter().collect();
+    let mut records: Vec<&TensorRecord> = manifest.records.iter().collect();
     records.sort_by_key(|r| by_name.get(r.name.as_str()).map(|t| t.1.start));
     for record in records {
         let Some((spec, range)) = by_name.get(record.name.as_str()) else {
@@ -978,8 +1031,13 @@ mod tests {
     #[test]
     fn the_ledgers_digest_verifies_a_shard_and_names_the_tensor_that_differs() {
         let (_dir, path, manifest, _) = written();
-        let digest = manifest.without_tensors();
-        assert!(digest.tensors.is_empty());
+        let digest = manifest.digest();
+        // encoded as a manifest without variables (what older builds read and
+        // wrote); a list that arrives anyway is dropped
+        let bare = ShardManifest { tensors: Vec::new(), ..manifest.clone() };
+        assert_eq!(rmp_serde::to_vec_named(&digest).unwrap(), rmp_serde::to_vec_named(&bare).unwrap());
+        let full = rmp_serde::to_vec_named(&manifest).unwrap();
+        assert_eq!(rmp_serde::from_slice::<ShardDigest>(&full).unwrap(), digest);
         // the header carries what the ledger no longer does
         assert_eq!(read_header(&path, "t").unwrap().records().unwrap(), manifest.tensors);
         let shard = Shard::read_verified(&path, "t", &digest).unwrap();

@@ -27,7 +27,7 @@
 //! observes them done.
 
 use crate::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
-use crate::shard::ShardManifest;
+use crate::shard::ShardDigest;
 use crate::spec::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -193,8 +193,9 @@ pub enum WorkerMessage {
         generation: Generation,
         /// The checkpoint.
         checkpoint: CheckpointId,
-        /// Checksums and variables of the shard.
-        manifest: ShardManifest,
+        /// The shard's file, size and whole-file checksum (the header
+        /// carries each variable's).
+        manifest: ShardDigest,
     },
     /// Its shard could not be written.
     ShardFailed {
@@ -280,7 +281,7 @@ pub struct RestorePoint {
     /// The checkpoint directory.
     pub dir: PathBuf,
     /// This rank's shard manifest from the ledger (the checksums to verify).
-    pub shard: ShardManifest,
+    pub shard: ShardDigest,
 }
 
 /// Coordinator → worker.

@@ -28,8 +28,8 @@ use flotilla_shared::frame::{
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use flotilla_shared::layout::{Manifest, MANIFEST_FILE};
 use flotilla_shared::shard::{
-    read_header, write_shard, Dtype, Shard, ShardErrorKind, ShardManifest, ShardMeta, TensorRecord,
-    VariableSpec,
+    read_header, write_shard, Dtype, Shard, ShardDigest, ShardErrorKind, ShardManifest, ShardMeta,
+    TensorRecord, VariableSpec,
 };
 use flotilla_shared::spec::{CheckpointSpec, FailureSpec, JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
@@ -281,9 +281,11 @@ mod gen {
             ),
             (generation(), step(), worker_status())
                 .prop_map(|(generation, step, status)| WorkerMessage::Heartbeat { generation, step, status }),
-            (generation(), ckpt(), shard_manifest()).prop_map(|(generation, checkpoint, manifest)| {
-                WorkerMessage::ShardSaved { generation, checkpoint, manifest }
-            }),
+            (generation(), ckpt(), shard_manifest().prop_map(ShardDigest::from)).prop_map(
+                |(generation, checkpoint, manifest)| {
+                    WorkerMessage::ShardSaved { generation, checkpoint, manifest }
+                }
+            ),
             (generation(), ckpt(), shard_kind, text()).prop_map(|(generation, checkpoint, kind, reason)| {
                 WorkerMessage::ShardFailed { generation, checkpoint, kind, reason }
             }),
@@ -321,7 +323,7 @@ mod gen {
     }
 
     pub fn coordinator_message() -> BoxedStrategy<CoordinatorMessage> {
-        let point = (ckpt(), step(), path(), shard_manifest())
+        let point = (ckpt(), step(), path(), shard_manifest().prop_map(ShardDigest::from))
             .prop_map(|(checkpoint, step, dir, shard)| RestorePoint { checkpoint, step, dir, shard });
         prop_oneof![
             (any_spec(), generation(), num()).prop_map(|(spec, generation, term)| {

@@ -603,7 +603,7 @@ pub fn shard_reporter(events: EventSink, m: WorkerMetrics) -> impl FnMut(WriteOu
                 WorkerMessage::ShardSaved {
                     generation: o.meta.generation,
                     checkpoint: o.meta.checkpoint,
-                    manifest: manifest.without_tensors(),
+                    manifest: manifest.digest(),
                 }
             }
             Err(e) => WorkerMessage::ShardFailed {

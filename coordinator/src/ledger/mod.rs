@@ -19,7 +19,7 @@
 //! operator's restore.
 
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
-use flotilla_shared::shard::ShardManifest;
+use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::wire::RestoreFailureKind;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,7 @@ pub struct Checkpoint {
     /// When it was committed or aborted.
     pub ended_ms: Option<u64>,
     /// The shards, one per rank, once committed.
-    pub shards: Vec<ShardManifest>,
+    pub shards: Vec<ShardDigest>,
     /// Why it was aborted or marked corrupt.
     pub reason: Option<String>,
     /// Why it was aborted, typed (absent for aborts by a restore or the job's end).
@@ -496,7 +496,7 @@ pub struct Origin {
     /// Its directory.
     pub dir: std::path::PathBuf,
     /// One shard per rank, with the checksums to verify.
-    pub shards: Vec<ShardManifest>,
+    pub shards: Vec<ShardDigest>,
 }
 
 /// How to reach a coordinator replica, as it announced itself.
@@ -555,7 +555,7 @@ pub enum Command {
         /// The pending checkpoint.
         id: CheckpointId,
         /// One manifest per rank.
-        shards: Vec<ShardManifest>,
+        shards: Vec<ShardDigest>,
         /// Time.
         now_ms: u64,
     },
@@ -782,6 +782,21 @@ pub enum RefusalKind {
 
 fn refuse<T>(kind: RefusalKind, message: impl fmt::Display) -> Result<T, Refusal> {
     Err(Refusal { kind, message: message.to_string() })
+}
+
+impl Event {
+    /// The job whose checkpoint files this event changes (a checkpoint
+    /// committed, aborted, condemned, cleared or retired), if any.
+    pub fn files_of(&self) -> Option<&JobName> {
+        match self {
+            Event::CheckpointCommitted { job, .. }
+            | Event::CheckpointAborted { job, .. }
+            | Event::CheckpointCorrupt { job, .. }
+            | Event::CheckpointCleared { job, .. }
+            | Event::CheckpointDeleted { job, .. } => Some(job),
+            _ => None,
+        }
+    }
 }
 
 /// The result of applying one command.
@@ -1106,7 +1121,7 @@ impl State {
         &mut self,
         job: JobName,
         id: CheckpointId,
-        mut shards: Vec<ShardManifest>,
+        mut shards: Vec<ShardDigest>,
         now_ms: u64,
     ) -> Outcome {
         let j = self.job_mut(&job)?;

@@ -14,17 +14,16 @@ fn name(s: &str) -> JobName {
     JobName::new(s).unwrap()
 }
 
-fn shard(rank: u32) -> ShardManifest {
-    ShardManifest {
+fn shard(rank: u32) -> ShardDigest {
+    ShardDigest {
         rank: Rank(rank),
         file: format!("rank-{rank:05}.safetensors"),
         bytes: 100,
         checksum: Checksum(rank),
-        tensors: vec![],
     }
 }
 
-fn shards(world: u32) -> Vec<ShardManifest> {
+fn shards(world: u32) -> Vec<ShardDigest> {
     (0..world).rev().map(shard).collect()
 }
 
@@ -47,7 +46,7 @@ fn begin(s: &mut State, id: u64, step: u64, generation: u64) -> Outcome {
     })
 }
 
-fn commit(s: &mut State, id: u64, shards: Vec<ShardManifest>) -> Outcome {
+fn commit(s: &mut State, id: u64, shards: Vec<ShardDigest>) -> Outcome {
     s.apply(Command::CommitCheckpoint {
         job: name("a"),
         id: CheckpointId(id),

@@ -29,7 +29,7 @@ pub fn read_origin(spec: &JobSpec) -> Result<Option<Box<Origin>>, OriginError> {
     let dir = JobDir::at(from);
     let id = dir.read_latest()?.ok_or_else(|| OriginError::NoLatest(from.clone()))?;
     let m = Manifest::read(&dir.checkpoint_dir(id))?;
-    // the whole-file checksums are enough to verify (see ShardManifest::without_tensors)
-    let shards = m.ranks.iter().map(ShardManifest::without_tensors).collect();
+    // the whole-file checksums are enough to verify (see ShardDigest)
+    let shards = m.ranks.iter().map(ShardManifest::digest).collect();
     Ok(Some(Box::new(Origin { job: m.job, id, step: m.step, dir: dir.checkpoint_dir(id), shards })))
 }

@@ -1,50 +1,87 @@
 //! Checkpoint files brought in line with the ledger: MANIFEST.json,
 //! LATEST, condemned manifests removed, retired directories deleted and
-//! forgotten ones swept. One thread does the work, in the order the
-//! supervisor asked (a manifest before the LATEST that names it); a failure
-//! is reported back so the supervisor asks again.
+//! forgotten ones swept. Each job has its own thread, which does the job's
+//! work in the order the supervisor asked (a manifest before the LATEST that
+//! names it); a failure is reported back so the supervisor asks again, and
+//! backs off that job only: a slow or failing root holds up no other job.
 
 use super::task::SupervisorInput;
 use super::{FileWork, Observation};
 use crate::raft::node::NodeHandle;
 use flotilla_shared::ids::{CheckpointId, JobName};
 use flotilla_shared::layout::{JobDir, Manifest, MANIFEST_FILE};
-use flotilla_shared::shard::read_header;
+use flotilla_shared::shard::{read_header, ShardManifest};
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Starts the thread that brings checkpoint files in line with the ledger,
-/// one piece of work at a time in the order the supervisor asked (a
-/// manifest before the LATEST that names it).
-pub(super) fn start_file_worker(
+/// A job's file thread waits this long after a failure, doubling up to
+/// [`MAX_BACKOFF`] while failures continue.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Shard headers read at once for one MANIFEST.json.
+const HEADER_READERS: usize = 8;
+
+/// The file threads, one per job, started on the job's first work.
+pub(super) struct Files {
     node: NodeHandle,
     inputs: mpsc::Sender<SupervisorInput>,
-) -> std::sync::mpsc::Sender<(JobName, FileWork)> {
-    let (tx, rx) = std::sync::mpsc::channel::<(JobName, FileWork)>();
-    let spawned = std::thread::Builder::new().name("flotilla-files".into()).spawn(move || {
-        while let Ok((job, work)) = rx.recv() {
-            if let Err(e) = file_work(&node, &job, work) {
-                tracing::error!(%job, ?work, "checkpoint file work failed (retried): {e}");
-                let _ =
-                    inputs.blocking_send(SupervisorInput::Observe(Observation::FileWorkFailed { job, work }));
-                std::thread::sleep(Duration::from_secs(1));
+    jobs: HashMap<JobName, std::sync::mpsc::Sender<FileWork>>,
+}
+
+impl Files {
+    pub(super) fn new(node: NodeHandle, inputs: mpsc::Sender<SupervisorInput>) -> Self {
+        Self { node, inputs, jobs: HashMap::new() }
+    }
+
+    /// Queues `work` on `job`'s thread (started if it has none).
+    pub(super) fn send(&mut self, job: JobName, work: FileWork) {
+        if let Some(tx) = self.jobs.get(&job) {
+            if tx.send(work).is_ok() {
+                return;
             }
         }
-    });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start the checkpoint file thread: {e}");
+        let (tx, rx) = std::sync::mpsc::channel::<FileWork>();
+        let (node, inputs, name) = (self.node.clone(), self.inputs.clone(), job.clone());
+        let spawned = std::thread::Builder::new().name(format!("files-{job}")).spawn(move || {
+            let mut backoff = FIRST_BACKOFF;
+            while let Ok(work) = rx.recv() {
+                match file_work(&node, &name, work) {
+                    Ok(()) => backoff = FIRST_BACKOFF,
+                    Err(e) => {
+                        tracing::error!(job = %name, ?work, "checkpoint file work failed (retried in {backoff:?}): {e}");
+                        let failed = Observation::FileWorkFailed { job: name.clone(), work };
+                        let _ = inputs.blocking_send(SupervisorInput::Observe(failed));
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = tx.send(work);
+                self.jobs.insert(job, tx);
+            }
+            Err(e) => {
+                tracing::error!(%job, "cannot start the checkpoint file thread: {e}");
+                let failed = Observation::FileWorkFailed { job, work };
+                let _ = self.inputs.try_send(SupervisorInput::Observe(failed));
+            }
+        }
     }
-    tx
 }
 
 /// Fills in each rank's per-variable list (SPEC §3), which the ledger does
-/// not keep, from the shard's header. The ledger's whole-file checksum
-/// stays the authority: a header that was changed since makes `flotilla
-/// inspect` fail on that checksum. A rank whose header cannot be read keeps
-/// an empty list, and its shard is still verified by the whole-file checksum.
+/// not keep, from the shard's header (read by up to [`HEADER_READERS`]
+/// threads at once). The ledger's whole-file checksum stays the authority:
+/// a header that was changed since makes `flotilla inspect` fail on that
+/// checksum. A rank whose header cannot be read keeps an empty list, and its
+/// shard is still verified by the whole-file checksum.
 fn with_tensor_lists(m: &mut Manifest, checkpoint_dir: &std::path::Path) {
-    for shard in m.ranks.iter_mut().filter(|s| s.tensors.is_empty()) {
-        let label = format!("checkpoint {} rank {}", m.id, shard.rank);
+    let id = m.id;
+    let fill = |shard: &mut ShardManifest| {
+        let label = format!("checkpoint {id} rank {}", shard.rank);
         match read_header(&checkpoint_dir.join(&shard.file), &label).map(|h| h.records()) {
             Ok(Some(records)) => shard.tensors = records,
             Ok(None) => tracing::warn!(
@@ -52,7 +89,13 @@ fn with_tensor_lists(m: &mut Manifest, checkpoint_dir: &std::path::Path) {
             ),
             Err(e) => tracing::warn!("{e}; MANIFEST.json lists no variables for it"),
         }
-    }
+    };
+    let per_reader = m.ranks.len().div_ceil(HEADER_READERS).max(1);
+    std::thread::scope(|scope| {
+        for part in m.ranks.chunks_mut(per_reader) {
+            scope.spawn(|| part.iter_mut().filter(|s| s.tensors.is_empty()).for_each(fill));
+        }
+    });
 }
 
 fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Result<()> {
@@ -70,7 +113,7 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
                     world_size: j.spec.world_size,
                     created: Manifest::format_time(at),
                     created_unix_ms: at,
-                    ranks: c.shards.clone(),
+                    ranks: c.shards.iter().cloned().map(ShardManifest::from).collect(),
                 }
             }),
             _ => None,

@@ -34,12 +34,12 @@ mod files;
 pub mod task;
 
 use crate::ledger::{
-    AbortReason, CheckpointState, Command, Job, JobState, Refusal, RefusalKind, RestoreReason, State,
+    AbortReason, CheckpointState, Command, Event, Job, JobState, Refusal, RefusalKind, RestoreReason, State,
 };
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
-use flotilla_shared::shard::ShardManifest;
+use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::wire::{
     CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, ShardFailureKind,
     WorkerMessage, WorkerStatus,
@@ -106,6 +106,10 @@ pub enum Observation {
     ProposalDone {
         /// Which proposal.
         key: ProposalKey,
+        /// What applying it changed (none: refused or failed). File work
+        /// follows a checkpoint's change at once; the reconcile is the
+        /// backstop for what no event of this leader's announced.
+        events: Vec<Event>,
     },
     /// Some file work failed; it is tried again.
     FileWorkFailed {
@@ -303,7 +307,7 @@ struct RankSoft {
     /// it is heard from again.
     lost: bool,
     /// Shards it reported in `generation`.
-    saved: BTreeMap<CheckpointId, ShardManifest>,
+    saved: BTreeMap<CheckpointId, ShardDigest>,
     /// Its final digest in `generation`.
     digest: Option<String>,
     /// The generation its trainer failed in (an `--exec` trainer can fail
@@ -731,8 +735,12 @@ impl Supervisor {
             Observation::CheckpointRequested { job, reply_to } => {
                 self.checkpoint_requested(ledger, now, job, reply_to, out)
             }
-            Observation::ProposalDone { key } => {
+            Observation::ProposalDone { key, events } => {
                 self.inflight.remove(&key);
+                let jobs: BTreeSet<&JobName> = events.iter().filter_map(Event::files_of).collect();
+                for j in jobs.into_iter().filter_map(|job| ledger.jobs.get(job)) {
+                    self.reconcile_files(j, now, out);
+                }
             }
             Observation::FileWorkFailed { job, work } => {
                 self.soft(&job, now.mono_ms).files.remove(&work);
@@ -966,7 +974,7 @@ impl Supervisor {
                     }
                     // the ledger keeps the whole-file checksum only (the
                     // header carries each tensor's): small at any model size
-                    r.saved.insert(checkpoint, manifest.without_tensors());
+                    r.saved.insert(checkpoint, manifest);
                 } else if generation == current && c.is_some_and(|c| c.state != CheckpointState::Aborted) {
                     // a re-report of a shard already counted (committed): nothing to do
                 } else {

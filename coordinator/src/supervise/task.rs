@@ -5,10 +5,10 @@
 //! (onto each connection's outbox), and checkpoint files (handed to
 //! [`super::files`]). It supervises only while this replica leads.
 
-use super::files::start_file_worker;
+use super::files::Files;
 use super::{
-    Action, CheckpointOutcome, ConnId, FileWork, Now, Observation, ProposalKey, Registration, RequestId,
-    Supervisor, SupervisorConfig,
+    Action, CheckpointOutcome, ConnId, Now, Observation, ProposalKey, Registration, RequestId, Supervisor,
+    SupervisorConfig,
 };
 use crate::api::WorkerView;
 use crate::ledger::Event;
@@ -130,7 +130,7 @@ pub fn start_supervisor(
 ) -> (SupervisorHandle, WorkersView, mpsc::Sender<SupervisorInput>) {
     let (tx, rx) = mpsc::channel(4096);
     let view = WorkersView::default();
-    let files = start_file_worker(node.clone(), tx.clone());
+    let files = Files::new(node.clone(), tx.clone());
     tokio::spawn(run_supervisor(node, rx, tx.clone(), files, view.clone(), metrics, shutdown));
     (SupervisorHandle { tx: tx.clone() }, view, tx)
 }
@@ -174,7 +174,7 @@ async fn run_supervisor(
     node: NodeHandle,
     mut rx: mpsc::Receiver<SupervisorInput>,
     inputs: mpsc::Sender<SupervisorInput>,
-    files: std::sync::mpsc::Sender<(JobName, FileWork)>,
+    mut files: Files,
     view: WorkersView,
     metrics: Metrics,
     shutdown: CancellationToken,
@@ -216,7 +216,7 @@ async fn run_supervisor(
                         SupervisorInput::Connected { conn, tx } => { conns.insert(conn, tx); }
                         SupervisorInput::Proposed { key, events } => {
                             observe_events(&metrics, &mut restoring_since, &events);
-                            batch.push(Observation::ProposalDone { key });
+                            batch.push(Observation::ProposalDone { key, events });
                         }
                         SupervisorInput::CheckpointNow { job, reply } => {
                             next_request += 1;
@@ -323,7 +323,7 @@ async fn run_supervisor(
                     }
                 }
                 Action::Files { job, work } => {
-                    let _ = files.send((job, work));
+                    files.send(job, work);
                 }
             }
         }

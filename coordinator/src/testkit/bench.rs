@@ -329,7 +329,7 @@ pub async fn sim_worker(
                     })
                     .await
                     .map_err(|e| e.to_string())??;
-                    conn.send(WorkerMessage::ShardSaved { generation: g, checkpoint, manifest }).await.map_err(|e| e.to_string())?;
+                    conn.send(WorkerMessage::ShardSaved { generation: g, checkpoint, manifest: manifest.digest() }).await.map_err(|e| e.to_string())?;
                 }
                 CoordinatorMessage::Restore { generation: g, from, .. } => {
                     let _ = restores.send((rank, Instant::now()));
@@ -461,7 +461,7 @@ pub async fn sim_node(
                                 std::fs::create_dir_all(path.parent()?).ok()?;
                                 let (rank, generation, checkpoint) = (meta.rank, meta.generation, meta.checkpoint);
                                 let manifest = write_shard(&path, &meta, &vars, &data).ok()?;
-                                Some(ForRank { rank, msg: WorkerMessage::ShardSaved { generation, checkpoint, manifest } })
+                                Some(ForRank { rank, msg: WorkerMessage::ShardSaved { generation, checkpoint, manifest: manifest.digest() } })
                             })
                             .collect();
                         let _ = tx.send(saved);
