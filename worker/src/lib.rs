@@ -10,6 +10,7 @@ pub mod device;
 pub mod exec;
 pub mod metrics;
 pub mod node;
+pub mod rank_machine;
 pub mod runner;
 pub mod shm;
 pub mod snapshot;
