@@ -23,6 +23,8 @@ use flotilla_shared::ids::{CheckpointId, Generation, Rank, Step};
 use flotilla_shared::wire::{
     RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 /// Which trainer the machine drives.
@@ -108,35 +110,57 @@ pub enum Stage {
     Saving,
 }
 
-/// One thing that happened: a directive from the coordinator or an event
-/// of the trainer.
+/// A directive from the coordinator (as the agent forwards it), or stop.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    /// Directive: restore into `generation` from `from` (`None`: step 0).
-    Restore {
-        /// Generation.
-        generation: Generation,
-        /// Where from.
-        from: Option<RestorePoint>,
-        /// The generation's rendezvous, once known.
-        rendezvous: Option<String>,
-    },
-    /// Directive: train from `step` in `generation`.
+pub enum Directive {
+    /// Train from `step` in `generation`.
     Resume {
         /// Generation.
         generation: Generation,
         /// The step the coordinator expects this rank at.
         step: Step,
     },
-    /// Directive: snapshot at a step.
-    Checkpoint(Pending),
-    /// Directive: forget a checkpoint not yet snapshotted.
+    /// Snapshot at `step` into `dir`.
+    Checkpoint {
+        /// Generation.
+        generation: Generation,
+        /// Checkpoint id.
+        id: CheckpointId,
+        /// Step.
+        step: Step,
+        /// Checkpoint directory.
+        dir: PathBuf,
+    },
+    /// Forget a checkpoint not yet snapshotted.
     Abort {
         /// Checkpoint id.
         id: CheckpointId,
     },
-    /// Directive: stop.
+    /// Stop training and restore into `generation`.
+    Restore {
+        /// Generation.
+        generation: Generation,
+        /// Where from (`None`: a fresh start at step 0).
+        from: Option<RestorePoint>,
+        /// The generation's rendezvous, once known (`--exec` trainers).
+        rendezvous: Option<String>,
+    },
+    /// Exit.
     Stop,
+}
+
+impl From<Directive> for Input {
+    fn from(d: Directive) -> Self {
+        Input::Directive(d)
+    }
+}
+
+/// One thing that happened: a directive from the coordinator or an event
+/// of the trainer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A directive from the coordinator (or stop).
+    Directive(Directive),
     /// The rendezvous rank 0 picked (after [`Effect::PickRendezvous`]).
     RendezvousPicked(String),
     /// The restore into the generation is done: the trainer is at `step`.
@@ -335,16 +359,20 @@ impl RankMachine {
             return Vec::new();
         }
         match input {
-            Input::Restore { generation, from, rendezvous } => self.restore(generation, from, rendezvous),
-            Input::Resume { generation, step } => self.resume(generation, step),
-            Input::Checkpoint(p) => self.checkpoint(p),
-            Input::Abort { id } => {
+            Input::Directive(Directive::Restore { generation, from, rendezvous }) => {
+                self.restore(generation, from, rendezvous)
+            }
+            Input::Directive(Directive::Resume { generation, step }) => self.resume(generation, step),
+            Input::Directive(Directive::Checkpoint { generation, id, step, dir }) => {
+                self.checkpoint(Pending { generation, id, step, dir })
+            }
+            Input::Directive(Directive::Abort { id }) => {
                 // a save already announced to the process goes ahead; its
                 // shard write, once under way, is given up: it is garbage
                 self.pending.take_if(|p| p.id == id);
                 vec![Effect::CancelWriteOf(id)]
             }
-            Input::Stop => {
+            Input::Directive(Directive::Stop) => {
                 self.phase = Phase::Stopped;
                 vec![Effect::Exit]
             }
@@ -630,6 +658,30 @@ impl RankMachine {
             Effect::Status(WorkerStatus::Failed),
             Effect::Report(WorkerMessage::TrainerFailed { generation, reason }),
         ]
+    }
+}
+
+/// A driver: carries out a machine's effects, and feeds back what came of them.
+pub trait Shell {
+    /// The rank's machine.
+    fn machine(&mut self) -> &mut RankMachine;
+
+    /// Carries out one effect; `Break` ends the rank, `Continue(Some(input))`
+    /// is what came of it, for the machine.
+    fn carry_out(&mut self, effect: Effect) -> ControlFlow<(), Option<Input>>;
+
+    /// Feeds `input` to the machine and carries out what it says, in order,
+    /// and what comes of that; false means the rank ends.
+    fn drive(&mut self, input: Input) -> bool {
+        let mut work: VecDeque<Effect> = self.machine().handle(input).into();
+        while let Some(effect) = work.pop_front() {
+            match self.carry_out(effect) {
+                ControlFlow::Break(()) => return false,
+                ControlFlow::Continue(Some(input)) => work.extend(self.machine().handle(input)),
+                ControlFlow::Continue(None) => {}
+            }
+        }
+        true
     }
 }
 

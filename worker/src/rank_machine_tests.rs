@@ -30,15 +30,46 @@ fn pending(generation: Generation, id: u64, step: u64) -> Pending {
 }
 
 fn restore(generation: Generation, from: Option<RestorePoint>) -> Input {
-    Input::Restore { generation, from, rendezvous: Some("10.0.0.1:29500".into()) }
+    restore_at(generation, from, Some("10.0.0.1:29500"))
+}
+
+fn restore_at(generation: Generation, from: Option<RestorePoint>, rendezvous: Option<&str>) -> Input {
+    Directive::Restore { generation, from, rendezvous: rendezvous.map(String::from) }.into()
 }
 
 fn resume(generation: Generation, step: u64) -> Input {
-    Input::Resume { generation, step: Step(step) }
+    Directive::Resume { generation, step: Step(step) }.into()
 }
 
 fn checkpoint(generation: Generation, id: u64, step: u64) -> Input {
-    Input::Checkpoint(pending(generation, id, step))
+    let Pending { generation, id, step, dir } = pending(generation, id, step);
+    Directive::Checkpoint { generation, id, step, dir }.into()
+}
+
+fn abort(id: u64) -> Input {
+    Directive::Abort { id: CheckpointId(id) }.into()
+}
+
+fn stop() -> Input {
+    Directive::Stop.into()
+}
+
+fn refusal(checkpoint: Option<u64>, kind: RestoreFailureKind, message: &str) -> Input {
+    Input::RestoreRefused { checkpoint: checkpoint.map(CheckpointId), kind, message: message.into() }
+}
+
+/// What a refused restore does, whatever the trainer.
+fn refused(generation: Generation, kind: RestoreFailureKind, message: &str) -> Vec<Effect> {
+    vec![
+        Status(WorkerStatus::Waiting),
+        Publish,
+        report(WorkerMessage::RestoreFailed {
+            generation,
+            checkpoint: Some(CheckpointId(7)),
+            kind,
+            message: message.into(),
+        }),
+    ]
 }
 
 fn report(msg: WorkerMessage) -> Effect {
@@ -152,21 +183,8 @@ fn cases() -> Vec<Case> {
             "builtin: a refused restore keeps the state it had, not running",
             Builtin,
             cat_inputs(builtin_running(3), vec![restore(G2, Some(point(10)))]),
-            Input::RestoreRefused {
-                checkpoint: Some(CheckpointId(7)),
-                kind: RestoreFailureKind::DeviceMemory,
-                message: "no room".into(),
-            },
-            vec![
-                Status(WorkerStatus::Waiting),
-                Publish,
-                report(WorkerMessage::RestoreFailed {
-                    generation: G2,
-                    checkpoint: Some(CheckpointId(7)),
-                    kind: RestoreFailureKind::DeviceMemory,
-                    message: "no room".into(),
-                }),
-            ],
+            refusal(Some(7), RestoreFailureKind::DeviceMemory, "no room"),
+            refused(G2, RestoreFailureKind::DeviceMemory, "no room"),
         )
         .then(Phase::Restored { generation: G1 }),
         case(
@@ -186,14 +204,14 @@ fn cases() -> Vec<Case> {
             "process: rank 0 picks the rendezvous before starting",
             Process,
             vec![],
-            Input::Restore { generation: G1, from: None, rendezvous: None },
+            restore_at(G1, None, None),
             vec![StopTrainer, CancelWrites, Status(WorkerStatus::Restoring), Publish, PickRendezvous],
         )
         .rank(0),
         case(
             "process: rank 0 offers what it picked and starts",
             Process,
-            vec![Input::Restore { generation: G1, from: None, rendezvous: None }],
+            vec![restore_at(G1, None, None)],
             Input::RendezvousPicked("h:1".into()),
             vec![
                 report(WorkerMessage::Rendezvous { generation: G1, addr: "h:1".into() }),
@@ -204,18 +222,15 @@ fn cases() -> Vec<Case> {
         case(
             "process: rank 0 re-offers on a repeated directive without a rendezvous",
             Process,
-            vec![
-                Input::Restore { generation: G1, from: None, rendezvous: None },
-                Input::RendezvousPicked("h:1".into()),
-            ],
-            Input::Restore { generation: G1, from: None, rendezvous: None },
+            vec![restore_at(G1, None, None), Input::RendezvousPicked("h:1".into())],
+            restore_at(G1, None, None),
             vec![report(WorkerMessage::Rendezvous { generation: G1, addr: "h:1".into() })],
         )
         .rank(0),
         case(
             "process: another rank waits for the rendezvous, then starts on the repeat that carries it",
             Process,
-            vec![Input::Restore { generation: G1, from: None, rendezvous: None }],
+            vec![restore_at(G1, None, None)],
             restore(G1, None),
             vec![StartTrainer { generation: G1, rendezvous: "10.0.0.1:29500".into(), start_step: Step(0) }],
         ),
@@ -223,34 +238,14 @@ fn cases() -> Vec<Case> {
             "process: a refused restore ends the generation refused",
             Process,
             vec![restore(G1, Some(point(20)))],
-            Input::RestoreRefused {
-                checkpoint: Some(CheckpointId(7)),
-                kind: RestoreFailureKind::Corrupt,
-                message: "crc".into(),
-            },
-            vec![
-                Status(WorkerStatus::Waiting),
-                Publish,
-                report(WorkerMessage::RestoreFailed {
-                    generation: G1,
-                    checkpoint: Some(CheckpointId(7)),
-                    kind: RestoreFailureKind::Corrupt,
-                    message: "crc".into(),
-                }),
-            ],
+            refusal(Some(7), RestoreFailureKind::Corrupt, "crc"),
+            refused(G1, RestoreFailureKind::Corrupt, "crc"),
         )
         .then(Phase::Refused { generation: G1 }),
         case(
             "process: its exit after a refused restore is no failure",
             Process,
-            vec![
-                restore(G1, Some(point(20))),
-                Input::RestoreRefused {
-                    checkpoint: None,
-                    kind: RestoreFailureKind::Corrupt,
-                    message: "crc".into(),
-                },
-            ],
+            vec![restore(G1, Some(point(20))), refusal(None, RestoreFailureKind::Corrupt, "crc")],
             Input::Exited { success: false, reason: "exited with status 1".into() },
             vec![],
         ),
@@ -479,13 +474,13 @@ fn cases() -> Vec<Case> {
             "an abort forgets the pending checkpoint and gives up its write",
             Process,
             cat_inputs(process_running(4), vec![checkpoint(G1, 5, 5)]),
-            Input::Abort { id: CheckpointId(5) },
+            abort(5),
             vec![CancelWriteOf(CheckpointId(5))],
         ),
         case(
             "... so its step goes by",
             Process,
-            cat_inputs(process_running(4), vec![checkpoint(G1, 5, 5), Input::Abort { id: CheckpointId(5) }]),
+            cat_inputs(process_running(4), vec![checkpoint(G1, 5, 5), abort(5)]),
             at(5),
             vec![Publish, GoOn],
         ),
@@ -551,11 +546,11 @@ fn cases() -> Vec<Case> {
             vec![],
         ),
         // ---- stop, exits and failures -------------------------------------
-        case("stop ends the rank", Process, process_running(4), Input::Stop, vec![Exit]).then(Phase::Stopped),
+        case("stop ends the rank", Process, process_running(4), stop(), vec![Exit]).then(Phase::Stopped),
         case(
             "after stop nothing is done",
             Builtin,
-            cat_inputs(builtin_running(3), vec![Input::Stop]),
+            cat_inputs(builtin_running(3), vec![stop()]),
             checkpoint(G1, 5, 10),
             vec![],
         ),

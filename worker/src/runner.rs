@@ -10,10 +10,10 @@
 use crate::device::{human_bytes, DeviceMemory, Host};
 use crate::error::{ProvisionError, RestoreRefusal};
 use crate::metrics::WorkerMetrics;
-use crate::rank_machine::{Effect, Input, Pending, RankMachine, TrainerKind};
+use crate::rank_machine::{Effect, Input, Pending, RankMachine, Shell, TrainerKind};
 use crate::snapshot::{SnapshotError, Snapshotter, WriteOutcome, WriteRequest};
 use crate::trainer::{host_memory_need, BuiltinTrainer, Trainer};
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use flotilla_shared::ids::{Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
 use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardError, ShardErrorKind, ShardMeta};
@@ -21,67 +21,15 @@ use flotilla_shared::spec::{JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
     RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
-use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A command from the agent.
-#[derive(Debug)]
-pub enum RunnerCmd {
-    /// Train from `step` in `generation`.
-    Resume {
-        /// Generation.
-        generation: Generation,
-        /// The step the coordinator expects this rank at.
-        step: Step,
-    },
-    /// Snapshot at `step` into `dir`.
-    Checkpoint {
-        /// Generation.
-        generation: Generation,
-        /// Checkpoint id.
-        id: CheckpointId,
-        /// Step.
-        step: Step,
-        /// Checkpoint directory.
-        dir: PathBuf,
-    },
-    /// Forget a checkpoint not yet snapshotted.
-    Abort {
-        /// Checkpoint id.
-        id: CheckpointId,
-    },
-    /// Stop training and restore into `generation`.
-    Restore {
-        /// Generation.
-        generation: Generation,
-        /// Where from (`None`: a fresh start at step 0).
-        from: Option<RestorePoint>,
-        /// The generation's rendezvous, once known (`--exec` trainers).
-        rendezvous: Option<String>,
-    },
-    /// Exit.
-    Stop,
-}
-
-impl From<RunnerCmd> for Input {
-    fn from(cmd: RunnerCmd) -> Self {
-        match cmd {
-            RunnerCmd::Resume { generation, step } => Input::Resume { generation, step },
-            RunnerCmd::Checkpoint { generation, id, step, dir } => {
-                Input::Checkpoint(Pending { generation, id, step, dir })
-            }
-            RunnerCmd::Abort { id } => Input::Abort { id },
-            RunnerCmd::Restore { generation, from, rendezvous } => {
-                Input::Restore { generation, from, rendezvous }
-            }
-            RunnerCmd::Stop => Input::Stop,
-        }
-    }
-}
+/// A command from the agent: a directive of the coordinator, or stop.
+pub use crate::rank_machine::Directive as RunnerCmd;
 
 /// What the agent reads without asking.
 #[derive(Debug, Default)]
@@ -302,7 +250,7 @@ impl Runner {
                 }
             };
             if let Some(cmd) = cmd {
-                if !self.handle(cmd.into()) {
+                if !self.drive(cmd.into()) {
                     return;
                 }
                 continue;
@@ -313,10 +261,10 @@ impl Runner {
 
     fn train_one(&mut self, step_time: Duration) {
         let step = self.current_step();
-        self.handle(Input::AtStep(step));
+        self.drive(Input::AtStep(step));
         if step.0 >= self.total_steps() {
             let digest = self.trainer.as_ref().map(|t| t.digest()).unwrap_or_default();
-            self.handle(Input::Finished { digest });
+            self.drive(Input::Finished { digest });
             return;
         }
         let start = Instant::now();
@@ -326,83 +274,17 @@ impl Runner {
             std::thread::sleep(rest);
         }
         let step = self.current_step();
-        self.handle(Input::Stepped(step));
-    }
-
-    /// Feeds `input` to the machine and carries out what it says, and what
-    /// comes of that; false means stop.
-    fn handle(&mut self, input: Input) -> bool {
-        let mut work: VecDeque<Effect> = self.machine.handle(input).into();
-        while let Some(effect) = work.pop_front() {
-            let next = match effect {
-                Effect::Report(msg) => {
-                    (self.events)(msg);
-                    None
-                }
-                Effect::Status(s) => {
-                    self.state.set_status(s);
-                    None
-                }
-                Effect::Publish => {
-                    self.publish();
-                    None
-                }
-                Effect::CancelWrites => {
-                    // a write still in flight is of the generation being left
-                    if let Some(snap) = &self.snap {
-                        snap.cancel_writes();
-                    }
-                    None
-                }
-                Effect::CancelWriteOf(id) => {
-                    // its shard is garbage: free the disk and the buffer now
-                    if let Some(snap) = &self.snap {
-                        snap.cancel_write_of(id);
-                    }
-                    None
-                }
-                Effect::Restore { generation, from } => {
-                    let start = Instant::now();
-                    let outcome = self.restore(generation, from);
-                    if matches!(outcome, Input::Restored { .. }) {
-                        self.metrics.restore.observe(start.elapsed().as_secs_f64());
-                    } else if let Input::RestoreRefused { message, .. } = &outcome {
-                        tracing::error!(%generation, "restore refused: {message}");
-                    }
-                    Some(outcome)
-                }
-                Effect::TakeSnapshot(p) => Some(self.snapshot(p)),
-                Effect::Exit => return false,
-                // no process, no rendezvous: the trainer runs on this thread
-                Effect::StopTrainer
-                | Effect::PickRendezvous
-                | Effect::StartTrainer { .. }
-                | Effect::GoOn
-                | Effect::Resumed => None,
-            };
-            if let Some(input) = next {
-                work.extend(self.machine.handle(input));
-            }
-        }
-        true
+        self.drive(Input::Stepped(step));
     }
 
     fn snapshot(&mut self, p: Pending) -> Input {
-        let meta = ShardMeta {
-            job: self.job.clone(),
-            checkpoint: p.id,
-            rank: self.rank,
-            step: p.step,
-            generation: p.generation,
-        };
         let (Some(trainer), Some(snap)) = (self.trainer.as_ref(), self.snap.as_mut()) else {
             return Input::SnapshotFailed(format!(
                 "rank {}: no trainer or snapshot buffer to snapshot",
                 self.rank
             ));
         };
-        let path = p.dir.join(shard_file_name(self.rank));
-        match snap.snapshot(trainer, WriteRequest { path, meta }) {
+        match snap.snapshot(trainer, write_request(&self.job, self.rank, &p)) {
             Ok(stall) => {
                 self.metrics.stall.observe(stall.total().as_secs_f64());
                 tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
@@ -504,6 +386,49 @@ impl Runner {
             Err(e) => failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
         }
     }
+}
+
+impl Shell for Runner {
+    fn machine(&mut self) -> &mut RankMachine {
+        &mut self.machine
+    }
+
+    fn carry_out(&mut self, effect: Effect) -> ControlFlow<(), Option<Input>> {
+        match effect {
+            Effect::Report(msg) => (self.events)(msg),
+            Effect::Status(s) => self.state.set_status(s),
+            Effect::Publish => self.publish(),
+            // a write still in flight is of the generation being left
+            Effect::CancelWrites => self.snap.iter().for_each(Snapshotter::cancel_writes),
+            // its shard is garbage: free the disk and the buffer now
+            Effect::CancelWriteOf(id) => self.snap.iter().for_each(|s| s.cancel_write_of(id)),
+            Effect::Restore { generation, from } => {
+                let start = Instant::now();
+                let outcome = self.restore(generation, from);
+                if matches!(outcome, Input::Restored { .. }) {
+                    self.metrics.restore.observe(start.elapsed().as_secs_f64());
+                } else if let Input::RestoreRefused { message, .. } = &outcome {
+                    tracing::error!(%generation, "restore refused: {message}");
+                }
+                return ControlFlow::Continue(Some(outcome));
+            }
+            Effect::TakeSnapshot(p) => return ControlFlow::Continue(Some(self.snapshot(p))),
+            Effect::Exit => return ControlFlow::Break(()),
+            // no process, no rendezvous: the trainer runs on this thread
+            Effect::StopTrainer
+            | Effect::PickRendezvous
+            | Effect::StartTrainer { .. }
+            | Effect::GoOn
+            | Effect::Resumed => {}
+        }
+        ControlFlow::Continue(None)
+    }
+}
+
+/// The shard write of checkpoint `p` by `rank`.
+pub(crate) fn write_request(job: &JobName, rank: Rank, p: &Pending) -> WriteRequest {
+    let meta = ShardMeta { job: job.clone(), checkpoint: p.id, rank, step: p.step, generation: p.generation };
+    WriteRequest { path: p.dir.join(shard_file_name(rank)), meta }
 }
 
 /// Turns the shard writer's outcomes into reports (and metrics).

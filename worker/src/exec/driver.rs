@@ -12,17 +12,18 @@ use super::ExecOptions;
 use crate::device::DeviceMemory;
 use crate::error::{ProtocolError, RestoreRefusal, StartError};
 use crate::metrics::WorkerMetrics;
-use crate::rank_machine::{Effect, Input, Phase, RankMachine, Stage, TrainerKind};
-use crate::runner::{shard_refusal, shard_reporter, EventSink, Prechecks, RunnerCmd, RunnerState};
+use crate::rank_machine::{Effect, Input, Phase, RankMachine, Shell, Stage, TrainerKind};
+use crate::runner::{
+    shard_refusal, shard_reporter, write_request, EventSink, Prechecks, RunnerCmd, RunnerState,
+};
 use crate::shm::{shm_dir, unique_name, ShmFile};
-use crate::snapshot::{Snapshotter, WriteRequest};
+use crate::snapshot::Snapshotter;
 use flotilla_shared::ids::{Generation, JobName, Rank, Step};
-use flotilla_shared::layout::shard_file_name;
-use flotilla_shared::shard::{Shard, ShardMeta, VariableSpec};
+use flotilla_shared::shard::{Shard, VariableSpec};
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::wire::{RestoreFailureKind, RestorePoint};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
 use std::process::ExitStatus;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
@@ -156,7 +157,7 @@ impl ExecRunner {
             };
             match event {
                 Event::Cmd(cmd) => {
-                    if !self.apply(cmd.into()) {
+                    if !self.drive(cmd.into()) {
                         break;
                     }
                 }
@@ -184,72 +185,6 @@ impl ExecRunner {
         self.stop_process();
     }
 
-    /// Feeds `input` to the machine and carries out what it says, and what
-    /// comes of that; false means stop.
-    fn apply(&mut self, input: Input) -> bool {
-        let mut work: VecDeque<Effect> = self.machine.handle(input).into();
-        while let Some(effect) = work.pop_front() {
-            let next = match effect {
-                Effect::Report(msg) => {
-                    (self.events)(msg);
-                    None
-                }
-                Effect::Status(s) => {
-                    self.state.set_status(s);
-                    None
-                }
-                Effect::Publish => {
-                    self.publish();
-                    None
-                }
-                Effect::CancelWrites => {
-                    if let Some((_, snap)) = &self.snap {
-                        snap.cancel_writes();
-                    }
-                    None
-                }
-                Effect::CancelWriteOf(id) => {
-                    if let Some((_, snap)) = &self.snap {
-                        snap.cancel_write_of(id);
-                    }
-                    None
-                }
-                Effect::StopTrainer => {
-                    self.stop_process();
-                    None
-                }
-                Effect::PickRendezvous => Some(Input::RendezvousPicked(self.pick_rendezvous())),
-                Effect::StartTrainer { generation, rendezvous, start_step } => self
-                    .start_process(generation, &rendezvous, start_step)
-                    .err()
-                    .map(|e| Input::TrainerFailed(e.to_string())),
-                Effect::TakeSnapshot(_) => {
-                    self.reply(&StepReply { ok: true, checkpoint: true });
-                    None
-                }
-                Effect::GoOn => {
-                    self.reply(&StepReply { ok: true, checkpoint: false });
-                    None
-                }
-                Effect::Resumed => match self.deferred.take() {
-                    Some(Deferred::Restore(state)) => {
-                        self.reply(&RestoreReply { ok: true, state });
-                        None
-                    }
-                    Some(Deferred::Step(n)) => Some(Input::AtStep(Step(n))),
-                    None => None,
-                },
-                Effect::Exit => return false,
-                // the process restores itself, asking for its shard
-                Effect::Restore { .. } => None,
-            };
-            if let Some(input) = next {
-                work.extend(self.machine.handle(input));
-            }
-        }
-        true
-    }
-
     /// A process that has not said hello within `failure.hang_timeout_seconds`
     /// of its start (stuck importing, waiting on something) is a failed
     /// rank: the coordinator's hang detection only covers training.
@@ -258,7 +193,7 @@ impl ExecRunner {
         let Some(p) = self.proc.as_ref().filter(|p| !p.hello && p.started.elapsed() > limit) else { return };
         let pid = p.pid;
         self.stop_process();
-        self.apply(Input::TrainerFailed(format!(
+        self.drive(Input::TrainerFailed(format!(
             "trainer process {pid} did not connect to its worker within failure.hang_timeout_seconds = {}",
             limit.as_secs()
         )));
@@ -360,7 +295,7 @@ impl ExecRunner {
         self.released();
         let pid = p.pid;
         let reason = exit_reason(pid, status, &p.last_words());
-        self.apply(Input::Exited { success: status.success(), reason });
+        self.drive(Input::Exited { success: status.success(), reason });
     }
 
     fn connected(&mut self, start: u64, stream: UnixStream) {
@@ -417,7 +352,7 @@ impl ExecRunner {
                     return self.refuse("protocol", "send hello first".into());
                 }
                 if self.resumed() {
-                    self.apply(Input::AtStep(Step(step)));
+                    self.drive(Input::AtStep(Step(step)));
                 } else {
                     self.deferred = Some(Deferred::Step(step));
                 }
@@ -425,7 +360,7 @@ impl ExecRunner {
             Request::SaveBegin { tensors } => self.save_begin(tensors),
             Request::SaveDone { stall_seconds } => self.save_done(stall_seconds),
             Request::Finish { digest } => {
-                self.apply(Input::Finished { digest: digest.unwrap_or_default() });
+                self.drive(Input::Finished { digest: digest.unwrap_or_default() });
                 self.reply(&Okay { ok: true });
             }
         }
@@ -454,7 +389,7 @@ impl ExecRunner {
         let fresh = from.is_none() && !self.restored();
         self.reply(&reply);
         if fresh {
-            self.apply(Input::Restored { step: self.machine.step() });
+            self.drive(Input::Restored { step: self.machine.step() });
         }
     }
 
@@ -488,11 +423,11 @@ impl ExecRunner {
                     p.restored = Some(seg);
                 }
                 self.deferred = Some(Deferred::Restore(Some(state)));
-                self.apply(Input::Restored { step: point.step });
+                self.drive(Input::Restored { step: point.step });
             }
             Err(RestoreRefusal { kind, message }) => {
                 tracing::error!(generation = ?self.machine.generation(), "restore refused: {message}");
-                self.apply(Input::RestoreRefused {
+                self.drive(Input::RestoreRefused {
                     checkpoint: Some(point.checkpoint),
                     kind,
                     message: message.clone(),
@@ -576,7 +511,7 @@ impl ExecRunner {
         let (vars, offsets) = match parse_decls(&decls) {
             Ok(v) => shard_layout(&v),
             Err(e) => {
-                self.apply(Input::SnapshotFailed(format!("the trainer's tensors: {e}")));
+                self.drive(Input::SnapshotFailed(format!("the trainer's tensors: {e}")));
                 return self.refuse("protocol", format!("save(): {e}"));
             }
         };
@@ -605,7 +540,7 @@ impl ExecRunner {
                         "cannot create a snapshot buffer of {bytes} bytes in {}: {e}",
                         shm_dir().display()
                     );
-                    self.apply(Input::SnapshotFailed(msg.clone()));
+                    self.drive(Input::SnapshotFailed(msg.clone()));
                     return self.refuse("io", msg);
                 }
             }
@@ -614,7 +549,7 @@ impl ExecRunner {
         let buf = match snap.acquire() {
             Ok(b) => b,
             Err(e) => {
-                self.apply(Input::SnapshotFailed(e.to_string()));
+                self.drive(Input::SnapshotFailed(e.to_string()));
                 return self.refuse("io", e.to_string());
             }
         };
@@ -624,7 +559,7 @@ impl ExecRunner {
             size: buf.len() as u64,
             offsets,
         };
-        self.apply(Input::SaveBegun);
+        self.drive(Input::SaveBegun);
         self.saving = Some(buf);
         self.reply(&reply);
     }
@@ -633,25 +568,54 @@ impl ExecRunner {
         let (Some(p), Some(buf)) = (self.machine.snapshot(Stage::Saving).cloned(), self.saving.take()) else {
             return self.refuse("protocol", "save_done without save_begin".into());
         };
-        let meta = ShardMeta {
-            job: self.job.clone(),
-            checkpoint: p.id,
-            rank: self.rank,
-            step: p.step,
-            generation: p.generation,
-        };
-        let req = WriteRequest { path: p.dir.join(shard_file_name(self.rank)), meta };
+        let req = write_request(&self.job, self.rank, &p);
         let submitted = match self.snap.as_mut() {
             Some((_, snap)) => snap.submit(req, buf).map_err(|e| e.to_string()),
             None => Err("no snapshot buffer".to_string()),
         };
         self.metrics.stall.observe(stall_seconds);
         tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: the trainer stalled {:.3} ms", stall_seconds * 1e3);
-        self.apply(match submitted {
+        self.drive(match submitted {
             Ok(()) => Input::SnapshotTaken,
             Err(e) => Input::SnapshotFailed(e),
         });
         self.reply(&Okay { ok: true });
+    }
+}
+
+impl Shell for ExecRunner {
+    fn machine(&mut self) -> &mut RankMachine {
+        &mut self.machine
+    }
+
+    fn carry_out(&mut self, effect: Effect) -> ControlFlow<(), Option<Input>> {
+        let snap = self.snap.as_ref().map(|(_, snap)| snap);
+        match effect {
+            Effect::Report(msg) => (self.events)(msg),
+            Effect::Status(s) => self.state.set_status(s),
+            Effect::Publish => self.publish(),
+            Effect::CancelWrites => snap.into_iter().for_each(Snapshotter::cancel_writes),
+            Effect::CancelWriteOf(id) => snap.into_iter().for_each(|s| s.cancel_write_of(id)),
+            Effect::StopTrainer => self.stop_process(),
+            Effect::PickRendezvous => {
+                return ControlFlow::Continue(Some(Input::RendezvousPicked(self.pick_rendezvous())))
+            }
+            Effect::StartTrainer { generation, rendezvous, start_step } => {
+                let failed = self.start_process(generation, &rendezvous, start_step).err();
+                return ControlFlow::Continue(failed.map(|e| Input::TrainerFailed(e.to_string())));
+            }
+            Effect::TakeSnapshot(_) => self.reply(&StepReply { ok: true, checkpoint: true }),
+            Effect::GoOn => self.reply(&StepReply { ok: true, checkpoint: false }),
+            Effect::Resumed => match self.deferred.take() {
+                Some(Deferred::Restore(state)) => self.reply(&RestoreReply { ok: true, state }),
+                Some(Deferred::Step(n)) => return ControlFlow::Continue(Some(Input::AtStep(Step(n)))),
+                None => {}
+            },
+            Effect::Exit => return ControlFlow::Break(()),
+            // the process restores itself, asking for its shard
+            Effect::Restore { .. } => {}
+        }
+        ControlFlow::Continue(None)
     }
 }
 
