@@ -185,3 +185,56 @@ pub enum StartError {
         source: std::io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The words people read are those the worker wrote before its errors
+    /// were typed.
+    #[test]
+    fn messages_read_as_before() {
+        let rank = Rank(3);
+        let too_little = ProvisionError::TooLittle {
+            rank,
+            device: "host memory".into(),
+            need: 3 << 30,
+            params: 1 << 30,
+            free: 1 << 30,
+        };
+        assert_eq!(
+            too_little.to_string(),
+            format!(
+                "rank {rank} on host memory: start needs 3.0 GiB (trainer.params_per_rank_bytes = {}: weights, \
+                 optimizer state and the snapshot buffer), 1.0 GiB free; lower trainer.params_per_rank_bytes or \
+                 free memory on the host",
+                1u64 << 30
+            )
+        );
+        let refused = ProvisionError::Refused {
+            rank,
+            device: "host memory".into(),
+            what: "the trainer's memory".into(),
+            params: 10,
+            free: 512,
+        };
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "rank {rank} on host memory: the host refused the trainer's memory (trainer.params_per_rank_bytes = 10), \
+                 512 B free; lower trainer.params_per_rank_bytes or free memory on the host"
+            )
+        );
+        let dtype = DeclError::Dtype { name: "w".into(), dtype: "float32".into() };
+        assert_eq!(
+            dtype.to_string(),
+            "tensor w has dtype \"float32\"; use one of BOOL U8 I8 I16 U16 I32 U32 I64 U64 F16 BF16 F32 F64"
+        );
+        let large = DeclError::TooLarge { name: "w".into(), shape: vec![2, 3] };
+        assert_eq!(large.to_string(), "tensor w of shape [2, 3] is larger than this worker takes (1 TiB)");
+        let frame = ProtocolError::FrameTooLarge { len: 20, max: 16 };
+        assert_eq!(frame.to_string(), "a frame of 20 bytes exceeds 16");
+        let spawn = StartError::Spawn { command: "x y".into(), source: std::io::Error::other("gone") };
+        assert_eq!(spawn.to_string(), "cannot start `x y`: gone");
+    }
+}
