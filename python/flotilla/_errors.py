@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal, cast, get_args
 
 # The error kinds, each written once, here. python/tests/test_protocol_sync.py
-# checks WorkerErrorKind against the kinds worker/src/exec.rs sends.
+# checks WorkerErrorKind against the kinds worker/src/exec/ sends.
 
 #: Kinds with which the worker refuses a restore: the job is blocked or falls
 #: back to an older checkpoint.

@@ -2,7 +2,7 @@
 
 Every request the client sends and every reply the worker sends has a
 ``TypedDict`` here, with the field names and types of the Rust structs that
-(de)serialize them in ``worker/src/exec.rs`` (``Request``, ``Okay``,
+(de)serialize them in ``worker/src/exec/protocol.rs`` (``Request``, ``Okay``,
 ``Refusal``, ``HelloReply``, ``RestoreReply``, ``RestoredState``,
 ``StepReply``, ``SaveBeginReply``); ``python/tests/test_protocol_sync.py``
 checks the two sides against each other.

@@ -1,6 +1,6 @@
 """The client's protocol types against the Rust worker's source, read as text
-(no cargo): worker/src/exec.rs's `Request` enum and reply structs, and the
-error kinds it sends. Each test fails when either side gains, loses or
+(no cargo): worker/src/exec/protocol.rs's `Request` enum and reply structs,
+and the error kinds worker/src/exec/driver.rs sends. Each test fails when either side gains, loses or
 changes something the other has not."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import pytest
 from flotilla import _errors, _protocol
 
 ROOT = Path(__file__).resolve().parents[2]
-EXEC_RS = ROOT / "worker" / "src" / "exec.rs"
+#: The wire with the trainer: requests, replies, what a restore refusal's kind is.
+PROTOCOL_RS = ROOT / "worker" / "src" / "exec" / "protocol.rs"
+#: Where the worker refuses requests.
+DRIVER_RS = ROOT / "worker" / "src" / "exec" / "driver.rs"
 WIRE_RS = ROOT / "shared" / "src" / "wire.rs"
 
 #: Rust reply struct -> its TypedDict.
@@ -97,6 +100,9 @@ def _aliases(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"\btype\s+(\w+)\s*=\s*([^;]+);", text)}
 
 
+#: A Rust item's visibility, if any (`pub`, `pub(super)`, ...).
+VIS = r"(?:pub(?:\([^)]*\))?\s+)?"
+
 INTS = {"u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize"}
 
 
@@ -147,17 +153,17 @@ def _python_fields(typed: object) -> dict[str, str]:
 
 
 def _rust_error_kinds() -> tuple[set[str], set[str]]:
-    """(every kind exec.rs sends, those its restore refusals map to)."""
-    text = _source(EXEC_RS)
+    """(every kind the worker sends, those its restore refusals map to)."""
+    text = _source(DRIVER_RS)
     # A refusal goes out only through ExecRunner::refuse.
     constructions = re.findall(r"\bRefusal\s*\{", text)  # not the struct: it has <'a>
     assert len(constructions) == 1, (
-        "exec.rs builds a Refusal outside refuse(): teach this test where its kind comes from"
+        "driver.rs builds a Refusal outside refuse(): teach this test where its kind comes from"
     )
-    restore = set(re.findall(r'RestoreFailureKind::\w+\s*=>\s*"(\w+)"', _body(text, r"fn refusal_kind\b")))
+    restore = set(re.findall(r'RestoreFailureKind::\w+\s*=>\s*"(\w+)"', _body(_source(PROTOCOL_RS), r"fn refusal_kind\b")))
     variants = set(re.findall(r"^\s*(\w+)\s*,?\s*$", _body(_source(WIRE_RS), r"pub enum RestoreFailureKind\b"), re.M))
     assert {_snake(v) for v in variants} == restore, (
-        "refusal_kind in exec.rs does not name every RestoreFailureKind variant by its snake_case name"
+        "refusal_kind in protocol.rs does not name every RestoreFailureKind variant by its snake_case name"
     )
     sent = set()
     for arg in re.findall(r"(?<!fn )\brefuse\(\s*([^,]+),", text):
@@ -167,7 +173,7 @@ def _rust_error_kinds() -> tuple[set[str], set[str]]:
         elif arg.startswith("refusal_kind("):
             sent |= restore
         else:
-            raise AssertionError(f"exec.rs refuses with the kind {arg!r}: teach this test where it comes from")
+            raise AssertionError(f"driver.rs refuses with the kind {arg!r}: teach this test where it comes from")
     return sent, restore
 
 
@@ -175,7 +181,7 @@ def test_error_kinds_match_the_worker() -> None:
     sent, restore = _rust_error_kinds()
     python = set(_errors.WORKER_ERROR_KINDS)
     assert python == sent, (
-        f"only in Python: {sorted(python - sent)}; only in worker/src/exec.rs: {sorted(sent - python)}"
+        f"only in Python: {sorted(python - sent)}; only in worker/src/exec/: {sorted(sent - python)}"
     )
     assert set(_errors.RESTORE_REFUSAL_KINDS) == restore
     assert len(_errors.ERROR_KINDS) == len(set(_errors.ERROR_KINDS)), "a kind is written twice"
@@ -191,8 +197,8 @@ def test_every_worker_kind_is_documented() -> None:
 
 
 def test_requests_match_the_worker() -> None:
-    text = _source(EXEC_RS)
-    assert re.search(r'#\[serde\(tag\s*=\s*"op",\s*rename_all\s*=\s*"snake_case"\)\]\s*enum Request\b', text), (
+    text = _source(PROTOCOL_RS)
+    assert re.search(r'#\[serde\(tag\s*=\s*"op",\s*rename_all\s*=\s*"snake_case"\)\]\s*' + VIS + r"enum Request\b", text), (
         "enum Request's serde attributes changed: the requests' op no longer reads as this test expects"
     )
     aliases = _aliases(text)
@@ -215,15 +221,15 @@ def test_requests_match_the_worker() -> None:
 
 
 def test_replies_match_the_worker() -> None:
-    text = _source(EXEC_RS)
+    text = _source(PROTOCOL_RS)
     aliases = _aliases(text)
     serialized = {
         m.group(2)
-        for m in re.finditer(r"#\[derive\(([^)]*)\)\]\s*(?:#\[[^\]]*\]\s*)*struct\s+(\w+)", text)
+        for m in re.finditer(r"#\[derive\(([^)]*)\)\]\s*(?:#\[[^\]]*\]\s*)*" + VIS + r"struct\s+(\w+)", text)
         if "Serialize" in m.group(1)
     }
-    assert serialized == set(REPLY_STRUCTS), "exec.rs's serialized structs and REPLY_STRUCTS differ"
-    assert not re.search(r"#\[serde\([^)]*\)\]\s*(?:#\[[^\]]*\]\s*)*struct\b", text), (
+    assert serialized == set(REPLY_STRUCTS), "protocol.rs's serialized structs and REPLY_STRUCTS differ"
+    assert not re.search(r"#\[serde\([^)]*\)\]\s*(?:#\[[^\]]*\]\s*)*" + VIS + r"struct\b", text), (
         "a reply struct has a container serde attribute this test does not read"
     )
     for name, typed in REPLY_STRUCTS.items():
@@ -257,30 +263,31 @@ def _mutated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: Path, old: s
     assert old in text, f"{old!r} is not in {path}: update this test"
     copy = tmp_path / path.name
     copy.write_text(text.replace(old, new, 1))
-    monkeypatch.setattr(sys.modules[__name__], "EXEC_RS" if path == EXEC_RS else "WIRE_RS", copy)
+    names = {PROTOCOL_RS: "PROTOCOL_RS", DRIVER_RS: "DRIVER_RS", WIRE_RS: "WIRE_RS"}
+    monkeypatch.setattr(sys.modules[__name__], names[path], copy)
 
 
 @pytest.mark.parametrize("check, path, old, new, error", [
     # the worker refuses with a new kind
-    ("kinds", EXEC_RS, 'self.refuse("io", e.to_string())', 'self.refuse("busy", e.to_string())',
-     r"only in worker/src/exec.rs: \['busy'\]"),
+    ("kinds", DRIVER_RS, 'self.refuse("io", e.to_string())', 'self.refuse("busy", e.to_string())',
+     r"only in worker/src/exec/: \['busy'\]"),
     # ... or with a kind from elsewhere
-    ("kinds", EXEC_RS, 'self.refuse("io", e.to_string())', "self.refuse(e.kind(), e.to_string())",
+    ("kinds", DRIVER_RS, 'self.refuse("io", e.to_string())', "self.refuse(e.kind(), e.to_string())",
      "teach this test"),
     # a new restore failure, mapped in refusal_kind
     ("kinds", WIRE_RS, "pub enum RestoreFailureKind {", "pub enum RestoreFailureKind {\n    Expired,",
-     r"only in worker/src/exec.rs: \['expired'\]"),
+     r"only in worker/src/exec/: \['expired'\]"),
     # a reply field's type changes
-    ("replies", EXEC_RS, "    world_size: u32,", "    world_size: String,", "HelloReply"),
+    ("replies", PROTOCOL_RS, "    pub world_size: u32,", "    pub world_size: String,", "HelloReply"),
     # a new request
-    ("requests", EXEC_RS, "    Step { step: u64 },", "    Step { step: u64 },\n    Ping {},", "ping"),
+    ("requests", PROTOCOL_RS, "    Step { step: u64 },", "    Step { step: u64 },\n    Ping {},", "ping"),
 ])
 def test_the_checks_see_a_worker_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, check: str, path: Path, old: str, new: str,
     error: str,
 ) -> None:
     if path == WIRE_RS:  # refusal_kind names the new variant as well
-        _mutated(tmp_path, monkeypatch, EXEC_RS, '=> "unavailable",',
+        _mutated(tmp_path, monkeypatch, PROTOCOL_RS, '=> "unavailable",',
                  '=> "unavailable",\n        RestoreFailureKind::Expired => "expired",')
     _mutated(tmp_path, monkeypatch, path, old, new)
     checks = {"kinds": test_error_kinds_match_the_worker, "requests": test_requests_match_the_worker,

@@ -17,6 +17,7 @@
 //! on the next restore.
 
 use crate::device::{self, DeviceMemory, Reading};
+pub use crate::error::WorkerError;
 use crate::exec::{ExecOptions, ExecRunner};
 use crate::metrics::WorkerMetrics;
 use crate::runner::{Runner, RunnerCmd, RunnerState};
@@ -65,23 +66,6 @@ pub struct WorkerOptions {
     pub exec: Option<ExecOptions>,
 }
 
-/// Why the worker stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    /// Bad flags or environment.
-    #[error("{0}")]
-    Config(String),
-    /// A newer process of this rank took over.
-    #[error("fenced: {0}")]
-    Fenced(String),
-    /// The coordinator refused the job or rank.
-    #[error("{0}")]
-    Refused(String),
-    /// The device memory reader could not be opened (`--gpu`, `--require-gpu`).
-    #[error(transparent)]
-    Device(#[from] device::DeviceError),
-}
-
 /// What `/v1/status` shows.
 #[derive(Debug, Clone, Serialize)]
 struct StatusView {
@@ -118,7 +102,7 @@ enum SessionEnd {
 }
 
 /// Runs the worker until the job ends, it is fenced, or `shutdown`.
-pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> Result<(), WorkerError> {
+pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Result<()> {
     if opts.coordinators.is_empty() {
         return Err(WorkerError::Config("--coordinators is empty; list the coordinators' --api-addr".into()));
     }

@@ -75,7 +75,7 @@ pub enum DeviceError {
 /// A device whose memory can be read.
 pub trait DeviceMemory: Send + Sync {
     /// Reads total and free memory now.
-    fn read(&self) -> Result<Reading, DeviceError>;
+    fn read(&self) -> crate::Result<Reading, DeviceError>;
 }
 
 struct Nvml {
@@ -84,7 +84,7 @@ struct Nvml {
 }
 
 impl Nvml {
-    fn device(&self) -> Result<nvml_wrapper::Device<'_>, DeviceError> {
+    fn device(&self) -> crate::Result<nvml_wrapper::Device<'_>, DeviceError> {
         match self.selector.parse::<u32>() {
             Ok(i) => self.nvml.device_by_index(i),
             Err(_) => self.nvml.device_by_uuid(self.selector.as_str()),
@@ -94,7 +94,7 @@ impl Nvml {
 }
 
 impl DeviceMemory for Nvml {
-    fn read(&self) -> Result<Reading, DeviceError> {
+    fn read(&self) -> crate::Result<Reading, DeviceError> {
         let dev = self.device()?;
         let mem = dev
             .memory_info()
@@ -123,7 +123,7 @@ fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
 }
 
 impl DeviceMemory for Host {
-    fn read(&self) -> Result<Reading, DeviceError> {
+    fn read(&self) -> crate::Result<Reading, DeviceError> {
         let text = std::fs::read_to_string("/proc/meminfo").map_err(DeviceError::Meminfo)?;
         let total = meminfo_kib(&text, "MemTotal:").ok_or(DeviceError::MeminfoField("MemTotal"))? * 1024;
         let free =
@@ -145,7 +145,7 @@ struct Override {
 }
 
 impl DeviceMemory for Override {
-    fn read(&self) -> Result<Reading, DeviceError> {
+    fn read(&self) -> crate::Result<Reading, DeviceError> {
         let mut r = self.inner.read()?;
         r.free = self.free;
         r.free_override = Some(self.free);
@@ -159,7 +159,7 @@ pub fn open(
     gpu: Option<&str>,
     require_gpu: bool,
     override_free: Option<&str>,
-) -> Result<Box<dyn DeviceMemory>, DeviceError> {
+) -> crate::Result<Box<dyn DeviceMemory>, DeviceError> {
     let selector = gpu.unwrap_or("0").to_string();
     let base: Box<dyn DeviceMemory> = match nvml_wrapper::Nvml::init() {
         Ok(nvml) => {

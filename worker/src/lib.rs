@@ -7,15 +7,14 @@
 pub mod agent;
 pub mod bench;
 pub mod device;
+pub mod error;
 pub mod exec;
 pub mod metrics;
 pub mod node;
+pub mod rank_machine;
 pub mod runner;
 pub mod shm;
 pub mod snapshot;
 pub mod trainer;
 
-pub use agent::WorkerError;
-
-/// The worker crate's result: [`WorkerError`] unless a seam says otherwise.
-pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
+pub use error::{Result, WorkerError};

@@ -28,6 +28,7 @@
 //!   or "register it again"): the agent forwards the answer and closes that
 //!   worker's connection, so the worker either stops or registers again.
 
+use crate::error::NodeError;
 use flotilla_shared::frame::{
     accept_worker, client_handshake, Connection, FrameError, Tokens, DEFAULT_MAX_FRAME,
 };
@@ -66,9 +67,9 @@ pub async fn run(
     listener: TcpListener,
     opts: NodeOptions,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> crate::Result<(), NodeError> {
     if opts.coordinators.is_empty() {
-        return Err("--coordinators is empty; list the coordinators' --api-addr".into());
+        return Err(NodeError::Config("--coordinators is empty; list the coordinators' --api-addr"));
     }
     let (hub_tx, hub_rx) = mpsc::channel::<Local>(4096);
     let tokens = opts.tokens.clone();
@@ -117,15 +118,16 @@ async fn serve_local(
     tokens: Option<Tokens>,
     hub: mpsc::Sender<Local>,
     lane: u64,
-) -> Result<(), String> {
-    let (mut conn, first) = accept_worker(stream, NodeId(0), tokens.as_ref()).await?;
+) -> crate::Result<(), NodeError> {
+    let (mut conn, first) =
+        accept_worker(stream, NodeId(0), tokens.as_ref()).await.map_err(NodeError::Frame)?;
     let WorkerMessage::Register { rank, .. } = &first else {
         let message =
             "a node agent carries one rank per connection: the first message must be Register".into();
         let _ = conn
             .send(CoordinatorMessage::Error(ErrorReply { code: ErrorCode::InvalidRequest, message }))
             .await;
-        return Err("first message was not Register".into());
+        return Err(NodeError::Local("first message was not Register"));
     };
     let rank = *rank;
     let (tx, mut rx) = mpsc::channel(1024);
@@ -137,7 +139,7 @@ async fn serve_local(
             out = rx.recv() => match out {
                 Some(msg) => {
                     if let Err(e) = conn.send(msg).await {
-                        break Err(e.to_string());
+                        break Err(NodeError::Frame(e.to_string()));
                     }
                 }
                 // the hub closed this lane
@@ -145,11 +147,11 @@ async fn serve_local(
             },
             frame = conn.next() => match frame {
                 None => break Ok(()),
-                Some(Err(e)) => break Err(e.to_string()),
+                Some(Err(e)) => break Err(NodeError::Frame(e.to_string())),
                 Some(Ok(WorkerMessage::Batch(_) | WorkerMessage::Left | WorkerMessage::Register { .. })) => {
                     let message = "a worker behind a node agent sends its own rank's messages only, and registers once per connection".into();
                     let _ = conn.send(CoordinatorMessage::Error(ErrorReply { code: ErrorCode::InvalidRequest, message })).await;
-                    break Err("a batch, Left or second Register from a local worker".into());
+                    break Err(NodeError::Local("a batch, Left or second Register from a local worker"));
                 }
                 Some(Ok(msg)) => {
                     if hub.send(Local::Message { lane, msg }).await.is_err() {
@@ -357,7 +359,7 @@ impl Hub {
                 self.backoff = Duration::from_millis(100);
                 self.route_frame(first);
             }
-            Err(e) => self.retry_later(&addr, &e),
+            Err(e) => self.retry_later(&addr, &e.to_string()),
         }
     }
 
@@ -369,15 +371,16 @@ impl Hub {
 
     /// Connects to `addr` and sends the waiting registrations; returns the
     /// connection and its first answer.
-    async fn open(&self, addr: &str) -> Result<(Upstream, CoordinatorMessage), String> {
+    async fn open(&self, addr: &str) -> crate::Result<(Upstream, CoordinatorMessage), NodeError> {
+        let open = |why: String| NodeError::Open(why);
         let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|_| open("connect timed out".into()))?
+            .map_err(|e| open(format!("connect: {e}")))?;
         let _ = tcp.set_nodelay(true);
         let stream = match &self.opts.tls {
             Some(tls) => tls.connect(tcp, addr).await.map_err(|e| {
-                format!("TLS to {addr}: {e} (the certificate must be of --tls-ca and name this host)")
+                open(format!("TLS to {addr}: {e} (the certificate must be of --tls-ca and name this host)"))
             })?,
             None => Stream::Left(tcp),
         };
@@ -388,13 +391,13 @@ impl Hub {
             DEFAULT_MAX_FRAME,
         )
         .await
-        .map_err(|e| e.to_string())?;
-        up.send(WorkerMessage::Batch(self.registers.clone())).await.map_err(|e| e.to_string())?;
+        .map_err(|e| open(e.to_string()))?;
+        up.send(WorkerMessage::Batch(self.registers.clone())).await.map_err(|e| open(e.to_string()))?;
         let first = tokio::time::timeout(Duration::from_secs(10), up.next())
             .await
-            .map_err(|_| "no answer to the registrations".to_string())?
-            .ok_or("closed before answering the registrations")?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| open("no answer to the registrations".into()))?
+            .ok_or_else(|| open("closed before answering the registrations".into()))?
+            .map_err(|e| open(e.to_string()))?;
         Ok((up, first))
     }
 

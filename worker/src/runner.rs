@@ -8,10 +8,12 @@
 //! current step/generation/status in [`RunnerState`] atomics.
 
 use crate::device::{human_bytes, DeviceMemory, Host};
+use crate::error::{ProvisionError, RestoreRefusal};
 use crate::metrics::WorkerMetrics;
+use crate::rank_machine::{Effect, Input, Pending, RankMachine, Shell, TrainerKind};
 use crate::snapshot::{SnapshotError, Snapshotter, WriteOutcome, WriteRequest};
 use crate::trainer::{host_memory_need, BuiltinTrainer, Trainer};
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
+use flotilla_shared::ids::{Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
 use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardError, ShardErrorKind, ShardMeta};
@@ -19,50 +21,15 @@ use flotilla_shared::spec::{JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
     RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
-use std::path::PathBuf;
+use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A command from the agent.
-#[derive(Debug)]
-pub enum RunnerCmd {
-    /// Train from `step` in `generation`.
-    Resume {
-        /// Generation.
-        generation: Generation,
-        /// The step the coordinator expects this rank at.
-        step: Step,
-    },
-    /// Snapshot at `step` into `dir`.
-    Checkpoint {
-        /// Generation.
-        generation: Generation,
-        /// Checkpoint id.
-        id: CheckpointId,
-        /// Step.
-        step: Step,
-        /// Checkpoint directory.
-        dir: PathBuf,
-    },
-    /// Forget a checkpoint not yet snapshotted.
-    Abort {
-        /// Checkpoint id.
-        id: CheckpointId,
-    },
-    /// Stop training and restore into `generation`.
-    Restore {
-        /// Generation.
-        generation: Generation,
-        /// Where from (`None`: a fresh start at step 0).
-        from: Option<RestorePoint>,
-        /// The generation's rendezvous, once known (`--exec` trainers).
-        rendezvous: Option<String>,
-    },
-    /// Exit.
-    Stop,
-}
+/// A command from the agent: a directive of the coordinator, or stop.
+pub use crate::rank_machine::Directive as RunnerCmd;
 
 /// What the agent reads without asking.
 #[derive(Debug, Default)]
@@ -128,31 +95,6 @@ impl RunnerState {
     }
 }
 
-/// The checkpoints a rank snapshotted in its generation, the last few: a
-/// repeated directive for one of them is a no-op, not "already past".
-#[derive(Debug, Default)]
-pub(crate) struct Taken(Vec<CheckpointId>);
-
-impl Taken {
-    /// Only the last few can still be asked for again.
-    const KEPT: usize = 16;
-
-    pub fn remember(&mut self, id: CheckpointId) {
-        if self.0.len() >= Self::KEPT {
-            self.0.remove(0);
-        }
-        self.0.push(id);
-    }
-
-    pub fn contains(&self, id: CheckpointId) -> bool {
-        self.0.contains(&id)
-    }
-
-    pub fn clear(&mut self) {
-        self.0.clear();
-    }
-}
-
 /// A job without a `[trainer]` section cannot run the built-in trainer.
 #[derive(Debug, thiserror::Error)]
 #[error("job {0} has no [trainer] section; the built-in trainer needs one")]
@@ -160,13 +102,6 @@ pub struct NoTrainerSection(pub JobName);
 
 /// Sends reports to the agent, which forwards them to the coordinator.
 pub type EventSink = Arc<dyn Fn(WorkerMessage) + Send + Sync>;
-
-struct Pending {
-    generation: Generation,
-    id: CheckpointId,
-    step: Step,
-    path: PathBuf,
-}
 
 /// The trainer thread's state.
 pub struct Runner {
@@ -187,13 +122,8 @@ pub struct Runner {
     events: EventSink,
     state: Arc<RunnerState>,
     metrics: WorkerMetrics,
-    generation: Option<Generation>,
-    running: bool,
-    finished: bool,
-    pending: Option<Pending>,
-    /// Checkpoints of `generation` already snapshotted (their reports come
-    /// from the writer; a repeated directive for one is not "already past").
-    taken: Taken,
+    /// The directive protocol.
+    machine: RankMachine,
 }
 
 impl Runner {
@@ -211,7 +141,7 @@ impl Runner {
         events: EventSink,
         state: Arc<RunnerState>,
         metrics: WorkerMetrics,
-    ) -> Result<Self, NoTrainerSection> {
+    ) -> crate::Result<Self, NoTrainerSection> {
         let trainer_spec = spec.trainer.clone().ok_or_else(|| NoTrainerSection(spec.name.clone()))?;
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
         let mut runner = Self {
@@ -227,11 +157,7 @@ impl Runner {
             events,
             state,
             metrics,
-            generation: None,
-            running: false,
-            finished: false,
-            pending: None,
-            taken: Taken::default(),
+            machine: RankMachine::new(TrainerKind::Builtin, rank),
         };
         if let Err(why) = runner.provision() {
             tracing::error!("{why}; every restore is refused until the host has the memory");
@@ -244,45 +170,43 @@ impl Runner {
     /// take (plus `failure.memory_headroom_bytes`). Nothing is allocated
     /// when the check fails, and a refused allocation is an error too, never
     /// an abort.
-    fn provision(&mut self) -> Result<(), String> {
+    fn provision(&mut self) -> crate::Result<(), ProvisionError> {
         if self.snap.is_some() {
             return Ok(());
         }
         let need = host_memory_need(&self.trainer_spec) + self.spec.failure.memory_headroom_bytes;
-        let host = Host.read().map_err(|e| format!("rank {}: {e}", self.rank))?;
+        let rank = self.rank;
+        let host = Host.read().map_err(|source| ProvisionError::Device { rank, source })?;
         let params = self.trainer_spec.params_per_rank_bytes;
         if host.free < need {
-            return Err(format!(
-                "rank {} on {}: start needs {} (trainer.params_per_rank_bytes = {params}: weights, optimizer \
-                 state and the snapshot buffer), {} free; lower trainer.params_per_rank_bytes or free memory on the host",
-                self.rank,
-                host.device,
-                human_bytes(need),
-                human_bytes(host.free)
-            ));
+            return Err(ProvisionError::TooLittle {
+                rank,
+                device: host.device,
+                need,
+                params,
+                free: host.free,
+            });
         }
         let started = Instant::now();
-        let refused = |what: &str| {
-            format!(
-                "rank {} on {}: the host refused {what} (trainer.params_per_rank_bytes = {params}), {} free; \
-                 lower trainer.params_per_rank_bytes or free memory on the host",
-                self.rank,
-                host.device,
-                human_bytes(host.free)
-            )
+        let refused = |what: String| ProvisionError::Refused {
+            rank,
+            device: host.device.clone(),
+            what,
+            params,
+            free: host.free,
         };
         let snap =
             Snapshotter::new(self.vars.clone(), shard_reporter(self.events.clone(), self.metrics.clone()))
                 .map_err(|e| match e {
                     SnapshotError::NoMemory { bytes } => {
-                        refused(&format!("a snapshot buffer of {}", human_bytes(bytes as u64)))
+                        refused(format!("a snapshot buffer of {}", human_bytes(bytes as u64)))
                     }
-                    other => format!("rank {}: {other}", self.rank),
+                    source => ProvisionError::Snapshot { rank, source },
                 })?;
         // the trainer's memory, faulted in on every core now rather than
         // page by page in the first restore's load or the first steps
         let mut spare = BuiltinTrainer::try_zeroed(&self.trainer_spec, self.rank)
-            .ok_or_else(|| refused("the trainer's memory"))?;
+            .ok_or_else(|| refused("the trainer's memory".into()))?;
         spare.touch();
         tracing::info!(
             "snapshot buffer and trainer memory ready: 2 x {:.1} MiB touched in {:.1} ms",
@@ -304,7 +228,7 @@ impl Runner {
 
     fn publish(&self) {
         let step = self.current_step();
-        self.state.publish(step, self.generation);
+        self.state.publish(step, self.machine.held());
         self.metrics.step.set(step.0 as i64);
     }
 
@@ -313,7 +237,7 @@ impl Runner {
         let step_time = Duration::from_millis(self.spec.trainer.as_ref().map_or(0, |t| t.step_time_ms));
         self.publish();
         loop {
-            let cmd = if self.running {
+            let cmd = if self.machine.is_running() {
                 match cmds.recv_timeout(Duration::ZERO) {
                     Ok(c) => Some(c),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -326,7 +250,7 @@ impl Runner {
                 }
             };
             if let Some(cmd) = cmd {
-                if !self.handle(cmd) {
+                if !self.drive(cmd.into()) {
                     return;
                 }
                 continue;
@@ -337,18 +261,10 @@ impl Runner {
 
     fn train_one(&mut self, step_time: Duration) {
         let step = self.current_step();
-        if let Some(p) = self.pending.take_if(|p| p.step == step) {
-            self.snapshot(p);
-        }
+        self.drive(Input::AtStep(step));
         if step.0 >= self.total_steps() {
-            self.running = false;
-            if !self.finished {
-                self.finished = true;
-                self.state.set_status(WorkerStatus::Finished);
-                let generation = self.generation.unwrap_or(Generation(0));
-                let digest = self.trainer.as_ref().map(|t| t.digest()).unwrap_or_default();
-                (self.events)(WorkerMessage::Finished { generation, step, digest });
-            }
+            let digest = self.trainer.as_ref().map(|t| t.digest()).unwrap_or_default();
+            self.drive(Input::Finished { digest });
             return;
         }
         let start = Instant::now();
@@ -357,150 +273,34 @@ impl Runner {
         if let Some(rest) = step_time.checked_sub(start.elapsed()) {
             std::thread::sleep(rest);
         }
-        self.publish();
+        let step = self.current_step();
+        self.drive(Input::Stepped(step));
     }
 
-    fn snapshot(&mut self, p: Pending) {
-        // a finished rank takes the final checkpoint and stays finished
-        let before = self.state.status();
-        self.state.set_status(WorkerStatus::Checkpointing);
-        self.taken.remember(p.id);
-        let meta = ShardMeta {
-            job: self.job.clone(),
-            checkpoint: p.id,
-            rank: self.rank,
-            step: p.step,
-            generation: p.generation,
+    fn snapshot(&mut self, p: Pending) -> Input {
+        let (Some(trainer), Some(snap)) = (self.trainer.as_ref(), self.snap.as_mut()) else {
+            return Input::SnapshotFailed(format!(
+                "rank {}: no trainer or snapshot buffer to snapshot",
+                self.rank
+            ));
         };
-        let (Some(trainer), Some(snap)) = (self.trainer.as_ref(), self.snap.as_mut()) else { return };
-        match snap.snapshot(trainer, WriteRequest { path: p.path, meta }) {
+        match snap.snapshot(trainer, write_request(&self.job, self.rank, &p)) {
             Ok(stall) => {
                 self.metrics.stall.observe(stall.total().as_secs_f64());
                 tracing::info!(checkpoint = %p.id, step = %p.step, "snapshot taken: training stalled {:?}", stall.total());
+                Input::SnapshotTaken
             }
-            Err(e) => (self.events)(WorkerMessage::ShardFailed {
-                generation: p.generation,
-                checkpoint: p.id,
-                kind: ShardFailureKind::Write,
-                reason: e.to_string(),
-            }),
+            Err(e) => Input::SnapshotFailed(e.to_string()),
         }
-        self.state.set_status(if before == WorkerStatus::Finished {
-            WorkerStatus::Finished
-        } else {
-            WorkerStatus::Running
-        });
     }
 
-    /// Handles one command; false means stop.
-    fn handle(&mut self, cmd: RunnerCmd) -> bool {
-        match cmd {
-            RunnerCmd::Stop => return false,
-            RunnerCmd::Resume { generation, step } => {
-                // directives are re-sent until observed: a repeat is a no-op
-                if self.generation == Some(generation) && (self.running || self.finished) {
-                    return true;
-                }
-                if self.generation != Some(generation) {
-                    tracing::info!(%generation, "resume for a generation this rank does not hold; ignored");
-                    return true;
-                }
-                if self.trainer.is_none() {
-                    self.trainer = Some(BuiltinTrainer::new(&self.trainer_spec, self.rank));
-                }
-                if self.current_step() != step {
-                    self.state.set_status(WorkerStatus::Failed);
-                    (self.events)(WorkerMessage::TrainerFailed {
-                        generation,
-                        reason: format!(
-                            "told to resume at step {step} but the trainer is at step {}",
-                            self.current_step()
-                        ),
-                    });
-                    return true;
-                }
-                self.generation = Some(generation);
-                self.running = !self.finished;
-                self.state.set_status(if self.finished {
-                    WorkerStatus::Finished
-                } else {
-                    WorkerStatus::Running
-                });
-                self.publish();
-            }
-            RunnerCmd::Checkpoint { generation, id, step, dir } => {
-                let repeat = self.pending.as_ref().is_some_and(|p| p.id == id) || self.taken.contains(id);
-                if Some(generation) != self.generation || repeat {
-                    return true;
-                }
-                let at = self.current_step();
-                if at > step {
-                    (self.events)(WorkerMessage::ShardFailed {
-                        generation,
-                        checkpoint: id,
-                        kind: ShardFailureKind::PastStep,
-                        reason: format!("already past step {step} (at step {at}) when told"),
-                    });
-                } else {
-                    let path = dir.join(shard_file_name(self.rank));
-                    self.pending = Some(Pending { generation, id, step, path });
-                    if !self.running {
-                        // idle at exactly that step (e.g. finished): snapshot now
-                        if let Some(p) = self.pending.take_if(|p| p.step == at) {
-                            self.snapshot(p);
-                        }
-                    }
-                }
-            }
-            RunnerCmd::Abort { id } => {
-                self.pending.take_if(|p| p.id == id);
-                // its shard is garbage: free the disk and the buffer now
-                if let Some(snap) = &self.snap {
-                    snap.cancel_write_of(id);
-                }
-            }
-            RunnerCmd::Restore { generation, from, .. } => {
-                if self.generation == Some(generation) {
-                    // a repeated directive: already restored (and maybe resumed)
-                    if !self.running && !self.finished {
-                        let step = self.current_step();
-                        (self.events)(WorkerMessage::Restored { generation, step });
-                    }
-                    return true;
-                }
-                self.running = false;
-                self.pending = None;
-                // a write still in flight is of the generation being left
-                if let Some(snap) = &self.snap {
-                    snap.cancel_writes();
-                }
-                self.state.set_status(WorkerStatus::Restoring);
-                let start = Instant::now();
-                let event = self.restore(generation, from);
-                if matches!(event, WorkerMessage::Restored { .. }) {
-                    self.metrics.restore.observe(start.elapsed().as_secs_f64());
-                    self.generation = Some(generation);
-                    self.finished = false;
-                    self.taken.clear();
-                } else if let WorkerMessage::RestoreFailed { message, .. } = &event {
-                    tracing::error!(%generation, "restore refused: {message}");
-                }
-                self.state.set_status(WorkerStatus::Waiting);
-                self.publish();
-                (self.events)(event);
-            }
-        }
-        true
-    }
-
-    fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> WorkerMessage {
+    fn restore(&mut self, generation: Generation, from: Option<RestorePoint>) -> Input {
         // the first start too: no memory, no start (the job is blocked on it)
         if let Err(message) = self.provision() {
-            return WorkerMessage::RestoreFailed {
-                generation,
+            return Input::RestoreRefused {
                 checkpoint: from.map(|p| p.checkpoint),
                 kind: RestoreFailureKind::DeviceMemory,
-                message,
+                message: message.to_string(),
             };
         }
         let Some(point) = from else {
@@ -511,11 +311,10 @@ impl Runner {
                 .unwrap_or_else(|| BuiltinTrainer::zeroed(&self.trainer_spec, self.rank));
             fresh.reset();
             self.trainer = Some(fresh);
-            return WorkerMessage::Restored { generation, step: Step(0) };
+            return Input::Restored { step: Step(0) };
         };
         let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
-        let failed = |kind, message: String| WorkerMessage::RestoreFailed {
-            generation,
+        let failed = |kind, message: String| Input::RestoreRefused {
             checkpoint: Some(point.checkpoint),
             kind,
             message,
@@ -528,7 +327,7 @@ impl Runner {
             metrics: &self.metrics,
         };
         let started = Instant::now();
-        if let Err((kind, message)) = checks.run(&point, &label, Some(&self.vars)) {
+        if let Err(RestoreRefusal { kind, message }) = checks.run(&point, &label, Some(&self.vars)) {
             return failed(kind, message);
         }
         let prechecked = started.elapsed();
@@ -575,15 +374,61 @@ impl Runner {
                     bytes as f64 / read.as_secs_f64().max(1e-9) / 1e9,
                     load.as_secs_f64() * 1e3,
                 );
-                WorkerMessage::Restored { generation, step: trainer.current_step() }
+                Input::Restored { step: trainer.current_step() }
             }
             Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
             }
-            Ok(Err(e)) => failed(kind_of(&e.kind), format!("{e} (file {})", path.display())),
+            Ok(Err(e)) => {
+                let RestoreRefusal { kind, message } = shard_refusal(&e, &path);
+                failed(kind, message)
+            }
             Err(e) => failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
         }
     }
+}
+
+impl Shell for Runner {
+    fn machine(&mut self) -> &mut RankMachine {
+        &mut self.machine
+    }
+
+    fn carry_out(&mut self, effect: Effect) -> ControlFlow<(), Option<Input>> {
+        match effect {
+            Effect::Report(msg) => (self.events)(msg),
+            Effect::Status(s) => self.state.set_status(s),
+            Effect::Publish => self.publish(),
+            // a write still in flight is of the generation being left
+            Effect::CancelWrites => self.snap.iter().for_each(Snapshotter::cancel_writes),
+            // its shard is garbage: free the disk and the buffer now
+            Effect::CancelWriteOf(id) => self.snap.iter().for_each(|s| s.cancel_write_of(id)),
+            Effect::Restore { generation, from } => {
+                let start = Instant::now();
+                let outcome = self.restore(generation, from);
+                if matches!(outcome, Input::Restored { .. }) {
+                    self.metrics.restore.observe(start.elapsed().as_secs_f64());
+                } else if let Input::RestoreRefused { message, .. } = &outcome {
+                    tracing::error!(%generation, "restore refused: {message}");
+                }
+                return ControlFlow::Continue(Some(outcome));
+            }
+            Effect::TakeSnapshot(p) => return ControlFlow::Continue(Some(self.snapshot(p))),
+            Effect::Exit => return ControlFlow::Break(()),
+            // no process, no rendezvous: the trainer runs on this thread
+            Effect::StopTrainer
+            | Effect::PickRendezvous
+            | Effect::StartTrainer { .. }
+            | Effect::GoOn
+            | Effect::Resumed => {}
+        }
+        ControlFlow::Continue(None)
+    }
+}
+
+/// The shard write of checkpoint `p` by `rank`.
+pub(crate) fn write_request(job: &JobName, rank: Rank, p: &Pending) -> WriteRequest {
+    let meta = ShardMeta { job: job.clone(), checkpoint: p.id, rank, step: p.step, generation: p.generation };
+    WriteRequest { path: p.dir.join(shard_file_name(rank)), meta }
 }
 
 /// Turns the shard writer's outcomes into reports (and metrics).
@@ -635,24 +480,25 @@ impl Prechecks<'_> {
         point: &RestorePoint,
         label: &str,
         model: Option<&[VariableSpec]>,
-    ) -> Result<(), (RestoreFailureKind, String)> {
+    ) -> crate::Result<(), RestoreRefusal> {
         let path = point.dir.join(&point.shard.file);
-        let header = read_header(&path, label)
-            .map_err(|e| (kind_of(&e.kind), format!("{e} (file {})", path.display())))?;
+        let header = read_header(&path, label).map_err(|e| shard_refusal(&e, &path))?;
         if let Some(model) = model {
             ModelMismatch::check(&header.variables(), model).map_err(|m| {
-                (RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
+                RestoreRefusal::new(
+                    RestoreFailureKind::ModelMismatch,
+                    format!("{label} does not match the model: {m}"),
+                )
             })?;
         }
         let need = point.shard.bytes + self.headroom;
         self.metrics.restore_need_bytes.set(i64::try_from(need).unwrap_or(i64::MAX));
-        let r = self
-            .device
-            .read()
-            .map_err(|e| (RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank)))?;
+        let r = self.device.read().map_err(|e| {
+            RestoreRefusal::new(RestoreFailureKind::DeviceMemory, format!("rank {}: {e}", self.rank))
+        })?;
         self.metrics.observe_device(&r);
         if r.free < need {
-            return Err((
+            return Err(RestoreRefusal::new(
                 RestoreFailureKind::DeviceMemory,
                 format!(
                     "rank {} on {}: restore needs {}, {} free",
@@ -667,8 +513,13 @@ impl Prechecks<'_> {
     }
 }
 
+/// A shard that cannot be restored from: what it means, and the error with its file.
+pub(crate) fn shard_refusal(e: &ShardError, path: &Path) -> RestoreRefusal {
+    RestoreRefusal::new(kind_of(&e.kind), format!("{e} (file {})", path.display()))
+}
+
 /// What a shard error means for the job.
-pub(crate) fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
+fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
     match kind {
         // a missing or unreadable file (a mount gone, permissions) condemns
         // nothing: the job waits for the storage to come back
