@@ -3,7 +3,7 @@
 
 use super::*;
 use flotilla_shared::checksum::Checksum;
-use flotilla_shared::shard::ShardManifest;
+use flotilla_shared::shard::ShardDigest;
 use Effect::*;
 use TrainerKind::{Builtin, Process};
 
@@ -15,12 +15,11 @@ fn point(step: u64) -> RestorePoint {
         checkpoint: CheckpointId(7),
         step: Step(step),
         dir: PathBuf::from("/ckpt/7"),
-        shard: ShardManifest {
+        shard: ShardDigest {
             rank: Rank(1),
             file: "rank-1.safetensors".into(),
             bytes: 64,
             checksum: Checksum(0),
-            tensors: Vec::new(),
         },
     }
 }
