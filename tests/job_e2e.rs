@@ -161,6 +161,35 @@ async fn leader_killed_mid_checkpoint_loses_nothing() {
     assert!(s.check_committed_checkpoints() >= 1);
 }
 
+/// Where no replica hears the ranks (a follower; a new leader before they
+/// reconnect), a job's step is the ledger's latest committed checkpoint's,
+/// said to be that, not 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_tells_the_step_of_the_latest_committed_checkpoint_not_0() {
+    let s = Scenario::start_every(2, 100_000, 50, "").await;
+    let running = s
+        .wait_job("a committed checkpoint while running", |j| {
+            j.state == "running" && j.latest_committed.is_some_and(|c| c.step.0 > 0)
+        })
+        .await;
+    assert_eq!(
+        running.step_source,
+        flotilla_coordinator::api::StepSource::Ranks,
+        "the leader hears every rank"
+    );
+    let leader = s.client.status(None).await.unwrap().leader_id.unwrap();
+    let follower = (1..=3).map(flotilla_shared::ids::NodeId).find(|id| *id != leader).unwrap();
+    let url = format!("{}/v1/status?job=e2e", s.cluster.url(follower));
+    let seen: flotilla_coordinator::api::ClusterStatus =
+        reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(seen.node_id, follower);
+    let job = &seen.jobs[0];
+    let latest = job.latest_committed.expect("the follower has the ledger");
+    assert!(latest.step.0 > 0);
+    assert_eq!(job.step, latest.step, "{job:?}");
+    assert_eq!(job.step_source, flotilla_coordinator::api::StepSource::Checkpoint);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
     let mut s = Scenario::start(3, 1500, "").await;

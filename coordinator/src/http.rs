@@ -147,6 +147,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
             s.workers.running_since_ms(&j.name, j.generation).filter(|_| j.state == "running");
         if j.state != "succeeded" && j.workers.len() == j.world_size as usize {
             j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
+            j.step_source = crate::api::StepSource::Ranks;
         }
     }
     if let Some(name) = &job {

@@ -394,6 +394,10 @@ pub struct Job {
     pub every_condemned_total: u64,
     /// Digest of all ranks' final variables, once succeeded.
     pub final_digest: Option<String>,
+    /// The step every rank finished at, once succeeded (`None`: finished
+    /// under a build that did not record it).
+    #[serde(default)]
+    pub final_step: Option<Step>,
     /// Submission time (ms since the epoch).
     pub submitted_ms: u64,
     /// Checkpoints committed over the job's life (retired ones included).
@@ -670,6 +674,10 @@ pub enum Command {
         generation: Generation,
         /// Digest of all ranks' final variables.
         digest: String,
+        /// The step every rank finished at (`None`: proposed by a build
+        /// that did not record it).
+        #[serde(default)]
+        step: Option<Step>,
     },
 }
 
@@ -1019,7 +1027,7 @@ impl State {
                 events.extend(set_state(j, &job, JobState::Failed, Some(error)));
                 Ok(events)
             }
-            Command::FinishJob { job, generation, digest } => {
+            Command::FinishJob { job, generation, digest, step } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Running {
                     return refuse(
@@ -1028,6 +1036,7 @@ impl State {
                     );
                 }
                 j.final_digest = Some(digest);
+                j.final_step = step;
                 let mut events = abort_pending(j, &job, &AbortReason::JobEnded.to_string(), None);
                 events.extend(set_state(j, &job, JobState::Succeeded, None));
                 Ok(events)
@@ -1083,6 +1092,7 @@ impl State {
                 next_checkpoint: CheckpointId(1),
                 error: None,
                 final_digest: None,
+                final_step: None,
                 submitted_ms: now_ms,
                 committed_total: 0,
                 aborted_total: 0,
@@ -1853,10 +1863,16 @@ mod tests {
     fn finish_records_the_digest_and_is_terminal() {
         let mut s = running(3, 10);
         begin(&mut s, 1, 10, 1).unwrap();
-        let finish = Command::FinishJob { job: name("a"), generation: Generation(1), digest: "ab12".into() };
+        let finish = Command::FinishJob {
+            job: name("a"),
+            generation: Generation(1),
+            digest: "ab12".into(),
+            step: Some(Step(7)),
+        };
         let events = s.apply(finish.clone()).unwrap();
         assert_eq!(events.last(), Some(&Event::JobState { job: name("a"), state: JobState::Succeeded }));
         assert_eq!(job(&s).final_digest.as_deref(), Some("ab12"));
+        assert_eq!(job(&s).final_step, Some(Step(7)), "the step it finished at, for status");
         assert_eq!(job(&s).checkpoints[&CheckpointId(1)].state, CheckpointState::Aborted);
         assert_eq!(kind(s.apply(finish)), RefusalKind::Conflict);
         let fail = Command::FailJob { job: name("a"), error: "x".into() };

@@ -4,6 +4,7 @@
 use super::{client, count, table};
 use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
+use flotilla_coordinator::api::StepSource;
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::state::BlockReason;
 use flotilla_coordinator::supervisor::RankState;
@@ -58,7 +59,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
     if status.role != flotilla_coordinator::node::Role::Leader {
         writeln!(
             out,
-            "node {} is a follower and cannot reach leader node {leader_id}: it knows the ledger but not the workers, so steps and ranks are not shown",
+            "node {} is a follower and cannot reach leader node {leader_id}: it knows the ledger but not the workers, so a job's step is its latest committed checkpoint's and ranks are not shown",
             status.node_id
         )?;
     }
@@ -120,11 +121,12 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         let latest = job.latest_committed.map(|c| format!("checkpoint {} at step {}", c.id, c.step));
         writeln!(
             out,
-            "job {}: {}, generation {}, step {}, {}, {}, latest committed: {}",
+            "job {}: {}, generation {}, step {}{}, {}, {}, latest committed: {}",
             job.name,
             job.state,
             job.generation,
             job.step,
+            step_note(job),
             count(u64::from(job.world_size), "rank"),
             count(u64::from(job.restores), "restore"),
             latest.as_deref().unwrap_or("none")
@@ -171,6 +173,18 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// Where the job's step comes from, when it is not the ranks' own (the
+/// leader hearing every rank) nor the job's end: the ledger's head.
+fn step_note(job: &flotilla_coordinator::api::JobStatus) -> String {
+    match (job.step_source, job.latest_committed) {
+        (StepSource::Ranks | StepSource::Finished, _) => String::new(),
+        (StepSource::Checkpoint, Some(_)) => format!(" ({})", job.step_source.describe()),
+        (StepSource::Checkpoint, None) => {
+            " (where it starts: nothing committed yet; the ranks' own steps are not known here)".into()
+        }
+    }
 }
 
 /// Why a rank is not training, in words, from its state (and the job's
