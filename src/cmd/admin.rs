@@ -1,9 +1,10 @@
 //! The admin commands, which change the cluster or its jobs: `submit`,
 //! `checkpoint`, `checkpoints`, `restore`, `replicas` and `certs`.
 
-use super::{client, table, Usage};
+use super::{client, contact, table, Usage};
 use crate::cli::{CertsArgs, CheckpointsArgs, JobArgs, ReplicasCommand, RestoreArgs, SubmitArgs};
 use anyhow::{bail, Context, Result};
+use flotilla_coordinator::api::ReplicasView;
 use flotilla_shared::spec::JobSpec;
 
 pub(crate) async fn run_submit(args: SubmitArgs) -> Result<()> {
@@ -126,31 +127,7 @@ pub(crate) async fn run_replicas(cmd: ReplicasCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            let members =
-                v.voters.iter().map(|id| (id, "voter")).chain(v.learners.iter().map(|id| (id, "learner")));
-            let rows = members
-                .map(|(id, role)| {
-                    let role = if Some(*id) == v.leader_id { "leader" } else { role };
-                    let p = v.progress.iter().find(|p| p.id == *id);
-                    let state = p.map_or(String::new(), |p| {
-                        format!(
-                            "{}{}",
-                            p.state.to_lowercase(),
-                            if p.recent_active { "" } else { ", unreachable" }
-                        )
-                    });
-                    vec![
-                        id.0.to_string(),
-                        role.to_string(),
-                        v.addresses.get(id).cloned().unwrap_or_else(|| "?".into()),
-                        p.map_or("-".to_string(), |p| p.matched.to_string()),
-                        state,
-                    ]
-                })
-                .collect();
-            let columns =
-                [("id", true), ("role", false), ("raft address", false), ("matched", true), ("state", false)];
-            print!("{}", table(&columns, rows));
+            print!("{}", replicas_table(&v));
             if v.progress.is_empty() {
                 println!(
                     "(progress is known to the leader only; node {} answered as {:?})",
@@ -199,6 +176,40 @@ pub(crate) async fn run_replicas(cmd: ReplicasCommand) -> Result<()> {
     Ok(())
 }
 
+/// `replicas list`'s table: each member, and on the leader how far it has
+/// replicated and whether it answers (judged as `status` judges it, by
+/// when the leader last heard from it).
+fn replicas_table(v: &ReplicasView) -> String {
+    let members = v.voters.iter().map(|id| (id, "voter")).chain(v.learners.iter().map(|id| (id, "learner")));
+    let rows = members
+        .map(|(id, role)| {
+            let role = if Some(*id) == v.leader_id { "leader" } else { role };
+            let p = v.progress.iter().find(|p| p.id == *id);
+            let (reachable, heard) = contact(p.and_then(|p| p.last_contact_ms));
+            let state = p.map_or(String::new(), |p| {
+                format!("{}{}", p.state.to_lowercase(), if reachable { "" } else { ", unreachable" })
+            });
+            vec![
+                id.0.to_string(),
+                role.to_string(),
+                v.addresses.get(id).cloned().unwrap_or_else(|| "?".into()),
+                p.map_or("-".to_string(), |p| p.matched.to_string()),
+                if p.is_some() { heard } else { "-".into() },
+                state,
+            ]
+        })
+        .collect();
+    let columns = [
+        ("id", true),
+        ("role", false),
+        ("raft address", false),
+        ("matched", true),
+        ("last contact", true),
+        ("state", false),
+    ];
+    table(&columns, rows)
+}
+
 pub(crate) fn run_certs(args: CertsArgs) -> Result<()> {
     let nodes: Vec<flotilla_shared::ids::NodeId> =
         args.nodes.iter().map(|&n| flotilla_shared::ids::NodeId(n)).collect();
@@ -215,4 +226,45 @@ pub(crate) fn run_certs(args: CertsArgs) -> Result<()> {
         println!("wrote {}", f.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replicas_table;
+    use flotilla_coordinator::api::ReplicasView;
+    use flotilla_coordinator::replica::{PeerProgress, Role};
+    use flotilla_shared::ids::NodeId;
+
+    fn peer(id: u64, recent_active: bool, last_contact_ms: Option<u64>) -> PeerProgress {
+        PeerProgress {
+            id: NodeId(id),
+            matched: 40,
+            state: "Replicate".into(),
+            recent_active,
+            last_contact_ms,
+        }
+    }
+
+    #[test]
+    fn a_follower_heard_from_just_now_is_reachable_whatever_the_quorum_check_flag_says() {
+        let view = ReplicasView {
+            node_id: NodeId(1),
+            role: Role::Leader,
+            leader_id: Some(NodeId(1)),
+            commit_index: 40,
+            voters: vec![NodeId(1), NodeId(2), NodeId(3)],
+            learners: vec![],
+            // node 2 answered 100 ms ago, but the leader's quorum check has
+            // just cleared raft-rs's `recent_active` (it does so every
+            // election timeout); node 3 has been silent for 5 s
+            progress: vec![peer(1, true, Some(0)), peer(2, false, Some(100)), peer(3, true, Some(5_000))],
+            addresses: (1..=3).map(|i| (NodeId(i), format!("127.0.0.1:710{i}"))).collect(),
+        };
+        let shown = replicas_table(&view);
+        let row = |id: &str| shown.lines().find(|l| l.split_whitespace().next() == Some(id)).unwrap();
+        assert!(!row("2").contains("unreachable"), "{shown}");
+        assert!(row("2").contains("0.1 s ago"), "{shown}");
+        assert!(row("3").contains("unreachable") && row("3").contains("5.0 s ago"), "{shown}");
+        assert!(!row("1").contains("unreachable"), "{shown}");
+    }
 }

@@ -1,7 +1,7 @@
 //! `flotilla status`: the replicas, each job and every rank, and in
 //! words why a rank is not training (`rank_reason`).
 
-use super::{client, count, table};
+use super::{client, contact, count, table};
 use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
 use flotilla_coordinator::api::StepSource;
@@ -74,13 +74,12 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
                 .map(|(id, kind)| {
                     let p = r.progress.iter().find(|p| p.id == *id);
                     let role = if Some(*id) == r.leader_id { "leader".to_string() } else { kind.to_string() };
-                    // a live replica answers the leader's heartbeats many times a second
-                    let contact = p.and_then(|p| p.last_contact_ms);
+                    let (reachable, heard) = contact(p.and_then(|p| p.last_contact_ms));
                     vec![
                         id.to_string(),
                         role,
-                        if contact.is_some_and(|ms| ms <= 2_000) { "yes" } else { "NO" }.to_string(),
-                        contact.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1e3)),
+                        if reachable { "yes" } else { "NO" }.to_string(),
+                        heard,
                         p.map_or("?".into(), |p| p.matched.to_string()),
                         p.map_or("?".into(), |p| r.commit_index.saturating_sub(p.matched).to_string()),
                         r.addresses.get(id).cloned().unwrap_or_default(),
