@@ -167,7 +167,7 @@ pub struct CheckpointView {
     pub step: Step,
     /// Generation it was taken in.
     pub generation: Generation,
-    /// `pending`, `committed`, `aborted`, `corrupt`, `abandoned`.
+    /// `pending`, `committed`, `aborted`, `condemned`, `abandoned`.
     pub state: String,
     /// Bytes of all shards.
     pub bytes: u64,

@@ -405,11 +405,16 @@ async fn restore(
     }
 }
 
+/// How long a verify waits for the cleared checkpoint's MANIFEST.json.
+const MANIFEST_WAIT: Duration = Duration::from_secs(10);
+
 /// `POST /v1/jobs/{job}/checkpoints/{id}/verify`: re-reads every shard of a
 /// condemned checkpoint against the ledger's checksums (on the leader, which
 /// reaches the checkpoint root); when every one matches (the damage was
 /// repaired, or the verdict came from a bad read), the verdict is cleared and
-/// the checkpoint is committed again. 409 with the first damage otherwise.
+/// the checkpoint is committed again; the answer comes once its MANIFEST.json
+/// is back on disk (`manifest_written`, false when that took longer than
+/// [`MANIFEST_WAIT`]). 409 with the first damage otherwise.
 async fn verify(
     AxumState(s): AxumState<HttpState>,
     headers: HeaderMap,
@@ -430,7 +435,7 @@ async fn verify(
             return Err((
                 StatusCode::CONFLICT,
                 format!(
-                    "checkpoint {id} of job {job} is {}; only a corrupt one is re-verified",
+                    "checkpoint {id} of job {job} is {}; only a condemned one is re-verified",
                     c.state.as_str()
                 ),
             ));
@@ -442,6 +447,7 @@ async fn verify(
         Ok(f) => f,
         Err((code, msg)) => return error(code, msg),
     };
+    let manifest = dir.join(flotilla_shared::layout::MANIFEST_FILE);
     let checked = tokio::task::spawn_blocking(move || {
         shards.iter().try_for_each(|m| {
             let label = format!("checkpoint {id} rank {}", m.rank);
@@ -463,7 +469,18 @@ async fn verify(
             let state = s.node.read_state(|st| {
                 st.jobs.get(&job).and_then(|j| j.checkpoints.get(&id)).map(|c| c.state.as_str())
             });
-            Json(serde_json::json!({"job": job, "id": id, "state": state})).into_response()
+            // the supervisor writes MANIFEST.json back once it sees the
+            // verdict cleared (its file work, after the commit): answer once
+            // it is on disk, so that what the CLI says is what `inspect`
+            // finds, or say that it is not there yet
+            let deadline = Instant::now() + MANIFEST_WAIT;
+            let mut written = manifest.exists();
+            while !written && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                written = manifest.exists();
+            }
+            Json(serde_json::json!({"job": job, "id": id, "state": state, "manifest_written": written}))
+                .into_response()
         }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),

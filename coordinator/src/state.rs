@@ -84,13 +84,15 @@ pub enum CheckpointState {
 }
 
 impl CheckpointState {
-    /// The name used in status JSON.
+    /// The name used in status JSON and `flotilla checkpoints` (`Corrupt` is
+    /// `condemned` there, the word of the events, the metrics and `--help`;
+    /// the ledger's own encoding keeps `corrupt`).
     pub fn as_str(self) -> &'static str {
         match self {
             CheckpointState::Pending => "pending",
             CheckpointState::Committed => "committed",
             CheckpointState::Aborted => "aborted",
-            CheckpointState::Corrupt => "corrupt",
+            CheckpointState::Corrupt => "condemned",
             CheckpointState::Abandoned => "abandoned",
             CheckpointState::Deleted => "deleted",
         }
