@@ -509,6 +509,13 @@ async fn operator_checkpoint_list_and_restore() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("checkpoint 1 committed at step "), "{stdout}");
+    // said once the disk agrees: MANIFEST.json and LATEST are there, and
+    // inspect of the job's root reads that checkpoint
+    assert!(s.job_dir().checkpoint_dir(flotilla_shared::ids::CheckpointId(1)).join("MANIFEST.json").exists());
+    assert!(s.job_dir().read_latest().unwrap().is_some_and(|l| l.0 >= 1), "{stdout}");
+    let inspected = Command::new(BIN).arg("inspect").arg(s.job_dir().path()).output().unwrap();
+    let inspected = String::from_utf8_lossy(&inspected.stdout).into_owned();
+    assert!(inspected.starts_with("checkpoint 1 of job e2e: "), "{inspected}");
     let out =
         Command::new(BIN).args(["checkpoints", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();

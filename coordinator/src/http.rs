@@ -326,7 +326,20 @@ async fn checkpoint(
         });
         match outcome {
             Some(Seen::Committed(id, step)) => {
-                return Json(serde_json::json!({"id": id, "step": step})).into_response()
+                // answered once the disk agrees (the supervisor writes
+                // MANIFEST.json and LATEST after the commit), so that what
+                // the CLI says is what `inspect` finds
+                let found = s.node.read_state(|st| {
+                    let j = st.jobs.get(&job)?;
+                    let committed = j.checkpoints.get(&id)?.state == CheckpointState::Committed;
+                    committed.then(|| JobDir::new(&j.spec.checkpoint.root, &j.spec.name))
+                });
+                let written = match found {
+                    Some(dir) => on_disk(&dir, id, true).await,
+                    None => false,
+                };
+                return Json(serde_json::json!({"id": id, "step": step, "manifest_written": written}))
+                    .into_response();
             }
             // placed behind a rank (the leader's pace estimate was off): the
             // leader, with a longer lead now, places another
@@ -405,8 +418,24 @@ async fn restore(
     }
 }
 
-/// How long a verify waits for the cleared checkpoint's MANIFEST.json.
+/// How long a checkpoint or a verify waits for the checkpoint's
+/// MANIFEST.json (and LATEST) to be on disk before it answers anyway.
 const MANIFEST_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits, at most [`MANIFEST_WAIT`], until committed checkpoint `id` is on
+/// disk as the ledger has it: its MANIFEST.json written and, with `latest`,
+/// LATEST naming it or a newer one. Whether it got there.
+async fn on_disk(dir: &JobDir, id: CheckpointId, latest: bool) -> bool {
+    let deadline = Instant::now() + MANIFEST_WAIT;
+    loop {
+        let there = dir.checkpoint_dir(id).join(flotilla_shared::layout::MANIFEST_FILE).exists()
+            && (!latest || dir.read_latest().ok().flatten().is_some_and(|l| l >= id));
+        if there || Instant::now() >= deadline {
+            return there;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 /// `POST /v1/jobs/{job}/checkpoints/{id}/verify`: re-reads every shard of a
 /// condemned checkpoint against the ledger's checksums (on the leader, which
@@ -440,14 +469,13 @@ async fn verify(
                 ),
             ));
         }
-        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id);
-        Ok((dir, c.shards.clone()))
+        Ok((JobDir::new(&j.spec.checkpoint.root, &j.spec.name), c.shards.clone()))
     });
-    let (dir, shards) = match found {
+    let (job_dir, shards) = match found {
         Ok(f) => f,
         Err((code, msg)) => return error(code, msg),
     };
-    let manifest = dir.join(flotilla_shared::layout::MANIFEST_FILE);
+    let dir = job_dir.checkpoint_dir(id);
     let checked = tokio::task::spawn_blocking(move || {
         shards.iter().try_for_each(|m| {
             let label = format!("checkpoint {id} rank {}", m.rank);
@@ -472,13 +500,9 @@ async fn verify(
             // the supervisor writes MANIFEST.json back once it sees the
             // verdict cleared (its file work, after the commit): answer once
             // it is on disk, so that what the CLI says is what `inspect`
-            // finds, or say that it is not there yet
-            let deadline = Instant::now() + MANIFEST_WAIT;
-            let mut written = manifest.exists();
-            while !written && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                written = manifest.exists();
-            }
+            // finds, or say that it is not there yet (LATEST need not name
+            // it: a newer checkpoint may be the latest)
+            let written = on_disk(&job_dir, id, false).await;
             Json(serde_json::json!({"job": job, "id": id, "state": state, "manifest_written": written}))
                 .into_response()
         }

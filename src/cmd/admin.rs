@@ -53,7 +53,13 @@ pub(crate) async fn run_checkpoint(args: JobArgs) -> Result<()> {
             }
         }
     };
-    println!("checkpoint {} committed at step {}", v["id"], v["step"]);
+    // the leader answers once MANIFEST.json and LATEST are on disk; an
+    // older leader does not say, and a slow disk may not have them yet
+    let disk = match v["manifest_written"].as_bool() {
+        Some(false) => "; its MANIFEST.json and LATEST are not on disk yet: the leader writes them shortly",
+        _ => "",
+    };
+    println!("checkpoint {} committed at step {}{disk}", v["id"], v["step"]);
     Ok(())
 }
 
