@@ -268,10 +268,14 @@ pub(crate) struct CheckpointsArgs {
     /// The job.
     #[arg(long)]
     pub(crate) job: String,
+    /// Only this checkpoint (with --verify: the one to re-verify).
+    #[arg(value_name = "ID")]
+    pub(crate) id: Option<u64>,
     /// Re-verify condemned checkpoint ID on the leader against the ledger's checksums;
-    /// when every shard matches, its verdict is cleared and it is committed again.
-    #[arg(long, value_name = "ID")]
-    pub(crate) verify: Option<u64>,
+    /// when every shard matches, its verdict is cleared, it is committed again and its
+    /// MANIFEST.json is written back. A switch, as on `inspect` (`--verify ID` reads the same).
+    #[arg(long, requires = "id")]
+    pub(crate) verify: bool,
     /// Print machine-readable JSON (the job's checkpoints) instead of a table.
     #[arg(long, conflicts_with = "verify")]
     pub(crate) json: bool,
@@ -334,6 +338,14 @@ pub(crate) struct RestoreArgs {
     /// A committed checkpoint id (default: the latest committed).
     #[arg(long)]
     pub(crate) checkpoint: Option<u64>,
+    /// Return once the restore is accepted, without waiting to see the ranks training
+    /// again (the generation printed is then the one asked for, which a condemned
+    /// checkpoint can still turn into a fallback).
+    #[arg(long)]
+    pub(crate) no_wait: bool,
+    /// How long to wait for every rank to train again.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) timeout_seconds: u64,
     #[command(flatten)]
     pub(crate) client: ClientArgs,
 }

@@ -3,7 +3,7 @@
 
 use crate::cmd::count;
 use anyhow::{bail, Context, Result};
-use flotilla_coordinator::api::JobStatus;
+use flotilla_coordinator::api::{JobStatus, StepSource};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::ledger::JobEventKind;
 use flotilla_coordinator::raft::node::Role;
@@ -59,13 +59,20 @@ struct Progress {
 impl Progress {
     fn show(&mut self, job: &JobStatus, total: u64) {
         let step = job.step.0.min(total);
+        // while the leader does not hear every rank (just after a failover)
+        // the step is the latest committed checkpoint's: say so
+        let from = match job.step_source {
+            StepSource::Checkpoint => " (checkpoint)",
+            StepSource::Ranks | StepSource::Finished => "",
+        };
         if self.tty {
             let width = 40;
             let filled = (step * width / total.max(1)) as usize;
             print!(
-                "\r[{}{}] step {step}/{total}  gen {}  {}  ckpts {}   ",
+                "\r[{}{}] step {step}/{total}{}  gen {}  {}  ckpts {}   ",
                 "#".repeat(filled),
                 "-".repeat(width as usize - filled),
+                from,
                 job.generation,
                 job.state,
                 job.checkpoints_committed
@@ -74,7 +81,7 @@ impl Progress {
         } else if self.last_line.elapsed() > Duration::from_secs(1) {
             self.last_line = Instant::now();
             println!(
-                "step {step}/{total}, generation {}, {}, {} committed",
+                "step {step}/{total}{from}, generation {}, {}, {} committed",
                 job.generation,
                 job.state,
                 count(job.checkpoints_committed, "checkpoint")

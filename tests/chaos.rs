@@ -248,7 +248,7 @@ struct Ledger {
 
 fn committed_like(state: &str) -> bool {
     // states only a once-committed checkpoint can be in
-    matches!(state, "committed" | "corrupt" | "abandoned")
+    matches!(state, "committed" | "condemned" | "abandoned")
 }
 
 impl Ledger {
@@ -287,13 +287,13 @@ impl Ledger {
                 "committed" => {
                     return Err(format!("checkpoint {id} was {} and is committed again", seen.state));
                 }
-                "corrupt" if !self.corrupted.contains(&id) => {
+                "condemned" if !self.corrupted.contains(&id) => {
                     return Err(format!(
                         "checkpoint {id} (step {}) was committed and is now corrupt, but the test did not corrupt it",
                         seen.step
                     ));
                 }
-                "corrupt" => {}
+                "condemned" => {}
                 "abandoned" => {
                     let first = seen.first;
                     if !self.operator_restores.iter().any(|(_, done)| done.is_none_or(|d| d >= first)) {
@@ -341,7 +341,7 @@ impl Ledger {
     /// or by id), or if it was corrupt or abandoned before.
     fn retired(&self, id: u64, job: &JobStatus) -> Result<(), String> {
         let seen = &self.seen[&id];
-        if self.corrupted.contains(&id) || seen.state == "corrupt" || seen.state == "abandoned" {
+        if self.corrupted.contains(&id) || seen.state == "condemned" || seen.state == "abandoned" {
             return Ok(());
         }
         let mut once_committed: BTreeMap<u64, u64> = self.seen.iter().map(|(i, s)| (*i, s.step)).collect();
@@ -1246,7 +1246,7 @@ impl Chaos {
                         }
                     }
                 }
-                Some("corrupt") if !self.ledger.corrupted.contains(&id) => {
+                Some("condemned") if !self.ledger.corrupted.contains(&id) => {
                     self.fail(format!("checkpoint {id} is corrupt but the test did not corrupt it"));
                 }
                 // corrupt by the test, abandoned, retired: checked as they
@@ -1444,15 +1444,15 @@ fn ledger_allows_corrupt_and_abandoned_only_when_the_test_caused_them() {
     let two = [(1, 50, "committed"), (2, 100, "committed")];
     let mut l = Ledger::default();
     l.observe(&job_with(1, &two), now).unwrap();
-    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "corrupt")]), now).unwrap_err();
+    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "condemned")]), now).unwrap_err();
     assert!(e.contains("did not corrupt"), "{e}");
 
     let mut l = Ledger::default();
     l.observe(&job_with(1, &two), now).unwrap();
     l.corrupted.insert(2);
     l.allow_down_to(50);
-    l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "corrupt")]), now).unwrap();
-    l.settle(&job_with(2, &[(1, 50, "committed"), (2, 100, "corrupt")]));
+    l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "condemned")]), now).unwrap();
+    l.settle(&job_with(2, &[(1, 50, "committed"), (2, 100, "condemned")]));
     assert_eq!(l.floor, 50);
     // the corrupt one collected: fine
     l.observe(&job_with(2, &[(1, 50, "committed")]), now).unwrap();
@@ -1480,13 +1480,13 @@ fn ledger_catches_the_latest_committed_step_going_back() {
     l.observe(&job_with(1, &[(1, 50, "committed"), (2, 100, "committed")]), now).unwrap();
     // corrupt, as the test did, but with no allowance for the latest to go back
     l.corrupted.insert(2);
-    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "corrupt")]), now).unwrap_err();
+    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "condemned")]), now).unwrap_err();
     assert!(e.contains("went back from 100 to 50"), "{e}");
     let mut l = Ledger::default();
     l.observe(&job_with(1, &[(1, 50, "committed"), (2, 100, "committed")]), now).unwrap();
     l.corrupted.insert(2);
     l.allow_down_to(75);
-    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "corrupt")]), now).unwrap_err();
+    let e = l.observe(&job_with(2, &[(1, 50, "committed"), (2, 100, "condemned")]), now).unwrap_err();
     assert!(e.contains("below 75"), "{e}");
     assert!(l.observe(&job_with(1, &[]), now).unwrap_err().contains("generation went back"));
 }

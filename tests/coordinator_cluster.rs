@@ -807,6 +807,15 @@ async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost()
     assert!(shown.contains("its connection closed"), "{shown}");
     assert_eq!(row(&shown, "rank", "0").get(1).map(String::as_str), Some("waiting"), "{shown}");
 
+    // `replicas list` judges reachability as status does: a healthy follower
+    // is never "unreachable", however often asked (raft-rs's own flag,
+    // cleared by every quorum check, said so about one time in five)
+    let replicas = || flotilla(&["replicas", "list", "--endpoints", &endpoints]);
+    for _ in 0..30 {
+        let (out, err) = text(&replicas());
+        assert!(out.contains("commit index") && !out.contains("unreachable"), "{out}{err}");
+    }
+
     // a dead replica is shown as unreachable
     let follower = (1..=3).map(NodeId).find(|id| *id != leader).unwrap();
     cluster.kill(follower);
@@ -819,6 +828,8 @@ async fn status_shows_dead_replicas_missing_ranks_and_says_when_quorum_is_lost()
         }
     })
     .await;
+    let listed = text(&replicas()).0;
+    assert!(row(&listed, "id", &follower.0.to_string()).join(" ").contains("unreachable"), "{listed}");
     assert_eq!(
         row(&shown, "node", &leader.0.to_string()).get(1).map(String::as_str),
         Some("leader"),

@@ -102,6 +102,19 @@ async fn numpy_trainers_survive_a_worker_and_a_trainer_sigkill_bit_for_bit() {
     let done = wait_job(&client, JOB, "the job to succeed", |j| j.state == "succeeded").await;
     assert!(done.restores >= 2, "{done:?}");
     assert_eq!(done.final_digest.as_deref(), Some(reference.as_str()), "{done:?}");
+    // a finished --exec job is at the step its ranks finished at (the ledger
+    // records it: no built-in trainer's total_steps to fall back on)
+    assert_eq!(done.step.0.to_string(), STEPS, "{done:?}");
+    assert_eq!(done.step_source, flotilla_coordinator::api::StepSource::Finished);
+    let shown = Command::new(BIN)
+        .args(["status", "--job", JOB, "--endpoints", &cluster.endpoints()])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains(&format!("job numpy: succeeded, generation {}, step {STEPS}, ", done.generation)),
+        "{shown}"
+    );
     // every committed checkpoint on disk verifies
     for c in done.checkpoints.iter().filter(|c| c.state == "committed") {
         let path = dir.path().join("ckpt/numpy").join(format!("ckpt-{:08}", c.id.0));

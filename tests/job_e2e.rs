@@ -161,6 +161,35 @@ async fn leader_killed_mid_checkpoint_loses_nothing() {
     assert!(s.check_committed_checkpoints() >= 1);
 }
 
+/// Where no replica hears the ranks (a follower; a new leader before they
+/// reconnect), a job's step is the ledger's latest committed checkpoint's,
+/// said to be that, not 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_tells_the_step_of_the_latest_committed_checkpoint_not_0() {
+    let s = Scenario::start_every(2, 100_000, 50, "").await;
+    let running = s
+        .wait_job("a committed checkpoint while running", |j| {
+            j.state == "running" && j.latest_committed.is_some_and(|c| c.step.0 > 0)
+        })
+        .await;
+    assert_eq!(
+        running.step_source,
+        flotilla_coordinator::api::StepSource::Ranks,
+        "the leader hears every rank"
+    );
+    let leader = s.client.status(None).await.unwrap().leader_id.unwrap();
+    let follower = (1..=3).map(flotilla_shared::ids::NodeId).find(|id| *id != leader).unwrap();
+    let url = format!("{}/v1/status?job=e2e", s.cluster.url(follower));
+    let seen: flotilla_coordinator::api::ClusterStatus =
+        reqwest::get(&url).await.unwrap().json().await.unwrap();
+    assert_eq!(seen.node_id, follower);
+    let job = &seen.jobs[0];
+    let latest = job.latest_committed.expect("the follower has the ledger");
+    assert!(latest.step.0 > 0);
+    assert_eq!(job.step, latest.step, "{job:?}");
+    assert_eq!(job.step_source, flotilla_coordinator::api::StepSource::Checkpoint);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
     let mut s = Scenario::start(3, 1500, "").await;
@@ -190,7 +219,7 @@ async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
         })
         .await;
     let corrupt = after.checkpoints.iter().find(|c| c.id == latest.id);
-    assert!(corrupt.is_none_or(|c| c.state == "corrupt"), "{corrupt:?}");
+    assert!(corrupt.is_none_or(|c| c.state == "condemned"), "{corrupt:?}");
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
 }
@@ -235,7 +264,7 @@ async fn every_checkpoint_condemned_is_an_event_a_metric_and_the_job_still_conve
     let committed_before: Vec<_> = before.checkpoints.iter().filter(|c| c.state == "committed").collect();
     for c in &committed_before {
         let now = after.checkpoints.iter().find(|a| a.id == c.id);
-        assert!(now.is_none_or(|a| a.state == "corrupt"), "{now:?}");
+        assert!(now.is_none_or(|a| a.state == "condemned"), "{now:?}");
     }
     let event = after
         .events
@@ -480,6 +509,13 @@ async fn operator_checkpoint_list_and_restore() {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("checkpoint 1 committed at step "), "{stdout}");
+    // said once the disk agrees: MANIFEST.json and LATEST are there, and
+    // inspect of the job's root reads that checkpoint
+    assert!(s.job_dir().checkpoint_dir(flotilla_shared::ids::CheckpointId(1)).join("MANIFEST.json").exists());
+    assert!(s.job_dir().read_latest().unwrap().is_some_and(|l| l.0 >= 1), "{stdout}");
+    let inspected = Command::new(BIN).arg("inspect").arg(s.job_dir().path()).output().unwrap();
+    let inspected = String::from_utf8_lossy(&inspected.stdout).into_owned();
+    assert!(inspected.starts_with("checkpoint 1 of job e2e: "), "{inspected}");
     let out =
         Command::new(BIN).args(["checkpoints", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -505,7 +541,13 @@ async fn operator_checkpoint_list_and_restore() {
     let out =
         Command::new(BIN).args(["restore", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("restoring into generation 2"));
+    // it returns once every rank trains again, naming what took
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("job e2e restored: generation 2 is training from checkpoint 1 (step "),
+        "{said}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("restoring into generation 2 from checkpoint 1"));
     // status says when the restored generation started running, as the leader saw it
     // (a field of the supervisor's view, which follows the ledger within a tick)
     let resumed = s
@@ -612,12 +654,27 @@ async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repa
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // the restore asked for generation G from checkpoint c; c is found
+    // damaged, so the job falls back in generation G + 1: restore says so
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let asked = before.generation.0 + 1;
     let condemned = s
         .wait_job("the checkpoint condemned and the job running again", |j| {
-            j.state == "running" && j.checkpoints.iter().any(|x| x.id == c && x.state == "corrupt")
+            j.state == "running" && j.checkpoints.iter().any(|x| x.id == c && x.state == "condemned")
         })
         .await;
     assert!(condemned.restored_from.is_some_and(|r| r.id < c), "{:?}", condemned.restored_from);
+    let fell_back = condemned.restored_from.unwrap();
+    assert!(condemned.generation.0 > asked, "{:?}", condemned.events);
+    assert!(
+        said.starts_with(&format!(
+            "job e2e restored: generation {} is training from checkpoint {} (step {}), not generation {asked} from checkpoint {c}: checkpoint {c} condemned: ",
+            condemned.generation,
+            fell_back.id,
+            fell_back.step
+        )),
+        "{said}"
+    );
     let manifest = s.job_dir().checkpoint_dir(c).join("MANIFEST.json");
     wait_for("the condemned checkpoint's MANIFEST.json removed", LONG, || async {
         if manifest.exists() {
@@ -629,14 +686,21 @@ async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repa
     .await;
     let listing = String::from_utf8_lossy(&checkpoints(&[]).stdout).into_owned();
     let line = listing.lines().find(|l| l.split_whitespace().next() == Some(&c.to_string())).unwrap();
-    assert!(line.contains("corrupt") && line.contains("checksum mismatch in "), "{listing}");
+    // the state column says what help and the events say: condemned
+    assert_eq!(line.split_whitespace().nth(3), Some("condemned"), "{listing}");
+    assert!(line.contains("checksum mismatch in "), "{listing}");
+    // the checkpoint's id as its own argument lists just it
+    let one = String::from_utf8_lossy(&checkpoints(&[&c.to_string()]).stdout).into_owned();
+    assert_eq!(one.lines().count(), 2, "a header and its row: {one}");
+    assert_eq!(one.lines().nth(1).and_then(|l| l.split_whitespace().next()), Some(c.to_string().as_str()));
 
     tracing::info!("--- re-verifying the damaged files is refused; after the repair it clears the verdict");
     let out = checkpoints(&["--verify", &c.to_string()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("still damaged"), "{out:?}");
     std::fs::write(&path, &original).unwrap();
-    let out = checkpoints(&["--verify", &c.to_string()]);
+    // --verify is a switch, as on inspect, with the id as its own argument
+    let out = checkpoints(&[&c.to_string(), "--verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cleared = s.job().await.unwrap();
     assert!(
@@ -644,14 +708,13 @@ async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repa
         "{:?}",
         cleared.checkpoints
     );
-    wait_for("its MANIFEST.json written again", LONG, || async {
-        if manifest.exists() {
-            Ok(())
-        } else {
-            Err("missing".to_string())
-        }
-    })
-    .await;
+    // "committed again" is said once the disk agrees: MANIFEST.json is back
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("it is committed again; its MANIFEST.json is written back"), "{said}");
+    assert!(manifest.exists(), "{said}");
+    let inspected =
+        Command::new(BIN).args(["inspect", "--verify"]).arg(manifest.parent().unwrap()).output().unwrap();
+    assert!(inspected.status.success(), "{}", String::from_utf8_lossy(&inspected.stderr));
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
 }

@@ -81,8 +81,13 @@ pub struct JobStatus {
     pub generation: Generation,
     /// Ranks.
     pub world_size: u32,
-    /// The slowest rank's step in this generation.
+    /// The job's step: the slowest rank's in this generation where the
+    /// answering replica hears every rank (the leader); otherwise what the
+    /// ledger knows (`step_source` says which).
     pub step: Step,
+    /// Where `step` comes from.
+    #[serde(default)]
+    pub step_source: StepSource,
     /// Whole-job restores so far.
     pub restores: u32,
     /// The latest committed checkpoint.
@@ -115,6 +120,35 @@ pub struct JobStatus {
     pub blocked: Option<BlockReason>,
 }
 
+/// Where a job's `step` in the status comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepSource {
+    /// The slowest rank's step in this generation, as its heartbeats say
+    /// (the leader, hearing every rank).
+    #[default]
+    Ranks,
+    /// The job succeeded: the step its ranks finished at.
+    Finished,
+    /// The ledger's latest committed checkpoint (or the step this generation
+    /// started from): the ranks are at or past it, but the answering replica
+    /// does not hear them all (a follower, a new leader, a rank missing).
+    Checkpoint,
+}
+
+impl StepSource {
+    /// In words, for `flotilla status`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StepSource::Ranks => "the slowest rank's",
+            StepSource::Finished => "its last",
+            StepSource::Checkpoint => {
+                "its latest committed checkpoint's; the ranks' own steps are not known here"
+            }
+        }
+    }
+}
+
 /// A checkpoint's id and step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointRef {
@@ -133,7 +167,7 @@ pub struct CheckpointView {
     pub step: Step,
     /// Generation it was taken in.
     pub generation: Generation,
-    /// `pending`, `committed`, `aborted`, `corrupt`, `abandoned`.
+    /// `pending`, `committed`, `aborted`, `condemned`, `abandoned`.
     pub state: String,
     /// Bytes of all shards.
     pub bytes: u64,
@@ -185,17 +219,26 @@ impl JobStatus {
     /// The ledger's view of a job. Workers and their steps are the
     /// supervisor's soft state: the caller fills them in where it has them.
     pub fn from_job(job: &Job) -> Self {
+        // a finished job is at its last step; otherwise the ranks are at or
+        // past the head of the job's history, and the leader replaces it by
+        // the slowest rank's step where it hears every rank
+        let head = job.latest_committed().map_or(Step(0), |c| c.step).max(job.start_step());
+        let finished = match (job.state, job.final_step, &job.spec.trainer) {
+            (crate::ledger::JobState::Succeeded, Some(step), _) => Some(step),
+            (crate::ledger::JobState::Succeeded, None, Some(t)) => Some(Step(t.total_steps)),
+            _ => None,
+        };
+        let (step, step_source) = match finished {
+            Some(step) => (step, StepSource::Finished),
+            None => (head, StepSource::Checkpoint),
+        };
         Self {
             name: job.spec.name.clone(),
             state: job.state.as_str().to_string(),
             generation: job.generation,
             world_size: job.spec.world_size,
-            // a finished job is at its last step; otherwise the supervisor
-            // fills in the slowest rank's step
-            step: match (job.state, &job.spec.trainer) {
-                (crate::ledger::JobState::Succeeded, Some(t)) => Step(t.total_steps),
-                _ => Step(0),
-            },
+            step,
+            step_source,
             restores: job.restores,
             latest_committed: job.latest_committed().map(|c| CheckpointRef { id: c.id, step: c.step }),
             restored_from: job

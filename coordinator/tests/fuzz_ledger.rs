@@ -484,7 +484,7 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
         },
         Act::Fail { job } => Command::FailJob { job: name(job), error: "given up".into() },
         Act::Finish { job, gen: g } => {
-            Command::FinishJob { job: name(job), generation: gen(job, g), digest: "00ff".into() }
+            Command::FinishJob { job: name(job), generation: gen(job, g), digest: "00ff".into(), step: None }
         }
     }
 }

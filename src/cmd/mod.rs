@@ -182,3 +182,20 @@ pub(crate) fn table(columns: &[(&str, bool)], rows: Vec<Vec<String>>) -> String 
     }
     out
 }
+
+/// The longest silence after which a replica still counts as reachable: a
+/// live replica answers the leader's heartbeats (every 200 ms) many times
+/// within it. `status` and `replicas list` both judge by it; raft-rs's own
+/// `recent_active` is no such judgement, since the leader clears it on
+/// every quorum check and a healthy follower reads inactive until its next
+/// answer.
+pub(crate) const REACHABLE_WITHIN_MS: u64 = 2_000;
+
+/// Whether the leader heard from a replica within [`REACHABLE_WITHIN_MS`],
+/// and when it last did, in words.
+pub(crate) fn contact(last_contact_ms: Option<u64>) -> (bool, String) {
+    (
+        last_contact_ms.is_some_and(|ms| ms <= REACHABLE_WITHIN_MS),
+        last_contact_ms.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1e3)),
+    )
+}

@@ -1,9 +1,10 @@
 //! `flotilla status`: the replicas, each job and every rank, and in
 //! words why a rank is not training (`rank_reason`).
 
-use super::{client, count, table};
+use super::{client, contact, count, table};
 use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
+use flotilla_coordinator::api::StepSource;
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::ledger::BlockReason;
 use flotilla_coordinator::supervise::RankState;
@@ -58,7 +59,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
     if status.role != flotilla_coordinator::raft::node::Role::Leader {
         writeln!(
             out,
-            "node {} is a follower and cannot reach leader node {leader_id}: it knows the ledger but not the workers, so steps and ranks are not shown",
+            "node {} is a follower and cannot reach leader node {leader_id}: it knows the ledger but not the workers, so a job's step is its latest committed checkpoint's and ranks are not shown",
             status.node_id
         )?;
     }
@@ -73,13 +74,12 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
                 .map(|(id, kind)| {
                     let p = r.progress.iter().find(|p| p.id == *id);
                     let role = if Some(*id) == r.leader_id { "leader".to_string() } else { kind.to_string() };
-                    // a live replica answers the leader's heartbeats many times a second
-                    let contact = p.and_then(|p| p.last_contact_ms);
+                    let (reachable, heard) = contact(p.and_then(|p| p.last_contact_ms));
                     vec![
                         id.to_string(),
                         role,
-                        if contact.is_some_and(|ms| ms <= 2_000) { "yes" } else { "NO" }.to_string(),
-                        contact.map_or("never".into(), |ms| format!("{:.1} s ago", ms as f64 / 1e3)),
+                        if reachable { "yes" } else { "NO" }.to_string(),
+                        heard,
                         p.map_or("?".into(), |p| p.matched.to_string()),
                         p.map_or("?".into(), |p| r.commit_index.saturating_sub(p.matched).to_string()),
                         r.addresses.get(id).cloned().unwrap_or_default(),
@@ -120,11 +120,12 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         let latest = job.latest_committed.map(|c| format!("checkpoint {} at step {}", c.id, c.step));
         writeln!(
             out,
-            "job {}: {}, generation {}, step {}, {}, {}, latest committed: {}",
+            "job {}: {}, generation {}, step {}{}, {}, {}, latest committed: {}",
             job.name,
             job.state,
             job.generation,
             job.step,
+            step_note(job),
             count(u64::from(job.world_size), "rank"),
             count(u64::from(job.restores), "restore"),
             latest.as_deref().unwrap_or("none")
@@ -171,6 +172,18 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         }
     }
     Ok(out)
+}
+
+/// Where the job's step comes from, when it is not the ranks' own (the
+/// leader hearing every rank) nor the job's end: the ledger's head.
+fn step_note(job: &flotilla_coordinator::api::JobStatus) -> String {
+    match (job.step_source, job.latest_committed) {
+        (StepSource::Ranks | StepSource::Finished, _) => String::new(),
+        (StepSource::Checkpoint, Some(_)) => format!(" ({})", job.step_source.describe()),
+        (StepSource::Checkpoint, None) => {
+            " (where it starts: nothing committed yet; the ranks' own steps are not known here)".into()
+        }
+    }
 }
 
 /// Why a rank is not training, in words, from its state (and the job's

@@ -85,13 +85,15 @@ pub enum CheckpointState {
 }
 
 impl CheckpointState {
-    /// The name used in status JSON.
+    /// The name used in status JSON and `flotilla checkpoints` (`Corrupt` is
+    /// `condemned` there, the word of the events, the metrics and `--help`;
+    /// the ledger's own encoding keeps `corrupt`).
     pub fn as_str(self) -> &'static str {
         match self {
             CheckpointState::Pending => "pending",
             CheckpointState::Committed => "committed",
             CheckpointState::Aborted => "aborted",
-            CheckpointState::Corrupt => "corrupt",
+            CheckpointState::Corrupt => "condemned",
             CheckpointState::Abandoned => "abandoned",
             CheckpointState::Deleted => "deleted",
         }
@@ -395,6 +397,10 @@ pub struct Job {
     pub every_condemned_total: u64,
     /// Digest of all ranks' final variables, once succeeded.
     pub final_digest: Option<String>,
+    /// The step every rank finished at, once succeeded (`None`: finished
+    /// under a build that did not record it).
+    #[serde(default)]
+    pub final_step: Option<Step>,
     /// Submission time (ms since the epoch).
     pub submitted_ms: u64,
     /// Checkpoints committed over the job's life (retired ones included).
@@ -671,6 +677,10 @@ pub enum Command {
         generation: Generation,
         /// Digest of all ranks' final variables.
         digest: String,
+        /// The step every rank finished at (`None`: proposed by a build
+        /// that did not record it).
+        #[serde(default)]
+        step: Option<Step>,
     },
 }
 
@@ -1028,7 +1038,7 @@ impl State {
                 events.extend(set_state(j, &job, JobState::Failed, Some(error)));
                 Ok(events)
             }
-            Command::FinishJob { job, generation, digest } => {
+            Command::FinishJob { job, generation, digest, step } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Running {
                     return refuse(
@@ -1037,6 +1047,7 @@ impl State {
                     );
                 }
                 j.final_digest = Some(digest);
+                j.final_step = step;
                 let mut events = abort_pending(j, &job, &AbortReason::JobEnded.to_string(), None);
                 events.extend(set_state(j, &job, JobState::Succeeded, None));
                 Ok(events)
@@ -1092,6 +1103,7 @@ impl State {
                 next_checkpoint: CheckpointId(1),
                 error: None,
                 final_digest: None,
+                final_step: None,
                 submitted_ms: now_ms,
                 committed_total: 0,
                 aborted_total: 0,
@@ -1316,7 +1328,7 @@ impl State {
             let state = c.state.as_str();
             return refuse(
                 RefusalKind::Conflict,
-                format!("checkpoint {id} of job {job} is {state}; only a corrupt one can be cleared"),
+                format!("checkpoint {id} of job {job} is {state}; only a condemned one can be cleared"),
             );
         }
         Ok((j, c))

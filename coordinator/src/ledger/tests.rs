@@ -455,10 +455,16 @@ fn too_many_restores_fail_the_job() {
 fn finish_records_the_digest_and_is_terminal() {
     let mut s = running(3, 10);
     begin(&mut s, 1, 10, 1).unwrap();
-    let finish = Command::FinishJob { job: name("a"), generation: Generation(1), digest: "ab12".into() };
+    let finish = Command::FinishJob {
+        job: name("a"),
+        generation: Generation(1),
+        digest: "ab12".into(),
+        step: Some(Step(7)),
+    };
     let events = s.apply(finish.clone()).unwrap();
     assert_eq!(events.last(), Some(&Event::JobState { job: name("a"), state: JobState::Succeeded }));
     assert_eq!(job(&s).final_digest.as_deref(), Some("ab12"));
+    assert_eq!(job(&s).final_step, Some(Step(7)), "the step it finished at, for status");
     assert_eq!(job(&s).checkpoints[&CheckpointId(1)].state, CheckpointState::Aborted);
     assert_eq!(kind(s.apply(finish)), RefusalKind::Conflict);
     let fail = Command::FailJob { job: name("a"), error: "x".into() };

@@ -3,7 +3,7 @@
 //! (a follower answers 421 with the leader's URL).
 
 use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
-use crate::ledger::{Command, Event, RefusalKind};
+use crate::ledger::{CheckpointState, Command, Event, RefusalKind};
 use crate::metrics::Metrics;
 use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::supervise::task::{SupervisorHandle, WorkersView};
@@ -21,7 +21,7 @@ use flotilla_shared::shard::Shard;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::tls::{NodeTls, Stream};
 use serde::Deserialize;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +147,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
             s.workers.running_since_ms(&j.name, j.generation).filter(|_| j.state == "running");
         if j.state != "succeeded" && j.workers.len() == j.world_size as usize {
             j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
+            j.step_source = crate::api::StepSource::Ranks;
         }
     }
     if let Some(name) = &job {
@@ -272,7 +273,19 @@ async fn checkpoint(
     };
     match s.supervisor.checkpoint_now(job.clone()).await {
         Some(CheckpointOutcome::Committed { id, step }) => {
-            Json(serde_json::json!({"id": id, "step": step})).into_response()
+            // answered once the disk agrees (the supervisor writes
+            // MANIFEST.json and LATEST after the commit), so that what
+            // the CLI says is what `inspect` finds
+            let found = s.node.read_state(|st| {
+                let j = st.jobs.get(&job)?;
+                let committed = j.checkpoints.get(&id)?.state == CheckpointState::Committed;
+                committed.then(|| JobDir::new(&j.spec.checkpoint.root, &j.spec.name))
+            });
+            let written = match found {
+                Some(dir) => on_disk(&dir, id, true).await,
+                None => false,
+            };
+            Json(serde_json::json!({"id": id, "step": step, "manifest_written": written})).into_response()
         }
         Some(CheckpointOutcome::Refused(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Some(CheckpointOutcome::Failed(e)) => error(StatusCode::CONFLICT, e),
@@ -337,11 +350,32 @@ async fn restore(
     }
 }
 
+/// How long a checkpoint or a verify waits for the checkpoint's
+/// MANIFEST.json (and LATEST) to be on disk before it answers anyway.
+const MANIFEST_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits, at most [`MANIFEST_WAIT`], until committed checkpoint `id` is on
+/// disk as the ledger has it: its MANIFEST.json written and, with `latest`,
+/// LATEST naming it or a newer one. Whether it got there.
+async fn on_disk(dir: &JobDir, id: CheckpointId, latest: bool) -> bool {
+    let deadline = Instant::now() + MANIFEST_WAIT;
+    loop {
+        let there = dir.checkpoint_dir(id).join(flotilla_shared::layout::MANIFEST_FILE).exists()
+            && (!latest || dir.read_latest().ok().flatten().is_some_and(|l| l >= id));
+        if there || Instant::now() >= deadline {
+            return there;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `POST /v1/jobs/{job}/checkpoints/{id}/verify`: re-reads every shard of a
 /// condemned checkpoint against the ledger's checksums (on the leader, which
 /// reaches the checkpoint root); when every one matches (the damage was
 /// repaired, or the verdict came from a bad read), the verdict is cleared and
-/// the checkpoint is committed again. 409 with the first damage otherwise.
+/// the checkpoint is committed again; the answer comes once its MANIFEST.json
+/// is back on disk (`manifest_written`, false when that took longer than
+/// [`MANIFEST_WAIT`]). 409 with the first damage otherwise.
 async fn verify(
     AxumState(s): AxumState<HttpState>,
     headers: HeaderMap,
@@ -355,13 +389,16 @@ async fn verify(
     // the ledger's own rule, asked before any shard is read
     let found = s.node.read_state(|st| {
         let (j, c) = st.clearable(&job, id)?;
-        let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name).checkpoint_dir(id);
-        Ok::<_, crate::ledger::Refusal>((dir, c.shards.clone()))
+        Ok::<_, crate::ledger::Refusal>((
+            JobDir::new(&j.spec.checkpoint.root, &j.spec.name),
+            c.shards.clone(),
+        ))
     });
-    let (dir, shards) = match found {
+    let (job_dir, shards) = match found {
         Ok(f) => f,
         Err(refusal) => return error(refusal_status(refusal.kind), refusal.message),
     };
+    let dir = job_dir.checkpoint_dir(id);
     let checked = tokio::task::spawn_blocking(move || {
         shards.iter().try_for_each(|m| {
             let label = format!("checkpoint {id} rank {}", m.rank);
@@ -383,7 +420,14 @@ async fn verify(
             let state = s.node.read_state(|st| {
                 st.jobs.get(&job).and_then(|j| j.checkpoints.get(&id)).map(|c| c.state.as_str())
             });
-            Json(serde_json::json!({"job": job, "id": id, "state": state})).into_response()
+            // the supervisor writes MANIFEST.json back once it sees the
+            // verdict cleared (its file work, after the commit): answer once
+            // it is on disk, so that what the CLI says is what `inspect`
+            // finds, or say that it is not there yet (LATEST need not name
+            // it: a newer checkpoint may be the latest)
+            let written = on_disk(&job_dir, id, false).await;
+            Json(serde_json::json!({"job": job, "id": id, "state": state, "manifest_written": written}))
+                .into_response()
         }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),

@@ -1236,7 +1236,9 @@ impl Supervisor {
             }
             let digests: Vec<&String> = soft.ranks.values().filter_map(|r| r.digest.as_ref()).collect();
             let digest = combine_digests(&digests);
-            self.propose(now, Command::FinishJob { job: name, generation: g, digest }, out);
+            // every rank finished: the slowest one's step is the job's last
+            let step = soft.ranks.values().map(|r| r.step).min();
+            self.propose(now, Command::FinishJob { job: name, generation: g, digest, step }, out);
             return;
         }
         self.reconcile_checkpoint(j, now, resend, out);
