@@ -2,7 +2,7 @@
 //! a small universe (two jobs and an unknown one, a few spec variants,
 //! checkpoint ids, steps, generations and ranks picked relative to the
 //! current state, so most commands are plausible and the rest probe the
-//! refusals), with the rules of `state.rs` checked after every step:
+//! refusals), with the rules of `ledger/mod.rs` checked after every step:
 //!
 //! - a refused command changes nothing (the state, and its snapshot bytes);
 //! - a replica applying the same entry from the previous snapshot gets the
@@ -556,7 +556,7 @@ fn transition_allowed(from: CheckpointState, to: CheckpointState, cmd: &Command,
         (Pending, Committed) => matches!(cmd, Command::CommitCheckpoint { .. }) && names_it,
         // committed, and at once retired: a checkpoint re-committed by
         // ClearCorrupt after this one began may sit at a later step, and
-        // retention keeps the latest steps (`state.rs`, `commit`)
+        // retention keeps the latest steps (`ledger/mod.rs`, `commit`)
         (Pending, Deleted) => matches!(cmd, Command::CommitCheckpoint { .. }) && names_it,
         (Pending, Aborted) => match cmd {
             Command::AbortCheckpoint { .. } => names_it,
