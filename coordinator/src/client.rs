@@ -26,23 +26,50 @@ pub enum ClientError {
     NoLeader(Duration, String),
 }
 
+/// Why the CLI's HTTP client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The `--tls-ca` file could not be read.
+    #[error("--tls-ca {}: cannot read it: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The `--tls-ca` file is not PEM, or holds no certificate.
+    #[error("--tls-ca {}: {why}", .path.display())]
+    NotPem {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot set up the HTTP client: {0}")]
+    Build(reqwest::Error),
+}
+
 /// An HTTP client for the coordinators' API: `https://` URLs are verified
 /// against the cluster CA in `ca` only (never the system's roots).
-pub fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+pub fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, CaError> {
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).use_rustls_tls();
     builder = builder.tls_built_in_root_certs(false);
     if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: cannot read it: {e}", ca.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("--tls-ca {}: not a PEM certificate file: {e}", ca.display()))?;
+        let path = ca.to_path_buf();
+        let pem = std::fs::read(ca).map_err(|source| CaError::Read { path: path.clone(), source })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| CaError::NotPem {
+            path: path.clone(),
+            why: format!("not a PEM certificate file: {e}"),
+        })?;
         if certs.is_empty() {
-            return Err(format!("--tls-ca {}: holds no PEM certificate", ca.display()));
+            return Err(CaError::NotPem { path, why: "holds no PEM certificate".into() });
         }
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder.build().map_err(|e| format!("cannot set up the HTTP client: {e}"))
+    builder.build().map_err(CaError::Build)
 }
 
 /// A client of a coordinator cluster.
@@ -65,7 +92,7 @@ impl Client {
     }
 
     /// Trusts the cluster CA in `ca` (`--tls-ca`) for `https://` endpoints.
-    pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, String> {
+    pub fn with_ca(mut self, ca: &std::path::Path) -> Result<Self, CaError> {
         self.http = http_client(Some(ca))?;
         self.has_ca = true;
         Ok(self)

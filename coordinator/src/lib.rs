@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod client;
+pub mod error;
 pub mod ledger;
 pub mod metrics;
 pub mod raft;
@@ -21,3 +22,5 @@ pub mod serve;
 pub mod supervise;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+pub use error::{Error, Result};

@@ -341,6 +341,32 @@ where
 /// How long a worker connection may take to send its first message.
 pub const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a worker session (one rank's connection, or a node's) ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// Framing or I/O failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Nothing arrived after the handshake.
+    #[error("no Register within {0:?}")]
+    NoRegister(Duration),
+    /// The worker closed before registering.
+    #[error("closed before registering")]
+    ClosedBeforeRegister,
+    /// A registered session fell silent.
+    #[error("silent for {0:?}; closed")]
+    Idle(Duration),
+    /// A registered node session fell silent.
+    #[error("node session silent for {0:?}; closed")]
+    NodeIdle(Duration),
+    /// The worker broke the protocol (what it did).
+    #[error("{0}")]
+    Protocol(&'static str),
+}
+
 /// Accepts a worker's connection: the handshake (checking `tokens`), then
 /// its first message (a registration), within [`FIRST_MESSAGE_TIMEOUT`].
 /// The coordinator's worker API and the node agent both start this way.
@@ -350,19 +376,16 @@ pub async fn accept_worker<T>(
     tokens: Option<&Tokens>,
 ) -> Result<
     (Connection<T, crate::wire::WorkerMessage, crate::wire::CoordinatorMessage>, crate::wire::WorkerMessage),
-    String,
+    SessionError,
 >
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut conn, _hello) = server_handshake(io, node, tokens, DEFAULT_MAX_FRAME, |_, _| Ok(()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (mut conn, _hello) = server_handshake(io, node, tokens, DEFAULT_MAX_FRAME, |_, _| Ok(())).await?;
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.next())
         .await
-        .map_err(|_| format!("no Register within {FIRST_MESSAGE_TIMEOUT:?}"))?
-        .ok_or("closed before registering")?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| SessionError::NoRegister(FIRST_MESSAGE_TIMEOUT))?
+        .ok_or(SessionError::ClosedBeforeRegister)??;
     Ok((conn, first))
 }
 

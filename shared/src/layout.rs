@@ -157,13 +157,13 @@ impl Manifest {
     }
 
     /// Checks internal consistency: one shard per rank, in order.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ManifestMismatch> {
         if self.ranks.len() != self.world_size as usize {
-            return Err(format!("lists {} shards for world_size {}", self.ranks.len(), self.world_size));
+            return Err(ManifestMismatch::Count { listed: self.ranks.len(), world_size: self.world_size });
         }
         for (i, shard) in self.ranks.iter().enumerate() {
             if shard.rank.0 as usize != i {
-                return Err(format!("entry {i} is for rank {}", shard.rank));
+                return Err(ManifestMismatch::Order { entry: i, rank: shard.rank });
             }
         }
         Ok(())
@@ -175,7 +175,7 @@ impl Manifest {
         let text = std::fs::read(&path).map_err(|source| LayoutError::Io { path: path.clone(), source })?;
         let manifest: Manifest = serde_json::from_slice(&text)
             .map_err(|e| LayoutError::Invalid { path: path.clone(), why: e.to_string() })?;
-        manifest.validate().map_err(|why| LayoutError::Invalid { path, why })?;
+        manifest.validate().map_err(|e| LayoutError::Invalid { path, why: e.to_string() })?;
         Ok(manifest)
     }
 
@@ -186,6 +186,27 @@ impl Manifest {
         durable::write_atomic(&path, |f| f.write_all(&json))
             .map_err(|source| LayoutError::Io { path, source })
     }
+}
+
+/// How a MANIFEST.json contradicts itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestMismatch {
+    /// Not one shard per rank.
+    #[error("lists {listed} shards for world_size {world_size}")]
+    Count {
+        /// Shards listed.
+        listed: usize,
+        /// The world size it states.
+        world_size: u32,
+    },
+    /// The shards are not in rank order.
+    #[error("entry {entry} is for rank {rank}")]
+    Order {
+        /// Position in the list.
+        entry: usize,
+        /// The rank found there.
+        rank: Rank,
+    },
 }
 
 /// A problem with the files of the layout.

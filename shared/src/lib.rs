@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod durable;
+pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod inspect;
@@ -16,6 +17,8 @@ pub mod shard;
 pub mod spec;
 pub mod tls;
 pub mod wire;
+
+pub use error::{Error, Result};
 
 #[cfg(target_endian = "big")]
 compile_error!(

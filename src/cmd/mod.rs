@@ -27,6 +27,12 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+impl From<flotilla_coordinator::serve::FlagError> for Usage {
+    fn from(e: flotilla_coordinator::serve::FlagError) -> Self {
+        Self(e.message)
+    }
+}
+
 /// A command whose output goes to a terminal or a pipe and nowhere else
 /// (`inspect DIR | head`): it ends quietly when the reader goes away, as
 /// `cat` does, instead of panicking on the failed write. Servers keep

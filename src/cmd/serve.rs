@@ -10,8 +10,8 @@ use flotilla_shared::spec::JobSpec;
 use flotilla_worker::agent::{self, WorkerOptions};
 
 pub(crate) fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
-    let id = serve::resolve_id(&args.id, &hostname()).map_err(Usage)?;
-    let mut peers = serve::parse_peers(&args.peers).map_err(Usage)?;
+    let id = serve::resolve_id(&args.id, &hostname()).map_err(Usage::from)?;
+    let mut peers = serve::parse_peers(&args.peers).map_err(Usage::from)?;
     if peers.is_empty() {
         // a one-node cluster: its Raft address is never dialled
         peers.push((id, "127.0.0.1:0".to_string()));

@@ -155,8 +155,8 @@ pub enum NodeError {
     #[error("{0}")]
     Config(&'static str),
     /// The worker protocol's handshake or framing failed.
-    #[error("{0}")]
-    Frame(String),
+    #[error(transparent)]
+    Session(#[from] flotilla_shared::frame::SessionError),
     /// A local worker broke the node agent's rules.
     #[error("{0}")]
     Local(&'static str),

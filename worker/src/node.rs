@@ -119,8 +119,7 @@ async fn serve_local(
     hub: mpsc::Sender<Local>,
     lane: u64,
 ) -> crate::Result<(), NodeError> {
-    let (mut conn, first) =
-        accept_worker(stream, NodeId(0), tokens.as_ref()).await.map_err(NodeError::Frame)?;
+    let (mut conn, first) = accept_worker(stream, NodeId(0), tokens.as_ref()).await?;
     let WorkerMessage::Register { rank, .. } = &first else {
         let message =
             "a node agent carries one rank per connection: the first message must be Register".into();
@@ -139,7 +138,7 @@ async fn serve_local(
             out = rx.recv() => match out {
                 Some(msg) => {
                     if let Err(e) = conn.send(msg).await {
-                        break Err(NodeError::Frame(e.to_string()));
+                        break Err(NodeError::Session(e.into()));
                     }
                 }
                 // the hub closed this lane
@@ -147,7 +146,7 @@ async fn serve_local(
             },
             frame = conn.next() => match frame {
                 None => break Ok(()),
-                Some(Err(e)) => break Err(NodeError::Frame(e.to_string())),
+                Some(Err(e)) => break Err(NodeError::Session(e.into())),
                 Some(Ok(WorkerMessage::Batch(_) | WorkerMessage::Left | WorkerMessage::Register { .. })) => {
                     let message = "a worker behind a node agent sends its own rank's messages only, and registers once per connection".into();
                     let _ = conn.send(CoordinatorMessage::Error(ErrorReply { code: ErrorCode::InvalidRequest, message })).await;

@@ -25,7 +25,7 @@ use flotilla_shared::durable;
 use flotilla_shared::ids::NodeId;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The file name inside the data dir.
 pub const FILE: &str = "IDENTITY.json";
@@ -44,55 +44,103 @@ pub struct Identity {
     pub joining: bool,
 }
 
+/// Why a data dir's identity, or a `--cluster-id`, cannot be used. Each
+/// names the file or flag and the way out.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// IDENTITY.json does not parse.
+    #[error("{} is damaged ({source}); restore it from a backup, or remove the whole data dir to rejoin the cluster as an empty replica", .path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        source: serde_json::Error,
+    },
+    /// IDENTITY.json could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// IDENTITY.json could not be written.
+    #[error("cannot write {}: {source}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The data dir belongs to another cluster.
+    #[error("--data-dir {} belongs to cluster {found:?}, not --cluster-id {cluster:?}: start it with --cluster-id {found:?}, or give this cluster's replica a data dir of its own", .dir.display())]
+    OtherCluster {
+        /// The data dir.
+        dir: PathBuf,
+        /// The cluster it records.
+        found: String,
+        /// The cluster this replica was started for.
+        cluster: String,
+    },
+    /// The data dir belongs to another replica.
+    #[error("--data-dir {} belongs to coordinator --id {found}, not --id {id}: give every replica its own data dir (or remove this one to start replica {id} empty; it then catches up from the others before it votes)", .dir.display())]
+    OtherReplica {
+        /// The data dir.
+        dir: PathBuf,
+        /// The id it records.
+        found: NodeId,
+        /// This replica's id.
+        id: NodeId,
+    },
+    /// `--cluster-id` is not a valid name.
+    #[error("--cluster-id {0:?}: use 1 to 63 characters of a-z, 0-9, '-', '.' and '_'")]
+    BadClusterId(String),
+}
+
 /// Reads the data dir's identity, if it has one.
-pub fn read(dir: &Path) -> Result<Option<Identity>, String> {
+pub fn read(dir: &Path) -> Result<Option<Identity>, IdentityError> {
     let path = dir.join(FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            format!("{} is damaged ({e}); restore it from a backup, or remove the whole data dir to rejoin the cluster as an empty replica", path.display())
-        }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|source| IdentityError::Damaged { path, source })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(source) => Err(IdentityError::Read { path, source }),
     }
 }
 
 /// Durably records the identity (write, fsync, rename, fsync the dir).
-pub fn write(dir: &Path, identity: &Identity) -> Result<(), String> {
+pub fn write(dir: &Path, identity: &Identity) -> Result<(), IdentityError> {
     let path = dir.join(FILE);
     let json = serde_json::to_vec_pretty(identity).expect("an identity serializes");
     durable::write_atomic(&path, |f| f.write_all(&json))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        .map_err(|source| IdentityError::Write { path, source })
 }
 
 /// Refuses a data dir written by another replica or another cluster.
-pub fn check(dir: &Path, identity: &Identity, cluster: &str, id: NodeId) -> Result<(), String> {
+pub fn check(dir: &Path, identity: &Identity, cluster: &str, id: NodeId) -> Result<(), IdentityError> {
     if !identity.cluster.is_empty() && identity.cluster != cluster {
-        return Err(format!(
-            "--data-dir {} belongs to cluster {:?}, not --cluster-id {cluster:?}: start it with --cluster-id {:?}, or give this cluster's replica a data dir of its own",
-            dir.display(),
-            identity.cluster,
-            identity.cluster
-        ));
+        return Err(IdentityError::OtherCluster {
+            dir: dir.to_path_buf(),
+            found: identity.cluster.clone(),
+            cluster: cluster.to_string(),
+        });
     }
     if identity.node_id == id {
         return Ok(());
     }
-    Err(format!(
-        "--data-dir {} belongs to coordinator --id {}, not --id {id}: give every replica its own data dir (or remove this one to start replica {id} empty; it then catches up from the others before it votes)",
-        dir.display(),
-        identity.node_id
-    ))
+    Err(IdentityError::OtherReplica { dir: dir.to_path_buf(), found: identity.node_id, id })
 }
 
 /// Checks a `--cluster-id`: 1 to 63 characters of `a-z`, `0-9`, `-`,
 /// `.` and `_` (it names the cluster in files and errors).
-pub fn check_cluster_id(id: &str) -> Result<(), String> {
+pub fn check_cluster_id(id: &str) -> Result<(), IdentityError> {
     let ok = (1..=63).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(format!("--cluster-id {id:?}: use 1 to 63 characters of a-z, 0-9, '-', '.' and '_'"))
+        Err(IdentityError::BadClusterId(id.to_string()))
     }
 }
 
@@ -145,9 +193,9 @@ mod tests {
         write(dir.path(), &id).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Some(id.clone()));
         check(dir.path(), &id, "prod-a", NodeId(2)).unwrap();
-        let e = check(dir.path(), &id, "prod-a", NodeId(1)).unwrap_err();
+        let e = check(dir.path(), &id, "prod-a", NodeId(1)).unwrap_err().to_string();
         assert!(e.contains("belongs to coordinator --id 2, not --id 1"), "{e}");
-        let e = check(dir.path(), &id, "prod-b", NodeId(2)).unwrap_err();
+        let e = check(dir.path(), &id, "prod-b", NodeId(2)).unwrap_err().to_string();
         assert!(e.contains("belongs to cluster \"prod-a\", not --cluster-id \"prod-b\""), "{e}");
         // a data dir from before cluster ids were recorded is adopted
         std::fs::write(dir.path().join(FILE), br#"{"node_id": 2, "joining": false}"#).unwrap();
@@ -156,10 +204,10 @@ mod tests {
         check(dir.path(), &old, "prod-b", NodeId(2)).unwrap();
         check_cluster_id("prod-a.eu_1").unwrap();
         for bad in ["", "Prod", "a b", "x/y", &"a".repeat(64)] {
-            assert!(check_cluster_id(bad).unwrap_err().contains("--cluster-id"), "{bad:?}");
+            assert!(check_cluster_id(bad).unwrap_err().to_string().contains("--cluster-id"), "{bad:?}");
         }
         std::fs::write(dir.path().join(FILE), b"{").unwrap();
-        assert!(read(dir.path()).unwrap_err().contains("damaged"));
+        assert!(read(dir.path()).unwrap_err().to_string().contains("damaged"));
         assert!(!has_log(dir.path()));
     }
 }

@@ -22,7 +22,9 @@
 
 use crate::raft::node::Transport;
 use crate::raft::storage::{decode_message, encode_message};
-use flotilla_shared::frame::{client_handshake, server_handshake, Tokens, DEFAULT_MAX_FRAME};
+use flotilla_shared::frame::{
+    client_handshake, server_handshake, FrameError, HandshakeError, Tokens, DEFAULT_MAX_FRAME,
+};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::tls::{self, NodeTls, Stream};
 use flotilla_shared::wire::{ErrorCode, ErrorReply, Hello, PeerMessage, PeerRole};
@@ -268,14 +270,37 @@ pub(crate) fn present(tokens: &Option<Tokens>) -> Option<String> {
 
 /// Connects to replica `peer` at `addr`: TCP, mutual TLS where configured
 /// (its certificate must name `peer`), then the Hello.
-async fn connect(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<PeerConn, String> {
+/// Why a peer could not be reached, or could not answer a probe.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No TCP connection within 2 s.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The TCP connection failed.
+    #[error("{0}")]
+    Connect(std::io::Error),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The Hello failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// Framing or I/O failed after the Hello.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The peer answered, but not as the protocol says.
+    #[error("{0}")]
+    Protocol(&'static str),
+}
+
+async fn connect(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<PeerConn, PeerError> {
     let tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| PeerError::ConnectTimeout)?
+        .map_err(PeerError::Connect)?;
     let _ = tcp.set_nodelay(true);
     let stream = match &auth.tls {
-        Some(tls) => tls.connect_peer(tcp, peer).await.map_err(|e| format!("TLS: {e}"))?,
+        Some(tls) => tls.connect_peer(tcp, peer).await.map_err(PeerError::Tls)?,
         None => Stream::Left(tcp),
     };
     let (conn, _) = client_handshake(
@@ -284,22 +309,21 @@ async fn connect(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Resul
         present(&auth.token),
         PEER_MAX_FRAME,
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     Ok(conn)
 }
 
 /// Asks replica `peer` at `addr` whether it holds a Raft log (see
 /// `identity`): `Ok(has_log)`, or why it could not be asked.
-pub async fn probe(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<bool, String> {
+pub async fn probe(me: NodeId, peer: NodeId, addr: &str, auth: &PeerAuth) -> Result<bool, PeerError> {
     let mut conn = connect(me, peer, addr, auth).await?;
-    conn.send(PeerMessage::Probe).await.map_err(|e| e.to_string())?;
+    conn.send(PeerMessage::Probe).await?;
     match tokio::time::timeout(Duration::from_secs(2), conn.next()).await {
         Ok(Some(Ok(PeerMessage::ProbeReply { has_log }))) => Ok(has_log),
-        Ok(Some(Ok(_))) => Err("answered a probe with something else".into()),
-        Ok(Some(Err(e))) => Err(e.to_string()),
-        Ok(None) => Err("closed the connection without answering".into()),
-        Err(_) => Err("no answer within 2 s".into()),
+        Ok(Some(Ok(_))) => Err(PeerError::Protocol("answered a probe with something else")),
+        Ok(Some(Err(e))) => Err(e.into()),
+        Ok(None) => Err(PeerError::Protocol("closed the connection without answering")),
+        Err(_) => Err(PeerError::Protocol("no answer within 2 s")),
     }
 }
 

@@ -81,14 +81,14 @@ impl Credentials {
     /// Refuses a worker token that is also the peer's or the admin's, unless
     /// one token is shared by every role (`--token-file` alone, the weaker
     /// set-up docs/SECURITY.md warns about): split roles must really split.
-    pub fn check_distinct(&self) -> Result<(), String> {
+    pub fn check_distinct(&self) -> Result<(), FlagError> {
         let shared = self.peer == self.worker && self.worker == self.admin;
         let overlaps = |other: &Option<Tokens>| match (&self.worker, other) {
             (Some(w), Some(o)) => w.overlaps(o),
             _ => false,
         };
         if !shared && (overlaps(&self.peer) || overlaps(&self.admin)) {
-            return Err("the worker token is also the peer or admin token: workers run user code and must not hold either; give --worker-token-file its own token".into());
+            return Err(FlagError::new("--worker-token-file", "the worker token is also the peer or admin token: workers run user code and must not hold either; give --worker-token-file its own token"));
         }
         Ok(())
     }
@@ -99,7 +99,7 @@ impl Credentials {
 /// the HTTP API the admin token (TLS alone lets anyone in who reaches it),
 /// the worker API the worker token, the Raft port the peer token or mutual
 /// TLS.
-pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
+pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), FlagError> {
     if opts.insecure {
         return Ok(());
     }
@@ -133,9 +133,9 @@ pub fn check_exposure(opts: &CoordinatorOptions) -> Result<(), String> {
         let loopback =
             host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         if !loopback && !guarded {
-            return Err(format!(
+            return Err(FlagError::new(flag, format!(
                 "{flag} {addr} is reachable from other hosts without a credential for it: {why}, or --insecure to run open anyway"
-            ));
+            )));
         }
     }
     Ok(())
@@ -147,6 +147,12 @@ pub enum ServeError {
     /// A flag is inconsistent.
     #[error("{0}")]
     Config(String),
+    /// A flag's value cannot work.
+    #[error(transparent)]
+    Flag(#[from] FlagError),
+    /// The data dir's identity refuses this replica.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {error}{}", bind_hint(.error))]
     Bind {
@@ -158,6 +164,23 @@ pub enum ServeError {
     /// The Raft node failed (e.g. the disk).
     #[error(transparent)]
     Node(#[from] node::NodeError),
+}
+
+/// A flag whose value cannot work: names the flag and the way out (the CLI
+/// exits 2 for it, as for any bad usage).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FlagError {
+    /// The flag.
+    pub flag: &'static str,
+    /// For people: the value, what is wrong, what to pass instead.
+    pub message: String,
+}
+
+impl FlagError {
+    fn new(flag: &'static str, message: impl Into<String>) -> Self {
+        Self { flag, message: message.into() }
+    }
 }
 
 /// What to try after a failed bind.
@@ -197,9 +220,9 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, ServeError> {
 
 /// Runs the replica until `shutdown` is cancelled or the node fails.
 pub async fn run(opts: CoordinatorOptions, shutdown: CancellationToken) -> Result<(), ServeError> {
-    identity::check_cluster_id(&opts.cluster_id).map_err(ServeError::Config)?;
-    check_exposure(&opts).map_err(ServeError::Config)?;
-    opts.credentials.check_distinct().map_err(ServeError::Config)?;
+    identity::check_cluster_id(&opts.cluster_id)?;
+    check_exposure(&opts)?;
+    opts.credentials.check_distinct()?;
     let raft_addr =
         opts.peers.iter().find(|(id, _)| *id == opts.id).map(|(_, a)| a.clone()).ok_or_else(|| {
             ServeError::Config(format!(
@@ -327,11 +350,11 @@ async fn membership(
     let dir = &opts.data_dir;
     let recorded =
         |joining| identity::Identity { cluster: opts.cluster_id.clone(), node_id: opts.id, joining };
-    if let Some(found) = identity::read(dir).map_err(ServeError::Config)? {
-        identity::check(dir, &found, &opts.cluster_id, opts.id).map_err(ServeError::Config)?;
+    if let Some(found) = identity::read(dir)? {
+        identity::check(dir, &found, &opts.cluster_id, opts.id)?;
         if found.cluster.is_empty() {
             // written before cluster ids were recorded: adopt this one
-            identity::write(dir, &recorded(found.joining)).map_err(ServeError::Config)?;
+            identity::write(dir, &recorded(found.joining))?;
         }
         return Ok(Some(found.joining));
     }
@@ -367,7 +390,7 @@ async fn membership(
             }
         }
     };
-    identity::write(dir, &recorded(joining)).map_err(ServeError::Config)?;
+    identity::write(dir, &recorded(joining))?;
     Ok(Some(joining))
 }
 
@@ -473,23 +496,22 @@ async fn submit_at_start(handle: NodeHandle, spec: JobSpec, shutdown: Cancellati
 }
 
 /// Parses `--peers`: `1=host:port,2=host:port,...` (empty: no peers).
-pub fn parse_peers(text: &str) -> Result<Vec<(NodeId, String)>, String> {
+pub fn parse_peers(text: &str) -> Result<Vec<(NodeId, String)>, FlagError> {
+    let bad = |message: String| FlagError::new("--peers", message);
     let mut peers = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| format!("--peers entry {part:?} is not ID=HOST:PORT (e.g. 1=10.0.0.1:7101)"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|n| (1..1 << 16).contains(n))
-            .ok_or_else(|| format!("--peers entry {part:?}: the id must be a number from 1 to 65535"))?;
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            bad(format!("--peers entry {part:?} is not ID=HOST:PORT (e.g. 1=10.0.0.1:7101)"))
+        })?;
+        let id: u64 =
+            id.trim().parse().ok().filter(|n| (1..1 << 16).contains(n)).ok_or_else(|| {
+                bad(format!("--peers entry {part:?}: the id must be a number from 1 to 65535"))
+            })?;
         if !addr.contains(':') {
-            return Err(format!("--peers entry {part:?}: the address needs a port (HOST:PORT)"));
+            return Err(bad(format!("--peers entry {part:?}: the address needs a port (HOST:PORT)")));
         }
         if peers.iter().any(|(p, _)| *p == NodeId(id)) {
-            return Err(format!("--peers lists id {id} twice"));
+            return Err(bad(format!("--peers lists id {id} twice")));
         }
         peers.push((NodeId(id), addr.trim().to_string()));
     }
@@ -498,21 +520,22 @@ pub fn parse_peers(text: &str) -> Result<Vec<(NodeId, String)>, String> {
 
 /// Resolves `--id`: a number, or `auto` for a StatefulSet pod, whose
 /// hostname ends in `-<ordinal>`: the id is ordinal + 1.
-pub fn resolve_id(flag: &str, hostname: &str) -> Result<NodeId, String> {
+pub fn resolve_id(flag: &str, hostname: &str) -> Result<NodeId, FlagError> {
+    let bad = |message: String| FlagError::new("--id", message);
     if flag != "auto" {
         return flag
             .parse()
             .ok()
             .filter(|n| (1..1 << 16).contains(n))
             .map(NodeId)
-            .ok_or_else(|| format!("--id {flag:?} must be a number from 1 to 65535, or auto"));
+            .ok_or_else(|| bad(format!("--id {flag:?} must be a number from 1 to 65535, or auto")));
     }
     hostname
         .rsplit_once('-')
         .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
         .map(|ordinal| NodeId(ordinal + 1))
         .ok_or_else(|| {
-            format!("--id auto needs a StatefulSet hostname ending in -<ordinal> (e.g. flotilla-coordinator-0), got {hostname:?}")
+            bad(format!("--id auto needs a StatefulSet hostname ending in -<ordinal> (e.g. flotilla-coordinator-0), got {hostname:?}"))
         })
 }
 
@@ -549,7 +572,8 @@ mod tests {
         check_exposure(&options("127.0.0.1:9201", Some("[::1]:7201"), none.clone(), false)).unwrap();
         check_exposure(&options("localhost:9201", None, none.clone(), false)).unwrap();
         let e = check_exposure(&options("127.0.0.1:9201", Some("0.0.0.0:7201"), none.clone(), false))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("--api-addr 0.0.0.0:7201 is reachable from other hosts"), "{e}");
         check_exposure(&options("0.0.0.0:9201", None, none.clone(), true)).unwrap();
         check_exposure(&options("0.0.0.0:9201", None, Credentials::shared(Some(Tokens::one("t"))), false))
@@ -560,17 +584,20 @@ mod tests {
             worker: worker.then(|| Tokens::one("w")),
             admin: admin.then(|| Tokens::one("a")),
         };
-        let e = check_exposure(&options("0.0.0.0:9201", None, only(true, true, false), false)).unwrap_err();
+        let e = check_exposure(&options("0.0.0.0:9201", None, only(true, true, false), false))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("--http-addr 0.0.0.0:9201") && e.contains("--admin-token-file"), "{e}");
         let e =
             check_exposure(&options("127.0.0.1:9201", Some("0.0.0.0:7201"), only(true, false, true), false))
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(e.starts_with("--api-addr 0.0.0.0:7201") && e.contains("--worker-token-file"), "{e}");
         check_exposure(&options("0.0.0.0:9201", Some("0.0.0.0:7201"), only(false, true, true), false))
             .unwrap();
         let mut exposed_raft = options("127.0.0.1:9201", None, only(false, true, true), false);
         exposed_raft.peers[0].1 = "10.0.0.1:7101".into();
-        let e = check_exposure(&exposed_raft).unwrap_err();
+        let e = check_exposure(&exposed_raft).unwrap_err().to_string();
         assert!(e.starts_with("--peers 10.0.0.1:7101") && e.contains("--tls-ca"), "{e}");
         exposed_raft.credentials.peer = Some(Tokens::one("p"));
         check_exposure(&exposed_raft).unwrap();
@@ -586,7 +613,7 @@ mod tests {
         };
         split("p", "w", "a").check_distinct().unwrap();
         split("p", "w", "p").check_distinct().unwrap();
-        assert!(split("p", "p", "a").check_distinct().unwrap_err().contains("worker token"));
+        assert!(split("p", "p", "a").check_distinct().unwrap_err().to_string().contains("worker token"));
         assert!(split("p", "a", "a").check_distinct().is_err());
         // during a rotation a file holds two tokens: no worker token may be any other role's
         split("p1\np2", "w1\nw2", "a").check_distinct().unwrap();
@@ -600,10 +627,10 @@ mod tests {
             vec![(NodeId(1), "127.0.0.1:7101".to_string()), (NodeId(2), "h:7102".to_string())]
         );
         assert!(parse_peers("").unwrap().is_empty());
-        assert!(parse_peers("127.0.0.1:7101").unwrap_err().contains("ID=HOST:PORT"));
-        assert!(parse_peers("0=h:1").unwrap_err().contains("from 1 to 65535"));
-        assert!(parse_peers("1=h").unwrap_err().contains("needs a port"));
-        assert!(parse_peers("1=h:1,1=g:2").unwrap_err().contains("twice"));
+        assert!(parse_peers("127.0.0.1:7101").unwrap_err().to_string().contains("ID=HOST:PORT"));
+        assert!(parse_peers("0=h:1").unwrap_err().to_string().contains("from 1 to 65535"));
+        assert!(parse_peers("1=h").unwrap_err().to_string().contains("needs a port"));
+        assert!(parse_peers("1=h:1,1=g:2").unwrap_err().to_string().contains("twice"));
     }
 
     #[test]
@@ -611,7 +638,7 @@ mod tests {
         assert_eq!(resolve_id("3", "x").unwrap(), NodeId(3));
         assert_eq!(resolve_id("auto", "flotilla-coordinator-0").unwrap(), NodeId(1));
         assert_eq!(resolve_id("auto", "flotilla-coordinator-2").unwrap(), NodeId(3));
-        assert!(resolve_id("auto", "laptop").unwrap_err().contains("StatefulSet"));
+        assert!(resolve_id("auto", "laptop").unwrap_err().to_string().contains("StatefulSet"));
         assert!(resolve_id("0", "x").is_err());
         assert!(resolve_id("one", "x").is_err());
     }

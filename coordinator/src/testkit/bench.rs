@@ -14,6 +14,7 @@
 //!   one serves `/v1/status` as leader; the killed replica is restarted on
 //!   its data dir and rejoins before the next run.
 
+use super::HarnessError;
 use crate::raft::node::Role;
 use crate::testkit::local::{LocalCluster, LocalOptions};
 use serde::Serialize;
@@ -81,7 +82,11 @@ fn fsync_samples(dir: &Path, n: usize) -> std::io::Result<Vec<f64>> {
 }
 
 /// Runs the benchmark with the `flotilla` binary at `bin`, under `dir`.
-pub async fn raft_bench(bin: &Path, dir: &Path, opts: &RaftBenchOptions) -> Result<RaftBenchReport, String> {
+pub async fn raft_bench(
+    bin: &Path,
+    dir: &Path,
+    opts: &RaftBenchOptions,
+) -> Result<RaftBenchReport, HarnessError> {
     let certs = opts.tls.then(|| dir.join("certs"));
     let quiet =
         LocalOptions { log_filter: Some("warn".into()), tls_dir: certs.clone(), ..LocalOptions::default() };
@@ -103,7 +108,7 @@ pub async fn raft_bench(bin: &Path, dir: &Path, opts: &RaftBenchOptions) -> Resu
         let resp = http.post(&url).body(spec).send().await.map_err(|e| e.to_string())?;
         let took = start.elapsed().as_secs_f64() * 1e3;
         if !resp.status().is_success() {
-            return Err(format!("proposal {i} failed: HTTP {}", resp.status()));
+            return Err(format!("proposal {i} failed: HTTP {}", resp.status()).into());
         }
         // the first few warm up connections and the log
         if i >= 10 {
@@ -126,7 +131,7 @@ pub async fn raft_bench(bin: &Path, dir: &Path, opts: &RaftBenchOptions) -> Resu
                 }
             }
             if start.elapsed() > timeout {
-                return Err(format!("no new leader within {timeout:?}"));
+                return Err(format!("no new leader within {timeout:?}").into());
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -291,7 +296,7 @@ pub async fn sim_worker(
     rank: u32,
     incarnation: u64,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
-) -> Result<(), String> {
+) -> Result<(), HarnessError> {
     use flotilla_shared::ids::{Generation, JobName, Rank, Step};
     use flotilla_shared::layout::shard_file_name;
     use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
@@ -375,7 +380,7 @@ pub async fn sim_node(
     first_incarnation: u64,
     mut control: tokio::sync::mpsc::UnboundedReceiver<NodeControl>,
     restores: tokio::sync::mpsc::UnboundedSender<(u32, Instant)>,
-) -> Result<(), String> {
+) -> Result<(), HarnessError> {
     use flotilla_shared::ids::{Generation, JobName, Rank, Step};
     use flotilla_shared::layout::shard_file_name;
     use flotilla_shared::shard::{write_shard, Dtype, ShardMeta, VariableSpec};
@@ -423,7 +428,7 @@ pub async fn sim_node(
                 let items = match frame.ok_or("closed")?.map_err(|e| e.to_string())? {
                     CoordinatorMessage::Batch(items) => items,
                     CoordinatorMessage::Alive => continue,
-                    other => return Err(format!("unexpected {other:?} on a node session")),
+                    other => return Err(format!("unexpected {other:?} on a node session").into()),
                 };
                 let mut replies = Vec::new();
                 let mut writes = Vec::new();
@@ -494,7 +499,7 @@ pub async fn sim_workers(
     heartbeat_ms: u64,
     ranks: std::ops::Range<u32>,
     node: bool,
-) -> Result<(), String> {
+) -> Result<(), HarnessError> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let (restore_tx, mut restore_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Instant)>();
     // incarnations unique across processes and drops: this process's start time
@@ -565,7 +570,8 @@ pub async fn sim_workers(
             _ => {
                 return Err(format!(
                     "stdin: {line:?} is not `drop RANK` or `start RANK` for a rank in {ranks:?}"
-                ))
+                )
+                .into())
             }
         }
     }
@@ -606,7 +612,7 @@ pub async fn coordinator_bench(
     bin: &Path,
     dir: &Path,
     opts: &CoordinatorBenchOptions,
-) -> Result<CoordinatorBenchReport, String> {
+) -> Result<CoordinatorBenchReport, HarnessError> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let quiet = LocalOptions { log_filter: Some("warn".into()), ..LocalOptions::default() };
     let cluster =

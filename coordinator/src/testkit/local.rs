@@ -2,6 +2,7 @@
 //! loopback, for end-to-end tests, `flotilla bench` and `flotilla demo`.
 //! Processes are killed (SIGKILL) when the cluster is dropped.
 
+use super::HarnessError;
 use crate::api::ClusterStatus;
 use crate::raft::node::Role;
 use flotilla_shared::ids::NodeId;
@@ -254,7 +255,7 @@ impl LocalCluster {
 
     /// Waits until every running replica agrees on one leader that has
     /// announced itself; returns its id.
-    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, String> {
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, HarnessError> {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         loop {
@@ -286,7 +287,7 @@ impl LocalCluster {
                 }
             }
             if Instant::now() > deadline {
-                return Err(format!("no agreed leader within {timeout:?}; last: {last}"));
+                return Err(format!("no agreed leader within {timeout:?}; last: {last}").into());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

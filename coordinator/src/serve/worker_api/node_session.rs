@@ -5,6 +5,7 @@ use super::IDLE_TIMEOUT;
 use crate::raft::node::{NodeHandle, Role};
 use crate::supervise::task::CoordinatorMessageOrClose;
 use crate::supervise::ConnId;
+use flotilla_shared::frame::SessionError;
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, ForRank, WorkerMessage};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ pub(super) async fn serve_node(
     node: NodeHandle,
     inputs: Inputs,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     use flotilla_shared::ids::Rank;
     // a directive for every rank of a large node fits, several times over
     let (tx, mut rx) = mpsc::channel::<(ConnId, CoordinatorMessageOrClose)>(64 * NODE_BATCH_MAX);
@@ -44,12 +45,12 @@ pub(super) async fn serve_node(
             Some(items) => items,
             None => tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                _ = &mut idle => break Err(format!("node session silent for {IDLE_TIMEOUT:?}; closed")),
+                _ = &mut idle => break Err(SessionError::NodeIdle(IDLE_TIMEOUT)),
                 frame = conn.next() => match frame {
                     None => break Ok(()),
-                    Some(Err(e)) => break Err(e.to_string()),
+                    Some(Err(e)) => break Err(e.into()),
                     Some(Ok(WorkerMessage::Batch(items))) => items,
-                    Some(Ok(_)) => break Err("a node session carries only Batch frames".into()),
+                    Some(Ok(_)) => break Err(SessionError::Protocol("a node session carries only Batch frames")),
                 },
                 out = rx.recv() => {
                     let Some(first) = out else { break Ok(()) };
@@ -79,7 +80,7 @@ pub(super) async fn serve_node(
                     }
                     if !batch.is_empty() {
                         if let Err(e) = conn.send(CoordinatorMessage::Batch(batch)).await {
-                            break Err(e.to_string());
+                            break Err(e.into());
                         }
                     }
                     if rank_of.is_empty() {
@@ -137,7 +138,7 @@ pub(super) async fn serve_node(
         }
         if malformed {
             // closed like any session: every rank's Disconnected below
-            break Err("a Batch inside a Batch".into());
+            break Err(SessionError::Protocol("a Batch inside a Batch"));
         }
         if heartbeats {
             // as for one rank: a deposed leader falls silent, and the node moves
@@ -145,12 +146,12 @@ pub(super) async fn serve_node(
                 break Ok(());
             }
             if let Err(e) = conn.send(CoordinatorMessage::Alive).await {
-                break Err(e.to_string());
+                break Err(e.into());
             }
         }
         if !refused.is_empty() {
             if let Err(e) = conn.send(CoordinatorMessage::Batch(refused)).await {
-                break Err(e.to_string());
+                break Err(e.into());
             }
         }
         if rank_of.is_empty() {

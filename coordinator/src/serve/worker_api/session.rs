@@ -6,7 +6,7 @@ use super::IDLE_TIMEOUT;
 use crate::raft::node::{NodeHandle, Role};
 use crate::supervise::task::{Outbox, SupervisorInput};
 use crate::supervise::{ConnId, Observation, Registration};
-use flotilla_shared::frame::Tokens;
+use flotilla_shared::frame::{SessionError, Tokens};
 use flotilla_shared::tls::Stream;
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
 use futures::{SinkExt, StreamExt};
@@ -42,7 +42,7 @@ pub(super) async fn serve_worker(
     supervisor: mpsc::Sender<SupervisorInput>,
     sessions: &prometheus::IntGaugeVec,
     shutdown: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), SessionError> {
     let me = node.status().id;
     let (mut conn, first) = flotilla_shared::frame::accept_worker(stream, me, token.as_ref()).await?;
     let node_session = match &first {
@@ -59,7 +59,7 @@ pub(super) async fn serve_worker(
                     .into(),
             };
             let _ = conn.send(CoordinatorMessage::Error(reply)).await;
-            return Err("first message was not Register".into());
+            return Err(SessionError::Protocol("first message was not Register"));
         }
     };
     let status = node.status();
@@ -88,12 +88,12 @@ pub(super) async fn serve_worker(
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            _ = &mut idle => break Err(format!("silent for {IDLE_TIMEOUT:?}; closed")),
+            _ = &mut idle => break Err(SessionError::Idle(IDLE_TIMEOUT)),
             frame = conn.next() => match frame {
                 None => break Ok(()),
-                Some(Err(e)) => break Err(e.to_string()),
+                Some(Err(e)) => break Err(e.into()),
                 Some(Ok(WorkerMessage::Batch(_) | WorkerMessage::Left)) => {
-                    break Err("Batch and Left belong to node sessions; this connection registered one rank".into())
+                    break Err(SessionError::Protocol("Batch and Left belong to node sessions; this connection registered one rank"))
                 }
                 Some(Ok(msg)) => {
                     idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
@@ -104,7 +104,7 @@ pub(super) async fn serve_worker(
                             break Ok(());
                         }
                         if let Err(e) = conn.send(CoordinatorMessage::Alive).await {
-                            break Err(e.to_string());
+                            break Err(e.into());
                         }
                     }
                     if !inputs.message(conn_id, msg).await {
@@ -115,7 +115,7 @@ pub(super) async fn serve_worker(
             out = rx.recv() => match out {
                 Some((_, Some(msg))) => {
                     if let Err(e) = conn.send(msg).await {
-                        break Err(e.to_string());
+                        break Err(e.into());
                     }
                 }
                 Some((_, None)) | None => break Ok(()),
