@@ -59,6 +59,15 @@ pub(crate) enum Command {
     Restore(RestoreArgs),
     /// Cluster and job status (leader, term, generation, step, checkpoints, workers).
     Status(StatusArgs),
+    /// Lists every job in the ledger: state, generation, world size, latest committed
+    /// checkpoint (id@step) and when it was submitted.
+    Jobs(JobsArgs),
+    /// Cancels a job: its pending checkpoint is aborted, its workers are told to stop, and
+    /// it stays in the ledger as `cancelled` (committed checkpoints kept) until deleted.
+    Cancel(JobArgs),
+    /// Removes an ended (succeeded, failed or cancelled) job from the ledger, so that its name
+    /// can be submitted again; its checkpoint files stay unless --remove-checkpoints.
+    Delete(DeleteArgs),
     /// Lists a checkpoint's variables per rank (offline); --verify re-checks every checksum.
     Inspect(InspectArgs),
     /// The coordinator cluster's membership: list, add (as a learner, promoted once caught up), remove.
@@ -259,6 +268,28 @@ pub(crate) struct JobArgs {
     /// The job.
     #[arg(long)]
     pub(crate) job: String,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct JobsArgs {
+    /// Print machine-readable JSON (the jobs as `GET /v1/status` has them) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct DeleteArgs {
+    /// The job (succeeded, failed or cancelled: cancel a live one first).
+    #[arg(long)]
+    pub(crate) job: String,
+    /// Also remove the job's checkpoint directory (<root>/<job>/) on the leader. Without it
+    /// the files stay: a new job can still start from them with [checkpoint] resume_from.
+    #[arg(long)]
+    pub(crate) remove_checkpoints: bool,
     #[command(flatten)]
     pub(crate) client: ClientArgs,
 }

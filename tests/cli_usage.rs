@@ -169,3 +169,15 @@ fn a_one_node_coordinator_submits_its_spec_and_answers_host_port() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn cancel_and_delete_without_a_job_are_bad_usage() {
+    for args in [&["cancel"][..], &["delete"], &["delete", "--remove-checkpoints"]] {
+        let out = flotilla(&[args, &["--endpoints", "http://127.0.0.1:1"]].concat());
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("--job <JOB>"), "{args:?}: {stderr}");
+    }
+    let out = flotilla(&["jobs", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
+}

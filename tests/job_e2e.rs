@@ -629,6 +629,131 @@ async fn a_finished_job_refuses_at_once_and_a_new_job_resumes_from_its_checkpoin
     assert!(err.contains("checkpoint.resume_from") && err.contains("no committed checkpoint"), "{err}");
 }
 
+/// `flotilla ARGS --endpoints E`: (exit code, stdout, stderr).
+fn cli(args: &[&str], endpoints: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).args(["--endpoints", endpoints]).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_stops_its_workers_and_once_deleted_its_name_runs_afresh() {
+    let mut s = Scenario::start(2, 1_000_000, "").await;
+    s.wait_job("two committed checkpoints", |j| j.state == "running" && j.checkpoints_committed >= 2).await;
+    let endpoints = s.cluster.endpoints();
+
+    tracing::info!("--- flotilla cancel: the job is cancelled, its workers stop and exit");
+    let (code, stdout, stderr) = cli(&["cancel", "--job", "e2e"], &endpoints);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("job e2e cancelled"), "{stdout}");
+    let mut gone = Vec::new();
+    let deadline = std::time::Instant::now() + LONG;
+    while gone.len() < 2 {
+        gone.extend(s.workers.exited());
+        assert!(std::time::Instant::now() < deadline, "the workers did not exit: {gone:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone.iter().all(|(_, status)| status.success()), "a stopped worker exits 0: {gone:?}");
+    let job = s.wait_job("cancelled", |j| j.state == "cancelled").await;
+    assert!(job.checkpoints.iter().all(|c| c.state != "pending"), "{:?}", job.checkpoints);
+    let latest = job.latest_committed.expect("its committed checkpoints stay");
+    assert!(
+        job.events.iter().any(|e| matches!(e.kind, Some(JobEventKind::Cancelled { .. }))),
+        "{:?}",
+        job.events
+    );
+
+    tracing::info!("--- flotilla jobs lists it as cancelled, with its latest checkpoint");
+    let stdout = wait_for("flotilla jobs to list e2e cancelled", LONG, || async {
+        let (code, stdout, stderr) = cli(&["jobs"], &endpoints);
+        match code {
+            Some(0) if stdout.lines().any(|l| l.starts_with("e2e ") && l.contains(" cancelled ")) => {
+                Ok(stdout)
+            }
+            _ => Err(format!("{code:?}: {stdout}{stderr}")),
+        }
+    })
+    .await;
+    let line = stdout.lines().find(|l| l.starts_with("e2e ")).unwrap_or_else(|| panic!("{stdout}"));
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        &cells[..5],
+        ["e2e", "cancelled", "1", "2", &format!("{}@{}", latest.id, latest.step)],
+        "{stdout}"
+    );
+    let (code, _, stderr) = cli(&["cancel", "--job", "e2e"], &endpoints);
+    assert_eq!(code, Some(1), "cancelled twice: {stderr}");
+    assert!(stderr.contains("already cancelled"), "{stderr}");
+    let (code, _, stderr) = cli(&["cancel", "--job", "nosuch"], &endpoints);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no job named nosuch"), "{stderr}");
+
+    tracing::info!("--- a live job is not deleted: cancel it first");
+    let other = format!(
+        "name = \"other\"\nworld_size = 1\n\n[checkpoint]\nevery_steps = 50\nroot = \"{}\"\n\n[trainer]\ntotal_steps = 100\n",
+        s.dir.path().join("ckpt").display()
+    );
+    s.client.submit(&other).await.unwrap();
+    let (code, _, stderr) = cli(&["delete", "--job", "other"], &endpoints);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is waiting") && stderr.contains("cancel it first (flotilla cancel --job other)"),
+        "{stderr}"
+    );
+
+    // the HTTP answers: 404 for no such job, 409 for one already ended or still live
+    let url = s.cluster.url(s.cluster.wait_for_leader(LONG).await.unwrap());
+    let http = reqwest::Client::new();
+    let code = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(code(http.post(format!("{url}/v1/jobs/nosuch/cancel")).send().await.unwrap()), 404);
+    assert_eq!(code(http.post(format!("{url}/v1/jobs/e2e/cancel")).send().await.unwrap()), 409);
+    assert_eq!(code(http.delete(format!("{url}/v1/jobs/other")).send().await.unwrap()), 409);
+    assert_eq!(code(http.delete(format!("{url}/v1/jobs/nosuch")).send().await.unwrap()), 404);
+
+    tracing::info!("--- flotilla delete --remove-checkpoints: out of the ledger, its directory gone");
+    assert!(s.job_dir().path().is_dir());
+    let (code, stdout, stderr) = cli(&["delete", "--job", "e2e", "--remove-checkpoints"], &endpoints);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("job e2e deleted") && stdout.contains("removed"), "{stdout}");
+    assert!(!s.job_dir().path().exists(), "{} is still there", s.job_dir().path().display());
+    // (the replica answering may apply the deletion a moment after the leader)
+    wait_for("flotilla jobs to list other and not e2e", LONG, || async {
+        let (_, stdout, _) = cli(&["jobs"], &endpoints);
+        let listed = |job: &str| stdout.lines().any(|l| l.starts_with(&format!("{job} ")));
+        if listed("other") && !listed("e2e") {
+            Ok(())
+        } else {
+            Err(stdout)
+        }
+    })
+    .await;
+    let (code, _, stderr) = cli(&["delete", "--job", "e2e"], &endpoints);
+    assert_eq!(code, Some(1), "deleted twice: {stderr}");
+
+    tracing::info!("--- the same name again is a fresh job, trained from step 0");
+    let again = format!(
+        "name = \"e2e\"\nworld_size = 2\n\n[checkpoint]\nevery_steps = 50\nkeep_last = 100\nroot = \"{}\"\n\n\
+         [trainer]\ntotal_steps = 300\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\nseed = 7\n",
+        s.dir.path().join("ckpt").display()
+    );
+    let spec = JobSpec::from_toml(&again).unwrap();
+    assert!(s.client.submit(&again).await.unwrap().created);
+    // (any replica answers status: one that has applied the submission)
+    let fresh = s.wait_job("the fresh job", |j| j.state == "waiting").await;
+    assert_eq!((fresh.generation.0, fresh.restores, fresh.checkpoints.len()), (1, 0, 0));
+    let mut workers = LocalWorkers::new(Path::new(BIN), s.dir.path(), s.cluster.api_endpoints(), "e2e", 2);
+    for rank in 0..2 {
+        workers.spawn(rank, &[]).unwrap();
+    }
+    let done = s.wait_job("the new job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest, Some(reference_digest(spec.trainer.as_ref().unwrap(), 2)));
+    assert_eq!((done.generation.0, done.restores), (1, 0));
+    // keep_last = 100: none retired, so the list starts at the first
+    let first = done.checkpoints.iter().map(|c| c.id.0).min();
+    assert_eq!(first, Some(1), "checkpoint ids start again: {:?}", done.checkpoints);
+    assert!(done.restored_from.is_none(), "it started from step 0");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repair() {
     let s = Scenario::start(2, 2500, "keep_last = 1000\n").await;

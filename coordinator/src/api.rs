@@ -75,8 +75,11 @@ pub struct NodeView {
 pub struct JobStatus {
     /// Name.
     pub name: JobName,
-    /// `waiting`, `running`, `restoring`, `blocked`, `succeeded`, `failed`.
+    /// `waiting`, `running`, `restoring`, `blocked`, `succeeded`, `failed`, `cancelled`.
     pub state: String,
+    /// When it was submitted (ms since the epoch; 0 from a replica that did not say).
+    #[serde(default)]
+    pub submitted_ms: u64,
     /// Current generation.
     pub generation: Generation,
     /// Ranks.
@@ -235,6 +238,7 @@ impl JobStatus {
         Self {
             name: job.spec.name.clone(),
             state: job.state.as_str().to_string(),
+            submitted_ms: job.submitted_ms,
             generation: job.generation,
             world_size: job.spec.world_size,
             step,

@@ -290,6 +290,31 @@ impl Client {
         resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
     }
 
+    /// Cancels `job`; returns `{"job", "state", "aborted"}`.
+    pub async fn cancel(&self, job: &str) -> Result<serde_json::Value, ClientError> {
+        let resp = self.mutate(&format!("/v1/jobs/{job}/cancel"), String::new()).await?;
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
+    /// Deletes terminal job `job` from the ledger, and with
+    /// `remove_checkpoints` its checkpoint directory; returns `{"job",
+    /// "dir", "remove_checkpoints", "removed"}`.
+    pub async fn delete_job(
+        &self,
+        job: &str,
+        remove_checkpoints: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let resp = self
+            .request_leader(
+                reqwest::Method::DELETE,
+                &format!("/v1/jobs/{job}?remove_checkpoints={remove_checkpoints}"),
+                String::new(),
+                Duration::from_secs(60),
+            )
+            .await?;
+        resp.json().await.map_err(|e| ClientError::Refused(format!("invalid answer: {e}")))
+    }
+
     /// POSTs to the leader: tries each endpoint, follows 421 to the leader's
     /// URL, retries 503 (no leader yet) until `patience` runs out.
     async fn mutate(&self, path: &str, body: String) -> Result<reqwest::Response, ClientError> {
@@ -302,13 +327,28 @@ impl Client {
         body: String,
         timeout: Duration,
     ) -> Result<reqwest::Response, ClientError> {
+        self.request_leader(reqwest::Method::POST, path, body, timeout).await
+    }
+
+    /// Sends a mutation (`method`) to the leader, as [`Self::mutate`] does.
+    async fn request_leader(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, ClientError> {
         let deadline = Instant::now() + self.patience;
         let mut targets: Vec<String> = self.endpoints.clone();
         let mut last = String::from("no endpoints given");
         let mut reached_any = false;
         loop {
             for base in std::mem::take(&mut targets) {
-                let mut req = self.http.post(format!("{base}{path}")).body(body.clone()).timeout(timeout);
+                let mut req = self
+                    .http
+                    .request(method.clone(), format!("{base}{path}"))
+                    .body(body.clone())
+                    .timeout(timeout);
                 if let Some(token) = &self.token {
                     req = req.bearer_auth(token);
                 }

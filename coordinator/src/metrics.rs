@@ -260,21 +260,20 @@ impl Metrics {
     /// Refreshes the job metrics from the ledger (every replica) and the
     /// supervisor's view of the workers (the leader only), before a scrape.
     pub fn observe_ledger(&self, state: &State, workers: &dyn Fn(&JobName) -> Vec<WorkerView>, leader: bool) {
-        const STATES: [JobState; 6] = [
-            JobState::Waiting,
-            JobState::Running,
-            JobState::Restoring,
-            JobState::Blocked,
-            JobState::Succeeded,
-            JobState::Failed,
-        ];
         self.job_step.reset();
         self.job_workers.reset();
         self.heartbeat_age.reset();
+        // a deleted job's series go with it (its gauges are set again below
+        // for every job in the ledger)
+        self.job_generation.reset();
+        self.job_state.reset();
+        self.latest_committed_step.reset();
+        self.last_condemned.reset();
+        self.forget_deleted_jobs(state);
         for job in state.jobs.values() {
             let name = job.spec.name.as_str();
             self.job_generation.with_label_values(&[name]).set(job.generation.0 as i64);
-            for s in STATES {
+            for s in JobState::ALL {
                 self.job_state.with_label_values(&[name, s.as_str()]).set(i64::from(job.state == s));
             }
             let latest = job.latest_committed().map_or(0, |c| c.step.0);
@@ -318,6 +317,27 @@ impl Metrics {
         }
     }
 
+    /// Drops the counter series of jobs no longer in the ledger (deleted):
+    /// a job submitted again under the name counts from 0 (a counter reset,
+    /// which `rate()` understands).
+    fn forget_deleted_jobs(&self, state: &State) {
+        let names: std::collections::HashSet<&str> = state.jobs.keys().map(|j| j.as_str()).collect();
+        let counters = [&self.checkpoints, &self.every_condemned, &self.restores];
+        let mut exported = self.exported.lock().unwrap_or_else(|e| e.into_inner());
+        exported.retain(|(metric, labels), _| {
+            let Some(job) = labels.first() else { return true };
+            if names.contains(job.as_str()) {
+                return true;
+            }
+            let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+            for c in counters.iter().filter(|c| prometheus::core::Collector::desc(**c)[0].fq_name == *metric)
+            {
+                let _ = c.remove_label_values(&values);
+            }
+            false
+        });
+    }
+
     /// Exports a ledger count as a Prometheus counter: adds what grew since
     /// the last export (ledger counts never decrease).
     fn export_counter(&self, counter: &IntCounterVec, labels: &[&str], value: u64) {
@@ -341,5 +361,40 @@ impl Metrics {
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Command;
+    use flotilla_shared::spec::JobSpec;
+
+    #[test]
+    fn a_deleted_job_leaves_no_series_and_its_name_counts_afresh() {
+        let spec = JobSpec::from_toml(
+            "name = \"a\"\nworld_size = 1\n[checkpoint]\nevery_steps = 10\nroot = \"/ckpt\"\n",
+        )
+        .unwrap();
+        let job = JobName::new("a").unwrap();
+        let mut st = State::default();
+        st.apply(Command::SubmitJob { spec: spec.clone(), now_ms: 1, origin: None }).unwrap();
+        st.apply(Command::FailJob { job: job.clone(), error: "x".into() }).unwrap();
+        let m = Metrics::new();
+        let none = |_: &JobName| Vec::new();
+        m.observe_ledger(&st, &none, true);
+        let text = m.encode();
+        assert!(text.contains("flotilla_job_state{job=\"a\",state=\"failed\"} 1"), "{text}");
+        assert!(text.contains("flotilla_job_state{job=\"a\",state=\"cancelled\"} 0"), "{text}");
+        st.apply(Command::DeleteJob { job: job.clone(), remove_checkpoints: false }).unwrap();
+        m.observe_ledger(&st, &none, true);
+        let text = m.encode();
+        assert!(!text.contains("job=\"a\""), "{text}");
+        st.apply(Command::SubmitJob { spec, now_ms: 2, origin: None }).unwrap();
+        st.apply(Command::CancelJob { job, now_ms: 3 }).unwrap();
+        m.observe_ledger(&st, &none, true);
+        let text = m.encode();
+        assert!(text.contains("flotilla_job_state{job=\"a\",state=\"cancelled\"} 1"), "{text}");
+        assert!(text.contains("flotilla_checkpoints_total{job=\"a\",outcome=\"committed\"} 0"), "{text}");
     }
 }

@@ -208,6 +208,13 @@ enum Act {
         job: JobSel,
         gen: GenSel,
     },
+    Cancel {
+        job: JobSel,
+    },
+    DeleteJob {
+        job: JobSel,
+        remove_checkpoints: bool,
+    },
 }
 
 /// How the proposer's clock moved since the previous command (a new leader's
@@ -315,6 +322,9 @@ fn act() -> BoxedStrategy<Act> {
         1 => (job_sel(), gen_sel()).prop_map(|(job, gen)| Act::Block { job, gen }),
         1 => job_sel().prop_map(|job| Act::Fail { job }),
         1 => (job_sel(), gen_sel()).prop_map(|(job, gen)| Act::Finish { job, gen }),
+        1 => job_sel().prop_map(|job| Act::Cancel { job }),
+        1 => (job_sel(), any::<bool>())
+            .prop_map(|(job, remove_checkpoints)| Act::DeleteJob { job, remove_checkpoints }),
     ]
     .boxed()
 }
@@ -386,7 +396,9 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
                     from: None,
                     now_ms,
                 },
-                (JobState::Succeeded, _) => Command::DeleteCheckpoint { job, id: CheckpointId(1) },
+                (JobState::Succeeded | JobState::Cancelled, _) => {
+                    Command::DeleteCheckpoint { job, id: CheckpointId(1) }
+                }
             }
         }
         Act::Run { .. } => unreachable!("runs are expanded into advances"),
@@ -483,6 +495,10 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             now_ms,
         },
         Act::Fail { job } => Command::FailJob { job: name(job), error: "given up".into() },
+        Act::Cancel { job } => Command::CancelJob { job: name(job), now_ms },
+        Act::DeleteJob { job, remove_checkpoints } => {
+            Command::DeleteJob { job: name(job), remove_checkpoints: *remove_checkpoints }
+        }
         Act::Finish { job, gen: g } => {
             Command::FinishJob { job: name(job), generation: gen(job, g), digest: "00ff".into(), step: None }
         }
@@ -506,7 +522,9 @@ fn job_of(cmd: &Command) -> Option<&JobName> {
         | Command::ResumeJob { job, .. }
         | Command::BlockJob { job, .. }
         | Command::FailJob { job, .. }
-        | Command::FinishJob { job, .. } => Some(job),
+        | Command::FinishJob { job, .. }
+        | Command::CancelJob { job, .. }
+        | Command::DeleteJob { job, .. } => Some(job),
     }
 }
 
@@ -563,7 +581,8 @@ fn transition_allowed(from: CheckpointState, to: CheckpointState, cmd: &Command,
             Command::Restore { .. }
             | Command::OperatorRestore { .. }
             | Command::FailJob { .. }
-            | Command::FinishJob { .. } => true,
+            | Command::FinishJob { .. }
+            | Command::CancelJob { .. } => true,
             _ => false,
         },
         (Committed, Corrupt) => matches!(cmd, Command::MarkCorrupt { .. }) && names_it,
@@ -612,13 +631,23 @@ fn check_step(prev: &State, cmd: &Command, outcome: &Outcome, next: &State) -> R
             | Event::CheckpointCorrupt { job, .. }
             | Event::CheckpointCleared { job, .. }
             | Event::CheckpointDeleted { job, .. }
-            | Event::Restoring { job, .. } => job,
+            | Event::Restoring { job, .. }
+            | Event::JobDeleted { job, .. } => job,
         };
         prop_assert_eq!(Some(job), target, "an event about another job");
     }
     for (name, p) in &prev.jobs {
         let Some(n) = next.jobs.get(name) else {
-            return Err(TestCaseError::fail(format!("job {name} disappeared")));
+            // only a deletion removes a job, and only an ended one
+            prop_assert!(
+                matches!(cmd, Command::DeleteJob { job, .. } if job == name),
+                "job {} disappeared by {:?}",
+                name,
+                cmd
+            );
+            prop_assert!(p.state.is_terminal(), "live job {} ({:?}) deleted", name, p.state);
+            prop_assert!(matches!(events.as_slice(), [Event::JobDeleted { .. }]), "{:?}", events);
+            continue;
         };
         if Some(name) != target {
             prop_assert_eq!(n, p, "a command for another job changed job {}", name);
@@ -718,6 +747,14 @@ fn check_job_step(
     if p.state == JobState::Succeeded {
         prop_assert_eq!(n.state, JobState::Succeeded);
         prop_assert_eq!((n.generation, &n.final_digest), (p.generation, &p.final_digest));
+    }
+    if p.state == JobState::Cancelled {
+        prop_assert_eq!(n.state, JobState::Cancelled, "{}: a cancelled job revived by {:?}", name, cmd);
+        prop_assert_eq!(n.generation, p.generation);
+    }
+    if n.state == JobState::Cancelled && p.state != JobState::Cancelled {
+        prop_assert!(matches!(cmd, Command::CancelJob { .. }), "{name}: cancelled by {cmd:?}");
+        prop_assert!(n.pending().is_none(), "{name}: cancelled with a checkpoint pending");
     }
     if p.state == JobState::Failed && n.state != JobState::Failed {
         prop_assert!(is_operator_restore(cmd), "{name}: a failed job revived by {cmd:?}");

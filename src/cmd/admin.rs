@@ -167,7 +167,7 @@ pub(crate) async fn run_restore(args: RestoreArgs) -> Result<()> {
                     println!("{}", restore_outcome(&job, asked, &from));
                     return Ok(());
                 }
-                "blocked" | "failed" => bail!(
+                "blocked" | "failed" | "cancelled" => bail!(
                     "job {} is {} after the restore into generation {asked} (now generation {}): {}; flotilla status --job {} says more",
                     args.job,
                     job.state,

@@ -4,6 +4,7 @@
 pub(crate) mod admin;
 pub(crate) mod bench;
 pub(crate) mod inspect;
+pub(crate) mod jobs;
 pub(crate) mod serve;
 pub(crate) mod status;
 
@@ -57,6 +58,9 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
             | Command::Checkpoint(_)
             | Command::Restore(_)
             | Command::Replicas(_)
+            | Command::Jobs(_)
+            | Command::Cancel(_)
+            | Command::Delete(_)
     ) {
         end_quietly_on_closed_pipe();
     }
@@ -73,6 +77,9 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         }
         Command::Submit(args) => block_on(admin::run_submit(args)),
         Command::Status(args) => block_on(status::run_status(args)),
+        Command::Jobs(args) => block_on(jobs::run_jobs(args)),
+        Command::Cancel(args) => block_on(jobs::run_cancel(args)),
+        Command::Delete(args) => block_on(jobs::run_delete(args)),
         Command::Checkpoint(args) => block_on(admin::run_checkpoint(args)),
         Command::Checkpoints(args) => block_on(admin::run_checkpoints(args)),
         Command::Restore(args) => block_on(admin::run_restore(args)),

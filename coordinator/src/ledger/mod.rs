@@ -15,10 +15,12 @@
 //! corrupt after a checksum or format mismatch, abandoned by an operator's
 //! rollback, or retired); a commit needs one shard per rank of the
 //! checkpoint's own generation; the generation never decreases; a
-//! `succeeded` job changes no more, a `failed` one only through an
-//! operator's restore.
+//! `succeeded` or `cancelled` job changes no more, a `failed` one only
+//! through an operator's restore; only a job in one of those three states
+//! is deleted (its name is then free for a new job).
 
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
+use flotilla_shared::layout::JobDir;
 use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::wire::RestoreFailureKind;
@@ -43,13 +45,27 @@ pub enum JobState {
     Succeeded,
     /// Gave up (e.g. more than `max_restarts` restores).
     Failed,
+    /// An operator cancelled it (`flotilla cancel`): its workers are told to stop.
+    Cancelled,
 }
 
 impl JobState {
-    /// `succeeded` or `failed`: nothing changes afterwards.
+    /// `succeeded`, `failed` or `cancelled`: the job trains no more (a
+    /// failed one only through an operator's restore), and may be deleted.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed)
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
+
+    /// Every state, in the order status and metrics list them.
+    pub const ALL: [JobState; 7] = [
+        JobState::Waiting,
+        JobState::Running,
+        JobState::Restoring,
+        JobState::Blocked,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
 
     /// The name used in status JSON and metrics labels.
     pub fn as_str(self) -> &'static str {
@@ -60,6 +76,7 @@ impl JobState {
             JobState::Blocked => "blocked",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -300,6 +317,11 @@ pub enum JobEventKind {
         /// The step the job goes back to (0, or its origin's).
         step: Step,
     },
+    /// An operator cancelled the job.
+    Cancelled {
+        /// Checkpoints that were pending and are aborted with it.
+        aborted: Vec<CheckpointId>,
+    },
     /// Failures within an hour exceeded `failure.max_restarts`.
     RestartsExceeded {
         /// The job.
@@ -345,6 +367,17 @@ impl fmt::Display for JobEventKind {
                 "every committed checkpoint was condemned ({condemned} over the job's life): the job starts again from step {step}; \
                  see OPERATIONS.md, \"Every checkpoint condemned\""
             ),
+            JobEventKind::Cancelled { aborted } => {
+                f.write_str("cancelled by an operator (flotilla cancel)")?;
+                match aborted.as_slice() {
+                    [] => Ok(()),
+                    [id] => write!(f, "; pending checkpoint {id} aborted"),
+                    ids => {
+                        let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+                        write!(f, "; pending checkpoints {} aborted", ids.join(", "))
+                    }
+                }
+            }
             JobEventKind::RestartsExceeded { job, failures, max_restarts } => write!(
                 f,
                 "job {job} failed: {failures} failures within an hour exceed failure.max_restarts = {max_restarts}; \
@@ -682,6 +715,23 @@ pub enum Command {
         #[serde(default)]
         step: Option<Step>,
     },
+    /// An operator cancels the job: any pending checkpoint is aborted, the
+    /// job becomes `cancelled` (terminal) and its workers are told to stop.
+    CancelJob {
+        /// Job.
+        job: JobName,
+        /// Time.
+        now_ms: u64,
+    },
+    /// An operator removes a terminal job from the ledger; its name is free
+    /// for a new job afterwards.
+    DeleteJob {
+        /// Job.
+        job: JobName,
+        /// The leader also removes the job's checkpoint directory
+        /// (`<root>/<job>/`); without it the files stay.
+        remove_checkpoints: bool,
+    },
 }
 
 /// What an applied command did.
@@ -764,6 +814,15 @@ pub enum Event {
         from: Option<CheckpointId>,
         /// Why.
         reason: RestoreReason,
+    },
+    /// A job was removed from the ledger.
+    JobDeleted {
+        /// Job.
+        job: JobName,
+        /// Whether its checkpoint directory is to be removed too.
+        remove_checkpoints: bool,
+        /// Its checkpoint root (the directory is `<root>/<job>/`).
+        root: std::path::PathBuf,
     },
 }
 
@@ -1052,7 +1111,65 @@ impl State {
                 events.extend(set_state(j, &job, JobState::Succeeded, None));
                 Ok(events)
             }
+            Command::CancelJob { job, now_ms } => {
+                let j = self.job_mut(&job)?;
+                if j.state.is_terminal() {
+                    return refuse(
+                        RefusalKind::Conflict,
+                        format!(
+                            "job {job} already {}; nothing to cancel (flotilla delete --job {job} removes it)",
+                            j.state.as_str()
+                        ),
+                    );
+                }
+                let mut events = abort_pending(j, &job, "job cancelled by an operator", Some(now_ms));
+                let aborted = events
+                    .iter()
+                    .filter_map(|e| match e {
+                        Event::CheckpointAborted { id, .. } => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                j.note(now_ms, JobEventKind::Cancelled { aborted });
+                events.extend(set_state(j, &job, JobState::Cancelled, None));
+                Ok(events)
+            }
+            Command::DeleteJob { job, remove_checkpoints } => self.delete_job(job, remove_checkpoints),
         }
+    }
+
+    fn delete_job(&mut self, job: JobName, remove_checkpoints: bool) -> Outcome {
+        let j = self.job_mut(&job)?;
+        if !j.state.is_terminal() {
+            return refuse(
+                RefusalKind::Conflict,
+                format!(
+                    "job {job} is {}; only a succeeded, failed or cancelled job is deleted: cancel it first (flotilla cancel --job {job})",
+                    j.state.as_str()
+                ),
+            );
+        }
+        let root = j.spec.checkpoint.root.clone();
+        if remove_checkpoints {
+            // a live job that started from one of its checkpoints may still
+            // restore from it
+            let user = self.jobs.values().find(|other| {
+                !other.state.is_terminal() && other.origin.as_ref().is_some_and(|o| o.job == job)
+            });
+            if let Some(other) = user {
+                return refuse(
+                    RefusalKind::Conflict,
+                    format!(
+                        "job {} is {} and starts from a checkpoint of job {job} (resume_from); delete job {job} without --remove-checkpoints, or once job {} has ended",
+                        other.spec.name,
+                        other.state.as_str(),
+                        other.spec.name
+                    ),
+                );
+            }
+        }
+        self.jobs.remove(&job);
+        Ok(vec![Event::JobDeleted { job, remove_checkpoints, root }])
     }
 
     fn submit(&mut self, spec: JobSpec, now_ms: u64, origin: Option<Box<Origin>>) -> Outcome {
@@ -1091,6 +1208,14 @@ impl State {
                 format!("job {name} already exists with a different spec; submit it under a new name"),
             );
         }
+        // a job that resumes from a deleted job of its own name, in its own
+        // directory, numbers its checkpoints after that one: it never
+        // writes into the directory it starts from, nor into older ones
+        let own_dir = JobDir::new(&spec.checkpoint.root, &name);
+        let first_id = origin
+            .as_ref()
+            .filter(|o| o.job == name && o.dir.starts_with(own_dir.path()))
+            .map_or(CheckpointId(1), |o| CheckpointId(o.id.0 + 1));
         self.jobs.insert(
             name.clone(),
             Arc::new(Job {
@@ -1100,7 +1225,7 @@ impl State {
                 restores: 0,
                 restored_from: None,
                 checkpoints: BTreeMap::new(),
-                next_checkpoint: CheckpointId(1),
+                next_checkpoint: first_id,
                 error: None,
                 final_digest: None,
                 final_step: None,
@@ -1224,6 +1349,12 @@ impl State {
                 return refuse(
                     RefusalKind::Conflict,
                     format!("job {job} succeeded; a finished job is not restored (submit a new job with [checkpoint] resume_from to start from its checkpoints)"),
+                )
+            }
+            JobState::Cancelled => {
+                return refuse(
+                    RefusalKind::Conflict,
+                    format!("job {job} was cancelled; a cancelled job is not restored (delete it with flotilla delete --job {job}, then submit it again; [checkpoint] resume_from starts from its checkpoints)"),
                 )
             }
             JobState::Failed if reason != RestoreReason::Operator => {

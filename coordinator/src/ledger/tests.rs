@@ -642,3 +642,232 @@ fn a_published_snapshot_never_changes_and_a_command_copies_only_the_job_it_chang
     assert!(!Arc::ptr_eq(&snapshot.jobs[&name("a")], &s.jobs[&name("a")]), "a was copied");
     assert!(Arc::ptr_eq(&snapshot.jobs[&name("b")], &s.jobs[&name("b")]), "b is shared, not copied");
 }
+
+fn cancel(s: &mut State, job: &str) -> Outcome {
+    s.apply(Command::CancelJob { job: name(job), now_ms: 4242 })
+}
+
+fn delete_job(s: &mut State, job: &str, remove_checkpoints: bool) -> Outcome {
+    s.apply(Command::DeleteJob { job: name(job), remove_checkpoints })
+}
+
+/// Job "a" (world 2) in each live state.
+fn in_each_live_state() -> Vec<(JobState, State)> {
+    let mut waiting = State::default();
+    waiting.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 1, origin: None }).unwrap();
+    let running = running(3, 10);
+    let mut restoring = running.clone();
+    restore(&mut restoring, 2, None).unwrap();
+    let mut blocked = restoring.clone();
+    blocked
+        .apply(Command::BlockJob {
+            job: name("a"),
+            generation: Generation(2),
+            error: "rank 1: no room".into(),
+            rank: Some(Rank(1)),
+            kind: None,
+            now_ms: 5,
+        })
+        .unwrap();
+    vec![
+        (JobState::Waiting, waiting),
+        (JobState::Running, running),
+        (JobState::Restoring, restoring),
+        (JobState::Blocked, blocked),
+    ]
+}
+
+#[test]
+fn every_live_state_cancels_and_cancelled_is_terminal() {
+    assert!(JobState::Cancelled.is_terminal());
+    assert_eq!(JobState::Cancelled.as_str(), "cancelled");
+    assert!(JobState::ALL.contains(&JobState::Cancelled));
+    for (was, mut s) in in_each_live_state() {
+        assert_eq!(job(&s).state, was);
+        let events = cancel(&mut s, "a").unwrap();
+        assert_eq!(
+            events,
+            vec![Event::JobState { job: name("a"), state: JobState::Cancelled }],
+            "from {was:?}"
+        );
+        assert_eq!(job(&s).state, JobState::Cancelled);
+        assert_eq!(job(&s).error, None);
+        let last = job(&s).events.last().unwrap();
+        assert_eq!(
+            (last.at_ms, last.kind.clone()),
+            (4242, Some(JobEventKind::Cancelled { aborted: vec![] }))
+        );
+        // nothing moves it any more
+        let g = job(&s).generation.0;
+        assert_eq!(kind(cancel(&mut s, "a")), RefusalKind::Conflict, "cancelled twice");
+        assert_eq!(kind(restore(&mut s, g + 1, None)), RefusalKind::Conflict);
+        let operator =
+            Command::OperatorRestore { job: name("a"), generation: Generation(g + 1), from: None, now_ms: 1 };
+        assert!(matches!(kind(s.apply(operator)), RefusalKind::Conflict));
+        assert_eq!(
+            kind(s.apply(Command::StartJob { job: name("a"), generation: Generation(g) })),
+            RefusalKind::Conflict
+        );
+        assert_eq!(kind(begin(&mut s, 1, 10, g)), RefusalKind::Conflict);
+        let fail = Command::FailJob { job: name("a"), error: "x".into() };
+        assert_eq!(kind(s.apply(fail)), RefusalKind::Conflict);
+        assert_eq!(job(&s).state, JobState::Cancelled);
+    }
+}
+
+#[test]
+fn cancel_aborts_the_pending_checkpoint_and_keeps_the_committed() {
+    let mut s = running(3, 10);
+    begin(&mut s, 1, 10, 1).unwrap();
+    commit(&mut s, 1, shards(2)).unwrap();
+    begin(&mut s, 2, 20, 1).unwrap();
+    let events = cancel(&mut s, "a").unwrap();
+    assert_eq!(
+        events,
+        vec![
+            Event::CheckpointAborted {
+                job: name("a"),
+                id: CheckpointId(2),
+                reason: "job cancelled by an operator".into()
+            },
+            Event::JobState { job: name("a"), state: JobState::Cancelled },
+        ]
+    );
+    let c = &job(&s).checkpoints[&CheckpointId(2)];
+    assert_eq!((c.state, c.ended_ms), (CheckpointState::Aborted, Some(4242)));
+    assert_eq!(job(&s).latest_committed().map(|c| c.id), Some(CheckpointId(1)));
+    assert_eq!(job(&s).aborted_total, 1);
+    let text = &job(&s).events.last().unwrap().text;
+    assert_eq!(text, "cancelled by an operator (flotilla cancel); pending checkpoint 2 aborted");
+}
+
+#[test]
+fn cancel_refuses_an_ended_job_and_names_no_such_job() {
+    assert_eq!(kind(cancel(&mut State::default(), "a")), RefusalKind::NotFound);
+    let mut s = running(3, 10);
+    let finish =
+        Command::FinishJob { job: name("a"), generation: Generation(1), digest: "ab".into(), step: None };
+    s.apply(finish).unwrap();
+    let refusal = cancel(&mut s, "a").unwrap_err();
+    assert_eq!(refusal.kind, RefusalKind::Conflict);
+    assert!(refusal.message.contains("already succeeded"), "{refusal}");
+    let mut s = running(3, 10);
+    s.apply(Command::FailJob { job: name("a"), error: "x".into() }).unwrap();
+    assert_eq!(kind(cancel(&mut s, "a")), RefusalKind::Conflict);
+}
+
+#[test]
+fn delete_is_refused_for_a_live_job_and_no_such_job() {
+    assert_eq!(kind(delete_job(&mut State::default(), "a", false)), RefusalKind::NotFound);
+    for (was, mut s) in in_each_live_state() {
+        let before = s.clone();
+        let refusal = delete_job(&mut s, "a", true).unwrap_err();
+        assert_eq!(refusal.kind, RefusalKind::Conflict, "{was:?}");
+        assert!(
+            refusal.message.contains(&format!("is {}", was.as_str()))
+                && refusal.message.contains("cancel it first (flotilla cancel --job a)"),
+            "{refusal}"
+        );
+        assert_eq!(s, before, "a refused delete changes nothing");
+    }
+}
+
+#[test]
+fn every_ended_job_is_deleted_and_its_name_is_free_again() {
+    type End = fn(&mut State);
+    let ends: [(&str, End); 3] = [
+        ("cancelled", |s| {
+            cancel(s, "a").unwrap();
+        }),
+        ("failed", |s| {
+            s.apply(Command::FailJob { job: name("a"), error: "x".into() }).unwrap();
+        }),
+        ("succeeded", |s| {
+            let finish = Command::FinishJob {
+                job: name("a"),
+                generation: Generation(2),
+                digest: "ab".into(),
+                step: None,
+            };
+            s.apply(finish).unwrap();
+        }),
+    ];
+    for (what, end) in ends {
+        let mut s = running(3, 10);
+        begin(&mut s, 1, 10, 1).unwrap();
+        commit(&mut s, 1, shards(2)).unwrap();
+        restore(&mut s, 2, Some(1)).unwrap();
+        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+        end(&mut s);
+        assert_eq!(job(&s).state.as_str(), what);
+        let events = delete_job(&mut s, "a", true).unwrap();
+        assert_eq!(
+            events,
+            vec![Event::JobDeleted { job: name("a"), remove_checkpoints: true, root: "/ckpt".into() }],
+            "{what}"
+        );
+        assert!(s.jobs.is_empty());
+        assert_eq!(kind(delete_job(&mut s, "a", false)), RefusalKind::NotFound, "deleted twice");
+        // the same name again is a fresh job: generation 1, no checkpoints
+        let events =
+            s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 77, origin: None }).unwrap();
+        assert_eq!(events, vec![Event::JobSubmitted { job: name("a") }]);
+        let j = job(&s);
+        assert_eq!((j.state, j.generation, j.restores), (JobState::Waiting, Generation(1), 0));
+        assert!(j.checkpoints.is_empty() && j.latest_committed().is_none());
+        assert_eq!((j.next_checkpoint, j.submitted_ms, j.committed_total), (CheckpointId(1), 77, 0));
+        assert!(j.events.is_empty(), "{:?}", j.events);
+    }
+}
+
+#[test]
+fn delete_without_removing_checkpoints_keeps_another_jobs_origin_usable() {
+    let mut s = running(3, 10);
+    begin(&mut s, 1, 10, 1).unwrap();
+    commit(&mut s, 1, shards(2)).unwrap();
+    cancel(&mut s, "a").unwrap();
+    let mut b = spec("b", 2, 3, 10);
+    b.checkpoint.resume_from = Some("/ckpt/a/ckpt-00000001".into());
+    let origin = Origin {
+        job: name("a"),
+        id: CheckpointId(1),
+        step: Step(10),
+        dir: "/ckpt/a/ckpt-00000001".into(),
+        shards: shards(2),
+    };
+    s.apply(Command::SubmitJob { spec: b, now_ms: 5, origin: Some(Box::new(origin)) }).unwrap();
+    // job b may still restore from a's files: they stay
+    let refusal = delete_job(&mut s, "a", true).unwrap_err();
+    assert_eq!(refusal.kind, RefusalKind::Conflict);
+    assert!(refusal.message.contains("job b is waiting"), "{refusal}");
+    let events = delete_job(&mut s, "a", false).unwrap();
+    assert_eq!(
+        events,
+        vec![Event::JobDeleted { job: name("a"), remove_checkpoints: false, root: "/ckpt".into() }]
+    );
+    assert!(s.jobs.contains_key(&name("b")) && !s.jobs.contains_key(&name("a")));
+}
+
+#[test]
+fn a_job_resumed_from_its_deleted_namesakes_files_numbers_its_checkpoints_after_them() {
+    let mut s = running(3, 10);
+    for (id, step) in [(1, 10), (2, 20)] {
+        begin(&mut s, id, step, 1).unwrap();
+        commit(&mut s, id, shards(2)).unwrap();
+    }
+    cancel(&mut s, "a").unwrap();
+    delete_job(&mut s, "a", false).unwrap();
+    let mut again = spec("a", 2, 3, 10);
+    again.checkpoint.resume_from = Some("/ckpt/a".into());
+    let origin = Origin {
+        job: name("a"),
+        id: CheckpointId(2),
+        step: Step(20),
+        dir: "/ckpt/a/ckpt-00000002".into(),
+        shards: shards(2),
+    };
+    s.apply(Command::SubmitJob { spec: again, now_ms: 9, origin: Some(Box::new(origin)) }).unwrap();
+    let j = job(&s);
+    assert_eq!((j.generation, j.start_step(), j.next_checkpoint), (Generation(1), Step(20), CheckpointId(3)));
+    assert!(j.checkpoints.is_empty());
+}

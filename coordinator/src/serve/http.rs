@@ -7,12 +7,12 @@ use crate::ledger::{CheckpointState, Command, Event, RefusalKind};
 use crate::metrics::Metrics;
 use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::supervise::task::{SupervisorHandle, WorkersView};
-use crate::supervise::CheckpointOutcome;
+use crate::supervise::{CheckpointOutcome, Observation};
 use axum::extract::Path;
 use axum::extract::{Query, State as AxumState};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use flotilla_shared::frame::Tokens;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId};
@@ -50,6 +50,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/jobs", post(submit))
+        .route("/v1/jobs/{job}", delete(delete_job))
+        .route("/v1/jobs/{job}/cancel", post(cancel))
         .route("/v1/jobs/{job}/checkpoint", post(checkpoint))
         .route("/v1/jobs/{job}/restore", post(restore))
         .route("/v1/jobs/{job}/checkpoints/{id}/verify", post(verify))
@@ -344,6 +346,90 @@ async fn restore(
             let from = s.node.read_state(|st| st.jobs.get(&job).and_then(|j| j.restored_from));
             Json(serde_json::json!({"job": job, "generation": generation, "checkpoint": from}))
                 .into_response()
+        }
+        Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(e) => propose_error(e),
+    }
+}
+
+/// `POST /v1/jobs/{job}/cancel`: the job becomes `cancelled` (its pending
+/// checkpoint aborted, its workers told to stop); 409 for a job already
+/// ended, 404 for no such job. Answers `{"job", "state", "aborted"}`.
+async fn cancel(AxumState(s): AxumState<HttpState>, headers: HeaderMap, Path(job): Path<String>) -> Response {
+    let job = match admin_request(&s, &headers, &job) {
+        Ok(j) => j,
+        Err(r) => return *r,
+    };
+    let cmd = Command::CancelJob { job: job.clone(), now_ms: Manifest::now_unix_ms() };
+    match s.node.propose(cmd).await {
+        Ok(Ok(events)) => {
+            let aborted: Vec<CheckpointId> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::CheckpointAborted { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            // the aborted checkpoint's files go at once; the stop follows
+            // from the ledger on the supervisor's next reconcile
+            s.supervisor.observe(Observation::Applied { events }).await;
+            Json(serde_json::json!({"job": job, "state": "cancelled", "aborted": aborted})).into_response()
+        }
+        Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
+        Err(e) => propose_error(e),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct DeleteQuery {
+    #[serde(default)]
+    remove_checkpoints: bool,
+}
+
+/// How long a delete with `remove_checkpoints` waits for the job's
+/// directory to be gone before it answers anyway.
+const REMOVE_WAIT: Duration = Duration::from_secs(30);
+
+/// `DELETE /v1/jobs/{job}?remove_checkpoints=true`: removes a terminal job
+/// from the ledger (409 for a live one: cancel it first), and with
+/// `remove_checkpoints` its directory `<root>/<job>/`, answered once it is
+/// gone (`removed`, false when that took longer than [`REMOVE_WAIT`]).
+/// Answers `{"job", "dir", "remove_checkpoints", "removed"}`.
+async fn delete_job(
+    AxumState(s): AxumState<HttpState>,
+    headers: HeaderMap,
+    Path(job): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    let job = match admin_request(&s, &headers, &job) {
+        Ok(j) => j,
+        Err(r) => return *r,
+    };
+    let cmd = Command::DeleteJob { job: job.clone(), remove_checkpoints: q.remove_checkpoints };
+    match s.node.propose(cmd).await {
+        Ok(Ok(events)) => {
+            let dir = events.iter().find_map(|e| match e {
+                Event::JobDeleted { root, .. } => Some(JobDir::new(root, &job).path().to_path_buf()),
+                _ => None,
+            });
+            s.supervisor.observe(Observation::Applied { events }).await;
+            let removed = match (&dir, q.remove_checkpoints) {
+                (Some(dir), true) => {
+                    let deadline = Instant::now() + REMOVE_WAIT;
+                    while dir.exists() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    !dir.exists()
+                }
+                _ => false,
+            };
+            Json(serde_json::json!({
+                "job": job,
+                "dir": dir,
+                "remove_checkpoints": q.remove_checkpoints,
+                "removed": removed,
+            }))
+            .into_response()
         }
         Ok(Err(refusal)) => error(refusal_status(refusal.kind), refusal.message),
         Err(e) => propose_error(e),

@@ -1,6 +1,6 @@
 //! Checkpoint files brought in line with the ledger: MANIFEST.json,
 //! LATEST, condemned manifests removed, retired directories deleted and
-//! forgotten ones swept. Each job has its own thread, which does the job's
+//! forgotten ones swept, and a deleted job's directory removed when asked. Each job has its own thread, which does the job's
 //! work in the order the supervisor asked (a manifest before the LATEST that
 //! names it); a failure is reported back so the supervisor asks again, and
 //! backs off that job only: a slow or failing root holds up no other job.
@@ -35,10 +35,12 @@ impl Files {
     }
 
     /// Queues `work` on `job`'s thread (started if it has none).
-    pub(super) fn send(&mut self, job: JobName, work: FileWork) {
+    pub(super) fn send(&mut self, job: JobName, mut work: FileWork) {
         if let Some(tx) = self.jobs.get(&job) {
-            if tx.send(work).is_ok() {
-                return;
+            match tx.send(work) {
+                Ok(()) => return,
+                // its thread ended: a new one takes the work
+                Err(std::sync::mpsc::SendError(back)) => work = back,
             }
         }
         let (tx, rx) = std::sync::mpsc::channel::<FileWork>();
@@ -46,7 +48,7 @@ impl Files {
         let spawned = std::thread::Builder::new().name(format!("files-{job}")).spawn(move || {
             let mut backoff = FIRST_BACKOFF;
             while let Ok(work) = rx.recv() {
-                match file_work(&node, &name, work) {
+                match file_work(&node, &name, &work) {
                     Ok(()) => backoff = FIRST_BACKOFF,
                     Err(e) => {
                         tracing::error!(job = %name, ?work, "checkpoint file work failed (retried in {backoff:?}): {e}");
@@ -98,7 +100,17 @@ fn with_tensor_lists(m: &mut Manifest, checkpoint_dir: &std::path::Path) {
     });
 }
 
-fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Result<()> {
+fn file_work(node: &NodeHandle, job: &JobName, work: &FileWork) -> std::io::Result<()> {
+    if let FileWork::RemoveJob(path) = work {
+        // the ledger no longer knows the job; a job of that name submitted
+        // since keeps whatever is there
+        if node.read_state(|st| st.jobs.contains_key(job)) {
+            tracing::warn!(%job, "job submitted again before its old directory was removed; keeping {}", path.display());
+            return Ok(());
+        }
+        return remove_job_dir(path);
+    }
+    let work = work.clone();
     let found = node.read_state(|st| {
         let j = st.jobs.get(job)?;
         let dir = JobDir::new(&j.spec.checkpoint.root, &j.spec.name);
@@ -152,9 +164,13 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
         }
         FileWork::Sweep(_) => {
             let known = node.read_state(|st| {
-                st.jobs
-                    .get(job)
-                    .map(|j| (j.checkpoints.keys().copied().collect::<Vec<_>>(), j.next_checkpoint))
+                st.jobs.get(job).map(|j| {
+                    let mut known: Vec<CheckpointId> = j.checkpoints.keys().copied().collect();
+                    // a job resumed from a deleted job of its name starts
+                    // from a directory of that job's: it is never swept
+                    known.extend(j.origin.as_ref().filter(|o| o.job == *job).map(|o| o.id));
+                    (known, j.next_checkpoint)
+                })
             });
             let Some((known, next)) = known else { return Ok(()) };
             for id in sweep(&dir, &known, next)? {
@@ -164,6 +180,19 @@ fn file_work(node: &NodeHandle, job: &JobName, work: FileWork) -> std::io::Resul
         }
         FileWork::Latest(Some(id)) => dir.write_latest(id).map_err(std::io::Error::other),
         FileWork::Latest(None) => ignore_missing(std::fs::remove_file(dir.latest_path())),
+        FileWork::RemoveJob(_) => Ok(()),
+    }
+}
+
+/// Removes a deleted job's directory (gone already is no error).
+fn remove_job_dir(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => {
+            tracing::info!("removed the deleted job's directory {}", path.display());
+            Ok(())
+        }
     }
 }
 
@@ -185,6 +214,20 @@ fn sweep(dir: &JobDir, known: &[CheckpointId], next: CheckpointId) -> std::io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_jobs_directory_is_removed_and_gone_already_is_no_error() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = JobDir::new(root.path(), &JobName::new("a").unwrap());
+        std::fs::create_dir_all(dir.checkpoint_dir(CheckpointId(1))).unwrap();
+        std::fs::write(dir.latest_path(), b"1").unwrap();
+        let other = JobDir::new(root.path(), &JobName::new("b").unwrap());
+        std::fs::create_dir_all(other.checkpoint_dir(CheckpointId(1))).unwrap();
+        remove_job_dir(dir.path()).unwrap();
+        assert!(!dir.path().exists());
+        assert!(other.checkpoint_dir(CheckpointId(1)).is_dir(), "another job's files stay");
+        remove_job_dir(dir.path()).unwrap();
+    }
 
     #[test]
     fn the_sweep_deletes_only_directories_of_forgotten_ids() {

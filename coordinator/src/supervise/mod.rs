@@ -23,8 +23,11 @@
 //!            ── C condemned ──► Restore{G+1, previous}  ── a rank lost ──► Restore{G+1, C}
 //!            ── model / memory / storage refusal ──► BlockJob
 //! blocked    retried on a new worker process or after a back-off ──► Restore{G+1, C}
-//! succeeded, failed: Stop
+//! succeeded, cancelled: Stop               failed: idle, kept for an operator's restore
 //! ```
+//! A deleted job is gone from the ledger, so no reconcile sees it: the
+//! applied deletion ([`Observation::Applied`]) forgets what this leader knew
+//! of it and, with `remove_checkpoints`, removes its checkpoint directory.
 //! Files follow the ledger the same way: a committed checkpoint has its
 //! MANIFEST.json, LATEST names the latest committed one, a condemned one loses
 //! its manifest, an aborted or retired one loses its files, whichever leader
@@ -111,6 +114,12 @@ pub enum Observation {
         /// backstop for what no event of this leader's announced.
         events: Vec<Event>,
     },
+    /// An operator's command (cancel, delete) was applied by this leader:
+    /// what it changed. A deleted job's file work can only follow from here.
+    Applied {
+        /// What applying it changed.
+        events: Vec<Event>,
+    },
     /// Some file work failed; it is tried again.
     FileWorkFailed {
         /// Job.
@@ -187,7 +196,7 @@ struct Waiter {
 }
 
 /// File work derived from the ledger, done in order on one thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FileWork {
     /// Write MANIFEST.json of a committed checkpoint.
     Manifest(CheckpointId),
@@ -202,6 +211,9 @@ pub enum FileWork {
     /// tombstone was pruned); tagged with the job's count of pruned ones,
     /// so each pruning sweeps again.
     Sweep(u64),
+    /// Remove a deleted job's whole directory (`<root>/<job>/`), unless a
+    /// job of that name is in the ledger again by then.
+    RemoveJob(std::path::PathBuf),
 }
 
 /// Identifies a proposal so the same one is not made twice while in flight.
@@ -216,7 +228,10 @@ impl ProposalKey {
     /// The key of `cmd` (none for commands the supervisor never makes).
     pub fn of(cmd: &Command) -> Option<Self> {
         let (job, kind, n) = match cmd {
-            Command::Announce { .. } | Command::SubmitJob { .. } => return None,
+            Command::Announce { .. }
+            | Command::SubmitJob { .. }
+            | Command::CancelJob { .. }
+            | Command::DeleteJob { .. } => return None,
             Command::StartJob { job, generation } => (job, "start", generation.0),
             Command::BeginCheckpoint { job, id, .. } => (job, "begin", id.0),
             Command::CommitCheckpoint { job, id, .. } => (job, "commit", id.0),
@@ -742,11 +757,66 @@ impl Supervisor {
                     self.reconcile_files(j, now, out);
                 }
             }
+            Observation::Applied { events } => {
+                for event in &events {
+                    if let Event::JobDeleted { job, remove_checkpoints, root } = event {
+                        self.job_deleted(ledger, job, *remove_checkpoints, root, out);
+                    }
+                }
+                let jobs: BTreeSet<&JobName> = events.iter().filter_map(Event::files_of).collect();
+                for j in jobs.into_iter().filter_map(|job| ledger.jobs.get(job)) {
+                    self.reconcile_files(j, now, out);
+                }
+            }
             Observation::FileWorkFailed { job, work } => {
-                self.soft(&job, now.mono_ms).files.remove(&work);
+                if let FileWork::RemoveJob(_) = work {
+                    // asked again: nothing in the ledger asks for it
+                    out.push(Action::Files { job, work });
+                } else {
+                    self.soft(&job, now.mono_ms).files.remove(&work);
+                }
             }
         }
         true
+    }
+
+    /// `job` was deleted from the ledger: whoever waits on it is answered,
+    /// what this leader knew of it is forgotten (a job submitted under the
+    /// name again starts afresh), its remaining connections are closed, and
+    /// with `remove_checkpoints` its directory is removed.
+    fn job_deleted(
+        &mut self,
+        ledger: &State,
+        job: &JobName,
+        remove_checkpoints: bool,
+        root: &std::path::Path,
+        out: &mut Vec<Action>,
+    ) {
+        if ledger.jobs.contains_key(job) {
+            // submitted again before this was seen: the new job keeps its
+            // soft state and its files
+            tracing::warn!(%job, "job deleted and submitted again before the deletion was seen; its directory is kept");
+            return;
+        }
+        // a proposal of the old job in flight holds up none of a new one's
+        self.inflight.retain(|key, _| key.job != *job);
+        if let Some(soft) = self.jobs.remove(job) {
+            for w in soft.waiters {
+                let outcome = CheckpointOutcome::Failed(format!("job {job} was deleted"));
+                out.push(Action::Answer { request: w.request, outcome });
+            }
+        }
+        let conns: Vec<ConnId> = self.conns.iter().filter(|(_, (j, _))| j == job).map(|(c, _)| *c).collect();
+        for conn in conns {
+            self.conns.remove(&conn);
+            let stop = CoordinatorMessage::Stop { reason: format!("job {job} was deleted") };
+            out.push(send(conn, stop));
+            out.push(Action::Close { conn });
+        }
+        if remove_checkpoints {
+            let dir = JobDir::new(root, job).path().to_path_buf();
+            out.push(Action::Files { job: job.clone(), work: FileWork::RemoveJob(dir) });
+        }
     }
 
     /// Reconciles every job against the ledger.
@@ -756,13 +826,18 @@ impl Supervisor {
         for j in ledger.jobs.values() {
             self.reconcile(j, now, &mut out);
         }
-        // a job gone from the ledger answers whoever still waits on it
-        for (job, soft) in self.jobs.iter_mut().filter(|(job, _)| !ledger.jobs.contains_key(*job)) {
+        // a job gone from the ledger answers whoever still waits on it, and
+        // is forgotten (one submitted under its name again starts afresh)
+        self.jobs.retain(|job, soft| {
+            if ledger.jobs.contains_key(job) {
+                return true;
+            }
             for w in soft.waiters.drain(..) {
                 let outcome = CheckpointOutcome::Failed(format!("job {job} is no longer in the ledger"));
                 out.push(Action::Answer { request: w.request, outcome });
             }
-        }
+            false
+        });
         out
     }
 
@@ -789,7 +864,7 @@ impl Supervisor {
                     "job {job} is {}; ask again once it runs (flotilla status shows why)",
                     j.state.as_str()
                 ))),
-                JobState::Succeeded | JobState::Failed => Some(refuse(RefusalKind::Conflict, format!(
+                JobState::Succeeded | JobState::Failed | JobState::Cancelled => Some(refuse(RefusalKind::Conflict, format!(
                     "job {job} {}; it takes no more checkpoints",
                     j.state.as_str()
                 ))),
@@ -1112,8 +1187,11 @@ impl Supervisor {
                     self.propose(now, cmd, out);
                 }
             }
-            JobState::Succeeded => {
-                let reason = format!("job {name} succeeded");
+            JobState::Succeeded | JobState::Cancelled => {
+                let reason = match j.state {
+                    JobState::Cancelled => format!("job {name} was cancelled"),
+                    _ => format!("job {name} succeeded"),
+                };
                 for r in soft.ranks.values_mut() {
                     direct(
                         r,
@@ -1399,7 +1477,7 @@ impl Supervisor {
         // it is wanted again (a cleared verdict, LATEST moving back)
         soft.files.retain(|w| want.contains(w));
         for work in want {
-            if soft.files.insert(work) {
+            if soft.files.insert(work.clone()) {
                 out.push(Action::Files { job: name.clone(), work });
             }
         }

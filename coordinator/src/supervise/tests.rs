@@ -901,6 +901,76 @@ fn a_succeeded_job_stops_its_workers_and_a_failed_one_keeps_them() {
 }
 
 #[test]
+fn a_cancelled_jobs_ranks_are_told_to_stop_and_a_deleted_one_is_forgotten_and_its_directory_removed() {
+    let mut w = World::new(2);
+    w.running();
+    w.until(200, |w| w.job().pending().is_some());
+    let pending = w.job().pending().unwrap().id;
+    // an operator's cancel, applied by this leader
+    let events = w.st.apply(Command::CancelJob { job: name(), now_ms: w.now }).unwrap();
+    for x in &mut w.workers {
+        x.inbox.clear();
+    }
+    w.files.clear();
+    w.observe(Observation::Applied { events });
+    assert!(
+        w.files.contains(&FileWork::Delete(pending)),
+        "the aborted checkpoint's files go at once: {:?}",
+        w.files
+    );
+    w.tick();
+    for x in &w.workers {
+        let stop = x.inbox.iter().find_map(|m| match m {
+            CoordinatorMessage::Stop { reason } => Some(reason.as_str()),
+            _ => None,
+        });
+        assert_eq!(stop, Some("job j was cancelled"), "rank {}: {:?}", x.rank, x.inbox);
+    }
+    // as for a finished job: no checkpoint, no restore, nothing proposed
+    w.proposals.clear();
+    for _ in 0..20 {
+        w.now += 100;
+        w.deliver_all();
+        w.tick();
+    }
+    assert!(w.proposals.is_empty(), "{:?}", w.proposals);
+    assert_eq!(w.job().state, JobState::Cancelled);
+    // a checkpoint asked of it is refused at once
+    w.observe(Observation::CheckpointRequested { job: name(), reply_to: Some(7) });
+    assert!(
+        matches!(w.answers.last(), Some((7, CheckpointOutcome::Refused(r))) if r.kind == RefusalKind::Conflict)
+    );
+
+    // deleted with its checkpoints: the directory goes, the leader forgets the job
+    let events = w.st.apply(Command::DeleteJob { job: name(), remove_checkpoints: true }).unwrap();
+    w.files.clear();
+    let t = w.t();
+    let actions = w.sup.observe(&w.st, t, Observation::Applied { events });
+    assert!(actions.iter().any(|a| matches!(a, Action::Close { .. })), "its connections close: {actions:?}");
+    w.route(actions);
+    assert_eq!(w.files, vec![FileWork::RemoveJob("/ckpt/j".into())]);
+    assert!(!w.sup.jobs.contains_key(&name()), "nothing of the old job is kept");
+    assert!(w.sup.conns.is_empty());
+    // submitted again: a fresh job, whose workers start from step 0
+    w.st.apply(Command::SubmitJob { spec: spec(2), now_ms: w.now, origin: None }).unwrap();
+    let inc = w.incarnation();
+    for i in 0..2 {
+        let conn = w.conn();
+        w.workers[i] = SimWorker::new(i as u32, conn, inc + i as u64);
+    }
+    w.running();
+    assert_eq!(w.job().generation, Generation(1));
+    w.until(2_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest.as_deref(), Some(reference_digest(2).as_str()));
+
+    // deleted without its checkpoints: nothing is removed
+    let events = w.st.apply(Command::DeleteJob { job: name(), remove_checkpoints: false }).unwrap();
+    w.files.clear();
+    w.observe(Observation::Applied { events });
+    assert!(w.files.is_empty(), "{:?}", w.files);
+}
+
+#[test]
 fn the_last_step_is_committed_before_the_job_succeeds_unless_at_end_is_off() {
     let mut w = World::new(2);
     w.running();
