@@ -63,8 +63,15 @@ fn describe(e: &raft_engine::Error) -> String {
         raft_engine::Error::Io(io) => return io.to_string(),
         other => other.to_string(),
     };
+    // the location is `[path/to/file.rs:LINE]: `, written by raft-engine's
+    // error macro; anything else in brackets is part of the message
+    let location = |inside: &str| {
+        inside
+            .rsplit_once(':')
+            .is_some_and(|(file, line)| file.ends_with(".rs") && line.parse::<u32>().is_ok())
+    };
     match (text.find('['), text.find("]: ")) {
-        (Some(open), Some(close)) if open < close && text[open..close].contains(".rs:") => {
+        (Some(open), Some(close)) if open < close && location(&text[open + 1..close]) => {
             format!("{}{}", &text[..open], &text[close + 3..])
         }
         _ => text,
