@@ -2,6 +2,7 @@
 
 use super::*;
 use flotilla_shared::checksum::Checksum;
+use flotilla_shared::wire::RestoreFailureKind;
 
 fn spec(name: &str, world: u32, keep_last: u32, max_restarts: u32) -> JobSpec {
     JobSpec::from_toml(&format!(

@@ -19,8 +19,12 @@ use tokio::sync::mpsc;
 /// [`MAX_BACKOFF`] while failures continue.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Shard headers read at once for one MANIFEST.json.
-const HEADER_READERS: usize = 8;
+/// Shard headers read at once for one MANIFEST.json: half the cores, at
+/// most 8. The work is off every round's path, and a leader on two cores
+/// keeps one for the rounds.
+fn header_readers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).clamp(1, 8))
+}
 
 /// The file threads, one per job, started on the job's first work.
 pub(super) struct Files {
@@ -75,8 +79,8 @@ impl Files {
 }
 
 /// Fills in each rank's per-variable list (SPEC §3), which the ledger does
-/// not keep, from the shard's header (read by up to [`HEADER_READERS`]
-/// threads at once). The ledger's whole-file checksum stays the authority:
+/// not keep, from the shard's header (read by [`header_readers`] threads
+/// at once). The ledger's whole-file checksum stays the authority:
 /// a header that was changed since makes `flotilla inspect` fail on that
 /// checksum. A rank whose header cannot be read keeps an empty list, and its
 /// shard is still verified by the whole-file checksum.
@@ -92,7 +96,7 @@ fn with_tensor_lists(m: &mut Manifest, checkpoint_dir: &std::path::Path) {
             Err(e) => tracing::warn!("{e}; MANIFEST.json lists no variables for it"),
         }
     };
-    let per_reader = m.ranks.len().div_ceil(HEADER_READERS).max(1);
+    let per_reader = m.ranks.len().div_ceil(header_readers()).max(1);
     std::thread::scope(|scope| {
         for part in m.ranks.chunks_mut(per_reader) {
             scope.spawn(|| part.iter_mut().filter(|s| s.tensors.is_empty()).for_each(fill));

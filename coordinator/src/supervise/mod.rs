@@ -34,15 +34,21 @@
 //! applied the entry.
 
 mod files;
+mod operator;
+mod rank;
+mod schedule;
 pub mod task;
 
-use crate::ledger::{
-    AbortReason, CheckpointState, Command, Event, Job, JobState, Refusal, RefusalKind, RestoreReason, State,
-};
+use operator::Waiter;
+pub use operator::{CheckpointOutcome, RequestId};
+use rank::{Phase, RankSoft};
+pub use rank::{RankState, RankView};
+use schedule::{final_checkpoint_due, schedule_checkpoint};
+
+use crate::ledger::{AbortReason, CheckpointState, Command, Event, Job, JobState, RestoreReason, State};
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
-use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::wire::{
     CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, ShardFailureKind,
     WorkerMessage, WorkerStatus,
@@ -163,38 +169,6 @@ pub enum Action {
     },
 }
 
-/// An operator's request that waits for an answer, numbered by the shell.
-pub type RequestId = u64;
-
-/// How an operator's "checkpoint now" ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckpointOutcome {
-    /// A checkpoint begun after the request was committed.
-    Committed {
-        /// Its id.
-        id: CheckpointId,
-        /// Its step.
-        step: Step,
-    },
-    /// Refused at once: no such job, or its state takes no checkpoint now.
-    Refused(Refusal),
-    /// The job ended, or the checkpoint was aborted for a reason that
-    /// another try would not fix.
-    Failed(String),
-    /// Nothing was committed within the job's checkpoint timeout (+30 s).
-    TimedOut(String),
-}
-
-/// A request waiting for a checkpoint of its job.
-#[derive(Debug, Clone)]
-struct Waiter {
-    request: RequestId,
-    /// The first checkpoint id that can answer it.
-    from: CheckpointId,
-    /// Answered `TimedOut` past this (monotonic ms).
-    deadline_ms: u64,
-}
-
 /// File work derived from the ledger, done in order on one thread.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FileWork {
@@ -286,131 +260,6 @@ impl Default for SupervisorConfig {
 
 /// Longest lead a checkpoint step is placed ahead of the fastest rank.
 const MAX_LEAD_MS: u64 = 10_000;
-
-/// A directive of the job's lifecycle, for re-send throttling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// With or without the rendezvous: once rank 0 offers it, the directive
-    /// goes out again at once.
-    Restore(Generation, bool),
-    Resume(Generation),
-    Stop,
-}
-
-/// What the leader knows of one rank.
-#[derive(Debug, Clone)]
-struct RankSoft {
-    /// The live connection, if any.
-    conn: Option<ConnId>,
-    /// The process, once heard from.
-    incarnation: Option<Incarnation>,
-    /// The generation whose state it holds.
-    generation: Option<Generation>,
-    step: Step,
-    status: WorkerStatus,
-    last_seen: u64,
-    /// When its step or status last changed.
-    progress_at: u64,
-    /// Steps per millisecond, and the sample it was measured from.
-    rate: f64,
-    rate_sample: (Step, u64),
-    /// The shortest interval a rate is measured over (half the heartbeat
-    /// interval): heartbeats that queued and are handled in a burst must not
-    /// look like a burst of speed.
-    min_rate_ms: u64,
-    /// A restore was restarted because this rank went silent; cleared when
-    /// it is heard from again.
-    lost: bool,
-    /// Shards it reported in `generation`.
-    saved: BTreeMap<CheckpointId, ShardDigest>,
-    /// Its final digest in `generation`.
-    digest: Option<String>,
-    /// The generation its trainer failed in (an `--exec` trainer can fail
-    /// while a generation is being set up: it crashed on start).
-    failed_in: Option<Generation>,
-    /// How its trainer last failed (for the restore's event).
-    failure: Option<String>,
-    sent_phase: Option<(Phase, u64)>,
-    sent_checkpoint: Option<(CheckpointId, u64)>,
-}
-
-impl RankSoft {
-    fn new(now: u64, heartbeat_interval_ms: u64) -> Self {
-        Self {
-            min_rate_ms: (heartbeat_interval_ms / 2).max(1),
-            conn: None,
-            incarnation: None,
-            generation: None,
-            step: Step(0),
-            status: WorkerStatus::Waiting,
-            last_seen: now,
-            progress_at: now,
-            rate: 0.0,
-            rate_sample: (Step(0), now),
-            lost: false,
-            saved: BTreeMap::new(),
-            digest: None,
-            failed_in: None,
-            failure: None,
-            sent_phase: None,
-            sent_checkpoint: None,
-        }
-    }
-
-    /// Records what a heartbeat (or a registration) says of the rank.
-    fn report(&mut self, generation: Option<Generation>, step: Step, status: WorkerStatus, now: u64) {
-        // the pace is measured over training only: while the rank waits
-        // (restored, not yet resumed) its sample moves with it, so the wait
-        // does not dilute the first measure after it resumes
-        let training = status == WorkerStatus::Running;
-        if generation != self.generation {
-            self.generation = generation;
-            self.saved.clear();
-            self.digest = None;
-            self.progress_at = now;
-            self.rate_sample = (step, now);
-        } else if !training {
-            if step > self.step {
-                self.progress_at = now;
-            }
-            self.rate_sample = (step, now);
-        } else if step > self.step {
-            self.progress_at = now;
-            let (s0, t0) = self.rate_sample;
-            if step > s0 && now >= t0 + self.min_rate_ms {
-                let rate = (step.0 - s0.0) as f64 / (now - t0) as f64;
-                self.rate = if self.rate == 0.0 { rate } else { 0.5 * (self.rate + rate) };
-                self.rate_sample = (step, now);
-            }
-        } else if step < self.step {
-            self.rate_sample = (step, now);
-        }
-        if status != self.status {
-            self.progress_at = now;
-        }
-        self.step = step;
-        self.status = status;
-    }
-
-    /// Whether the rank has been silent past its allowance: the heartbeat
-    /// timeout on a live connection; `grace` after a known worker's
-    /// connection closed; and for one this leader never heard from, twice the
-    /// heartbeat timeout from the takeover (a worker takes up to a timeout to
-    /// notice that its old leader went silent, then finds the new one).
-    fn silent(&self, t: u64, timeout: u64, grace: u64) -> bool {
-        let allowance = match (self.conn, self.incarnation) {
-            (Some(_), _) => timeout,
-            (None, Some(_)) => grace,
-            (None, None) => 2 * timeout,
-        };
-        t > self.last_seen + allowance
-    }
-
-    /// Where it probably is now, extrapolated from its last report.
-    fn projected_step(&self, now: u64) -> u64 {
-        self.step.0 + (self.rate * now.saturating_sub(self.last_seen) as f64).ceil() as u64
-    }
-}
 
 /// What the leader knows of one job beyond the ledger.
 #[derive(Debug)]
@@ -518,101 +367,6 @@ pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
         dir: JobDir::new(&job.spec.checkpoint.root, &job.spec.name).checkpoint_dir(id),
         shard,
     })
-}
-
-/// What a rank is doing as the leader sees it: what its heartbeats say
-/// ([`WorkerStatus`]), what the leader sees of its connection
-/// (`disconnected`, `stale`), or `missing` (never registered with this
-/// leader). The one list status, metrics and the CLI use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RankState {
-    /// Reports [`WorkerStatus::Waiting`].
-    Waiting,
-    /// Reports [`WorkerStatus::Running`].
-    Running,
-    /// Reports [`WorkerStatus::Checkpointing`].
-    Checkpointing,
-    /// Reports [`WorkerStatus::Restoring`].
-    Restoring,
-    /// Reports [`WorkerStatus::Finished`].
-    Finished,
-    /// Reports [`WorkerStatus::Failed`].
-    Failed,
-    /// Its connection closed.
-    Disconnected,
-    /// Holds an older generation's state.
-    Stale,
-    /// Never registered with this leader.
-    Missing,
-}
-
-impl RankState {
-    /// Every state, in the order status and metrics list them.
-    pub const ALL: [RankState; 9] = [
-        RankState::Waiting,
-        RankState::Running,
-        RankState::Checkpointing,
-        RankState::Restoring,
-        RankState::Finished,
-        RankState::Failed,
-        RankState::Disconnected,
-        RankState::Stale,
-        RankState::Missing,
-    ];
-
-    /// The word in status JSON and the `state` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RankState::Waiting => "waiting",
-            RankState::Running => "running",
-            RankState::Checkpointing => "checkpointing",
-            RankState::Restoring => "restoring",
-            RankState::Finished => "finished",
-            RankState::Failed => "failed",
-            RankState::Disconnected => "disconnected",
-            RankState::Stale => "stale",
-            RankState::Missing => "missing",
-        }
-    }
-}
-
-impl From<WorkerStatus> for RankState {
-    fn from(s: WorkerStatus) -> Self {
-        match s {
-            WorkerStatus::Waiting => RankState::Waiting,
-            WorkerStatus::Running => RankState::Running,
-            WorkerStatus::Checkpointing => RankState::Checkpointing,
-            WorkerStatus::Restoring => RankState::Restoring,
-            WorkerStatus::Finished => RankState::Finished,
-            WorkerStatus::Failed => RankState::Failed,
-        }
-    }
-}
-
-impl std::fmt::Display for RankState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq<&str> for RankState {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-/// One rank as the supervisor sees it (for status).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RankView {
-    /// Rank.
-    pub rank: Rank,
-    /// What it is doing.
-    pub state: RankState,
-    /// Its last reported step.
-    pub step: Step,
-    /// Since this leader last heard from it (any message), in ms.
-    pub heartbeat_age_ms: u64,
 }
 
 impl Supervisor {
@@ -839,98 +593,6 @@ impl Supervisor {
             false
         });
         out
-    }
-
-    /// An operator asked for a checkpoint of `job` now: refused at once when
-    /// the job's state cannot take one, else placed as soon as the ranks'
-    /// pace allows, and answered (when `reply_to`) by the reconcile.
-    fn checkpoint_requested(
-        &mut self,
-        ledger: &State,
-        now: Now,
-        job: JobName,
-        reply_to: Option<RequestId>,
-        out: &mut Vec<Action>,
-    ) {
-        let refuse = |kind, message: String| CheckpointOutcome::Refused(Refusal { kind, message });
-        let refusal = match ledger.jobs.get(&job) {
-            None => Some(refuse(RefusalKind::NotFound, format!("no job named {job}; submit it first"))),
-            Some(j) => match j.state {
-                JobState::Running => None,
-                JobState::Waiting => Some(refuse(RefusalKind::Conflict, format!(
-                    "job {job} is waiting for its workers; a checkpoint needs every rank running (start them with flotilla worker)"
-                ))),
-                JobState::Restoring | JobState::Blocked => Some(refuse(RefusalKind::Conflict, format!(
-                    "job {job} is {}; ask again once it runs (flotilla status shows why)",
-                    j.state.as_str()
-                ))),
-                JobState::Succeeded | JobState::Failed | JobState::Cancelled => Some(refuse(RefusalKind::Conflict, format!(
-                    "job {job} {}; it takes no more checkpoints",
-                    j.state.as_str()
-                ))),
-            },
-        };
-        if let Some(outcome) = refusal {
-            if let Some(request) = reply_to {
-                out.push(Action::Answer { request, outcome });
-            }
-            return;
-        }
-        let j = &ledger.jobs[&job];
-        let (from, timeout_s) = (j.next_checkpoint, j.spec.checkpoint.timeout_seconds);
-        let soft = self.soft(&job, now.mono_ms);
-        soft.checkpoint_requested = true;
-        if let Some(request) = reply_to {
-            let deadline_ms = now.mono_ms + (timeout_s + 30) * 1000;
-            soft.waiters.push(Waiter { request, from, deadline_ms });
-        }
-    }
-
-    /// Answers the operators waiting on `j` whose checkpoint has ended. One
-    /// placed behind a rank (the pace estimate was off) is placed again,
-    /// with the longer lead that abort gave.
-    fn answer_waiters(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
-        let name = &j.spec.name;
-        let Some(soft) = self.jobs.get_mut(name) else { return };
-        let mut again = false;
-        soft.waiters.retain_mut(|w| {
-            let outcome = if j.state.is_terminal() {
-                Some(CheckpointOutcome::Failed(format!("job {name} is {}", j.state.as_str())))
-            } else {
-                j.checkpoints.range(w.from..).find_map(|(id, c)| match c.state {
-                    CheckpointState::Committed | CheckpointState::Deleted | CheckpointState::Abandoned => {
-                        Some(CheckpointOutcome::Committed { id: *id, step: c.step })
-                    }
-                    CheckpointState::Aborted if matches!(c.abort, Some(AbortReason::RankPastStep { .. })) => {
-                        w.from = CheckpointId(id.0 + 1);
-                        again = true;
-                        None
-                    }
-                    CheckpointState::Aborted => Some(CheckpointOutcome::Failed(format!(
-                        "checkpoint {id} was aborted: {}",
-                        c.reason.as_deref().unwrap_or("no reason recorded")
-                    ))),
-                    _ => None,
-                })
-            };
-            let outcome = outcome.or_else(|| {
-                (now.mono_ms > w.deadline_ms).then(|| {
-                    CheckpointOutcome::TimedOut(format!(
-                        "no checkpoint of job {name} committed in time; is every worker running?"
-                    ))
-                })
-            });
-            match outcome {
-                Some(outcome) => {
-                    out.push(Action::Answer { request: w.request, outcome });
-                    false
-                }
-                None => true,
-            }
-        });
-        if again {
-            soft.checkpoint_requested = true;
-        }
     }
 
     /// Proposes `cmd` unless the same proposal is in flight; true when made.
@@ -1517,72 +1179,6 @@ fn direct(
     }
     r.sent_phase = Some((phase, t));
     out.push(send(conn, msg));
-}
-
-/// The last step, when `checkpoint.at_end` asks for a final checkpoint of
-/// the built-in trainer's job that is neither committed nor already tried
-/// in this generation.
-fn final_checkpoint_due(j: &Job) -> Option<u64> {
-    let last = j.spec.trainer.as_ref()?.total_steps;
-    let done = j.latest_committed().is_some_and(|c| c.step.0 >= last);
-    let tried = j
-        .checkpoints
-        .values()
-        .any(|c| c.step.0 == last && c.generation == j.generation && c.state == CheckpointState::Aborted);
-    (j.spec.checkpoint.at_end && !done && !tried).then_some(last)
-}
-
-/// Places the next checkpoint of a running job, if one is due.
-///
-/// Periodic checkpoints go on the next `every_steps` boundary past the head
-/// of the job's history (the latest committed step, or the step this
-/// generation started from), announced once the fastest rank can reach it
-/// within half of `checkpoint.timeout_seconds`, and always ahead of where the
-/// fastest rank will be when the directive arrives (`lead_ms`). When the
-/// ranks are already past that boundary it moves to the first one ahead.
-fn schedule_checkpoint(j: &Job, soft: &mut JobSoft, now: Now) -> Option<Command> {
-    let t = now.mono_ms;
-    let fastest = soft.ranks.values().map(|r| r.projected_step(t)).max().unwrap_or(0);
-    let rate = soft.ranks.values().map(|r| r.rate).fold(0.0, f64::max);
-    // however far past-step aborts grew the lead, the ranks reach the step
-    // within a quarter of the timeout: the rest is for the snapshot, the
-    // writes and the commit
-    let lead_ms = soft.lead_ms.min(j.spec.checkpoint.timeout_seconds * 250);
-    let lead = (rate * lead_ms as f64).ceil() as u64 + 1;
-    let head = j.latest_committed().map_or(0, |c| c.step.0).max(j.start_step().0);
-    let earliest = (fastest + lead).max(head + 1);
-    if rate <= 0.0 {
-        // no pace measured yet (a new leader, a fresh start): a step placed
-        // now could be behind the ranks; a request waits for the first reports
-        return None;
-    }
-    let by_time = j.spec.checkpoint.every_seconds.is_some_and(|s| t >= soft.last_begun + s * 1000);
-    let step = if soft.checkpoint_requested || by_time {
-        earliest
-    } else {
-        let e = j.spec.checkpoint.every_steps?;
-        let next = (head / e + 1) * e;
-        let target = if earliest <= next { next } else { earliest.div_ceil(e) * e };
-        // announced once the ranks' pace says they reach it within half the timeout
-        let half_timeout_ms = j.spec.checkpoint.timeout_seconds * 500;
-        if target.saturating_sub(fastest) as f64 / rate > half_timeout_ms as f64 {
-            return None;
-        }
-        target
-    };
-    if j.spec.trainer.as_ref().is_some_and(|tr| step >= tr.total_steps) {
-        soft.checkpoint_requested = false;
-        return None;
-    }
-    soft.checkpoint_requested = false;
-    soft.last_begun = t;
-    Some(Command::BeginCheckpoint {
-        job: j.spec.name.clone(),
-        id: j.next_checkpoint,
-        step: Step(step),
-        generation: j.generation,
-        now_ms: now.wall_ms,
-    })
 }
 
 #[cfg(test)]

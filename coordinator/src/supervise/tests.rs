@@ -5,8 +5,9 @@
 //! reaches the same end: the job succeeds with the failure-free digest.
 
 use super::*;
-use crate::ledger::Event;
+use crate::ledger::{Event, RefusalKind};
 use flotilla_shared::checksum::Checksum;
+use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use proptest::prelude::*;
 use std::collections::VecDeque;
