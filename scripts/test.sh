@@ -96,6 +96,9 @@ cargo fmt --all -- --check
 echo "--- cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "--- no import circle between the modules of a crate"
+python3 scripts/check-import-cycles.py coordinator/src worker/src shared/src src
+
 echo "--- the Python client's tests (python/)"
 counted python3 -m pytest -q python/tests
 

@@ -106,6 +106,15 @@ type Job<B> = (WriteRequest, B, u64);
 /// header fits, so a whole shard file can be read into it.
 pub const READ_ROOM: usize = 1 << 20;
 
+/// The host memory the built-in trainer of `spec` takes: its weights and
+/// both optimizer slots, and the snapshot buffer beside them (with room for
+/// a shard's header), in bytes.
+pub fn host_memory_need(spec: &flotilla_shared::spec::TrainerSpec) -> u64 {
+    let vars = crate::trainer::BuiltinTrainer::model_variables(spec);
+    let bytes: u64 = vars.iter().map(|v| v.byte_len() as u64).sum();
+    2 * bytes + READ_ROOM as u64
+}
+
 /// A per-rank snapshot pipeline with one reusable buffer `B`: the
 /// variables' bytes, packed in order (`as_ref()` is exactly that long).
 pub struct Snapshotter<B = Vec<u8>> {

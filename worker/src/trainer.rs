@@ -126,14 +126,6 @@ pub fn try_zeroed<T: Clone + Default>(n: usize) -> Option<Vec<T>> {
     Some(v)
 }
 
-/// The host memory the built-in trainer of `spec` takes: its weights and
-/// both optimizer slots, and the snapshot buffer beside them (with room for
-/// a shard's header), in bytes.
-pub fn host_memory_need(spec: &TrainerSpec) -> u64 {
-    let bytes: u64 = BuiltinTrainer::model_variables(spec).iter().map(|v| v.byte_len() as u64).sum();
-    2 * bytes + crate::snapshot::READ_ROOM as u64
-}
-
 /// One weight variable and where its elements live in the flat arrays.
 #[derive(Debug, Clone)]
 struct Slot {

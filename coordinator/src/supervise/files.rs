@@ -5,7 +5,7 @@
 //! names it); a failure is reported back so the supervisor asks again, and
 //! backs off that job only: a slow or failing root holds up no other job.
 
-use super::task::SupervisorInput;
+use super::input::SupervisorInput;
 use super::{FileWork, Observation};
 use crate::raft::node::NodeHandle;
 use flotilla_shared::ids::{CheckpointId, JobName};

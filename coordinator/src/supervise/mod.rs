@@ -34,6 +34,7 @@
 //! applied the entry.
 
 mod files;
+pub mod input;
 mod operator;
 mod rank;
 mod schedule;

@@ -6,6 +6,7 @@
 //! [`super::files`]). It supervises only while this replica leads.
 
 use super::files::Files;
+use super::input::{Outbox, SupervisorInput};
 use super::{
     Action, CheckpointOutcome, ConnId, Now, Observation, ProposalKey, Registration, RequestId, Supervisor,
     SupervisorConfig,
@@ -16,7 +17,6 @@ use crate::metrics::Metrics;
 use crate::raft::node::{NodeHandle, Role};
 use flotilla_shared::ids::{Generation, JobName};
 use flotilla_shared::layout::Manifest;
-use flotilla_shared::wire::CoordinatorMessage;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -54,42 +54,6 @@ impl WorkersView {
         (g == generation).then_some(at)
     }
 }
-
-/// Input of the supervisor task.
-pub enum SupervisorInput {
-    /// A worker connection registered; directives for it go to `tx`,
-    /// tagged with `conn` (the ranks of a node session share one queue).
-    Connected {
-        /// Connection (or one rank of a node session).
-        conn: ConnId,
-        /// Its outbound queue.
-        tx: Outbox,
-    },
-    /// Something happened.
-    Observe(Observation),
-    /// An operator asks for a checkpoint now and waits for `reply`; dropped
-    /// unanswered when this replica stops supervising.
-    CheckpointNow {
-        /// Job.
-        job: JobName,
-        /// Where the outcome goes.
-        reply: oneshot::Sender<CheckpointOutcome>,
-    },
-    /// A proposal's outcome: the applied events, or none (refused or failed).
-    Proposed {
-        /// Which proposal.
-        key: ProposalKey,
-        /// What it changed.
-        events: Vec<Event>,
-    },
-}
-
-/// A directive, or the request to close the connection after the ones before it.
-pub type CoordinatorMessageOrClose = Option<CoordinatorMessage>;
-
-/// A connection's outbound queue: directives tagged with the `ConnId` they
-/// are for (a node session's ranks each have their own).
-pub type Outbox = mpsc::Sender<(ConnId, CoordinatorMessageOrClose)>;
 
 /// A handle to send observations (e.g. operator requests) to the supervisor.
 #[derive(Clone)]

@@ -7,11 +7,12 @@
 //! told where the leader is; when leadership is lost, the supervisor task
 //! closes every worker connection so the workers find the new leader.
 
+mod inputs;
 mod node_session;
 mod session;
 
 use crate::raft::node::NodeHandle;
-use crate::supervise::task::SupervisorInput;
+use crate::supervise::input::SupervisorInput;
 use flotilla_shared::frame::Tokens;
 use flotilla_shared::tls::{NodeTls, Stream};
 use session::serve_worker;

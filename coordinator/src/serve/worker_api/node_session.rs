@@ -1,9 +1,9 @@
 //! A node session: every rank of one host on one connection.
 
-use super::session::{Inputs, WorkerConn};
+use super::inputs::{Inputs, WorkerConn};
 use super::IDLE_TIMEOUT;
 use crate::raft::node::{NodeHandle, Role};
-use crate::supervise::task::CoordinatorMessageOrClose;
+use crate::supervise::input::CoordinatorMessageOrClose;
 use crate::supervise::ConnId;
 use flotilla_shared::frame::SessionError;
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, ForRank, WorkerMessage};

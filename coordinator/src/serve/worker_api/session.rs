@@ -1,11 +1,11 @@
 //! One worker connection: the handshake, the leader check, then one rank's
 //! frames to the supervisor and its directives back.
 
+use super::inputs::Inputs;
 use super::node_session::serve_node;
 use super::IDLE_TIMEOUT;
 use crate::raft::node::{NodeHandle, Role};
-use crate::supervise::task::{Outbox, SupervisorInput};
-use crate::supervise::{ConnId, Observation, Registration};
+use crate::supervise::input::SupervisorInput;
 use flotilla_shared::frame::{SessionError, Tokens};
 use flotilla_shared::tls::Stream;
 use flotilla_shared::wire::{CoordinatorMessage, ErrorCode, ErrorReply, WorkerMessage};
@@ -13,8 +13,6 @@ use futures::{SinkExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-pub(super) type WorkerConn = flotilla_shared::frame::Connection<Stream, WorkerMessage, CoordinatorMessage>;
 
 /// Counts a registered worker session in `flotilla_worker_sessions` for
 /// as long as it lives.
@@ -124,28 +122,4 @@ pub(super) async fn serve_worker(
     };
     inputs.disconnected(conn_id).await;
     result
-}
-
-/// What a connection tells the supervisor.
-pub(super) struct Inputs(mpsc::Sender<SupervisorInput>);
-
-impl Inputs {
-    /// A rank registered on `conn` (`msg` is its `Register`); false when
-    /// the supervisor is gone.
-    pub(super) async fn register(&self, conn: ConnId, tx: &Outbox, msg: WorkerMessage) -> bool {
-        let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = msg else {
-            return true;
-        };
-        let registration = Registration { conn, job, rank, incarnation, generation, step };
-        self.0.send(SupervisorInput::Connected { conn, tx: tx.clone() }).await.is_ok()
-            && self.0.send(SupervisorInput::Observe(Observation::Registered(registration))).await.is_ok()
-    }
-
-    pub(super) async fn message(&self, conn: ConnId, msg: WorkerMessage) -> bool {
-        self.0.send(SupervisorInput::Observe(Observation::Message { conn, msg })).await.is_ok()
-    }
-
-    pub(super) async fn disconnected(&self, conn: ConnId) {
-        let _ = self.0.send(SupervisorInput::Observe(Observation::Disconnected { conn })).await;
-    }
 }
