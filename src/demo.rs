@@ -5,7 +5,7 @@ use crate::cmd::count;
 use anyhow::{bail, Context, Result};
 use flotilla_coordinator::api::{JobStatus, StepSource};
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::ledger::JobEventKind;
+use flotilla_coordinator::ledger::{JobEventKind, JobState};
 use flotilla_coordinator::raft::node::Role;
 use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::Generation;
@@ -170,14 +170,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         let Ok(status) = client.status(Some("demo")).await else { continue };
         let Some(job) = status.jobs.into_iter().next() else { continue };
         progress.show(&job, args.steps);
-        match job.state.as_str() {
-            "succeeded" => break job,
-            "failed" => bail!("the job failed: {}", job.error.unwrap_or_default()),
+        match job.state {
+            JobState::Succeeded => break job,
+            JobState::Failed => bail!("the job failed: {}", job.error.unwrap_or_default()),
             _ => {}
         }
         if let (Some((killed_wall_ms, generation)), None) = (killed_worker, recovery) {
             // running_since_ms follows the ledger within a tick of the leader
-            if job.generation.0 > generation && job.state == "running" && job.running_since_ms.is_some() {
+            if job.generation.0 > generation && job.state == JobState::Running && job.running_since_ms.is_some() {
                 // measured where it happened: the leader's time of seeing the
                 // job running again (this host's clock is the leader's), not
                 // when this loop's 100 ms poll noticed
@@ -202,7 +202,7 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         }
         if kill_worker_at > 0
             && killed_worker.is_none()
-            && job.state == "running"
+            && job.state == JobState::Running
             && job.step.0 >= kill_worker_at
         {
             let rank = 1 % args.workers;

@@ -1,6 +1,6 @@
 //! The HTTP API's JSON shapes (SPEC §4), shared by the server and the CLI.
 
-use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, State};
+use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, JobState, State};
 use crate::raft::replica::{NodeStatus, Role};
 use crate::supervise::RankState;
 use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
@@ -76,7 +76,7 @@ pub struct JobStatus {
     /// Name.
     pub name: JobName,
     /// `waiting`, `running`, `restoring`, `blocked`, `succeeded`, `failed`, `cancelled`.
-    pub state: String,
+    pub state: JobState,
     /// When it was submitted (ms since the epoch; 0 from a replica that did not say).
     #[serde(default)]
     pub submitted_ms: u64,
@@ -171,7 +171,8 @@ pub struct CheckpointView {
     /// Generation it was taken in.
     pub generation: Generation,
     /// `pending`, `committed`, `aborted`, `condemned`, `abandoned`.
-    pub state: String,
+    #[serde(with = "checkpoint_word")]
+    pub state: CheckpointState,
     /// Bytes of all shards.
     pub bytes: u64,
     /// When it began (ms since the epoch).
@@ -237,7 +238,7 @@ impl JobStatus {
         };
         Self {
             name: job.spec.name.clone(),
-            state: job.state.as_str().to_string(),
+            state: job.state,
             submitted_ms: job.submitted_ms,
             generation: job.generation,
             world_size: job.spec.world_size,
@@ -258,7 +259,7 @@ impl JobStatus {
                     id: c.id,
                     step: c.step,
                     generation: c.generation,
-                    state: c.state.as_str().to_string(),
+                    state: c.state,
                     bytes: c.bytes(),
                     begun_ms: c.begun_ms,
                     ended_ms: c.ended_ms,
@@ -306,5 +307,22 @@ impl ClusterStatus {
                 .map(|j| JobStatus::from_job(j))
                 .collect(),
         }
+    }
+}
+
+/// A checkpoint's state in status JSON: its word ([`CheckpointState::as_str`],
+/// `condemned` for what the ledger encodes as `corrupt`).
+mod checkpoint_word {
+    use crate::ledger::CheckpointState;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(state: &CheckpointState, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(state.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<CheckpointState, D::Error> {
+        let word = String::deserialize(d)?;
+        CheckpointState::from_word(&word)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown checkpoint state {word:?}")))
     }
 }

@@ -5,7 +5,7 @@ use super::{client, contact, table, Usage};
 use crate::cli::{CertsArgs, CheckpointsArgs, JobArgs, ReplicasCommand, RestoreArgs, SubmitArgs};
 use anyhow::{bail, Context, Result};
 use flotilla_coordinator::api::{JobStatus, ReplicasView};
-use flotilla_coordinator::ledger::JobEventKind;
+use flotilla_coordinator::ledger::{CheckpointState, JobEventKind, JobState};
 use flotilla_shared::spec::JobSpec;
 
 pub(crate) async fn run_submit(args: SubmitArgs) -> Result<()> {
@@ -37,7 +37,7 @@ pub(crate) async fn run_checkpoint(args: JobArgs) -> Result<()> {
             _ = every.tick() => {
                 let Ok(status) = client.status(Some(&args.job)).await else { continue };
                 let Some(job) = status.jobs.first() else { continue };
-                let Some(p) = job.checkpoints.iter().find(|c| c.state == "pending") else { continue };
+                let Some(p) = job.checkpoints.iter().find(|c| c.state == CheckpointState::Pending) else { continue };
                 let steps: Vec<u64> = job.workers.iter().map(|w| w.step.0).collect();
                 let line = format!(
                     "checkpoint {} pending at step {}: ranks at steps {}..{}",
@@ -111,7 +111,7 @@ pub(crate) async fn run_checkpoints(args: CheckpointsArgs) -> Result<()> {
                 c.id.to_string(),
                 c.step.to_string(),
                 c.generation.to_string(),
-                c.state.clone(),
+                c.state.to_string(),
                 c.bytes.to_string(),
                 flotilla_shared::layout::Manifest::format_time(c.begun_ms),
                 c.reason.clone().unwrap_or_default(),
@@ -158,16 +158,16 @@ pub(crate) async fn run_restore(args: RestoreArgs) -> Result<()> {
         // an election on the way is no failure: ask again
         let job = client.status(Some(&args.job)).await.ok().and_then(|s| s.jobs.into_iter().next());
         if let Some(job) = job.filter(|j| j.generation.0 >= asked) {
-            match job.state.as_str() {
-                "running" if job.running_since_ms.is_some() => {
+            match job.state {
+                JobState::Running if job.running_since_ms.is_some() => {
                     println!("{}", restore_outcome(&job, asked, &from));
                     return Ok(());
                 }
-                "succeeded" => {
+                JobState::Succeeded => {
                     println!("{}", restore_outcome(&job, asked, &from));
                     return Ok(());
                 }
-                "blocked" | "failed" | "cancelled" => bail!(
+                JobState::Blocked | JobState::Failed | JobState::Cancelled => bail!(
                     "job {} is {} after the restore into generation {asked} (now generation {}): {}; flotilla status --job {} says more",
                     args.job,
                     job.state,
@@ -197,7 +197,7 @@ fn restore_outcome(job: &JobStatus, asked: u64, asked_from: &str) -> String {
     let from = job
         .restored_from
         .map_or("its start".to_string(), |c| format!("checkpoint {} (step {})", c.id, c.step));
-    let how = if job.state == "succeeded" { "succeeded" } else { "is training" };
+    let how = if job.state == JobState::Succeeded { "succeeded" } else { "is training" };
     if job.generation.0 == asked {
         return format!("job {} restored: generation {asked} {how} from {from}", job.name);
     }

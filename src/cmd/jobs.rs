@@ -27,7 +27,7 @@ fn jobs_table(jobs: &[JobStatus]) -> String {
         .map(|j| {
             vec![
                 j.name.to_string(),
-                j.state.clone(),
+                j.state.to_string(),
                 j.generation.to_string(),
                 j.world_size.to_string(),
                 j.latest_committed.as_ref().map_or("-".into(), |c| format!("{}@{}", c.id, c.step)),

@@ -6,7 +6,7 @@ use crate::cli::StatusArgs;
 use anyhow::{bail, Result};
 use flotilla_coordinator::api::StepSource;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::ledger::BlockReason;
+use flotilla_coordinator::ledger::{BlockReason, JobState};
 use flotilla_coordinator::supervise::RankState;
 use flotilla_shared::ids::Rank;
 
@@ -139,7 +139,7 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
         if let Some(d) = &job.final_digest {
             writeln!(out, "  final digest: {d}")?;
         }
-        if job.state != "succeeded" && status.role == flotilla_coordinator::raft::node::Role::Leader {
+        if job.state != JobState::Succeeded && status.role == flotilla_coordinator::raft::node::Role::Leader {
             let rows = (0..job.world_size)
                 .map(|rank| {
                     let w = job.workers.iter().find(|w| w.rank.0 == rank);

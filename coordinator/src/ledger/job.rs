@@ -62,6 +62,19 @@ impl JobState {
     }
 }
 
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `state == "running"`: the word of status JSON and metrics.
+impl PartialEq<&str> for JobState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A checkpoint's state in the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,6 +108,38 @@ impl CheckpointState {
             CheckpointState::Abandoned => "abandoned",
             CheckpointState::Deleted => "deleted",
         }
+    }
+
+    /// Every state.
+    pub const ALL: [CheckpointState; 6] = [
+        CheckpointState::Pending,
+        CheckpointState::Committed,
+        CheckpointState::Aborted,
+        CheckpointState::Corrupt,
+        CheckpointState::Abandoned,
+        CheckpointState::Deleted,
+    ];
+
+    /// The state a status word names ([`CheckpointState::as_str`]; also
+    /// `corrupt`, which replicas before the word `condemned` answered).
+    pub fn from_word(word: &str) -> Option<Self> {
+        match word {
+            "corrupt" => Some(CheckpointState::Corrupt),
+            _ => Self::ALL.into_iter().find(|s| s.as_str() == word),
+        }
+    }
+}
+
+impl fmt::Display for CheckpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `state == "committed"`: the word of status JSON.
+impl PartialEq<&str> for CheckpointState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
     }
 }
 

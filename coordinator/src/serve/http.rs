@@ -3,7 +3,7 @@
 //! (a follower answers 421 with the leader's URL).
 
 use crate::api::{ClusterStatus, ErrorBody, ReplicasView, SubmitReply};
-use crate::ledger::{CheckpointState, Command, Event, RefusalKind};
+use crate::ledger::{CheckpointState, Command, Event, JobState, RefusalKind};
 use crate::metrics::Metrics;
 use crate::raft::node::{MembershipChange, NodeHandle, ProposeError, Role};
 use crate::supervise::task::{SupervisorHandle, WorkersView};
@@ -146,8 +146,8 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
         // the view follows the ledger by up to a tick: only a job running
         // in that same generation has it
         j.running_since_ms =
-            s.workers.running_since_ms(&j.name, j.generation).filter(|_| j.state == "running");
-        if j.state != "succeeded" && j.workers.len() == j.world_size as usize {
+            s.workers.running_since_ms(&j.name, j.generation).filter(|_| j.state == JobState::Running);
+        if j.state != JobState::Succeeded && j.workers.len() == j.world_size as usize {
             j.step = j.workers.iter().map(|w| w.step).min().unwrap_or_default();
             j.step_source = crate::api::StepSource::Ranks;
         }

@@ -161,6 +161,14 @@ pub enum Action {
         /// How it ended.
         outcome: CheckpointOutcome,
     },
+    /// A whole-job restore this leader decided is over: every rank trains
+    /// again, `seconds` after the decision (for the recovery histogram).
+    Recovered {
+        /// Job.
+        job: JobName,
+        /// From the first restore's decision to the job running again.
+        seconds: f64,
+    },
     /// Bring a checkpoint's files in line with the ledger.
     Files {
         /// Job.
@@ -297,8 +305,13 @@ struct JobSoft {
 #[derive(Debug, Clone)]
 struct Recovery {
     generation: Generation,
+    /// When this leader decided the first restore of this recovery (a
+    /// restore that restarts keeps it); None: it took over one under way.
+    decided: Option<u64>,
     /// This leader proposed it (None: it took over a restore under way).
     proposed: Option<u64>,
+    /// When the resume was proposed (the job then trains again once applied).
+    resumed: Option<u64>,
     /// First seen committed, when the restore directives went out.
     committed: Option<u64>,
     /// The last rank to report its state restored, and when.
@@ -307,7 +320,7 @@ struct Recovery {
 
 impl Recovery {
     fn new(generation: Generation, proposed: Option<u64>) -> Self {
-        Self { generation, proposed, committed: None, last_restored: None }
+        Self { generation, decided: proposed, proposed, committed: None, last_restored: None, resumed: None }
     }
 
     /// One line with the phases, once the resume is proposed at `t`.
@@ -605,8 +618,12 @@ impl Supervisor {
             self.inflight.insert(key, now.mono_ms);
         }
         if let Command::Restore { job, generation, .. } = &cmd {
-            let generation = *generation;
-            self.soft(job, now.mono_ms).recovery = Some(Recovery::new(generation, Some(now.mono_ms)));
+            let recovery = &mut self.soft(job, now.mono_ms).recovery;
+            // a restore that restarts one not yet resumed keeps its decision's time
+            let decided = recovery.as_ref().filter(|r| r.resumed.is_none()).and_then(|r| r.decided);
+            let mut next = Recovery::new(*generation, Some(now.mono_ms));
+            next.decided = decided.or(next.decided);
+            *recovery = Some(next);
         }
         out.push(Action::Propose(cmd));
         true
@@ -911,9 +928,16 @@ impl Supervisor {
     fn reconcile_running(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
         let name = j.spec.name.clone();
         let (g, t) = (j.generation, now.mono_ms);
-        let since = &mut self.soft(&name, t).running_since_wall;
-        if since.is_none_or(|(sg, _)| sg != g) {
-            *since = Some((g, now.wall_ms));
+        let soft = self.soft(&name, t);
+        if soft.running_since_wall.is_none_or(|(sg, _)| sg != g) {
+            soft.running_since_wall = Some((g, now.wall_ms));
+        }
+        // the restore this leader decided is over: the job trains again
+        if let Some(rec) = soft.recovery.take_if(|r| r.generation == g && r.resumed.is_some()) {
+            if let Some(decided) = rec.decided {
+                let seconds = t.saturating_sub(decided) as f64 / 1e3;
+                out.push(Action::Recovered { job: name.clone(), seconds });
+            }
         }
         if let Some((rank, reason)) = self.failed_rank(j, t) {
             let failure = self.soft(&name, t).ranks.get(&rank).and_then(|r| r.failure.clone());
@@ -1112,8 +1136,9 @@ impl Supervisor {
         direct_restores(j, soft, t, resend, out);
         let all_hold_g = soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g));
         if all_hold_g && self.propose(now, Command::ResumeJob { job: name.clone(), generation: g }, out) {
-            if let Some(rec) = self.soft(&name, t).recovery.take() {
+            if let Some(rec) = self.soft(&name, t).recovery.as_mut().filter(|r| r.resumed.is_none()) {
                 rec.log(&name, t);
+                rec.resumed = Some(t);
             }
         }
     }

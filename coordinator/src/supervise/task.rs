@@ -145,8 +145,6 @@ async fn run_supervisor(
 ) {
     let clock = Clock(Instant::now());
     let mut sup: Option<Supervisor> = None;
-    // when each job's restore was decided, for the recovery histogram
-    let mut restoring_since: HashMap<JobName, Instant> = HashMap::new();
     let mut conns: HashMap<ConnId, Outbox> = HashMap::new();
     // operators waiting for an answer, by request id
     let mut waiting: HashMap<RequestId, oneshot::Sender<CheckpointOutcome>> = HashMap::new();
@@ -179,7 +177,7 @@ async fn run_supervisor(
                     match input {
                         SupervisorInput::Connected { conn, tx } => { conns.insert(conn, tx); }
                         SupervisorInput::Proposed { key, events } => {
-                            observe_events(&metrics, &mut restoring_since, &events);
+                            observe_events(&metrics, &events);
                             batch.push(Observation::ProposalDone { key, events });
                         }
                         SupervisorInput::CheckpointNow { job, reply } => {
@@ -286,6 +284,9 @@ async fn run_supervisor(
                         let _ = reply.send(outcome);
                     }
                 }
+                Action::Recovered { job, seconds } => {
+                    metrics.recovery_seconds.with_label_values(&[job.as_str()]).observe(seconds);
+                }
                 Action::Files { job, work } => {
                     files.send(job, work);
                 }
@@ -305,8 +306,7 @@ fn start_supervising(node: &NodeHandle, clock: &Clock) -> Supervisor {
     Supervisor::new(SupervisorConfig::default(), clock.now(), term)
 }
 
-fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Instant>, events: &[Event]) {
-    use crate::ledger::JobState;
+fn observe_events(metrics: &Metrics, events: &[Event]) {
     for event in events {
         match event {
             Event::CheckpointCommitted { job, duration_ms, .. } => {
@@ -314,18 +314,6 @@ fn observe_events(metrics: &Metrics, restoring_since: &mut HashMap<JobName, Inst
                     .checkpoint_seconds
                     .with_label_values(&[job.as_str()])
                     .observe(*duration_ms as f64 / 1e3);
-            }
-            Event::Restoring { job, .. } => {
-                // a restore that restarts keeps the first decision's time
-                restoring_since.entry(job.clone()).or_insert_with(Instant::now);
-            }
-            Event::JobState { job, state: JobState::Running } => {
-                if let Some(since) = restoring_since.remove(job) {
-                    metrics
-                        .recovery_seconds
-                        .with_label_values(&[job.as_str()])
-                        .observe(since.elapsed().as_secs_f64());
-                }
             }
             _ => {}
         }

@@ -233,6 +233,8 @@ struct World {
     files: Vec<FileWork>,
     /// Answers to operators' requests, in order.
     answers: Vec<(RequestId, CheckpointOutcome)>,
+    /// Restores this leader timed, decision to training again (seconds).
+    recoveries: Vec<f64>,
 }
 
 impl World {
@@ -255,6 +257,7 @@ impl World {
             proposals: VecDeque::new(),
             files: Vec::new(),
             answers: Vec::new(),
+            recoveries: Vec::new(),
         };
         for rank in 0..world {
             let (conn, inc) = (w.conn(), w.incarnation());
@@ -295,6 +298,7 @@ impl World {
                 Action::Close { .. } => {}
                 Action::Files { work, .. } => self.files.push(work),
                 Action::Answer { request, outcome } => self.answers.push((request, outcome)),
+                Action::Recovered { seconds, .. } => self.recoveries.push(seconds),
             }
         }
     }
@@ -1372,4 +1376,25 @@ fn shard_reports_that_arrive_together_are_judged_by_one_reconcile() {
     w.route(actions);
     w.apply_all();
     assert!(w.job().latest_committed().unwrap().id > first);
+}
+
+#[test]
+fn a_restore_is_timed_once_from_its_decision_to_the_job_training_again() {
+    let mut w = World::new(2);
+    w.running();
+    let before = w.now;
+    // a restarted process: the leader decides a restore at once
+    w.restart(1);
+    assert!(w.restore_proposed(RestoreReason::WorkerRestarted), "{:?}", w.proposals);
+    w.until(200, |w| w.job().state == JobState::Running && w.job().generation == Generation(2));
+    w.tick();
+    w.tick();
+    assert_eq!(w.recoveries.len(), 1, "one restore, one figure: {:?}", w.recoveries);
+    let most = (w.now - before) as f64 / 1e3;
+    assert!(w.recoveries[0] > 0.0 && w.recoveries[0] <= most, "{:?} within {most} s", w.recoveries);
+    // a new leader that took over nothing times nothing
+    w.leader_change();
+    w.until(20, |w| w.job().state == JobState::Running);
+    w.tick();
+    assert_eq!(w.recoveries.len(), 1);
 }
