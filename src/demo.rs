@@ -177,7 +177,10 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
         }
         if let (Some((killed_wall_ms, generation)), None) = (killed_worker, recovery) {
             // running_since_ms follows the ledger within a tick of the leader
-            if job.generation.0 > generation && job.state == JobState::Running && job.running_since_ms.is_some() {
+            if job.generation.0 > generation
+                && job.state == JobState::Running
+                && job.running_since_ms.is_some()
+            {
                 // measured where it happened: the leader's time of seeing the
                 // job running again (this host's clock is the leader's), not
                 // when this loop's 100 ms poll noticed

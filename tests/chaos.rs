@@ -345,7 +345,7 @@ impl Ledger {
             return Ok(());
         }
         let mut once_committed: BTreeMap<u64, u64> = self.seen.iter().map(|(i, s)| (*i, s.step)).collect();
-        for c in job.checkpoints.iter().filter(|c| committed_like(&c.state)) {
+        for c in job.checkpoints.iter().filter(|c| committed_like(c.state.as_str())) {
             once_committed.insert(c.id.0, c.step.0);
         }
         let by_step = once_committed.iter().filter(|(i, s)| (**s, **i) > (seen.step, id)).count();
@@ -1221,7 +1221,7 @@ impl Chaos {
             ));
         }
         let listed: BTreeMap<u64, String> =
-            done.checkpoints.iter().map(|c| (c.id.0, c.state.clone())).collect();
+            done.checkpoints.iter().map(|c| (c.id.0, c.state.to_string())).collect();
         let seen: Vec<(u64, Seen)> = self.ledger.seen.iter().map(|(i, s)| (*i, s.clone())).collect();
         for (id, s) in seen {
             match listed.get(&id).map(String::as_str) {

@@ -878,7 +878,7 @@ async fn thousands_of_checkpoint_cycles_keep_the_snapshot_bounded_and_every_foll
         if job.state == "running" {
             Ok(())
         } else {
-            Err(job.state)
+            Err(job.state.to_string())
         }
     })
     .await;
