@@ -414,13 +414,7 @@ async fn delete_job(
             });
             s.supervisor.observe(Observation::Applied { events }).await;
             let removed = match (&dir, q.remove_checkpoints) {
-                (Some(dir), true) => {
-                    let deadline = Instant::now() + REMOVE_WAIT;
-                    while dir.exists() && Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    !dir.exists()
-                }
+                (Some(dir), true) => disk_agrees(REMOVE_WAIT, || !dir.exists()).await,
                 _ => false,
             };
             Json(serde_json::json!({
@@ -444,12 +438,24 @@ const MANIFEST_WAIT: Duration = Duration::from_secs(10);
 /// disk as the ledger has it: its MANIFEST.json written and, with `latest`,
 /// LATEST naming it or a newer one. Whether it got there.
 async fn on_disk(dir: &JobDir, id: CheckpointId, latest: bool) -> bool {
-    let deadline = Instant::now() + MANIFEST_WAIT;
+    disk_agrees(MANIFEST_WAIT, || {
+        dir.checkpoint_dir(id).join(flotilla_shared::layout::MANIFEST_FILE).exists()
+            && (!latest || dir.read_latest().ok().flatten().is_some_and(|l| l >= id))
+    })
+    .await
+}
+
+/// Looks at the disk every 50 ms, at most `wait`, until `there` holds (the
+/// leader's file threads do the work after the ledger's change); whether
+/// it came to hold.
+async fn disk_agrees(wait: Duration, there: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + wait;
     loop {
-        let there = dir.checkpoint_dir(id).join(flotilla_shared::layout::MANIFEST_FILE).exists()
-            && (!latest || dir.read_latest().ok().flatten().is_some_and(|l| l >= id));
-        if there || Instant::now() >= deadline {
-            return there;
+        if there() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

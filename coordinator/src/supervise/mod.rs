@@ -520,22 +520,9 @@ impl Supervisor {
             }
             Observation::ProposalDone { key, events } => {
                 self.inflight.remove(&key);
-                let jobs: BTreeSet<&JobName> = events.iter().filter_map(Event::files_of).collect();
-                for j in jobs.into_iter().filter_map(|job| ledger.jobs.get(job)) {
-                    self.reconcile_files(j, now, out);
-                }
+                self.applied(ledger, now, &events, out);
             }
-            Observation::Applied { events } => {
-                for event in &events {
-                    if let Event::JobDeleted { job, remove_checkpoints, root } = event {
-                        self.job_deleted(ledger, job, *remove_checkpoints, root, out);
-                    }
-                }
-                let jobs: BTreeSet<&JobName> = events.iter().filter_map(Event::files_of).collect();
-                for j in jobs.into_iter().filter_map(|job| ledger.jobs.get(job)) {
-                    self.reconcile_files(j, now, out);
-                }
-            }
+            Observation::Applied { events } => self.applied(ledger, now, &events, out),
             Observation::FileWorkFailed { job, work } => {
                 if let FileWork::RemoveJob(_) = work {
                     // asked again: nothing in the ledger asks for it
@@ -546,6 +533,21 @@ impl Supervisor {
             }
         }
         true
+    }
+
+    /// What an entry this leader proposed (or an operator's, through it)
+    /// changed: a deleted job is forgotten, and a checkpoint's files follow
+    /// its change at once (the reconcile is the backstop).
+    fn applied(&mut self, ledger: &State, now: Now, events: &[Event], out: &mut Vec<Action>) {
+        for event in events {
+            if let Event::JobDeleted { job, remove_checkpoints, root } = event {
+                self.job_deleted(ledger, job, *remove_checkpoints, root, out);
+            }
+        }
+        let jobs: BTreeSet<&JobName> = events.iter().filter_map(Event::files_of).collect();
+        for j in jobs.into_iter().filter_map(|job| ledger.jobs.get(job)) {
+            self.reconcile_files(j, now, out);
+        }
     }
 
     /// `job` was deleted from the ledger: whoever waits on it is answered,
