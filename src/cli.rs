@@ -180,8 +180,22 @@ pub(crate) struct WorkerArgs {
     /// This worker's rank, or `auto` (JOB_COMPLETION_INDEX, or the StatefulSet ordinal of the hostname).
     // negative numbers are taken as the value (and refused by `rank_flag`):
     // clap's own tip, `-- -1`, would hand them to the trainer command
-    #[arg(long, env = "FLOTILLA_RANK", allow_negative_numbers = true, value_parser = rank_flag)]
-    pub(crate) rank: String,
+    #[arg(
+        long,
+        env = "FLOTILLA_RANK",
+        allow_negative_numbers = true,
+        value_parser = rank_flag,
+        required_unless_present = "spare",
+        conflicts_with = "spare"
+    )]
+    pub(crate) rank: Option<String>,
+    /// Register for the job without a rank: a hot spare that takes a failed rank at once
+    /// (SPEC §11). Not with --rank.
+    #[arg(long, env = "FLOTILLA_SPARE")]
+    pub(crate) spare: bool,
+    /// The host this worker runs on, as status shows it (default: the hostname).
+    #[arg(long, env = "FLOTILLA_HOST")]
+    pub(crate) host: Option<String>,
     /// Where this worker's HTTP (status, metrics) listens.
     #[arg(long, env = "FLOTILLA_WORKER_HTTP_ADDR")]
     pub(crate) http_addr: Option<String>,

@@ -53,6 +53,18 @@ fn a_bad_rank_is_bad_usage() {
 }
 
 #[test]
+fn a_spare_with_a_rank_or_a_worker_with_neither_is_bad_usage() {
+    let out = worker("demo", &["--coordinators", "127.0.0.1:1", "--spare", "--rank", "1"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'--spare' cannot be used with '--rank <RANK>'"), "{stderr}");
+    let out = worker("demo", &["--coordinators", "127.0.0.1:1"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--rank <RANK>"), "{stderr}");
+}
+
+#[test]
 fn a_demo_flag_out_of_its_range_is_bad_usage() {
     let out = flotilla(&["demo", "--steps", "1"]);
     let (_, stderr) = text(&out);

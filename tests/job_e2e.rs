@@ -7,10 +7,11 @@ mod common;
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
-use flotilla_coordinator::ledger::JobEventKind;
+use flotilla_coordinator::ledger::{JobEventKind, Takeover};
+use flotilla_coordinator::supervise::SpareState;
 use flotilla_coordinator::testkit::bench::{sim_node, sim_worker, NodeControl};
 use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
-use flotilla_shared::ids::{JobName, Step};
+use flotilla_shared::ids::{JobName, Rank, Step};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::spec::JobSpec;
@@ -442,6 +443,56 @@ async fn a_spec_bigger_than_the_host_blocks_the_first_start_and_no_worker_aborts
         assert!(why.starts_with("restore refused: rank ") && why.contains("start needs"), "{why}");
     }
     assert!(workers.exited().is_empty(), "a worker exited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rank_killed_for_good_is_taken_over_by_a_ready_spare() {
+    // a heartbeat timeout far longer than the run's restore: the takeover
+    // must come from the closed connection, not from the timeout
+    let mut s =
+        Scenario::start(3, 1500, "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 10000\n")
+            .await;
+    let slot = s.workers.spawn_spare(&[]).unwrap();
+    let ready = s
+        .wait_job("a ready spare and a committed checkpoint", |j| {
+            j.state == "running"
+                && j.latest_committed.is_some()
+                && j.spares.iter().any(|sp| sp.state == SpareState::Ready)
+        })
+        .await;
+    let spare = ready.spares[0].worker;
+    assert_eq!(ready.spares[0].host.as_deref(), Some(format!("spare-host-{slot}").as_str()));
+    let killed = ready.workers.iter().find(|w| w.rank.0 == 1).and_then(|w| w.worker).unwrap();
+    tracing::info!("--- SIGKILL rank 1 for good (never restarted)");
+    s.workers.kill(1);
+    let taken = s
+        .wait_job("rank 1 training on the spare", |j| {
+            j.state == "running"
+                && j.generation > ready.generation
+                && j.workers.iter().any(|w| w.rank.0 == 1 && w.worker == Some(spare) && w.state == "running")
+        })
+        .await;
+    assert!(taken.spares.is_empty(), "the spare holds rank 1 now: {:?}", taken.spares);
+    let rank1 = taken.workers.iter().find(|w| w.rank.0 == 1).unwrap();
+    assert_eq!(rank1.host.as_deref(), Some(format!("spare-host-{slot}").as_str()));
+    assert_ne!(Some(killed), rank1.worker);
+    // one restore, decided on the closed connection, naming the takeover
+    let restore = taken
+        .events
+        .iter()
+        .find_map(|e| match &e.kind {
+            Some(JobEventKind::Restore { reason, takeovers, from, .. }) => {
+                Some((*reason, takeovers.clone(), *from))
+            }
+            _ => None,
+        })
+        .expect("a restore event");
+    assert_eq!(restore.0, flotilla_coordinator::ledger::RestoreReason::Disconnected);
+    assert_eq!(restore.1, vec![Takeover { rank: Rank(1), worker: spare }]);
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert_eq!(done.restores, 1);
+    assert!(s.check_committed_checkpoints() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

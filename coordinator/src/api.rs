@@ -2,8 +2,8 @@
 
 use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, JobState, State};
 use crate::raft::replica::{NodeStatus, Role};
-use crate::supervise::RankState;
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
+use crate::supervise::{RankState, SpareState};
+use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`.
@@ -105,6 +105,9 @@ pub struct JobStatus {
     pub checkpoints: Vec<CheckpointView>,
     /// Each rank as last reported in this generation.
     pub workers: Vec<WorkerView>,
+    /// The job's spare workers, holding no rank (the leader's view).
+    #[serde(default)]
+    pub spares: Vec<SpareStatus>,
     /// While running: when the leader first saw the job running in this
     /// generation (ms since the epoch), i.e. when a restore ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -198,6 +201,24 @@ pub struct WorkerView {
     /// was taken, every 100 ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_age_ms: Option<u64>,
+    /// The worker process holding the rank (its id, the incarnation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<Incarnation>,
+    /// The host that worker runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// One spare in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpareStatus {
+    /// Its id (the process's incarnation).
+    pub worker: Incarnation,
+    /// The host it runs on.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// `ready` (could take a rank at once) or `starting`.
+    pub state: SpareState,
 }
 
 /// `POST /v1/jobs` answer.
@@ -267,6 +288,7 @@ impl JobStatus {
                 })
                 .collect(),
             workers: Vec::new(),
+            spares: Vec::new(),
             running_since_ms: None,
             events: job.events.clone(),
             final_digest: job.final_digest.clone(),

@@ -1,9 +1,12 @@
 //! The coordinator's Prometheus metrics (SPEC §9), one registry per process.
 
-use crate::api::WorkerView;
+use crate::api::{SpareStatus, WorkerView};
+
+/// A job's ranks and spares, as the leader's supervisor last saw them.
+pub type JobWorkers = (Vec<WorkerView>, Vec<SpareStatus>);
 use crate::ledger::{JobState, State};
 use crate::raft::replica::{NodeStatus, Role};
-use crate::supervise::RankState;
+use crate::supervise::{RankState, SpareState};
 use flotilla_shared::ids::JobName;
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -37,6 +40,8 @@ pub struct Metrics {
     job_step: IntGaugeVec,
     job_state: IntGaugeVec,
     job_workers: IntGaugeVec,
+    job_spares: IntGaugeVec,
+    job_spares_wanted: IntGaugeVec,
     heartbeat_age: GaugeVec,
     /// Worker sessions open on this replica: `rank` (one rank per
     /// connection) or `node` (a node agent's, every rank of a host).
@@ -151,6 +156,16 @@ impl Metrics {
             "Ranks of the job by what they report (leader only); `missing` = not connected.",
             &["job", "state"],
         );
+        let job_spares = gauge_vec(
+            "flotilla_job_spares",
+            "Spare workers of the job holding no rank, by state: ready (could take a rank at once) or starting (leader only).",
+            &["job", "state"],
+        );
+        let job_spares_wanted = gauge_vec(
+            "flotilla_job_spares_wanted",
+            "Spares the job's spec asks to have ready ([failure] spares).",
+            &["job"],
+        );
         let heartbeat_age = seconds_vec(
             "flotilla_worker_heartbeat_age_seconds",
             "Since the leader last heard from each rank it knows (leader only; a live rank stays under the heartbeat interval).",
@@ -209,6 +224,8 @@ impl Metrics {
             job_step,
             job_state,
             job_workers,
+            job_spares,
+            job_spares_wanted,
             heartbeat_age,
             worker_sessions,
             peer_last_contact,
@@ -259,9 +276,11 @@ impl Metrics {
 
     /// Refreshes the job metrics from the ledger (every replica) and the
     /// supervisor's view of the workers (the leader only), before a scrape.
-    pub fn observe_ledger(&self, state: &State, workers: &dyn Fn(&JobName) -> Vec<WorkerView>, leader: bool) {
+    pub fn observe_ledger(&self, state: &State, view: &dyn Fn(&JobName) -> JobWorkers, leader: bool) {
         self.job_step.reset();
         self.job_workers.reset();
+        self.job_spares.reset();
+        self.job_spares_wanted.reset();
         self.heartbeat_age.reset();
         // a deleted job's series go with it (its gauges are set again below
         // for every job in the ledger)
@@ -273,6 +292,7 @@ impl Metrics {
         for job in state.jobs.values() {
             let name = job.spec.name.as_str();
             self.job_generation.with_label_values(&[name]).set(job.generation.0 as i64);
+            self.job_spares_wanted.with_label_values(&[name]).set(i64::from(job.spec.failure.spares));
             for s in JobState::ALL {
                 self.job_state.with_label_values(&[name, s.as_str()]).set(i64::from(job.state == s));
             }
@@ -293,7 +313,11 @@ impl Metrics {
                 }
             }
             if leader && !job.state.is_terminal() {
-                let ws = workers(&job.spec.name);
+                let (ws, spares) = view(&job.spec.name);
+                for s in SpareState::ALL {
+                    let n = spares.iter().filter(|v| v.state == s).count();
+                    self.job_spares.with_label_values(&[name, s.as_str()]).set(n as i64);
+                }
                 if ws.len() == job.spec.world_size as usize {
                     let slowest = ws.iter().map(|w| w.step.0).min().unwrap_or(0);
                     self.job_step.with_label_values(&[name]).set(slowest as i64);
@@ -381,7 +405,7 @@ mod tests {
         st.apply(Command::SubmitJob { spec: spec.clone(), now_ms: 1, origin: None }).unwrap();
         st.apply(Command::FailJob { job: job.clone(), error: "x".into() }).unwrap();
         let m = Metrics::new();
-        let none = |_: &JobName| Vec::new();
+        let none = |_: &JobName| (Vec::new(), Vec::new());
         m.observe_ledger(&st, &none, true);
         let text = m.encode();
         assert!(text.contains("flotilla_job_state{job=\"a\",state=\"failed\"} 1"), "{text}");

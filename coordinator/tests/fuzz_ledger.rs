@@ -375,8 +375,10 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             };
             let (job, generation) = (name(job), j.generation);
             match (j.state, j.pending()) {
-                (JobState::Waiting, _) => Command::StartJob { job, generation },
-                (JobState::Restoring | JobState::Blocked, _) => Command::ResumeJob { job, generation },
+                (JobState::Waiting, _) => Command::StartJob { job, generation, holders: Default::default() },
+                (JobState::Restoring | JobState::Blocked, _) => {
+                    Command::ResumeJob { job, generation, holders: Default::default() }
+                }
                 (JobState::Running, Some(p)) => Command::CommitCheckpoint {
                     job,
                     id: p.id,
@@ -420,7 +422,9 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             });
             Command::SubmitJob { spec, now_ms, origin }
         }
-        Act::Start { job, gen: g } => Command::StartJob { job: name(job), generation: gen(job, g) },
+        Act::Start { job, gen: g } => {
+            Command::StartJob { job: name(job), generation: gen(job, g), holders: Default::default() }
+        }
         Act::Begin { job, id: c, step, gen: g } => {
             let latest = job_of(job).and_then(Job::latest_committed).map_or(0, |c| c.step.0);
             let step = match step {
@@ -478,6 +482,7 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             reason: *reason,
             detail: Some("rank 1".into()),
             now_ms,
+            takeovers: Vec::new(),
         },
         Act::OperatorRestore { job, gen: g, from } => Command::OperatorRestore {
             job: name(job),
@@ -485,7 +490,9 @@ fn resolve(s: &State, act: &Act, now_ms: u64) -> Command {
             from: from.as_ref().map(|c| id(job, c)),
             now_ms,
         },
-        Act::Resume { job, gen: g } => Command::ResumeJob { job: name(job), generation: gen(job, g) },
+        Act::Resume { job, gen: g } => {
+            Command::ResumeJob { job: name(job), generation: gen(job, g), holders: Default::default() }
+        }
         Act::Block { job, gen: g } => Command::BlockJob {
             job: name(job),
             generation: gen(job, g),

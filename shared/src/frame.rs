@@ -446,11 +446,21 @@ mod tests {
         let msgs = vec![
             WorkerMessage::Register {
                 job: JobName::new("demo").unwrap(),
-                rank: Rank(1),
+                rank: Some(Rank(1)),
                 incarnation: Incarnation(99),
                 http_addr: Some("127.0.0.1:9300".into()),
                 generation: None,
                 step: Step(0),
+                host: Some("node-1".into()),
+            },
+            WorkerMessage::Register {
+                job: JobName::new("demo").unwrap(),
+                rank: None,
+                incarnation: Incarnation(100),
+                http_addr: None,
+                generation: None,
+                step: Step(0),
+                host: None,
             },
             heartbeat(),
             WorkerMessage::ShardSaved { generation: Generation(1), checkpoint: CheckpointId(7), manifest },

@@ -80,6 +80,11 @@ pub struct FailureSpec {
     /// Extra free device memory a restore demands beyond the shard's bytes.
     #[serde(default)]
     pub memory_headroom_bytes: u64,
+    /// Spare workers (`flotilla worker --spare`) the job is meant to have
+    /// ready: `flotilla_job_spares_wanted`, and the FlotillaJobSpareMissing
+    /// alert when fewer are ready. It starts none (the platform does).
+    #[serde(default)]
+    pub spares: u32,
 }
 
 impl Default for FailureSpec {
@@ -90,6 +95,7 @@ impl Default for FailureSpec {
             max_restarts: default_max_restarts(),
             hang_timeout_seconds: default_hang_timeout_seconds(),
             memory_headroom_bytes: 0,
+            spares: 0,
         }
     }
 }

@@ -117,6 +117,14 @@ pub enum WorkerStatus {
     Finished,
     /// Its trainer crashed or its thread is gone; it restarts on the next restore.
     Failed,
+    /// A spare holding no rank, ready to take one at once (its memory
+    /// allocated and touched, or its `--exec` process waiting inside
+    /// `flotilla.init()`).
+    Spare,
+    /// A spare holding no rank, still getting ready (allocating, or its
+    /// process starting). A worker the leader holds for a spare that
+    /// reports anything but these two is told again that it is one.
+    SpareStarting,
 }
 
 impl WorkerStatus {
@@ -129,6 +137,8 @@ impl WorkerStatus {
             WorkerStatus::Restoring => "restoring",
             WorkerStatus::Finished => "finished",
             WorkerStatus::Failed => "failed",
+            WorkerStatus::Spare => "spare",
+            WorkerStatus::SpareStarting => "spare_starting",
         }
     }
 }
@@ -166,9 +176,14 @@ pub enum WorkerMessage {
     Register {
         /// Job it belongs to.
         job: JobName,
-        /// Its rank.
-        rank: Rank,
-        /// Fresh per process start; a new one means the previous died.
+        /// Its rank; `None`: a spare (`flotilla worker --spare`), which
+        /// holds no rank until the leader assigns one ([`CoordinatorMessage::Assign`]).
+        /// (A replica before spares refuses to decode `None`, so a spare is
+        /// never taken for a rank there.)
+        rank: Option<Rank>,
+        /// Fresh per process start; a new one means the previous died. It is
+        /// also the worker's id in status and in the ledger's rank ↔ worker
+        /// mapping.
         incarnation: Incarnation,
         /// Its HTTP address, for status and metrics links.
         http_addr: Option<String>,
@@ -177,6 +192,11 @@ pub enum WorkerMessage {
         generation: Option<Generation>,
         /// Its last completed step in that generation.
         step: Step,
+        /// The host it runs on (`--host`, default the hostname): where status
+        /// says each rank lives, and what spares and memory copies prefer
+        /// to be away from.
+        #[serde(default)]
+        host: Option<String>,
     },
     /// Periodic liveness and progress.
     Heartbeat {
@@ -296,6 +316,19 @@ pub enum CoordinatorMessage {
         /// The leader's Raft term: a worker never follows a leader of an
         /// older term than one it has already followed.
         term: u64,
+        /// The worker holds no rank: it registered as a spare, or for a rank
+        /// a live worker holds, or it came back after its rank was given to
+        /// a spare. It drops any rank state and waits for [`CoordinatorMessage::Assign`].
+        #[serde(default)]
+        spare: bool,
+    },
+    /// A spare is given `rank`: from now on this connection is that rank's,
+    /// and the `Restore` directive for it follows.
+    Assign {
+        /// The rank it takes.
+        rank: Rank,
+        /// The generation it takes it in (the takeover's restore).
+        generation: Generation,
     },
     /// This replica is not the leader; try `leader` (an api address) if known.
     NotLeader {

@@ -168,6 +168,7 @@ mod gen {
                 max_restarts: mr,
                 hang_timeout_seconds: hang,
                 memory_headroom_bytes: head,
+                spares: (hi % 4) as u32,
             });
         let trainer = option::of((num(), num(), num32(), num(), num()).prop_map(
             |(total_steps, params_per_rank_bytes, layers, step_time_ms, seed)| TrainerSpec {
@@ -197,6 +198,8 @@ mod gen {
             WorkerStatus::Restoring,
             WorkerStatus::Finished,
             WorkerStatus::Failed,
+            WorkerStatus::Spare,
+            WorkerStatus::SpareStarting,
         ])
         .boxed()
     }
@@ -269,16 +272,26 @@ mod gen {
         ]);
         let shard_kind = select(vec![ShardFailureKind::PastStep, ShardFailureKind::Write]);
         prop_oneof![
-            (job_name(), num32(), num(), option::of(text()), option::of(generation()), step()).prop_map(
-                |(job, rank, inc, http_addr, generation, step)| WorkerMessage::Register {
-                    job,
-                    rank: Rank(rank),
-                    incarnation: Incarnation(inc),
-                    http_addr,
-                    generation,
-                    step,
-                }
-            ),
+            (
+                job_name(),
+                option::of(num32()),
+                num(),
+                option::of(text()),
+                option::of(generation()),
+                step(),
+                option::of(text())
+            )
+                .prop_map(|(job, rank, inc, http_addr, generation, step, host)| {
+                    WorkerMessage::Register {
+                        job,
+                        rank: rank.map(Rank),
+                        incarnation: Incarnation(inc),
+                        http_addr,
+                        generation,
+                        step,
+                        host,
+                    }
+                }),
             (generation(), step(), worker_status())
                 .prop_map(|(generation, step, status)| WorkerMessage::Heartbeat { generation, step, status }),
             (generation(), ckpt(), shard_manifest().prop_map(ShardDigest::from)).prop_map(
@@ -326,9 +339,11 @@ mod gen {
         let point = (ckpt(), step(), path(), shard_manifest().prop_map(ShardDigest::from))
             .prop_map(|(checkpoint, step, dir, shard)| RestorePoint { checkpoint, step, dir, shard });
         prop_oneof![
-            (any_spec(), generation(), num()).prop_map(|(spec, generation, term)| {
-                CoordinatorMessage::Registered { spec, generation, term }
+            (any_spec(), generation(), num(), any::<bool>()).prop_map(|(spec, generation, term, spare)| {
+                CoordinatorMessage::Registered { spec, generation, term, spare }
             }),
+            (num32(), generation())
+                .prop_map(|(rank, generation)| CoordinatorMessage::Assign { rank: Rank(rank), generation }),
             option::of(text()).prop_map(|leader| CoordinatorMessage::NotLeader { leader }),
             (generation(), ckpt(), step(), path()).prop_map(|(generation, checkpoint, step, dir)| {
                 CoordinatorMessage::Checkpoint { generation, checkpoint, step, dir }
@@ -1623,6 +1638,7 @@ fn valid_doc() -> BoxedStrategy<(JobSpec, Doc)> {
                     max_restarts: max_restarts.unwrap_or(10),
                     hang_timeout_seconds: hang.unwrap_or(300),
                     memory_headroom_bytes: headroom.unwrap_or(0),
+                    spares: 0,
                 },
                 trainer: t.map(|(total, layers, params, step_time, seed)| {
                     let l = layers.unwrap_or(8);

@@ -391,6 +391,7 @@ mod tests {
             step: Step(from * 50),
             reason,
             detail: None,
+            takeovers: Vec::new(),
         };
         // asked for generation 4 from checkpoint 6; it took
         let took = job(4, (6, 300), &[(Some(restore(4, 6, RestoreReason::Operator)), "restore into 4")]);

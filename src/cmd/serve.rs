@@ -123,7 +123,9 @@ pub(crate) fn run_worker(args: WorkerArgs) -> Result<()> {
     let opts = WorkerOptions {
         coordinators: args.coordinators,
         job: JobName::new(args.job.as_str()).map_err(|e| Usage(format!("--job: {e}")))?,
-        rank: resolve_rank(&args.rank)?,
+        // clap refuses --spare with --rank, and neither (exit 2)
+        rank: args.rank.as_deref().map(resolve_rank).transpose()?,
+        host: args.host.clone().unwrap_or_else(hostname),
         http_addr: args.http_addr,
         token: read_token(args.token_file.as_ref())?,
         tls: args

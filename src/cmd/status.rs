@@ -151,17 +151,41 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
                         ),
                         None => (RankState::Missing, "-".to_string(), "-".to_string()),
                     };
+                    let worker = w.and_then(|w| w.worker).map_or("-".into(), |id| id.to_string());
+                    let host = w.and_then(|w| w.host.clone()).unwrap_or_else(|| "-".into());
                     let why = rank_reason(state, job.blocked.as_ref(), rank);
-                    vec![rank.to_string(), state.to_string(), step, age, why]
+                    vec![rank.to_string(), state.to_string(), step, age, worker, host, why]
                 })
                 .collect();
-            for line in table(
-                &[("rank", true), ("state", false), ("step", true), ("heard", true), ("why", false)],
-                rows,
-            )
-            .lines()
-            {
+            let columns = [
+                ("rank", true),
+                ("state", false),
+                ("step", true),
+                ("heard", true),
+                ("worker", true),
+                ("host", false),
+                ("why", false),
+            ];
+            for line in table(&columns, rows).lines() {
                 writeln!(out, "  {line}")?;
+            }
+            match job.spares.as_slice() {
+                [] if job.world_size > 0 => writeln!(out, "  spares: none")?,
+                [] => {}
+                spares => {
+                    let list: Vec<String> = spares
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "worker {} on {} ({})",
+                                s.worker,
+                                s.host.as_deref().unwrap_or("?"),
+                                s.state.as_str()
+                            )
+                        })
+                        .collect();
+                    writeln!(out, "  spares: {}", list.join(", "))?;
+                }
             }
         }
         if !job.events.is_empty() {

@@ -47,8 +47,12 @@ pub struct WorkerOptions {
     pub coordinators: Vec<String>,
     /// The job.
     pub job: JobName,
-    /// This worker's rank.
-    pub rank: Rank,
+    /// This worker's rank (`None`: `--spare`, a worker for the job without
+    /// a rank until the leader gives it one).
+    pub rank: Option<Rank>,
+    /// The host it runs on (`--host`, default the hostname), for status
+    /// and for placing memory copies away from it.
+    pub host: String,
     /// Where this worker's HTTP (status, metrics) listens.
     pub http_addr: Option<String>,
     /// The worker token.
@@ -70,7 +74,9 @@ pub struct WorkerOptions {
 #[derive(Debug, Clone, Serialize)]
 struct StatusView {
     job: JobName,
-    rank: Rank,
+    /// The rank it holds (`None`: a spare).
+    rank: Option<Rank>,
+    host: String,
     incarnation: Incarnation,
     registered: bool,
     coordinator: Option<String>,
@@ -108,7 +114,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
     }
     let device: Arc<dyn DeviceMemory> =
         Arc::from(device::open(opts.gpu.as_deref(), opts.require_gpu, opts.free_override.as_deref())?);
-    let metrics = WorkerMetrics::for_rank(opts.job.as_str(), opts.rank.0);
+    let metrics = WorkerMetrics::for_worker(opts.job.as_str(), opts.rank);
     let reading = device.read().ok();
     if let Some(r) = &reading {
         metrics.observe_device(r);
@@ -134,6 +140,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
         view: Arc::new(Mutex::new(StatusView {
             job: opts.job.clone(),
             rank: opts.rank,
+            host: opts.host.clone(),
             incarnation,
             registered: false,
             coordinator: None,
@@ -167,6 +174,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
 
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<WorkerMessage>();
     let mut agent = Agent {
+        rank: opts.rank,
         opts,
         incarnation,
         device,
@@ -261,6 +269,9 @@ impl From<flotilla_shared::frame::FrameError> for SessionError {
 
 struct Agent {
     opts: WorkerOptions,
+    /// The rank held now (`None`: a spare): a spare is given one, and a
+    /// worker whose rank went to a spare while it was away becomes one.
+    rank: Option<Rank>,
     incarnation: Incarnation,
     device: Arc<dyn DeviceMemory>,
     metrics: WorkerMetrics,
@@ -325,19 +336,20 @@ impl Agent {
                 })?;
         conn.send(WorkerMessage::Register {
             job: self.opts.job.clone(),
-            rank: self.opts.rank,
+            rank: self.rank,
             incarnation: self.incarnation,
             http_addr: self.opts.http_addr.clone(),
             generation: self.runner_state.generation(),
             step: self.runner_state.step(),
+            host: Some(self.opts.host.clone()),
         })
         .await?;
         let reply = tokio::time::timeout(Duration::from_secs(10), conn.next())
             .await
             .map_err(|_| SessionError::Retry("no answer to Register".into()))?
             .ok_or_else(|| SessionError::Retry("closed before answering Register".into()))??;
-        let spec = match reply {
-            CoordinatorMessage::Registered { spec, term, .. } => {
+        let (spec, spare) = match reply {
+            CoordinatorMessage::Registered { spec, term, spare, .. } => {
                 if term < self.max_term {
                     // a deposed leader that does not know it yet
                     return Err(SessionError::Retry(format!(
@@ -346,7 +358,7 @@ impl Agent {
                     )));
                 }
                 self.max_term = term;
-                spec
+                (spec, spare)
             }
             CoordinatorMessage::NotLeader { leader } => return Ok(SessionEnd::Redirect(leader)),
             CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
@@ -361,7 +373,12 @@ impl Agent {
             CoordinatorMessage::Error(e) => return Err(SessionError::Retry(e.message)),
             other => return Err(SessionError::Retry(format!("unexpected answer to Register: {other:?}"))),
         };
-        tracing::info!(%addr, job = %self.opts.job, rank = %self.opts.rank, term = self.max_term, "registered");
+        match self.rank {
+            Some(rank) if !spare => {
+                tracing::info!(%addr, job = %self.opts.job, %rank, term = self.max_term, "registered")
+            }
+            _ => tracing::info!(%addr, job = %self.opts.job, term = self.max_term, "registered as a spare"),
+        }
         if spec.trainer.is_none() && self.opts.exec.is_none() {
             return Err(SessionError::Fatal(WorkerError::Config(format!(
                 "job {} has no [trainer] section; the built-in trainer needs one",
@@ -369,6 +386,9 @@ impl Agent {
             ))));
         }
         self.spec = Some(spec.clone());
+        if spare && self.rank.is_some() {
+            self.become_spare().await?;
+        }
         if self.runner.is_none() && self.runner_state.status() != WorkerStatus::Failed {
             self.start_runner()?;
         }
@@ -411,7 +431,12 @@ impl Agent {
                 frame = conn.next() => {
                     let msg = frame.ok_or_else(|| SessionError::Retry("the coordinator closed the connection".into()))??;
                     heard = tokio::time::Instant::now();
+                    let demoted = matches!(msg, CoordinatorMessage::Registered { spare: true, .. }) && self.rank.is_some();
                     let (end, replies) = self.directive(msg)?;
+                    if demoted {
+                        self.become_spare().await?;
+                        self.start_runner()?;
+                    }
                     for reply in replies {
                         conn.send(reply).await?;
                     }
@@ -445,6 +470,29 @@ impl Agent {
         }
     }
 
+    /// This worker's rank went to a spare while it was away (or another
+    /// process holds it): it drops the rank's trainer and everything it
+    /// would have reported, and is a spare from now on. The caller starts
+    /// the spare's trainer thread.
+    async fn become_spare(&mut self) -> Result<(), SessionError> {
+        tracing::warn!(
+            rank = ?self.rank,
+            "the coordinator says this worker holds no rank (a live worker holds it): becoming a spare"
+        );
+        self.rank = None;
+        self.saved.clear();
+        self.finished = None;
+        self.unsent.clear();
+        if let Some((tx, handle)) = self.runner.take() {
+            let _ = tx.send(RunnerCmd::Stop);
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        self.runner_state.publish(flotilla_shared::ids::Step(0), None);
+        self.runner_state.set_status(WorkerStatus::SpareStarting);
+        self.shared.view.lock().unwrap_or_else(|e| e.into_inner()).rank = None;
+        Ok(())
+    }
+
     /// Starts the trainer thread (again, after one died).
     fn start_runner(&mut self) -> Result<(), SessionError> {
         let Some(spec) = self.spec.clone() else { return Ok(()) };
@@ -452,13 +500,16 @@ impl Agent {
             let (tx, rx) = std::sync::mpsc::channel();
             let ev_tx = self.ev_tx.clone();
             let (rank, device, state, metrics, spec) = (
-                self.opts.rank,
+                self.rank,
                 self.device.clone(),
                 self.runner_state.clone(),
                 self.metrics.clone(),
                 spec.clone(),
             );
             let exec = self.opts.exec.clone().map(|opts| (opts, self.host.clone()));
+            if rank.is_none() {
+                state.set_status(WorkerStatus::SpareStarting);
+            }
             // the trainer thread builds its own state (hundreds of MiB to
             // allocate and touch) while this task keeps heartbeating
             let handle = std::thread::Builder::new()
@@ -468,6 +519,8 @@ impl Agent {
                         let _ = ev_tx.send(ev);
                     });
                     if let Some((opts, host)) = exec {
+                        // an --exec spare starts its process once it has a rank
+                        let rank = rank.unwrap_or(Rank(0));
                         return ExecRunner::new(spec, rank, opts, host, device, sink, state, metrics).run(rx);
                     }
                     match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
@@ -545,6 +598,18 @@ impl Agent {
                 tracing::debug!(%generation, %step, "resume");
                 self.runner_cmd(RunnerCmd::Resume { generation, step });
             }
+            CoordinatorMessage::Assign { rank, generation } => match self.rank {
+                None => {
+                    tracing::info!(%rank, %generation, "this spare takes rank {rank}");
+                    self.rank = Some(rank);
+                    self.shared.view.lock().unwrap_or_else(|e| e.into_inner()).rank = Some(rank);
+                    self.runner_cmd(RunnerCmd::Assign { rank });
+                }
+                Some(held) if held == rank => {}
+                Some(held) => {
+                    tracing::warn!(%held, %rank, "assigned another rank than the one held; ignored")
+                }
+            },
             CoordinatorMessage::Stop { reason } => return Ok((Some(SessionEnd::Stop(reason)), replies)),
             CoordinatorMessage::Error(e) if e.code == ErrorCode::Fenced => {
                 return Err(SessionError::Fatal(WorkerError::Fenced(e.message)))

@@ -54,6 +54,22 @@ impl WorkerMetrics {
         Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid labels"))
     }
 
+    /// Every metric of a worker of `job`: `rank`'s, or a spare's (`rank`
+    /// label `spare`; a spare that takes a rank keeps its series' labels,
+    /// and its status says the rank).
+    pub fn for_worker(job: &str, rank: Option<flotilla_shared::ids::Rank>) -> Self {
+        match rank {
+            Some(rank) => Self::for_rank(job, rank.0),
+            None => {
+                let labels = std::collections::HashMap::from([
+                    ("job".to_string(), job.to_string()),
+                    ("rank".to_string(), "spare".to_string()),
+                ]);
+                Self::with_registry(Registry::new_custom(None, Some(labels)).expect("valid labels"))
+            }
+        }
+    }
+
     fn with_registry(registry: Registry) -> Self {
         flotilla_shared::register_process_metrics(&registry);
         let hist = |name: &str, help: &str, buckets: Vec<f64>| {

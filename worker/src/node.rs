@@ -128,7 +128,15 @@ async fn serve_local(
             .await;
         return Err(NodeError::Local("first message was not Register"));
     };
-    let rank = *rank;
+    let Some(rank) = *rank else {
+        let message = "a node agent carries ranks; a spare registers with the coordinators directly \
+                       (flotilla worker --spare --coordinators <their --api-addr>)"
+            .into();
+        let _ = conn
+            .send(CoordinatorMessage::Error(ErrorReply { code: ErrorCode::InvalidRequest, message }))
+            .await;
+        return Err(NodeError::Local("a spare registered with a node agent"));
+    };
     let (tx, mut rx) = mpsc::channel(1024);
     if hub.send(Local::Registered { lane, rank, register: first, tx }).await.is_err() {
         return Ok(());
@@ -486,11 +494,12 @@ mod tests {
     fn register(rank: u32) -> WorkerMessage {
         WorkerMessage::Register {
             job: JobName::new("j").unwrap(),
-            rank: Rank(rank),
+            rank: Some(Rank(rank)),
             incarnation: Incarnation(u64::from(rank) + 1),
             http_addr: None,
             generation: None,
             step: Step(0),
+            host: None,
         }
     }
 
@@ -533,8 +542,12 @@ mod tests {
             for ForRank { rank, msg } in items {
                 assert!(matches!(msg, WorkerMessage::Register { .. }), "{msg:?}");
                 registered += 1;
-                let msg =
-                    CoordinatorMessage::Registered { spec: spec.clone(), generation: Generation(1), term: 1 };
+                let msg = CoordinatorMessage::Registered {
+                    spec: spec.clone(),
+                    generation: Generation(1),
+                    term: 1,
+                    spare: false,
+                };
                 answers.push(ForRank { rank, msg });
             }
             leader.send(CoordinatorMessage::Batch(answers)).await.unwrap();

@@ -145,6 +145,11 @@ pub enum Directive {
         /// The generation's rendezvous, once known (`--exec` trainers).
         rendezvous: Option<String>,
     },
+    /// A spare is given `rank` (before its first restore).
+    Assign {
+        /// The rank.
+        rank: Rank,
+    },
     /// Exit.
     Stop,
 }
@@ -244,6 +249,8 @@ pub enum Effect {
     GoOn,
     /// The job resumed: answer what the trainer waits on.
     Resumed,
+    /// A spare took `rank`: the shell's trainer is that rank's from now on.
+    Assigned(Rank),
     /// End the rank's thread.
     Exit,
 }
@@ -372,6 +379,7 @@ impl RankMachine {
                 self.pending.take_if(|p| p.id == id);
                 vec![Effect::CancelWriteOf(id)]
             }
+            Input::Directive(Directive::Assign { rank }) => self.assign(rank),
             Input::Directive(Directive::Stop) => {
                 self.phase = Phase::Stopped;
                 vec![Effect::Exit]
@@ -411,6 +419,20 @@ impl RankMachine {
                 }
             }
         }
+    }
+
+    /// A spare holds no generation: it takes the rank (again: the same
+    /// rank is a no-op). One holding a generation keeps its rank: the agent
+    /// starts a fresh spare rather than hand a rank's state to another.
+    fn assign(&mut self, rank: Rank) -> Vec<Effect> {
+        if self.target.is_some() || self.phase != Phase::Idle {
+            if rank != self.rank {
+                tracing::warn!(held = %self.rank, asked = %rank, "assign to a rank holding state ignored");
+            }
+            return Vec::new();
+        }
+        self.rank = rank;
+        vec![Effect::Assigned(rank), Effect::Status(WorkerStatus::Waiting)]
     }
 
     fn restore(

@@ -662,3 +662,17 @@ fn the_held_generation_is_what_is_published() {
     p.handle(restore(G2, None));
     assert_eq!((p.held(), p.generation(), p.step()), (None, Some(G2), Step(0)));
 }
+
+#[test]
+fn a_spare_takes_its_rank_before_its_first_restore_and_a_holder_keeps_its_own() {
+    // a process spare made rank 0 picks the generation's rendezvous, as rank 0 does
+    let mut m = RankMachine::new(Process, Rank(7));
+    assert_eq!(
+        m.handle(Directive::Assign { rank: Rank(0) }.into()),
+        vec![Assigned(Rank(0)), Status(WorkerStatus::Waiting)]
+    );
+    assert!(m.handle(restore_at(G1, None, None)).contains(&PickRendezvous));
+    // the same rank again is nothing; another is refused while it holds a generation
+    assert!(m.handle(Directive::Assign { rank: Rank(0) }.into()).is_empty());
+    assert!(m.handle(Directive::Assign { rank: Rank(3) }.into()).is_empty());
+}

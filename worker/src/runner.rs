@@ -78,6 +78,8 @@ impl RunnerState {
             3 => WorkerStatus::Restoring,
             4 => WorkerStatus::Finished,
             5 => WorkerStatus::Failed,
+            6 => WorkerStatus::Spare,
+            7 => WorkerStatus::SpareStarting,
             _ => WorkerStatus::Waiting,
         }
     }
@@ -91,6 +93,8 @@ impl RunnerState {
             WorkerStatus::Restoring => 3,
             WorkerStatus::Finished => 4,
             WorkerStatus::Failed => 5,
+            WorkerStatus::Spare => 6,
+            WorkerStatus::SpareStarting => 7,
         };
         self.status.store(v, Ordering::Relaxed);
     }
@@ -128,16 +132,18 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// A runner for `rank` of `spec`, with a fresh trainer at step 0.
+    /// A runner for `rank` of `spec` (`None`: a spare, which takes its rank
+    /// with [`RunnerCmd::Assign`]), with a fresh trainer at step 0.
     ///
     /// The trainer's memory and the snapshot buffer are allocated and
     /// touched now when the host has them; when it has not, nothing is
     /// allocated and every restore directive (the first start included) is
     /// refused with the figures, so the job is blocked with the reason
-    /// instead of this process aborting.
+    /// instead of this process aborting. A spare is ready
+    /// ([`WorkerStatus::Spare`]) once they are.
     pub fn new(
         spec: JobSpec,
-        rank: Rank,
+        rank: Option<Rank>,
         device: Arc<dyn DeviceMemory>,
         events: EventSink,
         state: Arc<RunnerState>,
@@ -145,6 +151,12 @@ impl Runner {
     ) -> crate::Result<Self, NoTrainerSection> {
         let trainer_spec = spec.trainer.clone().ok_or_else(|| NoTrainerSection(spec.name.clone()))?;
         let vars = BuiltinTrainer::model_variables(&trainer_spec);
+        let spare = rank.is_none();
+        // a spare's memory is any rank's: it is made the rank's on `Assign`
+        let rank = rank.unwrap_or(Rank(0));
+        if spare {
+            state.set_status(WorkerStatus::SpareStarting);
+        }
         let mut runner = Self {
             job: spec.name.clone(),
             rank,
@@ -160,8 +172,16 @@ impl Runner {
             metrics,
             machine: RankMachine::new(TrainerKind::Builtin, rank),
         };
-        if let Err(why) = runner.provision() {
-            tracing::error!("{why}; every restore is refused until the host has the memory");
+        match runner.provision() {
+            Err(why) if spare => {
+                tracing::error!("{why}; this spare is not ready until the host has the memory")
+            }
+            Err(why) => tracing::error!("{why}; every restore is refused until the host has the memory"),
+            Ok(()) if spare => {
+                tracing::info!("spare ready: it takes a rank at once when one fails");
+                runner.state.set_status(WorkerStatus::Spare);
+            }
+            Ok(()) => {}
         }
         Ok(runner)
     }
@@ -415,6 +435,16 @@ impl Shell for Runner {
             }
             Effect::TakeSnapshot(p) => return ControlFlow::Continue(Some(self.snapshot(p))),
             Effect::Exit => return ControlFlow::Break(()),
+            Effect::Assigned(rank) => {
+                tracing::info!(%rank, "this spare takes rank {rank}");
+                self.rank = rank;
+                if let Some(t) = self.spare.as_mut() {
+                    t.set_rank(rank);
+                }
+                if let Some(t) = self.trainer.as_mut() {
+                    t.set_rank(rank);
+                }
+            }
             // no process, no rendezvous: the trainer runs on this thread
             Effect::StopTrainer
             | Effect::PickRendezvous

@@ -202,6 +202,12 @@ impl BuiltinTrainer {
         vars
     }
 
+    /// Makes this trainer `rank`'s (a spare's memory, taken by a rank):
+    /// its next reset or step is that rank's.
+    pub fn set_rank(&mut self, rank: Rank) {
+        self.rank = rank;
+    }
+
     /// A fresh trainer for `rank` at step 0, initialised from the seed.
     pub fn new(spec: &TrainerSpec, rank: Rank) -> Self {
         let mut t = Self::zeroed(spec, rank);

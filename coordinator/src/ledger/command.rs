@@ -2,11 +2,12 @@
 //! ([`Event`]), and why it was refused ([`Refusal`]).
 
 use super::job::{AbortReason, JobState, NodeInfo, Origin, RestoreReason};
-use flotilla_shared::ids::{CheckpointId, Generation, JobName, NodeId, Rank, Step};
+use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::wire::RestoreFailureKind;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// A change to the ledger, replicated through Raft.
@@ -35,6 +36,10 @@ pub enum Command {
         job: JobName,
         /// The generation the caller saw.
         generation: Generation,
+        /// The worker holding each rank in it (entries written before
+        /// spares read empty: the mapping is then unknown).
+        #[serde(default)]
+        holders: BTreeMap<Rank, Incarnation>,
     },
     /// Start checkpoint `id` at `step`.
     BeginCheckpoint {
@@ -116,6 +121,10 @@ pub enum Command {
         detail: Option<String>,
         /// Time.
         now_ms: u64,
+        /// Ranks given to spares in this generation change (the failed
+        /// ranks' workers hold them no more).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        takeovers: Vec<Takeover>,
     },
     /// An operator's whole-job restore into `generation` (= current + 1)
     /// from checkpoint `from`, or, when `None`, from the latest committed
@@ -137,6 +146,9 @@ pub enum Command {
         job: JobName,
         /// The restore's generation.
         generation: Generation,
+        /// The worker holding each rank in it (as for `StartJob`).
+        #[serde(default)]
+        holders: BTreeMap<Rank, Incarnation>,
     },
     /// A restore cannot proceed: rank `rank` refused it, for `kind`;
     /// `error` says why in its words ([`BlockReason`]).
@@ -194,6 +206,15 @@ pub enum Command {
         /// (`<root>/<job>/`); without it the files stay.
         remove_checkpoints: bool,
     },
+}
+
+/// A rank given to a spare worker by a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// The rank.
+    pub rank: Rank,
+    /// The spare that takes it.
+    pub worker: Incarnation,
 }
 
 /// What an applied command did.

@@ -2,7 +2,7 @@
 //! restored or blocked, and the events it keeps for people.
 
 use super::{JobName, Step};
-use flotilla_shared::ids::{CheckpointId, Generation, Rank};
+use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, Rank};
 use flotilla_shared::shard::ShardDigest;
 use flotilla_shared::spec::JobSpec;
 use flotilla_shared::wire::RestoreFailureKind;
@@ -334,6 +334,9 @@ pub enum JobEventKind {
         reason: RestoreReason,
         /// More about why (the failed rank), if anything.
         detail: Option<String>,
+        /// Ranks given to spares by it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        takeovers: Vec<super::Takeover>,
     },
     /// Every committed checkpoint of the job was condemned: the restore
     /// goes back to the job's start.
@@ -376,17 +379,20 @@ impl fmt::Display for JobEventKind {
                 write!(f, "checkpoint {checkpoint} re-verified by an operator: {what}")
             }
             JobEventKind::Blocked(reason) => write!(f, "blocked: {reason}"),
-            JobEventKind::Restore { generation, from, step, reason, detail } => {
+            JobEventKind::Restore { generation, from, step, reason, detail, takeovers } => {
                 write!(f, "restore into generation {generation} from ")?;
                 match from {
                     Some(id) => write!(f, "checkpoint {id} (step {step})")?,
                     None => f.write_str("step 0")?,
                 }
                 write!(f, ": {}", reason.as_str())?;
-                match detail {
-                    Some(d) => write!(f, " ({d})"),
-                    None => Ok(()),
+                if let Some(d) = detail {
+                    write!(f, " ({d})")?;
                 }
+                for t in takeovers {
+                    write!(f, "; rank {} taken over by spare worker {}", t.rank, t.worker.0)?;
+                }
+                Ok(())
             }
             JobEventKind::EveryCheckpointCondemned { condemned, step } => write!(
                 f,
@@ -496,6 +502,13 @@ pub struct Job {
     /// The other job's checkpoint this job started from, if any.
     #[serde(default)]
     pub origin: Option<Box<Origin>>,
+    /// The rank ↔ worker mapping of the current generation: the worker
+    /// process (its incarnation) holding each rank. A restore records the
+    /// ranks it gives to spares (the supervisor seats them there, whichever
+    /// leader it is); the whole mapping is recorded when the generation
+    /// starts training (`StartJob`, `ResumeJob`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub holders: BTreeMap<Rank, Incarnation>,
 }
 
 impl Job {

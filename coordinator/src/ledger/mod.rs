@@ -31,6 +31,17 @@ mod command;
 mod job;
 
 use command::refuse;
+
+/// A whole-job restore to apply (a failure's, or an operator's).
+struct RestoreOrder {
+    job: JobName,
+    generation: Generation,
+    from: Option<CheckpointId>,
+    reason: RestoreReason,
+    detail: Option<String>,
+    now_ms: u64,
+    takeovers: Vec<Takeover>,
+}
 pub use command::*;
 pub use job::*;
 
@@ -68,7 +79,7 @@ impl State {
                 Ok(vec![])
             }
             Command::SubmitJob { spec, now_ms, origin } => self.submit(spec, now_ms, origin),
-            Command::StartJob { job, generation } => {
+            Command::StartJob { job, generation, holders } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Waiting {
                     return refuse(
@@ -76,6 +87,7 @@ impl State {
                         format!("job {job} is {}, not waiting", j.state.as_str()),
                     );
                 }
+                j.holders = holders;
                 Ok(set_state(j, &job, JobState::Running, None))
             }
             Command::BeginCheckpoint { job, id, step, generation, now_ms } => {
@@ -205,8 +217,8 @@ impl State {
                     }
                 }
             }
-            Command::Restore { job, generation, from, reason, detail, now_ms } => {
-                self.restore(job, generation, from, reason, detail, now_ms)
+            Command::Restore { job, generation, from, reason, detail, now_ms, takeovers } => {
+                self.restore(RestoreOrder { job, generation, from, reason, detail, now_ms, takeovers })
             }
             Command::OperatorRestore { job, generation, from, now_ms } => {
                 let j = self.job_mut(&job)?;
@@ -222,9 +234,17 @@ impl State {
                         ),
                     );
                 };
-                self.restore(job, generation, Some(from), RestoreReason::Operator, None, now_ms)
+                self.restore(RestoreOrder {
+                    job,
+                    generation,
+                    from: Some(from),
+                    reason: RestoreReason::Operator,
+                    detail: None,
+                    now_ms,
+                    takeovers: Vec::new(),
+                })
             }
-            Command::ResumeJob { job, generation } => {
+            Command::ResumeJob { job, generation, holders } => {
                 let j = self.live_job(&job, generation)?;
                 if j.state != JobState::Restoring && j.state != JobState::Blocked {
                     return refuse(
@@ -232,6 +252,7 @@ impl State {
                         format!("job {job} is {}, not restoring", j.state.as_str()),
                     );
                 }
+                j.holders = holders;
                 Ok(set_state(j, &job, JobState::Running, None))
             }
             Command::BlockJob { job, generation, error, rank, kind, now_ms } => {
@@ -412,6 +433,7 @@ impl State {
                     })
                     .collect(),
                 origin,
+                holders: BTreeMap::new(),
             }),
         );
         Ok(vec![Event::JobSubmitted { job: name }])
@@ -497,15 +519,8 @@ impl State {
         Ok(events)
     }
 
-    fn restore(
-        &mut self,
-        job: JobName,
-        generation: Generation,
-        from: Option<CheckpointId>,
-        reason: RestoreReason,
-        detail: Option<String>,
-        now_ms: u64,
-    ) -> Outcome {
+    fn restore(&mut self, order: RestoreOrder) -> Outcome {
+        let RestoreOrder { job, generation, from, reason, detail, now_ms, takeovers } = order;
         let j = self.job_mut(&job)?;
         match j.state {
             JobState::Succeeded => {
@@ -575,7 +590,10 @@ impl State {
         j.restores += 1;
         *j.restores_by_reason.entry(reason).or_default() += 1;
         j.restored_from = from;
-        j.note(now_ms, JobEventKind::Restore { generation, from, step, reason, detail });
+        // of the new generation's mapping only the spares' ranks are known
+        // now; the rest is recorded when it starts training (ResumeJob)
+        j.holders = takeovers.iter().map(|t| (t.rank, t.worker)).collect();
+        j.note(now_ms, JobEventKind::Restore { generation, from, step, reason, detail, takeovers });
         if from.is_none() && reason == RestoreReason::CorruptCheckpoint {
             // nothing committed is left to go back to: loud, not a quiet step 0
             j.every_condemned_total += 1;

@@ -33,7 +33,8 @@ fn running(keep_last: u32, max_restarts: u32) -> State {
     let mut s = State::default();
     s.apply(Command::SubmitJob { spec: spec("a", 2, keep_last, max_restarts), now_ms: 1, origin: None })
         .unwrap();
-    s.apply(Command::StartJob { job: name("a"), generation: Generation(1) }).unwrap();
+    s.apply(Command::StartJob { job: name("a"), generation: Generation(1), holders: Default::default() })
+        .unwrap();
     s
 }
 
@@ -64,6 +65,7 @@ fn restore(s: &mut State, generation: u64, from: Option<u64>) -> Outcome {
         reason: RestoreReason::WorkerRestarted,
         detail: None,
         now_ms: 99,
+        takeovers: Vec::new(),
     })
 }
 
@@ -103,7 +105,9 @@ fn submit_is_idempotent_and_refuses_a_different_spec() {
 #[test]
 fn unknown_job_is_not_found() {
     let mut s = State::default();
-    let err = s.apply(Command::StartJob { job: name("x"), generation: Generation(1) }).unwrap_err();
+    let err = s
+        .apply(Command::StartJob { job: name("x"), generation: Generation(1), holders: Default::default() })
+        .unwrap_err();
     assert_eq!(err.kind, RefusalKind::NotFound);
     assert!(err.message.contains("no job named x"));
 }
@@ -219,7 +223,8 @@ fn a_condemned_checkpoint_cleared_after_an_operator_went_back_before_it_stays_ab
         now_ms: 6,
     })
     .unwrap();
-    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2), holders: Default::default() })
+        .unwrap();
     s.apply(Command::ClearCorrupt { job: name("a"), id: CheckpointId(2), now_ms: 7 }).unwrap();
     assert_eq!(job(&s).checkpoints[&CheckpointId(2)].state, CheckpointState::Abandoned);
     assert_eq!(job(&s).latest_committed().unwrap().id, CheckpointId(1));
@@ -244,7 +249,8 @@ fn pruning_keeps_the_checkpoint_a_generation_started_from() {
     begin(&mut s, 1, 10, 1).unwrap();
     commit(&mut s, 1, shards(2)).unwrap();
     restore(&mut s, 2, Some(1)).unwrap();
-    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2), holders: Default::default() })
+        .unwrap();
     for id in 2..=40u64 {
         begin(&mut s, id, 10 * id, 2).unwrap();
         commit(&mut s, id, shards(2)).unwrap();
@@ -362,6 +368,7 @@ fn every_checkpoint_condemned_is_an_event_and_a_count_not_a_quiet_step_0() {
             reason,
             detail: None,
             now_ms: 9,
+            takeovers: Vec::new(),
         })
     };
     back(&mut s, 2, RestoreReason::CorruptCheckpoint).unwrap();
@@ -410,7 +417,11 @@ fn restore_moves_the_generation_by_one_and_aborts_pending() {
     assert_eq!(kind(commit(&mut s, 2, shards(2))), RefusalKind::Conflict);
     // and old-generation commands are fenced
     assert_eq!(
-        kind(s.apply(Command::ResumeJob { job: name("a"), generation: Generation(1) })),
+        kind(s.apply(Command::ResumeJob {
+            job: name("a"),
+            generation: Generation(1),
+            holders: Default::default()
+        })),
         RefusalKind::Fenced
     );
     // blocked, then resumed
@@ -433,7 +444,8 @@ fn restore_moves_the_generation_by_one_and_aborts_pending() {
     let reason = job(&s).block_reason().expect("blocked");
     assert_eq!((reason.rank, reason.kind), (Some(Rank(1)), Some(RestoreFailureKind::DeviceMemory)));
     assert_eq!(blocks[0].kind, Some(JobEventKind::Blocked(reason)));
-    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2), holders: Default::default() })
+        .unwrap();
     assert_eq!(job(&s).state, JobState::Running);
     assert_eq!(job(&s).error, None);
     assert_eq!((job(&s).blocked.as_ref(), job(&s).block_reason()), (None, None));
@@ -480,7 +492,7 @@ fn replicas_applying_the_same_log_agree_and_snapshots_round_trip() {
             info: NodeInfo { http_url: "http://127.0.0.1:9202".into(), api_addr: None },
         },
         Command::SubmitJob { spec: spec("a", 2, 2, 10), now_ms: 1, origin: None },
-        Command::StartJob { job: name("a"), generation: Generation(1) },
+        Command::StartJob { job: name("a"), generation: Generation(1), holders: Default::default() },
         Command::BeginCheckpoint {
             job: name("a"),
             id: CheckpointId(1),
@@ -498,6 +510,7 @@ fn replicas_applying_the_same_log_agree_and_snapshots_round_trip() {
             reason: RestoreReason::HeartbeatTimeout,
             detail: None,
             now_ms: 5,
+            takeovers: Vec::new(),
         },
     ];
     let (mut a, mut b) = (State::default(), State::default());
@@ -525,6 +538,7 @@ fn an_operator_restore_makes_its_checkpoint_the_head_and_revives_a_failed_job() 
             reason: RestoreReason::Operator,
             detail: None,
             now_ms: 50,
+            takeovers: Vec::new(),
         })
     };
     operator(&mut s, 2, 1).unwrap();
@@ -535,7 +549,8 @@ fn an_operator_restore_makes_its_checkpoint_the_head_and_revives_a_failed_job() 
     assert!(j.failures_ms.is_empty(), "an operator's restore is not a failure");
     assert!(j.events.last().unwrap().text.contains("from checkpoint 1 (step 10): operator"));
     // new checkpoints go after the head, even where the abandoned line was
-    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2), holders: Default::default() })
+        .unwrap();
     begin(&mut s, 4, 20, 2).unwrap();
     // failures: two within the hour exceed max_restarts = 1 and fail the job
     restore(&mut s, 3, Some(1)).unwrap();
@@ -560,6 +575,7 @@ fn failures_older_than_the_window_do_not_count() {
             reason: RestoreReason::HeartbeatTimeout,
             detail: None,
             now_ms,
+            takeovers: Vec::new(),
         })
     };
     at(&mut s, 2, 1_000).unwrap();
@@ -574,6 +590,7 @@ fn failures_older_than_the_window_do_not_count() {
             reason,
             detail: None,
             now_ms: 2,
+            takeovers: Vec::new(),
         })
         .unwrap();
     }
@@ -637,7 +654,8 @@ fn a_published_snapshot_never_changes_and_a_command_copies_only_the_job_it_chang
         s.apply(Command::SubmitJob { spec: spec(job, 1, 3, 10), now_ms: 1, origin: None }).unwrap();
     }
     let snapshot = std::sync::Arc::new(s.clone());
-    s.apply(Command::StartJob { job: name("a"), generation: Generation(1) }).unwrap();
+    s.apply(Command::StartJob { job: name("a"), generation: Generation(1), holders: Default::default() })
+        .unwrap();
     assert_eq!(snapshot.jobs[&name("a")].state, JobState::Waiting, "the reader's copy is as it was");
     assert_eq!(s.jobs[&name("a")].state, JobState::Running);
     assert!(!Arc::ptr_eq(&snapshot.jobs[&name("a")], &s.jobs[&name("a")]), "a was copied");
@@ -706,7 +724,11 @@ fn every_live_state_cancels_and_cancelled_is_terminal() {
             Command::OperatorRestore { job: name("a"), generation: Generation(g + 1), from: None, now_ms: 1 };
         assert!(matches!(kind(s.apply(operator)), RefusalKind::Conflict));
         assert_eq!(
-            kind(s.apply(Command::StartJob { job: name("a"), generation: Generation(g) })),
+            kind(s.apply(Command::StartJob {
+                job: name("a"),
+                generation: Generation(g),
+                holders: Default::default()
+            })),
             RefusalKind::Conflict
         );
         assert_eq!(kind(begin(&mut s, 1, 10, g)), RefusalKind::Conflict);
@@ -798,7 +820,12 @@ fn every_ended_job_is_deleted_and_its_name_is_free_again() {
         begin(&mut s, 1, 10, 1).unwrap();
         commit(&mut s, 1, shards(2)).unwrap();
         restore(&mut s, 2, Some(1)).unwrap();
-        s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2) }).unwrap();
+        s.apply(Command::ResumeJob {
+            job: name("a"),
+            generation: Generation(2),
+            holders: Default::default(),
+        })
+        .unwrap();
         end(&mut s);
         assert_eq!(job(&s).state.as_str(), what);
         let events = delete_job(&mut s, "a", true).unwrap();
@@ -871,4 +898,43 @@ fn a_job_resumed_from_its_deleted_namesakes_files_numbers_its_checkpoints_after_
     let j = job(&s);
     assert_eq!((j.generation, j.start_step(), j.next_checkpoint), (Generation(1), Step(20), CheckpointId(3)));
     assert!(j.checkpoints.is_empty());
+}
+
+#[test]
+fn the_rank_worker_mapping_follows_starts_takeovers_and_resumes() {
+    use flotilla_shared::ids::Incarnation;
+    let mut s = State::default();
+    s.apply(Command::SubmitJob { spec: spec("a", 2, 3, 10), now_ms: 1, origin: None }).unwrap();
+    let started = BTreeMap::from([(Rank(0), Incarnation(10)), (Rank(1), Incarnation(11))]);
+    s.apply(Command::StartJob { job: name("a"), generation: Generation(1), holders: started.clone() })
+        .unwrap();
+    assert_eq!(job(&s).holders, started);
+    // rank 1's worker is lost: a spare takes it with the generation change;
+    // the rest of generation 2's mapping is not known until it trains
+    let takeover = Takeover { rank: Rank(1), worker: Incarnation(20) };
+    s.apply(Command::Restore {
+        job: name("a"),
+        generation: Generation(2),
+        from: None,
+        reason: RestoreReason::Disconnected,
+        detail: Some("rank 1".into()),
+        now_ms: 5,
+        takeovers: vec![takeover],
+    })
+    .unwrap();
+    assert_eq!(job(&s).holders, BTreeMap::from([(Rank(1), Incarnation(20))]));
+    let event = job(&s).events.last().unwrap();
+    assert!(
+        matches!(&event.kind, Some(JobEventKind::Restore { takeovers, .. }) if takeovers == &vec![takeover])
+    );
+    assert!(event.text.ends_with("; rank 1 taken over by spare worker 20"), "{}", event.text);
+    let resumed = BTreeMap::from([(Rank(0), Incarnation(10)), (Rank(1), Incarnation(20))]);
+    s.apply(Command::ResumeJob { job: name("a"), generation: Generation(2), holders: resumed.clone() })
+        .unwrap();
+    assert_eq!(job(&s).holders, resumed);
+    // a command of a build before spares (no mapping) decodes and applies
+    let old =
+        rmp_serde::to_vec_named(&serde_json::json!({"ResumeJob": {"job": "a", "generation": 2}})).unwrap();
+    let cmd: Command = rmp_serde::from_slice(&old).unwrap();
+    assert!(matches!(cmd, Command::ResumeJob { ref holders, .. } if holders.is_empty()));
 }

@@ -124,7 +124,9 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
 
 async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
     let leader = s.node.status().role == Role::Leader;
-    s.node.read_state(|st| s.metrics.observe_ledger(st, &|job| s.workers.get(job), leader));
+    s.node.read_state(|st| {
+        s.metrics.observe_ledger(st, &|job| (s.workers.get(job), s.workers.spares(job)), leader)
+    });
     s.metrics.observe_peers(&s.node.membership().progress);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.encode()).into_response()
 }
@@ -143,6 +145,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
     let mut status = s.node.read_state(|state| ClusterStatus::build(&node, state, job.as_ref()));
     for j in &mut status.jobs {
         j.workers = s.workers.get(&j.name);
+        j.spares = s.workers.spares(&j.name);
         // the view follows the ledger by up to a tick: only a job running
         // in that same generation has it
         j.running_since_ms =

@@ -46,7 +46,9 @@ use rank::{Phase, RankSoft};
 pub use rank::{RankState, RankView};
 use schedule::{final_checkpoint_due, schedule_checkpoint};
 
-use crate::ledger::{AbortReason, CheckpointState, Command, Event, Job, JobState, RestoreReason, State};
+use crate::ledger::{
+    AbortReason, CheckpointState, Command, Event, Job, JobState, RestoreReason, State, Takeover,
+};
 use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
@@ -76,14 +78,70 @@ pub struct Registration {
     pub conn: ConnId,
     /// Job.
     pub job: JobName,
-    /// Rank.
-    pub rank: Rank,
+    /// Rank (`None`: a spare).
+    pub rank: Option<Rank>,
     /// The worker process's incarnation (larger is newer).
     pub incarnation: Incarnation,
     /// The generation whose state it holds.
     pub generation: Option<Generation>,
     /// Its step in that generation.
     pub step: Step,
+    /// The host it runs on, as it says.
+    pub host: Option<String>,
+}
+
+/// Where a connection sits: on a rank, or on the job's bench of spares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seat {
+    Rank(Rank),
+    Spare(Incarnation),
+}
+
+/// A spare worker of a job, as this leader knows it.
+#[derive(Debug, Clone)]
+struct SpareSoft {
+    conn: ConnId,
+    host: Option<String>,
+    /// It said it could train at once ([`WorkerStatus::Spare`]).
+    ready: bool,
+    last_seen: u64,
+    /// When it was last told it is a spare (a demoted worker that reports
+    /// as a rank is told again).
+    told: u64,
+}
+
+/// What a spare is doing (status, `flotilla_job_spares{state}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpareState {
+    /// It could take a rank at once.
+    Ready,
+    /// Still allocating its memory or starting its trainer process.
+    Starting,
+}
+
+impl SpareState {
+    /// Both states, in the order metrics list them.
+    pub const ALL: [SpareState; 2] = [SpareState::Ready, SpareState::Starting];
+
+    /// The word in status JSON and the `state` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpareState::Ready => "ready",
+            SpareState::Starting => "starting",
+        }
+    }
+}
+
+/// One spare as the supervisor sees it (for status).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpareView {
+    /// Its id (the process's incarnation).
+    pub worker: Incarnation,
+    /// Where it runs.
+    pub host: Option<String>,
+    /// Ready or starting.
+    pub state: SpareState,
 }
 
 /// Something the shell saw.
@@ -215,7 +273,7 @@ impl ProposalKey {
             | Command::SubmitJob { .. }
             | Command::CancelJob { .. }
             | Command::DeleteJob { .. } => return None,
-            Command::StartJob { job, generation } => (job, "start", generation.0),
+            Command::StartJob { job, generation, .. } => (job, "start", generation.0),
             Command::BeginCheckpoint { job, id, .. } => (job, "begin", id.0),
             Command::CommitCheckpoint { job, id, .. } => (job, "commit", id.0),
             Command::AbortCheckpoint { job, id, .. } => (job, "abort", id.0),
@@ -225,7 +283,7 @@ impl ProposalKey {
             Command::Restore { job, generation, .. } | Command::OperatorRestore { job, generation, .. } => {
                 (job, "restore", generation.0)
             }
-            Command::ResumeJob { job, generation } => (job, "resume", generation.0),
+            Command::ResumeJob { job, generation, .. } => (job, "resume", generation.0),
             Command::BlockJob { job, generation, .. } => (job, "block", generation.0),
             Command::FailJob { job, .. } => (job, "fail", 0),
             Command::FinishJob { job, generation, .. } => (job, "finish", generation.0),
@@ -298,6 +356,8 @@ struct JobSoft {
     /// When this leader first saw the job running in a generation, on the
     /// wall clock (for status: a restore's end, measured where it happens).
     running_since_wall: Option<(Generation, u64)>,
+    /// Workers registered without a rank, by id.
+    spares: BTreeMap<Incarnation, SpareSoft>,
 }
 
 /// When the phases of one restore happened, on this leader's monotonic
@@ -350,7 +410,7 @@ pub struct Supervisor {
     since: u64,
     term: u64,
     jobs: BTreeMap<JobName, JobSoft>,
-    conns: BTreeMap<ConnId, (JobName, Rank)>,
+    conns: BTreeMap<ConnId, (JobName, Seat)>,
     inflight: BTreeMap<ProposalKey, u64>,
     /// Reconciles run so far (each visits every rank of every job).
     reconciles: u64,
@@ -418,6 +478,7 @@ impl Supervisor {
             rendezvous: None,
             recovery: None,
             running_since_wall: None,
+            spares: BTreeMap::new(),
         })
     }
 
@@ -445,6 +506,21 @@ impl Supervisor {
                 },
                 step: r.step,
                 heartbeat_age_ms: now.mono_ms.saturating_sub(r.last_seen),
+                worker: r.incarnation,
+                host: r.host.clone(),
+            })
+            .collect()
+    }
+
+    /// The spares of `job` (for status and metrics).
+    pub fn spare_views(&self, job: &JobName) -> Vec<SpareView> {
+        let Some(soft) = self.jobs.get(job) else { return Vec::new() };
+        soft.spares
+            .iter()
+            .map(|(id, s)| SpareView {
+                worker: *id,
+                host: s.host.clone(),
+                state: if s.ready { SpareState::Ready } else { SpareState::Starting },
             })
             .collect()
     }
@@ -504,8 +580,8 @@ impl Supervisor {
                 }
             }
             Observation::Message { conn, msg } => self.message(ledger, now, conn, msg, out),
-            Observation::Disconnected { conn } => {
-                if let Some((job, rank)) = self.conns.remove(&conn) {
+            Observation::Disconnected { conn } => match self.conns.remove(&conn) {
+                Some((job, Seat::Rank(rank))) => {
                     if let Some(r) = self.soft(&job, now.mono_ms).ranks.get_mut(&rank) {
                         if r.conn == Some(conn) {
                             // the grace before a closed connection is a failure counts from here
@@ -514,7 +590,15 @@ impl Supervisor {
                         }
                     }
                 }
-            }
+                // a spare that left is no spare: one that comes back registers again
+                Some((job, Seat::Spare(id))) => {
+                    let spares = &mut self.soft(&job, now.mono_ms).spares;
+                    if spares.get(&id).is_some_and(|s| s.conn == conn) {
+                        spares.remove(&id);
+                    }
+                }
+                None => {}
+            },
             Observation::CheckpointRequested { job, reply_to } => {
                 self.checkpoint_requested(ledger, now, job, reply_to, out)
             }
@@ -633,7 +717,7 @@ impl Supervisor {
 
     /// Returns false when the registration was refused (nothing to reconcile).
     fn registered(&mut self, ledger: &State, now: Now, r: Registration, out: &mut Vec<Action>) -> bool {
-        let Registration { conn, job, rank, incarnation, generation, step } = r;
+        let Registration { conn, job, rank, incarnation, generation, step, host } = r;
         let refuse = |code, message: String| vec![send(conn, error(code, message)), Action::Close { conn }];
         let Some(j) = ledger.jobs.get(&job) else {
             out.extend(refuse(
@@ -642,6 +726,11 @@ impl Supervisor {
             ));
             return false;
         };
+        let t = now.mono_ms;
+        let Some(rank) = rank else {
+            self.seat_spare(j, conn, incarnation, host, t, out);
+            return true;
+        };
         if rank.0 >= j.spec.world_size {
             out.extend(refuse(
                 ErrorCode::InvalidRequest,
@@ -649,32 +738,36 @@ impl Supervisor {
             ));
             return false;
         }
-        let t = now.mono_ms;
+        if let Some(why) = self.held_by_another(j, rank, incarnation, t) {
+            tracing::info!(%job, %rank, worker = %incarnation, "{why}: the worker joins as a spare");
+            self.seat_spare(j, conn, incarnation, host, t, out);
+            return true;
+        }
         let soft = self.soft(&job, t);
         let previous = soft.ranks.get(&rank);
         if let Some((old_conn, old_inc)) = previous.and_then(|p| Some((p.conn?, p.incarnation?))) {
-            if incarnation < old_inc {
-                // a resumed zombie: the newer live process keeps the rank
-                out.extend(refuse(
-                    ErrorCode::Fenced,
-                    format!(
-                        "rank {rank} of job {job} is held by a newer worker process; this older one steps down"
-                    ),
-                ));
-                return false;
-            }
-            if old_conn != conn {
-                if incarnation > old_inc {
-                    out.push(send(
-                        old_conn,
-                        error(
-                            ErrorCode::Fenced,
-                            format!("rank {rank} of job {job} registered again as a newer process; this one steps down"),
-                        ),
-                    ));
-                }
+            if old_conn != conn && incarnation != old_inc {
+                // the old process went silent past the heartbeat timeout (a
+                // live one keeps its rank, above): this newer one takes the
+                // rank, and the old one, should it wake, is a spare that
+                // holds nothing of it
+                let (host, last_seen) = previous.map_or((None, t), |p| (p.host.clone(), p.last_seen));
+                out.push(send(old_conn, self.registered_reply(j, true)));
+                self.conns.insert(old_conn, (job.clone(), Seat::Spare(old_inc)));
+                let spare = SpareSoft { conn: old_conn, host, ready: false, last_seen, told: t };
+                self.soft(&job, t).spares.insert(old_inc, spare);
+            } else if old_conn != conn {
+                // the same process on a new connection: the old one is dead
                 out.push(Action::Close { conn: old_conn });
                 self.conns.remove(&old_conn);
+            }
+        }
+        let soft = self.soft(&job, t);
+        // one process holds one seat: a spare that registers for a rank is no spare
+        if let Some(s) = soft.spares.remove(&incarnation) {
+            if s.conn != conn {
+                self.conns.remove(&s.conn);
+                out.push(Action::Close { conn: s.conn });
             }
         }
         let soft = self.soft(&job, t);
@@ -685,25 +778,78 @@ impl Supervisor {
         let mut entry = RankSoft::new(t, j.spec.failure.heartbeat_interval_ms);
         entry.conn = Some(conn);
         entry.incarnation = Some(incarnation);
+        entry.host = host;
         entry.report(generation, step, WorkerStatus::Waiting, t);
         soft.ranks.insert(rank, entry);
-        self.conns.insert(conn, (job.clone(), rank));
-        out.push(send(
-            conn,
-            CoordinatorMessage::Registered {
-                spec: j.spec.clone(),
-                generation: j.generation,
-                term: self.term,
-            },
-        ));
+        self.conns.insert(conn, (job.clone(), Seat::Rank(rank)));
+        out.push(send(conn, self.registered_reply(j, false)));
         true
     }
 
+    fn registered_reply(&self, j: &Job, spare: bool) -> CoordinatorMessage {
+        CoordinatorMessage::Registered {
+            spec: j.spec.clone(),
+            generation: j.generation,
+            term: self.term,
+            spare,
+        }
+    }
+
+    /// Why `incarnation` may not take `rank` now, if it may not: a live
+    /// process holds it, or a newer one whose connection is open. (A rank
+    /// the ledger gave to a spare goes to that spare once it is here,
+    /// whoever registered for it first: [`Supervisor::seat_takeovers`].)
+    fn held_by_another(&mut self, j: &Job, rank: Rank, incarnation: Incarnation, t: u64) -> Option<String> {
+        let timeout = j.spec.failure.heartbeat_timeout_ms;
+        let soft = self.soft(&j.spec.name, t);
+        let r = soft.ranks.get(&rank);
+        if let Some(holder) = r.and_then(|r| r.held_live_by_other(incarnation, t, timeout)) {
+            return Some(format!("rank {rank} is held by live worker {holder}"));
+        }
+        // an older process (a resumed zombie) never displaces a newer one
+        let holder = r.filter(|r| r.conn.is_some()).and_then(|r| r.incarnation)?;
+        (holder > incarnation).then(|| format!("rank {rank} is held by worker {holder}, a newer process"))
+    }
+
+    /// Seats worker `incarnation` on `conn` among the job's spares (from a
+    /// rank it held here, if it did) and tells it so.
+    fn seat_spare(
+        &mut self,
+        j: &Job,
+        conn: ConnId,
+        incarnation: Incarnation,
+        host: Option<String>,
+        t: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let job = j.spec.name.clone();
+        let soft = self.soft(&job, t);
+        let mut gone = Vec::new();
+        for r in soft.ranks.values_mut().filter(|r| r.incarnation == Some(incarnation)) {
+            gone.extend(r.conn.take().filter(|c| *c != conn));
+        }
+        if let Some(old) =
+            soft.spares.insert(incarnation, SpareSoft { conn, host, ready: false, last_seen: t, told: t })
+        {
+            gone.extend(Some(old.conn).filter(|c| *c != conn));
+        }
+        for c in gone {
+            self.conns.remove(&c);
+            out.push(Action::Close { conn: c });
+        }
+        self.conns.insert(conn, (job, Seat::Spare(incarnation)));
+        out.push(send(conn, self.registered_reply(j, true)));
+    }
+
     fn message(&mut self, ledger: &State, now: Now, conn: ConnId, msg: WorkerMessage, out: &mut Vec<Action>) {
-        let Some((job, rank)) = self.conns.get(&conn).cloned() else { return };
+        let Some((job, seat)) = self.conns.get(&conn).cloned() else { return };
         let Some(j) = ledger.jobs.get(&job) else { return };
         let current = j.generation;
         let t = now.mono_ms;
+        let rank = match seat {
+            Seat::Rank(rank) => rank,
+            Seat::Spare(id) => return self.spare_message(j, id, conn, msg, t, out),
+        };
         let soft = self.soft(&job, t);
         let Some(r) = soft.ranks.get_mut(&rank).filter(|r| r.conn == Some(conn)) else { return };
         r.last_seen = t;
@@ -812,6 +958,44 @@ impl Supervisor {
         }
     }
 
+    /// A spare's message: its heartbeats say whether it is ready; it holds
+    /// no rank, so any report of a rank's work from it is stale (a worker
+    /// whose rank went to a spare can touch nothing of it).
+    fn spare_message(
+        &mut self,
+        j: &Job,
+        id: Incarnation,
+        conn: ConnId,
+        msg: WorkerMessage,
+        t: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let (job, current) = (&j.spec.name, j.generation);
+        let resend = self.cfg.min_resend_ms.max(2 * j.spec.failure.heartbeat_interval_ms);
+        let told = self.registered_reply(j, true);
+        let Some(s) = self.soft(job, t).spares.get_mut(&id).filter(|s| s.conn == conn) else { return };
+        s.last_seen = t;
+        match msg {
+            WorkerMessage::Heartbeat { status, .. } => {
+                s.ready = status == WorkerStatus::Spare;
+                let spare = matches!(status, WorkerStatus::Spare | WorkerStatus::SpareStarting);
+                if !spare && t >= s.told + resend {
+                    // it has not heard that its rank went elsewhere
+                    s.told = t;
+                    out.push(send(conn, told));
+                }
+            }
+            WorkerMessage::Register { .. } | WorkerMessage::Batch(_) | WorkerMessage::Left => {}
+            other => {
+                let message = format!(
+                    "a spare of job {job} holds no rank in generation {current}: {} dropped",
+                    report_name(&other)
+                );
+                out.push(send(conn, error(ErrorCode::Stale, message)));
+            }
+        }
+    }
+
     fn reconcile(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) {
         let name = j.spec.name.clone();
         let t = now.mono_ms;
@@ -832,12 +1016,17 @@ impl Supervisor {
                 if self.setup_failed(j, now, out) {
                     return;
                 }
+                // a rank whose worker is gone (or never came) goes to a ready spare
+                if self.spares_take_lost_ranks(j, now, out) {
+                    return;
+                }
                 // every rank builds its first state (fresh at step 0, or the
                 // `resume_from` checkpoint) in generation G, then the job starts
                 let soft = self.soft(&name, t);
                 direct_restores(j, soft, t, resend, out);
                 if soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g)) {
-                    self.propose(now, Command::StartJob { job: name, generation: g }, out);
+                    let holders = holders(soft);
+                    self.propose(now, Command::StartJob { job: name, generation: g, holders }, out);
                 }
             }
             JobState::Running => self.reconcile_running(j, now, resend, out),
@@ -865,6 +1054,7 @@ impl Supervisor {
                         reason: RestoreReason::Retry,
                         detail: None,
                         now_ms: now.wall_ms,
+                        takeovers: Vec::new(),
                     };
                     self.propose(now, cmd, out);
                 }
@@ -884,18 +1074,26 @@ impl Supervisor {
                         out,
                     );
                 }
+                // spares are told once; one that registers later is told then
+                let stop = CoordinatorMessage::Stop { reason };
+                for (_, spare) in std::mem::take(&mut soft.spares) {
+                    out.push(send(spare.conn, stop.clone()));
+                }
             }
             // a failed job keeps its workers, idle, for an operator's restore
             JobState::Failed => {}
         }
     }
 
-    /// The first rank that has failed in a running job, and why.
-    fn failed_rank(&mut self, j: &Job, t: u64) -> Option<(Rank, RestoreReason)> {
+    /// The ranks that have failed in a running job, and why (in rank order).
+    /// With a ready spare, a closed connection is a failure at once: the
+    /// spare takes the rank without waiting for the process to come back.
+    fn failed_ranks(&mut self, j: &Job, t: u64) -> Vec<(Rank, RestoreReason)> {
         let g = j.generation;
         let timeout = j.spec.failure.heartbeat_timeout_ms;
         let hang = j.spec.failure.hang_timeout_seconds * 1000;
-        let grace = self.cfg.reconnect_grace_ms;
+        let spare_ready = !self.ready_spares(j, t).is_empty();
+        let grace = if spare_ready { 0 } else { self.cfg.reconnect_grace_ms };
         let soft = self.soft(&j.spec.name, t);
         let running_since = match soft.running_seen {
             Some((rg, at)) if rg == g => at,
@@ -904,27 +1102,62 @@ impl Supervisor {
                 t
             }
         };
-        soft.ranks.iter().find_map(|(rank, r)| {
-            let reason = if r.silent(t, timeout, grace) {
-                if r.conn.is_some() {
-                    RestoreReason::HeartbeatTimeout
+        soft.ranks
+            .iter()
+            .filter_map(|(rank, r)| {
+                let reason = if r.silent(t, timeout, grace) {
+                    if r.conn.is_some() {
+                        RestoreReason::HeartbeatTimeout
+                    } else {
+                        RestoreReason::Disconnected
+                    }
+                } else if r.conn.is_none() {
+                    return None; // reconnecting within the heartbeat timeout is no failure
+                } else if r.status == WorkerStatus::Failed {
+                    RestoreReason::TrainerFailed
+                } else if r.generation != Some(g) {
+                    // a process that does not hold this generation's state: it restarted
+                    RestoreReason::WorkerRestarted
+                } else if r.status != WorkerStatus::Finished && t > r.progress_at.max(running_since) + hang {
+                    RestoreReason::Hang
                 } else {
-                    RestoreReason::Disconnected
-                }
-            } else if r.conn.is_none() {
-                return None; // reconnecting within the heartbeat timeout is no failure
-            } else if r.status == WorkerStatus::Failed {
-                RestoreReason::TrainerFailed
-            } else if r.generation != Some(g) {
-                // a process that does not hold this generation's state: it restarted
-                RestoreReason::WorkerRestarted
-            } else if r.status != WorkerStatus::Finished && t > r.progress_at.max(running_since) + hang {
-                RestoreReason::Hang
+                    return None;
+                };
+                Some((*rank, reason))
+            })
+            .collect()
+    }
+
+    /// The job's spares that could take a rank now: ready, heard from
+    /// within the heartbeat timeout, and given no rank by the ledger yet.
+    fn ready_spares(&mut self, j: &Job, t: u64) -> Vec<(Incarnation, Option<String>)> {
+        let timeout = j.spec.failure.heartbeat_timeout_ms;
+        let soft = self.soft(&j.spec.name, t);
+        soft.spares
+            .iter()
+            .filter(|(id, s)| s.ready && t <= s.last_seen + timeout && !j.holders.values().any(|h| h == *id))
+            .map(|(id, s)| (*id, s.host.clone()))
+            .collect()
+    }
+
+    /// Spares for as many of the `failed` ranks as there are ready ones,
+    /// each from another host than the failed rank's where one can be.
+    fn takeovers(&mut self, j: &Job, failed: &[Rank], t: u64) -> Vec<Takeover> {
+        let mut ready = self.ready_spares(j, t);
+        let soft = self.soft(&j.spec.name, t);
+        let mut out = Vec::new();
+        for rank in failed {
+            let host = soft.ranks.get(rank).and_then(|r| r.host.clone());
+            let pick = ready.iter().position(|(_, h)| host.is_none() || *h != host).or(if ready.is_empty() {
+                None
             } else {
-                return None;
-            };
-            Some((*rank, reason))
-        })
+                Some(0)
+            });
+            let Some(i) = pick else { break };
+            let (worker, _) = ready.remove(i);
+            out.push(Takeover { rank: *rank, worker });
+        }
+        out
     }
 
     fn reconcile_running(&mut self, j: &Job, now: Now, resend: u64, out: &mut Vec<Action>) {
@@ -941,8 +1174,17 @@ impl Supervisor {
                 out.push(Action::Recovered { job: name.clone(), seconds });
             }
         }
-        if let Some((rank, reason)) = self.failed_rank(j, t) {
+        let failed = self.failed_ranks(j, t);
+        if let Some(&(rank, reason)) = failed.first() {
             let failure = self.soft(&name, t).ranks.get(&rank).and_then(|r| r.failure.clone());
+            // a spare takes a rank whose process is gone, stuck or crashed; a
+            // process that restarted is there already and restores in place
+            let lost: Vec<Rank> = failed
+                .iter()
+                .filter(|(_, why)| *why != RestoreReason::WorkerRestarted)
+                .map(|(r, _)| *r)
+                .collect();
+            let takeovers = self.takeovers(j, &lost, t);
             let cmd = Command::Restore {
                 job: name.clone(),
                 generation: Generation(g.0 + 1),
@@ -953,9 +1195,10 @@ impl Supervisor {
                     None => format!("rank {rank}"),
                 }),
                 now_ms: now.wall_ms,
+                takeovers: takeovers.clone(),
             };
             if self.propose(now, cmd, out) {
-                tracing::warn!(job = %name, %rank, generation = %g, "rank failed ({}): restoring the job", reason.as_str());
+                tracing::warn!(job = %name, %rank, generation = %g, spares = takeovers.len(), "rank failed ({}): restoring the job", reason.as_str());
                 // the pending checkpoint can no longer commit (the restore
                 // leaves its generation): the survivors give up its shard
                 // writes now, while the restore commits, not when its
@@ -1076,6 +1319,7 @@ impl Supervisor {
             reason: RestoreReason::TrainerFailed,
             detail: Some(format!("rank {rank}: {why}")),
             now_ms: now.wall_ms,
+            takeovers: Vec::new(),
         };
         if self.propose(now, cmd, out) {
             tracing::warn!(job = %j.spec.name, %rank, generation = %g, "trainer failed while the job was being set up: restarting the set-up");
@@ -1100,25 +1344,41 @@ impl Supervisor {
                     reason: RestoreReason::CorruptCheckpoint,
                     detail: None,
                     now_ms: now.wall_ms,
+                    takeovers: Vec::new(),
                 };
                 self.propose(now, cmd, out);
                 return;
             }
         }
+        // the ranks the ledger gave to spares go to them now
+        self.seat_takeovers(j, t, out);
         let timeout = j.spec.failure.heartbeat_timeout_ms;
+        // a closed connection is lost at once when a spare can take its
+        // rank, and a rank already lost once is lost again for a spare
+        let spare = !self.ready_spares(j, t).is_empty();
+        let grace = if spare { 0 } else { timeout };
         let soft = self.soft(&name, t);
         // ranks lost while restoring restart the restore once per loss:
         // every rank found silent now is one loss (a stalled host or leader
         // silences many at once; one restart each would be a cascade)
-        let mut lost =
-            soft.ranks.iter_mut().filter(|(_, r)| !r.lost && r.silent(t, timeout, timeout)).peekable();
-        if let Some((&first, r)) = lost.peek() {
+        let lost: Vec<(Rank, bool)> = soft
+            .ranks
+            .iter_mut()
+            .filter(|(_, r)| (!r.lost || spare) && r.silent(t, timeout, grace))
+            .map(|(rank, r)| {
+                r.lost = true;
+                (*rank, r.conn.is_some())
+            })
+            .collect();
+        if let Some(&(first, connected)) = lost.first() {
             let reason =
-                if r.conn.is_some() { RestoreReason::HeartbeatTimeout } else { RestoreReason::Disconnected };
-            let count = lost.map(|(_, r)| r.lost = true).count();
+                if connected { RestoreReason::HeartbeatTimeout } else { RestoreReason::Disconnected };
+            let count = lost.len();
             let ranks =
                 if count == 1 { format!("rank {first}") } else { format!("{count} ranks from rank {first}") };
-            tracing::warn!(job = %name, generation = %g, "{ranks} lost while restoring: restarting the restore");
+            let lost: Vec<Rank> = lost.into_iter().map(|(r, _)| r).collect();
+            let takeovers = self.takeovers(j, &lost, t);
+            tracing::warn!(job = %name, generation = %g, spares = takeovers.len(), "{ranks} lost while restoring: restarting the restore");
             let cmd = Command::Restore {
                 job: name,
                 generation: next,
@@ -1126,6 +1386,7 @@ impl Supervisor {
                 reason,
                 detail: Some(format!("{ranks}, while restoring")),
                 now_ms: now.wall_ms,
+                takeovers,
             };
             self.propose(now, cmd, out);
             return;
@@ -1137,11 +1398,87 @@ impl Supervisor {
         rec.committed.get_or_insert(t);
         direct_restores(j, soft, t, resend, out);
         let all_hold_g = soft.ranks.values().all(|r| r.conn.is_some() && r.generation == Some(g));
-        if all_hold_g && self.propose(now, Command::ResumeJob { job: name.clone(), generation: g }, out) {
+        let holders = holders(soft);
+        if all_hold_g
+            && self.propose(now, Command::ResumeJob { job: name.clone(), generation: g, holders }, out)
+        {
             if let Some(rec) = self.soft(&name, t).recovery.as_mut().filter(|r| r.resumed.is_none()) {
                 rec.log(&name, t);
                 rec.resumed = Some(t);
             }
+        }
+    }
+
+    /// While the job waits for its ranks: every rank whose worker is gone
+    /// (its connection closed) or never came (twice the heartbeat timeout)
+    /// goes to a ready spare, in a restore into the next generation. True
+    /// when one was proposed.
+    fn spares_take_lost_ranks(&mut self, j: &Job, now: Now, out: &mut Vec<Action>) -> bool {
+        let t = now.mono_ms;
+        if self.ready_spares(j, t).is_empty() {
+            return false;
+        }
+        let timeout = j.spec.failure.heartbeat_timeout_ms;
+        let soft = self.soft(&j.spec.name, t);
+        let gone: Vec<Rank> = soft
+            .ranks
+            .iter()
+            .filter(|(_, r)| r.conn.is_none() && r.silent(t, timeout, 0))
+            .map(|(k, _)| *k)
+            .collect();
+        let Some(&first) = gone.first() else { return false };
+        let takeovers = self.takeovers(j, &gone, t);
+        let cmd = Command::Restore {
+            job: j.spec.name.clone(),
+            generation: Generation(j.generation.0 + 1),
+            from: j.restored_from,
+            reason: RestoreReason::Disconnected,
+            detail: Some(format!("rank {first}, before the job started")),
+            now_ms: now.wall_ms,
+            takeovers,
+        };
+        self.propose(now, cmd, out);
+        true
+    }
+
+    /// Gives each rank the ledger assigned to a spare to that spare, once it
+    /// is connected here: it is told its rank, its connection becomes the
+    /// rank's, and the rank's previous process, if still connected, joins
+    /// the spares (it holds nothing of the new generation).
+    fn seat_takeovers(&mut self, j: &Job, t: u64, out: &mut Vec<Action>) {
+        let (name, g) = (j.spec.name.clone(), j.generation);
+        let hb = j.spec.failure.heartbeat_interval_ms;
+        let demoted = self.registered_reply(j, true);
+        let soft = self.soft(&name, t);
+        let mut moved = Vec::new();
+        for (&rank, &holder) in &j.holders {
+            if soft.ranks.get(&rank).is_some_and(|r| r.incarnation == Some(holder)) {
+                continue;
+            }
+            let Some(spare) = soft.spares.remove(&holder) else { continue };
+            if let Some(old) = soft.ranks.get(&rank) {
+                if let (Some(conn), Some(id)) = (old.conn, old.incarnation) {
+                    out.push(send(conn, demoted.clone()));
+                    soft.spares.insert(
+                        id,
+                        SpareSoft { conn, host: old.host.clone(), ready: false, last_seen: t, told: t },
+                    );
+                    moved.push((conn, Seat::Spare(id)));
+                }
+            }
+            // it reports `Spare` until it has taken the rank: the restore
+            // directive goes out with an `Assign` ahead of it until then
+            let mut entry = RankSoft::new(t, hb);
+            entry.conn = Some(spare.conn);
+            entry.incarnation = Some(holder);
+            entry.host = spare.host;
+            entry.report(None, Step(0), WorkerStatus::Spare, t);
+            soft.ranks.insert(rank, entry);
+            moved.push((spare.conn, Seat::Rank(rank)));
+            tracing::info!(job = %name, %rank, worker = %holder, generation = %g, "spare takes the rank");
+        }
+        for (conn, seat) in moved {
+            self.conns.insert(conn, (name.clone(), seat));
         }
     }
 
@@ -1174,6 +1511,24 @@ impl Supervisor {
     }
 }
 
+/// The worker holding each rank, as this leader knows them.
+fn holders(soft: &JobSoft) -> BTreeMap<Rank, Incarnation> {
+    soft.ranks.iter().filter_map(|(rank, r)| Some((*rank, r.incarnation?))).collect()
+}
+
+/// What a report is, for a refusal's words.
+fn report_name(msg: &WorkerMessage) -> &'static str {
+    match msg {
+        WorkerMessage::ShardSaved { .. } => "its shard report",
+        WorkerMessage::ShardFailed { .. } => "its shard failure",
+        WorkerMessage::Restored { .. } | WorkerMessage::RestoreFailed { .. } => "its restore report",
+        WorkerMessage::TrainerFailed { .. } => "its trainer failure",
+        WorkerMessage::Rendezvous { .. } => "its rendezvous",
+        WorkerMessage::Finished { .. } => "its final report",
+        _ => "its message",
+    }
+}
+
 /// Tells every rank that does not hold generation G's state yet to restore
 /// into it, with the rendezvous once rank 0 has offered one.
 fn direct_restores(j: &Job, soft: &mut JobSoft, t: u64, resend: u64, out: &mut Vec<Action>) {
@@ -1186,7 +1541,12 @@ fn direct_restores(j: &Job, soft: &mut JobSoft, t: u64, resend: u64, out: &mut V
                 from: restore_point(j, *rank),
                 rendezvous: rendezvous.clone(),
             };
+            let at = out.len();
             direct(r, Phase::Restore(g, rendezvous.is_some()), msg, t, resend, out);
+            // a spare seated on the rank that has not said it took it yet
+            if let Some(conn) = r.conn.filter(|_| out.len() > at && r.status == WorkerStatus::Spare) {
+                out.insert(at, send(conn, CoordinatorMessage::Assign { rank: *rank, generation: g }));
+            }
         }
     }
 }

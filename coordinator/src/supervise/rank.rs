@@ -24,6 +24,8 @@ pub(super) struct RankSoft {
     pub(super) conn: Option<ConnId>,
     /// The process, once heard from.
     pub(super) incarnation: Option<Incarnation>,
+    /// The host it runs on, as it said.
+    pub(super) host: Option<String>,
     /// The generation whose state it holds.
     pub(super) generation: Option<Generation>,
     pub(super) step: Step,
@@ -60,6 +62,7 @@ impl RankSoft {
             min_rate_ms: (heartbeat_interval_ms / 2).max(1),
             conn: None,
             incarnation: None,
+            host: None,
             generation: None,
             step: Step(0),
             status: WorkerStatus::Waiting,
@@ -130,6 +133,18 @@ impl RankSoft {
             (None, None) => 2 * timeout,
         };
         t > self.last_seen + allowance
+    }
+
+    /// A live process other than `incarnation` holds the rank: connected
+    /// and heard from within the heartbeat timeout.
+    pub(super) fn held_live_by_other(
+        &self,
+        incarnation: Incarnation,
+        t: u64,
+        timeout: u64,
+    ) -> Option<Incarnation> {
+        let holder = self.incarnation.filter(|h| *h != incarnation)?;
+        (self.conn.is_some() && t <= self.last_seen + timeout).then_some(holder)
     }
 
     /// Where it probably is now, extrapolated from its last report.
@@ -204,6 +219,8 @@ impl From<WorkerStatus> for RankState {
             WorkerStatus::Restoring => RankState::Restoring,
             WorkerStatus::Finished => RankState::Finished,
             WorkerStatus::Failed => RankState::Failed,
+            // never a rank's: a spare holds none
+            WorkerStatus::Spare | WorkerStatus::SpareStarting => RankState::Waiting,
         }
     }
 }
@@ -231,4 +248,8 @@ pub struct RankView {
     pub step: Step,
     /// Since this leader last heard from it (any message), in ms.
     pub heartbeat_age_ms: u64,
+    /// The worker process holding it (its incarnation), once heard from.
+    pub worker: Option<Incarnation>,
+    /// The host that worker runs on, as it said.
+    pub host: Option<String>,
 }

@@ -11,7 +11,7 @@ use super::{
     Action, CheckpointOutcome, ConnId, Now, Observation, ProposalKey, Registration, RequestId, Supervisor,
     SupervisorConfig,
 };
-use crate::api::WorkerView;
+use crate::api::{SpareStatus, WorkerView};
 use crate::ledger::Event;
 use crate::metrics::Metrics;
 use crate::raft::node::{NodeHandle, Role};
@@ -31,6 +31,7 @@ pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, JobView>>>);
 #[derive(Clone, Default)]
 struct JobView {
     workers: Vec<WorkerView>,
+    spares: Vec<SpareStatus>,
     /// The generation the job ran in, and since when.
     running_since: Option<(Generation, u64)>,
 }
@@ -43,6 +44,16 @@ impl WorkersView {
             .unwrap_or_else(|e| e.into_inner())
             .get(job)
             .map(|v| v.workers.clone())
+            .unwrap_or_default()
+    }
+
+    /// The spares of `job` as the supervisor last saw them.
+    pub fn spares(&self, job: &JobName) -> Vec<SpareStatus> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(job)
+            .map(|v| v.spares.clone())
             .unwrap_or_default()
     }
 
@@ -329,11 +340,18 @@ fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView, now: crat
                         state: r.state,
                         step: r.step,
                         heartbeat_age_ms: Some(r.heartbeat_age_ms),
+                        worker: r.worker,
+                        host: r.host,
                     })
+                    .collect();
+                let spares = s
+                    .spare_views(&j.spec.name)
+                    .into_iter()
+                    .map(|v| SpareStatus { worker: v.worker, host: v.host, state: v.state })
                     .collect();
                 let running_since =
                     s.running_since_ms(&j.spec.name, j.generation).map(|at| (j.generation, at));
-                (j.spec.name.clone(), JobView { workers, running_since })
+                (j.spec.name.clone(), JobView { workers, spares, running_since })
             })
             .collect()
     });

@@ -62,6 +62,10 @@ struct SimWorker {
     saved: BTreeMap<CheckpointId, WorkerMessage>,
     finished: Option<WorkerMessage>,
     inbox: VecDeque<CoordinatorMessage>,
+    /// Holds no rank (`rank` is meaningless until an `Assign`).
+    spare: bool,
+    /// Killed for good: never heard from again.
+    dead: bool,
 }
 
 impl SimWorker {
@@ -78,17 +82,30 @@ impl SimWorker {
             saved: BTreeMap::new(),
             finished: None,
             inbox: VecDeque::new(),
+            spare: false,
+            dead: false,
         }
+    }
+
+    fn new_spare(conn: ConnId, incarnation: u64) -> Self {
+        Self { spare: true, status: WorkerStatus::Spare, ..Self::new(u32::MAX, conn, incarnation) }
+    }
+
+    /// Drops any rank state and waits, ready, for a rank.
+    fn become_spare(&mut self) {
+        *self =
+            Self { inbox: std::mem::take(&mut self.inbox), ..Self::new_spare(self.conn, self.incarnation) };
     }
 
     fn registration(&self) -> Registration {
         Registration {
             conn: self.conn,
             job: name(),
-            rank: Rank(self.rank),
+            rank: (!self.spare).then_some(Rank(self.rank)),
             incarnation: Incarnation(self.incarnation),
             generation: self.generation,
             step: Step(self.step),
+            host: Some(format!("host-{}", self.incarnation)),
         }
     }
 
@@ -115,7 +132,31 @@ impl SimWorker {
 
     /// Carries out one directive the way the real worker does (idempotently).
     fn handle(&mut self, msg: CoordinatorMessage) -> Vec<WorkerMessage> {
+        if self.spare && !matches!(msg, CoordinatorMessage::Assign { .. } | CoordinatorMessage::Stop { .. }) {
+            // a spare holds no rank: a rank's directive is none of its
+            // business (one whose `Assign` was lost is told again with it)
+            if let CoordinatorMessage::Error(e) = &msg {
+                assert_ne!(e.code, ErrorCode::Fenced, "a healthy spare was fenced: {}", e.message);
+            }
+            return vec![];
+        }
         match msg {
+            CoordinatorMessage::Assign { rank, .. } => {
+                if !self.spare {
+                    // said again (it was sent before this worker's heartbeat said it took it)
+                    assert_eq!(self.rank, rank.0, "a rank was assigned to a worker holding another");
+                    return vec![];
+                }
+                self.spare = false;
+                self.rank = rank.0;
+                self.value = init_value(rank.0);
+                self.status = WorkerStatus::Waiting;
+                vec![]
+            }
+            CoordinatorMessage::Registered { spare: true, .. } => {
+                self.become_spare();
+                vec![]
+            }
             CoordinatorMessage::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {
                     return if self.status == WorkerStatus::Waiting {
@@ -359,7 +400,9 @@ impl World {
 
     fn register_all(&mut self) {
         for i in 0..self.workers.len() {
-            self.register(i);
+            if !self.workers[i].dead {
+                self.register(i);
+            }
         }
     }
 
@@ -374,13 +417,16 @@ impl World {
 
     fn deliver_all(&mut self) {
         for i in 0..self.workers.len() {
-            while !self.workers[i].inbox.is_empty() {
+            while !self.workers[i].dead && !self.workers[i].inbox.is_empty() {
                 self.deliver_one(i);
             }
         }
     }
 
     fn heartbeat(&mut self, i: usize) {
+        if self.workers[i].dead {
+            return;
+        }
         let hb = self.workers[i].heartbeat();
         self.send(i, hb);
     }
@@ -395,6 +441,9 @@ impl World {
     }
 
     fn train(&mut self, i: usize) {
+        if self.workers[i].dead {
+            return;
+        }
         for msg in self.workers[i].train() {
             self.send(i, msg);
         }
@@ -429,13 +478,48 @@ impl World {
         self.register_all();
     }
 
-    /// Rank `i`'s process dies and a new one starts.
+    /// Worker `i`'s process dies and a new one starts (a spare as a spare;
+    /// a worker killed for good stays dead).
     fn restart(&mut self, i: usize) {
+        if self.workers[i].dead {
+            return;
+        }
         let old = self.workers[i].conn;
         self.observe(Observation::Disconnected { conn: old });
         let (conn, inc) = (self.conn(), self.incarnation());
-        self.workers[i] = SimWorker::new(self.workers[i].rank, conn, inc);
+        self.workers[i] = if self.workers[i].spare {
+            SimWorker::new_spare(conn, inc)
+        } else {
+            SimWorker::new(self.workers[i].rank, conn, inc)
+        };
         self.register(i);
+    }
+
+    /// Worker `i`'s process is SIGKILLed and never comes back.
+    fn kill(&mut self, i: usize) {
+        let old = self.workers[i].conn;
+        self.observe(Observation::Disconnected { conn: old });
+        self.workers[i].dead = true;
+        self.workers[i].conn = 0;
+        self.workers[i].inbox.clear();
+    }
+
+    /// A spare worker starts and registers; its index.
+    fn add_spare(&mut self) -> usize {
+        let (conn, inc) = (self.conn(), self.incarnation());
+        self.workers.push(SimWorker::new_spare(conn, inc));
+        let i = self.workers.len() - 1;
+        self.register(i);
+        i
+    }
+
+    /// The mapping the ranks' processes make now (for the expected `StartJob`).
+    fn holders(&self) -> BTreeMap<Rank, Incarnation> {
+        self.workers
+            .iter()
+            .filter(|w| !w.dead && !w.spare)
+            .map(|w| (Rank(w.rank), Incarnation(w.incarnation)))
+            .collect()
     }
 
     /// `n` periods of `ms` pass in which only ranks `live` heartbeat, each
@@ -468,10 +552,16 @@ impl World {
             self.round();
         }
         panic!(
-            "not converged after {max} rounds: job {:?} gen {} workers {:?} proposals {:?}",
+            "not converged after {max} rounds: job {:?} gen {} holders {:?} spares {:?} ranks {:?} workers (rank, incarnation, spare, dead, generation, step, status) {:?} proposals {:?}",
             self.job().state,
             self.job().generation,
-            self.workers.iter().map(|w| (w.generation, w.step, w.status)).collect::<Vec<_>>(),
+            self.job().holders,
+            self.sup.spare_views(&name()),
+            self.sup.rank_views(&name(), self.job().generation, self.t()),
+            self.workers
+                .iter()
+                .map(|w| (w.rank, w.incarnation, w.spare, w.dead, w.generation, w.step, w.status))
+                .collect::<Vec<_>>(),
             self.proposals
         );
     }
@@ -491,7 +581,8 @@ impl World {
     fn running(&mut self) {
         self.register_all();
         self.until(50, |w| {
-            w.job().state == JobState::Running && w.workers.iter().all(|x| x.status == WorkerStatus::Running)
+            w.job().state == JobState::Running
+                && w.workers.iter().filter(|x| !x.spare).all(|x| x.status == WorkerStatus::Running)
         });
     }
 }
@@ -508,7 +599,10 @@ fn a_job_starts_once_every_rank_holds_fresh_state() {
     assert!(w.proposals.is_empty(), "one rank of two starts nothing");
     w.register(1);
     w.deliver_all();
-    assert_eq!(w.proposals, vec![Command::StartJob { job: name(), generation: Generation(1) }]);
+    assert_eq!(
+        w.proposals,
+        vec![Command::StartJob { job: name(), generation: Generation(1), holders: w.holders() }]
+    );
     w.apply_all();
     assert_eq!(w.job().state, JobState::Running);
     assert!(w
@@ -565,7 +659,10 @@ fn a_proposal_that_times_out_is_made_again_and_one_answered_is_not_repeated() {
     w.idle(10, 100, &[0, 1]);
     assert!(w.proposals.is_empty());
     w.idle(SupervisorConfig::default().proposal_retry_ms / 100, 100, &[0, 1]);
-    assert_eq!(w.proposals, vec![Command::StartJob { job: name(), generation: Generation(1) }]);
+    assert_eq!(
+        w.proposals,
+        vec![Command::StartJob { job: name(), generation: Generation(1), holders: w.holders() }]
+    );
     // a refused (or failed) proposal is answered: made again at once
     w.drop_one();
     assert_eq!(w.proposals.len(), 1);
@@ -687,18 +784,158 @@ fn a_resumed_zombie_never_displaces_the_newer_process() {
     let zombie = w.workers[1].clone();
     w.restart(1);
     w.apply_all();
-    // the zombie (older incarnation) wakes up and registers again
+    // the zombie (older incarnation) wakes up and registers again: it is
+    // healthy, so it joins as a spare, holding nothing of rank 1
     let zconn = w.conn();
     let reg = Registration { conn: zconn, ..zombie.registration() };
     let out = w.sup.observe(&w.st, w.t(), Observation::Registered(reg));
     assert!(
-        matches!(&out[..], [Action::Send { conn, msg: CoordinatorMessage::Error(e) }, Action::Close { conn: c2 }]
-            if *conn == zconn && *c2 == zconn && e.code == ErrorCode::Fenced),
+        matches!(&out[..], [Action::Send { conn, msg: CoordinatorMessage::Registered { spare: true, .. } }]
+            if *conn == zconn),
         "{out:?}"
     );
+    let spares = w.sup.spare_views(&name());
+    assert_eq!(spares.iter().map(|s| s.worker).collect::<Vec<_>>(), vec![Incarnation(zombie.incarnation)]);
     // the newer process is untouched and the job completes its restore
     w.until(50, |w| w.job().state == JobState::Running);
     assert_eq!(w.job().generation, Generation(2));
+    assert_eq!(w.job().holders[&Rank(1)], Incarnation(w.workers[1].incarnation));
+}
+
+/// A job of `world` ranks with `spares` ready spares, running past its
+/// first commit; the spares' indices.
+fn running_with_spares(world: u32, spares: usize) -> (World, Vec<usize>) {
+    let mut w = World::new(world);
+    let ids: Vec<usize> = (0..spares).map(|_| w.add_spare()).collect();
+    w.running();
+    w.until(200, |w| w.job().latest_committed().is_some());
+    (w, ids)
+}
+
+/// The takeovers of the queued restore, if one is queued.
+fn queued_takeovers(w: &World) -> Option<Vec<Takeover>> {
+    w.proposals.iter().find_map(|p| match p {
+        Command::Restore { takeovers, .. } => Some(takeovers.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_ready_spare_takes_a_killed_rank_at_once_and_the_job_ends_as_without_failure() {
+    let (mut w, spares) = running_with_spares(3, 1);
+    let spare = Incarnation(w.workers[spares[0]].incarnation);
+    assert_eq!(w.sup.spare_views(&name())[0].state, SpareState::Ready);
+    let before = w.job().latest_committed().unwrap().id;
+    w.kill(1);
+    // the tick after the connection closed: no grace, no heartbeat timeout
+    w.now += 1;
+    w.tick();
+    assert_eq!(queued_takeovers(&w), Some(vec![Takeover { rank: Rank(1), worker: spare }]));
+    assert!(w.restore_proposed(RestoreReason::Disconnected));
+    w.apply_all();
+    assert_eq!(w.job().holders.get(&Rank(1)), Some(&spare), "the ledger maps rank 1 to the spare");
+    w.tick();
+    // the spare is told its rank, then to restore it from the latest commit
+    let inbox: Vec<_> = w.sends_to(spares[0]).iter().cloned().collect();
+    assert!(
+        matches!(inbox[..], [.., CoordinatorMessage::Assign { rank: Rank(1), .. }, CoordinatorMessage::Restore { from: Some(ref p), .. }]
+        if p.checkpoint == before && p.shard.rank == Rank(1)),
+        "{inbox:?}"
+    );
+    w.until(2_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest, Some(reference_digest(3)));
+    assert_eq!(w.job().generation, Generation(2), "one restore");
+    assert!(w.sup.spare_views(&name()).is_empty(), "the spare holds a rank now");
+}
+
+#[test]
+fn two_failures_with_one_spare_give_it_one_rank_and_the_other_waits_for_its_process() {
+    let (mut w, spares) = running_with_spares(3, 1);
+    let spare = Incarnation(w.workers[spares[0]].incarnation);
+    w.kill(0);
+    w.kill(2);
+    w.now += 1;
+    w.tick();
+    assert_eq!(queued_takeovers(&w), Some(vec![Takeover { rank: Rank(0), worker: spare }]));
+    w.apply_all();
+    // rank 2's process is replaced (no spare is left for it)
+    let (conn, inc) = (w.conn(), w.incarnation());
+    w.workers.push(SimWorker::new(2, conn, inc));
+    let last = w.workers.len() - 1;
+    w.register(last);
+    w.until(3_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest, Some(reference_digest(3)));
+    assert_eq!(w.job().holders[&Rank(0)], spare);
+    assert_eq!(w.job().holders[&Rank(2)], Incarnation(inc));
+}
+
+#[test]
+fn a_spare_that_dies_while_taking_over_hands_the_rank_to_the_next() {
+    let (mut w, spares) = running_with_spares(2, 2);
+    let (first, second) =
+        (Incarnation(w.workers[spares[0]].incarnation), Incarnation(w.workers[spares[1]].incarnation));
+    w.kill(1);
+    w.now += 1;
+    w.tick();
+    assert_eq!(queued_takeovers(&w), Some(vec![Takeover { rank: Rank(1), worker: first }]));
+    w.apply_all();
+    w.tick();
+    assert!(w.sends_to(spares[0]).iter().any(|m| matches!(m, CoordinatorMessage::Assign { .. })));
+    // it dies before it restored
+    w.kill(spares[0]);
+    w.now += 1;
+    w.tick();
+    assert_eq!(queued_takeovers(&w), Some(vec![Takeover { rank: Rank(1), worker: second }]));
+    w.until(3_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest, Some(reference_digest(2)));
+    assert_eq!(w.job().holders[&Rank(1)], second);
+}
+
+#[test]
+fn a_new_leader_mid_takeover_seats_the_spare_the_ledger_names() {
+    let (mut w, spares) = running_with_spares(2, 2);
+    w.kill(1);
+    w.now += 1;
+    w.tick();
+    let chosen = queued_takeovers(&w).unwrap()[0].worker;
+    // applied, but the leader is gone before it heard so or told the spare
+    w.apply_one(false);
+    w.leader_change();
+    w.until(3_000, |w| w.job().state == JobState::Running);
+    assert_eq!(w.job().generation, Generation(2), "the new leader finished the takeover, no second restore");
+    assert_eq!(w.job().holders[&Rank(1)], chosen);
+    let other = spares.iter().map(|i| Incarnation(w.workers[*i].incarnation)).find(|id| *id != chosen);
+    let left: Vec<Incarnation> = w.sup.spare_views(&name()).iter().map(|s| s.worker).collect();
+    assert_eq!(left, other.into_iter().collect::<Vec<_>>(), "the other spare is still a spare");
+    w.until(3_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest, Some(reference_digest(2)));
+    assert!(w.sup.spare_views(&name()).is_empty(), "a job that ended stopped its spares");
+}
+
+#[test]
+fn the_old_worker_coming_back_joins_as_a_spare_and_touches_nothing() {
+    let (mut w, spares) = running_with_spares(2, 1);
+    let spare = Incarnation(w.workers[spares[0]].incarnation);
+    let old = Incarnation(w.workers[1].incarnation);
+    // rank 1's connection drops and it stays away (a partition): its process lives on
+    w.kill(1);
+    w.now += 1;
+    w.tick();
+    w.until(200, |w| w.job().state == JobState::Running && w.job().generation == Generation(2));
+    // it comes back, still holding generation 1's state, and registers for rank 1
+    w.workers[1].dead = false;
+    w.workers[1].conn = w.conn();
+    w.register(1);
+    w.deliver_all();
+    assert!(w.workers[1].spare, "it was told it holds no rank");
+    let views = w.sup.spare_views(&name());
+    assert_eq!(views.iter().map(|s| s.worker).collect::<Vec<_>>(), vec![old]);
+    // its late report of generation 1 is stale, not counted
+    let late = WorkerMessage::Finished { generation: Generation(1), step: Step(3), digest: "00".into() };
+    w.send(1, late);
+    w.until(3_000, |w| w.job().state == JobState::Succeeded);
+    assert_eq!(w.job().final_digest, Some(reference_digest(2)));
+    assert_eq!(w.job().holders[&Rank(1)], spare);
 }
 
 #[test]
@@ -888,6 +1125,7 @@ fn checkpoints_resume_at_the_next_boundary_after_a_restore() {
         reason: RestoreReason::Operator,
         detail: None,
         now_ms: w.now,
+        takeovers: Vec::new(),
     })
     .unwrap();
     assert_eq!(w.job().checkpoints[&c20].state, CheckpointState::Abandoned);
@@ -1009,6 +1247,8 @@ enum Chaos {
     Tick(u64),
     LeaderChange,
     Restart(usize),
+    /// SIGKILL, never restarted (a restarter that gives up).
+    KillForGood(usize),
 }
 
 fn chaos(world: usize) -> impl Strategy<Value = Chaos> {
@@ -1023,8 +1263,12 @@ fn chaos(world: usize) -> impl Strategy<Value = Chaos> {
         3 => (1u64..1_500).prop_map(Chaos::Tick),
         1 => Just(Chaos::LeaderChange),
         1 => (0..world).prop_map(Chaos::Restart),
+        1 => (0..world).prop_map(Chaos::KillForGood),
     ]
 }
+
+/// Spares in the property test (also how many workers it kills for good).
+const SPARES: usize = 2;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
@@ -1035,10 +1279,13 @@ proptest! {
     /// checkpoint is ever un-committed except by a condemnation.
     #[test]
     fn any_interleaving_reaches_the_same_fixed_point(
-        schedule in proptest::collection::vec(chaos(3), 1..300)
+        schedule in proptest::collection::vec(chaos(3 + SPARES), 1..300)
     ) {
         let mut w = World::new(3);
         w.register_all();
+        for _ in 0..SPARES {
+            w.add_spare();
+        }
         let mut committed: BTreeSet<CheckpointId> = BTreeSet::new();
         for step in schedule {
             match step {
@@ -1052,6 +1299,13 @@ proptest! {
                 Chaos::Tick(ms) => { w.now += ms; w.tick(); }
                 Chaos::LeaderChange => w.leader_change(),
                 Chaos::Restart(i) => w.restart(i),
+                // as many workers die for good as there are spares, at most:
+                // the job always has a process for every rank
+                Chaos::KillForGood(i) => {
+                    if w.workers.iter().filter(|x| x.dead).count() < SPARES {
+                        w.kill(i);
+                    }
+                }
             }
             for c in w.job().checkpoints.values() {
                 if c.state == CheckpointState::Committed {

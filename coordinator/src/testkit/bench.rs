@@ -224,11 +224,12 @@ fn sim_register(
     use flotilla_shared::ids::{Incarnation, Rank, Step};
     flotilla_shared::wire::WorkerMessage::Register {
         job: job.clone(),
-        rank: Rank(rank),
+        rank: Some(Rank(rank)),
         incarnation: Incarnation(incarnation),
         http_addr: None,
         generation: None,
         step: Step(0),
+        host: None,
     }
 }
 

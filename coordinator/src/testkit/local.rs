@@ -315,7 +315,9 @@ pub fn signal(pid: u32, signal: &str) -> io::Result<()> {
     }
 }
 
-/// The workers of one job, as real `flotilla worker` processes.
+/// The workers of one job, as real `flotilla worker` processes: slot `r`
+/// below the world size runs `--rank r`; slots above it are spares
+/// ([`LocalWorkers::spawn_spare`]).
 pub struct LocalWorkers {
     bin: PathBuf,
     dir: PathBuf,
@@ -362,10 +364,26 @@ impl LocalWorkers {
 
     /// Starts (or restarts) `rank` with extra environment variables.
     pub fn spawn(&mut self, rank: u32, env: &[(&str, &str)]) -> io::Result<()> {
+        self.start(rank, &["--rank", &rank.to_string()], env)
+    }
+
+    /// Starts a spare (`--spare`) in a new slot; returns the slot (kill it,
+    /// ask its pid or HTTP address by it). Its log is `worker-<slot>.log`.
+    pub fn spawn_spare(&mut self, env: &[(&str, &str)]) -> io::Result<u32> {
+        let slot = self.children.len() as u32;
+        self.children.push(None);
+        self.http_addrs.push(format!("127.0.0.1:{}", free_port()?));
+        self.start(slot, &["--spare", "--host", &format!("spare-host-{slot}")], env)?;
+        Ok(slot)
+    }
+
+    fn start(&mut self, slot: u32, seat: &[&str], env: &[(&str, &str)]) -> io::Result<()> {
+        let rank = slot;
         let log = File::options().create(true).append(true).open(self.log(rank))?;
         let mut cmd = Command::new(&self.bin);
         cmd.arg("worker")
-            .args(["--coordinators", &self.coordinators, "--job", &self.job, "--rank", &rank.to_string()])
+            .args(["--coordinators", &self.coordinators, "--job", &self.job])
+            .args(seat)
             .args(["--http-addr", &self.http_addrs[rank as usize]])
             .env("RUST_LOG", &self.log_filter)
             .env_remove(crate::testkit::local::FREE_BYTES_ENV)

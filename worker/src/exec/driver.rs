@@ -612,6 +612,8 @@ impl Shell for ExecRunner {
                 None => {}
             },
             Effect::Exit => return ControlFlow::Break(()),
+            // the process starts with the generation, as this rank
+            Effect::Assigned(rank) => self.rank = rank,
             // the process restores itself, asking for its shard
             Effect::Restore { .. } => {}
         }

@@ -17,10 +17,10 @@ impl Inputs {
     /// A rank registered on `conn` (`msg` is its `Register`); false when
     /// the supervisor is gone.
     pub(super) async fn register(&self, conn: ConnId, tx: &Outbox, msg: WorkerMessage) -> bool {
-        let WorkerMessage::Register { job, rank, incarnation, generation, step, .. } = msg else {
+        let WorkerMessage::Register { job, rank, incarnation, generation, step, host, .. } = msg else {
             return true;
         };
-        let registration = Registration { conn, job, rank, incarnation, generation, step };
+        let registration = Registration { conn, job, rank, incarnation, generation, step, host };
         self.0.send(SupervisorInput::Connected { conn, tx: tx.clone() }).await.is_ok()
             && self.0.send(SupervisorInput::Observe(Observation::Registered(registration))).await.is_ok()
     }

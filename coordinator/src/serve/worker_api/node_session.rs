@@ -96,7 +96,16 @@ pub(super) async fn serve_node(
         let mut malformed = false;
         for ForRank { rank, msg } in items {
             match msg {
-                msg @ WorkerMessage::Register { rank, .. } => {
+                WorkerMessage::Register { rank: None, .. } => {
+                    let message =
+                        "a spare registers with the coordinators directly (flotilla worker --spare \
+                                   --coordinators ...), not through a node agent"
+                            .to_string();
+                    let msg =
+                        CoordinatorMessage::Error(ErrorReply { code: ErrorCode::InvalidRequest, message });
+                    refused.push(ForRank { rank, msg });
+                }
+                msg @ WorkerMessage::Register { .. } => {
                     // a rank registering again (its process restarted) gets a
                     // new id; the supervisor closes the old one
                     let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
