@@ -7,6 +7,7 @@ use flotilla_coordinator::api::{JobStatus, StepSource};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::ledger::{JobEventKind, JobState};
 use flotilla_coordinator::raft::node::Role;
+use flotilla_coordinator::supervise::{RecoveryView, SpareState};
 use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::Generation;
 use flotilla_shared::spec::JobSpec;
@@ -49,6 +50,35 @@ pub struct DemoArgs {
     /// restore reads every shard from the disk.
     #[arg(long)]
     cold_restore: bool,
+    /// Hot spares (SPEC §11): with one or more, the killed worker is never
+    /// restarted and a spare takes its rank over.
+    #[arg(long, default_value_t = 0)]
+    spares: u32,
+}
+
+/// The phases of the restore after the worker kill, each as a duration
+/// from the previous one ("?" where the leader that finished it did not see
+/// it start: a failover in between).
+struct Phases {
+    detect: String,
+    committed: String,
+    restored: String,
+    training: String,
+}
+
+impl Phases {
+    fn new(killed_ms: u64, r: &RecoveryView) -> Self {
+        let span = |from: Option<u64>, to: Option<u64>| match (from, to) {
+            (Some(a), Some(b)) => format!("{} ms", b.saturating_sub(a)),
+            _ => "?".into(),
+        };
+        Self {
+            detect: span(Some(killed_ms), r.decided_ms),
+            committed: span(r.decided_ms, r.committed_ms),
+            restored: span(r.committed_ms, r.restored_ms),
+            training: span(r.restored_ms, Some(r.running_ms)),
+        }
+    }
 }
 
 struct Progress {
@@ -117,11 +147,12 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let root = dir.join("checkpoints");
     let spec_text = format!(
         "name = \"demo\"\nworld_size = {}\n\n[checkpoint]\nevery_steps = {}\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n\n\
-         [failure]\nheartbeat_interval_ms = 250\nheartbeat_timeout_ms = 1500\nmax_restarts = 10\n\n\
+         [failure]\nheartbeat_interval_ms = 250\nheartbeat_timeout_ms = 1500\nmax_restarts = 10\nspares = {}\n\n\
          [trainer]\ntotal_steps = {}\nparams_per_rank_bytes = {}\nlayers = 4\nstep_time_ms = 5\nseed = 42\n",
         args.workers,
         args.every_steps,
         root.display(),
+        args.spares,
         args.steps,
         args.params_per_rank_bytes
     );
@@ -152,7 +183,14 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     for rank in 0..args.workers {
         workers.spawn(rank, &[])?;
     }
-    println!("cluster up: leader is coordinator {leader}; job submitted; {} workers started", args.workers);
+    for _ in 0..args.spares {
+        workers.spawn_spare(&[])?;
+    }
+    println!(
+        "cluster up: leader is coordinator {leader}; job submitted; {} workers and {} started",
+        args.workers,
+        count(args.spares.into(), "spare")
+    );
 
     let mut progress = Progress { tty: std::io::stdout().is_terminal(), last_line: Instant::now() };
     let mut failures = 0;
@@ -160,6 +198,8 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let mut killed_worker: Option<(u64, u64)> = None;
     let mut recovery: Option<Duration> = None;
     let mut seen_after: Option<u64> = None;
+    let mut phases: Option<Phases> = None;
+    let mut holders: Option<String> = None;
     let mut leader_killed = false;
     let deadline = Instant::now() + Duration::from_secs(600);
     let job = loop {
@@ -194,6 +234,18 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                     .iter()
                     .find(|e| matches!(e.kind, Some(JobEventKind::Restore { generation, .. }) if generation == next))
                     .map(|e| e.at_ms.saturating_sub(killed_wall_ms));
+                phases = job
+                    .last_recovery
+                    .filter(|r| r.generation == job.generation)
+                    .map(|r| Phases::new(killed_wall_ms, &r));
+                if args.spares > 0 {
+                    let on: Vec<String> = job
+                        .workers
+                        .iter()
+                        .map(|w| format!("rank {}: {}", w.rank, w.host.as_deref().unwrap_or("?")))
+                        .collect();
+                    holders = Some(on.join(", "));
+                }
                 progress.say(&format!(
                     "all ranks training again in generation {} from {} after {:.2} s",
                     job.generation,
@@ -203,10 +255,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
                 ));
             }
         }
+        // with spares, the kill waits for every spare to be ready: the
+        // demo shows a takeover, not a race with a spare still starting
+        let spares_ready =
+            job.spares.iter().filter(|s| s.state == SpareState::Ready).count() >= args.spares as usize;
         if kill_worker_at > 0
             && killed_worker.is_none()
             && job.state == JobState::Running
             && job.step.0 >= kill_worker_at
+            && spares_ready
         {
             let rank = 1 % args.workers;
             if args.cold_restore {
@@ -216,8 +273,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             failures += 1;
             let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             killed_worker = Some((now_ms, job.generation.0));
-            progress.say(&format!("step {}: SIGKILL worker rank {rank}; restarting it", job.step));
-            workers.spawn(rank, &[])?;
+            if args.spares == 0 {
+                progress.say(&format!("step {}: SIGKILL worker rank {rank}; restarting it", job.step));
+                workers.spawn(rank, &[])?;
+            } else {
+                progress.say(&format!(
+                    "step {}: SIGKILL worker rank {rank} for good; a spare takes its rank",
+                    job.step
+                ));
+            }
         }
         if let Some(at) = args.kill_leader_at {
             if !leader_killed && job.step.0 >= at {
@@ -255,6 +319,15 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
             seen_after.map_or(String::new(), |ms| format!(" (the leader saw the failure after {ms} ms)"))
         ))
     );
+    if let Some(p) = phases {
+        println!("  detect:                {}", p.detect);
+        println!("  restore committed:     {}", p.committed);
+        println!("  shards restored:       {}", p.restored);
+        println!("  training:              {}", p.training);
+    }
+    if let Some(h) = &holders {
+        println!("after it, ranks live on: {h}");
+    }
     println!("final digest:            {}", job.final_digest.as_deref().unwrap_or("none"));
     println!("failure-free reference:  {reference}");
     println!(

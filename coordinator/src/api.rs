@@ -2,7 +2,7 @@
 
 use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, JobState, State};
 use crate::raft::replica::{NodeStatus, Role};
-use crate::supervise::{RankState, SpareState};
+use crate::supervise::{RankState, RecoveryView, SpareState};
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
 use serde::{Deserialize, Serialize};
 
@@ -112,6 +112,10 @@ pub struct JobStatus {
     /// generation (ms since the epoch), i.e. when a restore ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running_since_ms: Option<u64>,
+    /// The phases of the last restore, as the leader that saw it through
+    /// measured them (the leader's view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<RecoveryView>,
     /// The latest notable events (restores and why, condemned checkpoints,
     /// operator actions), oldest first.
     #[serde(default)]
@@ -290,6 +294,7 @@ impl JobStatus {
             workers: Vec::new(),
             spares: Vec::new(),
             running_since_ms: None,
+            last_recovery: None,
             events: job.events.clone(),
             final_digest: job.final_digest.clone(),
             error: job.error.clone(),

@@ -146,6 +146,7 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
     for j in &mut status.jobs {
         j.workers = s.workers.get(&j.name);
         j.spares = s.workers.spares(&j.name);
+        j.last_recovery = s.workers.last_recovery(&j.name);
         // the view follows the ledger by up to a tick: only a job running
         // in that same generation has it
         j.running_since_ms =

@@ -358,6 +358,25 @@ struct JobSoft {
     running_since_wall: Option<(Generation, u64)>,
     /// Workers registered without a rank, by id.
     spares: BTreeMap<Incarnation, SpareSoft>,
+    /// The phases of the last restore this leader saw through.
+    last_recovery: Option<RecoveryView>,
+}
+
+/// When the phases of a job's last restore happened (ms since the epoch,
+/// on the leader's clock), as the leader that saw it through measured them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecoveryView {
+    /// The generation it restored into.
+    pub generation: Generation,
+    /// The failure was seen and the restore decided (`None`: another
+    /// leader decided it).
+    pub decided_ms: Option<u64>,
+    /// The restore was seen committed and its directives went out.
+    pub committed_ms: Option<u64>,
+    /// The last rank said its state was restored (its shard fetched and loaded).
+    pub restored_ms: Option<u64>,
+    /// Every rank trains again.
+    pub running_ms: u64,
 }
 
 /// When the phases of one restore happened, on this leader's monotonic
@@ -479,6 +498,7 @@ impl Supervisor {
             recovery: None,
             running_since_wall: None,
             spares: BTreeMap::new(),
+            last_recovery: None,
         })
     }
 
@@ -510,6 +530,11 @@ impl Supervisor {
                 host: r.host.clone(),
             })
             .collect()
+    }
+
+    /// The phases of `job`'s last restore this leader saw through.
+    pub fn last_recovery(&self, job: &JobName) -> Option<RecoveryView> {
+        self.jobs.get(job)?.last_recovery
     }
 
     /// The spares of `job` (for status and metrics).
@@ -1173,6 +1198,14 @@ impl Supervisor {
                 let seconds = t.saturating_sub(decided) as f64 / 1e3;
                 out.push(Action::Recovered { job: name.clone(), seconds });
             }
+            let wall = |mono: u64| now.wall_ms.saturating_sub(t.saturating_sub(mono));
+            soft.last_recovery = Some(RecoveryView {
+                generation: g,
+                decided_ms: rec.decided.map(wall),
+                committed_ms: rec.committed.map(wall),
+                restored_ms: rec.last_restored.map(|(_, at)| wall(at)),
+                running_ms: now.wall_ms,
+            });
         }
         let failed = self.failed_ranks(j, t);
         if let Some(&(rank, reason)) = failed.first() {

@@ -8,8 +8,8 @@
 use super::files::Files;
 use super::input::{Outbox, SupervisorInput};
 use super::{
-    Action, CheckpointOutcome, ConnId, Now, Observation, ProposalKey, Registration, RequestId, Supervisor,
-    SupervisorConfig,
+    Action, CheckpointOutcome, ConnId, Now, Observation, ProposalKey, RecoveryView, Registration, RequestId,
+    Supervisor, SupervisorConfig,
 };
 use crate::api::{SpareStatus, WorkerView};
 use crate::ledger::Event;
@@ -32,6 +32,7 @@ pub struct WorkersView(Arc<RwLock<BTreeMap<JobName, JobView>>>);
 struct JobView {
     workers: Vec<WorkerView>,
     spares: Vec<SpareStatus>,
+    recovery: Option<RecoveryView>,
     /// The generation the job ran in, and since when.
     running_since: Option<(Generation, u64)>,
 }
@@ -55,6 +56,11 @@ impl WorkersView {
             .get(job)
             .map(|v| v.spares.clone())
             .unwrap_or_default()
+    }
+
+    /// The phases of `job`'s last restore, as the supervisor measured them.
+    pub fn last_recovery(&self, job: &JobName) -> Option<RecoveryView> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(job)?.recovery
     }
 
     /// When the supervisor first saw `job` running in `generation` (ms
@@ -351,7 +357,8 @@ fn publish_view(node: &NodeHandle, s: &Supervisor, view: &WorkersView, now: crat
                     .collect();
                 let running_since =
                     s.running_since_ms(&j.spec.name, j.generation).map(|at| (j.generation, at));
-                (j.spec.name.clone(), JobView { workers, spares, running_since })
+                let recovery = s.last_recovery(&j.spec.name);
+                (j.spec.name.clone(), JobView { workers, spares, recovery, running_since })
             })
             .collect()
     });
