@@ -30,6 +30,7 @@ use common::BIN;
 use flotilla_coordinator::api::{ClusterStatus, JobStatus};
 use flotilla_coordinator::client::{Client, ClientError};
 use flotilla_coordinator::raft::node::Role;
+use flotilla_coordinator::supervise::SpareState;
 use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::shard::read_header;
@@ -48,6 +49,9 @@ use tokio::task::JoinHandle;
 
 const JOB: &str = "chaos";
 const WORLD: u32 = 4;
+/// Hot spares started with the job; one more starts after each worker the
+/// test kills for good, as a cluster's scheduler would replace a lost host.
+const SPARES: u32 = 1;
 const COORDINATORS: usize = 3;
 /// The first fault lands once the job is at this step (a few checkpoints in).
 const FIRST_FAULT_STEP: u64 = 200;
@@ -81,6 +85,7 @@ const FINISHED_GRACE: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     KillWorker,
+    KillWorkerForGood,
     StopWorker,
     KillLeader,
     KillFollower,
@@ -92,8 +97,9 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 9] = [
+    const ALL: [Kind; 10] = [
         Kind::KillWorker,
+        Kind::KillWorkerForGood,
         Kind::StopWorker,
         Kind::KillLeader,
         Kind::KillFollower,
@@ -107,6 +113,7 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::KillWorker => "kill-worker",
+            Kind::KillWorkerForGood => "kill-worker-for-good",
             Kind::StopWorker => "stop-worker",
             Kind::KillLeader => "kill-leader",
             Kind::KillFollower => "kill-follower",
@@ -388,7 +395,7 @@ impl fmt::Display for Proc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Proc::Coordinator(id) => write!(f, "coordinator {id}"),
-            Proc::Worker(rank) => write!(f, "worker {rank}"),
+            Proc::Worker(slot) => write!(f, "worker slot {slot}"),
         }
     }
 }
@@ -398,6 +405,8 @@ impl fmt::Display for Proc {
 enum Due {
     /// Start again a process the test killed.
     Restart(Proc),
+    /// Start a new spare (for a worker killed for good).
+    NewSpare,
     /// SIGCONT a process the test stopped (its pid).
     Cont(Proc, u32),
 }
@@ -454,6 +463,11 @@ struct Chaos {
 
     killed: BTreeSet<Proc>,
     stopped: BTreeSet<Proc>,
+    /// Worker processes are slots of `workers` (a rank's first, then the
+    /// spares); a rank moves between slots as spares take it over.
+    slots: u32,
+    /// Each live slot's worker id, as its own status says.
+    incarnations: BTreeMap<u32, u64>,
     pending: Vec<(Instant, Due)>,
     finished: BTreeMap<u32, (ExitStatus, Instant)>,
     op: Option<OpState>,
@@ -532,7 +546,7 @@ impl Chaos {
         let text = format!(
             "name = \"{JOB}\"\nworld_size = {WORLD}\n\n\
              [checkpoint]\nevery_steps = {EVERY_STEPS}\nkeep_last = {KEEP_LAST}\ntimeout_seconds = 10\nroot = \"{}\"\n\n\
-             [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\nmax_restarts = 100000\n\n\
+             [failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\nmax_restarts = 100000\nspares = {SPARES}\n\n\
              [trainer]\ntotal_steps = {total}\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 5\nseed = 7\n",
             root.display()
         );
@@ -546,7 +560,14 @@ impl Chaos {
         for rank in 0..WORLD {
             workers.spawn(rank, &[]).unwrap();
         }
-        println!("chaos: {} faults in {}; a job of {total} steps", cfg.faults, dir.path().display());
+        for _ in 0..SPARES {
+            workers.spawn_spare(&[]).unwrap();
+        }
+        println!(
+            "chaos: {} faults in {}; a job of {total} steps, {SPARES} spare(s)",
+            cfg.faults,
+            dir.path().display()
+        );
         Self {
             cfg,
             root,
@@ -563,6 +584,8 @@ impl Chaos {
             last_job: None,
             last_note: String::new(),
             killed: BTreeSet::new(),
+            slots: WORLD + SPARES,
+            incarnations: BTreeMap::new(),
             stopped: BTreeSet::new(),
             pending: Vec::new(),
             finished: BTreeMap::new(),
@@ -660,10 +683,25 @@ impl Chaos {
                     self.killed.remove(&p);
                     self.cluster.spawn(id).map_err(|e| format!("restart {p}: {e}"))
                 }
-                Due::Restart(p @ Proc::Worker(rank)) => {
+                Due::Restart(p @ Proc::Worker(slot)) => {
                     self.killed.remove(&p);
-                    self.workers.spawn(rank, &[]).map_err(|e| format!("restart {p}: {e}"))
+                    self.incarnations.remove(&slot);
+                    // a slot started as a spare comes back as one; a rank's
+                    // slot registers for its rank (a spare holding it by
+                    // now makes it a spare)
+                    if slot < WORLD {
+                        self.workers.spawn(slot, &[]).map_err(|e| format!("restart {p}: {e}"))
+                    } else {
+                        self.workers.respawn_spare(slot, &[]).map_err(|e| format!("restart {p}: {e}"))
+                    }
                 }
+                Due::NewSpare => match self.workers.spawn_spare(&[]) {
+                    Ok(slot) => {
+                        self.slots = self.slots.max(slot + 1);
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("start a new spare: {e}")),
+                },
                 Due::Cont(p, pid) => {
                     self.stopped.remove(&p);
                     self.step_at_cont = self.last_job.as_ref().map(|j| (j.generation.0, j.step.0));
@@ -836,10 +874,45 @@ impl Chaos {
         self.pending.push((Instant::now() + Duration::from_millis(after_ms), due));
     }
 
-    fn kill_worker(&mut self, rank: u32, restart_after_ms: u64) {
-        self.workers.kill(rank);
-        self.killed.insert(Proc::Worker(rank));
-        self.schedule(restart_after_ms, Due::Restart(Proc::Worker(rank)));
+    fn kill_worker(&mut self, slot: u32, restart_after_ms: u64) {
+        self.workers.kill(slot);
+        self.killed.insert(Proc::Worker(slot));
+        self.schedule(restart_after_ms, Due::Restart(Proc::Worker(slot)));
+    }
+
+    /// SIGKILLs the worker in `slot`, which never comes back; a new spare
+    /// starts after `new_spare_after_ms`.
+    fn kill_worker_for_good(&mut self, slot: u32, new_spare_after_ms: u64) {
+        self.workers.kill(slot);
+        self.incarnations.remove(&slot);
+        self.schedule(new_spare_after_ms, Due::NewSpare);
+    }
+
+    /// The slot of the worker holding `rank` in `job` (the leader's view),
+    /// matched by worker id against each live slot's own status.
+    async fn slot_of(&mut self, rank: u32, job: &JobStatus) -> u32 {
+        let Some(id) = job.workers.iter().find(|w| w.rank.0 == rank).and_then(|w| w.worker) else {
+            self.fail(format!("the status names no worker holding rank {rank}"));
+        };
+        for slot in 0..self.slots {
+            if self.workers.pid(slot).is_none() {
+                continue;
+            }
+            if !self.incarnations.contains_key(&slot) {
+                let url = format!("http://{}/v1/status", self.workers.http_addr(slot));
+                let got = match self.http.get(&url).send().await {
+                    Ok(r) => r.json::<serde_json::Value>().await.ok(),
+                    Err(_) => None,
+                };
+                if let Some(inc) = got.and_then(|v| v["incarnation"].as_u64()) {
+                    self.incarnations.insert(slot, inc);
+                }
+            }
+            if self.incarnations.get(&slot) == Some(&id.0) {
+                return slot;
+            }
+        }
+        self.fail(format!("no live worker process is worker {id}, which holds rank {rank}"))
     }
 
     fn kill_coordinator(&mut self, id: NodeId, restart_after_ms: u64) {
@@ -874,12 +947,25 @@ impl Chaos {
         let stopped = matches!(p.kind, Kind::StopWorker | Kind::StopLeader);
         let (new_generation, desc) = match p.kind {
             Kind::KillWorker => {
-                self.kill_worker(rank, p.restart_after_ms);
-                (true, format!("SIGKILL worker {rank}, restart after {} ms", p.restart_after_ms))
+                let slot = self.slot_of(rank, before).await;
+                self.kill_worker(slot, p.restart_after_ms);
+                (true, format!("SIGKILL rank {rank} (slot {slot}), restart after {} ms", p.restart_after_ms))
+            }
+            Kind::KillWorkerForGood => {
+                let slot = self.slot_of(rank, before).await;
+                self.kill_worker_for_good(slot, p.restart_after_ms);
+                (
+                    true,
+                    format!(
+                        "SIGKILL rank {rank} (slot {slot}) for good, a new spare after {} ms",
+                        p.restart_after_ms
+                    ),
+                )
             }
             Kind::StopWorker => {
-                self.stop(Proc::Worker(rank), p.hold_ms);
-                (false, format!("SIGSTOP worker {rank} for {} ms", p.hold_ms))
+                let slot = self.slot_of(rank, before).await;
+                self.stop(Proc::Worker(slot), p.hold_ms);
+                (false, format!("SIGSTOP rank {rank} (slot {slot}) for {} ms", p.hold_ms))
             }
             Kind::KillLeader => {
                 let leader = self.leader();
@@ -900,13 +986,14 @@ impl Chaos {
                 (false, format!("SIGSTOP leader {leader} for {} ms", p.hold_ms))
             }
             Kind::KillLeaderAndWorker => {
+                let slot = self.slot_of(rank, before).await;
                 let leader = self.leader();
                 self.kill_coordinator(leader, p.restart_after_ms);
-                self.kill_worker(rank, p.restart_after_ms);
+                self.kill_worker(slot, p.restart_after_ms);
                 (
                     true,
                     format!(
-                        "SIGKILL leader {leader} and worker {rank}, restart after {} ms",
+                        "SIGKILL leader {leader} and rank {rank} (slot {slot}), restart after {} ms",
                         p.restart_after_ms
                     ),
                 )
@@ -945,7 +1032,10 @@ impl Chaos {
                 };
                 (true, desc)
             }
-            Kind::CorruptLatest => return self.corrupt_latest(p, rank).await,
+            Kind::CorruptLatest => {
+                let slot = self.slot_of(rank, before).await;
+                return self.corrupt_latest(p, slot).await;
+            }
         };
         Expect { new_generation, stopped, desc }
     }
@@ -956,7 +1046,7 @@ impl Chaos {
     /// others go on.
     async fn corrupt_latest(&mut self, p: &Plan, victim: u32) -> Expect {
         let mut pids = Vec::new();
-        for rank in 0..WORLD {
+        for rank in 0..self.slots {
             if let Some(pid) = self.workers.pid(rank) {
                 if let Err(e) = signal(pid, "STOP") {
                     self.fail(format!("SIGSTOP worker {rank}: {e}"));
@@ -1122,11 +1212,14 @@ impl Chaos {
                     let checkpointed = j.checkpoints_committed > committed
                         || j.generation.0 != generation
                         || j.step.0 >= step + COMMIT_WAIT_STEPS;
+                    // a spare ready for a worker the fault may kill for good
+                    let spare = j.spares.iter().any(|s| s.state == SpareState::Ready);
                     Ok(c.pending.is_empty()
                         && c.op.is_none()
                         && j.state == "running"
                         && j.step.0 >= target
-                        && checkpointed)
+                        && checkpointed
+                        && spare)
                 },
             )
             .await;

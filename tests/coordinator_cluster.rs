@@ -10,6 +10,7 @@ use flotilla_coordinator::testkit::local::{LocalCluster, LocalOptions, LocalWork
 use flotilla_shared::frame::{client_handshake, HandshakeError, DEFAULT_MAX_FRAME};
 use flotilla_shared::ids::NodeId;
 use flotilla_shared::wire::{CoordinatorMessage, PeerRole, WorkerMessage};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -660,17 +661,21 @@ async fn a_worker_started_before_its_job_waits_quietly_then_joins() {
     let leader = cluster.wait_for_leader(ELECTION).await.unwrap();
     let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "late", 1);
     workers.spawn(0, &[]).unwrap();
+    // a spare of the job, too: it waits the same way, then joins as a spare
+    let spare = workers.spawn_spare(&[]).unwrap();
     let log = workers.log(0);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
-    wait_for("the worker to say that it waits", ELECTION, || async {
-        let text = read();
-        if text.contains("waiting for the job to be submitted") {
-            Ok(())
-        } else {
-            Err(text)
-        }
-    })
-    .await;
+    for log in [workers.log(0), workers.log(spare)] {
+        wait_for("the worker and the spare to say that they wait", ELECTION, || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("waiting for the job to be submitted") {
+                Ok(())
+            } else {
+                Err(text)
+            }
+        })
+        .await;
+    }
     // what four seconds of waiting (four more attempts) add to its log: nothing
     let before = read();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -689,6 +694,22 @@ async fn a_worker_started_before_its_job_waits_quietly_then_joins() {
         }
     })
     .await;
+    // the spare is told the job is over, and exits 0 as the rank did
+    let mut exited = BTreeMap::new();
+    wait_for("the worker and the spare to exit", Duration::from_secs(30), || {
+        exited.extend(workers.exited());
+        let done = exited.len() == 2;
+        let seen = format!("{exited:?}");
+        async move {
+            if done {
+                Ok(())
+            } else {
+                Err(seen)
+            }
+        }
+    })
+    .await;
+    assert!(exited.values().all(|s| s.success()), "{exited:?}");
 }
 
 /// `flotilla coordinator` with `args`, its data dir under `dir`.

@@ -15,6 +15,7 @@ use flotilla_shared::ids::{JobName, Rank, Step};
 use flotilla_shared::layout::{JobDir, Manifest};
 use flotilla_shared::shard::read_header;
 use flotilla_shared::spec::JobSpec;
+use flotilla_shared::wire::RestoreSource;
 use flotilla_worker::trainer::reference_digest;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -470,6 +471,8 @@ async fn a_rank_killed_for_good_is_taken_over_by_a_ready_spare() {
             j.state == "running"
                 && j.generation > ready.generation
                 && j.workers.iter().any(|w| w.rank.0 == 1 && w.worker == Some(spare) && w.state == "running")
+                // the supervisor's view of the restore follows within a tick
+                && j.restored_from.is_some_and(|c| c.source.is_some())
         })
         .await;
     assert!(taken.spares.is_empty(), "the spare holds rank 1 now: {:?}", taken.spares);
@@ -489,6 +492,10 @@ async fn a_rank_killed_for_good_is_taken_over_by_a_ready_spare() {
         .expect("a restore event");
     assert_eq!(restore.0, flotilla_coordinator::ledger::RestoreReason::Disconnected);
     assert_eq!(restore.1, vec![Takeover { rank: Rank(1), worker: spare }]);
+    // the survivors restored from their own memory; the spare, holding no
+    // copy, read the files: the job's source is the slowest rank's
+    let from = taken.restored_from.expect("restored from a checkpoint");
+    assert_eq!(from.source, Some(RestoreSource::Storage), "{:?}", taken.last_recovery);
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
     assert_eq!(done.restores, 1);
@@ -624,6 +631,42 @@ async fn operator_checkpoint_list_and_restore() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("42"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_with_the_shard_files_deleted_restores_that_checkpoint_from_every_ranks_memory() {
+    // periodic checkpoints off: the only one is the operator's, so every
+    // rank's snapshot buffer still holds it when the restore comes
+    let mut s = Scenario::start_every(3, 1500, 1_000_000, "").await;
+    s.wait_job("the job to run", |j| j.state == "running" && j.step.0 > 0).await;
+    let endpoints = s.cluster.endpoints();
+    let out =
+        Command::new(BIN).args(["checkpoint", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.starts_with("checkpoint 1 committed at step "), "{stdout}");
+    tracing::info!("--- delete every shard file of checkpoint 1, then restore the job to it");
+    for rank in 0..3 {
+        let path = shard_path(s.job_dir().path(), 1, rank);
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    let out =
+        Command::new(BIN).args(["restore", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resumed = s
+        .wait_job("generation 2 running, its sources known", |j| {
+            j.generation.0 == 2 && j.state == "running" && j.restored_from.is_some_and(|c| c.source.is_some())
+        })
+        .await;
+    let from = resumed.restored_from.expect("restored from a checkpoint");
+    assert_eq!(from.id.0, 1, "the deleted checkpoint itself, not an older one or step 0");
+    assert_eq!(from.source, Some(RestoreSource::Memory), "{:?}", resumed.last_recovery);
+    for rank in 0..3 {
+        assert!(!shard_path(s.job_dir().path(), 1, rank).exists(), "nothing wrote the shard back");
+    }
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.restores, 1);
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert!(s.workers.exited().iter().all(|(_, st)| st.success()), "a worker failed");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@ use crate::ledger::{BlockReason, CheckpointState, Job, JobEvent, JobState, State
 use crate::raft::replica::{NodeStatus, Role};
 use crate::supervise::{RankState, RecoveryView, SpareState};
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, NodeId, Rank, Step};
+use flotilla_shared::wire::RestoreSource;
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/status`.
@@ -166,6 +167,10 @@ pub struct CheckpointRef {
     pub id: CheckpointId,
     /// Step.
     pub step: Step,
+    /// Where the slowest rank's shard came from (`restored_from` only,
+    /// once the leader heard every rank's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RestoreSource>,
 }
 
 /// One checkpoint in the status.
@@ -270,11 +275,16 @@ impl JobStatus {
             step,
             step_source,
             restores: job.restores,
-            latest_committed: job.latest_committed().map(|c| CheckpointRef { id: c.id, step: c.step }),
-            restored_from: job
-                .restored_from
-                .and_then(|id| job.checkpoints.get(&id))
-                .map(|c| CheckpointRef { id: c.id, step: c.step }),
+            latest_committed: job.latest_committed().map(|c| CheckpointRef {
+                id: c.id,
+                step: c.step,
+                source: None,
+            }),
+            restored_from: job.restored_from.and_then(|id| job.checkpoints.get(&id)).map(|c| CheckpointRef {
+                id: c.id,
+                step: c.step,
+                source: None,
+            }),
             checkpoints_committed: job.committed_total,
             checkpoints: job
                 .checkpoints

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub checkpoint_seconds: HistogramVec,
     /// Restore decided to every rank training again (observed by the leader).
     pub recovery_seconds: HistogramVec,
+    /// Whole-job restores by the slowest source a rank's shard came from
+    /// (counted by the leader that saw every rank's report).
+    pub restore_source: IntCounterVec,
     /// Last ledger value exported per counter series, to export increments.
     exported: Arc<Mutex<HashMap<SeriesKey, u64>>>,
 }
@@ -219,7 +222,13 @@ impl Metrics {
             "flotilla_recovery_duration_seconds",
             "Time from a whole-job restore being decided to every rank training again.",
         );
+        let restore_source = counter_vec(
+            "flotilla_restore_source_total",
+            "Whole-job restores by where the slowest rank's shard came from: memory (its own), peer (another worker's copy) or storage.",
+            &["job", "source"],
+        );
         Self {
+            restore_source,
             job_generation,
             job_step,
             job_state,

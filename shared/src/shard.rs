@@ -392,6 +392,16 @@ fn io_err<'a>(shard: &str, op: &'static str, path: &'a Path) -> impl FnOnce(io::
 }
 
 /// Builds the `[u64 n][header]` prefix for `vars` laid out back to back.
+/// The header bytes [`write_shard`] writes for `meta`, `vars` and the
+/// `records` it returned: with the data after them, the file's image.
+pub fn header_bytes(
+    meta: &ShardMeta,
+    vars: &[VariableSpec],
+    records: &[TensorRecord],
+) -> Result<Vec<u8>, String> {
+    encode_header(meta, vars, records)
+}
+
 fn encode_header(
     meta: &ShardMeta,
     vars: &[VariableSpec],
@@ -452,6 +462,19 @@ pub fn write_shard_unless(
     data: &[u8],
     cancelled: &dyn Fn() -> bool,
 ) -> Result<ShardManifest, ShardError> {
+    write_shard_keeping_header(path, meta, vars, data, cancelled).map(|(manifest, _)| manifest)
+}
+
+/// [`write_shard_unless`], also giving back the header bytes it wrote: with
+/// the data after them, they are the file's image (a shard kept in memory;
+/// a header is not re-encoded, its metadata's order is not fixed).
+pub fn write_shard_keeping_header(
+    path: &Path,
+    meta: &ShardMeta,
+    vars: &[VariableSpec],
+    data: &[u8],
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(ShardManifest, Vec<u8>), ShardError> {
     let label = format!("checkpoint {} rank {}", meta.checkpoint, meta.rank);
     let mut expected = 0usize;
     for v in vars {
@@ -540,13 +563,14 @@ pub fn write_shard_unless(
     let file_checksum =
         records.iter().fold(Checksum::of(&header), |whole, r| whole.combine(r.checksum, r.bytes as usize));
 
-    Ok(ShardManifest {
+    let manifest = ShardManifest {
         rank: meta.rank,
         file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         bytes: (header.len() + data.len()) as u64,
         checksum: file_checksum,
         tensors: records,
-    })
+    };
+    Ok((manifest, header))
 }
 
 /// A parsed shard header: identity, variables and where their data lies.
@@ -591,6 +615,12 @@ impl ShardHeader {
                 })
             })
             .collect()
+    }
+
+    /// Decodes the header bytes of a shard file `file_len` bytes long (a
+    /// shard held in memory: its header is kept beside its data).
+    pub fn decode(header: &[u8], file_len: u64, label: &str) -> Result<Self, ShardError> {
+        Self::parse(header, file_len).map_err(|kind| ShardError::new(label, kind))
     }
 
     /// Parses a header from the file's first bytes (`prefix` must hold at
@@ -664,6 +694,15 @@ pub fn read_header(path: &Path, label: &str) -> Result<ShardHeader, ShardError> 
     ShardHeader::parse(&prefix, actual).map_err(|kind| ShardError::new(label, kind))
 }
 
+/// A shard image [`Shard::verify_image`] refused: why, and its buffer back.
+#[derive(Debug)]
+pub struct RefusedImage {
+    /// What does not match.
+    pub error: ShardError,
+    /// The image's buffer, for reuse.
+    pub image: Vec<u8>,
+}
+
 /// A whole shard in memory, checksums verified.
 #[derive(Debug)]
 pub struct Shard {
@@ -708,6 +747,27 @@ impl Shard {
         Ok(Self { header, bytes: buf })
     }
 
+    /// Verifies `image`, a whole shard file held in memory (a rank's own
+    /// copy, or one a peer sent), against `manifest` exactly as
+    /// [`Shard::read_verified`] verifies a file, in place. A shard that
+    /// fails gives its buffer back with the error.
+    pub fn verify_image<'a>(
+        image: Vec<u8>,
+        label: &str,
+        manifest: impl Into<Expected<'a>>,
+    ) -> Result<Self, Box<RefusedImage>> {
+        let manifest = manifest.into();
+        let mut image = image;
+        if image.len() as u64 != manifest.bytes {
+            let kind = ShardErrorKind::Truncated { len: image.len() as u64, expected: manifest.bytes };
+            return Err(Box::new(RefusedImage { error: ShardError::new(label, kind), image }));
+        }
+        match verify_in(None, &mut image, manifest, label, Path::new("memory")) {
+            Ok(header) => Ok(Self { header, bytes: image }),
+            Err(error) => Err(Box::new(RefusedImage { error, image })),
+        }
+    }
+
     /// The buffer holding the file, for reuse.
     pub fn into_buffer(self) -> Vec<u8> {
         self.bytes
@@ -749,16 +809,30 @@ fn read_and_verify(
     label: &str,
     path: &Path,
 ) -> Result<ShardHeader, ShardError> {
+    verify_in(Some(file), dst, manifest, label, path)
+}
+
+/// [`read_and_verify`] with `file` to read `dst` from, or, without one,
+/// the shard's bytes already in `dst` (an image held in memory), verified
+/// in place in the same parallel parts.
+fn verify_in(
+    file: Option<&File>,
+    dst: &mut [u8],
+    manifest: Expected<'_>,
+    label: &str,
+    path: &Path,
+) -> Result<ShardHeader, ShardError> {
     use std::os::unix::fs::FileExt;
     let read = |e: io::Error| io_err(label, "read", path)(e);
+    let read_at = |buf: &mut [u8], at: usize| file.map_or(Ok(()), |f| f.read_exact_at(buf, at as u64));
     let len = dst.len() as u64;
     let fail = |kind| ShardError::new(label, kind);
     // the header first: its 8-byte length, then the JSON
     let head = dst.len().min(8);
-    file.read_exact_at(&mut dst[..head], 0).map_err(read)?;
+    read_at(&mut dst[..head], 0).map_err(read)?;
     let n = dst.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
     let header_len = n.map_or(8, |n| 8usize.saturating_add(n.min(MAX_HEADER_BYTES) as usize)).min(dst.len());
-    file.read_exact_at(&mut dst[head..header_len], head as u64).map_err(read)?;
+    read_at(&mut dst[head..header_len], head).map_err(read)?;
     let header = ShardHeader::parse(&dst[..header_len], len).map_err(fail)?;
     let header_crc = Checksum::of(&dst[..header.header_len]);
 
@@ -776,7 +850,7 @@ fn read_and_verify(
             rest = tail;
             let (start, bounds) = (w[0], &bounds);
             handles.push(scope.spawn(move || {
-                file.read_exact_at(part, start as u64)?;
+                read_at(part, start)?;
                 Ok(pieces_of(part, start, bounds))
             }));
         }

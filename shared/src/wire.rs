@@ -35,6 +35,40 @@ use std::path::PathBuf;
 /// Version of this protocol; carried in every frame and in [`Hello`].
 pub const PROTOCOL_VERSION: u8 = 3;
 
+/// Where a rank's restored shard came from (SPEC §11), fastest first: the
+/// order a restore tries them in, and the job's `restored_from.source` is
+/// the slowest rank's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreSource {
+    /// The rank's own memory: the snapshot buffer still held the shard.
+    Memory,
+    /// Another worker's memory copy.
+    Peer,
+    /// The checkpoint's files.
+    Storage,
+}
+
+impl RestoreSource {
+    /// Every source, for metrics.
+    pub const ALL: [Self; 3] = [Self::Memory, Self::Peer, Self::Storage];
+
+    /// Its name in status and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Peer => "peer",
+            Self::Storage => "storage",
+        }
+    }
+}
+
+impl std::fmt::Display for RestoreSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Who opens a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRole {
@@ -234,6 +268,10 @@ pub enum WorkerMessage {
         generation: Generation,
         /// The step it restored to.
         step: Step,
+        /// Where its shard came from (`None`: a start from step 0, or a
+        /// build that does not say).
+        #[serde(default)]
+        source: Option<RestoreSource>,
     },
     /// It could not restore; it keeps its previous state untouched.
     RestoreFailed {

@@ -34,7 +34,8 @@ use flotilla_shared::shard::{
 use flotilla_shared::spec::{CheckpointSpec, FailureSpec, JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
     CoordinatorMessage, ErrorCode, ErrorReply, ForRank, Hello, HelloReply, PeerMessage, PeerRole,
-    RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus, PROTOCOL_VERSION,
+    RestoreFailureKind, RestorePoint, RestoreSource, ShardFailureKind, WorkerMessage, WorkerStatus,
+    PROTOCOL_VERSION,
 };
 use futures::{SinkExt, StreamExt};
 use fuzz::check;
@@ -302,8 +303,20 @@ mod gen {
             (generation(), ckpt(), shard_kind, text()).prop_map(|(generation, checkpoint, kind, reason)| {
                 WorkerMessage::ShardFailed { generation, checkpoint, kind, reason }
             }),
-            (generation(), step())
-                .prop_map(|(generation, step)| WorkerMessage::Restored { generation, step }),
+            (
+                generation(),
+                step(),
+                option::of(prop_oneof![
+                    Just(RestoreSource::Memory),
+                    Just(RestoreSource::Peer),
+                    Just(RestoreSource::Storage)
+                ])
+            )
+                .prop_map(|(generation, step, source)| WorkerMessage::Restored {
+                    generation,
+                    step,
+                    source
+                }),
             (generation(), option::of(ckpt()), restore_kind, text()).prop_map(
                 |(generation, checkpoint, kind, message)| WorkerMessage::RestoreFailed {
                     generation,

@@ -131,7 +131,8 @@ async fn status_view(client: &Client, args: &StatusArgs) -> Result<String> {
             latest.as_deref().unwrap_or("none")
         )?;
         if let Some(c) = job.restored_from {
-            writeln!(out, "  restored from checkpoint {} (step {})", c.id, c.step)?;
+            let source = c.source.map_or(String::new(), |s| format!(", from {s}"));
+            writeln!(out, "  restored from checkpoint {} (step {}){source}", c.id, c.step)?;
         }
         if let Some(e) = &job.error {
             writeln!(out, "  error: {e}")?;

@@ -610,7 +610,9 @@ mod tests {
         // sent before the report of generation 2 reaches the leader first
         let w = &mut quiet[0];
         w.send(heartbeat()).await.unwrap();
-        w.send(WorkerMessage::Restored { generation: Generation(2), step: Step(0) }).await.unwrap();
+        w.send(WorkerMessage::Restored { generation: Generation(2), step: Step(0), source: None })
+            .await
+            .unwrap();
         let mut seen = Vec::new();
         while !seen.iter().any(|m| matches!(m, WorkerMessage::Restored { .. })) {
             let Some(Ok(WorkerMessage::Batch(items))) = leader.next().await else { panic!("not a batch") };

@@ -21,7 +21,7 @@
 
 use flotilla_shared::ids::{CheckpointId, Generation, Rank, Step};
 use flotilla_shared::wire::{
-    RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
+    RestoreFailureKind, RestorePoint, RestoreSource, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
@@ -172,6 +172,8 @@ pub enum Input {
     Restored {
         /// Step.
         step: Step,
+        /// Where the shard came from (`None`: a start from step 0).
+        source: Option<RestoreSource>,
     },
     /// The restore was refused.
     RestoreRefused {
@@ -307,6 +309,8 @@ pub struct RankMachine {
     snapshot: Option<(Pending, Stage)>,
     /// Checkpoints of the generation already snapshotted.
     taken: Taken,
+    /// Where the last restore's shard came from (repeated in its report).
+    restored_from: Option<RestoreSource>,
 }
 
 impl RankMachine {
@@ -321,6 +325,7 @@ impl RankMachine {
             pending: None,
             snapshot: None,
             taken: Taken::default(),
+            restored_from: None,
         }
     }
 
@@ -385,7 +390,7 @@ impl RankMachine {
                 vec![Effect::Exit]
             }
             Input::RendezvousPicked(addr) => self.rendezvous_picked(addr),
-            Input::Restored { step } => self.restored(step),
+            Input::Restored { step, source } => self.restored(step, source),
             Input::RestoreRefused { checkpoint, kind, message } => self.refused(checkpoint, kind, message),
             Input::Stepped(step) => {
                 self.step = step;
@@ -503,7 +508,8 @@ impl RankMachine {
             effects.extend(Self::start(t));
         }
         if matches!(self.phase, Phase::Restored { .. }) {
-            effects.push(Effect::Report(WorkerMessage::Restored { generation, step: self.step }));
+            let source = self.restored_from;
+            effects.push(Effect::Report(WorkerMessage::Restored { generation, step: self.step, source }));
         }
         effects
     }
@@ -525,15 +531,16 @@ impl RankMachine {
         effects
     }
 
-    fn restored(&mut self, step: Step) -> Vec<Effect> {
+    fn restored(&mut self, step: Step, source: Option<RestoreSource>) -> Vec<Effect> {
         let Phase::Restoring { generation, .. } = self.phase else { return Vec::new() };
         self.phase = Phase::Restored { generation };
         self.step = step;
+        self.restored_from = source;
         self.taken.clear();
         vec![
             Effect::Status(WorkerStatus::Waiting),
             Effect::Publish,
-            Effect::Report(WorkerMessage::Restored { generation, step }),
+            Effect::Report(WorkerMessage::Restored { generation, step, source }),
         ]
     }
 

@@ -85,7 +85,7 @@ fn past(generation: Generation, id: u64, step: u64, at: u64) -> Effect {
 }
 
 fn restored(generation: Generation, step: u64) -> Effect {
-    report(WorkerMessage::Restored { generation, step: Step(step) })
+    report(WorkerMessage::Restored { generation, step: Step(step), source: None })
 }
 
 fn snapshot(generation: Generation, id: u64, step: u64) -> Vec<Effect> {
@@ -98,14 +98,14 @@ fn at(step: u64) -> Input {
 
 /// Built-in rank 1, restored into G1 at step 0 and running at `step`.
 fn builtin_running(step: u64) -> Vec<Input> {
-    let mut h = vec![restore(G1, None), Input::Restored { step: Step(0) }, resume(G1, 0)];
+    let mut h = vec![restore(G1, None), Input::Restored { step: Step(0), source: None }, resume(G1, 0)];
     h.extend((1..=step).map(|s| Input::Stepped(Step(s))));
     h
 }
 
 /// Process rank 1, restored into G1 at step 0, running, having reported `step`.
 fn process_running(step: u64) -> Vec<Input> {
-    vec![restore(G1, None), Input::Restored { step: Step(0) }, resume(G1, 0), at(step)]
+    vec![restore(G1, None), Input::Restored { step: Step(0), source: None }, resume(G1, 0), at(step)]
 }
 
 struct Case {
@@ -160,14 +160,14 @@ fn cases() -> Vec<Case> {
             "builtin: the restore done reports Restored at its step",
             Builtin,
             vec![restore(G1, Some(point(20)))],
-            Input::Restored { step: Step(20) },
+            Input::Restored { step: Step(20), source: None },
             vec![Status(WorkerStatus::Waiting), Publish, restored(G1, 20)],
         )
         .then(Phase::Restored { generation: G1 }),
         case(
             "builtin: a repeated restore of the held generation is answered again",
             Builtin,
-            vec![restore(G1, None), Input::Restored { step: Step(0) }],
+            vec![restore(G1, None), Input::Restored { step: Step(0), source: None }],
             restore(G1, None),
             vec![restored(G1, 0)],
         ),
@@ -257,7 +257,7 @@ fn cases() -> Vec<Case> {
                 vec![
                     checkpoint(G1, 5, 10),
                     restore(G2, None),
-                    Input::Restored { step: Step(0) },
+                    Input::Restored { step: Step(0), source: None },
                     resume(G2, 0),
                 ],
             ),
@@ -272,7 +272,7 @@ fn cases() -> Vec<Case> {
                 vec![
                     checkpoint(G1, 5, 10),
                     restore(G2, None),
-                    Input::Restored { step: Step(10) },
+                    Input::Restored { step: Step(10), source: None },
                     resume(G2, 10),
                 ],
             ),
@@ -294,7 +294,7 @@ fn cases() -> Vec<Case> {
                 vec![
                     checkpoint(G1, 5, 8),
                     restore(G2, None),
-                    Input::Restored { step: Step(0) },
+                    Input::Restored { step: Step(0), source: None },
                     resume(G2, 0),
                     checkpoint(G2, 6, 8),
                 ],
@@ -306,7 +306,7 @@ fn cases() -> Vec<Case> {
         case(
             "a resume of the restored generation runs",
             Builtin,
-            vec![restore(G1, None), Input::Restored { step: Step(0) }],
+            vec![restore(G1, None), Input::Restored { step: Step(0), source: None }],
             resume(G1, 0),
             vec![Status(WorkerStatus::Running), Publish, Resumed],
         )
@@ -315,7 +315,7 @@ fn cases() -> Vec<Case> {
         case(
             "builtin: a resume at another step fails the trainer",
             Builtin,
-            vec![restore(G1, Some(point(20))), Input::Restored { step: Step(20) }],
+            vec![restore(G1, Some(point(20))), Input::Restored { step: Step(20), source: None }],
             resume(G1, 10),
             vec![
                 Status(WorkerStatus::Failed),
@@ -328,7 +328,7 @@ fn cases() -> Vec<Case> {
         case(
             "process: a resume at another step only warns",
             Process,
-            vec![restore(G1, Some(point(20))), Input::Restored { step: Step(20) }],
+            vec![restore(G1, Some(point(20))), Input::Restored { step: Step(20), source: None }],
             resume(G1, 10),
             vec![Status(WorkerStatus::Running), Publish, Resumed],
         ),
@@ -489,7 +489,7 @@ fn cases() -> Vec<Case> {
             Builtin,
             cat_inputs(
                 builtin_running(3),
-                vec![restore(G2, None), Input::Restored { step: Step(0) }, resume(G2, 0)],
+                vec![restore(G2, None), Input::Restored { step: Step(0), source: None }, resume(G2, 0)],
             ),
             checkpoint(G1, 5, 10),
             vec![],
@@ -499,7 +499,7 @@ fn cases() -> Vec<Case> {
             Process,
             cat_inputs(
                 process_running(4),
-                vec![restore(G2, None), Input::Restored { step: Step(0) }, resume(G2, 0)],
+                vec![restore(G2, None), Input::Restored { step: Step(0), source: None }, resume(G2, 0)],
             ),
             checkpoint(G1, 5, 10),
             vec![],
@@ -507,7 +507,10 @@ fn cases() -> Vec<Case> {
         case(
             "a resume of a stale generation is ignored",
             Process,
-            cat_inputs(process_running(4), vec![restore(G2, None), Input::Restored { step: Step(0) }]),
+            cat_inputs(
+                process_running(4),
+                vec![restore(G2, None), Input::Restored { step: Step(0), source: None }],
+            ),
             resume(G1, 0),
             vec![],
         ),
@@ -515,7 +518,7 @@ fn cases() -> Vec<Case> {
             "a restore done for no restore is ignored",
             Builtin,
             builtin_running(3),
-            Input::Restored { step: Step(0) },
+            Input::Restored { step: Step(0), source: None },
             vec![],
         ),
         case("a checkpoint before any generation is ignored", Process, vec![], checkpoint(G1, 5, 10), vec![]),

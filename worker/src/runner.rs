@@ -17,10 +17,12 @@ use crate::trainer::{BuiltinTrainer, Trainer};
 use flotilla_shared::ids::{Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
-use flotilla_shared::shard::{read_header, ModelMismatch, Shard, ShardError, ShardErrorKind, ShardMeta};
+use flotilla_shared::shard::{
+    read_header, ModelMismatch, Shard, ShardError, ShardErrorKind, ShardHeader, ShardMeta,
+};
 use flotilla_shared::spec::{JobSpec, TrainerSpec};
 use flotilla_shared::wire::{
-    RestoreFailureKind, RestorePoint, ShardFailureKind, WorkerMessage, WorkerStatus,
+    RestoreFailureKind, RestorePoint, RestoreSource, ShardFailureKind, WorkerMessage, WorkerStatus,
 };
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -332,7 +334,7 @@ impl Runner {
                 .unwrap_or_else(|| BuiltinTrainer::zeroed(&self.trainer_spec, self.rank));
             fresh.reset();
             self.trainer = Some(fresh);
-            return Input::Restored { step: Step(0) };
+            return Input::Restored { step: Step(0), source: None };
         };
         let label = format!("checkpoint {} rank {}", point.checkpoint, self.rank);
         let failed = |kind, message: String| Input::RestoreRefused {
@@ -348,36 +350,82 @@ impl Runner {
             metrics: &self.metrics,
         };
         let started = Instant::now();
-        if let Err(RestoreRefusal { kind, message }) = checks.run(&point, &label, Some(&self.vars)) {
-            return failed(kind, message);
-        }
-        let prechecked = started.elapsed();
-        // 3. read (into the snapshot buffer, memory already touched) and
-        // verify every checksum, 4. load; nothing changes before 4
-        let (trainer_spec, rank, spare) = (&self.trainer_spec, self.rank, &mut self.spare);
-        let trainer = self.trainer.get_or_insert_with(|| {
-            spare.take().unwrap_or_else(|| BuiltinTrainer::zeroed(trainer_spec, rank))
-        });
-        let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
         let Some(snap) = self.snap.as_mut() else {
             return failed(
                 RestoreFailureKind::DeviceMemory,
                 format!("{label}: no snapshot buffer to read into"),
             );
         };
-        let loaded = snap.with_buffer(|buf| {
-            let at = Instant::now();
-            let shard = Shard::read_verified_into(&path, &label, &point.shard, buf);
-            read = at.elapsed();
-            match shard {
-                Ok(shard) => {
-                    let at = Instant::now();
-                    let loaded = trainer.load(&shard);
-                    load = at.elapsed();
-                    (shard.into_buffer(), Ok(loaded))
-                }
-                Err(e) => (Vec::new(), Err(e)),
+        // 1. where the shard is: this rank's own memory (its snapshot
+        // buffer still holds the checkpoint it wrote), else the files
+        let held = match snap.held_header(point.checkpoint) {
+            Ok(h) => h.map(|h| ShardHeader::decode(h, point.shard.bytes, &label)),
+            Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
+        };
+        let header = match held {
+            Some(Ok(header)) => Some(header),
+            Some(Err(e)) => {
+                tracing::warn!("{label}: the copy in memory is unusable ({e}); reading the files");
+                None
             }
+            None => None,
+        };
+        // 2. prechecks: names, dtypes, shapes, device memory
+        let checked = match &header {
+            Some(h) => checks.check(h, &point, &label, Some(&self.vars)),
+            None => checks.run(&point, &label, Some(&self.vars)),
+        };
+        if let Err(RestoreRefusal { kind, message }) = checked {
+            return failed(kind, message);
+        }
+        let prechecked = started.elapsed();
+        // 3. verify every checksum (reading the file into the snapshot
+        // buffer, memory already touched, unless it is in memory), 4. load;
+        // nothing changes before 4
+        let (trainer_spec, rank, spare) = (&self.trainer_spec, self.rank, &mut self.spare);
+        let trainer = self.trainer.get_or_insert_with(|| {
+            spare.take().unwrap_or_else(|| BuiltinTrainer::zeroed(trainer_spec, rank))
+        });
+        let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
+        let mut load_from = |shard: Result<Shard, ShardError>, read_at: Instant| match shard {
+            Ok(shard) => {
+                read = read_at.elapsed();
+                let at = Instant::now();
+                let loaded = trainer.load(&shard);
+                load = at.elapsed();
+                (shard.into_buffer(), Ok(loaded))
+            }
+            Err(e) => (Vec::new(), Err(e)),
+        };
+        let mut source = RestoreSource::Storage;
+        let mut loaded = None;
+        if header.is_some() {
+            let at = Instant::now();
+            let from_memory = snap.with_image(point.checkpoint, |image| {
+                match Shard::verify_image(image, &label, &point.shard) {
+                    Ok(shard) => load_from(Ok(shard), at),
+                    Err(refused) => (refused.image, Err(refused.error)),
+                }
+            });
+            match from_memory {
+                Ok(Some(Err(e))) => {
+                    tracing::error!(
+                        "{label}: the copy in memory fails its checksums ({e}); reading the files"
+                    );
+                }
+                Ok(Some(done)) => {
+                    source = RestoreSource::Memory;
+                    loaded = Some(Ok(done));
+                }
+                Ok(None) => {}
+                Err(e) => loaded = Some(Err(e)),
+            }
+        }
+        let loaded = loaded.unwrap_or_else(|| {
+            snap.with_buffer(|buf| {
+                let at = Instant::now();
+                load_from(Shard::read_verified_into(&path, &label, &point.shard, buf), at)
+            })
         });
         match loaded {
             Ok(Ok(Ok(()))) => {
@@ -388,14 +436,15 @@ impl Runner {
                 tracing::info!(
                     %generation,
                     checkpoint = %point.checkpoint,
-                    "restored {:.1} MiB: prechecks {:.1} ms, read + verify {:.1} ms ({:.2} GB/s), load {:.1} ms",
+                    %source,
+                    "restored {:.1} MiB from {source}: prechecks {:.1} ms, read + verify {:.1} ms ({:.2} GB/s), load {:.1} ms",
                     bytes as f64 / (1 << 20) as f64,
                     prechecked.as_secs_f64() * 1e3,
                     read.as_secs_f64() * 1e3,
                     bytes as f64 / read.as_secs_f64().max(1e-9) / 1e9,
                     load.as_secs_f64() * 1e3,
                 );
-                Input::Restored { step: trainer.current_step() }
+                Input::Restored { step: trainer.current_step(), source: Some(source) }
             }
             Ok(Ok(Err(m))) => {
                 failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
@@ -514,6 +563,18 @@ impl Prechecks<'_> {
     ) -> crate::Result<(), RestoreRefusal> {
         let path = point.dir.join(&point.shard.file);
         let header = read_header(&path, label).map_err(|e| shard_refusal(&e, &path))?;
+        self.check(&header, point, label, model)
+    }
+
+    /// [`Prechecks::run`] with the shard's header at hand (a shard held in
+    /// memory).
+    pub fn check(
+        &self,
+        header: &ShardHeader,
+        point: &RestorePoint,
+        label: &str,
+        model: Option<&[VariableSpec]>,
+    ) -> crate::Result<(), RestoreRefusal> {
         if let Some(model) = model {
             ModelMismatch::check(&header.variables(), model).map_err(|m| {
                 RestoreRefusal::new(

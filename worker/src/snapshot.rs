@@ -17,11 +17,18 @@
 //! file ([`crate::shm::ShmFile`]) for an `--exec` trainer, which copies its
 //! tensors into it itself ([`Snapshotter::acquire`], then
 //! [`Snapshotter::submit`]).
+//!
+//! After a write the buffer still holds that shard's data, and the writer
+//! hands back its header with it: until the buffer is taken again, the
+//! shard is in memory, and a restore of that checkpoint reads nothing from
+//! storage (SPEC §11, [`Snapshotter::with_image`]).
 
 use crate::trainer::Trainer;
 use flotilla_shared::durable;
 use flotilla_shared::ids::CheckpointId;
-use flotilla_shared::shard::{write_shard_unless, ShardError, ShardManifest, ShardMeta, VariableSpec};
+use flotilla_shared::shard::{
+    write_shard_keeping_header, ShardError, ShardManifest, ShardMeta, VariableSpec,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -102,6 +109,14 @@ pub enum SnapshotError {
 /// A write request, its buffer, and its sequence number (for cancelling).
 type Job<B> = (WriteRequest, B, u64);
 
+/// The shard whose data the idle buffer holds (a write of it succeeded):
+/// its checkpoint and the header written before that data.
+#[derive(Debug, Clone)]
+struct Held {
+    checkpoint: CheckpointId,
+    header: Vec<u8>,
+}
+
 /// Spare capacity of the snapshot buffer beyond the variables: a shard's
 /// header fits, so a whole shard file can be read into it.
 pub const READ_ROOM: usize = 1 << 20;
@@ -121,8 +136,11 @@ pub struct Snapshotter<B = Vec<u8>> {
     bytes: usize,
     /// The buffer while no write is in flight.
     idle: Option<B>,
-    /// Where the writer returns the buffer after a write.
-    returned: Receiver<B>,
+    /// The shard the idle buffer holds, if it holds a written one.
+    held: Option<Held>,
+    /// Where the writer returns the buffer after a write (with the shard
+    /// it now holds, when the write succeeded).
+    returned: Receiver<(B, Option<Held>)>,
     jobs: Option<SyncSender<Job<B>>>,
     writer: Option<JoinHandle<()>>,
     /// Writes submitted so far; each job carries its number.
@@ -178,6 +196,43 @@ impl Snapshotter<Vec<u8>> {
         self.idle = Some(buf);
         Ok(out)
     }
+
+    /// Whether the buffer holds the shard of checkpoint `id` (once the
+    /// write in flight, if any, is done).
+    pub fn holds(&mut self, id: CheckpointId) -> Result<bool, SnapshotError> {
+        self.wait_idle()?;
+        Ok(self.held.as_ref().is_some_and(|h| h.checkpoint == id))
+    }
+
+    /// The header of the shard the buffer holds, if it is checkpoint `id`'s.
+    pub fn held_header(&mut self, id: CheckpointId) -> Result<Option<&[u8]>, SnapshotError> {
+        self.wait_idle()?;
+        Ok(self.held.as_ref().filter(|h| h.checkpoint == id).map(|h| h.header.as_slice()))
+    }
+
+    /// Lends `f` the whole file image of checkpoint `id`'s shard, built in
+    /// place from the data the buffer holds (the header in front; the
+    /// buffer's spare room takes it), if the buffer holds that shard; else
+    /// `None` and nothing is touched. Afterwards the buffer holds no shard.
+    pub fn with_image<T>(
+        &mut self,
+        id: CheckpointId,
+        f: impl FnOnce(Vec<u8>) -> (Vec<u8>, T),
+    ) -> Result<Option<T>, SnapshotError> {
+        if !self.holds(id)? {
+            return Ok(None);
+        }
+        let header = self.held.take().map(|h| h.header).unwrap_or_default();
+        let mut buf = self.take_buffer()?;
+        let n = self.bytes;
+        buf.resize(header.len() + n, 0);
+        buf.copy_within(..n, header.len());
+        buf[..header.len()].copy_from_slice(&header);
+        let (mut buf, out) = f(buf);
+        buf.resize(self.bytes, 0);
+        self.idle = Some(buf);
+        Ok(Some(out))
+    }
 }
 
 impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
@@ -202,6 +257,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                 for (req, buf, seq) in job_rx {
                     let cancelled = || cancel.load(Ordering::Acquire) >= seq;
                     let start = Instant::now();
+                    let meta = req.meta.clone();
                     let result = req
                         .path
                         .parent()
@@ -215,7 +271,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                             },
                         })
                         .and_then(|()| {
-                            write_shard_unless(
+                            write_shard_keeping_header(
                                 &req.path,
                                 &req.meta,
                                 &vars,
@@ -223,8 +279,16 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                                 &cancelled,
                             )
                         });
-                    on_done(WriteOutcome { meta: req.meta, result, write_time: start.elapsed() });
-                    if returned_tx.send(buf).is_err() {
+                    // the buffer now holds this shard: its header (as
+                    // written) goes back with it
+                    let (result, held) = match result {
+                        Ok((manifest, header)) => {
+                            (Ok(manifest), Some(Held { checkpoint: meta.checkpoint, header }))
+                        }
+                        Err(e) => (Err(e), None),
+                    };
+                    on_done(WriteOutcome { meta, result, write_time: start.elapsed() });
+                    if returned_tx.send((buf, held)).is_err() {
                         break;
                     }
                 }
@@ -233,6 +297,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         Ok(Self {
             bytes,
             idle: Some(buffer),
+            held: None,
             returned,
             jobs: Some(jobs),
             writer: Some(writer),
@@ -251,7 +316,10 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
     /// return it): fill its first [`Snapshotter::bytes`] with the variables,
     /// then [`Snapshotter::submit`] it, or [`Snapshotter::give_back`] it.
     pub fn acquire(&mut self) -> Result<B, SnapshotError> {
-        self.take_buffer()
+        // whoever takes it overwrites it
+        let buf = self.take_buffer()?;
+        self.held = None;
+        Ok(buf)
     }
 
     /// Hands a filled buffer to the writer.
@@ -290,11 +358,16 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         self.take_buffer().map(|buf| self.idle = Some(buf))
     }
 
-    /// The buffer, waiting for the writer to return it if a write is in flight.
+    /// The buffer, waiting for the writer to return it if a write is in
+    /// flight (and then noting which shard it holds).
     fn take_buffer(&mut self) -> Result<B, SnapshotError> {
         match self.idle.take() {
             Some(buf) => Ok(buf),
-            None => self.returned.recv().map_err(|_| SnapshotError::WriterGone),
+            None => {
+                let (buf, held) = self.returned.recv().map_err(|_| SnapshotError::WriterGone)?;
+                self.held = held;
+                Ok(buf)
+            }
         }
     }
 }
@@ -356,6 +429,63 @@ mod tests {
             fresh.load(&shard).unwrap();
             assert_eq!(fresh.digest(), digests[i]);
         }
+    }
+
+    #[test]
+    fn the_buffer_holds_the_last_written_shard_byte_for_byte_until_it_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TrainerSpec { params_per_rank_bytes: 1 << 20, layers: 2, ..TrainerSpec::default() };
+        let mut trainer = BuiltinTrainer::new(&spec, Rank(0));
+        let (tx, rx) = channel();
+        let mut snap = Snapshotter::new(trainer.variables().to_vec(), move |o| tx.send(o).unwrap()).unwrap();
+        assert!(!snap.holds(CheckpointId(1)).unwrap(), "nothing written yet");
+        trainer.step();
+        let written = trainer.digest();
+        let path = dir.path().join("ckpt-1/rank-00000.safetensors");
+        let req = WriteRequest { path: path.clone(), meta: meta(1, trainer.current_step().0) };
+        snap.snapshot(&trainer, req).unwrap();
+        trainer.step();
+        assert!(snap.holds(CheckpointId(1)).unwrap());
+        assert!(!snap.holds(CheckpointId(2)).unwrap(), "only the checkpoint it wrote");
+        let manifest = rx.recv().unwrap().result.unwrap();
+        // the image is the file, byte for byte, and verifies as it does
+        let file = std::fs::read(&path).unwrap();
+        let mut fresh = BuiltinTrainer::new(&spec, Rank(0));
+        let same = snap
+            .with_image(CheckpointId(1), |image| {
+                let same = image == file;
+                let shard = Shard::verify_image(image, "t", &manifest.digest()).map_err(|r| r.error).unwrap();
+                fresh.load(&shard).unwrap();
+                (shard.into_buffer(), same)
+            })
+            .unwrap();
+        assert_eq!(same, Some(true));
+        assert_eq!(fresh.digest(), written);
+        // lent once: the buffer no longer holds it
+        assert!(!snap.holds(CheckpointId(1)).unwrap());
+        assert!(snap.with_image(CheckpointId(1), |b| (b, ())).unwrap().is_none());
+        // a corrupt image is refused, naming the tensor
+        snap.snapshot(&trainer, WriteRequest { path, meta: meta(2, trainer.current_step().0) }).unwrap();
+        let manifest = rx.recv().unwrap().result.unwrap();
+        let refused = snap
+            .with_image(CheckpointId(2), |mut image| {
+                let last = image.len() - 1;
+                image[last] ^= 1;
+                match Shard::verify_image(image, "t", &manifest) {
+                    Ok(shard) => (shard.into_buffer(), None),
+                    Err(refused) => (refused.image, Some(refused.error.kind)),
+                }
+            })
+            .unwrap()
+            .flatten();
+        assert!(matches!(refused, Some(ShardErrorKind::ChecksumMismatch(_))), "{refused:?}");
+        // a write that failed leaves nothing held
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let req = WriteRequest { path: blocked.join("rank-00000.safetensors"), meta: meta(3, 0) };
+        snap.snapshot(&trainer, req).unwrap();
+        assert!(rx.recv().unwrap().result.is_err());
+        assert!(!snap.holds(CheckpointId(3)).unwrap());
     }
 
     /// A 64 MiB trainer, its pipeline and the pipeline's outcomes.

@@ -147,6 +147,9 @@ async fn status(AxumState(s): AxumState<HttpState>, Query(q): Query<StatusQuery>
         j.workers = s.workers.get(&j.name);
         j.spares = s.workers.spares(&j.name);
         j.last_recovery = s.workers.last_recovery(&j.name);
+        if let (Some(from), Some(rec)) = (j.restored_from.as_mut(), j.last_recovery) {
+            from.source = rec.source.filter(|_| rec.generation == j.generation);
+        }
         // the view follows the ledger by up to a tick: only a job running
         // in that same generation has it
         j.running_since_ms =

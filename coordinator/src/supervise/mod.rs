@@ -53,8 +53,8 @@ use flotilla_shared::checksum::combine_digests;
 use flotilla_shared::ids::{CheckpointId, Generation, Incarnation, JobName, Rank, Step};
 use flotilla_shared::layout::JobDir;
 use flotilla_shared::wire::{
-    CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, ShardFailureKind,
-    WorkerMessage, WorkerStatus,
+    CoordinatorMessage, ErrorCode, ErrorReply, RestoreFailureKind, RestorePoint, RestoreSource,
+    ShardFailureKind, WorkerMessage, WorkerStatus,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -219,13 +219,17 @@ pub enum Action {
         /// How it ended.
         outcome: CheckpointOutcome,
     },
-    /// A whole-job restore this leader decided is over: every rank trains
-    /// again, `seconds` after the decision (for the recovery histogram).
+    /// A whole-job restore this leader saw is over: every rank trains
+    /// again (for the recovery histogram and the restore sources).
     Recovered {
         /// Job.
         job: JobName,
-        /// From the first restore's decision to the job running again.
-        seconds: f64,
+        /// From the first restore's decision to the job running again
+        /// (`None`: another leader decided it).
+        seconds: Option<f64>,
+        /// The slowest source a rank restored from, where this leader
+        /// heard every rank's report.
+        source: Option<RestoreSource>,
     },
     /// Bring a checkpoint's files in line with the ledger.
     Files {
@@ -377,6 +381,10 @@ pub struct RecoveryView {
     pub restored_ms: Option<u64>,
     /// Every rank trains again.
     pub running_ms: u64,
+    /// The slowest source a rank's shard came from (`None`: a start from
+    /// step 0, or a leader that took over mid-way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RestoreSource>,
 }
 
 /// When the phases of one restore happened, on this leader's monotonic
@@ -395,11 +403,21 @@ struct Recovery {
     committed: Option<u64>,
     /// The last rank to report its state restored, and when.
     last_restored: Option<(Rank, u64)>,
+    /// The slowest source a rank restored from.
+    source: Option<RestoreSource>,
 }
 
 impl Recovery {
     fn new(generation: Generation, proposed: Option<u64>) -> Self {
-        Self { generation, decided: proposed, proposed, committed: None, last_restored: None, resumed: None }
+        Self {
+            generation,
+            decided: proposed,
+            proposed,
+            committed: None,
+            last_restored: None,
+            resumed: None,
+            source: None,
+        }
     }
 
     /// One line with the phases, once the resume is proposed at `t`.
@@ -923,7 +941,7 @@ impl Supervisor {
                 let cmd = Command::AbortCheckpoint { job, id: checkpoint, reason, now_ms: now.wall_ms };
                 self.propose(now, cmd, out);
             }
-            WorkerMessage::Restored { generation, step } => {
+            WorkerMessage::Restored { generation, step, source } => {
                 if generation == current {
                     let first = r.generation != Some(generation);
                     r.report(Some(generation), step, WorkerStatus::Waiting, t);
@@ -931,6 +949,7 @@ impl Supervisor {
                         soft.recovery.as_mut().filter(|rec| first && rec.generation == generation)
                     {
                         rec.last_restored = Some((rank, t));
+                        rec.source = rec.source.max(source);
                     }
                 }
             }
@@ -1194,10 +1213,8 @@ impl Supervisor {
         }
         // the restore this leader decided is over: the job trains again
         if let Some(rec) = soft.recovery.take_if(|r| r.generation == g && r.resumed.is_some()) {
-            if let Some(decided) = rec.decided {
-                let seconds = t.saturating_sub(decided) as f64 / 1e3;
-                out.push(Action::Recovered { job: name.clone(), seconds });
-            }
+            let seconds = rec.decided.map(|decided| t.saturating_sub(decided) as f64 / 1e3);
+            out.push(Action::Recovered { job: name.clone(), seconds, source: rec.source });
             let wall = |mono: u64| now.wall_ms.saturating_sub(t.saturating_sub(mono));
             soft.last_recovery = Some(RecoveryView {
                 generation: g,
@@ -1205,6 +1222,7 @@ impl Supervisor {
                 committed_ms: rec.committed.map(wall),
                 restored_ms: rec.last_restored.map(|(_, at)| wall(at)),
                 running_ms: now.wall_ms,
+                source: rec.source,
             });
         }
         let failed = self.failed_ranks(j, t);

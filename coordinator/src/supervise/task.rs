@@ -301,8 +301,13 @@ async fn run_supervisor(
                         let _ = reply.send(outcome);
                     }
                 }
-                Action::Recovered { job, seconds } => {
-                    metrics.recovery_seconds.with_label_values(&[job.as_str()]).observe(seconds);
+                Action::Recovered { job, seconds, source } => {
+                    if let Some(seconds) = seconds {
+                        metrics.recovery_seconds.with_label_values(&[job.as_str()]).observe(seconds);
+                    }
+                    if let Some(source) = source {
+                        metrics.restore_source.with_label_values(&[job.as_str(), source.as_str()]).inc();
+                    }
                 }
                 Action::Files { job, work } => {
                     files.send(job, work);

@@ -160,7 +160,7 @@ impl SimWorker {
             CoordinatorMessage::Restore { generation, from, .. } => {
                 if self.generation == Some(generation) {
                     return if self.status == WorkerStatus::Waiting {
-                        vec![WorkerMessage::Restored { generation, step: Step(self.step) }]
+                        vec![WorkerMessage::Restored { generation, step: Step(self.step), source: None }]
                     } else {
                         vec![]
                     };
@@ -180,7 +180,7 @@ impl SimWorker {
                 self.pending = None;
                 self.saved.clear();
                 self.finished = None;
-                vec![WorkerMessage::Restored { generation, step: Step(self.step) }]
+                vec![WorkerMessage::Restored { generation, step: Step(self.step), source: None }]
             }
             CoordinatorMessage::Resume { generation, step } => {
                 if self.generation == Some(generation) && self.status == WorkerStatus::Waiting {
@@ -339,7 +339,7 @@ impl World {
                 Action::Close { .. } => {}
                 Action::Files { work, .. } => self.files.push(work),
                 Action::Answer { request, outcome } => self.answers.push((request, outcome)),
-                Action::Recovered { seconds, .. } => self.recoveries.push(seconds),
+                Action::Recovered { seconds, .. } => self.recoveries.extend(seconds),
             }
         }
     }

@@ -341,7 +341,7 @@ pub async fn sim_worker(
                     let _ = restores.send((rank, Instant::now()));
                     generation = g;
                     step = from.map_or(0, |p| p.step.0);
-                    conn.send(WorkerMessage::Restored { generation: g, step: Step(step) }).await.map_err(|e| e.to_string())?;
+                    conn.send(WorkerMessage::Restored { generation: g, step: Step(step), source: None }).await.map_err(|e| e.to_string())?;
                 }
                 CoordinatorMessage::Stop { .. } => return Ok(()),
                 _ => {}
@@ -445,7 +445,7 @@ pub async fn sim_node(
                             let _ = restores.send((rank.0, Instant::now()));
                             *generation = g;
                             *step = from.map_or(0, |p| p.step.0);
-                            replies.push(ForRank { rank, msg: WorkerMessage::Restored { generation: g, step: Step(*step) } });
+                            replies.push(ForRank { rank, msg: WorkerMessage::Restored { generation: g, step: Step(*step), source: None } });
                         }
                         CoordinatorMessage::Stop { .. } => return Ok(()),
                         // the leader closed this rank's registration (e.g. it

@@ -373,8 +373,13 @@ impl LocalWorkers {
         let slot = self.children.len() as u32;
         self.children.push(None);
         self.http_addrs.push(format!("127.0.0.1:{}", free_port()?));
-        self.start(slot, &["--spare", "--host", &format!("spare-host-{slot}")], env)?;
+        self.respawn_spare(slot, env)?;
         Ok(slot)
+    }
+
+    /// Starts a spare again in `slot`, one [`LocalWorkers::spawn_spare`] made.
+    pub fn respawn_spare(&mut self, slot: u32, env: &[(&str, &str)]) -> io::Result<()> {
+        self.start(slot, &["--spare", "--host", &format!("spare-host-{slot}")], env)
     }
 
     fn start(&mut self, slot: u32, seat: &[&str], env: &[(&str, &str)]) -> io::Result<()> {

@@ -21,7 +21,7 @@ use crate::snapshot::Snapshotter;
 use flotilla_shared::ids::{Generation, JobName, Rank, Step};
 use flotilla_shared::shard::{Shard, VariableSpec};
 use flotilla_shared::spec::JobSpec;
-use flotilla_shared::wire::{RestoreFailureKind, RestorePoint};
+use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, RestoreSource};
 use serde::Serialize;
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
@@ -389,7 +389,7 @@ impl ExecRunner {
         let fresh = from.is_none() && !self.restored();
         self.reply(&reply);
         if fresh {
-            self.drive(Input::Restored { step: self.machine.step() });
+            self.drive(Input::Restored { step: self.machine.step(), source: None });
         }
     }
 
@@ -423,7 +423,8 @@ impl ExecRunner {
                     p.restored = Some(seg);
                 }
                 self.deferred = Some(Deferred::Restore(Some(state)));
-                self.drive(Input::Restored { step: point.step });
+                // an --exec trainer's shard always comes from the files
+                self.drive(Input::Restored { step: point.step, source: Some(RestoreSource::Storage) });
             }
             Err(RestoreRefusal { kind, message }) => {
                 tracing::error!(generation = ?self.machine.generation(), "restore refused: {message}");
