@@ -171,3 +171,61 @@ async fn numpy_trainers_survive_a_worker_and_a_trainer_sigkill_bit_for_bit() {
     assert!(wide_workers.exited().is_empty(), "a blocked job keeps its workers");
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_spare_whose_python_already_waits_takes_a_rank_killed_for_good_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let world = 3;
+    let example = path("examples/numpy/train.py");
+    let reference = common::exec::reference_digest("python3", &example, world, &["--steps", STEPS]);
+    // a heartbeat timeout far past the takeover: it must come from the
+    // closed connection and the ready spare, not from the timeout
+    let text = format!(
+        "name = \"numpy\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = 40\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n\n[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 20000\nspares = 1\n",
+        dir.path().join("ckpt").display()
+    );
+    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+    cluster.wait_for_leader(LONG).await.unwrap();
+    let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
+    client.submit(&text).await.unwrap();
+    let python = repo().join("python").display().to_string();
+    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "numpy", world)
+        .exec(&["python3", &example, "--steps", STEPS, "--step-time-ms", "15", "--log-every", "0"]);
+    for rank in 0..world {
+        workers.spawn(rank, &[("PYTHONPATH", &python)]).unwrap();
+    }
+    let spare = workers.spawn_spare(&[("PYTHONPATH", &python)]).unwrap();
+
+    tracing::info!(
+        "--- a ready spare (its Python process waiting in flotilla.init()) and a committed checkpoint"
+    );
+    let before = wait_job(&client, JOB, "a ready spare and a committed checkpoint while running", |j| {
+        j.state == "running"
+            && j.latest_committed.is_some()
+            && j.spares.iter().any(|s| s.state == flotilla_coordinator::supervise::SpareState::Ready)
+    })
+    .await;
+    let waiting =
+        wait_for("the spare's trainer process", LONG, || trainer_pid(workers.http_addr(spare))).await;
+    assert!(alive(waiting));
+    tracing::info!("--- SIGKILL worker 1 for good (never restarted)");
+    workers.kill(1);
+    let taken = wait_job(&client, JOB, "rank 1 training on the spare", |j| {
+        j.state == "running"
+            && j.generation > before.generation
+            && j.spares.is_empty()
+            && j.workers
+                .iter()
+                .any(|w| w.rank.0 == 1 && w.host.as_deref() == Some(format!("spare-host-{spare}").as_str()))
+    })
+    .await;
+    assert!(taken.restored_from.is_some(), "{taken:?}");
+    // the process that trains rank 1 now is the one started before the failure
+    let now = trainer_pid(workers.http_addr(spare)).await.unwrap();
+    assert_eq!(now, waiting, "the spare's trainer process was started again");
+    let done = wait_job(&client, JOB, "the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(reference.as_str()), "{done:?}");
+    assert_eq!(done.restores, 1, "one restore: the takeover");
+    let exited = workers.exited();
+    assert!(exited.iter().all(|(_, s)| s.success()), "{exited:?}");
+}

@@ -115,6 +115,58 @@ async fn pytorch_ddp_with_a_worker_killed_ends_bit_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs torch: scripts/test-frameworks.sh"]
+async fn pytorch_ddp_with_a_spare_taking_a_rank_killed_for_good_ends_bit_identical() {
+    let run = Run::start().await;
+    let (name, py, script) = ("ddp-spare", python(), path("examples/pytorch_ddp/train.py"));
+    let args = ["--steps", "120", "--log-every", "0"];
+    let reference = reference_digest(&py, &script, WORLD, &args);
+    // a heartbeat timeout far past the takeover (the spec's 10 s): it must
+    // come from the closed connection and the ready spare
+    run.client
+        .submit(&run.spec(name, 20, "").replace("[failure]\n", "[failure]\nspares = 1\n"))
+        .await
+        .unwrap();
+    let mut argv = vec![py.as_str(), script.as_str()];
+    argv.extend_from_slice(&args);
+    let mut workers = run.workers(name, &argv);
+    let spare = workers.spawn_spare(&[("PYTHONPATH", &path("python"))]).unwrap();
+    let before = wait_job(&run.client, name, "a ready spare and a committed checkpoint while running", |j| {
+        j.state == "running"
+            && j.latest_committed.is_some()
+            && j.spares.iter().any(|s| s.state == flotilla_coordinator::supervise::SpareState::Ready)
+    })
+    .await;
+    // torch imported, waiting inside flotilla.init()
+    let waiting =
+        wait_for("the spare's trainer process", LONG, || trainer_pid(workers.http_addr(spare))).await;
+    tracing::info!("--- {name}: SIGKILL worker 2 for good (never restarted)");
+    workers.kill(2);
+    let host = format!("spare-host-{spare}");
+    let taken = wait_job(&run.client, name, "rank 2 training on the spare", |j| {
+        j.state == "running"
+            && j.generation > before.generation
+            && j.workers.iter().any(|w| w.rank.0 == 2 && w.host.as_deref() == Some(host.as_str()))
+    })
+    .await;
+    assert_eq!(
+        trainer_pid(workers.http_addr(spare)).await,
+        Ok(waiting),
+        "the spare's process started before"
+    );
+    let done = wait_job(&run.client, name, "the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(reference.as_str()), "bit-identical to a failure-free run");
+    assert_eq!(done.restores, 1, "{done:?}");
+    println!(
+        "{name}: worker 2 SIGKILLed for good in generation {}; the spare's process {waiting}, started before, \
+         trained rank 2 from generation {} (restored from {:?}); final digest {reference} equals the failure-free run's",
+        before.generation,
+        taken.generation,
+        taken.restored_from.map(|c| (c.id.0, c.step.0)),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs tensorflow: scripts/test-frameworks.sh"]
 async fn tensorflow_killed_restores_bit_identical_and_a_changed_model_blocks_with_one_error() {
     let run = Run::start().await;

@@ -281,6 +281,18 @@ def _copy_into(buffer: _Buffer, size: int, offset: int, name: str, value: Tensor
     np.copyto(target.reshape(array.shape), array, casting="equiv")
 
 
+def _export_rank(hello: HelloReply) -> None:
+    """Puts the rank the worker gave into ``os.environ``, as torchrun would,
+    so that ``torch.distributed.init_process_group()`` after ``init()``
+    works unchanged (a spare's process started before it had them)."""
+    os.environ["RANK"] = str(hello["rank"])
+    os.environ["WORLD_SIZE"] = str(hello["world_size"])
+    os.environ["LOCAL_RANK"] = str(hello["local_rank"])
+    if hello["master_addr"]:
+        os.environ["MASTER_ADDR"] = hello["master_addr"]
+        os.environ["MASTER_PORT"] = hello["master_port"]
+
+
 def init() -> Context:
     """Connects to the worker that started this process (``FLOTILLA_SOCKET``)
     and says hello.
@@ -306,7 +318,9 @@ def init() -> Context:
             f"({e.strerror or e}): the worker stopped or died; this process must exit"
         ) from None
     try:
+        # a spare's process waits here until the worker is given a rank
         hello = _exchange(sock, {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
+        _export_rank(hello)
         return Context(sock, hello)
     except BaseException:
         sock.close()

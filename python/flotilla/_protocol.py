@@ -121,6 +121,9 @@ class HelloReply(TypedDict):
     generation: int
     start_step: int
     restoring: bool
+    local_rank: int
+    master_addr: str
+    master_port: str
 
 
 class RestoredState(TypedDict):

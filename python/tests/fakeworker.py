@@ -105,7 +105,8 @@ class _Session:
         if op == "hello":
             assert request["version"] == 1 and request["pid"] > 0
             reply = {"job": "test", "rank": 0, "world_size": 1, "generation": 1,
-                     "start_step": 0, "restoring": w.shard is not None}
+                     "start_step": 0, "restoring": w.shard is not None,
+                     "local_rank": 0, "master_addr": "", "master_port": ""}
             reply.update(w.hello)
             return {"ok": True, **reply}
         if op == "restore":

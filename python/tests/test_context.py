@@ -38,6 +38,19 @@ def test_hello(worker: FakeWorker) -> None:
         assert ctx.restoring is False
 
 
+def test_init_puts_the_rank_it_was_given_in_the_environment(
+    worker: FakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a spare's process starts before it has a rank: what torch.distributed
+    # reads from the environment comes with the hello's answer
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    worker.hello = {"rank": 3, "world_size": 4, "local_rank": 1, "master_addr": "10.0.0.7", "master_port": "29511"}
+    with flotilla.init():
+        got = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    assert got == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29511"}
+
+
 def test_fresh_start_sends_the_like_spec(worker: FakeWorker) -> None:
     with flotilla.init() as ctx:
         assert ctx.restore() is None

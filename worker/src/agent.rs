@@ -519,9 +519,13 @@ impl Agent {
                         let _ = ev_tx.send(ev);
                     });
                     if let Some((opts, host)) = exec {
-                        // an --exec spare starts its process once it has a rank
+                        // an --exec spare starts its process at once; the
+                        // process waits in flotilla.init() for its rank
+                        let spare = rank.is_none();
                         let rank = rank.unwrap_or(Rank(0));
-                        return ExecRunner::new(spec, rank, opts, host, device, sink, state, metrics).run(rx);
+                        return ExecRunner::new(spec, rank, opts, host, device, sink, state, metrics)
+                            .spare(spare)
+                            .run(rx);
                     }
                     match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
                         Ok(runner) => runner.run(rx),

@@ -21,7 +21,7 @@ use crate::snapshot::Snapshotter;
 use flotilla_shared::ids::{Generation, JobName, Rank, Step};
 use flotilla_shared::shard::{Shard, VariableSpec};
 use flotilla_shared::spec::JobSpec;
-use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, RestoreSource};
+use flotilla_shared::wire::{RestoreFailureKind, RestorePoint, RestoreSource, WorkerStatus};
 use serde::Serialize;
 use std::ops::ControlFlow;
 use std::os::unix::net::UnixStream;
@@ -84,6 +84,15 @@ pub struct ExecRunner {
     saving: Option<ShmFile>,
     snap: Option<(Vec<VariableSpec>, Snapshotter<ShmFile>)>,
     deferred: Option<Deferred>,
+    /// A spare (`--spare`): its process starts before it holds a rank and
+    /// waits inside `flotilla.init()` until one is given.
+    spare: bool,
+    /// The current process is a spare's, started before any generation.
+    prestarted: bool,
+    /// The hello of a prestarted process, answered once it has a rank.
+    held_hello: Option<u32>,
+    /// The rendezvous of the current process's generation.
+    rendezvous: String,
 }
 
 impl ExecRunner {
@@ -128,7 +137,18 @@ impl ExecRunner {
             saving: None,
             snap: None,
             deferred: None,
+            spare: false,
+            prestarted: false,
+            held_hello: None,
+            rendezvous: String::new(),
         }
+    }
+
+    /// Makes this runner a spare's: its process starts at once, without a
+    /// rank, and waits inside `flotilla.init()` for one (SPEC §11).
+    pub fn spare(mut self, spare: bool) -> Self {
+        self.spare = spare;
+        self
     }
 
     /// Runs until [`RunnerCmd::Stop`] or the command channel closes; the
@@ -146,11 +166,13 @@ impl ExecRunner {
                 let _ = tx.send(Event::Cmd(RunnerCmd::Stop));
             })
             .expect("spawn a thread");
+        self.start_spare_process();
         loop {
             let event = match self.rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => {
                     self.check_connected();
+                    self.start_spare_process();
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -190,6 +212,10 @@ impl ExecRunner {
     /// rank: the coordinator's hang detection only covers training.
     fn check_connected(&mut self) {
         let limit = Duration::from_secs(self.spec.failure.hang_timeout_seconds);
+        if self.prestarted {
+            // a spare's process holds no rank to fail: it waits, and says so
+            return;
+        }
         let Some(p) = self.proc.as_ref().filter(|p| !p.hello && p.started.elapsed() > limit) else { return };
         let pid = p.pid;
         self.stop_process();
@@ -230,6 +256,67 @@ impl ExecRunner {
 
     // ---- the process ------------------------------------------------------
 
+    /// A spare without a rank and without a process starts one: it imports
+    /// what it needs and waits inside `flotilla.init()` (its hello is
+    /// answered once a rank is given). Called again while it has none (its
+    /// process died before it was given a rank), at most every 500 ms.
+    fn start_spare_process(&mut self) {
+        if !self.spare || self.proc.is_some() || self.machine.generation().is_some() {
+            return;
+        }
+        self.starts += 1;
+        let start = self.starts;
+        let mut env = vec![
+            ("WORLD_SIZE", self.spec.world_size.to_string()),
+            ("LOCAL_RANK", self.opts.local_rank.to_string()),
+            ("LOCAL_WORLD_SIZE", self.opts.local_world_size.to_string()),
+            ("FLOTILLA_JOB", self.job.to_string()),
+            ("FLOTILLA_SPARE", "1".to_string()),
+        ];
+        if let Some(gpu) = &self.opts.gpu {
+            env.push(("CUDA_VISIBLE_DEVICES", gpu.clone()));
+        }
+        let launch = Launch { start, rank: self.rank, argv: &self.opts.argv, env };
+        let (on_connect, on_exit) = (self.tx.clone(), self.tx.clone());
+        match Proc::start(
+            launch,
+            move |stream| {
+                let _ = on_connect.send(Event::Connected { start, stream });
+            },
+            move |status| {
+                let _ = on_exit.send(Event::Exited { start, status });
+            },
+        ) {
+            Ok(proc) => {
+                tracing::info!(
+                    pid = proc.pid,
+                    "spare: trainer process started ahead of a rank: {}",
+                    self.opts.argv.join(" ")
+                );
+                self.state.set_trainer_pid(Some(proc.pid));
+                self.state.set_status(WorkerStatus::SpareStarting);
+                self.proc = Some(proc);
+                self.prestarted = true;
+                self.held_hello = None;
+            }
+            Err(e) => tracing::error!("spare: cannot start the trainer process: {e}; trying again"),
+        }
+    }
+
+    /// The spare's waiting process becomes the generation's: its hello (if
+    /// it said it) is answered now, with the rank and the rendezvous.
+    fn adopt(&mut self, generation: Generation, rendezvous: &str) {
+        self.prestarted = false;
+        self.rendezvous = rendezvous.to_string();
+        let pid = self.proc.as_ref().map_or(0, |p| p.pid);
+        tracing::info!(%generation, pid, rank = %self.rank, "the spare's trainer process, already started, takes rank {}", self.rank);
+        // answered as if it arrived now: the request path has the generation
+        if let (Some(version), Some(p)) = (self.held_hello.take(), self.proc.as_ref()) {
+            let req = Ok(Request::Hello { version });
+            let _ = self.tx.send(Event::Request { start: p.start, req });
+        }
+    }
+
     /// Starts the generation's process; the error is why it could not.
     fn start_process(
         &mut self,
@@ -237,8 +324,8 @@ impl ExecRunner {
         rendezvous: &str,
         start_step: Step,
     ) -> crate::Result<(), StartError> {
-        let (master_addr, master_port) =
-            rendezvous.rsplit_once(':').map(|(h, p)| (h.to_string(), p.to_string())).unwrap_or_default();
+        let (master_addr, master_port) = split_rendezvous(rendezvous);
+        self.rendezvous = rendezvous.to_string();
         self.starts += 1;
         let start = self.starts;
         let mut env = vec![
@@ -295,6 +382,15 @@ impl ExecRunner {
         self.released();
         let pid = p.pid;
         let reason = exit_reason(pid, status, &p.last_words());
+        if std::mem::take(&mut self.prestarted) {
+            // no rank lost: the spare is not ready until a new one waits
+            tracing::warn!(
+                "spare: its trainer process ended before it was given a rank ({reason}); starting another"
+            );
+            self.held_hello = None;
+            self.state.set_status(WorkerStatus::SpareStarting);
+            return;
+        }
         self.drive(Input::Exited { success: status.success(), reason });
     }
 
@@ -334,6 +430,23 @@ impl ExecRunner {
             Ok(r) => r,
             Err(e) => return self.refuse("protocol", e.to_string()),
         };
+        if self.prestarted {
+            return match req {
+                Request::Hello { version } => {
+                    if let Some(p) = self.proc.as_mut() {
+                        p.hello = true;
+                    }
+                    self.held_hello = Some(version);
+                    self.state.set_status(WorkerStatus::Spare);
+                    tracing::info!(
+                        "spare ready: its trainer process waits inside flotilla.init() for a rank"
+                    );
+                }
+                _ => {
+                    self.refuse("protocol", "this spare holds no rank yet: call flotilla.init() first".into())
+                }
+            };
+        }
         let Some(generation) = self.machine.generation() else {
             return self.refuse("stopping", "this worker has no generation for the trainer".into());
         };
@@ -377,6 +490,7 @@ impl ExecRunner {
             return self.refuse("protocol", msg);
         }
         let from = self.machine.from();
+        let (master_addr, master_port) = split_rendezvous(&self.rendezvous);
         let reply = HelloReply {
             ok: true,
             job: self.job.to_string(),
@@ -385,6 +499,9 @@ impl ExecRunner {
             generation: generation.0,
             start_step: from.map_or(0, |p| p.step.0),
             restoring: from.is_some(),
+            local_rank: self.opts.local_rank,
+            master_addr,
+            master_port,
         };
         let fresh = from.is_none() && !self.restored();
         self.reply(&reply);
@@ -597,9 +714,14 @@ impl Shell for ExecRunner {
             Effect::Publish => self.publish(),
             Effect::CancelWrites => snap.into_iter().for_each(Snapshotter::cancel_writes),
             Effect::CancelWriteOf(id) => snap.into_iter().for_each(|s| s.cancel_write_of(id)),
+            // a spare's waiting process is the one the generation will use
+            Effect::StopTrainer if self.prestarted => {}
             Effect::StopTrainer => self.stop_process(),
             Effect::PickRendezvous => {
                 return ControlFlow::Continue(Some(Input::RendezvousPicked(self.pick_rendezvous())))
+            }
+            Effect::StartTrainer { generation, rendezvous, .. } if self.prestarted && self.proc.is_some() => {
+                self.adopt(generation, &rendezvous);
             }
             Effect::StartTrainer { generation, rendezvous, start_step } => {
                 let failed = self.start_process(generation, &rendezvous, start_step).err();
@@ -620,6 +742,11 @@ impl Shell for ExecRunner {
         }
         ControlFlow::Continue(None)
     }
+}
+
+/// `host:port` as `MASTER_ADDR` and `MASTER_PORT` (empty: none yet).
+fn split_rendezvous(rendezvous: &str) -> (String, String) {
+    rendezvous.rsplit_once(':').map(|(h, p)| (h.to_string(), p.to_string())).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -52,6 +52,11 @@ pub(super) struct HelloReply {
     pub generation: u64,
     pub start_step: u64,
     pub restoring: bool,
+    /// What `flotilla.init()` puts in `os.environ` (a spare's process was
+    /// started before it had them).
+    pub local_rank: u32,
+    pub master_addr: String,
+    pub master_port: String,
 }
 
 #[derive(Serialize, Clone)]
