@@ -435,6 +435,24 @@ pub(crate) enum BenchCommand {
     Snapshot(SnapshotArgs),
     /// `--exec` trainers on a real local cluster: a trainer process SIGKILLed → all ranks training again.
     Exec(bench_exec::ExecBenchArgs),
+    /// A restore's fetch of a memory copy from a peer worker, against a plain loopback TCP copy of the same bytes.
+    Copy(CopyBenchArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct CopyBenchArgs {
+    /// Bytes of the shard copied.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub(crate) bytes: u64,
+    /// Interleaved runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) runs: usize,
+    /// Where the shard is written first (removed after).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("flotilla-bench"))]
+    pub(crate) dir: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]

@@ -194,7 +194,8 @@ async fn a_follower_tells_the_step_of_the_latest_committed_checkpoint_not_0() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
-    let mut s = Scenario::start(3, 1500, "").await;
+    // the memory tier off: every restore reads the files
+    let mut s = Scenario::start(3, 1500, "memory_copies = 0\n").await;
     s.wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3 && j.state == "running").await;
     // freeze every rank so no newer checkpoint can commit meanwhile, and let
     // a commit already in flight land
@@ -228,7 +229,8 @@ async fn corrupt_latest_checkpoint_falls_back_to_the_previous() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_checkpoint_condemned_is_an_event_a_metric_and_the_job_still_converges() {
-    let mut s = Scenario::start(2, 1500, "").await;
+    // the memory tier off: every restore reads the files
+    let mut s = Scenario::start(2, 1500, "memory_copies = 0\n").await;
     s.wait_job("two committed checkpoints", |j| j.checkpoints_committed >= 2 && j.state == "running").await;
     // freeze every rank so nothing newer commits, then damage every shard
     // on disk: committed ones, and any pending one that might still land
@@ -492,10 +494,11 @@ async fn a_rank_killed_for_good_is_taken_over_by_a_ready_spare() {
         .expect("a restore event");
     assert_eq!(restore.0, flotilla_coordinator::ledger::RestoreReason::Disconnected);
     assert_eq!(restore.1, vec![Takeover { rank: Rank(1), worker: spare }]);
-    // the survivors restored from their own memory; the spare, holding no
-    // copy, read the files: the job's source is the slowest rank's
+    // the survivors restored from their own memory (or the files, when a
+    // newer snapshot was in flight); the spare from a peer's memory copy, or
+    // the one it held itself, or the files (when a copy was not made yet)
     let from = taken.restored_from.expect("restored from a checkpoint");
-    assert_eq!(from.source, Some(RestoreSource::Storage), "{:?}", taken.last_recovery);
+    assert!(from.source.is_some(), "{:?}", taken.last_recovery);
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
     assert_eq!(done.restores, 1);
@@ -666,6 +669,83 @@ async fn a_restore_with_the_shard_files_deleted_restores_that_checkpoint_from_ev
     let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
     assert_eq!(done.restores, 1);
     assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert!(s.workers.exited().iter().all(|(_, st)| st.success()), "a worker failed");
+}
+
+/// Bytes of memory copies a worker holds, from its `/metrics`.
+async fn copy_bytes(http_addr: &str) -> u64 {
+    let Ok(r) = reqwest::get(format!("http://{http_addr}/metrics")).await else { return 0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("flotilla_memory_copy_bytes"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spare_restores_a_rank_killed_for_good_from_a_peers_memory_copy_with_the_files_gone() {
+    // periodic checkpoints off: the operator's is the latest committed, and
+    // its copies are the ones in memory; a heartbeat timeout far past the run
+    let mut s = Scenario::start_every(
+        3,
+        1500,
+        1_000_000,
+        "[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 20000\n",
+    )
+    .await;
+    let spare = s.workers.spawn_spare(&[]).unwrap();
+    s.wait_job("the job running with a ready spare", |j| {
+        j.state == "running" && j.step.0 > 0 && j.spares.iter().any(|sp| sp.state == SpareState::Ready)
+    })
+    .await;
+    let endpoints = s.cluster.endpoints();
+    let out =
+        Command::new(BIN).args(["checkpoint", "--job", "e2e", "--endpoints", &endpoints]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.starts_with("checkpoint 1 committed at step "), "{stdout}");
+    // memory_copies = 1 (the default): each rank's shard in one other
+    // worker's memory, the spare's included
+    let shard = std::fs::metadata(shard_path(s.job_dir().path(), 1, 0)).unwrap().len();
+    let slots: Vec<String> = (0..=spare).map(|slot| s.workers.http_addr(slot).to_string()).collect();
+    wait_for("a memory copy of every rank's shard", LONG, || async {
+        let mut held = 0;
+        for addr in &slots {
+            held += copy_bytes(addr).await;
+        }
+        if held == 3 * shard {
+            Ok(())
+        } else {
+            Err(format!("{held} bytes of copies held, {} wanted", 3 * shard))
+        }
+    })
+    .await;
+    tracing::info!("--- delete every shard file of checkpoint 1, then SIGKILL rank 1 for good");
+    for rank in 0..3 {
+        std::fs::remove_file(shard_path(s.job_dir().path(), 1, rank)).unwrap();
+    }
+    s.workers.kill(1);
+    let host = format!("spare-host-{spare}");
+    let taken = s
+        .wait_job("rank 1 training on the spare, the restore's sources known", |j| {
+            j.state == "running"
+                && j.generation.0 == 2
+                && j.workers.iter().any(|w| w.rank.0 == 1 && w.host.as_deref() == Some(host.as_str()))
+                && j.restored_from.is_some_and(|c| c.source.is_some())
+        })
+        .await;
+    let from = taken.restored_from.unwrap();
+    assert_eq!(from.id.0, 1, "the checkpoint whose files are gone, not step 0");
+    // survivors from their own buffer; the spare from a copy (a peer's, or
+    // the one it held itself): never storage, whose files are gone
+    assert!(matches!(from.source, Some(RestoreSource::Peer | RestoreSource::Memory)), "{from:?}");
+    println!(
+        "with the files gone, checkpoint {} restored; the slowest rank's source: {:?}",
+        from.id, from.source
+    );
+    let done = s.wait_job("the job to succeed", |j| j.state == "succeeded").await;
+    assert_eq!(done.final_digest.as_deref(), Some(s.reference().as_str()));
+    assert_eq!(done.restores, 1);
     assert!(s.workers.exited().iter().all(|(_, st)| st.success()), "a worker failed");
 }
 
@@ -850,7 +930,8 @@ async fn a_cancelled_job_stops_its_workers_and_once_deleted_its_name_runs_afresh
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_condemned_checkpoint_is_listed_with_its_tensor_and_cleared_after_repair() {
-    let s = Scenario::start(2, 2500, "keep_last = 1000\n").await;
+    // the memory tier off: every restore reads the files
+    let s = Scenario::start(2, 2500, "keep_last = 1000\nmemory_copies = 0\n").await;
     let before = s.wait_job("three committed checkpoints", |j| j.checkpoints_committed >= 3).await;
     let c = before.latest_committed.unwrap().id;
     let endpoints = s.cluster.endpoints();

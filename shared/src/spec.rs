@@ -56,6 +56,10 @@ pub struct CheckpointSpec {
     /// committed before the job succeeds (the built-in trainer's jobs).
     #[serde(default = "default_at_end")]
     pub at_end: bool,
+    /// Copies of each rank's shard of the latest committed checkpoint held
+    /// in other workers' memory (0: none), for a restore without storage.
+    #[serde(default = "default_memory_copies")]
+    pub memory_copies: u32,
 }
 
 /// `[failure]`: failure detection and restart budget.
@@ -135,6 +139,9 @@ impl Default for TrainerSpec {
 
 fn default_keep_last() -> u32 {
     3
+}
+fn default_memory_copies() -> u32 {
+    1
 }
 fn default_timeout_seconds() -> u64 {
     120
@@ -304,6 +311,7 @@ impl JobSpec {
             check(n >= 1, "checkpoint.every_seconds", n, "must be at least 1")?;
         }
         check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
+        check(c.memory_copies <= 8, "checkpoint.memory_copies", c.memory_copies, "must be between 0 and 8")?;
         absolute(&c.root, "checkpoint.root", "(every rank and coordinator resolves it alike)")?;
         if let Some(from) = &c.resume_from {
             absolute(from, "checkpoint.resume_from", "to another job's checkpoint directory (<root>/<job>)")?;
@@ -439,6 +447,7 @@ seed = 42
         let cases = [
             ("world_size = 4", "world_size = 0", "`world_size` = 0"),
             ("keep_last = 3", "keep_last = 0", "`checkpoint.keep_last` = 0"),
+            ("keep_last = 3", "keep_last = 3\nmemory_copies = 9", "`checkpoint.memory_copies` = 9"),
             ("every_steps = 100", "every_steps = 0", "`checkpoint.every_steps` = 0"),
             ("timeout_seconds = 120", "timeout_seconds = 0", "`checkpoint.timeout_seconds` = 0"),
             (

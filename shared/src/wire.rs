@@ -262,6 +262,16 @@ pub enum WorkerMessage {
         /// What went wrong, for people.
         reason: String,
     },
+    /// Copies of its shard of `checkpoint` are held in the memory of these
+    /// workers (HTTP addresses), which accepted them.
+    CopiesMade {
+        /// The generation.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// The workers holding a copy.
+        to: Vec<String>,
+    },
     /// Its state is loaded and it is ready to train from `step`.
     Restored {
         /// The new generation.
@@ -340,6 +350,10 @@ pub struct RestorePoint {
     pub dir: PathBuf,
     /// This rank's shard manifest from the ledger (the checksums to verify).
     pub shard: ShardDigest,
+    /// Workers holding a copy of this shard in memory (their HTTP
+    /// addresses), tried in order before storage.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// Coordinator → worker.
@@ -367,6 +381,19 @@ pub enum CoordinatorMessage {
         rank: Rank,
         /// The generation it takes it in (the takeover's restore).
         generation: Generation,
+    },
+    /// Send copies of this rank's shard of committed checkpoint
+    /// `checkpoint` to the first `copies` of `to` (workers' HTTP addresses,
+    /// best first) that accept one.
+    CopyShard {
+        /// The generation.
+        generation: Generation,
+        /// The checkpoint (the latest committed).
+        checkpoint: CheckpointId,
+        /// Copies wanted (`[checkpoint] memory_copies`).
+        copies: u32,
+        /// Where, in order of preference.
+        to: Vec<String>,
     },
     /// This replica is not the leader; try `leader` (an api address) if known.
     NotLeader {

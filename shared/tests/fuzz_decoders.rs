@@ -158,6 +158,7 @@ mod gen {
                             root,
                             timeout_seconds,
                             resume_from,
+                            memory_copies: keep_last % 3,
                             at_end,
                         }
                     },
@@ -349,8 +350,9 @@ mod gen {
     }
 
     pub fn coordinator_message() -> BoxedStrategy<CoordinatorMessage> {
-        let point = (ckpt(), step(), path(), shard_manifest().prop_map(ShardDigest::from))
-            .prop_map(|(checkpoint, step, dir, shard)| RestorePoint { checkpoint, step, dir, shard });
+        let point = (ckpt(), step(), path(), shard_manifest().prop_map(ShardDigest::from)).prop_map(
+            |(checkpoint, step, dir, shard)| RestorePoint { checkpoint, step, dir, shard, peers: Vec::new() },
+        );
         prop_oneof![
             (any_spec(), generation(), num(), any::<bool>()).prop_map(|(spec, generation, term, spare)| {
                 CoordinatorMessage::Registered { spec, generation, term, spare }
@@ -1644,6 +1646,7 @@ fn valid_doc() -> BoxedStrategy<(JobSpec, Doc)> {
                     timeout_seconds: timeout.unwrap_or(120),
                     resume_from: resume_from.as_ref().map(PathBuf::from),
                     at_end: true,
+                    memory_copies: 1,
                 },
                 failure: FailureSpec {
                     heartbeat_interval_ms: i,

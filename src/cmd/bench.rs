@@ -2,7 +2,7 @@
 //! is in `bench_exec`), and their reports as tables.
 
 use super::Usage;
-use crate::cli::{CoordinatorBenchArgs, RaftArgs, SimWorkersArgs, SnapshotArgs};
+use crate::cli::{CoordinatorBenchArgs, CopyBenchArgs, RaftArgs, SimWorkersArgs, SnapshotArgs};
 use anyhow::{bail, Context, Result};
 use flotilla_worker::bench::{snapshot_bench, SnapshotBenchOptions, SnapshotBenchReport};
 use std::path::PathBuf;
@@ -145,6 +145,42 @@ fn print_raft_report(r: &flotilla_coordinator::testkit::bench::RaftBenchReport) 
         r.failover_p50_ms,
         runs.join(", ")
     );
+}
+
+pub(crate) fn run_bench_copy(args: CopyBenchArgs) -> Result<()> {
+    if args.bytes < 1 << 20 || args.runs == 0 {
+        return Err(Usage("--bytes must be at least 1048576 and --runs at least 1".into()).into());
+    }
+    let r = flotilla_worker::copies::bench::run(args.bytes, args.runs, &args.dir)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("bench copy in {}", args.dir.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let gbps = |s: f64| r.bytes as f64 / s.max(1e-9) / 1e9;
+    println!(
+        "memory copy of a {:.1} MiB shard on loopback, median of {} runs:",
+        r.bytes as f64 / (1 << 20) as f64,
+        r.runs.len()
+    );
+    println!(
+        "  peer fetch (GET from a worker's copy):  {:>7.1} ms  {:>5.2} GB/s",
+        r.peer_s() * 1e3,
+        gbps(r.peer_s())
+    );
+    println!(
+        "  plain TCP copy of the same bytes:       {:>7.1} ms  {:>5.2} GB/s",
+        r.tcp_s() * 1e3,
+        gbps(r.tcp_s())
+    );
+    println!("  peer / TCP throughput (median ratio):   {:>7.2}x", r.ratio());
+    println!(
+        "  then the restorer's verification:       {:>7.1} ms  {:>5.2} GB/s",
+        r.verify_s() * 1e3,
+        gbps(r.verify_s())
+    );
+    Ok(())
 }
 
 pub(crate) fn run_bench_snapshot(args: SnapshotArgs) -> Result<()> {

@@ -87,6 +87,7 @@ pub(crate) fn run(cli: Cli) -> Result<()> {
         Command::Certs(args) => admin::run_certs(args),
         Command::Replicas(cmd) => block_on(admin::run_replicas(cmd)),
         Command::Bench(BenchCommand::Snapshot(args)) => bench::run_bench_snapshot(args),
+        Command::Bench(BenchCommand::Copy(args)) => bench::run_bench_copy(args),
         Command::Bench(BenchCommand::Raft(args)) => block_on(bench::run_bench_raft(args)),
         Command::Bench(BenchCommand::Exec(args)) => multi_thread()?.block_on(bench_exec::run(args)),
         Command::Bench(BenchCommand::SimWorkers(args)) => bench::run_sim_workers(args),

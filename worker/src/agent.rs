@@ -16,6 +16,7 @@
 //! trainer thread that dies is reported (status `failed`) and started again
 //! on the next restore.
 
+use crate::copies::{self, CopyState, CopyStore};
 use crate::device::{self, DeviceMemory, Reading};
 pub use crate::error::WorkerError;
 use crate::exec::{ExecOptions, ExecRunner};
@@ -100,6 +101,8 @@ struct Shared {
     view: Arc<Mutex<StatusView>>,
     runner: Arc<RunnerState>,
     metrics: WorkerMetrics,
+    /// Other ranks' shards held here (the memory tier).
+    copies: Arc<CopyStore>,
 }
 
 enum SessionEnd {
@@ -155,6 +158,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
         })),
         runner: runner_state.clone(),
         metrics: metrics.clone(),
+        copies: Arc::default(),
     };
     if let Some(addr) = &opts.http_addr {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -165,7 +169,12 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
             .route("/readyz", get(readyz))
             .route("/v1/status", get(status))
             .route("/metrics", get(metrics_text))
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .merge(
+                Router::new()
+                    .route("/v1/copies/{checkpoint}/{rank}", get(copies::get_copy).put(copies::put_copy))
+                    .with_state(CopyState { store: shared.copies.clone(), metrics: metrics.clone() }),
+            );
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
@@ -338,7 +347,7 @@ impl Agent {
             job: self.opts.job.clone(),
             rank: self.rank,
             incarnation: self.incarnation,
-            http_addr: self.opts.http_addr.clone(),
+            http_addr: self.opts.http_addr.as_deref().map(|a| advertised(a, &self.host)),
             generation: self.runner_state.generation(),
             step: self.runner_state.step(),
             host: Some(self.opts.host.clone()),
@@ -386,6 +395,7 @@ impl Agent {
             ))));
         }
         self.spec = Some(spec.clone());
+        self.shared.copies.set_capacity(spec.checkpoint.memory_copies);
         if spare && self.rank.is_some() {
             self.become_spare().await?;
         }
@@ -507,6 +517,7 @@ impl Agent {
                 spec.clone(),
             );
             let exec = self.opts.exec.clone().map(|opts| (opts, self.host.clone()));
+            let copies = self.shared.copies.clone();
             if rank.is_none() {
                 state.set_status(WorkerStatus::SpareStarting);
             }
@@ -528,7 +539,7 @@ impl Agent {
                             .run(rx);
                     }
                     match Runner::new(spec, rank, device, sink.clone(), state, metrics) {
-                        Ok(runner) => runner.run(rx),
+                        Ok(runner) => runner.with_copies(copies).run(rx),
                         Err(e) => {
                             let reason = e.to_string();
                             tracing::error!("cannot start the trainer: {reason}");
@@ -598,6 +609,9 @@ impl Agent {
                 }
                 self.runner_cmd(RunnerCmd::Restore { generation, from, rendezvous });
             }
+            CoordinatorMessage::CopyShard { generation, checkpoint, copies, to } => {
+                self.runner_cmd(RunnerCmd::CopyShard { generation, checkpoint, copies, to });
+            }
             CoordinatorMessage::Resume { generation, step } => {
                 tracing::debug!(%generation, %step, "resume");
                 self.runner_cmd(RunnerCmd::Resume { generation, step });
@@ -629,6 +643,18 @@ impl Agent {
             CoordinatorMessage::Batch(_) => tracing::warn!("coordinator sent a node-session batch; ignored"),
         }
         Ok((None, replies))
+    }
+}
+
+/// The HTTP address other workers reach this one at: `--http-addr`, with a
+/// wildcard host (`0.0.0.0`, `[::]`) replaced by `local`, the address this
+/// worker reaches its coordinator from.
+fn advertised(http_addr: &str, local: &str) -> String {
+    match http_addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => {
+            std::net::SocketAddr::new(local.parse().unwrap_or(a.ip()), a.port()).to_string()
+        }
+        _ => http_addr.to_string(),
     }
 }
 

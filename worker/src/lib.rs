@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod copies;
 pub mod device;
 pub mod error;
 pub mod exec;

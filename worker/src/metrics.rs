@@ -27,6 +27,10 @@ pub struct WorkerMetrics {
     /// bytes plus `failure.memory_headroom_bytes`); compare with
     /// `flotilla_device_memory_free_bytes` when a rank is blocked.
     pub restore_need_bytes: IntGauge,
+    /// Bytes of other ranks' shards this worker holds in memory (copies).
+    pub memory_copy_bytes: IntGauge,
+    /// Sending one copy of this rank's shard to a peer.
+    pub memory_copy_seconds: Histogram,
     device_free: IntGaugeVec,
     device_total: IntGaugeVec,
 }
@@ -133,7 +137,20 @@ impl WorkerMetrics {
         )
         .expect("valid");
         registry.register(Box::new(restore_need_bytes.clone())).expect("registered once");
+        let memory_copy_bytes = IntGauge::new(
+            "flotilla_memory_copy_bytes",
+            "Bytes of other ranks' shards (memory copies of the latest committed checkpoint) held in this worker's memory.",
+        )
+        .expect("valid");
+        registry.register(Box::new(memory_copy_bytes.clone())).expect("registered once");
+        let memory_copy_seconds = hist(
+            "flotilla_memory_copy_seconds",
+            "Sending one memory copy of this rank's shard to a peer worker (accepted or refused).",
+            vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+        );
         Self {
+            memory_copy_bytes,
+            memory_copy_seconds,
             registry,
             step,
             stall,

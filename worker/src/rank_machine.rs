@@ -150,6 +150,18 @@ pub enum Directive {
         /// The rank.
         rank: Rank,
     },
+    /// Send copies of this rank's shard of committed checkpoint
+    /// `checkpoint` to the first `copies` of `to` that accept one.
+    CopyShard {
+        /// The generation.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// Copies wanted.
+        copies: u32,
+        /// Peers' HTTP addresses, best first.
+        to: Vec<String>,
+    },
     /// Exit.
     Stop,
 }
@@ -253,6 +265,19 @@ pub enum Effect {
     Resumed,
     /// A spare took `rank`: the shell's trainer is that rank's from now on.
     Assigned(Rank),
+    /// Send copies of the shard of `checkpoint` (if the snapshot buffer
+    /// still holds it) to the first `copies` of `to` that accept one, and
+    /// report where they are.
+    SendCopies {
+        /// The generation.
+        generation: Generation,
+        /// The checkpoint.
+        checkpoint: CheckpointId,
+        /// Copies wanted.
+        copies: u32,
+        /// Peers, best first.
+        to: Vec<String>,
+    },
     /// End the rank's thread.
     Exit,
 }
@@ -385,6 +410,16 @@ impl RankMachine {
                 vec![Effect::CancelWriteOf(id)]
             }
             Input::Directive(Directive::Assign { rank }) => self.assign(rank),
+            // the built-in trainer's shard is in its snapshot buffer; an
+            // --exec trainer's copies are not built yet
+            Input::Directive(Directive::CopyShard { generation, checkpoint, copies, to }) => {
+                match self.kind {
+                    TrainerKind::Builtin if self.generation() == Some(generation) => {
+                        vec![Effect::SendCopies { generation, checkpoint, copies, to }]
+                    }
+                    _ => Vec::new(),
+                }
+            }
             Input::Directive(Directive::Stop) => {
                 self.phase = Phase::Stopped;
                 vec![Effect::Exit]

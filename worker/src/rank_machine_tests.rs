@@ -21,6 +21,7 @@ fn point(step: u64) -> RestorePoint {
             bytes: 64,
             checksum: Checksum(0),
         },
+        peers: Vec::new(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! ([`WorkerMessage`]s, forwarded as they are) out, and the
 //! current step/generation/status in [`RunnerState`] atomics.
 
+use crate::copies::CopyStore;
 use crate::device::{human_bytes, DeviceMemory, Host};
 use crate::error::{ProvisionError, RestoreRefusal};
 use crate::metrics::WorkerMetrics;
@@ -14,7 +15,7 @@ use crate::rank_machine::{Effect, Input, Pending, RankMachine, Shell, TrainerKin
 use crate::snapshot::host_memory_need;
 use crate::snapshot::{SnapshotError, Snapshotter, WriteOutcome, WriteRequest};
 use crate::trainer::{BuiltinTrainer, Trainer};
-use flotilla_shared::ids::{Generation, JobName, Rank, Step};
+use flotilla_shared::ids::{CheckpointId, Generation, JobName, Rank, Step};
 use flotilla_shared::layout::shard_file_name;
 use flotilla_shared::shard::VariableSpec;
 use flotilla_shared::shard::{
@@ -131,9 +132,62 @@ pub struct Runner {
     metrics: WorkerMetrics,
     /// The directive protocol.
     machine: RankMachine,
+    /// Other ranks' shards this worker holds (the memory tier).
+    copies: Arc<CopyStore>,
 }
 
 impl Runner {
+    /// Restores look among `copies` (this worker's memory copies of other
+    /// ranks' shards) too.
+    pub fn with_copies(mut self, copies: Arc<CopyStore>) -> Self {
+        self.copies = copies;
+        self
+    }
+
+    /// Sends copies of this rank's shard of `checkpoint` from the writer
+    /// thread (training goes on), to the first `copies` peers of `to` that
+    /// accept one, and reports where they are.
+    fn send_copies(
+        &mut self,
+        generation: Generation,
+        checkpoint: CheckpointId,
+        copies: u32,
+        to: Vec<String>,
+    ) {
+        let Some(snap) = self.snap.as_mut() else { return };
+        let (rank, events, metrics) = (self.rank, self.events.clone(), self.metrics.clone());
+        let task: crate::snapshot::ReadTask = Box::new(move |header, data, checksum| {
+            let mut made = Vec::new();
+            for addr in to {
+                if made.len() >= copies as usize {
+                    break;
+                }
+                let at = Instant::now();
+                let sent = crate::copies::send(&addr, checkpoint, rank, header, data, checksum);
+                metrics.memory_copy_seconds.observe(at.elapsed().as_secs_f64());
+                match sent {
+                    Ok(()) => {
+                        let mib = (header.len() + data.len()) as f64 / (1 << 20) as f64;
+                        let secs = at.elapsed().as_secs_f64();
+                        tracing::info!(%checkpoint, "memory copy sent to {addr}: {mib:.1} MiB in {:.0} ms", secs * 1e3);
+                        made.push(addr);
+                    }
+                    Err(why) => tracing::warn!(%checkpoint, "memory copy not taken: {why}"),
+                }
+            }
+            if made.len() < copies as usize {
+                tracing::warn!(%checkpoint, "{} of {copies} memory copies made", made.len());
+            }
+            events(WorkerMessage::CopiesMade { generation, checkpoint, to: made });
+        });
+        match snap.read_held(checkpoint, task) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%checkpoint, "no memory copies: the snapshot buffer no longer holds this checkpoint")
+            }
+            Err(e) => tracing::warn!(%checkpoint, "no memory copies: {e}"),
+        }
+    }
     /// A runner for `rank` of `spec` (`None`: a spare, which takes its rank
     /// with [`RunnerCmd::Assign`]), with a fresh trainer at step 0.
     ///
@@ -173,6 +227,7 @@ impl Runner {
             state,
             metrics,
             machine: RankMachine::new(TrainerKind::Builtin, rank),
+            copies: Arc::default(),
         };
         match runner.provision() {
             Err(why) if spare => {
@@ -349,111 +404,211 @@ impl Runner {
             device: self.device.as_ref(),
             metrics: &self.metrics,
         };
-        let started = Instant::now();
         let Some(snap) = self.snap.as_mut() else {
             return failed(
                 RestoreFailureKind::DeviceMemory,
                 format!("{label}: no snapshot buffer to read into"),
             );
         };
-        // 1. where the shard is: this rank's own memory (its snapshot
-        // buffer still holds the checkpoint it wrote), else the files
-        let held = match snap.held_header(point.checkpoint) {
-            Ok(h) => h.map(|h| ShardHeader::decode(h, point.shard.bytes, &label)),
-            Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
-        };
-        let header = match held {
-            Some(Ok(header)) => Some(header),
-            Some(Err(e)) => {
-                tracing::warn!("{label}: the copy in memory is unusable ({e}); reading the files");
-                None
-            }
-            None => None,
-        };
-        // 2. prechecks: names, dtypes, shapes, device memory
-        let checked = match &header {
-            Some(h) => checks.check(h, &point, &label, Some(&self.vars)),
-            None => checks.run(&point, &label, Some(&self.vars)),
-        };
-        if let Err(RestoreRefusal { kind, message }) = checked {
-            return failed(kind, message);
-        }
-        let prechecked = started.elapsed();
-        // 3. verify every checksum (reading the file into the snapshot
-        // buffer, memory already touched, unless it is in memory), 4. load;
-        // nothing changes before 4
         let (trainer_spec, rank, spare) = (&self.trainer_spec, self.rank, &mut self.spare);
         let trainer = self.trainer.get_or_insert_with(|| {
             spare.take().unwrap_or_else(|| BuiltinTrainer::zeroed(trainer_spec, rank))
         });
-        let (mut read, mut load) = (Duration::ZERO, Duration::ZERO);
-        let mut load_from = |shard: Result<Shard, ShardError>, read_at: Instant| match shard {
-            Ok(shard) => {
-                read = read_at.elapsed();
-                let at = Instant::now();
-                let loaded = trainer.load(&shard);
-                load = at.elapsed();
-                (shard.into_buffer(), Ok(loaded))
-            }
-            Err(e) => (Vec::new(), Err(e)),
+        let mut times = Times::default();
+        // the sources, fastest first: this rank's snapshot buffer (it wrote
+        // the checkpoint), a copy of the shard in this worker's memory, each
+        // peer's copy, storage; each verified against the ledger's checksum
+        // and checked against the model and the device before anything loads
+        let mut image =
+            ImageLoad { trainer, checks: &checks, point: &point, label: &label, model: &self.vars };
+        let mut outcome = None;
+        // memory_copies = 0 turns the memory tier off: storage only
+        let tier = self.spec.checkpoint.memory_copies > 0;
+        let from_buffer = if tier {
+            snap.with_image(point.checkpoint, |img| image.load(img, &mut times))
+        } else {
+            Ok(None)
         };
-        let mut source = RestoreSource::Storage;
-        let mut loaded = None;
-        if header.is_some() {
-            let at = Instant::now();
-            let from_memory = snap.with_image(point.checkpoint, |image| {
-                match Shard::verify_image(image, &label, &point.shard) {
-                    Ok(shard) => load_from(Ok(shard), at),
-                    Err(refused) => (refused.image, Err(refused.error)),
-                }
+        match from_buffer {
+            Ok(Some(o)) => outcome = Some((RestoreSource::Memory, "its snapshot buffer".to_string(), o)),
+            Ok(None) => {}
+            Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
+        }
+        report_fallback(&label, &outcome);
+        let tried = !tier || loaded(&outcome) || refused(&outcome);
+        if let Some(copy) = self.copies.get(point.checkpoint, rank).filter(|_| !tried) {
+            let o = snap.with_buffer(|mut buf| {
+                buf.clear();
+                buf.extend_from_slice(&copy);
+                image.load(buf, &mut times)
             });
-            match from_memory {
-                Ok(Some(Err(e))) => {
-                    tracing::error!(
-                        "{label}: the copy in memory fails its checksums ({e}); reading the files"
-                    );
-                }
-                Ok(Some(done)) => {
-                    source = RestoreSource::Memory;
-                    loaded = Some(Ok(done));
-                }
-                Ok(None) => {}
-                Err(e) => loaded = Some(Err(e)),
+            match o {
+                Ok(o) => outcome = Some((RestoreSource::Memory, "a copy in this worker's memory".into(), o)),
+                Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
             }
         }
-        let loaded = loaded.unwrap_or_else(|| {
-            snap.with_buffer(|buf| {
-                let at = Instant::now();
-                load_from(Shard::read_verified_into(&path, &label, &point.shard, buf), at)
-            })
-        });
-        match loaded {
-            Ok(Ok(Ok(()))) => {
-                let bytes = point.shard.bytes;
-                for (phase, took) in [("prechecks", prechecked), ("read_verify", read), ("load", load)] {
-                    self.metrics.restore_phase.with_label_values(&[phase]).observe(took.as_secs_f64());
+        for addr in &point.peers {
+            report_fallback(&label, &outcome);
+            if loaded(&outcome) || refused(&outcome) {
+                break;
+            }
+            let at = Instant::now();
+            let o = snap.with_buffer(|mut buf| {
+                match crate::copies::fetch(addr, point.checkpoint, rank, point.shard.bytes, &mut buf) {
+                    Ok(()) => image.load(buf, &mut times),
+                    Err(why) => (buf, Loaded::Fallback(why)),
                 }
-                tracing::info!(
-                    %generation,
-                    checkpoint = %point.checkpoint,
-                    %source,
-                    "restored {:.1} MiB from {source}: prechecks {:.1} ms, read + verify {:.1} ms ({:.2} GB/s), load {:.1} ms",
-                    bytes as f64 / (1 << 20) as f64,
-                    prechecked.as_secs_f64() * 1e3,
-                    read.as_secs_f64() * 1e3,
-                    bytes as f64 / read.as_secs_f64().max(1e-9) / 1e9,
-                    load.as_secs_f64() * 1e3,
-                );
-                Input::Restored { step: trainer.current_step(), source: Some(source) }
+            });
+            match o {
+                Ok(o) => {
+                    let secs = at.elapsed().as_secs_f64();
+                    let what = format!("the copy at {addr}");
+                    if matches!(o, Loaded::Done) {
+                        let gbps = point.shard.bytes as f64 / secs.max(1e-9) / 1e9;
+                        tracing::info!(
+                            "{label}: fetched from {addr} and verified in {:.0} ms ({gbps:.2} GB/s)",
+                            secs * 1e3
+                        );
+                    }
+                    outcome = Some((RestoreSource::Peer, what, o));
+                }
+                Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
             }
-            Ok(Ok(Err(m))) => {
-                failed(RestoreFailureKind::ModelMismatch, format!("{label} does not match the model: {m}"))
+        }
+        report_fallback(&label, &outcome);
+        let (source, from_storage) = match outcome {
+            Some((source, _, Loaded::Done)) => (source, None),
+            Some((_, _, Loaded::Refused(RestoreRefusal { kind, message }))) => return failed(kind, message),
+            _ => (RestoreSource::Storage, Some(())),
+        };
+        if from_storage.is_some() {
+            // prechecks from the file's header, then read into the snapshot
+            // buffer (memory already touched) verifying every checksum, load
+            let at = Instant::now();
+            if let Err(RestoreRefusal { kind, message }) = checks.run(&point, &label, Some(&self.vars)) {
+                return failed(kind, message);
             }
-            Ok(Err(e)) => {
-                let RestoreRefusal { kind, message } = shard_refusal(&e, &path);
-                failed(kind, message)
+            times.prechecks = at.elapsed();
+            let trainer = self.trainer.as_mut().expect("made above");
+            let loaded = snap.with_buffer(|buf| {
+                let at = Instant::now();
+                match Shard::read_verified_into(&path, &label, &point.shard, buf) {
+                    Ok(shard) => {
+                        times.read_verify = at.elapsed();
+                        let at = Instant::now();
+                        let loaded = trainer.load(&shard);
+                        times.load = at.elapsed();
+                        (shard.into_buffer(), Ok(loaded))
+                    }
+                    Err(e) => (Vec::new(), Err(e)),
+                }
+            });
+            match loaded {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(m))) => {
+                    return failed(
+                        RestoreFailureKind::ModelMismatch,
+                        format!("{label} does not match the model: {m}"),
+                    )
+                }
+                Ok(Err(e)) => {
+                    let RestoreRefusal { kind, message } = shard_refusal(&e, &path);
+                    return failed(kind, message);
+                }
+                Err(e) => return failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
             }
-            Err(e) => failed(RestoreFailureKind::Unavailable, format!("{label}: {e}")),
+        }
+        let bytes = point.shard.bytes;
+        for (phase, took) in
+            [("prechecks", times.prechecks), ("read_verify", times.read_verify), ("load", times.load)]
+        {
+            self.metrics.restore_phase.with_label_values(&[phase]).observe(took.as_secs_f64());
+        }
+        tracing::info!(
+            %generation,
+            checkpoint = %point.checkpoint,
+            %source,
+            "restored {:.1} MiB from {source}: prechecks {:.1} ms, read + verify {:.1} ms ({:.2} GB/s), load {:.1} ms",
+            bytes as f64 / (1 << 20) as f64,
+            times.prechecks.as_secs_f64() * 1e3,
+            times.read_verify.as_secs_f64() * 1e3,
+            bytes as f64 / times.read_verify.as_secs_f64().max(1e-9) / 1e9,
+            times.load.as_secs_f64() * 1e3,
+        );
+        let step = self.trainer.as_ref().map_or(Step(0), |t| t.current_step());
+        Input::Restored { step, source: Some(source) }
+    }
+}
+
+/// How long each phase of a restore took.
+#[derive(Default)]
+struct Times {
+    prechecks: Duration,
+    read_verify: Duration,
+    load: Duration,
+}
+
+/// What came of one source of a restore.
+enum Loaded {
+    /// The state is loaded.
+    Done,
+    /// This source cannot serve the shard (gone, corrupt): the next one is tried.
+    Fallback(String),
+    /// The shard does not fit the model or the device: no other source helps.
+    Refused(RestoreRefusal),
+}
+
+fn loaded(o: &Option<(RestoreSource, String, Loaded)>) -> bool {
+    matches!(o, Some((_, _, Loaded::Done)))
+}
+
+fn refused(o: &Option<(RestoreSource, String, Loaded)>) -> bool {
+    matches!(o, Some((_, _, Loaded::Refused(_))))
+}
+
+/// Says loudly that a source failed and the next one is tried.
+fn report_fallback(label: &str, o: &Option<(RestoreSource, String, Loaded)>) {
+    if let Some((_, what, Loaded::Fallback(why))) = o {
+        tracing::error!("{label}: {what} is unusable ({why}); trying the next source");
+    }
+}
+
+/// Loads a whole shard image held in memory: verified as a file is, then
+/// checked against the model and the device, then loaded.
+struct ImageLoad<'a> {
+    trainer: &'a mut BuiltinTrainer,
+    checks: &'a Prechecks<'a>,
+    point: &'a RestorePoint,
+    label: &'a str,
+    model: &'a [VariableSpec],
+}
+
+impl ImageLoad<'_> {
+    fn load(&mut self, image: Vec<u8>, times: &mut Times) -> (Vec<u8>, Loaded) {
+        let at = Instant::now();
+        let shard = match Shard::verify_image(image, self.label, &self.point.shard) {
+            Ok(shard) => shard,
+            Err(refused) => return (refused.image, Loaded::Fallback(refused.error.to_string())),
+        };
+        times.read_verify = at.elapsed();
+        let at = Instant::now();
+        if let Err(r) = self.checks.check(&shard.header, self.point, self.label, Some(self.model)) {
+            return (shard.into_buffer(), Loaded::Refused(r));
+        }
+        times.prechecks = at.elapsed();
+        let at = Instant::now();
+        let result = self.trainer.load(&shard);
+        times.load = at.elapsed();
+        let buf = shard.into_buffer();
+        match result {
+            Ok(()) => (buf, Loaded::Done),
+            Err(m) => (
+                buf,
+                Loaded::Refused(RestoreRefusal::new(
+                    RestoreFailureKind::ModelMismatch,
+                    format!("{} does not match the model: {m}", self.label),
+                )),
+            ),
         }
     }
 }
@@ -484,6 +639,9 @@ impl Shell for Runner {
             }
             Effect::TakeSnapshot(p) => return ControlFlow::Continue(Some(self.snapshot(p))),
             Effect::Exit => return ControlFlow::Break(()),
+            Effect::SendCopies { generation, checkpoint, copies, to } => {
+                self.send_copies(generation, checkpoint, copies, to)
+            }
             Effect::Assigned(rank) => {
                 tracing::info!(%rank, "this spare takes rank {rank}");
                 self.rank = rank;
@@ -618,5 +776,119 @@ fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
         ShardErrorKind::Io { .. } => RestoreFailureKind::Unavailable,
         ShardErrorKind::ModelMismatch(_) => RestoreFailureKind::ModelMismatch,
         _ => RestoreFailureKind::Corrupt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copies::{CopyState, CopyStore};
+    use flotilla_shared::shard::{write_shard, ShardMeta};
+
+    /// A runner for rank 1 of a 2-rank job with a small built-in trainer,
+    /// and a shard of checkpoint 1 written for it: the trainer's state after
+    /// 5 steps (its digest), the restore point, and the file's bytes.
+    fn setup(dir: &Path) -> (Runner, String, RestorePoint, Vec<u8>) {
+        let text = format!(
+            "name = \"t\"\nworld_size = 2\n[checkpoint]\nevery_steps = 10\nroot = \"{}\"\n[trainer]\ntotal_steps = 100\nparams_per_rank_bytes = 262144\nlayers = 2\nstep_time_ms = 0\n",
+            dir.display()
+        );
+        let spec = JobSpec::from_toml(&text).unwrap();
+        let mut trained = BuiltinTrainer::new(spec.trainer.as_ref().unwrap(), Rank(1));
+        for _ in 0..5 {
+            trained.step();
+        }
+        let mut data = vec![0; trained.snapshot_bytes()];
+        trained.snapshot_into(&mut data);
+        let ckpt = dir.join("ckpt-1");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let path = ckpt.join(shard_file_name(Rank(1)));
+        let meta = ShardMeta {
+            job: spec.name.clone(),
+            checkpoint: CheckpointId(1),
+            rank: Rank(1),
+            step: Step(5),
+            generation: Generation(1),
+        };
+        let manifest = write_shard(&path, &meta, trained.variables(), &data).unwrap();
+        let point = RestorePoint {
+            checkpoint: CheckpointId(1),
+            step: Step(5),
+            dir: ckpt,
+            shard: manifest.digest(),
+            peers: Vec::new(),
+        };
+        let events: EventSink = Arc::new(|_| {});
+        let runner =
+            Runner::new(spec, Some(Rank(1)), Arc::new(Host), events, Arc::default(), WorkerMetrics::new())
+                .unwrap();
+        let file = std::fs::read(&path).unwrap();
+        (runner, trained.digest(), point, file)
+    }
+
+    /// A real copy server (the worker's routes) holding `image` as rank 1's
+    /// copy of checkpoint 1, unverified: what a faulty peer would serve.
+    fn peer_serving(image: Vec<u8>) -> String {
+        let store = Arc::new(CopyStore::default());
+        store.set_capacity(1);
+        store.insert(CheckpointId(1), Rank(1), image).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let state = CopyState { store, metrics: WorkerMetrics::new() };
+                let router = axum::Router::new()
+                    .route("/v1/copies/{checkpoint}/{rank}", axum::routing::get(crate::copies::get_copy))
+                    .with_state(state);
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, router).await.unwrap();
+            });
+        });
+        addr
+    }
+
+    fn restored(input: Input) -> Option<RestoreSource> {
+        match input {
+            Input::Restored { source, .. } => source,
+            other => panic!("not restored: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_peers_copy_restores_with_the_files_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut runner, digest, mut point, file) = setup(dir.path());
+        point.peers = vec![peer_serving(file)];
+        std::fs::remove_file(point.dir.join(&point.shard.file)).unwrap();
+        assert_eq!(restored(runner.restore(Generation(2), Some(point))), Some(RestoreSource::Peer));
+        assert_eq!(runner.trainer.as_ref().unwrap().digest(), digest);
+    }
+
+    #[test]
+    fn a_corrupt_copy_from_a_peer_is_refused_and_the_next_source_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut runner, digest, mut point, file) = setup(dir.path());
+        let mut corrupt = file.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0x40;
+        // a corrupt copy, then one that is gone, then the files
+        point.peers = vec![peer_serving(corrupt), "127.0.0.1:1".into()];
+        assert_eq!(
+            restored(runner.restore(Generation(2), Some(point.clone()))),
+            Some(RestoreSource::Storage)
+        );
+        assert_eq!(runner.trainer.as_ref().unwrap().digest(), digest);
+        // a corrupt copy and no files: refused, naming the file
+        std::fs::remove_file(point.dir.join(&point.shard.file)).unwrap();
+        point.peers.truncate(1);
+        match runner.restore(Generation(3), Some(point)) {
+            Input::RestoreRefused { kind, message, .. } => {
+                assert_eq!(kind, RestoreFailureKind::Unavailable, "{message}");
+                assert!(message.contains("rank-00001"), "{message}");
+            }
+            other => panic!("restored from a corrupt copy: {other:?}"),
+        }
     }
 }

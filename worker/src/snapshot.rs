@@ -24,6 +24,7 @@
 //! storage (SPEC §11, [`Snapshotter::with_image`]).
 
 use crate::trainer::Trainer;
+use flotilla_shared::checksum::Checksum;
 use flotilla_shared::durable;
 use flotilla_shared::ids::CheckpointId;
 use flotilla_shared::shard::{
@@ -106,15 +107,27 @@ pub enum SnapshotError {
     Thread(std::io::Error),
 }
 
-/// A write request, its buffer, and its sequence number (for cancelling).
-type Job<B> = (WriteRequest, B, u64);
+/// What the writer thread is given, with the buffer.
+enum Job<B> {
+    /// A write request and its sequence number (for cancelling).
+    Write(WriteRequest, B, u64),
+    /// A task that reads the shard the buffer holds (a memory copy sent to
+    /// a peer); the buffer goes back still holding it.
+    Read(ReadTask, B, Held),
+}
+
+/// A task given the shard the buffer holds: its header, its data and its
+/// whole-file checksum (what a file of it would be, byte for byte).
+pub type ReadTask = Box<dyn FnOnce(&[u8], &[u8], Checksum) + Send>;
 
 /// The shard whose data the idle buffer holds (a write of it succeeded):
-/// its checkpoint and the header written before that data.
+/// its checkpoint, the header written before that data, and the file's
+/// checksum.
 #[derive(Debug, Clone)]
 struct Held {
     checkpoint: CheckpointId,
     header: Vec<u8>,
+    checksum: Checksum,
 }
 
 /// Spare capacity of the snapshot buffer beyond the variables: a shard's
@@ -254,7 +267,17 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         let writer = std::thread::Builder::new()
             .name("flotilla-shard-writer".into())
             .spawn(move || {
-                for (req, buf, seq) in job_rx {
+                for job in job_rx {
+                    let (req, buf, seq) = match job {
+                        Job::Write(req, buf, seq) => (req, buf, seq),
+                        Job::Read(task, buf, held) => {
+                            task(&held.header, &buf.as_ref()[..bytes], held.checksum);
+                            if returned_tx.send((buf, Some(held))).is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                    };
                     let cancelled = || cancel.load(Ordering::Acquire) >= seq;
                     let start = Instant::now();
                     let meta = req.meta.clone();
@@ -283,7 +306,9 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                     // written) goes back with it
                     let (result, held) = match result {
                         Ok((manifest, header)) => {
-                            (Ok(manifest), Some(Held { checkpoint: meta.checkpoint, header }))
+                            let held =
+                                Held { checkpoint: meta.checkpoint, header, checksum: manifest.checksum };
+                            (Ok(manifest), Some(held))
                         }
                         Err(e) => (Err(e), None),
                     };
@@ -327,7 +352,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
         self.submitted += 1;
         self.last_checkpoint = Some(req.meta.checkpoint);
-        jobs.send((req, buf, self.submitted)).map_err(|_| SnapshotError::WriterGone)
+        jobs.send(Job::Write(req, buf, self.submitted)).map_err(|_| SnapshotError::WriterGone)
     }
 
     /// Gives up every write submitted so far that has not reached its
@@ -346,6 +371,19 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
         if self.last_checkpoint == Some(id) {
             self.cancel_writes();
         }
+    }
+
+    /// Runs `task` on the writer thread with the shard of checkpoint `id`,
+    /// if the buffer holds it (else `false`, and nothing runs): training
+    /// goes on meanwhile; the next snapshot or restore waits for the task,
+    /// as for a write, and the buffer still holds the shard after it.
+    pub fn read_held(&mut self, id: CheckpointId, task: ReadTask) -> Result<bool, SnapshotError> {
+        self.wait_idle()?;
+        let Some(held) = self.held.clone().filter(|h| h.checkpoint == id) else { return Ok(false) };
+        let buf = self.take_buffer()?;
+        let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
+        jobs.send(Job::Read(task, buf, held)).map_err(|_| SnapshotError::WriterGone)?;
+        Ok(true)
     }
 
     /// Returns an acquired buffer unwritten (a snapshot given up).

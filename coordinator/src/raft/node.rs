@@ -108,7 +108,7 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 enum Input {
-    Propose { cmd: Command, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
+    Propose { cmd: Box<Command>, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
     Change { change: MembershipChange, reply: oneshot::Sender<Result<Outcome, ProposeError>> },
 }
 
@@ -161,7 +161,7 @@ impl NodeHandle {
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.inputs
-            .send(Input::Propose { cmd, reply })
+            .send(Input::Propose { cmd: Box::new(cmd), reply })
             .await
             .map_err(|_| ProposeError::Stopped("input channel closed".into()))?;
         rx.await.map_err(|_| ProposeError::Stopped("node task ended".into()))?
@@ -172,7 +172,7 @@ impl NodeHandle {
     /// the outcome once applied (or why not).
     pub fn submit(&self, cmd: Command) -> oneshot::Receiver<Result<Outcome, ProposeError>> {
         let (reply, rx) = oneshot::channel();
-        if let Err(e) = self.inputs.try_send(Input::Propose { cmd, reply }) {
+        if let Err(e) = self.inputs.try_send(Input::Propose { cmd: Box::new(cmd), reply }) {
             let (Input::Propose { reply, .. } | Input::Change { reply, .. }) = e.into_inner();
             let _ = reply
                 .send(Err(ProposeError::Stopped("the raft node's input queue is full or closed".into())));
@@ -432,7 +432,7 @@ impl Node {
                     self.publish_membership();
                 }
                 input = inputs.recv() => match input {
-                    Some(Input::Propose { cmd, reply }) => self.propose(cmd, reply),
+                    Some(Input::Propose { cmd, reply }) => self.propose(*cmd, reply),
                     Some(Input::Change { change, reply }) => self.change(change, reply),
                     None => break Ok(()),
                 },

@@ -88,6 +88,8 @@ pub struct Registration {
     pub step: Step,
     /// The host it runs on, as it says.
     pub host: Option<String>,
+    /// Its HTTP address (where other workers send it memory copies).
+    pub http_addr: Option<String>,
 }
 
 /// Where a connection sits: on a rank, or on the job's bench of spares.
@@ -364,6 +366,12 @@ struct JobSoft {
     spares: BTreeMap<Incarnation, SpareSoft>,
     /// The phases of the last restore this leader saw through.
     last_recovery: Option<RecoveryView>,
+    /// Each worker's HTTP address (memory copies go there), by id.
+    http_addrs: BTreeMap<Incarnation, String>,
+    /// Where copies of each rank's shard are held, and of which checkpoint.
+    copies: BTreeMap<Rank, (CheckpointId, Vec<String>)>,
+    /// The checkpoint this leader asked copies of.
+    copies_asked: Option<CheckpointId>,
 }
 
 /// When the phases of a job's last restore happened (ms since the epoch,
@@ -468,7 +476,13 @@ pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
     let Some(id) = job.restored_from else {
         let o = job.origin.as_ref()?;
         let shard = o.shards.iter().find(|s| s.rank == rank)?.clone();
-        return Some(RestorePoint { checkpoint: o.id, step: o.step, dir: o.dir.clone(), shard });
+        return Some(RestorePoint {
+            checkpoint: o.id,
+            step: o.step,
+            dir: o.dir.clone(),
+            shard,
+            peers: Vec::new(),
+        });
     };
     let c = job.checkpoints.get(&id)?;
     let shard = c.shards.iter().find(|s| s.rank == rank)?.clone();
@@ -477,6 +491,7 @@ pub fn restore_point(job: &Job, rank: Rank) -> Option<RestorePoint> {
         step: c.step,
         dir: JobDir::new(&job.spec.checkpoint.root, &job.spec.name).checkpoint_dir(id),
         shard,
+        peers: Vec::new(),
     })
 }
 
@@ -517,6 +532,9 @@ impl Supervisor {
             running_since_wall: None,
             spares: BTreeMap::new(),
             last_recovery: None,
+            http_addrs: BTreeMap::new(),
+            copies: BTreeMap::new(),
+            copies_asked: None,
         })
     }
 
@@ -760,7 +778,7 @@ impl Supervisor {
 
     /// Returns false when the registration was refused (nothing to reconcile).
     fn registered(&mut self, ledger: &State, now: Now, r: Registration, out: &mut Vec<Action>) -> bool {
-        let Registration { conn, job, rank, incarnation, generation, step, host } = r;
+        let Registration { conn, job, rank, incarnation, generation, step, host, http_addr } = r;
         let refuse = |code, message: String| vec![send(conn, error(code, message)), Action::Close { conn }];
         let Some(j) = ledger.jobs.get(&job) else {
             out.extend(refuse(
@@ -770,6 +788,9 @@ impl Supervisor {
             return false;
         };
         let t = now.mono_ms;
+        if let Some(addr) = http_addr {
+            self.soft(&job, t).http_addrs.insert(incarnation, addr);
+        }
         let Some(rank) = rank else {
             self.seat_spare(j, conn, incarnation, host, t, out);
             return true;
@@ -975,6 +996,11 @@ impl Supervisor {
                     },
                 };
                 self.propose(now, cmd, out);
+            }
+            WorkerMessage::CopiesMade { generation, checkpoint, to } => {
+                if generation == current {
+                    soft.copies.insert(rank, (checkpoint, to));
+                }
             }
             WorkerMessage::TrainerFailed { generation, reason } => {
                 tracing::warn!(%job, %rank, %generation, "trainer failed: {reason}");
@@ -1211,6 +1237,7 @@ impl Supervisor {
         if soft.running_since_wall.is_none_or(|(sg, _)| sg != g) {
             soft.running_since_wall = Some((g, now.wall_ms));
         }
+        ask_copies(j, soft, out);
         // the restore this leader decided is over: the job trains again
         if let Some(rec) = soft.recovery.take_if(|r| r.generation == g && r.resumed.is_some()) {
             let seconds = rec.decided.map(|decided| t.saturating_sub(decided) as f64 / 1e3);
@@ -1580,6 +1607,49 @@ fn report_name(msg: &WorkerMessage) -> &'static str {
     }
 }
 
+/// Asks every rank, once per latest committed checkpoint, to send copies of
+/// its shard to other workers' memory (`[checkpoint] memory_copies`): the
+/// candidates on another host first, then the next ranks in ring order,
+/// then the spares. Asked once every rank is connected and known.
+fn ask_copies(j: &Job, soft: &mut JobSoft, out: &mut Vec<Action>) {
+    let copies = j.spec.checkpoint.memory_copies;
+    let Some(c) = j.latest_committed().filter(|_| copies > 0) else { return };
+    if soft.copies_asked == Some(c.id) {
+        return;
+    }
+    let live: Vec<(Rank, ConnId, Option<String>, String)> = soft
+        .ranks
+        .iter()
+        .filter_map(|(r, rs)| {
+            let addr = soft.http_addrs.get(&rs.incarnation?)?;
+            Some((*r, rs.conn?, rs.host.clone(), addr.clone()))
+        })
+        .collect();
+    if live.len() < j.spec.world_size as usize {
+        return;
+    }
+    let spares: Vec<(Option<String>, String)> = soft
+        .spares
+        .iter()
+        .filter_map(|(inc, s)| Some((s.host.clone(), soft.http_addrs.get(inc)?.clone())))
+        .collect();
+    for (i, (_, conn, host, _)) in live.iter().enumerate() {
+        let ring = (1..live.len()).map(|k| &live[(i + k) % live.len()]).map(|(_, _, h, a)| (h, a));
+        let mut to: Vec<(bool, usize, String)> = ring
+            .chain(spares.iter().map(|(h, a)| (h, a)))
+            .enumerate()
+            .map(|(order, (h, a))| (host.is_some() && h == host, order, a.clone()))
+            .collect();
+        to.sort();
+        let to = to.into_iter().map(|(_, _, a)| a).collect();
+        out.push(send(
+            *conn,
+            CoordinatorMessage::CopyShard { generation: j.generation, checkpoint: c.id, copies, to },
+        ));
+    }
+    soft.copies_asked = Some(c.id);
+}
+
 /// Tells every rank that does not hold generation G's state yet to restore
 /// into it, with the rendezvous once rank 0 has offered one.
 fn direct_restores(j: &Job, soft: &mut JobSoft, t: u64, resend: u64, out: &mut Vec<Action>) {
@@ -1587,11 +1657,14 @@ fn direct_restores(j: &Job, soft: &mut JobSoft, t: u64, resend: u64, out: &mut V
     let rendezvous = soft.rendezvous.as_ref().filter(|(rg, _)| *rg == g).map(|(_, addr)| addr.clone());
     for (rank, r) in soft.ranks.iter_mut() {
         if r.generation != Some(g) {
-            let msg = CoordinatorMessage::Restore {
-                generation: g,
-                from: restore_point(j, *rank),
-                rendezvous: rendezvous.clone(),
-            };
+            // the copies of its shard in other workers' memory come first
+            let from = restore_point(j, *rank).map(|mut p| {
+                if let Some((_, to)) = soft.copies.get(rank).filter(|(c, _)| *c == p.checkpoint) {
+                    p.peers = to.clone();
+                }
+                p
+            });
+            let msg = CoordinatorMessage::Restore { generation: g, from, rendezvous: rendezvous.clone() };
             let at = out.len();
             direct(r, Phase::Restore(g, rendezvous.is_some()), msg, t, resend, out);
             // a spare seated on the rank that has not said it took it yet

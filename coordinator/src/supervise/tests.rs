@@ -106,6 +106,7 @@ impl SimWorker {
             generation: self.generation,
             step: Step(self.step),
             host: Some(format!("host-{}", self.incarnation)),
+            http_addr: None,
         }
     }
 
@@ -222,7 +223,9 @@ impl SimWorker {
                 assert_ne!(e.code, ErrorCode::Fenced, "a healthy worker was fenced: {}", e.message);
                 vec![]
             }
+            // a simulated worker keeps no memory copies
             CoordinatorMessage::Registered { .. }
+            | CoordinatorMessage::CopyShard { .. }
             | CoordinatorMessage::Alive
             | CoordinatorMessage::NotLeader { .. }
             | CoordinatorMessage::Stop { .. } => vec![],

@@ -739,6 +739,8 @@ impl Shell for ExecRunner {
             Effect::Assigned(rank) => self.rank = rank,
             // the process restores itself, asking for its shard
             Effect::Restore { .. } => {}
+            // the machine asks a process for none (its copies are not built yet)
+            Effect::SendCopies { .. } => {}
         }
         ControlFlow::Continue(None)
     }

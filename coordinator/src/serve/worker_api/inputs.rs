@@ -17,10 +17,11 @@ impl Inputs {
     /// A rank registered on `conn` (`msg` is its `Register`); false when
     /// the supervisor is gone.
     pub(super) async fn register(&self, conn: ConnId, tx: &Outbox, msg: WorkerMessage) -> bool {
-        let WorkerMessage::Register { job, rank, incarnation, generation, step, host, .. } = msg else {
+        let WorkerMessage::Register { job, rank, incarnation, generation, step, host, http_addr } = msg
+        else {
             return true;
         };
-        let registration = Registration { conn, job, rank, incarnation, generation, step, host };
+        let registration = Registration { conn, job, rank, incarnation, generation, step, host, http_addr };
         self.0.send(SupervisorInput::Connected { conn, tx: tx.clone() }).await.is_ok()
             && self.0.send(SupervisorInput::Observe(Observation::Registered(registration))).await.is_ok()
     }
