@@ -54,6 +54,10 @@ pub struct DemoArgs {
     /// restarted and a spare takes its rank over.
     #[arg(long, default_value_t = 0)]
     spares: u32,
+    /// `[checkpoint] memory_copies`: copies of each rank's shard in other
+    /// workers' memory (0: the memory tier off, every restore reads storage).
+    #[arg(long, default_value_t = 1)]
+    memory_copies: u32,
 }
 
 /// The phases of the restore after the worker kill, each as a duration
@@ -146,12 +150,13 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     let dir = args.dir.clone().unwrap_or_else(|| temp.as_ref().expect("temp dir").path().to_path_buf());
     let root = dir.join("checkpoints");
     let spec_text = format!(
-        "name = \"demo\"\nworld_size = {}\n\n[checkpoint]\nevery_steps = {}\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n\n\
+        "name = \"demo\"\nworld_size = {}\n\n[checkpoint]\nevery_steps = {}\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\nmemory_copies = {}\n\n\
          [failure]\nheartbeat_interval_ms = 250\nheartbeat_timeout_ms = 1500\nmax_restarts = 10\nspares = {}\n\n\
          [trainer]\ntotal_steps = {}\nparams_per_rank_bytes = {}\nlayers = 4\nstep_time_ms = 5\nseed = 42\n",
         args.workers,
         args.every_steps,
         root.display(),
+        args.memory_copies,
         args.spares,
         args.steps,
         args.params_per_rank_bytes
@@ -307,8 +312,10 @@ pub async fn run(args: DemoArgs) -> Result<bool> {
     println!(
         "restored from:           {}",
         job.restored_from.map_or("step 0 (no checkpoint before the failure)".into(), |c| format!(
-            "checkpoint {} at step {}",
-            c.id, c.step
+            "checkpoint {} at step {}{}",
+            c.id,
+            c.step,
+            c.source.map_or(String::new(), |s| format!(" (the slowest rank's shard from {s})"))
         ))
     );
     println!(

@@ -62,17 +62,36 @@ impl CopyStore {
     /// Whether a copy of `bytes` bytes of `rank`'s shard of `checkpoint`
     /// may come in, with `free` bytes of host memory available; copies of
     /// older checkpoints are dropped first (they are no longer the latest
-    /// committed). The error is why not, for the sender's log.
-    pub fn admit(&self, checkpoint: CheckpointId, rank: Rank, bytes: u64, free: u64) -> Result<(), String> {
+    /// committed), as is the one it replaces. Gives the memory of a dropped
+    /// copy to receive into (touched already, and no new memory is needed
+    /// when it is large enough), else an empty buffer. The error is why
+    /// not, for the sender's log.
+    pub fn admit(
+        &self,
+        checkpoint: CheckpointId,
+        rank: Rank,
+        bytes: u64,
+        free: u64,
+    ) -> Result<Vec<u8>, String> {
         let mut g = self.lock();
         let (capacity, copies) = &mut *g;
-        copies.retain(|c| c.checkpoint >= checkpoint);
-        let replacing = copies.iter().any(|c| c.checkpoint == checkpoint && c.rank == rank);
         if *capacity == 0 {
             return Err("this worker holds no memory copies (memory_copies = 0, or it has no job yet)".into());
         }
-        if !replacing && copies.len() >= *capacity {
+        let stale =
+            |c: &mut Copy| c.checkpoint < checkpoint || (c.checkpoint == checkpoint && c.rank == rank);
+        let dropped: Vec<Copy> = copies.extract_if(.., stale).collect();
+        if copies.len() >= *capacity {
             return Err(format!("this worker already holds memory_copies = {capacity} copies"));
+        }
+        // a copy being served right now keeps its memory until it is sent
+        let recycled = dropped
+            .into_iter()
+            .filter_map(|c| Arc::try_unwrap(c.image).ok())
+            .max_by_key(Vec::capacity)
+            .unwrap_or_default();
+        if recycled.capacity() as u64 >= bytes {
+            return Ok(recycled);
         }
         if bytes.saturating_add(FREE_MARGIN_BYTES) > free {
             return Err(format!(
@@ -82,7 +101,7 @@ impl CopyStore {
                 human(FREE_MARGIN_BYTES)
             ));
         }
-        Ok(())
+        Ok(recycled)
     }
 
     /// Keeps `image` as `rank`'s shard of `checkpoint` (admitted before).
@@ -143,23 +162,35 @@ pub async fn put_copy(
         return (StatusCode::LENGTH_REQUIRED, "a copy needs its content-length").into_response();
     };
     // the room and the memory are checked before a byte is read
-    if let Err(why) = s.store.admit(checkpoint, rank, bytes, host_free()) {
-        tracing::info!(%checkpoint, %rank, "memory copy refused: {why}");
-        return (StatusCode::INSUFFICIENT_STORAGE, why).into_response();
-    }
-    let body = match axum::body::to_bytes(body, usize::try_from(bytes).unwrap_or(usize::MAX)).await {
-        Ok(b) if b.len() as u64 == bytes => b,
-        Ok(b) => {
-            let why = format!("the copy has {} bytes, its content-length said {bytes}", b.len());
+    let mut image = match s.store.admit(checkpoint, rank, bytes, host_free()) {
+        Ok(buf) => buf,
+        Err(why) => {
+            tracing::info!(%checkpoint, %rank, "memory copy refused: {why}");
+            return (StatusCode::INSUFFICIENT_STORAGE, why).into_response();
+        }
+    };
+    image.clear();
+    image.reserve(usize::try_from(bytes).unwrap_or(usize::MAX));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("reading the copy: {e}")).into_response(),
+        };
+        if image.len() as u64 + chunk.len() as u64 > bytes {
+            let why = format!("the copy is longer than its content-length, {bytes}");
             return (StatusCode::BAD_REQUEST, why).into_response();
         }
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("reading the copy: {e}")).into_response(),
-    };
+        image.extend_from_slice(&chunk);
+    }
+    if image.len() as u64 != bytes {
+        let why = format!("the copy has {} bytes, its content-length said {bytes}", image.len());
+        return (StatusCode::BAD_REQUEST, why).into_response();
+    }
     let store = s.store.clone();
     let verified = tokio::task::spawn_blocking(move || {
         let digest = ShardDigest { rank, file: String::new(), bytes, checksum };
         let label = format!("copy of checkpoint {checkpoint} rank {rank}");
-        let image = Vec::from(body);
         match Shard::verify_image(image, &label, &digest) {
             Ok(shard) => store
                 .insert(checkpoint, rank, shard.into_buffer())
@@ -193,6 +224,21 @@ pub async fn get_copy(State(s): State<CopyState>, Path((checkpoint, rank)): Path
     }
 }
 
+/// A body that stops with an error once `cancelled()`.
+struct Cancellable<'a, R> {
+    inner: R,
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+impl<R: Read> Read for Cancellable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.cancelled)() {
+            return Err(std::io::Error::other("given up: a restore needs the snapshot buffer"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 struct Image(Arc<Vec<u8>>);
 
 impl AsRef<[u8]> for Image {
@@ -206,7 +252,9 @@ fn agent(timeout: Duration) -> ureq::Agent {
 }
 
 /// Sends `rank`'s shard (its `header`, then its `data`) of `checkpoint`
-/// to the peer at `addr` (`host:port`); the error is the peer's reason.
+/// to the peer at `addr` (`host:port`), giving up as soon as `cancelled()`
+/// says so (asked before each read of the body); the error is the peer's
+/// reason.
 pub fn send(
     addr: &str,
     checkpoint: CheckpointId,
@@ -214,10 +262,11 @@ pub fn send(
     header: &[u8],
     data: &[u8],
     checksum: Checksum,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<(), String> {
     let url = format!("http://{addr}/v1/copies/{}/{}", checkpoint.0, rank.0);
     let len = header.len() + data.len();
-    let body = header.chain(data);
+    let body = Cancellable { inner: header.chain(data), cancelled };
     match agent(Duration::from_secs(120))
         .put(&url)
         .set(CHECKSUM_HEADER, &checksum.to_string())
@@ -275,8 +324,12 @@ mod tests {
         // full: another rank's copy of the same checkpoint is refused, naming the bound
         let e = store.admit(c1, Rank(1), 10, GIB).unwrap_err();
         assert!(e.contains("already holds memory_copies = 1"), "{e}");
-        // the same copy again replaces it
-        store.admit(c1, Rank(0), 10, GIB).unwrap();
+        // the same copy again replaces it, receiving into the old one's memory
+        let recycled = store.admit(c1, Rank(0), 10, GIB).unwrap();
+        assert!(recycled.capacity() >= 10, "the dropped copy's memory is reused");
+        store.insert(c1, Rank(0), recycled).unwrap();
+        // memory that is reused needs no free memory
+        assert!(store.admit(c2, Rank(0), 10, 0).is_ok(), "a recycled buffer needs nothing free");
         // a copy that would leave less than the margin free is refused, with figures
         let e = store.admit(c2, Rank(1), GIB, GIB).unwrap_err();
         assert!(e.contains("would exceed free host memory") && e.contains("1024.0 MiB available"), "{e}");

@@ -156,14 +156,14 @@ impl Runner {
     ) {
         let Some(snap) = self.snap.as_mut() else { return };
         let (rank, events, metrics) = (self.rank, self.events.clone(), self.metrics.clone());
-        let task: crate::snapshot::ReadTask = Box::new(move |header, data, checksum| {
+        let task: crate::snapshot::ReadTask = Box::new(move |header, data, checksum, cancelled| {
             let mut made = Vec::new();
             for addr in to {
-                if made.len() >= copies as usize {
+                if made.len() >= copies as usize || cancelled() {
                     break;
                 }
                 let at = Instant::now();
-                let sent = crate::copies::send(&addr, checkpoint, rank, header, data, checksum);
+                let sent = crate::copies::send(&addr, checkpoint, rank, header, data, checksum, cancelled);
                 metrics.memory_copy_seconds.observe(at.elapsed().as_secs_f64());
                 match sent {
                     Ok(()) => {

@@ -112,13 +112,15 @@ enum Job<B> {
     /// A write request and its sequence number (for cancelling).
     Write(WriteRequest, B, u64),
     /// A task that reads the shard the buffer holds (a memory copy sent to
-    /// a peer); the buffer goes back still holding it.
-    Read(ReadTask, B, Held),
+    /// a peer), and its sequence number (cancelled as writes are); the
+    /// buffer goes back still holding the shard.
+    Read(ReadTask, B, Held, u64),
 }
 
-/// A task given the shard the buffer holds: its header, its data and its
-/// whole-file checksum (what a file of it would be, byte for byte).
-pub type ReadTask = Box<dyn FnOnce(&[u8], &[u8], Checksum) + Send>;
+/// A task given the shard the buffer holds: its header, its data, its
+/// whole-file checksum (what a file of it would be, byte for byte), and
+/// whether it is given up (a restore needs the buffer: stop soon).
+pub type ReadTask = Box<dyn FnOnce(&[u8], &[u8], Checksum, &dyn Fn() -> bool) + Send>;
 
 /// The shard whose data the idle buffer holds (a write of it succeeded):
 /// its checkpoint, the header written before that data, and the file's
@@ -151,6 +153,10 @@ pub struct Snapshotter<B = Vec<u8>> {
     idle: Option<B>,
     /// The shard the idle buffer holds, if it holds a written one.
     held: Option<Held>,
+    /// The read task in flight, if any (its number): given up as soon as
+    /// the buffer is needed, a copy being worth less than a snapshot or a
+    /// restore.
+    reading: Option<u64>,
     /// Where the writer returns the buffer after a write (with the shard
     /// it now holds, when the write succeeded).
     returned: Receiver<(B, Option<Held>)>,
@@ -219,6 +225,8 @@ impl Snapshotter<Vec<u8>> {
 
     /// The header of the shard the buffer holds, if it is checkpoint `id`'s.
     pub fn held_header(&mut self, id: CheckpointId) -> Result<Option<&[u8]>, SnapshotError> {
+        // a restore asks: a copy being sent stops
+        self.give_up_reads();
         self.wait_idle()?;
         Ok(self.held.as_ref().filter(|h| h.checkpoint == id).map(|h| h.header.as_slice()))
     }
@@ -232,6 +240,7 @@ impl Snapshotter<Vec<u8>> {
         id: CheckpointId,
         f: impl FnOnce(Vec<u8>) -> (Vec<u8>, T),
     ) -> Result<Option<T>, SnapshotError> {
+        self.give_up_reads();
         if !self.holds(id)? {
             return Ok(None);
         }
@@ -270,8 +279,9 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                 for job in job_rx {
                     let (req, buf, seq) = match job {
                         Job::Write(req, buf, seq) => (req, buf, seq),
-                        Job::Read(task, buf, held) => {
-                            task(&held.header, &buf.as_ref()[..bytes], held.checksum);
+                        Job::Read(task, buf, held, seq) => {
+                            let cancelled = || cancel.load(Ordering::Acquire) >= seq;
+                            task(&held.header, &buf.as_ref()[..bytes], held.checksum, &cancelled);
                             if returned_tx.send((buf, Some(held))).is_err() {
                                 break;
                             }
@@ -323,6 +333,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
             bytes,
             idle: Some(buffer),
             held: None,
+            reading: None,
             returned,
             jobs: Some(jobs),
             writer: Some(writer),
@@ -342,6 +353,7 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
     /// then [`Snapshotter::submit`] it, or [`Snapshotter::give_back`] it.
     pub fn acquire(&mut self) -> Result<B, SnapshotError> {
         // whoever takes it overwrites it
+        self.give_up_reads();
         let buf = self.take_buffer()?;
         self.held = None;
         Ok(buf)
@@ -375,20 +387,30 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
 
     /// Runs `task` on the writer thread with the shard of checkpoint `id`,
     /// if the buffer holds it (else `false`, and nothing runs): training
-    /// goes on meanwhile; the next snapshot or restore waits for the task,
-    /// as for a write, and the buffer still holds the shard after it.
+    /// goes on meanwhile; the next snapshot waits for the task, as for a
+    /// write, and [`Snapshotter::cancel_writes`] tells it to stop (a
+    /// restore). The buffer still holds the shard after it.
     pub fn read_held(&mut self, id: CheckpointId, task: ReadTask) -> Result<bool, SnapshotError> {
         self.wait_idle()?;
         let Some(held) = self.held.clone().filter(|h| h.checkpoint == id) else { return Ok(false) };
         let buf = self.take_buffer()?;
         let jobs = self.jobs.as_ref().ok_or(SnapshotError::WriterGone)?;
-        jobs.send(Job::Read(task, buf, held)).map_err(|_| SnapshotError::WriterGone)?;
+        self.submitted += 1;
+        self.reading = Some(self.submitted);
+        jobs.send(Job::Read(task, buf, held, self.submitted)).map_err(|_| SnapshotError::WriterGone)?;
         Ok(true)
     }
 
     /// Returns an acquired buffer unwritten (a snapshot given up).
     pub fn give_back(&mut self, buf: B) {
         self.idle = Some(buf);
+    }
+
+    /// Tells a read task in flight to stop (the buffer is needed).
+    fn give_up_reads(&mut self) {
+        if let Some(seq) = self.reading.take() {
+            self.cancel_through.fetch_max(seq, Ordering::AcqRel);
+        }
     }
 
     /// Waits until no write is in flight (every `on_done` has run).

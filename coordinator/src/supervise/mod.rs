@@ -1610,7 +1610,8 @@ fn report_name(msg: &WorkerMessage) -> &'static str {
 /// Asks every rank, once per latest committed checkpoint, to send copies of
 /// its shard to other workers' memory (`[checkpoint] memory_copies`): the
 /// candidates on another host first, then the next ranks in ring order,
-/// then the spares. Asked once every rank is connected and known.
+/// then the spares, each worker given at most `memory_copies` of them.
+/// Asked once every rank is connected and known.
 fn ask_copies(j: &Job, soft: &mut JobSoft, out: &mut Vec<Action>) {
     let copies = j.spec.checkpoint.memory_copies;
     let Some(c) = j.latest_committed().filter(|_| copies > 0) else { return };
@@ -1633,6 +1634,11 @@ fn ask_copies(j: &Job, soft: &mut JobSoft, out: &mut Vec<Action>) {
         .iter()
         .filter_map(|(inc, s)| Some((s.host.clone(), soft.http_addrs.get(inc)?.clone())))
         .collect();
+    // each worker holds at most `copies` copies: place them here, so that a
+    // copy is sent where it fits (a peer refuses one beyond its bound only
+    // after it was sent); the rest of the candidates follow as fallbacks
+    let mut room: BTreeMap<String, u32> =
+        live.iter().map(|l| &l.3).chain(spares.iter().map(|s| &s.1)).map(|a| (a.clone(), copies)).collect();
     for (i, (_, conn, host, _)) in live.iter().enumerate() {
         let ring = (1..live.len()).map(|k| &live[(i + k) % live.len()]).map(|(_, _, h, a)| (h, a));
         let mut to: Vec<(bool, usize, String)> = ring
@@ -1641,11 +1647,22 @@ fn ask_copies(j: &Job, soft: &mut JobSoft, out: &mut Vec<Action>) {
             .map(|(order, (h, a))| (host.is_some() && h == host, order, a.clone()))
             .collect();
         to.sort();
-        let to = to.into_iter().map(|(_, _, a)| a).collect();
-        out.push(send(
-            *conn,
-            CoordinatorMessage::CopyShard { generation: j.generation, checkpoint: c.id, copies, to },
-        ));
+        let mut to: Vec<String> = to.into_iter().map(|(_, _, a)| a).collect();
+        let mut placed = Vec::new();
+        for a in &to {
+            if placed.len() == copies as usize {
+                break;
+            }
+            if let Some(n) = room.get_mut(a).filter(|n| **n > 0) {
+                *n -= 1;
+                placed.push(a.clone());
+            }
+        }
+        to.retain(|a| !placed.contains(a));
+        placed.extend(to);
+        let msg =
+            CoordinatorMessage::CopyShard { generation: j.generation, checkpoint: c.id, copies, to: placed };
+        out.push(send(*conn, msg));
     }
     soft.copies_asked = Some(c.id);
 }
