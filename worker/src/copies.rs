@@ -247,8 +247,15 @@ impl AsRef<[u8]> for Image {
     }
 }
 
-fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(2)).timeout(timeout).build()
+/// An HTTP client whose every socket write gives up after 1 s and every
+/// read after `read`: a peer that stops reading (a stopped or hung process)
+/// must not hold this rank's snapshot buffer, nor a restore, for long.
+fn agent(read: Duration) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(1))
+        .timeout_write(Duration::from_secs(1))
+        .timeout_read(read)
+        .build()
 }
 
 /// Sends `rank`'s shard (its `header`, then its `data`) of `checkpoint`
@@ -267,7 +274,8 @@ pub fn send(
     let url = format!("http://{addr}/v1/copies/{}/{}", checkpoint.0, rank.0);
     let len = header.len() + data.len();
     let body = Cancellable { inner: header.chain(data), cancelled };
-    match agent(Duration::from_secs(120))
+    // the peer verifies the copy before it answers: a few seconds at most
+    match agent(Duration::from_secs(5))
         .put(&url)
         .set(CHECKSUM_HEADER, &checksum.to_string())
         .set("content-length", &len.to_string())
@@ -291,7 +299,7 @@ pub fn fetch(
     buf: &mut Vec<u8>,
 ) -> Result<(), String> {
     let url = format!("http://{addr}/v1/copies/{}/{}", checkpoint.0, rank.0);
-    let r = match agent(Duration::from_secs(120)).get(&url).call() {
+    let r = match agent(Duration::from_secs(2)).get(&url).call() {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             return Err(format!("{addr} answered {code}: {}", r.into_string().unwrap_or_default().trim()))

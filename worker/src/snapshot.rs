@@ -291,17 +291,25 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                     let cancelled = || cancel.load(Ordering::Acquire) >= seq;
                     let start = Instant::now();
                     let meta = req.meta.clone();
-                    let result = req
-                        .path
-                        .parent()
-                        .map_or(Ok(()), durable::create_dir_all_durable)
-                        .map_err(|source| ShardError {
-                            shard: format!("checkpoint {} rank {}", req.meta.checkpoint, req.meta.rank),
-                            kind: flotilla_shared::shard::ShardErrorKind::Io {
-                                op: "create directory for",
-                                path: req.path.display().to_string(),
-                                source,
-                            },
+                    let given_up = || ShardError {
+                        shard: format!("checkpoint {} rank {}", req.meta.checkpoint, req.meta.rank),
+                        kind: flotilla_shared::shard::ShardErrorKind::Cancelled,
+                    };
+                    let result = (if cancelled() { Err(given_up()) } else { Ok(()) })
+                        .and_then(|()| {
+                            req.path.parent().map_or(Ok(()), durable::create_dir_all_durable).map_err(
+                                |source| ShardError {
+                                    shard: format!(
+                                        "checkpoint {} rank {}",
+                                        req.meta.checkpoint, req.meta.rank
+                                    ),
+                                    kind: flotilla_shared::shard::ShardErrorKind::Io {
+                                        op: "create directory for",
+                                        path: req.path.display().to_string(),
+                                        source,
+                                    },
+                                },
+                            )
                         })
                         .and_then(|()| {
                             write_shard_keeping_header(
@@ -312,6 +320,17 @@ impl<B: AsRef<[u8]> + Send + 'static> Snapshotter<B> {
                                 &cancelled,
                             )
                         });
+                    // a write given up leaves nothing: not even the
+                    // checkpoint's directory, if it made it and nothing
+                    // else is in it (its checkpoint can no longer commit)
+                    if result
+                        .as_ref()
+                        .is_err_and(|e| matches!(e.kind, flotilla_shared::shard::ShardErrorKind::Cancelled))
+                    {
+                        if let Some(dir) = req.path.parent() {
+                            let _ = std::fs::remove_dir(dir);
+                        }
+                    }
                     // the buffer now holds this shard: its header (as
                     // written) goes back with it
                     let (result, held) = match result {
