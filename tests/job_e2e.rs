@@ -720,6 +720,17 @@ async fn a_spare_restores_a_rank_killed_for_good_from_a_peers_memory_copy_with_t
         }
     })
     .await;
+    // each worker's status names the copies it holds: one of each rank's shard in all
+    let mut held = Vec::new();
+    for addr in &slots {
+        let v: serde_json::Value =
+            reqwest::get(format!("http://{addr}/v1/status")).await.unwrap().json().await.unwrap();
+        held.extend(v["memory_copies"]["held"].as_array().cloned().unwrap_or_default());
+    }
+    let mut ranks: Vec<u64> = held.iter().map(|h| h[1].as_u64().unwrap()).collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, [0, 1, 2], "{held:?}");
+    assert!(held.iter().all(|h| h[0] == 1), "copies of checkpoint 1 only: {held:?}");
     tracing::info!("--- delete every shard file of checkpoint 1, then SIGKILL rank 1 for good");
     for rank in 0..3 {
         std::fs::remove_file(shard_path(s.job_dir().path(), 1, rank)).unwrap();

@@ -94,6 +94,8 @@ struct StatusView {
     /// The device memory the last restore's precheck needed, in bytes
     /// (`device.free` is the reading it was compared with).
     restore_need_bytes: Option<u64>,
+    /// Other ranks' shards held here, and the last copy refused and why.
+    memory_copies: Option<copies::CopyStatus>,
 }
 
 #[derive(Clone)]
@@ -155,6 +157,7 @@ pub async fn run(opts: WorkerOptions, shutdown: CancellationToken) -> crate::Res
             trainer_pid: None,
             restore_refused: None,
             restore_need_bytes: None,
+            memory_copies: None,
         })),
         runner: runner_state.clone(),
         metrics: metrics.clone(),
@@ -682,6 +685,7 @@ async fn status(AxumState(s): AxumState<Shared>) -> Response {
         d.free = s.metrics.device_free(&d.label).unwrap_or(d.free);
     }
     v.restore_need_bytes = u64::try_from(s.metrics.restore_need_bytes.get()).ok().filter(|n| *n > 0);
+    v.memory_copies = Some(s.copies.status());
     Json(v).into_response()
 }
 

@@ -47,9 +47,38 @@ struct Copy {
 #[derive(Default)]
 pub struct CopyStore {
     inner: Mutex<(usize, Vec<Copy>)>,
+    /// The last copy refused, here or by a peer, and why (for status).
+    refused: Mutex<Option<String>>,
+}
+
+/// What the worker's `/v1/status` says of its memory copies.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopyStatus {
+    /// `[(checkpoint, rank)]` of the copies held for other ranks.
+    pub held: Vec<(CheckpointId, Rank)>,
+    /// Their bytes.
+    pub bytes: u64,
+    /// The last copy refused (by this worker, or by a peer this worker
+    /// sent to), and why.
+    pub last_refused: Option<String>,
 }
 
 impl CopyStore {
+    /// Notes a refused copy and why, for status.
+    pub fn note_refused(&self, why: String) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// For the worker's status.
+    pub fn status(&self) -> CopyStatus {
+        let g = self.lock();
+        CopyStatus {
+            held: g.1.iter().map(|c| (c.checkpoint, c.rank)).collect(),
+            bytes: g.1.iter().map(|c| c.image.len() as u64).sum(),
+            last_refused: self.refused.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
     /// Sets how many copies it may hold (`[checkpoint] memory_copies`).
     pub fn set_capacity(&self, n: u32) {
         self.lock().0 = n as usize;
@@ -166,6 +195,7 @@ pub async fn put_copy(
         Ok(buf) => buf,
         Err(why) => {
             tracing::info!(%checkpoint, %rank, "memory copy refused: {why}");
+            s.store.note_refused(format!("refused a copy of checkpoint {checkpoint} rank {rank}: {why}"));
             return (StatusCode::INSUFFICIENT_STORAGE, why).into_response();
         }
     };
@@ -207,6 +237,7 @@ pub async fn put_copy(
         }
         Ok(Err((code, why))) => {
             tracing::warn!(%checkpoint, %rank, "memory copy refused: {why}");
+            s.store.note_refused(format!("refused a copy of checkpoint {checkpoint} rank {rank}: {why}"));
             (code, why).into_response()
         }
         Err(e) => {

@@ -156,6 +156,7 @@ impl Runner {
     ) {
         let Some(snap) = self.snap.as_mut() else { return };
         let (rank, events, metrics) = (self.rank, self.events.clone(), self.metrics.clone());
+        let store = self.copies.clone();
         let task: crate::snapshot::ReadTask = Box::new(move |header, data, checksum, cancelled| {
             let mut made = Vec::new();
             for addr in to {
@@ -172,7 +173,10 @@ impl Runner {
                         tracing::info!(%checkpoint, "memory copy sent to {addr}: {mib:.1} MiB in {:.0} ms", secs * 1e3);
                         made.push(addr);
                     }
-                    Err(why) => tracing::warn!(%checkpoint, "memory copy not taken: {why}"),
+                    Err(why) => {
+                        tracing::warn!(%checkpoint, "memory copy not taken: {why}");
+                        store.note_refused(format!("a copy of checkpoint {checkpoint} was not taken: {why}"));
+                    }
                 }
             }
             if made.len() < copies as usize {
