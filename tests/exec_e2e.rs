@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::exec::{alive, job, path, repo, trainer_pid, wait_job, LONG};
+use common::exec::{alive, job, path, ready_spare, repo, trainer_pid, wait_job, LONG};
 use common::{wait_for, BIN};
 use flotilla_coordinator::client::Client;
 use flotilla_coordinator::testkit::local::{signal, LocalCluster, LocalOptions, LocalWorkers};
@@ -18,26 +18,55 @@ use std::time::Duration;
 const STEPS: &str = "400";
 const JOB: &str = "numpy";
 
+/// 3 coordinators and `world` workers running the numpy example, its job
+/// submitted with `extra` appended to the spec; and the example's
+/// failure-free digest.
+struct Numpy {
+    dir: tempfile::TempDir,
+    cluster: LocalCluster,
+    client: Client,
+    workers: LocalWorkers,
+    python: String,
+    reference: String,
+}
+
+impl Numpy {
+    async fn start(world: u32, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let example = path("examples/numpy/train.py");
+        let reference = common::exec::reference_digest("python3", &example, world, &["--steps", STEPS]);
+        let text = format!(
+            "name = \"numpy\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = 40\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n{extra}",
+            dir.path().join("ckpt").display()
+        );
+        let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
+        cluster.wait_for_leader(LONG).await.unwrap();
+        let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
+        client.submit(&text).await.unwrap();
+        let python = repo().join("python").display().to_string();
+        let mut workers =
+            LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "numpy", world).exec(&[
+                "python3",
+                &example,
+                "--steps",
+                STEPS,
+                "--step-time-ms",
+                "15",
+                "--log-every",
+                "0",
+            ]);
+        for rank in 0..world {
+            workers.spawn(rank, &[("PYTHONPATH", &python)]).unwrap();
+        }
+        Self { dir, cluster, client, workers, python, reference }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn numpy_trainers_survive_a_worker_and_a_trainer_sigkill_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
     let world = 4;
+    let Numpy { dir, cluster, client, mut workers, python, reference } = Numpy::start(world, "").await;
     let example = path("examples/numpy/train.py");
-    let reference = common::exec::reference_digest("python3", &example, world, &["--steps", STEPS]);
-    let text = format!(
-        "name = \"numpy\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = 40\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n",
-        dir.path().join("ckpt").display()
-    );
-    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
-    cluster.wait_for_leader(LONG).await.unwrap();
-    let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
-    client.submit(&text).await.unwrap();
-    let python = repo().join("python").display().to_string();
-    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "numpy", world)
-        .exec(&["python3", &example, "--steps", STEPS, "--step-time-ms", "15", "--log-every", "0"]);
-    for rank in 0..world {
-        workers.spawn(rank, &[("PYTHONPATH", &python)]).unwrap();
-    }
 
     tracing::info!("--- a committed checkpoint, then SIGKILL worker 1 while the job runs");
     let before = wait_job(&client, JOB, "a committed checkpoint while running", |j| {
@@ -174,39 +203,18 @@ async fn numpy_trainers_survive_a_worker_and_a_trainer_sigkill_bit_for_bit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_exec_spare_whose_python_already_waits_takes_a_rank_killed_for_good_bit_for_bit() {
-    let dir = tempfile::tempdir().unwrap();
     let world = 3;
-    let example = path("examples/numpy/train.py");
-    let reference = common::exec::reference_digest("python3", &example, world, &["--steps", STEPS]);
     // a heartbeat timeout far past the takeover: it must come from the
     // closed connection and the ready spare, not from the timeout
-    let text = format!(
-        "name = \"numpy\"\nworld_size = {world}\n\n[checkpoint]\nevery_steps = 40\nkeep_last = 3\nroot = \"{}\"\ntimeout_seconds = 60\n\n[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 20000\nspares = 1\n",
-        dir.path().join("ckpt").display()
-    );
-    let cluster = LocalCluster::start(Path::new(BIN), dir.path(), 3, LocalOptions::default()).unwrap();
-    cluster.wait_for_leader(LONG).await.unwrap();
-    let client = Client::new(cluster.endpoints().split(',').map(String::from).collect(), None);
-    client.submit(&text).await.unwrap();
-    let python = repo().join("python").display().to_string();
-    let mut workers = LocalWorkers::new(Path::new(BIN), dir.path(), cluster.api_endpoints(), "numpy", world)
-        .exec(&["python3", &example, "--steps", STEPS, "--step-time-ms", "15", "--log-every", "0"]);
-    for rank in 0..world {
-        workers.spawn(rank, &[("PYTHONPATH", &python)]).unwrap();
-    }
+    let extra = "\n[failure]\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = 20000\nspares = 1\n";
+    let Numpy { dir: _dir, cluster: _cluster, client, mut workers, python, reference } =
+        Numpy::start(world, extra).await;
     let spare = workers.spawn_spare(&[("PYTHONPATH", &python)]).unwrap();
 
     tracing::info!(
         "--- a ready spare (its Python process waiting in flotilla.init()) and a committed checkpoint"
     );
-    let before = wait_job(&client, JOB, "a ready spare and a committed checkpoint while running", |j| {
-        j.state == "running"
-            && j.latest_committed.is_some()
-            && j.spares.iter().any(|s| s.state == flotilla_coordinator::supervise::SpareState::Ready)
-    })
-    .await;
-    let waiting =
-        wait_for("the spare's trainer process", LONG, || trainer_pid(workers.http_addr(spare))).await;
+    let (before, waiting) = ready_spare(&client, JOB, &workers, spare).await;
     assert!(alive(waiting));
     tracing::info!("--- SIGKILL worker 1 for good (never restarted)");
     workers.kill(1);

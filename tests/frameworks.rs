@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::exec::{job, path, reference_digest, trainer_pid, wait_job, worker_step, LONG};
+use common::exec::{job, path, ready_spare, reference_digest, trainer_pid, wait_job, worker_step, LONG};
 use common::{wait_for, BIN};
 use flotilla_coordinator::api::JobStatus;
 use flotilla_coordinator::client::Client;
@@ -131,15 +131,8 @@ async fn pytorch_ddp_with_a_spare_taking_a_rank_killed_for_good_ends_bit_identic
     argv.extend_from_slice(&args);
     let mut workers = run.workers(name, &argv);
     let spare = workers.spawn_spare(&[("PYTHONPATH", &path("python"))]).unwrap();
-    let before = wait_job(&run.client, name, "a ready spare and a committed checkpoint while running", |j| {
-        j.state == "running"
-            && j.latest_committed.is_some()
-            && j.spares.iter().any(|s| s.state == flotilla_coordinator::supervise::SpareState::Ready)
-    })
-    .await;
     // torch imported, waiting inside flotilla.init()
-    let waiting =
-        wait_for("the spare's trainer process", LONG, || trainer_pid(workers.http_addr(spare))).await;
+    let (before, waiting) = ready_spare(&run.client, name, &workers, spare).await;
     tracing::info!("--- {name}: SIGKILL worker 2 for good (never restarted)");
     workers.kill(2);
     let host = format!("spare-host-{spare}");

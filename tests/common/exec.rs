@@ -17,6 +17,27 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Waits until `job` runs with a committed checkpoint and a ready spare,
+/// and the spare in `slot` has its trainer process (already started,
+/// waiting inside `flotilla.init()`); the job's status and that pid.
+pub async fn ready_spare(
+    client: &Client,
+    job: &str,
+    workers: &flotilla_coordinator::testkit::local::LocalWorkers,
+    slot: u32,
+) -> (JobStatus, u32) {
+    let status = wait_job(client, job, "a ready spare and a committed checkpoint while running", |j| {
+        j.state == "running"
+            && j.latest_committed.is_some()
+            && j.spares.iter().any(|s| s.state == flotilla_coordinator::supervise::SpareState::Ready)
+    })
+    .await;
+    let pid =
+        crate::common::wait_for("the spare's trainer process", LONG, || trainer_pid(workers.http_addr(slot)))
+            .await;
+    (status, pid)
+}
+
 /// A file of the repository, as a string for command lines.
 pub fn path(rel: &str) -> String {
     repo().join(rel).display().to_string()

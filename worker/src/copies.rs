@@ -505,8 +505,9 @@ pub mod bench {
         Ok(CopyBenchReport { bytes: len as u64, runs: out })
     }
 
-    /// Serves `store` on a loopback port from a thread of its own.
-    fn serve(store: Arc<CopyStore>) -> Result<String, String> {
+    /// Serves `store` on a loopback port from a thread of its own (the
+    /// worker's copy routes); its `host:port`.
+    pub fn serve(store: Arc<CopyStore>) -> Result<String, String> {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;

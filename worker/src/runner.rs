@@ -786,7 +786,7 @@ fn kind_of(kind: &ShardErrorKind) -> RestoreFailureKind {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::copies::{CopyState, CopyStore};
+    use crate::copies::CopyStore;
     use flotilla_shared::shard::{write_shard, ShardMeta};
 
     /// A runner for rank 1 of a 2-rank job with a small built-in trainer,
@@ -836,21 +836,7 @@ mod tests {
         let store = Arc::new(CopyStore::default());
         store.set_capacity(1);
         store.insert(CheckpointId(1), Rank(1), image).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        listener.set_nonblocking(true).unwrap();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let state = CopyState { store, metrics: WorkerMetrics::new() };
-                let router = axum::Router::new()
-                    .route("/v1/copies/{checkpoint}/{rank}", axum::routing::get(crate::copies::get_copy))
-                    .with_state(state);
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, router).await.unwrap();
-            });
-        });
-        addr
+        crate::copies::bench::serve(store).unwrap()
     }
 
     fn restored(input: Input) -> Option<RestoreSource> {
